@@ -1,0 +1,34 @@
+# The two commands a user needs: `make demo` and `make test`. Both set up what they need.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit bench demo demo-down lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_unlock.py
+
+demo: setup
+	$(PY) scripts/demo.py up
+
+demo-down:
+	@if [ -x $(PY) ]; then $(PY) scripts/demo.py down; else echo "nothing to stop"; fi
+
+# Re-resolve requirements.in into the fully pinned requirements.lock.
+lock:
+	rm -rf .lockvenv && python3 -m venv .lockvenv
+	.lockvenv/bin/pip install -qq -r requirements.in
+	.lockvenv/bin/pip freeze --exclude-editable --all | grep -v "^pip==" | LC_ALL=C sort > requirements.lock
+	rm -rf .lockvenv
+
+clean:
+	rm -rf .venv .pytest_cache build *.egg-info operator/*.egg-info

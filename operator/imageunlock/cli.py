@@ -1,0 +1,172 @@
+"""``imageunlock`` command line.
+
+``imageunlock unlock --archive PATH --version TAG --api-url URL [--image NAME]... [--docker-host URL]``
+unlocks one archive into the local Docker Engine. Credentials come from the environment
+(``IMAGEUNLOCK_EMAIL``, ``IMAGEUNLOCK_PASSWORD``), never from the command line, where other
+users could read them. Progress goes to stderr; the exit status is 0 only when every image is
+verified, 75 (EX_TEMPFAIL) for a transient fault worth retrying, 1 for any other failure,
+each with one actionable line on stderr.
+
+``imageunlock encrypt`` makes an archive in the same format (the publishing side), and
+``imageunlock operator`` runs the Kubernetes operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import ConfigurationError, UnlockError
+from .resource_api import ApiSettings, Credentials, ResourceApiClient
+from .service import DEFAULT_IMAGES, Phase, UnlockRequest, UnlockService
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
+
+DEFAULT_API_URL = "https://api.azaion.com"
+DEFAULT_ARCHIVE = "/opt/azaion/images.enc"
+DEFAULT_VERSION = "latest"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imageunlock", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    unlock = sub.add_parser(
+        "unlock",
+        help="unlock an encrypted image archive into the Docker Engine",
+        description="Credentials are read from IMAGEUNLOCK_EMAIL and IMAGEUNLOCK_PASSWORD.",
+    )
+    unlock.add_argument(
+        "--archive",
+        default=os.environ.get("IMAGES_PATH", DEFAULT_ARCHIVE),
+        help="encrypted archive (default: $IMAGES_PATH or %(default)s)",
+    )
+    unlock.add_argument(
+        "--version",
+        default=os.environ.get("API_VERSION", DEFAULT_VERSION),
+        help="image tag every image must have (default: $API_VERSION or %(default)s)",
+    )
+    unlock.add_argument(
+        "--api-url",
+        default=os.environ.get("RESOURCE_API_URL", DEFAULT_API_URL),
+        help="resource API base URL (default: $RESOURCE_API_URL or %(default)s)",
+    )
+    unlock.add_argument(
+        "--image",
+        action="append",
+        dest="images",
+        metavar="NAME",
+        help="image name to verify, repeatable (default: the 7 Azaion services)",
+    )
+    unlock.add_argument(
+        "--docker-host",
+        default=os.environ.get("DOCKER_HOST"),
+        help="Docker Engine URL (default: $DOCKER_HOST or unix:///var/run/docker.sock)",
+    )
+    unlock.add_argument("--sha256", help="expected SHA-256 of the encrypted archive")
+    unlock.add_argument(
+        "--lock-timeout", type=float, default=600.0, help="seconds to wait for another unlock of the same archive"
+    )
+
+    encrypt = sub.add_parser("encrypt", help="encrypt an image tar into an archive (publishing side)")
+    encrypt.add_argument("--input", required=True, help="plaintext image tar (docker save output)")
+    encrypt.add_argument("--output", required=True, help="encrypted archive to write")
+    encrypt.add_argument("--fragment-file", required=True, help="file holding the key fragment")
+
+    sub.add_parser("operator", help="run the Kubernetes operator (kopf), settings from the environment")
+    return parser
+
+
+class _Progress:
+    """One stderr line per phase, then every 10 % of the archive."""
+
+    def __init__(self) -> None:
+        self.phase: Phase | None = None
+        self.decile = -1
+
+    def __call__(self, phase: Phase, message: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.phase, self.decile = phase, -1
+            print(f"imageunlock: {phase.value}: {message}", file=sys.stderr, flush=True)
+        if total and phase in (Phase.LOADING, Phase.PENDING) and done:
+            decile = done * 10 // total
+            if decile > self.decile:
+                self.decile = decile
+                print(f"imageunlock: {phase.value}: {done * 100 // total}% of {total} bytes", file=sys.stderr, flush=True)
+
+
+def _credentials() -> Credentials:
+    email = os.environ.get("IMAGEUNLOCK_EMAIL", "")
+    password = os.environ.get("IMAGEUNLOCK_PASSWORD", "")
+    if not email or not password:
+        raise ConfigurationError("set IMAGEUNLOCK_EMAIL and IMAGEUNLOCK_PASSWORD to the resource API account")
+    return Credentials(email=email, password=password)
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    from .docker_runtime import DockerRuntime
+
+    runtime = DockerRuntime(base_url=args.docker_host)
+    service = UnlockService(
+        runtime,
+        lambda creds: ResourceApiClient(args.api_url, creds, ApiSettings()),
+        lock_timeout=args.lock_timeout,
+    )
+    request = UnlockRequest(
+        archive_path=os.path.abspath(args.archive),
+        version=args.version,
+        images=tuple(args.images or DEFAULT_IMAGES),
+        archive_sha256=args.sha256,
+    )
+    try:
+        result = service.unlock(request, _credentials, _Progress())
+    finally:
+        runtime.close()
+    how = "already present" if result.fast_path else "loaded and verified"
+    print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from .crypto import encrypt_stream, read_chunks
+
+    with open(args.fragment_file, "rb") as f:
+        fragment = f.read()
+    if not fragment:
+        raise ConfigurationError(f"fragment file {args.fragment_file!r} is empty")
+    tmp = args.output + ".part"
+    with open(args.input, "rb") as src, open(tmp, "wb") as dst:
+        for chunk in encrypt_stream(read_chunks(src), fragment):
+            dst.write(chunk)
+    os.replace(tmp, args.output)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "unlock":
+            return _unlock(args)
+        if args.command == "encrypt":
+            return _encrypt(args)
+        from .operator_main import run_operator
+
+        return run_operator()
+    except UnlockError as exc:
+        print(f"imageunlock: error: {exc.message}", file=sys.stderr)
+        return EXIT_TEMPFAIL if exc.transient else EXIT_FAILED
+    except OSError as exc:
+        print(f"imageunlock: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Error taxonomy shared by the engine, the CLI and the operator.
+
+Each error carries a ``reason`` (a CamelCase word for a Kubernetes condition) and whether it
+is ``transient`` (retry with backoff: network, 5xx, a runtime that is down) or not (a user
+mistake that retrying cannot fix: bad credentials, a wrong path, a corrupt archive).
+
+Messages are written for the person who has to fix the problem, and never contain a
+password, token or key fragment: they are shown in statuses, events and logs.
+"""
+
+from __future__ import annotations
+
+
+class UnlockError(Exception):
+    reason = "UnlockFailed"
+    transient = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransientError(UnlockError):
+    reason = "TransientFailure"
+    transient = True
+
+
+class ApiUnavailableError(TransientError):
+    reason = "ResourceApiUnavailable"
+
+
+class RuntimeUnavailableError(TransientError):
+    reason = "RuntimeUnavailable"
+
+
+class BusyError(TransientError):
+    reason = "ArchiveBusy"
+
+
+class AuthenticationError(UnlockError):
+    reason = "AuthenticationFailed"
+
+
+class ApiRejectedError(UnlockError):
+    reason = "ResourceApiRejected"
+
+
+class ConfigurationError(UnlockError):
+    """The request itself is wrong: spec, Secret, paths, settings."""
+
+    reason = "InvalidConfiguration"
+
+
+class ArchiveNotFoundError(UnlockError):
+    reason = "ArchiveNotFound"
+
+
+class DigestMismatchError(UnlockError):
+    reason = "ArchiveDigestMismatch"
+
+
+class ImagesMissingError(UnlockError):
+    reason = "ImagesMissing"
+
+    def __init__(self, missing: list[str], wrong: list[str] | None = None) -> None:
+        self.missing = list(missing)
+        self.wrong = list(wrong or [])
+        parts = []
+        if self.missing:
+            parts.append("missing: " + ", ".join(self.missing))
+        if self.wrong:
+            parts.append("unexpected image ID: " + ", ".join(self.wrong))
+        super().__init__("images not verified after load (" + "; ".join(parts) + ")")
+
+
+class LoadError(TransientError):
+    """The runtime refused an archive that had passed our own checks (disk full, ...).
+
+    Its own words are kept; they hold no secret.
+    """
+
+    reason = "LoadFailed"

@@ -1,0 +1,376 @@
+"""Streaming check of an image archive (the tar ``docker save`` writes) as it passes by.
+
+AES-CBC has no integrity: a flipped ciphertext byte garbles one block and keeps the padding
+valid, so a corrupted archive can decrypt "successfully". The image tar carries its own
+content addresses, though, and this module checks them *in the stream* while the bytes go
+on to the runtime:
+
+* every ``blobs/sha256/<hex>`` file (OCI layout) hashes to its name;
+* every image config hashes to the name ``manifest.json`` gives it (legacy ``<hex>.json``
+  or OCI ``blobs/sha256/<hex>``) — that digest is also the image ID the Engine will report;
+* every layer named in ``manifest.json`` hashes to its ``rootfs.diff_ids`` entry (or, for a
+  compressed OCI blob, to its blob name).
+
+:func:`verified_stream` holds back the final chunk until all of that is checked, so a bad
+archive aborts the upload before its last byte and the Engine (which unpacks the whole body
+before loading anything) loads nothing. Memory is bounded: hashes for every file, plus
+metadata files of at most ``MAX_META_FILE`` bytes up to ``MAX_META_TOTAL`` in all.
+
+Any problem raises :class:`~imageunlock.crypto.ArchiveError` — the same single message as a
+decryption failure, because with a wrong key the two are indistinguishable anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .crypto import ArchiveError
+from .errors import UnlockError
+
+BLOCK = 512
+MAX_META_FILE = 1 << 20  # configs, manifests, index: far below this in practice
+MAX_META_TOTAL = 64 << 20
+MAX_EXT_HEADER = 1 << 20  # pax / GNU long-name records
+_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+_REGULAR = (b"0", b"\0", b"7")
+_SKIPPED = (b"5", b"3", b"4", b"6", b"g")  # dirs, devices, fifos, global pax: no content to hash
+
+
+@dataclass(frozen=True)
+class ArchiveContents:
+    """What a verified archive holds: ``{"name:tag": "sha256:<config digest>"}``."""
+
+    images: dict[str, str]
+
+
+class MissingImagesError(UnlockError):
+    """The archive is intact but does not hold every image asked for (nothing was loaded)."""
+
+    reason = "ImagesNotInArchive"
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(
+            "archive does not contain " + ", ".join(missing) + "; nothing was loaded "
+            "(check spec.version and spec.images against the archive)"
+        )
+
+
+@dataclass
+class _Member:
+    name: str
+    size: int
+    kind: bytes
+    linkname: str = ""
+
+
+def _norm(name: str) -> str:
+    name = posixpath.normpath(name.lstrip("/")) if name else name
+    return "" if name == "." else name
+
+
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for large sizes
+        value = int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
+        return value
+    text = field_bytes.rstrip(b"\0 ").lstrip(b" \0")
+    if not text:
+        return 0
+    if not re.fullmatch(rb"[0-7]+", text):
+        raise ArchiveError()
+    return int(text, 8)
+
+
+def _parse_header(block: bytes) -> _Member:
+    stored = _octal(block[148:156])
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
+    if stored not in (unsigned, signed):
+        raise ArchiveError()
+    if block[257:262] != b"ustar":
+        raise ArchiveError()
+    # Numeric fields must be octal and names text: a garbled header block cannot slip by.
+    for start, end in ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)):
+        _octal(block[start:end])
+    for start, end in ((265, 297), (297, 329)):  # uname, gname
+        text = block[start:end].split(b"\0", 1)[0]
+        if any(c < 0x20 or c > 0x7E for c in text):
+            raise ArchiveError()
+    name = block[0:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+    if prefix:
+        name = prefix + b"/" + name
+    kind = block[156:157]
+    linkname = block[157:257].split(b"\0", 1)[0]
+    return _Member(
+        name=name.decode("utf-8", "surrogateescape"),
+        size=_octal(block[124:136]),
+        kind=kind,
+        linkname=linkname.decode("utf-8", "surrogateescape"),
+    )
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise ArchiveError()
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ArchiveError() from None
+        if length <= 0 or pos + length > len(data):
+            raise ArchiveError()
+        record = data[space + 1 : pos + length - 1]
+        key, sep, value = record.partition(b"=")
+        if not sep:
+            raise ArchiveError()
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+@dataclass
+class ImageTarVerifier:
+    """Feed plaintext with :meth:`feed`; :meth:`close` checks everything and says what loaded."""
+
+    _buf: bytearray = field(default_factory=bytearray)
+    _member: _Member | None = None
+    _remaining: int = 0
+    _padding: int = 0
+    _hasher: object | None = None
+    _keep: bytearray | None = None
+    _ext: bytearray | None = None  # content of a pax 'x' or GNU 'L'/'K' record being read
+    _pending: dict[str, str] = field(default_factory=dict)  # overrides for the next header
+    _ended: bool = False
+    _digests: dict[str, str] = field(default_factory=dict)
+    _links: dict[str, str] = field(default_factory=dict)
+    _meta: dict[str, bytes] = field(default_factory=dict)
+    _meta_total: int = 0
+    contents: ArchiveContents | None = None  # set by close() once everything checked out
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._remaining or self._padding:
+                view = self._consume_body(view)
+                continue
+            need = BLOCK - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) == BLOCK:
+                block = bytes(self._buf)
+                self._buf.clear()
+                self._on_block(block)
+
+    def _on_block(self, block: bytes) -> None:
+        if self._ended:
+            if block.count(0) != BLOCK:  # only zero padding may follow the end marker
+                raise ArchiveError()
+            return
+        if block.count(0) == BLOCK:
+            self._ended = True
+            return
+        member = _parse_header(block)
+        if member.kind in (b"x", b"L", b"K"):
+            if member.size > MAX_EXT_HEADER:
+                raise ArchiveError()
+            self._ext = bytearray()
+            self._start(member, hashed=False, keep=False)
+            return
+        if "path" in self._pending:
+            member.name = self._pending.pop("path")
+        if "linkpath" in self._pending:
+            member.linkname = self._pending.pop("linkpath")
+        if "size" in self._pending:
+            try:
+                member.size = int(self._pending.pop("size"))
+            except ValueError:
+                raise ArchiveError() from None
+        self._pending.clear()
+        member.name = _norm(member.name)
+        if member.kind in (b"1", b"2"):
+            target = member.linkname
+            if member.kind == b"2":
+                target = posixpath.join(posixpath.dirname(member.name), target)
+            self._links[member.name] = _norm(target)
+            self._start(member, hashed=False, keep=False)
+        elif member.kind in _REGULAR:
+            self._start(member, hashed=True, keep=member.size <= MAX_META_FILE)
+        elif member.kind in _SKIPPED:
+            self._start(member, hashed=False, keep=False)
+        else:
+            raise ArchiveError()
+
+    def _start(self, member: _Member, *, hashed: bool, keep: bool) -> None:
+        if member.size < 0:
+            raise ArchiveError()
+        self._member = member
+        self._remaining = member.size
+        self._padding = (-member.size) % BLOCK
+        self._hasher = hashlib.sha256() if hashed else None
+        if keep:
+            self._meta_total += member.size
+            if self._meta_total > MAX_META_TOTAL:
+                raise ArchiveError()
+        self._keep = bytearray() if keep else None
+        if not member.size:
+            self._finish()
+
+    def _consume_body(self, view: memoryview) -> memoryview:
+        if self._remaining:
+            take = view[: self._remaining]
+            self._remaining -= len(take)
+            if self._hasher is not None:
+                self._hasher.update(take)  # type: ignore[attr-defined]
+            if self._keep is not None:
+                self._keep += take
+            if self._ext is not None:
+                self._ext += take
+            view = view[len(take) :]
+            if not self._remaining:
+                self._finish()
+            return view
+        skip = min(self._padding, len(view))
+        if view[:skip].tobytes().count(0) != skip:  # Go's and GNU tar pad with zeros
+            raise ArchiveError()
+        self._padding -= skip
+        return view[skip:]
+
+    def _finish(self) -> None:
+        member = self._member
+        assert member is not None
+        if self._ext is not None:
+            data = bytes(self._ext)
+            self._ext = None
+            if member.kind == b"x":
+                self._pending.update(_parse_pax(data))
+            else:
+                key = "path" if member.kind == b"L" else "linkpath"
+                self._pending[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif self._hasher is not None:
+            self._digests[member.name] = self._hasher.hexdigest()  # type: ignore[attr-defined]
+            if self._keep is not None:
+                self._meta[member.name] = bytes(self._keep)
+        self._hasher = None
+        self._keep = None
+        self._member = None
+
+    # -- the checks, once every byte has been seen ------------------------------------
+
+    def _resolve(self, name: str) -> str:
+        name = _norm(name)
+        for _ in range(16):  # bounded: a link loop is a broken archive
+            if name not in self._links:
+                return name
+            name = self._links[name]
+        raise ArchiveError()
+
+    def _digest(self, name: str) -> str:
+        resolved = self._resolve(name)
+        if resolved not in self._digests:
+            raise ArchiveError()
+        return self._digests[resolved]
+
+    def _json(self, name: str) -> object:
+        resolved = self._resolve(name)
+        if resolved not in self._meta:
+            raise ArchiveError()
+        try:
+            return json.loads(self._meta[resolved])
+        except ValueError:
+            raise ArchiveError() from None
+
+    def close(self) -> ArchiveContents:
+        if not self._ended or self._remaining or self._buf or self._member is not None:
+            raise ArchiveError()
+        for name, digest in self._digests.items():
+            blob = _BLOB_RE.match(name)
+            if blob and blob.group(1) != digest:
+                raise ArchiveError()
+        manifest = self._json("manifest.json")
+        if not isinstance(manifest, list) or not manifest:
+            raise ArchiveError()
+        images: dict[str, str] = {}
+        addressed: set[str] = set()
+        for entry in manifest:
+            images.update(self._check_entry(entry, addressed))
+        self._check_unaddressed(addressed)
+        self.contents = ArchiveContents(images=images)
+        return self.contents
+
+    def _check_unaddressed(self, addressed: set[str]) -> None:
+        """Files no digest covers (manifest.json, repositories, legacy ``<id>/json`` and
+        ``VERSION``) must at least be well-formed, so a garbled block there is caught too."""
+        for name in self._digests:
+            if name in addressed or _BLOB_RE.match(name):
+                continue
+            if posixpath.basename(name) == "VERSION":
+                if self._meta.get(name, b"").strip() != b"1.0":
+                    raise ArchiveError()
+                continue
+            self._json(name)  # raises unless kept and valid JSON
+
+    def _check_entry(self, entry: object, addressed: set[str]) -> dict[str, str]:
+        if not isinstance(entry, dict):
+            raise ArchiveError()
+        config_name = entry.get("Config")
+        layers = entry.get("Layers") or []
+        tags = entry.get("RepoTags") or []
+        if not isinstance(config_name, str) or not isinstance(layers, list):
+            raise ArchiveError()
+        named = _LEGACY_CONFIG_RE.match(posixpath.basename(config_name)) or _BLOB_RE.match(
+            _norm(config_name)
+        )
+        config_digest = self._digest(config_name)
+        if named is None or named.group(1) != config_digest:
+            raise ArchiveError()
+        addressed.add(self._resolve(config_name))
+        config = self._json(config_name)
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            raise ArchiveError()
+        for layer, diff_id in zip(layers, diff_ids):
+            if not isinstance(layer, str) or not isinstance(diff_id, str):
+                raise ArchiveError()
+            digest = self._digest(layer)
+            addressed.add(self._resolve(layer))
+            blob = _BLOB_RE.match(self._resolve(layer))
+            if diff_id != f"sha256:{digest}" and not (blob and blob.group(1) == digest):
+                raise ArchiveError()
+        return {tag: f"sha256:{config_digest}" for tag in tags if isinstance(tag, str)}
+
+
+def verified_stream(
+    chunks: Iterable[bytes], verifier: ImageTarVerifier, expected: Iterable[str] = ()
+) -> Iterator[bytes]:
+    """Pass ``chunks`` through ``verifier``, holding the tail back until it all checks out.
+
+    The held-back tail is never shorter than the tar's end-of-archive marker (two zero
+    blocks), so if anything is wrong — a broken archive, or one that lacks an ``expected``
+    ``name:tag`` — the consumer (an HTTP upload) is cut off before it has seen a complete
+    archive, and the generator raises instead of yielding the tail.
+    """
+    held = b""
+    for chunk in chunks:
+        verifier.feed(chunk)
+        if len(chunk) >= 2 * BLOCK:
+            if held:
+                yield held
+            held = chunk
+        else:
+            held += chunk
+    contents = verifier.close()
+    missing = [ref for ref in expected if ref not in contents.images]
+    if missing:
+        raise MissingImagesError(missing)
+    if held:
+        yield held

@@ -1,0 +1,181 @@
+"""The unlock workflow: fast path, authenticate, fetch key, stream-decrypt into the runtime, verify.
+
+Framework-free: the CLI and the kopf handlers both drive :meth:`UnlockService.unlock`, and
+learn what happens through a ``report(phase, message, done, total)`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import BinaryIO, Protocol
+
+from .archive import check_sha256, open_archive
+from .crypto import CHUNK_SIZE, decrypt_stream
+from .errors import ArchiveNotFoundError, ImagesMissingError
+from .imagetar import ImageTarVerifier, verified_stream
+from .resource_api import Credentials
+
+log = logging.getLogger(__name__)
+
+# The seeds' API_SERVICES: what an archive holds unless a request says otherwise.
+DEFAULT_IMAGES: tuple[str, ...] = (
+    "azaion/annotations",
+    "azaion/flights",
+    "azaion/detections",
+    "azaion/gps-denied-onboard",
+    "azaion/gps-denied-desktop",
+    "azaion/autopilot",
+    "azaion/ai-training",
+)
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    AUTHENTICATING = "Authenticating"
+    FETCHING_KEY = "FetchingKey"
+    LOADING = "Loading"
+    VERIFYING = "Verifying"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+Report = Callable[[Phase, str, int, int], None]
+
+
+class Runtime(Protocol):
+    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]: ...
+    def load(self, chunks) -> list[str]: ...  # noqa: ANN001
+
+
+class KeySource(Protocol):
+    def login(self) -> None: ...
+    def key_fragment(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class UnlockRequest:
+    archive_path: str
+    version: str
+    images: tuple[str, ...] = DEFAULT_IMAGES
+    archive_sha256: str | None = None
+    # Image IDs verified by an earlier unlock: the fast path also insists on them.
+    known_ids: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def refs(self) -> list[str]:
+        return [f"{name}:{self.version}" for name in self.images]
+
+
+@dataclass(frozen=True)
+class UnlockResult:
+    images: dict[str, str]  # ref -> image ID
+    fast_path: bool
+    loaded: list[str]
+    archive_bytes: int = 0
+
+
+def _noop(phase: Phase, message: str, done: int, total: int) -> None:
+    return None
+
+
+class UnlockService:
+    def __init__(
+        self,
+        runtime: Runtime,
+        key_source: Callable[[Credentials], KeySource],
+        *,
+        archive_roots: Sequence[str] = (),
+        lock_timeout: float = 0.0,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.runtime = runtime
+        self.key_source = key_source
+        self.archive_roots = tuple(archive_roots)
+        self.lock_timeout = lock_timeout
+        self.chunk_size = chunk_size
+
+    def present(self, request: UnlockRequest) -> dict[str, str] | None:
+        """All requested images with their IDs if present and as known; else None."""
+        ids = self.runtime.image_ids(request.refs)
+        if any(ids[ref] is None for ref in request.refs):
+            return None
+        if any(request.known_ids.get(ref, ids[ref]) != ids[ref] for ref in request.refs):
+            return None
+        return {ref: ids[ref] for ref in request.refs}  # type: ignore[misc]
+
+    def unlock(
+        self,
+        request: UnlockRequest,
+        credentials: Callable[[], Credentials],
+        report: Report = _noop,
+    ) -> UnlockResult:
+        report(Phase.PENDING, "checking for images already loaded", 0, 0)
+        if (ids := self.present(request)) is not None:
+            return UnlockResult(images=ids, fast_path=True, loaded=[])
+        try:
+            with open_archive(
+                request.archive_path, self.archive_roots, lock_timeout=self.lock_timeout
+            ) as (handle, size):
+                # Someone may have loaded the images while we waited for the lock.
+                if (ids := self.present(request)) is not None:
+                    return UnlockResult(images=ids, fast_path=True, loaded=[])
+                return self._unlock_locked(request, credentials, report, handle, size)
+        except ArchiveNotFoundError:
+            absent = [r for r, i in self.runtime.image_ids(request.refs).items() if i is None]
+            raise ArchiveNotFoundError(
+                f"archive {request.archive_path!r} does not exist and images are not loaded "
+                f"({', '.join(absent) or 'IDs differ from the last verified unlock'}); "
+                "put the archive on the node or correct spec.archivePath"
+            ) from None
+
+    def _unlock_locked(
+        self,
+        request: UnlockRequest,
+        credentials: Callable[[], Credentials],
+        report: Report,
+        handle: BinaryIO,
+        size: int,
+    ) -> UnlockResult:
+        if request.archive_sha256:
+            def hashed(done: int) -> None:
+                report(Phase.PENDING, "checking the archive's SHA-256", done, size)
+
+            hashed(0)
+            check_sha256(handle, request.archive_sha256, hashed)
+
+        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, size)
+        client = self.key_source(credentials())
+        try:
+            client.login()
+            report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
+            fragment = client.key_fragment()
+        finally:
+            client.close()
+
+        def decrypted(done: int) -> None:
+            report(Phase.LOADING, "decrypting into the container runtime", done, size)
+
+        decrypted(0)
+        verifier = ImageTarVerifier()
+        plaintext = decrypt_stream(handle, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
+        del fragment
+        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs))
+        log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)
+
+        report(Phase.VERIFYING, "verifying loaded images", size, size)
+        expected = verifier.contents.images if verifier.contents else {}
+        ids = self.runtime.image_ids(request.refs)
+        missing = [ref for ref in request.refs if ids[ref] is None]
+        wrong = [
+            ref
+            for ref in request.refs
+            if ids[ref] is not None and expected.get(ref, ids[ref]) != ids[ref]
+        ]
+        if missing or wrong:
+            raise ImagesMissingError(missing, wrong)
+        verified = {ref: ids[ref] or "" for ref in request.refs}
+        return UnlockResult(images=verified, fast_path=False, loaded=loaded, archive_bytes=size)

@@ -1,0 +1,92 @@
+"""Shared fixtures: real parts (dockerd, resource API, archives) brought up once per session.
+
+A test that needs a real part that cannot be brought up is skipped on a developer machine
+and FAILS under CI (CI=true): CI must never go green by skipping the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imageunlock.service import DEFAULT_IMAGES
+
+from .support.dockerd import Dockerd, DockerdError
+from .support.images import ArchiveSet, build_archive_set
+from .support.resource_api import FakeResourceApi
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+TEST_EMAIL = "edge@example.test"
+TEST_PASSWORD = "pw-" + secrets.token_hex(8)
+TEST_VERSION = "1.4.2"
+
+
+def unavailable(part: str, why: str) -> None:
+    message = f"{part} could not be brought up: {why}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    engine = Dockerd(tmp_path_factory.mktemp("dockerd"))
+    try:
+        engine.start()
+    except DockerdError as exc:
+        unavailable("dockerd", str(exc))
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def remove_images(engine: Dockerd) -> None:
+    listed = engine.docker("images", "-q", "--no-trunc", text=True).stdout.split()
+    if listed:
+        engine.docker("rmi", "-f", *sorted(set(listed)), check=False)
+
+
+@pytest.fixture
+def clean_docker(dockerd: Dockerd) -> Dockerd:
+    """The private Engine with no images in it."""
+    remove_images(dockerd)
+    return dockerd
+
+
+@pytest.fixture(scope="session")
+def archives(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> ArchiveSet:
+    """The seeds' 7 services as small real images, saved and encrypted (openssl and ours)."""
+    return build_archive_set(
+        dockerd,
+        tmp_path_factory.mktemp("archives"),
+        list(DEFAULT_IMAGES),
+        TEST_VERSION,
+        fragment=secrets.token_bytes(32),
+        payload_bytes=48 * 1024,
+    )
+
+
+@pytest.fixture
+def resource_api(archives: ArchiveSet) -> Iterator[FakeResourceApi]:
+    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``imageunlock`` console script as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEUNLOCK_")}
+    full_env.update(env or {})
+    script = Path(sys.executable).with_name("imageunlock")
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )

@@ -1,0 +1,128 @@
+"""The in-stream image-archive check: accepts what ``docker save`` writes, rejects any damage."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
+from imageunlock.imagetar import ImageTarVerifier, MissingImagesError, verified_stream
+
+from ..support import savetar
+
+TAGS = ["azaion/flights:2.0", "azaion/autopilot:2.0", "azaion/annotations:2.0"]
+
+
+def _verify(data: bytes, chunk: int = 4096) -> dict[str, str]:
+    verifier = ImageTarVerifier()
+    for i in range(0, len(data), chunk):
+        verifier.feed(data[i : i + chunk])
+    return verifier.close().images
+
+
+@pytest.mark.parametrize("layout", ["legacy", "oci"])
+@pytest.mark.parametrize("chunk", [1, 511, 512, 4096, 1 << 20])
+def test_accepts_both_layouts_in_any_chunking(layout: str, chunk: int):
+    data = savetar.build(TAGS, layout=layout, share_first_layer=True)
+    assert _verify(data, chunk) == savetar.config_ids(data)
+
+
+def test_accepts_long_names_and_shared_layer_symlinks():
+    data = savetar.build(TAGS, long_names=True, share_first_layer=True)
+    assert _verify(data) == savetar.config_ids(data)
+
+
+def test_layer_with_wrong_diff_id_is_rejected():
+    data = savetar.build(TAGS)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        layer = next(m for m in tar.getmembers() if m.name.endswith("layer.tar") and m.isfile())
+        offset = layer.offset_data + 100
+    tampered = bytearray(data)
+    tampered[offset] ^= 0x01
+    with pytest.raises(ArchiveError):
+        _verify(bytes(tampered))
+
+
+def test_config_not_matching_its_name_is_rejected():
+    data = savetar.build(TAGS)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+    good = manifest[0]["Config"]
+    bad = data.replace(good.encode(), ("0" * 64 + ".json").encode())
+    with pytest.raises(ArchiveError):
+        _verify(bad)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not a tar at all" * 100, bytes(2048), os.urandom(10_000)],
+    ids=["empty", "text", "only-zero-blocks", "random"],
+)
+def test_non_archives_are_rejected(data: bytes):
+    with pytest.raises(ArchiveError):
+        _verify(data)
+
+
+def test_plain_tar_without_manifest_is_rejected():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(ArchiveError):
+        _verify(buf.getvalue())
+
+
+@pytest.mark.parametrize("cut", [1, 512, 1024, 5000])
+def test_truncated_archive_is_rejected(cut: int):
+    data = savetar.build(TAGS)
+    with pytest.raises(ArchiveError):
+        _verify(data[: len(data) - 10240 - cut])  # tarfile pads the end to a 10 KiB record
+
+
+def test_verified_stream_passes_everything_through_when_intact():
+    data = savetar.build(TAGS)
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    assert b"".join(verified_stream(chunks, ImageTarVerifier(), TAGS)) == data
+
+
+def test_missing_expected_image_stops_before_the_tail():
+    data = savetar.build(TAGS)
+    chunks = [data[i : i + 2048] for i in range(0, len(data), 2048)]
+    out = bytearray()
+    with pytest.raises(MissingImagesError) as info:
+        for chunk in verified_stream(chunks, ImageTarVerifier(), TAGS + ["azaion/detections:2.0"]):
+            out += chunk
+    assert info.value.missing == ["azaion/detections:2.0"]
+    assert len(out) <= len(data) - 1024  # the end-of-archive marker never went out
+
+
+def _decrypt_verify(archive: bytes, fragment: bytes) -> int:
+    """Bytes that would have reached the runtime before the check stopped the stream."""
+    sent = 0
+    try:
+        for chunk in verified_stream(decrypt_stream(io.BytesIO(archive), fragment), ImageTarVerifier(), TAGS):
+            sent += len(chunk)
+    except (ArchiveError, MissingImagesError) as exc:
+        assert isinstance(exc, MissingImagesError) or str(exc) == ARCHIVE_ERROR_MESSAGE
+        return -sent - 1
+    return sent
+
+
+def test_any_flipped_ciphertext_byte_stops_the_stream_before_the_end():
+    """CBC has no MAC: the content addresses must catch a flip wherever it lands."""
+    fragment = b"fixed fragment for a deterministic test"
+    plain = savetar.build(TAGS, share_first_layer=True)
+    archive = b"".join(encrypt_stream([plain], fragment, iv=bytes(range(16))))
+    assert _decrypt_verify(archive, fragment) == len(plain)
+    positions = sorted({*range(0, 16), *range(16, len(archive), 97), *range(len(archive) - 48, len(archive))})
+    for pos in positions:
+        tampered = bytearray(archive)
+        tampered[pos] ^= 0x40
+        sent = _decrypt_verify(bytes(tampered), fragment)
+        assert sent < 0, f"flip at {pos} of {len(archive)} went through"
+        assert -sent - 1 <= len(plain) - 1024, f"flip at {pos}: end marker was sent"
