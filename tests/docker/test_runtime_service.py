@@ -1,0 +1,96 @@
+"""The Docker adapter and the unlock service against the real Engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from imageunlock.crypto import read_chunks
+from imageunlock.docker_runtime import DockerRuntime
+from imageunlock.errors import ImagesMissingError
+from imageunlock.resource_api import Credentials, ResourceApiClient
+from imageunlock.service import Phase, UnlockRequest, UnlockService
+
+from ..conftest import TEST_EMAIL, TEST_PASSWORD
+from .test_cli_unlock import loaded
+
+pytestmark = pytest.mark.docker
+
+
+class Cut(Exception):
+    pass
+
+
+def test_engine_loads_nothing_from_an_upload_cut_short(clean_docker, archives):
+    """The premise of all-or-nothing loads: the Engine unpacks the whole body first."""
+    data = archives.plaintext.read_bytes()
+
+    def all_but_the_end():
+        yield data[: len(data) - 1024]  # everything except the end-of-archive marker
+        raise Cut()
+
+    runtime = DockerRuntime(clean_docker.url)
+    with pytest.raises(Cut):
+        runtime.load(all_but_the_end())
+    assert loaded(clean_docker) == {}
+    # and the same Engine then loads the full stream fine: the cut left nothing wedged
+    with open(archives.plaintext, "rb") as f:
+        names = runtime.load(read_chunks(f))
+    assert sorted(names) == sorted(archives.refs)
+    assert loaded(clean_docker) == archives.ids
+
+
+class RacingRuntime(DockerRuntime):
+    """Someone removes an image between our load and our verification."""
+
+    victim = ""
+
+    def load(self, chunks):
+        names = super().load(chunks)
+        self.remove_image(self.victim)
+        return names
+
+
+def _service(runtime, api):
+    return UnlockService(runtime, lambda creds: ResourceApiClient(api.url, creds))
+
+
+def _creds():
+    return Credentials(TEST_EMAIL, TEST_PASSWORD)
+
+
+def test_image_missing_after_load_is_named(clean_docker, archives, resource_api):
+    runtime = RacingRuntime(clean_docker.url)
+    runtime.victim = archives.refs[3]
+    request = UnlockRequest(str(archives.openssl_archive), archives.version, tuple(archives.names))
+    with pytest.raises(ImagesMissingError) as info:
+        _service(runtime, resource_api).unlock(request, _creds)
+    assert info.value.missing == [archives.refs[3]]
+    assert archives.refs[3] in info.value.message
+
+
+def test_phases_are_reported_in_order(clean_docker, archives, resource_api):
+    phases: list[Phase] = []
+    request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
+    result = _service(DockerRuntime(clean_docker.url), resource_api).unlock(
+        request, _creds, lambda phase, msg, done, total: phases.append(phase) if phase not in phases else None
+    )
+    assert phases == [Phase.PENDING, Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING]
+    assert result.images == archives.ids and not result.fast_path
+
+
+def test_fast_path_insists_on_known_ids(clean_docker, archives, resource_api):
+    service = _service(DockerRuntime(clean_docker.url), resource_api)
+    request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
+    service.unlock(request, _creds)
+    resource_api.reset()
+    same = UnlockRequest(request.archive_path, request.version, request.images, known_ids=archives.ids)
+    assert service.unlock(same, _creds).fast_path
+    assert resource_api.calls[KEY] == 0
+    # a retagged impostor under one of the names is not "present"
+    clean_docker.docker("tag", archives.refs[0], archives.refs[1])
+    again = service.unlock(same, _creds)
+    assert not again.fast_path and resource_api.calls[KEY] == 1
+    assert loaded(clean_docker) == archives.ids
+
+
+KEY = "/binary-split/key-fragment"
