@@ -1,0 +1,134 @@
+"""kopf handlers: thin. Parse, reconcile in a worker thread, classify the outcome.
+
+* create / resume / spec update → :meth:`Reconciler.reconcile` (sync handler: kopf runs it
+  in its thread pool, so requests, docker and file I/O never block the event loop);
+* an ``on.event`` handler keeps a snapshot of every ImageUnlock, and a background task
+  re-verifies Ready (and Stalled) ones every ``IMAGEUNLOCK_VERIFY_INTERVAL`` seconds. Not a
+  ``kopf.timer``: timers force a finalizer, and a finalizer makes deletion hang whenever the
+  operator is down. With no finalizer, deleting an ImageUnlock never waits for us (the
+  loaded images stay in the runtime);
+* a liveness probe reports whether the container runtime answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any
+
+import kopf
+
+from .docker_runtime import DockerRuntime
+from .errors import UnlockError
+from .kube import GROUP, PLURAL, VERSION, Kube
+from .reconciler import WORKING_PHASES, Reconciler
+from .service import Phase
+from .settings import Settings
+from .spec import parse_spec
+
+log = logging.getLogger(__name__)
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = Settings.from_env()
+    # kopf's bookkeeping goes to annotations under our group; status stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # our own events mark transitions
+    settings.execution.max_workers = config.workers
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    memo.settings = config
+    memo.runtime = DockerRuntime(config.docker_host, timeout=config.runtime_timeout)
+    memo.kube = Kube()
+    memo.reconciler = Reconciler(config, memo.runtime, memo.kube)
+    memo.objects = {}
+    memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
+    memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
+    log.info("operator settings: archive roots %s, runtime %s, verify every %ss",
+             ":".join(config.archive_roots), config.docker_host, config.verify_interval)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = getattr(memo, "reverify_task", None)
+    if task is not None:
+        task.cancel()
+    if getattr(memo, "verifier", None) is not None:
+        memo.verifier.shutdown(wait=False, cancel_futures=True)
+    if getattr(memo, "runtime", None) is not None:
+        memo.runtime.close()
+
+
+@kopf.on.probe(id="runtime")
+def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
+    try:
+        memo.runtime.ping()
+    except UnlockError as exc:
+        return f"unreachable: {exc.message}"
+    return "reachable"
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    outcome = memo.reconciler.reconcile(_plain(body), attempt=retry)
+    if outcome.kind == "stalled":
+        raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
+    if outcome.kind == "retry":
+        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.delay)
+
+
+@kopf.on.event(*RESOURCE)
+async def remember(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body.get("metadata", {})
+    key = (meta.get("namespace"), meta.get("name"))
+    if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
+        memo.objects.pop(key, None)
+    else:
+        memo.objects[key] = _plain(body)
+
+
+# ``remember`` is async on purpose: it only touches a dict, and running it on the event
+# loop keeps every mutation of ``memo.objects`` on the thread that iterates it.
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
+
+
+async def _reverify_loop(memo: kopf.Memo) -> None:
+    loop = asyncio.get_running_loop()
+    interval = memo.settings.verify_interval
+    while True:
+        await asyncio.sleep(interval)
+        for key, body in list(memo.objects.items()):
+            try:
+                await loop.run_in_executor(memo.verifier, _reverify, memo, body)
+            except Exception:  # one object's trouble never stops the loop
+                log.exception("re-verification of %s/%s failed", *key)
+
+
+def _reverify(memo: kopf.Memo, body: dict[str, Any]) -> None:
+    """Re-unlock a settled ImageUnlock whose images went missing (or that is Stalled)."""
+    status = body.get("status") or {}
+    meta = body.get("metadata", {})
+    if status.get("phase") in WORKING_PHASES or status.get("observedGeneration") != meta.get("generation"):
+        return  # a handler owns it right now
+    if status.get("phase") == Phase.READY.value:
+        try:
+            spec = parse_spec(body.get("spec") or {}, memo.settings.default_api_url)
+            known = {i["name"]: i["id"] for i in status.get("images") or [] if i.get("id")}
+            if memo.reconciler.service(spec).present(spec.request(known)) is not None:
+                return
+        except UnlockError:
+            return  # the runtime is down: the next round will look again
+        log.info("images of %s/%s changed or went missing: unlocking again", meta.get("namespace"), meta.get("name"))
+    memo.reconciler.reconcile(body)

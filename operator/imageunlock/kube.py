@@ -1,0 +1,126 @@
+"""Adapter: the Kubernetes API where kopf does not cover it.
+
+Reading the credentials Secret, and writing status and events from worker threads while an
+unlock is under way (kopf only patches when a handler returns). Blocking calls: used from
+threads only. No Secret value ever leaves ``read_credentials`` except inside
+:class:`Credentials`, whose ``repr`` hides the password; no API error body is echoed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from .errors import ConfigurationError, TransientError
+from .resource_api import Credentials
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL, KIND = "loader.azaion.com", "v1alpha1", "imageunlocks", "ImageUnlock"
+MAX_EMAIL_BYTES = 1024
+MAX_PASSWORD_BYTES = 4096
+COMPONENT = "imageunlock-operator"
+
+
+class KubernetesUnavailableError(TransientError):
+    reason = "KubernetesApiUnavailable"
+
+
+def _client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
+        self.api_client = api_client or _client()
+        self.core = kubernetes.client.CoreV1Api(self.api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    def read_credentials(self, namespace: str, name: str) -> Credentials:
+        where = f"Secret {namespace}/{name}"
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ConfigurationError(
+                    f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys "
+                    "email and password"
+                ) from None
+            if exc.status == 403:
+                raise ConfigurationError(f"the operator is not allowed to read {where} (RBAC)") from None
+            raise KubernetesUnavailableError(f"reading {where} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"reading {where} failed ({type(exc).__name__})") from None
+        data = secret.data or {}
+        missing = [key for key in ("email", "password") if not data.get(key)]
+        if missing:
+            raise ConfigurationError(f"{where} lacks key(s) {', '.join(missing)}; it needs email and password")
+        email = _decode(where, "email", data["email"], MAX_EMAIL_BYTES)
+        password = _decode(where, "password", data["password"], MAX_PASSWORD_BYTES)
+        return Credentials(email=email, password=password)
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                log.info("ImageUnlock %s/%s is gone; status not written", namespace, name)
+                return
+            raise KubernetesUnavailableError(f"writing status failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"writing status failed ({type(exc).__name__})") from None
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record an Event on an ImageUnlock; failures are logged, never raised."""
+        meta = obj.get("metadata", {})
+        now = datetime.now(timezone.utc)
+        event = kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta.get('name')}.", namespace=meta.get("namespace")),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}", kind=KIND, name=meta.get("name"),
+                namespace=meta.get("namespace"), uid=meta.get("uid"),
+            ),
+            reason=reason, message=message[:1024], type=type_, count=1,
+            first_timestamp=now, last_timestamp=now,
+            source=kubernetes.client.V1EventSource(component=COMPONENT),
+            reporting_component=COMPONENT, reporting_instance=COMPONENT,
+        )
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), event)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), type(exc).__name__)
+
+
+def _decode(where: str, key: str, value: str, limit: int) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError(f"{where} key {key!r} is not valid base64") from None
+    if len(raw) > limit:
+        raise ConfigurationError(f"{where} key {key!r} is larger than {limit} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{where} key {key!r} is not UTF-8 text") from None
+    text = text.rstrip("\r\n")  # the usual artefact of `echo ... | base64`
+    if not text:
+        raise ConfigurationError(f"{where} key {key!r} is empty")
+    return text

@@ -1,0 +1,140 @@
+"""One reconciliation of one ImageUnlock: spec → unlock service → status and events.
+
+Framework-free and blocking: the kopf handlers and the re-verification loop call it from
+worker threads. It returns an :class:`Outcome`; the kopf handler turns that into
+``kopf.PermanentError`` (Stalled: a user mistake) or ``kopf.TemporaryError`` (a transient
+fault, retried with backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import status as st
+from .errors import ImagesMissingError, UnlockError
+from .kube import Kube
+from .resource_api import ApiSettings, ResourceApiClient
+from .service import Phase, UnlockService
+from .settings import Settings
+from .spec import UnlockSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+WORKING_PHASES = {p.value for p in (Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "ready" | "stalled" | "retry"
+    message: str = ""
+    reason: str = ""
+    delay: float = 0.0
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, runtime: Any, kube: Kube) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.kube = kube
+        self.api_settings = ApiSettings(
+            connect_timeout=settings.api_connect_timeout,
+            read_timeout=settings.api_read_timeout,
+            retries=settings.api_retries,
+        )
+
+    def service(self, spec: UnlockSpec) -> UnlockService:
+        return UnlockService(
+            self.runtime,
+            lambda creds: ResourceApiClient(spec.api_url, creds, self.api_settings),
+            archive_roots=self.settings.archive_roots,
+        )
+
+    def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
+        meta = body.get("metadata", {})
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        generation = int(meta.get("generation") or 0)
+        status = dict(body.get("status") or {})
+        run = _Run(self, body, namespace, name, generation, status.get("conditions"))
+        previously_ready = status.get("phase") == Phase.READY.value
+        try:
+            spec = parse_spec(body.get("spec") or {}, self.settings.default_api_url)
+            if status.get("observedGeneration") != generation:
+                run.write(st.working(Phase.PENDING, "reconciling a new generation", generation, run.conditions))
+            known = {
+                i.get("name"): i.get("id")
+                for i in status.get("images") or []
+                if isinstance(i, Mapping) and i.get("id") and status.get("observedGeneration") == generation
+            }
+            result = self.service(spec).unlock(
+                spec.request(known),
+                lambda: self.kube.read_credentials(namespace, spec.secret_name),
+                run.report,
+            )
+        except UnlockError as exc:
+            return run.failed(exc, attempt)
+        except Exception as exc:  # a bug or an unforeseen library error: retry, say little
+            log.exception("unexpected error reconciling %s/%s", namespace, name)
+            return run.failed(_Internal(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
+        unlocked_at = None if result.fast_path else st.now_rfc3339()
+        run.write(
+            st.ready(result.images, result.fast_path, generation, run.conditions, result.archive_bytes,
+                     unlocked_at=unlocked_at)
+        )
+        if not result.fast_path or not previously_ready:
+            how = "loaded and verified" if not result.fast_path else "already present"
+            run.event("Normal", "Unlocked" if not result.fast_path else "AlreadyPresent",
+                      f"{len(result.images)} image(s) {how} at version {spec.version}")
+        return Outcome("ready", "ready")
+
+
+class _Internal(UnlockError):
+    reason = "InternalError"
+    transient = True
+
+
+class _Run:
+    """State of one reconciliation: the conditions as last written, and a throttle."""
+
+    def __init__(self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str,
+                 generation: int, conditions: Any) -> None:
+        self.owner, self.body = owner, body
+        self.namespace, self.name, self.generation = namespace, name, generation
+        self.conditions = conditions if isinstance(conditions, list) else []
+        self.throttle = st.Throttle(owner.settings.progress_interval)
+        self.phase: Phase | None = None
+        self.started = False
+
+    def write(self, status: dict[str, Any]) -> None:
+        self.owner.kube.patch_status(self.namespace, self.name, status)
+        self.conditions = status.get("conditions", self.conditions)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.owner.kube.post_event(self.body, type_, reason, message)
+
+    def report(self, phase: Phase, message: str, done: int, total: int) -> None:
+        self.phase = phase
+        if phase == Phase.PENDING and not self.started and not done:
+            return  # the fast-path check: not worth a status write on its own
+        if phase == Phase.AUTHENTICATING and not self.started:
+            self.started = True
+            self.event("Normal", "Unlocking", "images not present: unlocking the archive")
+        self.started = True
+        if self.throttle.ready(phase, final=bool(total) and done >= total):
+            self.write(st.working(phase, message, self.generation, self.conditions, done, total))
+
+    def failed(self, exc: UnlockError, attempt: int) -> Outcome:
+        if exc.transient:
+            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            phase = (self.phase or Phase.PENDING).value
+            self.write(st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase))
+            self.event("Warning", exc.reason, f"attempt {attempt + 1}: {exc.message}")
+            return Outcome("retry", exc.message, exc.reason, delay)
+        images = None
+        if isinstance(exc, ImagesMissingError):
+            images = {ref: None for ref in exc.missing}
+        self.write(st.stalled(exc.reason, exc.message, self.generation, self.conditions, images))
+        self.event("Warning", exc.reason, exc.message)
+        return Outcome("stalled", exc.message, exc.reason)

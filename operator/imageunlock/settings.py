@@ -1,0 +1,71 @@
+"""Operator settings, read once from the environment (the Deployment / Helm values set them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Settings:
+    archive_roots: tuple[str, ...] = ("/var/lib/imageunlock",)
+    docker_host: str = "unix:///var/run/docker.sock"
+    default_api_url: str | None = None
+    verify_interval: float = 300.0
+    progress_interval: float = 2.0
+    retry_base: float = 5.0
+    retry_max: float = 300.0
+    api_connect_timeout: float = 5.0
+    api_read_timeout: float = 30.0
+    api_retries: int = 3
+    runtime_timeout: float = 900.0
+    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    workers: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        problems: list[str] = []
+
+        def number(name: str, default: float, minimum: float = 0.0) -> float:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                problems.append(f"{name}={raw!r} is not a number")
+                return default
+            if value < minimum:
+                problems.append(f"{name}={raw!r} must be at least {minimum}")
+            return value
+
+        roots = tuple(r for r in env.get("IMAGEUNLOCK_ARCHIVE_ROOT", cls.archive_roots[0]).split(":") if r)
+        for root in roots:
+            if not root.startswith("/"):
+                problems.append(f"IMAGEUNLOCK_ARCHIVE_ROOT entry {root!r} must be an absolute path")
+        if not roots:
+            problems.append("IMAGEUNLOCK_ARCHIVE_ROOT must name at least one directory")
+        settings = cls(
+            archive_roots=roots,
+            docker_host=env.get("IMAGEUNLOCK_DOCKER_HOST") or env.get("DOCKER_HOST") or cls.docker_host,
+            default_api_url=env.get("RESOURCE_API_URL") or None,
+            verify_interval=number("IMAGEUNLOCK_VERIFY_INTERVAL", cls.verify_interval, 1),
+            progress_interval=number("IMAGEUNLOCK_PROGRESS_INTERVAL", cls.progress_interval, 0),
+            retry_base=number("IMAGEUNLOCK_RETRY_BASE", cls.retry_base, 0.1),
+            retry_max=number("IMAGEUNLOCK_RETRY_MAX", cls.retry_max, 1),
+            api_connect_timeout=number("IMAGEUNLOCK_API_CONNECT_TIMEOUT", cls.api_connect_timeout, 0.1),
+            api_read_timeout=number("IMAGEUNLOCK_API_READ_TIMEOUT", cls.api_read_timeout, 0.1),
+            api_retries=int(number("IMAGEUNLOCK_API_RETRIES", cls.api_retries, 0)),
+            runtime_timeout=number("IMAGEUNLOCK_RUNTIME_TIMEOUT", cls.runtime_timeout, 1),
+            liveness_endpoint=env.get("IMAGEUNLOCK_LIVENESS", cls.liveness_endpoint),
+            namespaces=tuple(n for n in env.get("IMAGEUNLOCK_NAMESPACES", "").split(",") if n),
+            workers=int(number("IMAGEUNLOCK_WORKERS", cls.workers, 1)),
+        )
+        if problems:
+            raise ConfigurationError("invalid operator settings: " + "; ".join(problems))
+        return settings

@@ -1,0 +1,110 @@
+"""Parsing an ImageUnlock ``spec`` (pure).
+
+The CRD's OpenAPI schema already refuses most bad input at ``kubectl apply`` time; this
+module re-checks everything the operator relies on (a cluster may run an older CRD, and
+the same rules serve the CLI), and reports *all* problems at once with the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+from .service import DEFAULT_IMAGES, UnlockRequest
+
+# Docker's grammar for a tag and for a repository name (with an optional registry host).
+TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+RUNTIMES = ("docker", "containerd")
+SUPPORTED_RUNTIMES = ("docker",)
+
+
+@dataclass(frozen=True)
+class UnlockSpec:
+    archive_path: str
+    version: str
+    images: tuple[str, ...]
+    api_url: str
+    secret_name: str
+    runtime: str = "docker"
+    archive_sha256: str | None = None
+
+    def request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
+        return UnlockRequest(
+            archive_path=self.archive_path,
+            version=self.version,
+            images=self.images,
+            archive_sha256=self.archive_sha256,
+            known_ids=dict(known_ids or {}),
+        )
+
+
+def parse_spec(spec: Mapping[str, object], default_api_url: str | None) -> UnlockSpec:
+    problems: list[str] = []
+
+    def text(path: str, value: object, pattern: str | None = None, hint: str = "") -> str:
+        if not isinstance(value, str) or not value:
+            problems.append(f"spec.{path} is required")
+            return ""
+        if pattern and not re.fullmatch(pattern, value):
+            problems.append(f"spec.{path} {value!r} is invalid{hint}")
+        return value
+
+    archive_path = text("archivePath", spec.get("archivePath"))
+    if archive_path and not archive_path.startswith("/"):
+        problems.append(f"spec.archivePath {archive_path!r} must be an absolute path")
+    version = text("version", spec.get("version"), TAG_PATTERN, " (a Docker tag: letters, digits, _ . -)")
+
+    raw_images = spec.get("images") or list(DEFAULT_IMAGES)
+    images: list[str] = []
+    if not isinstance(raw_images, list):
+        problems.append("spec.images must be a list of image names")
+    else:
+        for i, name in enumerate(raw_images):
+            images.append(text(f"images[{i}]", name, IMAGE_PATTERN, " (an image name without a tag)"))
+        if len(set(images)) != len(images):
+            problems.append("spec.images lists an image twice")
+
+    api = spec.get("resourceApi") or {}
+    if not isinstance(api, Mapping):
+        problems.append("spec.resourceApi must be an object")
+        api = {}
+    api_url = api.get("url") or default_api_url
+    if not api_url:
+        problems.append("spec.resourceApi.url is required (the operator has no RESOURCE_API_URL default)")
+    elif not isinstance(api_url, str) or not re.match(r"^https?://[^\s/]+", api_url):
+        problems.append(f"spec.resourceApi.url {api_url!r} must be an http:// or https:// URL")
+    ref = api.get("credentialsSecretRef") or {}
+    secret_name = text(
+        "resourceApi.credentialsSecretRef.name",
+        ref.get("name") if isinstance(ref, Mapping) else None,
+        SECRET_NAME_PATTERN,
+        " (a Secret name in the same namespace)",
+    )
+
+    runtime = spec.get("runtime") or "docker"
+    if runtime not in RUNTIMES:
+        problems.append(f"spec.runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    elif runtime not in SUPPORTED_RUNTIMES:
+        problems.append(f"spec.runtime {runtime!r} is not supported by this operator version yet (use docker)")
+
+    digest = spec.get("archiveSha256")
+    if digest is not None:
+        text("archiveSha256", digest, SHA256_PATTERN, " (64 hexadecimal digits)")
+
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return UnlockSpec(
+        archive_path=archive_path,
+        version=version,
+        images=tuple(images),
+        api_url=str(api_url),
+        secret_name=secret_name,
+        runtime=str(runtime),
+        archive_sha256=str(digest).lower() if digest else None,
+    )
