@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""``make demo``: the operator's main job, end to end, on this machine.
+
+``up`` brings up a local Kubernetes control plane, a private dockerd and a demo resource API
+(all on 127.0.0.1), makes a demo archive (7 small images, encrypted with ``openssl``),
+applies the CRD and the samples from ``manifests/`` (namespace, Secret, ImageUnlock),
+starts the operator in the background, waits for Ready and prints
+``kubectl get imageunlocks``. Everything stays running; state lives in ``.demo/``
+(kubeconfig at ``.demo/kubeconfig``, operator log at ``.demo/operator.log``).
+``down`` stops everything it started, by PID, and removes ``.demo/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools" / "controlplane")]
+
+import controlplane  # noqa: E402
+import yaml  # noqa: E402
+
+from imageunlock.service import DEFAULT_IMAGES  # noqa: E402
+from tests.support.dockerd import Dockerd  # noqa: E402
+from tests.support.images import import_images, openssl_encrypt, save  # noqa: E402
+
+DEMO = ROOT / ".demo"
+VENV_BIN = Path(sys.executable).parent
+VERSION = "1.0.0"
+NAMESPACE = "imageunlock-demo"
+
+
+def say(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_file(name: str) -> Path:
+    return DEMO / f"{name}.pid"
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> int:
+    log = open(DEMO / f"{name}.log", "ab")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=ROOT)
+    _pid_file(name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_file(path: Path, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text().strip()
+        time.sleep(0.1)
+    raise SystemExit(f"demo: {what} did not start within {timeout}s; see {DEMO}")
+
+
+def _kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([controlplane.kubectl_path(), "--kubeconfig", str(DEMO / "kubeconfig"), *args],
+                            capture_output=True, text=True, input=input, timeout=300)
+    if check and result.returncode:
+        raise SystemExit(f"demo: kubectl {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def _samples(archive: Path, api_url: str) -> str:
+    """manifests/samples with the demo's namespace, archive path and API URL filled in."""
+    docs = []
+    for path in sorted((ROOT / "manifests" / "samples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") not in ("Secret", "ImageUnlock"):
+                continue
+            doc.setdefault("metadata", {})["namespace"] = NAMESPACE
+            if doc["kind"] == "Secret":
+                doc["stringData"] = {"email": os.environ["DEMO_API_EMAIL"], "password": os.environ["DEMO_API_PASSWORD"]}
+                doc.pop("data", None)
+            elif doc["kind"] == "ImageUnlock":
+                doc["spec"]["archivePath"] = str(archive)
+                doc["spec"]["version"] = VERSION
+                doc["spec"].setdefault("resourceApi", {})["url"] = api_url
+            docs.append(doc)
+    return yaml.safe_dump_all(docs)
+
+
+def up() -> int:
+    if (DEMO / "kubeconfig").exists() and controlplane.ControlPlane(DEMO / "plane").running():
+        say("already up; `make demo-down` first to start afresh")
+        print(_kubectl("get", "imageunlocks", "-A").stdout)
+        return 0
+    shutil.rmtree(DEMO, ignore_errors=True)
+    DEMO.mkdir()
+    started = time.monotonic()
+
+    say("starting the local Kubernetes control plane")
+    plane = controlplane.ControlPlane(DEMO / "plane").start()
+    shutil.copy(plane.kubeconfig, DEMO / "kubeconfig")
+
+    say("starting a private dockerd")
+    engine = Dockerd(DEMO / "dockerd")
+    engine.sock_dir = DEMO / "run"
+    engine.socket = engine.sock_dir / "docker.sock"
+    if len(str(engine.socket)) > 100:
+        engine.sock_dir = Path("/tmp") / f"imageunlock-demo-{os.getuid()}"
+        engine.socket = engine.sock_dir / "docker.sock"
+    engine.start()
+    _pid_file("dockerd").write_text(str(engine.proc.pid))
+    (DEMO / "docker-host").write_text(engine.url)
+
+    say("making a demo archive: 7 images, encrypted with openssl")
+    fragment = secrets.token_bytes(32)
+    (DEMO / "fragment.bin").write_bytes(fragment)
+    (DEMO / "fragment.bin").chmod(0o600)
+    work = DEMO / "build"
+    work.mkdir()
+    refs = [f"{name}:{VERSION}" for name in DEFAULT_IMAGES]
+    import_images(engine, work, refs, payload_bytes=256 * 1024)
+    save(engine, refs, work / "images.tar")
+    engine.docker("rmi", "-f", *refs)
+    archives = DEMO / "archives"
+    archives.mkdir()
+    archive = openssl_encrypt(work / "images.tar", archives / "images.enc", fragment, secrets.token_bytes(16))
+    shutil.rmtree(work)
+
+    say("starting the demo resource API")
+    os.environ.setdefault("DEMO_API_EMAIL", "demo@example.test")
+    os.environ.setdefault("DEMO_API_PASSWORD", secrets.token_urlsafe(16))
+    _spawn("resource-api", [sys.executable, str(ROOT / "tests" / "support" / "resource_api.py"),
+                            "--fragment-file", str(DEMO / "fragment.bin"), "--port-file", str(DEMO / "api-url")])
+    api_url = _wait_file(DEMO / "api-url", 20, "the demo resource API")
+
+    say("applying the CRD and the samples (namespace, Secret, ImageUnlock)")
+    _kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    _kubectl("wait", "--for=condition=Established", "crd/imageunlocks.loader.azaion.com", "--timeout=60s")
+    _kubectl("create", "namespace", NAMESPACE)
+    _kubectl("apply", "-f", "-", input=_samples(archive, api_url))
+
+    say("starting the operator (log: .demo/operator.log)")
+    env = {**os.environ, "KUBECONFIG": str(DEMO / "kubeconfig"), "IMAGEUNLOCK_DOCKER_HOST": engine.url,
+           "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives), "RESOURCE_API_URL": api_url,
+           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{_free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60"}
+    env.pop("DEMO_API_PASSWORD", None)
+    _spawn("operator", [str(VENV_BIN / "imageunlock"), "operator"], env)
+
+    say("waiting for the ImageUnlock to become Ready")
+    wait = _kubectl("wait", "--for=condition=Ready", "imageunlocks", "--all", "-n", NAMESPACE, "--timeout=180s",
+                    check=False)
+    print(_kubectl("get", "imageunlocks", "-A", "-o", "wide").stdout)
+    if wait.returncode:
+        say(f"not Ready: {wait.stderr.strip()}; see .demo/operator.log")
+        return 1
+    say(f"Ready in {time.monotonic() - started:.0f}s. Try:")
+    for line in (
+        "kubectl --kubeconfig .demo/kubeconfig get iu -A",
+        f"kubectl --kubeconfig .demo/kubeconfig describe iu -n {NAMESPACE}",
+        "kubectl --kubeconfig .demo/kubeconfig wait --for=condition=Ready iu --all -A",
+        f"docker -H {engine.url} images",
+        "make demo-down",
+    ):
+        print(f"  {line}", file=sys.stderr)
+    return 0
+
+
+def _stop_pid(name: str) -> None:
+    try:
+        pid = int(_pid_file(name).read_text())
+    except (OSError, ValueError):
+        return
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def down() -> int:
+    if not DEMO.exists():
+        say("nothing to stop")
+        return 0
+    for name in ("operator", "resource-api", "dockerd"):
+        _stop_pid(name)
+        say(f"stopped {name}")
+    controlplane.ControlPlane(DEMO / "plane").stop()
+    say("stopped the control plane")
+    shutil.rmtree(Path("/tmp") / f"imageunlock-demo-{os.getuid()}", ignore_errors=True)
+    shutil.rmtree(DEMO, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else "up"
+    sys.exit({"up": up, "down": down}.get(command, lambda: print(__doc__) or 2)())
