@@ -24,9 +24,14 @@ def run_operator() -> int:
         return 1
     kopf.configure(debug=level == "debug", verbose=level == "debug", quiet=level == "warning",
                    log_format=kopf.LogFormat.PLAIN)
-    # urllib3 and the docker SDK are chatty at debug level and add nothing we need.
-    for noisy in ("urllib3", "docker", "kubernetes"):
+    # urllib3 and the docker SDK are chatty at debug level and add nothing we need. The
+    # kubernetes client's loggers ("kubernetes", and its package logger "client") stay at
+    # WARNING whatever our level: some versions log response bodies at DEBUG, and one of
+    # the responses we read is a Secret.
+    for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.INFO if level == "debug" else logging.WARNING)
+    for kube_logger in ("kubernetes", "client"):
+        logging.getLogger(kube_logger).setLevel(logging.WARNING)
 
     from . import handlers  # noqa: F401  (registers the handlers)
 

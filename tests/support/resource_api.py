@@ -37,6 +37,7 @@ class FakeResourceApi:
     def __init__(self, email: str, password: str, fragment: bytes, host: str = "127.0.0.1") -> None:
         self.email, self.password, self.fragment = email, password, fragment
         self.tokens: set[str] = set()
+        self.issued: list[str] = []  # every token ever handed out (for secret-hygiene checks)
         self.calls: Counter[str] = Counter()
         self.delay = 0.0
         self._faults: dict[str, deque[int]] = defaultdict(deque)
@@ -126,6 +127,7 @@ class FakeResourceApi:
                 token = secrets.token_urlsafe(24)
                 with api._lock:
                     api.tokens.add(token)
+                    api.issued.append(token)
                 self._answer(200, json.dumps({"token": token}).encode())
 
             def do_GET(self) -> None:  # noqa: N802

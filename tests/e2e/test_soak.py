@@ -1,0 +1,44 @@
+"""Soak: many bounded create/delete cycles; the operator's memory must not creep."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from .conftest import GROUP, PLURAL, VERSION, wait_for
+from .test_operator import is_ready, spec_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CYCLES, WARMUP, TIME_LIMIT = 200, 20, 300.0
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_create_delete_cycles_leave_nothing_and_do_not_grow(cluster, namespace, secret, start_operator, archives,
+                                                            archive_root, clean_docker, resource_api):
+    clean_docker.docker("load", "-i", str(archives.plaintext))  # the fast path: what a steady fleet sees
+    operator = start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600", IMAGEUNLOCK_LOG_LEVEL="info")
+    spec = spec_for(str(archive_root / "images.enc"), archives.version, secret)
+    deadline = time.monotonic() + TIME_LIMIT
+    baseline = 0
+    for cycle in range(CYCLES):
+        assert time.monotonic() < deadline, f"soak exceeded {TIME_LIMIT}s at cycle {cycle}"
+        name = f"soak-{cycle}"
+        cluster.create_unlock(namespace, name, spec)
+        wait_for(lambda: is_ready(cluster, namespace, name), 30, f"{name} Ready", interval=0.02)
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if cycle == WARMUP:
+            baseline = rss_kib(operator.proc.pid)
+    final = rss_kib(operator.proc.pid)
+    left = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    assert left == []
+    assert resource_api.calls["/binary-split/key-fragment"] == 0
+    growth = (final - baseline) / baseline
+    print(f"\nsoak: {CYCLES} cycles, operator RSS {baseline} KiB after warm-up -> {final} KiB ({growth:+.1%})")
+    assert growth < 0.10
+    assert "Traceback" not in operator.log()
