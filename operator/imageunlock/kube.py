@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import secrets
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -93,7 +94,9 @@ class Kube:
         meta = obj.get("metadata", {})
         now = datetime.now(timezone.utc)
         event = kubernetes.client.CoreV1Event(
-            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta.get('name')}.", namespace=meta.get("namespace")),
+            # "<object>.<random hex>", like kubectl's events ("x." is no valid generateName).
+            metadata=kubernetes.client.V1ObjectMeta(name=f"{meta.get('name')}.{secrets.token_hex(8)}",
+                                                    namespace=meta.get("namespace")),
             involved_object=kubernetes.client.V1ObjectReference(
                 api_version=f"{GROUP}/{VERSION}", kind=KIND, name=meta.get("name"),
                 namespace=meta.get("namespace"), uid=meta.get("uid"),
