@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import queue
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -138,6 +140,43 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
+class _HashWorker:
+    """Hashes file contents on a second thread, so SHA-256 (the costliest step, and one that
+    releases the GIL) overlaps decryption, parsing and the upload. The queue is bounded, so
+    at most ``depth`` chunks (≤ 64 KiB each) wait in memory."""
+
+    def __init__(self, depth: int = 64) -> None:
+        self._queue: queue.Queue[tuple[object, object] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+
+    def _put(self, item: tuple[object, object]) -> None:
+        if self._thread is None:  # started on first use: a verifier that never sees data costs nothing
+            self._thread = threading.Thread(target=self._run, name="imagetar-sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            target, data = item
+            if target is None:
+                data()  # type: ignore[operator]
+            else:
+                target.update(data)  # type: ignore[attr-defined]
+
+    def update(self, hasher: object, data: memoryview) -> None:
+        self._put((hasher, data))
+
+    def then(self, callback: object) -> None:
+        """Run ``callback`` once everything queued before it is hashed."""
+        self._put((None, callback))
+
+    def join(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+
 @dataclass
 class ImageTarVerifier:
     """Feed plaintext with :meth:`feed`; :meth:`close` checks everything and says what loaded."""
@@ -156,8 +195,16 @@ class ImageTarVerifier:
     _meta: dict[str, bytes] = field(default_factory=dict)
     _meta_total: int = 0
     contents: ArchiveContents | None = None  # set by close() once everything checked out
+    _worker: _HashWorker = field(default_factory=_HashWorker)
 
     def feed(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _feed(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             if self._remaining or self._padding:
@@ -230,7 +277,7 @@ class ImageTarVerifier:
             take = view[: self._remaining]
             self._remaining -= len(take)
             if self._hasher is not None:
-                self._hasher.update(take)  # type: ignore[attr-defined]
+                self._worker.update(self._hasher, take)
             if self._keep is not None:
                 self._keep += take
             if self._ext is not None:
@@ -257,7 +304,8 @@ class ImageTarVerifier:
                 key = "path" if member.kind == b"L" else "linkpath"
                 self._pending[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif self._hasher is not None:
-            self._digests[member.name] = self._hasher.hexdigest()  # type: ignore[attr-defined]
+            hasher, name = self._hasher, member.name
+            self._worker.then(lambda: self._digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]
             if self._keep is not None:
                 self._meta[member.name] = bytes(self._keep)
         self._hasher = None
@@ -289,7 +337,12 @@ class ImageTarVerifier:
         except ValueError:
             raise ArchiveError() from None
 
+    def abort(self) -> None:
+        """Stop the hashing thread (after a failure; ``close`` does it on success)."""
+        self._worker.join()
+
     def close(self) -> ArchiveContents:
+        self._worker.join()  # every digest is in once the worker has drained its queue
         if not self._ended or self._remaining or self._buf or self._member is not None:
             raise ArchiveError()
         for name, digest in self._digests.items():
@@ -360,14 +413,17 @@ def verified_stream(
     archive, and the generator raises instead of yielding the tail.
     """
     held = b""
-    for chunk in chunks:
-        verifier.feed(chunk)
-        if len(chunk) >= 2 * BLOCK:
-            if held:
-                yield held
-            held = chunk
-        else:
-            held += chunk
+    try:
+        for chunk in chunks:
+            verifier.feed(chunk)
+            if len(chunk) >= 2 * BLOCK:
+                if held:
+                    yield held
+                held = chunk
+            else:
+                held += chunk
+    finally:
+        verifier.abort()  # also on an exception or an abandoned generator: no stray thread
     contents = verifier.close()
     missing = [ref for ref in expected if ref not in contents.images]
     if missing:
