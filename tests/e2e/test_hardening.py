@@ -31,7 +31,9 @@ def load_events(engine: Dockerd, since: float) -> int:
     """Images the Engine itself says it loaded since ``since`` (its event stream)."""
     client = docker.DockerClient(base_url=engine.url)
     try:
-        events = client.events(since=int(since), until=int(time.time()) + 1, decode=True,
+        # fractional seconds ("seconds.nanoseconds"): the previous test's loads may be
+        # less than a second older than this test's start
+        events = client.events(since=f"{since:.9f}", until=f"{time.time() + 0.5:.9f}", decode=True,
                                filters={"type": "image", "event": "load"})
         return sum(1 for _ in events)
     finally:
@@ -50,7 +52,7 @@ def stalled_with(cluster, namespace, name, reason: str, timeout: float = 60) -> 
 
 def test_api_500_three_times_then_ready_with_exactly_one_load(cluster, namespace, secret, start_operator,
                                                               archives, archive_root, clean_docker, resource_api):
-    since = time.time() - 1
+    since = time.time()
     resource_api.fail(KEY_FRAGMENT_PATH, 500, times=3)
     start_operator()
     cluster.create_unlock(namespace, "once", spec_for(place(archives.openssl_archive, archive_root),
@@ -149,7 +151,7 @@ def test_digest_mismatch_stalls_before_any_key_request(cluster, namespace, secre
 
 def test_reapplying_the_same_spec_loads_nothing_again(cluster, namespace, secret, start_operator, archives,
                                                       archive_root, clean_docker):
-    since = time.time() - 1
+    since = time.time()
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     manifest = json.dumps({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageUnlock",
                            "metadata": {"name": "same", "namespace": namespace},
@@ -244,7 +246,8 @@ def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives,
     operator = start_operator(IMAGEUNLOCK_LOG_LEVEL="debug")
     path = place(archives.openssl_archive, archive_root)
     cluster.create_unlock(namespace, "good", spec_for(path, archives.version, "canary"))
-    cluster.create_unlock(namespace, "badcreds", spec_for(path, archives.version, "wrong"))
+    # an image nobody loads, so "badcreds" cannot take the fast path once "good" is Ready
+    cluster.create_unlock(namespace, "badcreds", spec_for(path, archives.version, "wrong", images=["azaion/none"]))
     wait_for(lambda: is_ready(cluster, namespace, "good"), 60, "Ready")
     wait_for(lambda: is_stalled(cluster, namespace, "badcreds"), 60, "Stalled")
     resource_api.fragment = b"canary-fragment-" + os.urandom(8)  # a wrong key: the failure path too
