@@ -35,6 +35,9 @@ import controlplane  # noqa: E402
 
 GROUP, VERSION, PLURAL = "loader.azaion.com", "v1alpha1", "imageunlocks"
 CRD_FILE = ROOT / "crds" / "loader.azaion.com_imageunlocks.yaml"
+RBAC_FILE = ROOT / "manifests" / "rbac.yaml"
+# The identity the Deployment gives the operator (manifests/rbac.yaml's ServiceAccount).
+OPERATOR_USER = "system:serviceaccount:imageunlock-system:imageunlock-operator"
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -53,6 +56,11 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
 class Cluster:
     kubeconfig: str
     kubectl_bin: str
+    # The operator's own identity, held to manifests/rbac.yaml by the local plane, and the
+    # audit log of everything it did. On a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG the
+    # operator runs with that kubeconfig instead, and there is no audit log.
+    operator_kubeconfig: str = ""
+    audit_log: Path | None = None
 
     def __post_init__(self) -> None:
         self.api = kubernetes.config.new_client_from_config(config_file=self.kubeconfig)
@@ -94,18 +102,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     plane = None
     try:
         kubectl_bin = controlplane.kubectl_path()
+        audit_log = None
         if given:
-            kubeconfig = given
+            kubeconfig = operator_kubeconfig = given
         else:
-            plane = controlplane.ControlPlane(tmp_path_factory.mktemp("plane"))
+            workdir = tmp_path_factory.mktemp("plane")
+            audit_log = workdir / "audit.log"
+            plane = controlplane.ControlPlane(workdir, audit_log=audit_log, authorization_policy=RBAC_FILE)
             plane.start()
             kubeconfig = plane.kubeconfig
+            operator_kubeconfig = plane.add_user(OPERATOR_USER)
     except Exception as exc:  # noqa: BLE001 - any failure to bring it up is reported the same way
         if plane is not None:
             plane.stop()
         unavailable("Kubernetes API server", f"{type(exc).__name__}: {exc}")
     try:
-        yield Cluster(kubeconfig, kubectl_bin)
+        yield Cluster(kubeconfig, kubectl_bin, operator_kubeconfig, audit_log)
     finally:
         if plane is not None:
             plane.stop()
@@ -208,7 +220,7 @@ def start_operator(cluster: Cluster, clean_docker: Dockerd, resource_api, archiv
     def start(**overrides: str) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG"))}
         env.update({
-            "KUBECONFIG": cluster.kubeconfig,
+            "KUBECONFIG": cluster.operator_kubeconfig,
             "IMAGEUNLOCK_NAMESPACES": namespace,
             "IMAGEUNLOCK_DOCKER_HOST": clean_docker.url,
             "IMAGEUNLOCK_ARCHIVE_ROOT": str(archive_root),

@@ -1,0 +1,111 @@
+"""Least privilege from facts: every request the operator made, per the API server's audit
+log, is allowed by the RBAC rules in manifests/ (evaluated here in Python); rules it never
+used are reported.
+
+All e2e tests run the operator under its ServiceAccount identity with the plane enforcing
+manifests/rbac.yaml, so by the time this module runs the audit log holds the whole suite's
+traffic; this module adds a cluster-wide run (as deployed: no namespace restriction).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import OPERATOR_USER, RBAC_FILE, manifest_docs, place, wait_for
+from .test_operator import is_ready, is_stalled, spec_for
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass(frozen=True)
+class Request:
+    verb: str
+    group: str
+    resource: str  # "imageunlocks/status" for a subresource
+    namespaced: bool
+
+
+def bound_rules(docs: list[dict], user: str) -> list[dict]:
+    """Rules of every (Cluster)Role bound to ``user`` (a ServiceAccount)."""
+    _, _, namespace, name = user.split(":")
+    roles = {(d["kind"], d["metadata"]["name"]): d.get("rules", []) for d in docs
+             if d["kind"] in ("ClusterRole", "Role")}
+    rules = []
+    for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if any(s["kind"] == "ServiceAccount" and s["name"] == name and s.get("namespace") == namespace
+               for s in binding.get("subjects", [])):
+            rules += roles.get((binding["roleRef"]["kind"], binding["roleRef"]["name"]), [])
+    return rules
+
+
+def allows(rule: dict, request: Request) -> bool:
+    def has(values: list[str], value: str) -> bool:
+        return "*" in values or value in values
+
+    return (has(rule.get("apiGroups", []), request.group) and has(rule.get("resources", []), request.resource)
+            and has(rule.get("verbs", []), request.verb))
+
+
+def operator_requests(audit_log: Path) -> tuple[Counter[Request], list[dict]]:
+    """Resource requests the operator made (discovery, a non-resource URL every
+    authenticated user may read, is left out), and any it was refused."""
+    made: Counter[Request] = Counter()
+    refused = []
+    seen: set[str] = set()
+    for line in audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        # a watch still open has only reached ResponseStarted; count each request once
+        if (entry.get("user", {}).get("username") != OPERATOR_USER
+                or entry.get("stage") not in ("ResponseStarted", "ResponseComplete")
+                or entry.get("auditID") in seen):
+            continue
+        seen.add(entry.get("auditID"))
+        if entry.get("responseStatus", {}).get("code") == 403:
+            refused.append(entry)
+        ref = entry.get("objectRef")
+        if not ref:
+            continue
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        made[Request(entry["verb"], ref.get("apiGroup", ""), resource, bool(ref.get("namespace")))] += 1
+    return made, refused
+
+
+def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
+        cluster, namespace, secret, start_operator, archives, archive_root, clean_docker):
+    if cluster.audit_log is None:
+        pytest.skip("a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG has no audit log here")
+    start_operator(IMAGEUNLOCK_NAMESPACES="")  # cluster-wide, as the Deployment runs it
+    path = place(archives.own_archive, archive_root)
+    cluster.create_unlock(namespace, "audited", spec_for(path, archives.version, secret))
+    cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "missing",
+                                                          images=["azaion/none"]))
+    wait_for(lambda: is_ready(cluster, namespace, "audited"), 60, "Ready")
+    wait_for(lambda: is_stalled(cluster, namespace, "nosecret"), 60, "Stalled")
+    cluster.patch_spec(namespace, "audited", {"images": archives.names[:3]})
+    wait_for(lambda: cluster.status(namespace, "audited").get("observedGeneration") == 2, 60, "generation 2")
+
+    made, refused = operator_requests(cluster.audit_log)
+    rules = bound_rules(manifest_docs(RBAC_FILE), OPERATOR_USER)
+    assert rules, "manifests/rbac.yaml binds no rules to the operator's ServiceAccount"
+    assert made, "the audit log holds no request of the operator"
+    denied = [r for r in made if not any(allows(rule, r) for rule in rules)]
+    assert denied == [] and refused == [], f"not allowed by manifests/rbac.yaml: {denied or refused[:3]}"
+
+    used = {(tuple(rule["apiGroups"]), tuple(rule["resources"]), verb)
+            for rule in rules for verb in rule["verbs"] for r in made if allows({**rule, "verbs": [verb]}, r)}
+    unused = [(rule["apiGroups"], rule["resources"], verb) for rule in rules for verb in rule["verbs"]
+              if (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb) not in used]
+    print("\nRBAC: requests the operator made (from the audit log):")
+    for request, count in sorted(made.items(), key=lambda kv: (kv[0].group, kv[0].resource, kv[0].verb)):
+        print(f"  {count:6d}  {request.verb:6s} {request.group or 'core'}/{request.resource}")
+    print("RBAC: granted but never used:", unused or "none")
+    # The load-bearing grants must all have been exercised by the suite.
+    for needed in [Request("patch", "loader.azaion.com", "imageunlocks/status", True),
+                   Request("get", "", "secrets", True), Request("create", "", "events", True),
+                   Request("watch", "loader.azaion.com", "imageunlocks", False)]:
+        assert needed in made, f"the suite never exercised {needed}"
