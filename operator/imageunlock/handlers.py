@@ -25,7 +25,6 @@ from .kube import GROUP, PLURAL, VERSION, Kube
 from .reconciler import WORKING_PHASES, Reconciler
 from .service import Phase
 from .settings import Settings
-from .spec import parse_spec
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -124,7 +123,7 @@ def _reverify(memo: kopf.Memo, body: dict[str, Any]) -> None:
         return  # a handler owns it right now
     if status.get("phase") == Phase.READY.value:
         try:
-            spec = parse_spec(body.get("spec") or {}, memo.settings.default_api_url)
+            spec = memo.reconciler.parse(body)
             known = {i["name"]: i["id"] for i in status.get("images") or [] if i.get("id")}
             if memo.reconciler.service(spec).present(spec.request(known)) is not None:
                 return

@@ -45,6 +45,9 @@ class Reconciler:
             retries=settings.api_retries,
         )
 
+    def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
+        return parse_spec(body.get("spec") or {}, self.settings.default_api_url, self.settings.api_url_allowlist)
+
     def service(self, spec: UnlockSpec) -> UnlockService:
         return UnlockService(
             self.runtime,
@@ -60,7 +63,7 @@ class Reconciler:
         run = _Run(self, body, namespace, name, generation, status.get("conditions"))
         previously_ready = status.get("phase") == Phase.READY.value
         try:
-            spec = parse_spec(body.get("spec") or {}, self.settings.default_api_url)
+            spec = self.parse(body)
             if status.get("observedGeneration") != generation:
                 run.write(st.working(Phase.PENDING, "reconciling a new generation", generation, run.conditions))
             known = {

@@ -14,6 +14,8 @@ class Settings:
     archive_roots: tuple[str, ...] = ("/var/lib/imageunlock",)
     docker_host: str = "unix:///var/run/docker.sock"
     default_api_url: str | None = None
+    # Resource APIs the credentials may be sent to: IMAGEUNLOCK_API_URL_ALLOWLIST plus RESOURCE_API_URL.
+    api_url_allowlist: tuple[str, ...] = ()
     verify_interval: float = 300.0
     progress_interval: float = 2.0
     retry_base: float = 5.0
@@ -50,10 +52,23 @@ class Settings:
                 problems.append(f"IMAGEUNLOCK_ARCHIVE_ROOT entry {root!r} must be an absolute path")
         if not roots:
             problems.append("IMAGEUNLOCK_ARCHIVE_ROOT must name at least one directory")
+        default_api_url = env.get("RESOURCE_API_URL") or None
+        allowlist = tuple(u.strip() for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",") if u.strip())
+        if default_api_url and default_api_url not in allowlist:
+            allowlist += (default_api_url,)  # the operator's own default is always trusted
+        if not allowlist:
+            problems.append(
+                "set RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST: the operator sends "
+                "credentials only to resource APIs it was told to trust"
+            )
+        for url in allowlist:
+            if not url.startswith(("http://", "https://")):
+                problems.append(f"IMAGEUNLOCK_API_URL_ALLOWLIST entry {url!r} must be an http(s) URL")
         settings = cls(
             archive_roots=roots,
             docker_host=env.get("IMAGEUNLOCK_DOCKER_HOST") or env.get("DOCKER_HOST") or cls.docker_host,
-            default_api_url=env.get("RESOURCE_API_URL") or None,
+            default_api_url=default_api_url,
+            api_url_allowlist=allowlist,
             verify_interval=number("IMAGEUNLOCK_VERIFY_INTERVAL", cls.verify_interval, 1),
             progress_interval=number("IMAGEUNLOCK_PROGRESS_INTERVAL", cls.progress_interval, 0),
             retry_base=number("IMAGEUNLOCK_RETRY_BASE", cls.retry_base, 0.1),

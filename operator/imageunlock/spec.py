@@ -8,8 +8,9 @@ the same rules serve the CLI), and reports *all* problems at once with the field
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 from .service import DEFAULT_IMAGES, UnlockRequest
@@ -44,7 +45,36 @@ class UnlockSpec:
         )
 
 
-def parse_spec(spec: Mapping[str, object], default_api_url: str | None) -> UnlockSpec:
+def url_allowed(url: str, allowed: Sequence[str]) -> bool:
+    """Whether ``url`` lies under one of the ``allowed`` base URLs: same scheme, same host
+    and port, and a path below the allowed one on a segment boundary. (A string prefix
+    would let ``https://api.example.com.evil.test`` pass for ``https://api.example.com``.)"""
+    try:
+        target = urlsplit(url)
+        target_port = target.port
+    except ValueError:
+        return False
+    for base in allowed:
+        try:
+            ref = urlsplit(base)
+            ref_port = ref.port
+        except ValueError:
+            continue
+        base_path = ref.path.rstrip("/")
+        if (target.scheme.lower(), (target.hostname or "").lower(), target_port) != (
+            ref.scheme.lower(), (ref.hostname or "").lower(), ref_port
+        ):
+            continue
+        if target.path.rstrip("/") == base_path or target.path.startswith(base_path + "/"):
+            return True
+    return False
+
+
+def parse_spec(
+    spec: Mapping[str, object], default_api_url: str | None, allowed_api_urls: Sequence[str] = ()
+) -> UnlockSpec:
+    """``allowed_api_urls`` empty means any URL (the CLI); the operator always passes a list,
+    since the credentials Secret is sent to whatever URL the spec names."""
     problems: list[str] = []
 
     def text(path: str, value: object, pattern: str | None = None, hint: str = "") -> str:
@@ -79,6 +109,12 @@ def parse_spec(spec: Mapping[str, object], default_api_url: str | None) -> Unloc
         problems.append("spec.resourceApi.url is required (the operator has no RESOURCE_API_URL default)")
     elif not isinstance(api_url, str) or not re.match(r"^https?://[^\s/]+", api_url):
         problems.append(f"spec.resourceApi.url {api_url!r} must be an http:// or https:// URL")
+    elif allowed_api_urls and not url_allowed(api_url, allowed_api_urls):
+        problems.append(
+            f"spec.resourceApi.url {api_url!r} is not an allowed resource API "
+            f"({', '.join(allowed_api_urls)}; operator setting IMAGEUNLOCK_API_URL_ALLOWLIST): "
+            "the credentials are only ever sent to allowed APIs"
+        )
     ref = api.get("credentialsSecretRef") or {}
     secret_name = text(
         "resourceApi.credentialsSecretRef.name",

@@ -267,3 +267,23 @@ def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives,
     for where, text in haystacks.items():
         for needle in needles:
             assert needle not in text, f"a secret leaked into {where}"
+
+
+def test_credentials_go_only_to_allowed_resource_apis(cluster, namespace, secret, start_operator, archives,
+                                                      archive_root, resource_api):
+    """Whoever may create an ImageUnlock must not be able to send a Secret's password to a
+    server of their choosing."""
+    from ..support.resource_api import FakeResourceApi
+
+    collector = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
+    try:
+        start_operator()
+        path = place(archives.openssl_archive, archive_root)
+        cluster.create_unlock(namespace, "exfil", {**spec_for(path, archives.version, secret, images=["azaion/none"]),
+                                                   "resourceApi": {"url": collector.url,
+                                                                   "credentialsSecretRef": {"name": secret}}})
+        message = stalled_with(cluster, namespace, "exfil", "InvalidConfiguration")
+        assert "not an allowed resource API" in message
+        assert collector.calls[LOGIN_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
+    finally:
+        collector.stop()

@@ -111,3 +111,41 @@ def test_settings_from_env_and_errors():
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
     assert "IMAGEUNLOCK_ARCHIVE_ROOT" in info.value.message and "IMAGEUNLOCK_VERIFY_INTERVAL" in info.value.message
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://api.azaion.com", True),
+    ("https://api.azaion.com/", True),
+    ("https://API.azaion.com/v2/keys", True),
+    ("https://api.azaion.com.evil.test", False),
+    ("https://api.azaion.com@evil.test", False),
+    ("http://api.azaion.com", False),
+    ("https://api.azaion.com:8443", False),
+    ("https://evil.test/https://api.azaion.com", False),
+])
+def test_url_allowlist_matches_scheme_host_port_and_path_segments(url, ok):
+    from imageunlock.spec import url_allowed
+
+    assert url_allowed(url, ["https://api.azaion.com"]) is ok
+
+
+def test_prefix_paths_match_on_segment_boundaries():
+    from imageunlock.spec import url_allowed
+
+    assert url_allowed("https://h.test/tenant-a/x", ["https://h.test/tenant-a"])
+    assert not url_allowed("https://h.test/tenant-ab", ["https://h.test/tenant-a"])
+
+
+def test_spec_url_outside_the_allowlist_is_refused():
+    spec = {**GOOD, "resourceApi": {"url": "https://collector.evil.test", "credentialsSecretRef": {"name": "c"}}}
+    with pytest.raises(ConfigurationError, match="not an allowed resource API"):
+        parse_spec(spec, "https://api.example.test", ["https://api.example.test"])
+    assert parse_spec(spec, None).api_url == "https://collector.evil.test"  # the CLI: the user's own call
+
+
+def test_operator_settings_require_a_trusted_api():
+    with pytest.raises(ConfigurationError, match="RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST"):
+        Settings.from_env({})
+    assert Settings.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
+    both = Settings.from_env({"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"})
+    assert both.api_url_allowlist == ("https://b.test", "https://c.test", "https://a.test")
