@@ -10,6 +10,7 @@ need_apt=()
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v ctr >/dev/null 2>&1 || need_apt+=(containerd)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # the image test's local base image
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

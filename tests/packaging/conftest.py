@@ -1,0 +1,166 @@
+"""Fixtures for the packaging tests: the rendered chart, the manifests, the local control plane.
+
+The control plane is started with the operator's RBAC (manifests/rbac.yaml) as its
+authorization policy and with an audit log, so a test can act as the operator's
+ServiceAccount and prove the granted rules are enough. If it cannot be brought up, its
+tests skip on a developer machine and FAIL under CI=true (see ``unavailable``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from ..conftest import unavailable
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "chart" / "imageunlock-operator"
+MANIFESTS = REPO / "manifests"
+CRD_FILE = REPO / "crds" / "loader.azaion.com_imageunlocks.yaml"
+GITOPS = REPO / "gitops"
+OPERATOR_NAMESPACE = "imageunlock-system"
+OPERATOR_SA = "imageunlock-operator"
+SA_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}"
+
+# Values that switch on every optional branch of the chart.
+NON_DEFAULT_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/azaion/imageunlock", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "fullnameOverride": "iu",
+    "namespace": {"create": True},
+    "serviceAccount": {"create": True, "name": "iu-operator", "annotations": {"example.com/owner": "edge"}},
+    "rbac": {"create": True, "secretNamespaces": ["edge-a", "edge-b"]},
+    "runtime": {"socketPath": "/run/docker.sock", "socketGroupId": 988},
+    "archiveDir": "/srv/azaion/archives",
+    "resourceApiUrl": "https://resources.example.com",
+    "logLevel": "debug",
+    "verifyInterval": 60,
+    "healthPort": 9090,
+    "extraEnv": [{"name": "IMAGEUNLOCK_WORKERS", "value": "2"}],
+    "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "2", "memory": "256Mi"}},
+    "nodeSelector": {"kubernetes.io/hostname": "edge-node-1"},
+    "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "azaion.com/edge", "operator": "In", "values": ["true"]}]}]}}},
+    "priorityClassName": "system-node-critical",
+    "podAnnotations": {"example.com/scrape": "false"},
+    "podLabels": {"example.com/team": "edge"},
+    "runAsUser": 20001,
+    "runAsGroup": 20001,
+    "tmpSizeLimit": "128Mi",
+}
+
+
+def require(module: str) -> ModuleType:
+    """Import a test dependency; missing is 'unavailable' (skip locally, fail under CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        unavailable(module, f"not installed ({exc}); it is a pinned test dependency")
+        raise  # unreachable: unavailable() skips or fails
+
+
+def load_docs(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def manifest_objects() -> list[dict[str, Any]]:
+    """Every object of the installation manifests (kustomization resources), in order."""
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        objects += load_docs((MANIFESTS / name).read_text())
+    return objects
+
+
+def sample_objects() -> list[dict[str, Any]]:
+    return [doc for path in sorted((MANIFESTS / "samples").glob("*.yaml")) for doc in load_docs(path.read_text())]
+
+
+def render_chart(values: dict[str, Any] | None = None, *, name: str = "imageunlock-operator",
+                 namespace: str = OPERATOR_NAMESPACE) -> dict[str, str]:
+    """Render the chart offline with helm-python-sdk: {template path: manifest text}."""
+    helm = require("helm_python")
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values or {})
+        return chart.render(values or {}, name=name, namespace=namespace, is_install=True)
+
+
+def rendered_objects(values: dict[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(render_chart(values, **kw).items()):
+        if path.endswith(".yaml"):
+            objects += load_docs(text)
+    return objects
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+class Plane:
+    """The local control plane plus a kubectl bound to it."""
+
+    def __init__(self, cp: Any, kubectl: str, policy: Path, audit_log: Path) -> None:
+        self.cp, self.kubectl_bin, self.policy, self.audit_log = cp, kubectl, policy, audit_log
+        self._sa_kubeconfig: str | None = None
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(self.cp.kubeconfig)
+
+    @property
+    def sa_kubeconfig(self) -> str:
+        """A kubeconfig for the operator's ServiceAccount identity (authorized by the policy)."""
+        if self._sa_kubeconfig is None:
+            self._sa_kubeconfig = str(self.cp.add_user(SA_USER))
+        return self._sa_kubeconfig
+
+    def kubectl(self, *args: str, stdin: str | None = None, kubeconfig: str | None = None,
+                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        kubeconfig = kubeconfig or self.kubeconfig
+        res = subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", kubeconfig, "--cache-dir", f"{kubeconfig}.kubectl-cache", *args],
+            input=stdin, text=True, capture_output=True, timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def ensure_crd(self) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+        self.kubectl("wait", "--for=condition=Established", "crd/imageunlocks.loader.azaion.com", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    """A local control plane authorizing the operator's ServiceAccount by manifests/rbac.yaml."""
+    sys.path.insert(0, str(REPO / "tools" / "controlplane"))
+    try:
+        controlplane = importlib.import_module("controlplane")
+    except ImportError as exc:
+        unavailable("local control plane", f"tools/controlplane is not importable ({exc})")
+    root = tmp_path_factory.mktemp("packaging-plane")
+    policy = root / "rbac.yaml"
+    shutil.copyfile(MANIFESTS / "rbac.yaml", policy)
+    audit_log = root / "audit.log"
+    cp = controlplane.ControlPlane(root / "run", audit_log=audit_log, authorization_policy=policy)
+    try:
+        cp.start(timeout=90)
+        kubectl = controlplane.kubectl_path()
+    except Exception as exc:  # noqa: BLE001 - any failure to come up is "unavailable"
+        cp.stop()
+        unavailable("local control plane", str(exc))
+    try:
+        yield Plane(cp, kubectl, policy, audit_log)
+    finally:
+        cp.stop()

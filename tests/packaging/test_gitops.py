@@ -1,0 +1,173 @@
+"""gitops/: the Argo CD health check run by a real Lua 5.1 runtime (Argo CD's gopher-lua
+implements Lua 5.1) against ImageUnlock statuses the operator writes, the argocd-cm snippet
+carrying the same script, and the Flux Kustomization's healthCheckExprs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from imageunlock import status as st
+from imageunlock.service import Phase
+
+from .conftest import GITOPS, REPO, require
+
+SCRIPT = (GITOPS / "imageunlock-health.lua").read_text()
+ARGOCD_KEY = "resource.customizations.health.loader.azaion.com_ImageUnlock"
+IMAGES = {"azaion/flights:1.4.2": "sha256:" + "a" * 64, "azaion/annotations:1.4.2": "sha256:" + "b" * 64}
+
+
+def _lua_value(lua: Any, value: Any) -> Any:
+    """Python JSON-like data as Lua values, the way Argo CD hands `obj` to the script."""
+    if isinstance(value, dict):
+        return lua.table_from({k: _lua_value(lua, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return lua.table_from([_lua_value(lua, v) for v in value])
+    return value
+
+
+def health(obj: dict[str, Any]) -> tuple[str, str]:
+    lupa = require("lupa.lua51")
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    assert lua.eval("_VERSION") == "Lua 5.1"
+    lua.globals().obj = _lua_value(lua, obj)
+    result = lua.execute(SCRIPT)
+    assert set(result.keys()) <= {"status", "message"}
+    return result["status"], result["message"]
+
+
+def unlock(generation: int = 1, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "loader.azaion.com/v1alpha1",
+        "kind": "ImageUnlock",
+        "metadata": {"name": "azaion-images", "namespace": "edge", "generation": generation},
+        "spec": {"archivePath": "/var/lib/imageunlock/images.enc", "version": "1.4.2"},
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def test_no_status_yet_is_progressing():
+    state, message = health(unlock())
+    assert state == "Progressing"
+    assert "operator" in message
+
+
+def test_ready_is_healthy():
+    status = st.ready(IMAGES, fast_path=False, generation=3, previous=None, bytes_total=1000)
+    state, message = health(unlock(3, status))
+    assert (state, message) == ("Healthy", "2 image(s) loaded and verified")
+
+
+def test_working_is_progressing_with_phase_and_progress():
+    ready = st.ready(IMAGES, fast_path=True, generation=1, previous=None)
+    status = {**ready, **st.working(Phase.LOADING, "streaming the archive into the runtime", 2,
+                                    ready["conditions"], done=420, total=1000)}
+    # working() leaves observedGeneration at the last finished generation (1) on purpose.
+    assert status["observedGeneration"] == 1
+    state, message = health(unlock(2, status))
+    assert state == "Progressing"
+    assert message == "Loading 42%: streaming the archive into the runtime"
+
+
+def test_first_unlock_in_progress_is_progressing():
+    status = st.working(Phase.AUTHENTICATING, "signing in to the resource API", 1, None)
+    assert "observedGeneration" not in status
+    state, message = health(unlock(1, status))
+    assert state == "Progressing"
+    assert message.startswith("Authenticating")
+
+
+def test_transient_retry_is_progressing():
+    status = st.retrying("ResourceApiUnavailable", "HTTP 503", attempt=2, delay=20, generation=1, previous=None)
+    state, message = health(unlock(1, {**status, "observedGeneration": 1}))
+    assert state == "Progressing"
+    assert "retrying in 20s" in message
+
+
+def test_stale_observed_generation_is_progressing():
+    """Ready, but for an older spec the operator has not picked up yet."""
+    status = st.ready(IMAGES, fast_path=True, generation=4, previous=None)
+    state, message = health(unlock(5, status))
+    assert state == "Progressing"
+    assert message == "Waiting for the operator to observe generation 5 (status is for generation 4)"
+
+
+def test_stalled_is_degraded():
+    status = st.stalled("ArchiveNotFound", "archive '/var/lib/imageunlock/images.enc' does not exist", 2, None)
+    state, message = health(unlock(2, status))
+    assert state == "Degraded"
+    assert message == "ArchiveNotFound: archive '/var/lib/imageunlock/images.enc' does not exist"
+
+
+def test_stalled_for_an_older_generation_is_progressing():
+    """The user fixed the spec: no longer Degraded while the operator catches up."""
+    status = st.stalled("CredentialsRejected", "the resource API rejected the account", 1, None)
+    state, _ = health(unlock(2, status))
+    assert state == "Progressing"
+
+
+def test_status_without_conditions_is_progressing():
+    state, message = health(unlock(1, {"phase": "Pending", "message": "queued", "observedGeneration": 1}))
+    assert (state, message) == ("Progressing", "queued")
+
+
+def test_argocd_cm_carries_the_script_verbatim():
+    cm = yaml.safe_load((GITOPS / "argocd-cm.yaml").read_text())
+    assert (cm["kind"], cm["metadata"]["name"]) == ("ConfigMap", "argocd-cm")
+    assert list(cm["data"]) == [ARGOCD_KEY]
+    assert cm["data"][ARGOCD_KEY] == SCRIPT
+
+
+def test_readme_documents_the_argocd_key():
+    assert ARGOCD_KEY in (GITOPS / "README.md").read_text()
+
+
+def test_flux_kustomizations():
+    docs = [d for d in yaml.safe_load_all((GITOPS / "flux-kustomization.yaml").read_text()) if d]
+    kustomizations = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Kustomization"}
+    assert set(kustomizations) == {"imageunlock-crds", "imageunlock-operator", "imageunlock-images"}
+    for k in kustomizations.values():
+        assert k["apiVersion"] == "kustomize.toolkit.fluxcd.io/v1"
+    # The paths exist in this repository and are kustomize-buildable (./crds holds plain YAML).
+    assert (REPO / kustomizations["imageunlock-crds"]["spec"]["path"]).is_dir()
+    assert (REPO / kustomizations["imageunlock-operator"]["spec"]["path"] / "kustomization.yaml").is_file()
+    assert kustomizations["imageunlock-operator"]["spec"]["dependsOn"] == [{"name": "imageunlock-crds"}]
+    assert kustomizations["imageunlock-images"]["spec"]["dependsOn"] == [{"name": "imageunlock-operator"}]
+    (expr,) = kustomizations["imageunlock-images"]["spec"]["healthCheckExprs"]
+    assert (expr["apiVersion"], expr["kind"]) == ("loader.azaion.com/v1alpha1", "ImageUnlock")
+    assert set(expr) == {"apiVersion", "kind", "inProgress", "failed", "current"}
+    assert "'Reconciling'" in expr["inProgress"]
+    assert "'Stalled'" in expr["failed"]
+    assert "'Ready'" in expr["current"] and "observedGeneration" in expr["current"]
+
+
+@pytest.mark.parametrize(
+    "name, status, generation, expected",
+    [
+        ("ready", st.ready(IMAGES, True, 1, None), 1, "current"),
+        ("working", st.working(Phase.LOADING, "loading", 1, None, 1, 2), 1, "inProgress"),
+        ("stalled", st.stalled("ArchiveNotFound", "missing", 1, None), 1, "failed"),
+    ],
+)
+def test_flux_expressions_agree_with_the_lua_check(name, status, generation, expected):
+    """Evaluated as Flux does (first matching of inProgress, failed, current), the CEL
+    expressions classify the operator's statuses like the Argo CD script does."""
+    celpy = require("celpy")  # cel-python: a CEL evaluator (Flux uses cel-go)
+    docs = [d for d in yaml.safe_load_all((GITOPS / "flux-kustomization.yaml").read_text()) if d]
+    (expr,) = next(d for d in docs if d["metadata"]["name"] == "imageunlock-images")["spec"]["healthCheckExprs"]
+    obj = unlock(generation, {**status, "observedGeneration": generation})
+    env = celpy.Environment()
+    activation = {k: celpy.json_to_cel(v) for k, v in obj.items()}
+    verdict = next(
+        (key for key in ("inProgress", "failed", "current")
+         if bool(env.program(env.compile(expr[key])).evaluate(activation))),
+        "inProgress",
+    )
+    assert verdict == expected
+    lua_state = health(obj)[0]
+    assert {"current": "Healthy", "inProgress": "Progressing", "failed": "Degraded"}[verdict] == lua_state
