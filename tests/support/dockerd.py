@@ -85,4 +85,15 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
+        unmount_below(self.sock_dir)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def unmount_below(directory: Path) -> None:
+    """dockerd leaves its netns bind mount (exec-root/netns/default) behind on exit; a
+    mounted directory cannot be removed, so unmount whatever is still mounted below."""
+    prefix = str(directory.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
