@@ -2,8 +2,8 @@
 
 The API server is the project's local control plane (tools/controlplane), or any cluster
 whose kubeconfig is in ``IMAGEUNLOCK_TEST_KUBECONFIG`` (kind, k3d, k3s). The operator runs
-as its own process (``imageunlock operator``), scoped to one namespace per test, so a test
-can SIGKILL it mid-load and start it again.
+as its own process (``imageunlock operator``), cluster-wide as deployed, one per test, so a
+test can SIGKILL it mid-load and start it again.
 """
 
 from __future__ import annotations
@@ -221,7 +221,10 @@ def start_operator(cluster: Cluster, clean_docker: Dockerd, resource_api, archiv
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG"))}
         env.update({
             "KUBECONFIG": cluster.operator_kubeconfig,
-            "IMAGEUNLOCK_NAMESPACES": namespace,
+            # cluster-wide, as deployed (a namespace-restricted kopf also lists and watches
+            # Namespaces, which manifests/rbac.yaml rightly does not grant); each test's
+            # objects live in its own namespace and are gone before the next test starts
+            "IMAGEUNLOCK_NAMESPACES": "",
             "IMAGEUNLOCK_DOCKER_HOST": clean_docker.url,
             "IMAGEUNLOCK_ARCHIVE_ROOT": str(archive_root),
             "RESOURCE_API_URL": resource_api.url,

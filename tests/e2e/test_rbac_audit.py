@@ -3,8 +3,8 @@ log, is allowed by the RBAC rules in manifests/ (evaluated here in Python); rule
 used are reported.
 
 All e2e tests run the operator under its ServiceAccount identity with the plane enforcing
-manifests/rbac.yaml, so by the time this module runs the audit log holds the whole suite's
-traffic; this module adds a cluster-wide run (as deployed: no namespace restriction).
+manifests/rbac.yaml, cluster-wide as deployed, so by the time this module runs the audit log
+holds the whole suite's traffic; this module adds a lifecycle of its own.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
         cluster, namespace, secret, start_operator, archives, archive_root, clean_docker):
     if cluster.audit_log is None:
         pytest.skip("a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG has no audit log here")
-    start_operator(IMAGEUNLOCK_NAMESPACES="")  # cluster-wide, as the Deployment runs it
+    start_operator()  # cluster-wide, as the Deployment runs it
     path = place(archives.own_archive, archive_root)
     cluster.create_unlock(namespace, "audited", spec_for(path, archives.version, secret))
     cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "missing",
