@@ -45,7 +45,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.connect_timeout = 10
     memo.settings = config
     memo.runtime = DockerRuntime(config.docker_host, timeout=config.runtime_timeout)
-    memo.kube = Kube()
+    memo.kube = await asyncio.to_thread(Kube)  # reads kubeconfig / service-account files
     memo.reconciler = Reconciler(config, memo.runtime, memo.kube)
     memo.objects = {}
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
@@ -62,7 +62,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "verifier", None) is not None:
         memo.verifier.shutdown(wait=False, cancel_futures=True)
     if getattr(memo, "runtime", None) is not None:
-        memo.runtime.close()
+        await asyncio.to_thread(memo.runtime.close)
 
 
 @kopf.on.probe(id="runtime")
