@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,15 @@ from .support.images import ArchiveSet, build_archive_set
 from .support.resource_api import FakeResourceApi
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A SIGTERM (a CI time-out, a `kill`) becomes an interrupt, so pytest still runs the fixture
+# teardowns that stop dockerd, the control plane and operators by PID.
+signal.signal(signal.SIGTERM, _interrupt)
 TEST_EMAIL = "edge@example.test"
 TEST_PASSWORD = "pw-" + secrets.token_hex(8)
 TEST_VERSION = "1.4.2"
