@@ -39,6 +39,7 @@ import pytest
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD, TEST_VERSION, unavailable
 from ..support.dockerd import Dockerd
+from ..support.resource_api import FakeResourceApi
 from .conftest import REPO, SA_USER, find, sample_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -223,7 +224,18 @@ class Operator:
 
 
 @pytest.fixture(scope="module")
-def operator(dockerd: Dockerd, image: str, plane) -> Iterator[Operator]:
+def image_api(archives) -> Iterator[FakeResourceApi]:
+    """The resource API for the packaged operator: up before the container starts, since the
+    operator only sends credentials to the API its RESOURCE_API_URL names."""
+    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) -> Iterator[Operator]:
     """The operator container, run the way the Deployment runs it: default (non-root) user,
     read-only root filesystem (/tmp from the image's VOLUME), no capabilities, the Docker
     socket through its group (--group-add = supplementalGroups), the archive directory
@@ -246,6 +258,7 @@ def operator(dockerd: Dockerd, image: str, plane) -> Iterator[Operator]:
             "-v", f"{config_dir}:/etc/imageunlock:ro",
             "-e", "KUBECONFIG=/etc/imageunlock/kubeconfig",
             "-e", f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
+            "-e", f"RESOURCE_API_URL={image_api.url}",
             "-e", f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
             "-e", "IMAGEUNLOCK_LOG_LEVEL=debug",
             image,
@@ -289,7 +302,7 @@ def _audit(audit_log: Path, user: str) -> tuple[list[dict[str, Any]], set[tuple[
     return denied, requests
 
 
-def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, archives, resource_api):
+def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, archives, image_api):
     """The packaged operator, with exactly the manifests' RBAC, unlocks manifests/samples/."""
     engine, namespace = operator.engine, "iu-pack"
     operator.healthz()
@@ -303,7 +316,7 @@ def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, arc
     (secret,) = find(samples, "Secret")
     (unlock,) = find(samples, "ImageUnlock")
     secret["stringData"] = {"email": TEST_EMAIL, "password": TEST_PASSWORD}
-    unlock["spec"]["resourceApi"]["url"] = resource_api.url
+    unlock["spec"]["resourceApi"]["url"] = image_api.url
     unlock["spec"]["archivePath"] = str(archive)
     assert unlock["spec"]["version"] == TEST_VERSION
     name = unlock["metadata"]["name"]
