@@ -22,7 +22,7 @@ import kopf
 from .docker_runtime import DockerRuntime
 from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, Kube
-from .reconciler import WORKING_PHASES, Reconciler
+from .reconciler import WORKING_PHASES, Reconciler, known_ids
 from .service import Phase
 from .settings import Settings
 
@@ -87,16 +87,15 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
 
 @kopf.on.event(*RESOURCE)
 async def remember(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep a snapshot per ImageUnlock for the re-verification loop. Async on purpose: it
+    only touches a dict, and running it on the event loop keeps every mutation of
+    ``memo.objects`` on the thread that iterates it."""
     meta = body.get("metadata", {})
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
     else:
         memo.objects[key] = _plain(body)
-
-
-# ``remember`` is async on purpose: it only touches a dict, and running it on the event
-# loop keeps every mutation of ``memo.objects`` on the thread that iterates it.
 
 
 def _plain(body: Any) -> dict[str, Any]:
@@ -124,7 +123,7 @@ def _reverify(memo: kopf.Memo, body: dict[str, Any]) -> None:
     if status.get("phase") == Phase.READY.value:
         try:
             spec = memo.reconciler.parse(body)
-            known = {i["name"]: i["id"] for i in status.get("images") or [] if i.get("id")}
+            known = known_ids(status, meta.get("generation"))
             if memo.reconciler.service(spec).present(spec.request(known)) is not None:
                 return
         except UnlockError:

@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 WORKING_PHASES = {p.value for p in (Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING)}
 
 
+def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
+    """Image IDs a finished reconcile of this generation verified (``status.images``); the
+    fast path insists on them, so a retagged impostor is not taken for the real image."""
+    if status.get("observedGeneration") != generation:
+        return {}
+    return {i["name"]: i["id"] for i in status.get("images") or []
+            if isinstance(i, Mapping) and i.get("name") and i.get("id")}
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str  # "ready" | "stalled" | "retry"
@@ -66,11 +75,7 @@ class Reconciler:
             spec = self.parse(body)
             if status.get("observedGeneration") != generation:
                 run.write(st.working(Phase.PENDING, "reconciling a new generation", generation, run.conditions))
-            known = {
-                i.get("name"): i.get("id")
-                for i in status.get("images") or []
-                if isinstance(i, Mapping) and i.get("id") and status.get("observedGeneration") == generation
-            }
+            known = known_ids(status, generation)
             result = self.service(spec).unlock(
                 spec.request(known),
                 lambda: self.kube.read_credentials(namespace, spec.secret_name),
