@@ -51,7 +51,7 @@ class ArchiveContents:
     images: dict[str, str]
 
 
-class MissingImagesError(UnlockError):
+class ImagesNotInArchiveError(UnlockError):
     """The archive is intact but does not hold every image asked for (nothing was loaded)."""
 
     reason = "ImagesNotInArchive"
@@ -427,6 +427,6 @@ def verified_stream(
     contents = verifier.close()
     missing = [ref for ref in expected if ref not in contents.images]
     if missing:
-        raise MissingImagesError(missing)
+        raise ImagesNotInArchiveError(missing)
     if held:
         yield held

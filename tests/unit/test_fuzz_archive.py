@@ -2,7 +2,7 @@
 
 Whatever the input: no crash, never a success for damaged ciphertext, and every failure
 is the uniform ArchiveError (or, for a tar that is intact but lacks a requested image, the
-named MissingImagesError).
+named ImagesNotInArchiveError).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
-from imageunlock.imagetar import ImageTarVerifier, MissingImagesError, verified_stream
+from imageunlock.imagetar import ImageTarVerifier, ImagesNotInArchiveError, verified_stream
 
 from ..support import savetar
 
@@ -39,7 +39,7 @@ def assert_uniform_failure(archive: bytes, chunk: int = 4096) -> None:
     except ArchiveError as exc:
         assert str(exc) == ARCHIVE_ERROR_MESSAGE
         return
-    except MissingImagesError as exc:
+    except ImagesNotInArchiveError as exc:
         assert set(exc.missing) <= set(TAGS)
         return
     raise AssertionError("a damaged archive was accepted")
@@ -91,7 +91,7 @@ def test_plaintext_mutations_fail_uniformly_or_change_nothing_that_loads(pos, ma
     except ArchiveError as exc:
         assert str(exc) == ARCHIVE_ERROR_MESSAGE
         return
-    except MissingImagesError:
+    except ImagesNotInArchiveError:
         return
     verifier = ImageTarVerifier()
     verifier.feed(bytes(data))

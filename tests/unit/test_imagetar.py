@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
-from imageunlock.imagetar import ImageTarVerifier, MissingImagesError, verified_stream
+from imageunlock.imagetar import ImageTarVerifier, ImagesNotInArchiveError, verified_stream
 
 from ..support import savetar
 
@@ -94,7 +94,7 @@ def test_missing_expected_image_stops_before_the_tail():
     data = savetar.build(TAGS)
     chunks = [data[i : i + 2048] for i in range(0, len(data), 2048)]
     out = bytearray()
-    with pytest.raises(MissingImagesError) as info:
+    with pytest.raises(ImagesNotInArchiveError) as info:
         for chunk in verified_stream(chunks, ImageTarVerifier(), TAGS + ["azaion/detections:2.0"]):
             out += chunk
     assert info.value.missing == ["azaion/detections:2.0"]
@@ -107,8 +107,8 @@ def _decrypt_verify(archive: bytes, fragment: bytes) -> int:
     try:
         for chunk in verified_stream(decrypt_stream(io.BytesIO(archive), fragment), ImageTarVerifier(), TAGS):
             sent += len(chunk)
-    except (ArchiveError, MissingImagesError) as exc:
-        assert isinstance(exc, MissingImagesError) or str(exc) == ARCHIVE_ERROR_MESSAGE
+    except (ArchiveError, ImagesNotInArchiveError) as exc:
+        assert isinstance(exc, ImagesNotInArchiveError) or str(exc) == ARCHIVE_ERROR_MESSAGE
         return -sent - 1
     return sent
 
