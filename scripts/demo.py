@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import yaml  # noqa: E402
 
 from imageunlock.service import DEFAULT_IMAGES  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 from tests.support.images import import_images, openssl_encrypt, save  # noqa: E402
 
 DEMO = ROOT / ".demo"
@@ -42,11 +42,6 @@ NAMESPACE = "imageunlock-demo"
 def say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pid_file(name: str) -> Path:
@@ -152,7 +147,7 @@ def up() -> int:
     say("starting the operator (log: .demo/operator.log)")
     env = {**os.environ, "KUBECONFIG": str(DEMO / "kubeconfig"), "IMAGEUNLOCK_DOCKER_HOST": engine.url,
            "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives), "RESOURCE_API_URL": api_url,
-           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{_free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60"}
+           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60"}
     env.pop("DEMO_API_PASSWORD", None)
     _spawn("operator", [str(VENV_BIN / "imageunlock"), "operator"], env)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD, unavailable
 from ..support.dockerd import Dockerd
+from ..support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "controlplane"))
@@ -149,11 +149,6 @@ def secret(cluster: Cluster, namespace: str) -> str:
     return "loader-creds"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class OperatorProcess:
     """``imageunlock operator`` as a child process, watching one namespace."""
@@ -168,7 +163,7 @@ class OperatorProcess:
         self.port = 0
 
     def start(self, timeout: float = 60) -> OperatorProcess:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**self.env, "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{self.port}/healthz", "TMPDIR": str(self.tmpdir)}
         script = Path(sys.executable).with_name("imageunlock")
         with open(self.log_path, "ab") as log:

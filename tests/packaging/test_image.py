@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,6 +38,7 @@ import pytest
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD, TEST_VERSION, unavailable
 from ..support.dockerd import Dockerd
+from ..support.net import free_port
 from ..support.resource_api import FakeResourceApi
 from .conftest import REPO, SA_USER, find, sample_objects
 
@@ -178,11 +178,6 @@ def test_read_only_root_filesystem_as_any_non_root_user(dockerd, image):
 
 # ------------------------------------------------------------------ the operator, running
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextlib.contextmanager
 def _shared_dir() -> Iterator[Path]:
@@ -242,7 +237,7 @@ def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) ->
     read-only, a read-only kubeconfig for the operator's ServiceAccount (authorized by
     manifests/rbac.yaml only). Host network: the control plane listens on 127.0.0.1."""
     plane.ensure_crd()
-    port = _free_port()
+    port = free_port()
     with _shared_dir() as archive_root, _shared_dir() as config_dir:
         shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
         os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)

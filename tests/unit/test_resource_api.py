@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from imageunlock.errors import ApiRejectedError, ApiUnavailableError, AuthenticationError, ConfigurationError
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH, ApiSettings, Credentials, ResourceApiClient
 
+from ..support.net import free_port
 from ..support.resource_api import FakeResourceApi
 
 EMAIL = "edge@example.test"
@@ -98,10 +98,7 @@ def test_slow_answers_are_bounded_by_the_read_timeout(api):
 
 
 def test_connection_refused_is_transient():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    c = ResourceApiClient(f"http://127.0.0.1:{port}", Credentials(EMAIL, PASSWORD), FAST)
+    c = ResourceApiClient(f"http://127.0.0.1:{free_port()}", Credentials(EMAIL, PASSWORD), FAST)
     with pytest.raises(ApiUnavailableError) as info:
         c.login()
     assert "unreachable" in info.value.message or "kept failing" in info.value.message
