@@ -80,3 +80,17 @@ class LoadError(TransientError):
     """
 
     reason = "LoadFailed"
+
+
+class ForeignTagsError(UnlockError):
+    """The archive would create or move image tags other than the requested ``NAME:VERSION``
+    refs (e.g. ``nginx:latest``): refused before its tail is released, nothing loaded."""
+
+    reason = "ArchiveHasForeignTags"
+
+
+class ArchiveRejectedError(UnlockError):
+    """The runtime refused archive content that passed our own checks (a layer that is not a
+    tar, ...): retrying the same bytes cannot help, so it is permanent."""
+
+    reason = "ArchiveRejected"
