@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .apiurl import parse_api_url
 from .errors import ConfigurationError
 
 
@@ -53,17 +54,25 @@ class Settings:
         if not roots:
             problems.append("IMAGEUNLOCK_ARCHIVE_ROOT must name at least one directory")
         default_api_url = env.get("RESOURCE_API_URL") or None
-        allowlist = tuple(u.strip() for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",") if u.strip())
-        if default_api_url and default_api_url not in allowlist:
-            allowlist += (default_api_url,)  # the operator's own default is always trusted
-        if not allowlist:
+        allowlist: tuple[str, ...] = ()
+        named = [("IMAGEUNLOCK_API_URL_ALLOWLIST entry", u.strip())
+                 for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",") if u.strip()]
+        named += [("RESOURCE_API_URL", default_api_url)] if default_api_url else []
+        for what, raw in named:
+            try:
+                canonical = parse_api_url(raw, what).url
+            except ConfigurationError as exc:
+                problems.append(exc.message)
+                continue
+            if what == "RESOURCE_API_URL":
+                default_api_url = canonical  # the operator's own default is always trusted
+            if canonical not in allowlist:
+                allowlist += (canonical,)
+        if not named:
             problems.append(
                 "set RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST: the operator sends "
                 "credentials only to resource APIs it was told to trust"
             )
-        for url in allowlist:
-            if not url.startswith(("http://", "https://")):
-                problems.append(f"IMAGEUNLOCK_API_URL_ALLOWLIST entry {url!r} must be an http(s) URL")
         settings = cls(
             archive_roots=roots,
             docker_host=env.get("IMAGEUNLOCK_DOCKER_HOST") or env.get("DOCKER_HOST") or cls.docker_host,

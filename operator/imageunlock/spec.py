@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from .apiurl import allowed, parse_api_url
 from .errors import ConfigurationError
 from .service import DEFAULT_IMAGES, UnlockRequest
 
@@ -45,29 +45,20 @@ class UnlockSpec:
         )
 
 
-def url_allowed(url: str, allowed: Sequence[str]) -> bool:
-    """Whether ``url`` lies under one of the ``allowed`` base URLs: same scheme, same host
-    and port, and a path below the allowed one on a segment boundary. (A string prefix
-    would let ``https://api.example.com.evil.test`` pass for ``https://api.example.com``.)"""
+def url_allowed(url: str, allowed_urls: Sequence[str]) -> bool:
+    """Whether ``url`` parses strictly and lies under one of the ``allowed_urls`` bases
+    (same scheme, host and port; a path at or below on a segment boundary)."""
     try:
-        target = urlsplit(url)
-        target_port = target.port
-    except ValueError:
+        target = parse_api_url(url)
+    except ConfigurationError:
         return False
-    for base in allowed:
+    bases = []
+    for base in allowed_urls:
         try:
-            ref = urlsplit(base)
-            ref_port = ref.port
-        except ValueError:
+            bases.append(parse_api_url(base))
+        except ConfigurationError:
             continue
-        base_path = ref.path.rstrip("/")
-        if (target.scheme.lower(), (target.hostname or "").lower(), target_port) != (
-            ref.scheme.lower(), (ref.hostname or "").lower(), ref_port
-        ):
-            continue
-        if target.path.rstrip("/") == base_path or target.path.startswith(base_path + "/"):
-            return True
-    return False
+    return allowed(target, bases)
 
 
 def parse_spec(
@@ -107,14 +98,19 @@ def parse_spec(
     api_url = api.get("url") or default_api_url
     if not api_url:
         problems.append("spec.resourceApi.url is required (the operator has no RESOURCE_API_URL default)")
-    elif not isinstance(api_url, str) or not re.match(r"^https?://[^\s/]+", api_url):
-        problems.append(f"spec.resourceApi.url {api_url!r} must be an http:// or https:// URL")
-    elif allowed_api_urls and not url_allowed(api_url, allowed_api_urls):
-        problems.append(
-            f"spec.resourceApi.url {api_url!r} is not an allowed resource API "
-            f"({', '.join(allowed_api_urls)}; operator setting IMAGEUNLOCK_API_URL_ALLOWLIST): "
-            "the credentials are only ever sent to allowed APIs"
-        )
+    else:
+        try:
+            parsed = parse_api_url(api_url, "spec.resourceApi.url")
+        except ConfigurationError as exc:
+            problems.append(exc.message)
+        else:
+            api_url = parsed.url  # requests are only ever built from the canonical form
+            if allowed_api_urls and not url_allowed(api_url, allowed_api_urls):
+                problems.append(
+                    f"spec.resourceApi.url {api_url!r} is not an allowed resource API "
+                    f"({', '.join(allowed_api_urls)}; operator setting IMAGEUNLOCK_API_URL_ALLOWLIST): "
+                    "the credentials are only ever sent to allowed APIs"
+                )
     ref = api.get("credentialsSecretRef") or {}
     secret_name = text(
         "resourceApi.credentialsSecretRef.name",
