@@ -1,20 +1,34 @@
 """Adapter: opening the encrypted archive on the node's file system, safely.
 
 The operator reads whatever path an ImageUnlock names, so the path is confined to an
-allow-list of roots (``IMAGEUNLOCK_ARCHIVE_ROOT``): it is resolved (symlinks included) and
-must stay under a root, must be a regular file, and is opened without following a final
-symlink and without blocking on a FIFO — all before a single byte is read.
+allow-list of roots (``IMAGEUNLOCK_ARCHIVE_ROOT``). The root is picked lexically (the
+configured root that is a whole-segment prefix of the normalised path; ``..`` is refused)
+and the file is then opened *beneath* it: with ``openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS)`` where the kernel has it, else one component at a time with
+``O_NOFOLLOW`` relative to the previous directory's descriptor. Checking and opening are
+one step, so nothing can be swapped in between. The root itself is operator configuration
+and is opened by its real path.
 
-The open file is also the per-archive lock: an exclusive ``flock`` on it, so the same
-archive is never unlocked twice at once, by two resources or two processes.
+Consequence: **symbolic links below the archive root are not followed**, not even ones
+that stay inside it. The provisioning process must write the archive file itself.
+
+The file must be a regular file and is opened without blocking on a FIFO — all before a
+single byte is read. The open file is also the per-archive lock: an exclusive ``flock`` on
+it, so the same archive is never unlocked twice at once, by two resources or two processes.
+With no roots at all (the command-line tool, run by the archive's owner) the path is
+opened as given.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import os
+import platform
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,26 +38,112 @@ from .errors import ArchiveNotFoundError, BusyError, ConfigurationError, DigestM
 
 HASH_CHUNK = 1 << 20
 
+# Use openat2(2) when the kernel has it; tests set this to False to exercise the fallback.
+USE_OPENAT2 = True
 
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+_SYS_OPENAT2 = 437  # the same on x86_64 and aarch64
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def resolve_archive_path(path: str, roots: Sequence[str]) -> str:
-    """The real path of ``path`` if it lies under one of ``roots``; else a clear error."""
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _pick_root(path: str, roots: Sequence[str]) -> tuple[str, list[str]]:
+    """``(root, components below it)``: the longest configured root the path lies under."""
+    shown = ", ".join(roots)
+    parts = _split(path)
+    if ".." in parts:
+        raise ConfigurationError(
+            f"archive path {path!r} is refused: '..' components could lead outside the allowed "
+            f"archive roots {shown} (operator setting IMAGEUNLOCK_ARCHIVE_ROOT)"
+        )
+    candidates = [r for r in roots if parts[: len(_split(r))] == _split(r)]
+    if not candidates:
+        raise ConfigurationError(
+            f"archive path {path!r} is outside the allowed archive roots {shown} "
+            "(operator setting IMAGEUNLOCK_ARCHIVE_ROOT)"
+        )
+    root = max(candidates, key=lambda r: len(_split(r)))
+    return root, parts[len(_split(root)):]
+
+
+def _openat2(dir_fd: int, parts: list[str]) -> int | None:
+    """The file opened beneath ``dir_fd`` without following any symlink; None if no openat2."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(_FILE_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    name = os.fsencode("/".join(parts) or ".")
+    fd = libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(name),
+        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter that refuses it
+        return None
+    raise OSError(err, os.strerror(err))
+
+
+def _walk(dir_fd: int, parts: list[str]) -> int:
+    """The same as ``_openat2``, portably: one ``O_NOFOLLOW`` open per component."""
+    fd = dir_fd
+    try:
+        for name in parts[:-1]:
+            try:
+                next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:  # what O_DIRECTORY|O_NOFOLLOW says for a symlink
+                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+                raise
+            if fd != dir_fd:
+                os.close(fd)
+            fd = next_fd
+        return os.open(parts[-1] if parts else ".", _FILE_FLAGS, dir_fd=fd)
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def _open_beneath(root: str, parts: list[str]) -> int:
+    root_fd = os.open(os.path.realpath(root), _DIR_FLAGS)
+    try:
+        fd = _openat2(root_fd, parts) if USE_OPENAT2 else None
+        return fd if fd is not None else _walk(root_fd, parts)
+    finally:
+        os.close(root_fd)
+
+
+def _open(path: str, roots: Sequence[str]) -> int:
+    """The archive's descriptor, opened beneath its root; errors name only ``path`` and roots."""
     if not os.path.isabs(path):
         raise ConfigurationError(f"archive path must be absolute, got {path!r}")
     if "\0" in path:
         raise ConfigurationError("archive path contains a NUL byte")
-    real = os.path.realpath(path)
-    if roots:
-        real_roots = [os.path.realpath(r) for r in roots]
-        if not any(_under(real, r) for r in real_roots):
+    if not roots:
+        return os.open(path, _FILE_FLAGS & ~os.O_NOFOLLOW)
+    root, parts = _pick_root(path, roots)
+    try:
+        return _open_beneath(root, parts)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV):
             raise ConfigurationError(
-                f"archive path {path!r} resolves to {real!r}, outside the allowed "
-                f"archive roots {', '.join(real_roots)} (operator setting IMAGEUNLOCK_ARCHIVE_ROOT)"
-            )
-    return real
+                f"archive path {path!r} is refused: symlinks below the archive root are not "
+                f"followed, as they could lead outside the allowed archive roots {', '.join(roots)} "
+                "(operator setting IMAGEUNLOCK_ARCHIVE_ROOT); have the provisioning process write "
+                "the file itself"
+            ) from None
+        raise
 
 
 @contextmanager
@@ -51,9 +151,8 @@ def open_archive(
     path: str, roots: Sequence[str], *, lock_timeout: float = 0.0
 ) -> Iterator[tuple[BinaryIO, int]]:
     """Open, check and lock the archive; yield ``(file, size)``."""
-    real = resolve_archive_path(path, roots)
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _open(path, roots)
     except FileNotFoundError:
         raise ArchiveNotFoundError(f"archive {path!r} does not exist") from None
     except IsADirectoryError:
