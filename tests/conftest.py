@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,10 +94,14 @@ def resource_api(archives: ArchiveSet) -> Iterator[FakeResourceApi]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``imageunlock`` console script as a user would."""
+    """Run the installed ``imageunlock`` console script as a user would. Unless ``env`` names
+    an ``XDG_STATE_HOME``, each run has a fresh, empty one (no verified IDs from other runs)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEUNLOCK_")}
     full_env.update(env or {})
     script = Path(sys.executable).with_name("imageunlock")
-    return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    with tempfile.TemporaryDirectory(prefix="iu-state-") as state:
+        if "XDG_STATE_HOME" not in (env or {}):
+            full_env["XDG_STATE_HOME"] = state
+        return subprocess.run(
+            [str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        )

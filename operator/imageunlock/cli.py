@@ -14,10 +14,11 @@ each with one actionable line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import ConfigurationError, UnlockError
 from .resource_api import ApiSettings, Credentials, ResourceApiClient
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     unlock.add_argument("--sha256", help="expected SHA-256 of the encrypted archive")
     unlock.add_argument(
+        "--state-file",
+        default=_default_state_file(),
+        help="where the image IDs of verified unlocks are kept; only images holding those IDs "
+        "are taken as already present (default: %(default)s)",
+    )
+    unlock.add_argument(
         "--lock-timeout", type=float, default=600.0, help="seconds to wait for another unlock of the same archive"
     )
 
@@ -99,6 +106,33 @@ class _Progress:
                 print(f"imageunlock: {phase.value}: {done * 100 // total}% of {total} bytes", file=sys.stderr, flush=True)
 
 
+def _default_state_file() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "imageunlock", "verified-images.json")
+
+
+def _read_state(path: str) -> dict[str, str]:
+    """``{ref: image ID}`` verified by earlier unlocks; anything unreadable counts as none
+    (the next unlock is then a full one, which is always safe)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            images = json.load(f).get("images")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(images, dict):
+        return {}
+    return {k: v for k, v in images.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _write_state(path: str, verified: Mapping[str, str]) -> None:
+    images = {**_read_state(path), **verified}
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        json.dump({"images": images}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
 def _credentials() -> Credentials:
     email = os.environ.get("IMAGEUNLOCK_EMAIL", "")
     password = os.environ.get("IMAGEUNLOCK_PASSWORD", "")
@@ -121,11 +155,18 @@ def _unlock(args: argparse.Namespace) -> int:
         version=args.version,
         images=tuple(args.images or DEFAULT_IMAGES),
         archive_sha256=args.sha256,
+        known_ids=_read_state(args.state_file),
     )
     try:
         result = service.unlock(request, _credentials, _Progress())
     finally:
         runtime.close()
+    if not result.fast_path:
+        try:
+            _write_state(args.state_file, result.images)
+        except OSError as exc:  # the images are fine; only the next run's fast path is lost
+            print(f"imageunlock: warning: could not record verified image IDs in {args.state_file}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
     how = "already present" if result.fast_path else "loaded and verified"
     print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
     return EXIT_OK
@@ -166,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one line, the traceback only with -v
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        print(f"imageunlock: error: unexpected {type(exc).__name__}; run with -v for details", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

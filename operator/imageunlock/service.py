@@ -62,7 +62,7 @@ class UnlockRequest:
     version: str
     images: tuple[str, ...] = DEFAULT_IMAGES
     archive_sha256: str | None = None
-    # Image IDs verified by an earlier unlock: the fast path also insists on them.
+    # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
     known_ids: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -99,13 +99,16 @@ class UnlockService:
         self.chunk_size = chunk_size
 
     def present(self, request: UnlockRequest) -> dict[str, str] | None:
-        """All requested images with their IDs if present and as known; else None."""
+        """All requested images with their IDs, if each holds the ID an earlier unlock
+        verified (``request.known_ids``); else None. Without a known ID for every ref there
+        is no fast path: whatever holds a tag is not vouched for until an unlock has
+        compared it with the archive (an impostor planted at ``NAME:VERSION`` is replaced)."""
+        if any(not request.known_ids.get(ref) for ref in request.refs):
+            return None
         ids = self.runtime.image_ids(request.refs)
-        if any(ids[ref] is None for ref in request.refs):
+        if any(ids[ref] != request.known_ids[ref] for ref in request.refs):
             return None
-        if any(request.known_ids.get(ref, ids[ref]) != ids[ref] for ref in request.refs):
-            return None
-        return {ref: ids[ref] for ref in request.refs}  # type: ignore[misc]
+        return {ref: request.known_ids[ref] for ref in request.refs}
 
     def unlock(
         self,
@@ -125,10 +128,13 @@ class UnlockService:
                     return UnlockResult(images=ids, fast_path=True, loaded=[])
                 return self._unlock_locked(request, credentials, report, handle, size)
         except ArchiveNotFoundError:
-            absent = [r for r, i in self.runtime.image_ids(request.refs).items() if i is None]
+            ids = self.runtime.image_ids(request.refs)
+            absent = [r for r, i in ids.items() if i is None]
+            unverified = [r for r, i in ids.items() if i is not None and request.known_ids.get(r) != i]
+            what = (f"images are not loaded ({', '.join(absent)})" if absent else
+                    f"images present are not verified ({', '.join(unverified)})")
             raise ArchiveNotFoundError(
-                f"archive {request.archive_path!r} does not exist and images are not loaded "
-                f"({', '.join(absent) or 'IDs differ from the last verified unlock'}); "
+                f"archive {request.archive_path!r} does not exist and {what}; "
                 "put the archive on the node or correct spec.archivePath"
             ) from None
 
@@ -173,7 +179,7 @@ class UnlockService:
         wrong = [
             ref
             for ref in request.refs
-            if ids[ref] is not None and expected.get(ref, ids[ref]) != ids[ref]
+            if ids[ref] is not None and expected.get(ref) != ids[ref]
         ]
         if missing or wrong:
             raise ImagesMissingError(missing, wrong)

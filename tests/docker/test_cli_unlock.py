@@ -37,15 +37,17 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("which", ["openssl_archive", "own_archive"])
-def test_unlocks_seven_images_then_fast_path_makes_no_key_request(clean_docker, archives, resource_api, which):
-    first = unlock(getattr(archives, which), archives, resource_api, clean_docker)
+def test_unlocks_seven_images_then_fast_path_makes_no_key_request(clean_docker, archives, resource_api, which,
+                                                                 tmp_path):
+    state = {"XDG_STATE_HOME": str(tmp_path)}  # where the first run records the verified IDs
+    first = unlock(getattr(archives, which), archives, resource_api, clean_docker, env=state)
     assert first.returncode == 0, first.stderr
     assert loaded(clean_docker) == archives.ids  # every tag, with the image ID of its config
     assert "Loading" in first.stderr and "100%" in first.stderr
     assert resource_api.calls == {LOGIN_PATH: 1, KEY_FRAGMENT_PATH: 1}
 
     resource_api.reset()
-    second = unlock(getattr(archives, which), archives, resource_api, clean_docker)
+    second = unlock(getattr(archives, which), archives, resource_api, clean_docker, env=state)
     assert second.returncode == 0, second.stderr
     assert "already present" in second.stderr
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0

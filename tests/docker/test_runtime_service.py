@@ -94,3 +94,19 @@ def test_fast_path_insists_on_known_ids(clean_docker, archives, resource_api):
 
 
 KEY = "/binary-split/key-fragment"
+
+
+def test_first_run_does_not_vouch_for_whatever_holds_the_tag(clean_docker, archives, resource_api):
+    """Issue 8, item 4: with no verified IDs yet, an impostor at NAME:VERSION was reported
+    already present and its ID recorded as verified. Now the first run unlocks and compares."""
+    clean_docker.docker("load", "-i", str(archives.plaintext))
+    impostor = archives.refs[0]
+    clean_docker.docker("tag", archives.refs[1], impostor)  # another image's ID under the name
+    service = _service(DockerRuntime(clean_docker.url), resource_api)
+    request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
+    result = service.unlock(request, _creds)
+    assert not result.fast_path and resource_api.calls[KEY] == 1
+    assert result.images == archives.ids and loaded(clean_docker) == archives.ids  # impostor replaced
+    # images that are all genuine still cost one unlock when nothing vouches for them yet
+    resource_api.reset()
+    assert not service.unlock(request, _creds).fast_path and resource_api.calls[KEY] == 1
