@@ -17,11 +17,29 @@ import docker
 import docker.errors
 import requests
 
-from .errors import LoadError, RuntimeUnavailableError, UnlockError
+from .errors import ArchiveRejectedError, LoadError, RuntimeUnavailableError, UnlockError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0  # one load of a multi-GiB archive easily passes the SDK's 60 s
+
+
+# Engine errors that say the node, not the archive, is the problem: worth a retry.
+_NODE_TROUBLE = ("no space left", "read-only file system", "too many open files", "cannot allocate memory",
+                 "connection reset", "broken pipe", "i/o timeout", "context canceled", "input/output error")
+
+
+def _refusal(text: str) -> UnlockError:
+    """Classify an Engine refusal of a load. Our stream checks passed, so the bytes are the
+    archive's own: a content error (a layer that is not a tar, ...) fails the same way every
+    time and is permanent; only trouble on the node is transient."""
+    text = text.strip()[:500]
+    if any(marker in text.lower() for marker in _NODE_TROUBLE):
+        return LoadError(f"Docker Engine could not load the archive: {text}")
+    return ArchiveRejectedError(
+        f"Docker Engine refused the archive's content: {text}; it passed the stream checks, so the "
+        "archive itself is malformed: rebuild it (retrying the same archive cannot help)"
+    )
 
 
 class DockerRuntime:
@@ -96,7 +114,7 @@ class DockerRuntime:
         try:
             for message in self.client.api.load_image(guarded(), quiet=True):
                 if "error" in message:
-                    raise LoadError(f"Docker Engine refused the archive: {message['error']}")
+                    raise _refusal(str(message["error"]))
                 stream = message.get("stream", "")
                 for prefix in ("Loaded image: ", "Loaded image ID: "):
                     if stream.startswith(prefix):
@@ -106,7 +124,7 @@ class DockerRuntime:
         except (docker.errors.APIError,) as exc:
             if failure:
                 raise failure[0] from None
-            raise LoadError(f"Docker Engine refused the archive: {exc.explanation or exc}") from None
+            raise _refusal(str(exc.explanation or exc)) from None
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
             if failure:
                 raise failure[0] from None
