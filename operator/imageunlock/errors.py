@@ -94,3 +94,9 @@ class ArchiveRejectedError(UnlockError):
     tar, ...): retrying the same bytes cannot help, so it is permanent."""
 
     reason = "ArchiveRejected"
+
+
+class RefConflictError(UnlockError):
+    """Another ImageUnlock, created earlier, loads the same ref from another archive."""
+
+    reason = "RefConflict"

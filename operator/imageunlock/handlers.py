@@ -2,9 +2,10 @@
 
 * create / resume / spec update → :meth:`Reconciler.reconcile` (sync handler: kopf runs it
   in its thread pool, so requests, docker and file I/O never block the event loop);
-* an ``on.event`` handler keeps a snapshot of every ImageUnlock, and a background task
-  re-verifies Ready (and Stalled) ones every ``IMAGEUNLOCK_VERIFY_INTERVAL`` seconds. Not a
-  ``kopf.timer``: timers force a finalizer, and a finalizer makes deletion hang whenever the
+* an ``on.event`` handler keeps a snapshot of every ImageUnlock, and a background task hands
+  them to :class:`~imageunlock.resync.Resync`, which re-verifies Ready ones every
+  ``IMAGEUNLOCK_VERIFY_INTERVAL`` seconds, retries its own transient failures when due and
+  re-checks Stalled ones when their inputs change. Not a ``kopf.timer``: timers force a finalizer, and a finalizer makes deletion hang whenever the
   operator is down. With no finalizer, deleting an ImageUnlock never waits for us (the
   loaded images stay in the runtime);
 * a liveness probe reports whether the container runtime answers.
@@ -22,8 +23,8 @@ import kopf
 from .docker_runtime import DockerRuntime
 from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, Kube
-from .reconciler import WORKING_PHASES, Reconciler, known_ids
-from .service import Phase
+from .reconciler import Reconciler
+from .resync import Resync
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.settings = config
     memo.runtime = DockerRuntime(config.docker_host, timeout=config.runtime_timeout)
     memo.kube = await asyncio.to_thread(Kube)  # reads kubeconfig / service-account files
-    memo.reconciler = Reconciler(config, memo.runtime, memo.kube)
     memo.objects = {}
+    # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
+    # while the event loop updates the dict.
+    memo.reconciler = Reconciler(config, memo.runtime, memo.kube, others=lambda: list(memo.objects.values()))
+    memo.resync = Resync(memo.reconciler)
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
     memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
     log.info("operator settings: archive roots %s, runtime %s, verify every %ss",
@@ -78,7 +82,12 @@ def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    outcome = memo.reconciler.reconcile(_plain(body), attempt=retry)
+    plain = _plain(body)
+    key = (body.metadata.namespace, body.metadata.name)
+    inputs = memo.resync.inputs(plain)
+    with memo.resync.lock(key):
+        outcome = memo.reconciler.reconcile(plain, attempt=retry)
+    memo.resync.record(key, outcome, retry, inputs, by_handler=True)
     if outcome.kind == "stalled":
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
     if outcome.kind == "retry":
@@ -94,6 +103,7 @@ async def remember(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: 
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
+        memo.resync.forget(key)
     else:
         memo.objects[key] = _plain(body)
 
@@ -103,30 +113,14 @@ def _plain(body: Any) -> dict[str, Any]:
 
 
 async def _reverify_loop(memo: kopf.Memo) -> None:
+    """Offer every known ImageUnlock to :class:`Resync` about once a second; it decides what
+    is due (see resync.py), on one worker thread so blocking calls stay off the event loop."""
     loop = asyncio.get_running_loop()
-    interval = memo.settings.verify_interval
+    tick = min(1.0, memo.settings.verify_interval)
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(tick)
         for key, body in list(memo.objects.items()):
             try:
-                await loop.run_in_executor(memo.verifier, _reverify, memo, body)
+                await loop.run_in_executor(memo.verifier, memo.resync.step, key, body)
             except Exception:  # one object's trouble never stops the loop
                 log.exception("re-verification of %s/%s failed", *key)
-
-
-def _reverify(memo: kopf.Memo, body: dict[str, Any]) -> None:
-    """Re-unlock a settled ImageUnlock whose images went missing (or that is Stalled)."""
-    status = body.get("status") or {}
-    meta = body.get("metadata", {})
-    if status.get("phase") in WORKING_PHASES or status.get("observedGeneration") != meta.get("generation"):
-        return  # a handler owns it right now
-    if status.get("phase") == Phase.READY.value:
-        try:
-            spec = memo.reconciler.parse(body)
-            known = known_ids(status, meta.get("generation"))
-            if memo.reconciler.service(spec).present(spec.request(known)) is not None:
-                return
-        except UnlockError:
-            return  # the runtime is down: the next round will look again
-        log.info("images of %s/%s changed or went missing: unlocking again", meta.get("namespace"), meta.get("name"))
-    memo.reconciler.reconcile(body)

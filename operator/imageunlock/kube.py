@@ -75,6 +75,20 @@ class Kube:
         password = _decode(where, "password", data["password"], MAX_PASSWORD_BYTES)
         return Credentials(email=email, password=password)
 
+    def secret_version(self, namespace: str, name: str) -> str | None:
+        """The Secret's resourceVersion (None when absent or unreadable): tells whether the
+        credentials changed without looking at them."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None
+            raise KubernetesUnavailableError(f"reading Secret {namespace}/{name} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(
+                f"reading Secret {namespace}/{name} failed ({type(exc).__name__})") from None
+        return secret.metadata.resource_version if secret.metadata else None
+
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(

@@ -9,12 +9,14 @@ fault, retried with backoff).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import status as st
-from .errors import ImagesMissingError, UnlockError
+from .claims import Claim, find_conflict
+from .errors import ImagesMissingError, RefConflictError, UnlockError
 from .kube import Kube
 from .resource_api import ApiSettings, ResourceApiClient
 from .service import Phase, UnlockService
@@ -23,7 +25,9 @@ from .spec import UnlockSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
-WORKING_PHASES = {p.value for p in (Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING)}
+# Set it to any new value (e.g. a timestamp) to have the operator verify now, and re-check
+# a Stalled ImageUnlock whose inputs did not change.
+REQUESTED_AT = "loader.azaion.com/requested-at"
 
 
 def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
@@ -43,11 +47,30 @@ class Outcome:
     delay: float = 0.0
 
 
+def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
+    meta = body.get("metadata") or {}
+    return Claim(str(meta.get("namespace") or ""), str(meta.get("name") or ""),
+                 str(meta.get("creationTimestamp") or ""), spec.runtime, spec.archive_path,
+                 frozenset(spec.request().refs))
+
+
+def _archive_signature(path: str) -> tuple[Any, ...]:
+    """What identifies the archive file's content without reading it: a new file, a
+    rewrite or a removal changes it."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return ("absent", exc.errno)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 class Reconciler:
-    def __init__(self, settings: Settings, runtime: Any, kube: Kube) -> None:
+    def __init__(self, settings: Settings, runtime: Any, kube: Kube,
+                 others: Callable[[], Iterable[Mapping[str, Any]]] = tuple) -> None:
         self.settings = settings
         self.runtime = runtime
         self.kube = kube
+        self.others = others  # every other ImageUnlock the operator knows of (for claims)
         self.api_settings = ApiSettings(
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
@@ -64,6 +87,42 @@ class Reconciler:
             archive_roots=self.settings.archive_roots,
         )
 
+    def conflict(self, body: Mapping[str, Any], spec: UnlockSpec) -> RefConflictError | None:
+        claims = []
+        for other in self.others():
+            try:
+                claims.append(_claim(other, self.parse(other)))
+            except UnlockError:
+                continue  # an invalid ImageUnlock claims nothing
+        return find_conflict(_claim(body, spec), claims)
+
+    def inputs(self, body: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Everything a Stalled ImageUnlock's outcome depends on: re-checking it is worth a
+        login only when one of these changed (never a timed retry of known-bad credentials,
+        which gets accounts locked)."""
+        meta = body.get("metadata") or {}
+        requested = (meta.get("annotations") or {}).get(REQUESTED_AT)
+        try:
+            spec = self.parse(body)
+        except UnlockError:
+            return (meta.get("generation"), requested)
+        conflict = self.conflict(body, spec)
+        return (meta.get("generation"), requested, self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
+                _archive_signature(spec.archive_path), conflict.message if conflict else None)
+
+    def still_ready(self, body: Mapping[str, Any]) -> bool:
+        """Whether a Ready ImageUnlock's images are all still there with their verified IDs
+        and nothing conflicts; raises a transient UnlockError when the runtime is down."""
+        try:
+            spec = self.parse(body)
+        except UnlockError:
+            return False  # e.g. an allow-list narrowed since: reconcile says why
+        if self.conflict(body, spec) is not None:
+            return False
+        meta = body.get("metadata") or {}
+        known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
+        return self.service(spec).present(spec.request(known)) is not None
+
     def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
         meta = body.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
@@ -75,6 +134,8 @@ class Reconciler:
             spec = self.parse(body)
             if status.get("observedGeneration") != generation:
                 run.write(st.working(Phase.PENDING, "reconciling a new generation", generation, run.conditions))
+            if (conflict := self.conflict(body, spec)) is not None:
+                raise conflict
             known = known_ids(status, generation)
             result = self.service(spec).unlock(
                 spec.request(known),

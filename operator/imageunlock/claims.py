@@ -1,0 +1,51 @@
+"""Which ImageUnlock owns an image ref (pure).
+
+Two ImageUnlocks that load the same ``NAME:VERSION`` into the same runtime from different
+archives would overwrite each other's tag on every re-verification, each "repairing" what
+the other just loaded. The earlier one (by creation time, then namespace/name) keeps the
+ref; the later one is stalled with a message naming the owner, until one of them changes.
+The same ref from the same archive path is no conflict: it is the same content, and the
+archive lock serialises the loads.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import RefConflictError
+
+
+@dataclass(frozen=True)
+class Claim:
+    namespace: str
+    name: str
+    created: str  # metadata.creationTimestamp (RFC 3339 UTC sorts as text)
+    runtime: str
+    archive_path: str
+    refs: frozenset[str]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.created, self.namespace, self.name)
+
+
+def find_conflict(mine: Claim, others: Iterable[Claim]) -> RefConflictError | None:
+    """The error to stall ``mine`` with, if an earlier claim loads one of its refs from
+    another archive into the same runtime; else None."""
+    archive = posixpath.normpath(mine.archive_path)
+    for other in sorted(others, key=lambda c: c.key):
+        if other.key >= mine.key or (other.namespace, other.name) == (mine.namespace, mine.name):
+            continue
+        if other.runtime != mine.runtime or posixpath.normpath(other.archive_path) == archive:
+            continue
+        shared = sorted(mine.refs & other.refs)
+        if shared:
+            return RefConflictError(
+                f"{', '.join(shared[:3])}{' and more' if len(shared) > 3 else ''} is already claimed by "
+                f"ImageUnlock {other.namespace}/{other.name} from archive {other.archive_path!r}; two "
+                "archives would load over each other's images: drop the image from one of them, or "
+                "delete one ImageUnlock"
+            )
+    return None

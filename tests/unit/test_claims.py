@@ -1,0 +1,31 @@
+"""Two ImageUnlocks claiming one ref from different archives (issue 8, item 9)."""
+
+from __future__ import annotations
+
+from imageunlock.claims import Claim, find_conflict
+
+
+def claim(name, created, archive="/a/images.enc", refs=("azaion/x:1",), runtime="docker", namespace="ns"):
+    return Claim(namespace, name, created, runtime, archive, frozenset(refs))
+
+
+def test_the_later_claim_from_another_archive_is_refused_and_names_the_owner():
+    first = claim("first", "2026-01-01T00:00:00Z", "/a/one.enc")
+    second = claim("second", "2026-01-02T00:00:00Z", "/a/two.enc", ("azaion/x:1", "azaion/y:1"))
+    error = find_conflict(second, [first, second])
+    assert error is not None and error.reason == "RefConflict" and not error.transient
+    assert "ns/first" in error.message and "azaion/x:1" in error.message and "/a/one.enc" in error.message
+    assert find_conflict(first, [first, second]) is None  # the earlier one keeps the ref
+
+
+def test_no_conflict_for_the_same_archive_other_refs_or_another_runtime():
+    first = claim("first", "2026-01-01T00:00:00Z")
+    assert find_conflict(claim("same-archive", "2026-01-02T00:00:00Z", "/a/./images.enc"), [first]) is None
+    assert find_conflict(claim("other-refs", "2026-01-02T00:00:00Z", "/b.enc", ("azaion/y:1",)), [first]) is None
+    assert find_conflict(claim("other-rt", "2026-01-02T00:00:00Z", "/b.enc", runtime="containerd"), [first]) is None
+
+
+def test_equal_creation_times_are_ordered_by_namespace_and_name():
+    a = claim("a", "2026-01-01T00:00:00Z", "/a.enc")
+    b = claim("b", "2026-01-01T00:00:00Z", "/b.enc")
+    assert find_conflict(a, [b]) is None and find_conflict(b, [a]) is not None

@@ -1,0 +1,135 @@
+"""Re-verification ownership, retries and Stalled re-checks (issue 8, items 5 and 11), with a
+fake reconciler and a fake clock: which calls happen, and when."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from imageunlock.errors import RuntimeUnavailableError
+from imageunlock.reconciler import Outcome
+from imageunlock.resync import Resync
+
+KEY = ("ns", "iu")
+
+
+class FakeReconciler:
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.settings = SimpleNamespace(verify_interval=300.0)
+        self.outcomes = list(outcomes)
+        self.calls: list[int] = []  # the attempt of each reconcile
+        self.ready = True
+        self.current_inputs: tuple = ("gen", 1, "secret-v1", "archive-v1")
+
+    def reconcile(self, body, attempt=0):
+        self.calls.append(attempt)
+        return self.outcomes.pop(0)
+
+    def still_ready(self, body):
+        if isinstance(self.ready, Exception):
+            raise self.ready
+        return self.ready
+
+    def inputs(self, body):
+        return self.current_inputs
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def body(phase: str, observed: int = 1, generation: int = 1) -> dict:
+    return {"metadata": {"namespace": "ns", "name": "iu", "generation": generation},
+            "status": {"phase": phase, "observedGeneration": observed}}
+
+
+def make(*outcomes: Outcome):
+    fake, clock = FakeReconciler(*outcomes), Clock()
+    return Resync(fake, clock), fake, clock
+
+
+def test_ready_and_still_true_is_only_looked_at_every_interval():
+    resync, fake, clock = make()
+    resync.step(KEY, body("Ready"))
+    clock.now += 299
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [] and resync.due[KEY].at == 1300.0
+
+
+def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attempts():
+    resync, fake, clock = make(Outcome("retry", delay=5), Outcome("retry", delay=10), Outcome("ready"))
+    fake.ready = False  # an image went missing
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [0] and resync.due[KEY].at == 1005.0
+    # the status now shows a working phase ("retrying in 5s"): not skipped, retried on time
+    clock.now += 4.9
+    resync.step(KEY, body("Loading"))
+    assert fake.calls == [0]
+    clock.now += 0.1
+    resync.step(KEY, body("Loading"))
+    assert fake.calls == [0, 1] and resync.due[KEY].at == clock.now + 10
+    clock.now += 10
+    resync.step(KEY, body("Loading"))
+    assert fake.calls == [0, 1, 2] and resync.due[KEY].attempt == 0
+
+
+def test_a_generation_the_handler_has_not_finished_is_left_to_it():
+    resync, fake, clock = make()
+    fake.ready = False
+    resync.step(KEY, body("Loading", observed=1, generation=2))
+    resync.step(KEY, body("Ready", observed=1, generation=2))
+    assert fake.calls == []
+
+
+def test_the_handler_holding_the_lock_keeps_the_loop_out():
+    resync, fake, clock = make(Outcome("ready"))
+    fake.ready = False
+    with resync.lock(KEY):
+        resync.step(KEY, body("Ready"))
+    assert fake.calls == []
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [0]
+
+
+def test_a_handler_retry_is_left_to_kopf_until_its_final_outcome():
+    resync, fake, clock = make()
+    resync.record(KEY, Outcome("retry", delay=5), 0, None, by_handler=True)
+    clock.now += 10_000
+    fake.ready = False
+    resync.step(KEY, body("Loading"))
+    assert fake.calls == []
+    resync.record(KEY, Outcome("ready"), 3, None, by_handler=True)
+    assert resync.due[KEY].at == clock.now + 300  # back on the verify interval
+
+
+def test_stalled_is_rechecked_only_when_an_input_changed():
+    resync, fake, clock = make(Outcome("stalled", "bad credentials", "AuthenticationFailed"))
+    resync.record(KEY, Outcome("stalled"), 0, fake.current_inputs, by_handler=True)
+    for _ in range(5):  # five verify intervals: no re-login with the same credentials
+        clock.now += 300
+        resync.step(KEY, body("Failed"))
+    assert fake.calls == []
+    fake.current_inputs = ("gen", 1, "secret-v2", "archive-v1")  # the Secret was edited
+    clock.now += 300
+    resync.step(KEY, body("Failed"))
+    assert fake.calls == [0]
+    clock.now += 300
+    resync.step(KEY, body("Failed"))
+    assert fake.calls == [0]  # and it stalled again on those inputs: quiet again
+
+
+def test_runtime_down_during_a_check_postpones_it_without_reconciling():
+    resync, fake, clock = make()
+    fake.ready = RuntimeUnavailableError("docker down")
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [] and resync.due[KEY].at == clock.now + 300
+
+
+def test_forget_drops_state():
+    resync, fake, clock = make()
+    resync.step(KEY, body("Ready"))
+    resync.forget(KEY)
+    assert KEY not in resync.due
