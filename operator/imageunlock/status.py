@@ -123,10 +123,12 @@ def stalled(
             now,
         ),
     }
-    if images is not None:
-        status["images"] = [
-            {"name": ref, "id": image_id or "", "present": image_id is not None} for ref, image_id in images.items()
-        ]
+    # Status is merge-patched: a key left out would keep the last generation's value (its
+    # images listed as present), so what does not hold for this generation is nulled.
+    status["progress"] = None
+    status["images"] = None if images is None else [
+        {"name": ref, "id": image_id or "", "present": image_id is not None} for ref, image_id in images.items()
+    ]
     return status
 
 

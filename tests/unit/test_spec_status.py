@@ -79,6 +79,8 @@ def test_kstatus_conditions_through_a_lifecycle():
     assert _cond(failed, "Stalled") == {"type": "Stalled", "status": "True", "reason": "AuthenticationFailed",
                                          "message": "bad password", "observedGeneration": 4, "lastTransitionTime": "t3"}
     assert _cond(failed, "Ready")["reason"] == "AuthenticationFailed"
+    # merge-patched over `done`, the images of generation 3 must not survive as "present"
+    assert failed["images"] is None and failed["progress"] is None
 
 
 def test_retrying_message_names_attempt_and_delay():
