@@ -75,6 +75,7 @@ class Reconciler:
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
             retries=settings.api_retries,
+            deadline=settings.api_deadline,
         )
 
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:

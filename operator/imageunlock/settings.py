@@ -24,6 +24,7 @@ class Settings:
     api_connect_timeout: float = 5.0
     api_read_timeout: float = 30.0
     api_retries: int = 3
+    api_deadline: float = 60.0  # one whole resource API call: connect, answer and retries
     runtime_timeout: float = 900.0
     liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
     namespaces: tuple[str, ...] = ()  # empty: every namespace
@@ -85,6 +86,7 @@ class Settings:
             api_connect_timeout=number("IMAGEUNLOCK_API_CONNECT_TIMEOUT", cls.api_connect_timeout, 0.1),
             api_read_timeout=number("IMAGEUNLOCK_API_READ_TIMEOUT", cls.api_read_timeout, 0.1),
             api_retries=int(number("IMAGEUNLOCK_API_RETRIES", cls.api_retries, 0)),
+            api_deadline=number("IMAGEUNLOCK_API_DEADLINE", cls.api_deadline, 1),
             runtime_timeout=number("IMAGEUNLOCK_RUNTIME_TIMEOUT", cls.runtime_timeout, 1),
             liveness_endpoint=env.get("IMAGEUNLOCK_LIVENESS", cls.liveness_endpoint),
             namespaces=tuple(n for n in env.get("IMAGEUNLOCK_NAMESPACES", "").split(",") if n),
