@@ -140,6 +140,19 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
+def _field(obj: object, key: str, kind: type) -> object:
+    """``obj[key]`` as Go's encoding/json (the Engine's, containerd's) fills a struct field:
+    keys match case-insensitively, so ``repotags`` counts and two spellings are refused.
+    ``None`` when absent or null, else it must be a ``kind``."""
+    if not isinstance(obj, dict):
+        raise ArchiveError()
+    found = [value for name, value in obj.items() if name.casefold() == key.casefold()]
+    value = found[0] if len(found) == 1 else None
+    if len(found) > 1 or not isinstance(value, (kind, type(None))):
+        raise ArchiveError()
+    return value
+
+
 class _HashWorker:
     """Hashes file contents on a second thread, so SHA-256 (the costliest step, and one that
     releases the GIL) overlaps decryption, parsing and the upload. The queue is bounded, so
@@ -334,7 +347,7 @@ class ImageTarVerifier:
             raise ArchiveError()
         try:
             return json.loads(self._meta[resolved])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[…' nested too deep
             raise ArchiveError() from None
 
     def abort(self) -> None:
@@ -373,12 +386,10 @@ class ImageTarVerifier:
             self._json(name)  # raises unless kept and valid JSON
 
     def _check_entry(self, entry: object, addressed: set[str]) -> dict[str, str]:
-        if not isinstance(entry, dict):
-            raise ArchiveError()
-        config_name = entry.get("Config")
-        layers = entry.get("Layers") or []
-        tags = entry.get("RepoTags") or []
-        if not isinstance(config_name, str) or not isinstance(layers, list):
+        config_name = _field(entry, "Config", str)
+        layers = _field(entry, "Layers", list) or []
+        tags = _field(entry, "RepoTags", list) or []
+        if config_name is None or not all(isinstance(tag, str) for tag in tags):
             raise ArchiveError()
         named = _LEGACY_CONFIG_RE.match(posixpath.basename(config_name)) or _BLOB_RE.match(
             _norm(config_name)
@@ -387,9 +398,8 @@ class ImageTarVerifier:
         if named is None or named.group(1) != config_digest:
             raise ArchiveError()
         addressed.add(self._resolve(config_name))
-        config = self._json(config_name)
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        diff_ids = _field(_field(self._json(config_name), "rootfs", dict), "diff_ids", list)
+        if diff_ids is None or len(diff_ids) != len(layers):
             raise ArchiveError()
         for layer, diff_id in zip(layers, diff_ids):
             if not isinstance(layer, str) or not isinstance(diff_id, str):
@@ -399,7 +409,7 @@ class ImageTarVerifier:
             blob = _BLOB_RE.match(self._resolve(layer))
             if diff_id != f"sha256:{digest}" and not (blob and blob.group(1) == digest):
                 raise ArchiveError()
-        return {tag: f"sha256:{config_digest}" for tag in tags if isinstance(tag, str)}
+        return {tag: f"sha256:{config_digest}" for tag in tags}
 
 
 def verified_stream(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
+from imageunlock.errors import ForeignTagsError, UnlockError
 from imageunlock.imagetar import ImageTarVerifier, ImagesNotInArchiveError, verified_stream
 
 from ..support import savetar
@@ -107,8 +111,8 @@ def _decrypt_verify(archive: bytes, fragment: bytes) -> int:
     try:
         for chunk in verified_stream(decrypt_stream(io.BytesIO(archive), fragment), ImageTarVerifier(), TAGS):
             sent += len(chunk)
-    except (ArchiveError, ImagesNotInArchiveError) as exc:
-        assert isinstance(exc, ImagesNotInArchiveError) or str(exc) == ARCHIVE_ERROR_MESSAGE
+    except (ArchiveError, ImagesNotInArchiveError, ForeignTagsError) as exc:
+        assert not isinstance(exc, ArchiveError) or str(exc) == ARCHIVE_ERROR_MESSAGE
         return -sent - 1
     return sent
 
@@ -126,3 +130,120 @@ def test_any_flipped_ciphertext_byte_stops_the_stream_before_the_end():
         sent = _decrypt_verify(bytes(tampered), fragment)
         assert sent < 0, f"flip at {pos} of {len(archive)} went through"
         assert -sent - 1 <= len(plain) - 1024, f"flip at {pos}: end marker was sent"
+
+
+# -- helpers for archives made with the right key (the tar is rewritten, not the ciphertext) --
+
+EVIL = "nginx:latest"
+
+
+def _manifest(data: bytes) -> list:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return json.load(tar.extractfile("manifest.json"))
+
+
+def _rewrite(data: bytes, name: str, edit) -> bytes:
+    """``data`` with member ``name``'s bytes replaced by ``edit(old bytes)``, or dropped when
+    that is None (manifest.json, repositories and index.json carry no digest)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as tar:
+        for member in src.getmembers():
+            body = src.extractfile(member).read() if member.isfile() else None
+            if member.name == name and (body := edit(body)) is None:
+                continue
+            member.size = len(body or b"")
+            tar.addfile(member, io.BytesIO(body) if body is not None else None)
+    return out.getvalue()
+
+
+def _edit_json(data: bytes, name: str, edit) -> bytes:
+    return _rewrite(data, name, lambda body: json.dumps(edit(json.loads(body))).encode())
+
+
+def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None,
+            linkname: str = "", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mtime = kind, linkname, 1_700_000_000
+    info.size = len(data) if size is None else size
+    return info.tobuf(fmt) + data + bytes(-len(data) % 512)
+
+
+def _pax(records: dict[str, str]) -> bytes:
+    return tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
+
+
+def _append(data: bytes, *members: bytes) -> bytes:
+    """``data`` with raw ``members`` added before its end-of-archive marker."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.getmembers()
+        end = tar.offset
+    return data[:end] + b"".join(members) + bytes(1024)
+
+
+def _stream(data: bytes, expected=TAGS) -> bytes:
+    """What reaches the runtime; raises like the real upload would."""
+    out = bytearray()
+    chunks = [data[i : i + 2048] for i in range(0, len(data), 2048)]
+    for chunk in verified_stream(chunks, ImageTarVerifier(), expected):
+        out += chunk
+    return bytes(out)
+
+
+def _refused(data: bytes, error=UnlockError, expected=TAGS) -> UnlockError:
+    sent = []
+    with pytest.raises(error) as info:
+        for chunk in verified_stream([data[i : i + 2048] for i in range(0, len(data), 2048)],
+                                     ImageTarVerifier(), expected):
+            sent.append(chunk)
+    assert sum(map(len, sent)) <= len(data) - 1024  # the end-of-archive marker never went out
+    return info.value
+
+
+# -- whatever the content, failures are the uniform ArchiveError -----------------------------
+
+@pytest.mark.parametrize("name", ["manifest.json", "repositories"])
+def test_deeply_nested_json_is_an_archive_error(name):
+    data = _rewrite(savetar.build(TAGS), name, lambda body: b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ArchiveError) as info:
+        _stream(data)
+    assert str(info.value) == ARCHIVE_ERROR_MESSAGE
+
+
+_KEYS = st.sampled_from(["Config", "Layers", "RepoTags", "rootfs", "diff_ids", "manifests", "annotations",
+                         "io.containerd.image.name", "azaion/flights"])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.sampled_from(TAGS + [EVIL]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS | st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _config_with(rootfs) -> tuple[bytes, str]:
+    config = json.dumps({"rootfs": rootfs}).encode()
+    return config, hashlib.sha256(config).hexdigest() + ".json"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.sampled_from(["manifest", "entry", "Config", "Layers", "RepoTags", "rootfs", "repositories",
+                        "index", "manifests", "annotations"]), _JSON)
+def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
+    """Whatever shape the JSON has: success, or an error the service handles (no crash)."""
+    base = savetar.build(TAGS[:1], layout="oci")
+    config, config_name = _config_with(value)
+    edits = {
+        "manifest": ("manifest.json", lambda m: value),
+        "entry": ("manifest.json", lambda m: [value]),
+        "rootfs": ("manifest.json", lambda m: [*m, {"Config": config_name, "RepoTags": [], "Layers": []}]),
+        "repositories": ("repositories", lambda r: value),
+        "index": ("index.json", lambda i: value),
+        "manifests": ("index.json", lambda i: {"manifests": value}),
+        "annotations": ("index.json", lambda i: {"manifests": [{"annotations": value}]}),
+    }
+    name, edit = edits.get(slot, ("manifest.json", lambda m: [{**m[0], slot: value}]))
+    data = _append(_edit_json(base, name, edit), _member(config_name, config))
+    try:
+        _stream(data, TAGS[:1])
+    except ArchiveError as exc:
+        assert str(exc) == ARCHIVE_ERROR_MESSAGE
+    except (ImagesNotInArchiveError, ForeignTagsError):
+        pass
