@@ -13,8 +13,8 @@ on to the runtime:
 
 :func:`verified_stream` holds back the final chunk until all of that is checked, so a bad
 archive aborts the upload before its last byte and the Engine (which unpacks the whole body
-before loading anything) loads nothing. Memory is bounded: hashes for every file, plus
-metadata files of at most ``MAX_META_FILE`` bytes up to ``MAX_META_TOTAL`` in all.
+before loading anything) loads nothing. Memory and time are bounded: ``MAX_ENTRIES`` headers,
+then names and metadata files (each ≤ ``MAX_META_FILE``) up to ``MAX_META_TOTAL`` in all.
 
 Any problem raises :class:`~imageunlock.crypto.ArchiveError` — the same single message as a
 decryption failure, because with a wrong key the two are indistinguishable anyway.
@@ -36,8 +36,14 @@ from .errors import UnlockError
 
 BLOCK = 512
 MAX_META_FILE = 1 << 20  # configs, manifests, index: far below this in practice
-MAX_META_TOTAL = 64 << 20
-MAX_EXT_HEADER = 1 << 20  # pax / GNU long-name records
+MAX_META_TOTAL = 64 << 20  # kept in memory: metadata files and member names
+# docker save writes 1-4 members per layer (legacy <id>/, VERSION, json, layer.tar; OCI one
+# blob) and a few per image, and an image has at most 127 layers (overlay2): even seven such
+# images with a pax header before every member stay under 10,000 (real sets: a few hundred).
+# A header costs ~100 bytes and ~70 µs, so the cap bounds the verifier to MBs and a second.
+MAX_ENTRIES = 10_000
+MAX_NAME = 4096  # bytes in a member name or link target: PATH_MAX
+MAX_EXT_HEADER = 64 << 10  # a pax / GNU long-name record holds a name or two
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
 _REGULAR = (b"0", b"\0", b"7")
@@ -203,6 +209,7 @@ class ImageTarVerifier:
     _ext: bytearray | None = None  # content of a pax 'x' or GNU 'L'/'K' record being read
     _pending: dict[str, str] = field(default_factory=dict)  # overrides for the next header
     _ended: bool = False
+    _entries: int = 0
     _digests: dict[str, str] = field(default_factory=dict)
     _links: dict[str, str] = field(default_factory=dict)
     _meta: dict[str, bytes] = field(default_factory=dict)
@@ -239,6 +246,9 @@ class ImageTarVerifier:
         if block.count(0) == BLOCK:
             self._ended = True
             return
+        self._entries += 1
+        if self._entries > MAX_ENTRIES:
+            raise ArchiveError()
         member = _parse_header(block)
         if member.kind in (b"x", b"L", b"K"):
             if member.size > MAX_EXT_HEADER:
@@ -256,7 +266,11 @@ class ImageTarVerifier:
             except ValueError:
                 raise ArchiveError() from None
         self._pending.clear()
+        for text in (member.name, member.linkname):
+            if "\0" in text or len(text.encode("utf-8", "surrogateescape")) > MAX_NAME:
+                raise ArchiveError()
         member.name = _norm(member.name)
+        self._charge(len(member.name) + len(member.linkname))
         if member.kind in (b"1", b"2"):
             target = member.linkname
             if member.kind == b"2":
@@ -270,6 +284,11 @@ class ImageTarVerifier:
         else:
             raise ArchiveError()
 
+    def _charge(self, size: int) -> None:
+        self._meta_total += size
+        if self._meta_total > MAX_META_TOTAL:
+            raise ArchiveError()
+
     def _start(self, member: _Member, *, hashed: bool, keep: bool) -> None:
         if member.size < 0:
             raise ArchiveError()
@@ -278,9 +297,7 @@ class ImageTarVerifier:
         self._padding = (-member.size) % BLOCK
         self._hasher = hashlib.sha256() if hashed else None
         if keep:
-            self._meta_total += member.size
-            if self._meta_total > MAX_META_TOTAL:
-                raise ArchiveError()
+            self._charge(member.size)
         self._keep = bytearray() if keep else None
         if not member.size:
             self._finish()

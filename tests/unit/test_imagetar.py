@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -247,3 +248,43 @@ def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
         assert str(exc) == ARCHIVE_ERROR_MESSAGE
     except (ImagesNotInArchiveError, ForeignTagsError):
         pass
+
+
+# -- bounded work and memory, whatever the entries ------------------------------------------
+
+def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
+    flood = [_member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
+    fed = 0
+    verifier = ImageTarVerifier()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError):
+            for header in flood:
+                fed += 1
+                verifier.feed(header)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        verifier.abort()
+    assert fed == 10_001  # refused at the first header past the cap, not at the end
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("fmt, field", [(tarfile.PAX_FORMAT, "name"), (tarfile.PAX_FORMAT, "linkname"),
+                                        (tarfile.GNU_FORMAT, "name"), (tarfile.GNU_FORMAT, "linkname")])
+def test_a_name_longer_than_path_max_is_refused_at_once(fmt, field):
+    info = tarfile.TarInfo("x")
+    info.type = tarfile.SYMTYPE if field == "linkname" else tarfile.REGTYPE
+    setattr(info, field, "d/" * 2100 + "x")  # 4201 bytes: within the extended-header cap, over PATH_MAX
+    verifier = ImageTarVerifier()
+    with pytest.raises(ArchiveError):
+        verifier.feed(info.tobuf(fmt) + bytes(8192))  # raised while feeding, not at close()
+    verifier.abort()
+
+
+def test_an_oversized_extended_header_is_refused_at_its_header():
+    header = _pax({"comment": "x" * (100 << 10)})  # 100 KiB: over the 64 KiB cap
+    verifier = ImageTarVerifier()
+    with pytest.raises(ArchiveError):
+        verifier.feed(header[:512])
+    verifier.abort()
