@@ -32,7 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .crypto import ArchiveError
-from .errors import UnlockError
+from .errors import ForeignTagsError, UnlockError
+from .refs import describe, normalize_ref, unrequested
 
 BLOCK = 512
 MAX_META_FILE = 1 << 20  # configs, manifests, index: far below this in practice
@@ -48,13 +49,23 @@ _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
 _REGULAR = (b"0", b"\0", b"7")
 _SKIPPED = (b"5", b"3", b"4", b"6", b"g")  # dirs, devices, fifos, global pax: no content to hash
+_NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 
 
 @dataclass(frozen=True)
 class ArchiveContents:
-    """What a verified archive holds: ``{"name:tag": "sha256:<config digest>"}``."""
+    """``images``: each manifest.json ``RepoTags`` ref, as spelled there, to ``sha256:<config
+    digest>`` (a later entry moves a tag, as in ``docker load``); ``tags``: every ref some
+    loader could apply — those plus the ``repositories`` and ``index.json`` names."""
 
     images: dict[str, str]
+    tags: tuple[str, ...] = ()
+
+    def image_id(self, ref: str) -> str | None:
+        """The config digest ``ref`` will name once loaded, however either side spells it."""
+        want = normalize_ref(ref)
+        found = [digest for tag, digest in self.images.items() if normalize_ref(tag) == want]
+        return found[-1] if found else None
 
 
 class ImagesNotInArchiveError(UnlockError):
@@ -385,10 +396,39 @@ class ImageTarVerifier:
         images: dict[str, str] = {}
         addressed: set[str] = set()
         for entry in manifest:
-            images.update(self._check_entry(entry, addressed))
+            image_id, tags = self._check_entry(entry, addressed)
+            for tag in tags:  # a later entry moves the tag, as in docker load
+                images.pop(tag, None)
+                images[tag] = image_id
         self._check_unaddressed(addressed)
-        self.contents = ArchiveContents(images=images)
+        self.contents = ArchiveContents(images=images, tags=(*images, *self._other_tags()))
         return self.contents
+
+    def _other_tags(self) -> list[str]:
+        """Refs other loaders take: the legacy ``repositories`` file (``{repo: {tag: id}}``) and
+        the name annotations of ``index.json`` (containerd); ``org.opencontainers.image.ref.name``
+        is a full ref only when it has a ':' or '/' (else a bare tag, relative to a base name)."""
+        tags: list[str] = []
+        repositories = self._json_if_present("repositories") or {}
+        if not isinstance(repositories, dict):
+            raise ArchiveError()
+        for repo, versions in repositories.items():
+            if not isinstance(versions, dict):
+                raise ArchiveError()
+            tags += (f"{repo}:{tag}" for tag in versions)
+        index = self._json_if_present("index.json")
+        for descriptor in (_field(index, "manifests", list) if index is not None else None) or []:
+            annotations = _field(descriptor, "annotations", dict) or {}
+            for key in _NAME_ANNOTATIONS:
+                name = annotations.get(key)
+                if name is not None and not isinstance(name, str):
+                    raise ArchiveError()
+                if name and (key == _NAME_ANNOTATIONS[0] or ":" in name or "/" in name):
+                    tags.append(name)
+        return tags
+
+    def _json_if_present(self, name: str) -> object:
+        return self._json(name) if self._resolve(name) in self._digests else None
 
     def _check_unaddressed(self, addressed: set[str]) -> None:
         """Files no digest covers (manifest.json, repositories, legacy ``<id>/json`` and
@@ -402,7 +442,7 @@ class ImageTarVerifier:
                 continue
             self._json(name)  # raises unless kept and valid JSON
 
-    def _check_entry(self, entry: object, addressed: set[str]) -> dict[str, str]:
+    def _check_entry(self, entry: object, addressed: set[str]) -> tuple[str, list[str]]:
         config_name = _field(entry, "Config", str)
         layers = _field(entry, "Layers", list) or []
         tags = _field(entry, "RepoTags", list) or []
@@ -426,7 +466,7 @@ class ImageTarVerifier:
             blob = _BLOB_RE.match(self._resolve(layer))
             if diff_id != f"sha256:{digest}" and not (blob and blob.group(1) == digest):
                 raise ArchiveError()
-        return {tag: f"sha256:{config_digest}" for tag in tags}
+        return f"sha256:{config_digest}", tags
 
 
 def verified_stream(
@@ -436,9 +476,11 @@ def verified_stream(
 
     The held-back tail is never shorter than the tar's end-of-archive marker (two zero
     blocks), so if anything is wrong — a broken archive, or one that lacks an ``expected``
-    ``name:tag`` — the consumer (an HTTP upload) is cut off before it has seen a complete
-    archive, and the generator raises instead of yielding the tail.
+    ``name:tag`` or would tag anything else (:func:`check_refs`) — the consumer (an HTTP
+    upload) is cut off before it has seen a complete archive, and the generator raises
+    instead of yielding the tail.
     """
+    expected = list(expected)
     held = b""
     try:
         for chunk in chunks:
@@ -451,9 +493,21 @@ def verified_stream(
                 held += chunk
     finally:
         verifier.abort()  # also on an exception or an abandoned generator: no stray thread
-    contents = verifier.close()
-    missing = [ref for ref in expected if ref not in contents.images]
-    if missing:
-        raise ImagesNotInArchiveError(missing)
+    check_refs(verifier.close(), expected)
     if held:
         yield held
+
+
+def check_refs(contents: ArchiveContents, expected: Iterable[str]) -> None:
+    """Raise unless the archive tags every ``expected`` ref and nothing else (refs compared
+    as Docker normalises them): ``docker load`` applies every tag it finds, so an archive
+    made with the right key could otherwise move ``nginx:latest`` or another team's image."""
+    expected = list(expected)
+    if missing := [ref for ref in expected if contents.image_id(ref) is None]:
+        raise ImagesNotInArchiveError(missing)
+    if foreign := unrequested(contents.tags, expected):
+        raise ForeignTagsError(
+            f"archive would also tag {describe(foreign)}, not requested; nothing was loaded "
+            "(an archive may create or move only the requested NAME:VERSION refs: save "
+            "exactly those, or check spec.images and spec.version)"
+        )

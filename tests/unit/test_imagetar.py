@@ -288,3 +288,81 @@ def test_an_oversized_extended_header_is_refused_at_its_header():
     with pytest.raises(ArchiveError):
         verifier.feed(header[:512])
     verifier.abort()
+
+
+# -- only the requested refs may be created or moved -----------------------------------------
+
+def _add_repo_tag(manifest):
+    return [{**manifest[0], "RepoTags": manifest[0]["RepoTags"] + [EVIL]}, *manifest[1:]]
+
+
+def _lower_case_repo_tags(manifest):
+    first = {k: v for k, v in manifest[0].items() if k != "RepoTags"}
+    return [{**first, "repotags": manifest[0]["RepoTags"] + [EVIL]}, *manifest[1:]]  # Go reads it
+
+
+def _annotate(key, value):
+    def edit(index):
+        index["manifests"][0]["annotations"][key] = value
+        return index
+    return edit
+
+
+@pytest.mark.parametrize(
+    "layout, name, edit",
+    [
+        ("legacy", "manifest.json", _add_repo_tag),
+        ("oci", "manifest.json", _add_repo_tag),
+        ("legacy", "manifest.json", _lower_case_repo_tags),
+        ("legacy", "repositories", lambda repos: {**repos, "nginx": {"latest": "0" * 64}}),
+        ("oci", "index.json", _annotate("io.containerd.image.name", "docker.io/library/nginx:latest")),
+        ("oci", "index.json", _annotate("org.opencontainers.image.ref.name", EVIL)),
+    ],
+    ids=["RepoTags", "RepoTags-oci", "repotags-spelling", "repositories", "containerd-name", "oci-ref-name"],
+)
+def test_foreign_tag_stops_the_stream_before_the_tail(layout, name, edit):
+    data = _edit_json(savetar.build(TAGS, layout=layout), name, edit)
+    error = _refused(data, ForeignTagsError)
+    assert error.reason == "ArchiveHasForeignTags" and not error.transient
+    assert EVIL in str(error) and "nothing was loaded" in str(error)
+
+
+def test_foreign_tags_are_listed_at_most_five():
+    extra = [f"team{i}/app:1" for i in range(7)]
+    edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + extra}, *m[1:]]  # noqa: E731
+    message = str(_refused(_edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
+    assert all(ref in message for ref in extra[:5]) and extra[5] not in message
+    assert "and 2 more" in message
+
+
+def test_refs_compare_after_dockers_normalisation():
+    spelled = {tag: "index.docker.io/" + tag for tag in TAGS}
+    edit = lambda m: [{**e, "RepoTags": [spelled[t] for t in e["RepoTags"]]} for e in m]  # noqa: E731
+    data = _edit_json(savetar.build(TAGS), "manifest.json", edit)
+    assert _stream(data, ["docker.io/" + tag for tag in TAGS]) == data
+    verifier = ImageTarVerifier()
+    verifier.feed(data)
+    contents = verifier.close()
+    ids = savetar.config_ids(savetar.build(TAGS))
+    assert all(contents.image_id(tag) == ids[tag] for tag in TAGS)
+    assert contents.image_id("azaion/flights:2.1") is None
+
+
+def test_untagged_images_and_relative_ref_names_are_fine():
+    untagged = lambda m: [*m, {**m[0], "RepoTags": None}]  # noqa: E731
+    data = _edit_json(savetar.build(TAGS, layout="oci"), "manifest.json", untagged)
+    data = _edit_json(data, "index.json", _annotate("org.opencontainers.image.ref.name", "2.0"))
+    assert _stream(data) == data
+
+
+def test_a_missing_ref_is_reported_before_foreign_ones():
+    data = _edit_json(savetar.build(TAGS), "manifest.json", _add_repo_tag)
+    error = _refused(data, ImagesNotInArchiveError, TAGS + ["azaion/detections:2.0"])
+    assert error.missing == ["azaion/detections:2.0"]
+
+
+def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
+    odd = ["evil\n\x1b[31m:1", "x" * 5000]
+    edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + odd}, *m[1:]]  # noqa: E731
+    message = str(_refused(_edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
+    assert "evil??[31m:1" in message and "\x1b" not in message and len(message) < 700

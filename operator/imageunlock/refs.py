@@ -1,0 +1,60 @@
+"""Image references compared the way the Docker Engine compares them (pure).
+
+``docker load`` stores every tag under its fully qualified name: ``nginx`` becomes
+``docker.io/library/nginx:latest``, ``index.docker.io/azaion/x:1`` becomes
+``docker.io/azaion/x:1``. Two spellings name the same image exactly when their
+:func:`normalize_ref` forms are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+DEFAULT_DOMAIN = "docker.io"
+LEGACY_DOMAIN = "index.docker.io"
+OFFICIAL_PREFIX = "library/"
+
+
+def normalize_ref(ref: str) -> str:
+    """The fully qualified form of ``ref`` (``docker.io/library/nginx:latest`` for ``nginx``).
+
+    Follows distribution/reference's ``ParseNormalizedNamed`` + ``TagNameOnly``: the first
+    path component is a registry host only if it contains ``.`` or ``:``, is ``localhost``,
+    or has upper-case letters; Docker Hub's legacy host is folded into ``docker.io``; a Hub
+    name without a namespace goes under ``library/``; no tag and no digest means ``:latest``.
+    It does not validate: a malformed ref maps to a string no well-formed ref maps to.
+    """
+    name, at, digest = ref.partition("@")
+    tag = ""
+    colon = name.rfind(":")
+    if colon > name.rfind("/"):  # a ':' after the last '/' starts the tag, not a host port
+        name, tag = name[:colon], name[colon:]
+    elif not at:
+        tag = ":latest"
+    domain, slash, path = name.partition("/")
+    if not slash or not (
+        "." in domain or ":" in domain or domain == "localhost" or domain != domain.lower()
+    ):
+        domain, path = DEFAULT_DOMAIN, name
+    elif domain == LEGACY_DOMAIN:
+        domain = DEFAULT_DOMAIN
+    if domain == DEFAULT_DOMAIN and "/" not in path:
+        path = OFFICIAL_PREFIX + path
+    return f"{domain}/{path}{tag}{at}{digest}"
+
+
+def unrequested(tags: Iterable[str], requested: Iterable[str]) -> list[str]:
+    """The ``tags`` (each once, in order) that name none of the ``requested`` refs."""
+    allowed = {normalize_ref(ref) for ref in requested}
+    return list(dict.fromkeys(tag for tag in tags if normalize_ref(tag) not in allowed))
+
+
+def describe(refs: Sequence[str], limit: int = 5, width: int = 128) -> str:
+    """``a, b, c and 2 more``: refs read from an archive, made fit for a status message
+    (printable ASCII, each at most ``width`` characters, at most ``limit`` of them)."""
+    def shown(ref: str) -> str:
+        text = "".join(c if c.isascii() and c.isprintable() else "?" for c in ref[:width])
+        return text + ("..." if len(ref) > width else "")
+
+    more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
+    return ", ".join(shown(ref) for ref in refs[:limit]) + more
