@@ -11,6 +11,12 @@ on to the runtime:
 * every layer named in ``manifest.json`` hashes to its ``rootfs.diff_ids`` entry (or, for a
   compressed OCI blob, to its blob name).
 
+It reads the tar as the Engine does (Go's archive/tar and encoding/json, moby's untar) and
+refuses what those could read otherwise — data after a directory or link header (to Go,
+more headers), a name given twice, a member below a link, sparse files, a JSON key given
+twice — so the ``manifest.json`` checked is the one loaded; and an archive may tag only the
+requested refs (:func:`check_refs`).
+
 :func:`verified_stream` holds back the final chunk until all of that is checked, so a bad
 archive aborts the upload before its last byte and the Engine (which unpacks the whole body
 before loading anything) loads nothing. Memory and time are bounded: ``MAX_ENTRIES`` headers,
@@ -48,7 +54,9 @@ MAX_EXT_HEADER = 64 << 10  # a pax / GNU long-name record holds a name or two
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
 _REGULAR = (b"0", b"\0", b"7")
-_SKIPPED = (b"5", b"3", b"4", b"6", b"g")  # dirs, devices, fifos, global pax: no content to hash
+_HEADER_ONLY = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: Go reads no data
+_EXT = (b"x", b"g", b"L", b"K")  # pax (next member, global), GNU long name / link target
+_PAX_KEYS = ("path", "linkpath", "size")
 _NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 
 
@@ -122,7 +130,8 @@ def _parse_header(block: bytes) -> _Member:
         if any(c < 0x20 or c > 0x7E for c in text):
             raise ArchiveError()
     name = block[0:100].split(b"\0", 1)[0]
-    prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+    prefix_end = 476 if block[508:512] == b"tar\0" else 500  # Go reads star's prefix shorter
+    prefix = block[345:prefix_end].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
     if prefix:
         name = prefix + b"/" + name
     kind = block[156:157]
@@ -146,15 +155,22 @@ def _parse_pax(data: bytes) -> dict[str, str]:
             length = int(data[pos:space])
         except ValueError:
             raise ArchiveError() from None
-        if length <= 0 or pos + length > len(data):
+        if length <= 0 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
             raise ArchiveError()
         record = data[space + 1 : pos + length - 1]
         key, sep, value = record.partition(b"=")
-        if not sep:
+        if not sep or key.startswith(b"GNU.sparse."):  # Go would expand a sparse file, renamed
             raise ArchiveError()
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # Go keeps the last of a repeated key, or merges the two
+        raise ArchiveError()
+    return obj
 
 
 def _field(obj: object, key: str, kind: type) -> object:
@@ -217,12 +233,14 @@ class ImageTarVerifier:
     _padding: int = 0
     _hasher: object | None = None
     _keep: bytearray | None = None
-    _ext: bytearray | None = None  # content of a pax 'x' or GNU 'L'/'K' record being read
-    _pending: dict[str, str] = field(default_factory=dict)  # overrides for the next header
+    _ext: bytearray | None = None  # content of a pax or GNU long-name record being read
+    _pax: dict[str, str] = field(default_factory=dict)  # the next member's overrides: pax,
+    _gnu: dict[str, str] = field(default_factory=dict)  # then GNU long name / link target
     _ended: bool = False
     _entries: int = 0
+    _kinds: dict[str, bytes] = field(default_factory=dict)  # every member name: its type
     _digests: dict[str, str] = field(default_factory=dict)
-    _links: dict[str, str] = field(default_factory=dict)
+    _links: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name: (type, target)
     _meta: dict[str, bytes] = field(default_factory=dict)
     _meta_total: int = 0
     contents: ArchiveContents | None = None  # set by close() once everything checked out
@@ -261,36 +279,37 @@ class ImageTarVerifier:
         if self._entries > MAX_ENTRIES:
             raise ArchiveError()
         member = _parse_header(block)
-        if member.kind in (b"x", b"L", b"K"):
+        if member.kind in _EXT:
             if member.size > MAX_EXT_HEADER:
                 raise ArchiveError()
             self._ext = bytearray()
             self._start(member, hashed=False, keep=False)
             return
-        if "path" in self._pending:
-            member.name = self._pending.pop("path")
-        if "linkpath" in self._pending:
-            member.linkname = self._pending.pop("linkpath")
-        if "size" in self._pending:
-            try:
-                member.size = int(self._pending.pop("size"))
-            except ValueError:
-                raise ArchiveError() from None
-        self._pending.clear()
+        # As Go applies them: the last pax header's records, then a non-empty GNU long name.
+        pax, gnu, self._pax, self._gnu = self._pax, self._gnu, {}, {}
+        member.name = gnu.get("path") or pax.get("path", member.name)
+        member.linkname = gnu.get("linkpath") or pax.get("linkpath", member.linkname)
+        try:
+            member.size = int(pax.get("size", member.size))
+        except ValueError:
+            raise ArchiveError() from None
+        if member.kind == b"\0" and member.name.endswith("/"):
+            member.kind = b"5"  # an old-style directory, as Go reads it
         for text in (member.name, member.linkname):
             if "\0" in text or len(text.encode("utf-8", "surrogateescape")) > MAX_NAME:
                 raise ArchiveError()
         member.name = _norm(member.name)
+        # A second copy would replace the one checked; Go reads a header-only type's data as headers.
+        if member.name in self._kinds or (member.kind in _HEADER_ONLY and member.size):
+            raise ArchiveError()
+        self._kinds[member.name] = member.kind
         self._charge(len(member.name) + len(member.linkname))
         if member.kind in (b"1", b"2"):
-            target = member.linkname
-            if member.kind == b"2":
-                target = posixpath.join(posixpath.dirname(member.name), target)
-            self._links[member.name] = _norm(target)
+            self._links[member.name] = (member.kind, _link_target(member))
             self._start(member, hashed=False, keep=False)
         elif member.kind in _REGULAR:
             self._start(member, hashed=True, keep=member.size <= MAX_META_FILE)
-        elif member.kind in _SKIPPED:
+        elif member.kind in _HEADER_ONLY:
             self._start(member, hashed=False, keep=False)
         else:
             raise ArchiveError()
@@ -339,11 +358,13 @@ class ImageTarVerifier:
         if self._ext is not None:
             data = bytes(self._ext)
             self._ext = None
-            if member.kind == b"x":
-                self._pending.update(_parse_pax(data))
+            if member.kind == b"x":  # replaces an earlier pax header's records, as in Go
+                self._pax = {k: v for k, v in _parse_pax(data).items() if k in _PAX_KEYS}
+            elif member.kind == b"g":  # ignored by the Engine, and it ends pending overrides
+                self._pax, self._gnu = {}, {}
             else:
                 key = "path" if member.kind == b"L" else "linkpath"
-                self._pending[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                self._gnu[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif self._hasher is not None:
             hasher, name = self._hasher, member.name
             self._worker.then(lambda: self._digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]
@@ -360,7 +381,9 @@ class ImageTarVerifier:
         for _ in range(16):  # bounded: a link loop is a broken archive
             if name not in self._links:
                 return name
-            name = self._links[name]
+            kind, name = self._links[name]
+            if kind == b"1" and name in self._links:  # a hard link to a link is read elsewhere
+                raise ArchiveError()
         raise ArchiveError()
 
     def _digest(self, name: str) -> str:
@@ -374,7 +397,7 @@ class ImageTarVerifier:
         if resolved not in self._meta:
             raise ArchiveError()
         try:
-            return json.loads(self._meta[resolved])
+            return json.loads(self._meta[resolved], object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):  # RecursionError: '[[[[…' nested too deep
             raise ArchiveError() from None
 
@@ -386,6 +409,12 @@ class ImageTarVerifier:
         self._worker.join()  # every digest is in once the worker has drained its queue
         if not self._ended or self._remaining or self._buf or self._member is not None:
             raise ArchiveError()
+        # Nothing may lie below a non-directory: the Engine would write it through a symlink,
+        # somewhere else than its name says (or replace or refuse it).
+        ordered = sorted(self._kinds, key=lambda name: name.replace("/", "\0"))
+        for name, after in zip(ordered, ordered[1:]):
+            if self._kinds[name] != b"5" and after.startswith(name + "/"):
+                raise ArchiveError()
         for name, digest in self._digests.items():
             blob = _BLOB_RE.match(name)
             if blob and blob.group(1) != digest:
@@ -467,6 +496,19 @@ class ImageTarVerifier:
             if diff_id != f"sha256:{digest}" and not (blob and blob.group(1) == digest):
                 raise ArchiveError()
         return f"sha256:{config_digest}", tags
+
+
+def _link_target(member: _Member) -> str:
+    """A link's target from the archive root. The Engine follows a symlink a component at a
+    time, so a '..' after a name could climb out of another symlink: only leading ones are
+    allowed (docker save's are ``../<id>/layer.tar``)."""
+    if member.kind == b"1":
+        return _norm(member.linkname)
+    names = [part for part in member.linkname.split("/") if part not in ("", ".")]
+    climbs = next((i for i, part in enumerate(names) if part != ".."), len(names))
+    if ".." in names[climbs:]:
+        raise ArchiveError()
+    return _norm(posixpath.join(posixpath.dirname(member.name), member.linkname))
 
 
 def verified_stream(

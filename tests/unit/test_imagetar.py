@@ -366,3 +366,106 @@ def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
     edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + odd}, *m[1:]]  # noqa: E731
     message = str(_refused(_edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
     assert "evil??[31m:1" in message and "\x1b" not in message and len(message) < 700
+
+
+# -- the tar as the Engine reads it (Go's archive/tar, moby's untar, Go's encoding/json) -----
+# Each archive below shows the checks one manifest.json (all refs requested) while the Engine,
+# reading the same bytes, would load another that also tags nginx:latest.
+
+def _evil_manifest(data: bytes) -> bytes:
+    return json.dumps(_add_repo_tag(_manifest(data))).encode()
+
+
+def _benign_manifest(data: bytes) -> bytes:
+    return json.dumps(_manifest(data)).encode()
+
+
+def _data_after_directory(data):
+    hidden = _member("manifest.json", _evil_manifest(data))  # Go reads a directory's "data" as headers
+    return _append(data, _member("d", hidden, kind=tarfile.DIRTYPE))
+
+
+def _symlink_then_file(data):
+    return _append(data, _member("m.json", _benign_manifest(data)),
+                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   _member("manifest.json", _evil_manifest(data)))
+
+
+def _hard_link_keeps_the_old_file(data):
+    return _append(data, _member("m.json", _evil_manifest(data)),
+                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
+                   _member("m.json", _benign_manifest(data)))
+
+
+def _written_through_a_symlink(data):
+    return _append(data, _member("d", kind=tarfile.SYMTYPE, linkname="."),
+                   _member("d/manifest.json", _evil_manifest(data)))
+
+
+def _second_pax_header_replaces_the_first(data):
+    return _append(data, _pax({"path": "other.json"}), _pax({"comment": "x"}),
+                   _member("manifest.json", _evil_manifest(data)))
+
+
+def _gnu_long_name_beats_pax(data):
+    long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME,
+                                                        "utf-8", "strict")
+    return _append(data, long_name, _pax({"path": "other.json"}), _member("x.json", _evil_manifest(data)))
+
+
+def _gnu_sparse_rename(data):
+    evil = _evil_manifest(data)
+    records = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "manifest.json",
+               "GNU.sparse.size": str(len(evil)), "GNU.sparse.numblocks": "1",
+               "GNU.sparse.map": f"0,{len(evil)}"}
+    blob = "blobs/sha256/" + hashlib.sha256(evil).hexdigest()  # a well-addressed blob, to us
+    return _append(data, _pax(records), _member(blob, evil))
+
+
+def _star_prefix(data):
+    prefix = "a" * 60 + "/" + "b" * 70  # 131 bytes
+    block = bytearray(_member("manifest.json", _evil_manifest(data))[:512])
+    block[345:476] = prefix.encode()  # no NUL: Go stops at 476 in a star header, we read on
+    block[476:500] = b"00000000000\0" * 2  # star's atime and ctime
+    block[508:512] = b"tar\0"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    body = _member("manifest.json", _evil_manifest(data))[512:]
+    return _append(data, _member(prefix, kind=tarfile.SYMTYPE, linkname=".."), bytes(block) + body)
+
+
+def _symlink_climbing_out_of_a_symlink(data):
+    evil, benign = _evil_manifest(data), _benign_manifest(data)
+    return _append(_rewrite(data, "manifest.json", lambda body: None),
+                   _member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
+                   _member("sub/m.json", evil), _member("m.json", benign),
+                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
+
+
+def _hard_link_to_a_symlink(data):
+    evil, benign = _evil_manifest(data), _benign_manifest(data)
+    return _append(_rewrite(data, "manifest.json", lambda body: None),
+                   _member("m.json", evil), _member("sub/m.json", benign),
+                   _member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
+
+
+def _repo_tags_spelled_twice(data):
+    edit = lambda m: [{**m[0], "repotags": [EVIL]}, *m[1:]]  # noqa: E731  (Go: the last one wins)
+    return _edit_json(data, "manifest.json", edit)
+
+
+def _annotations_given_twice(data):
+    data = savetar.build(TAGS, layout="oci")  # Go merges the two maps; Python keeps the last
+    spliced = b'"annotations": {"io.containerd.image.name": "docker.io/library/nginx:latest"}, "annotations"'
+    return _rewrite(data, "index.json", lambda body: body.replace(b'"annotations"', spliced, 1))
+
+
+@pytest.mark.parametrize("craft", [
+    _data_after_directory, _symlink_then_file, _hard_link_keeps_the_old_file, _written_through_a_symlink,
+    _second_pax_header_replaces_the_first, _gnu_long_name_beats_pax, _gnu_sparse_rename, _star_prefix,
+    _symlink_climbing_out_of_a_symlink, _hard_link_to_a_symlink, _repo_tags_spelled_twice,
+    _annotations_given_twice,
+], ids=lambda craft: craft.__name__.strip("_"))
+def test_archive_the_engine_would_read_differently_is_refused(craft):
+    _refused(craft(savetar.build(TAGS)))
