@@ -36,6 +36,9 @@ import controlplane  # noqa: E402
 GROUP, VERSION, PLURAL = "loader.azaion.com", "v1alpha1", "imageunlocks"
 CRD_FILE = ROOT / "crds" / "loader.azaion.com_imageunlocks.yaml"
 RBAC_FILE = ROOT / "manifests" / "rbac.yaml"
+# Test namespaces are random (iu-xxxxxxxx), so the plane enforces manifests/rbac.yaml plus
+# the cluster-wide Secrets opt-in (by default Secrets are readable per namespace only).
+CLUSTER_WIDE_SECRETS_FILE = ROOT / "manifests" / "cluster-wide-secrets" / "clusterrolebinding.yaml"
 # The identity the Deployment gives the operator (manifests/rbac.yaml's ServiceAccount).
 OPERATOR_USER = "system:serviceaccount:imageunlock-system:imageunlock-operator"
 
@@ -108,7 +111,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         else:
             workdir = tmp_path_factory.mktemp("plane")
             audit_log = workdir / "audit.log"
-            plane = controlplane.ControlPlane(workdir, audit_log=audit_log, authorization_policy=RBAC_FILE)
+            policy = workdir / "rbac-policy.yaml"
+            policy.write_text("\n---\n".join(p.read_text() for p in (RBAC_FILE, CLUSTER_WIDE_SECRETS_FILE)))
+            plane = controlplane.ControlPlane(workdir, audit_log=audit_log, authorization_policy=policy)
             plane.start()
             kubeconfig = plane.kubeconfig
             operator_kubeconfig = plane.add_user(OPERATOR_USER)

@@ -1,17 +1,23 @@
 """Fixtures for the packaging tests: the rendered chart, the manifests, the local control plane.
 
-The control plane is started with the operator's RBAC (manifests/rbac.yaml) as its
-authorization policy and with an audit log, so a test can act as the operator's
-ServiceAccount and prove the granted rules are enough. If it cannot be brought up, its
-tests skip on a developer machine and FAIL under CI=true (see ``unavailable``).
+The control plane is started with the operator's RBAC (manifests/rbac.yaml, exactly as
+installed: Secrets readable only in the namespaces it binds) as its authorization policy and
+with an audit log, so a test can act as the operator's ServiceAccount and prove the granted
+rules are enough. A test grants Secret access in its own namespace the way a user would
+(``Plane.bind_secrets``: a copy of the manifests' RoleBinding). If the plane cannot be
+brought up, its tests skip on a developer machine and FAIL under CI=true (see ``unavailable``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
+import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +31,8 @@ from ..conftest import unavailable
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "chart" / "imageunlock-operator"
 MANIFESTS = REPO / "manifests"
+# The opt-in kustomization binding the Secret-reading ClusterRole cluster-wide.
+CLUSTER_WIDE_SECRETS = MANIFESTS / "cluster-wide-secrets"
 CRD_FILE = REPO / "crds" / "loader.azaion.com_imageunlocks.yaml"
 GITOPS = REPO / "gitops"
 OPERATOR_NAMESPACE = "imageunlock-system"
@@ -73,13 +81,23 @@ def load_docs(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def manifest_objects() -> list[dict[str, Any]]:
-    """Every object of the installation manifests (kustomization resources), in order."""
-    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+def kustomization_objects(directory: Path) -> list[dict[str, Any]]:
+    """Every object of a kustomization's resource files, in order."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     objects: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
-        objects += load_docs((MANIFESTS / name).read_text())
+        objects += load_docs((directory / name).read_text())
     return objects
+
+
+def manifest_objects() -> list[dict[str, Any]]:
+    """Every object of the installation manifests (kustomization resources), in order."""
+    return kustomization_objects(MANIFESTS)
+
+
+def cluster_wide_objects() -> list[dict[str, Any]]:
+    """The objects of the cluster-wide Secrets opt-in (manifests/cluster-wide-secrets/)."""
+    return kustomization_objects(CLUSTER_WIDE_SECRETS)
 
 
 def sample_objects() -> list[dict[str, Any]]:
@@ -136,6 +154,34 @@ class Plane:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
+    def write_policy(self, text: str) -> None:
+        """Replace the authorization policy. The plane re-reads it when its modification
+        time changes: written atomically, with an mtime that surely differs from before."""
+        before = self.policy.stat().st_mtime_ns
+        partial = self.policy.with_name(f".{self.policy.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, self.policy)
+        stamp = max(time.time_ns(), before + 1_000_000_000)
+        os.utime(self.policy, ns=(stamp, stamp))
+
+    @contextlib.contextmanager
+    def policy_added(self, text: str) -> Iterator[None]:
+        """The policy with ``text`` (more YAML documents) appended, for the with-block only."""
+        original = self.policy.read_text()
+        self.write_policy(f"{original}\n---\n{text}")
+        try:
+            yield
+        finally:
+            self.write_policy(original)
+
+    def bind_secrets(self, namespace: str) -> None:
+        """Let the operator read Secrets in ``namespace`` as a user would: a copy of
+        manifests/rbac.yaml's Secrets RoleBinding with only metadata.namespace changed."""
+        (binding,) = find(manifest_objects(), "RoleBinding", "imageunlock-operator-secrets")
+        binding = copy.deepcopy(binding)
+        binding["metadata"]["namespace"] = namespace
+        self.write_policy(f"{self.policy.read_text()}\n---\n{yaml.safe_dump(binding)}")
+
     def ensure_crd(self) -> None:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
         self.kubectl("wait", "--for=condition=Established", "crd/imageunlocks.loader.azaion.com", "--timeout=60s")
@@ -143,7 +189,8 @@ class Plane:
 
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
-    """A local control plane authorizing the operator's ServiceAccount by manifests/rbac.yaml."""
+    """A local control plane authorizing the operator's ServiceAccount by manifests/rbac.yaml
+    (a copy: tests may add bindings to it)."""
     sys.path.insert(0, str(REPO / "tools" / "controlplane"))
     try:
         controlplane = importlib.import_module("controlplane")

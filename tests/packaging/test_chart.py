@@ -14,6 +14,7 @@ from .conftest import (
     CHART,
     CRD_FILE,
     NON_DEFAULT_VALUES,
+    cluster_wide_objects,
     find,
     manifest_objects,
     render_chart,
@@ -22,6 +23,9 @@ from .conftest import (
 )
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
+NOTES = "imageunlock-operator/templates/NOTES.txt"
+SECRETS_ROLE = "imageunlock-operator-secrets"  # the default release's Secret-reading ClusterRole
+STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,8 @@ def helm():
     return require("helm_python")
 
 
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "non-default"])
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
+                         ids=["default", "non-default", "cluster-wide-secrets"])
 def test_lint_strict(helm, values):
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
     problems = [m for m in report["messages"] if m["severity"] >= WARNING]
@@ -42,11 +47,12 @@ def test_lint_strict(helm, values):
 def test_renders(values):
     manifests = render_chart(values)
     kinds = sorted(o["kind"] for o in rendered_objects(values))
-    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
-    if values:  # namespace.create, and RoleBindings instead of the secrets ClusterRoleBinding
-        expected = sorted(expected[:3] + ["Deployment", "Namespace", "RoleBinding", "RoleBinding", "ServiceAccount"])
+    # Secrets: no binding by default; non-default: one RoleBinding per rbac.secretNamespaces
+    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    if values:  # and namespace.create
+        expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
-    assert "imageunlock-operator/templates/NOTES.txt" in manifests
+    assert NOTES in manifests
 
 
 def test_default_values_match_the_manifests():
@@ -130,6 +136,9 @@ def test_optional_parts_can_be_switched_off():
         {"resourceApiUrl": "ftp://example.com"},
         {"resourceApiUrl": ""},  # and no resourceApiAllowlist: the operator would refuse to start
         {"rbac": {"secretNamespaces": ["Not_A_Namespace"]}},
+        {"rbac": {"clusterWideSecrets": "true"}},
+        # contradictory: cluster-wide AND a namespace list
+        {"rbac": {"clusterWideSecrets": True, "secretNamespaces": ["edge"]}},
         {"replicas": 2},  # not a value: one replica only
     ],
     ids=lambda v: next(iter(v)),
@@ -165,20 +174,93 @@ def _rules(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def test_chart_rbac_equals_manifest_rbac():
     plain = _rules(manifest_objects())
     assert set(plain) == {"", "-secrets"}
-    for values in (None, NON_DEFAULT_VALUES):
+    for values in (None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}):
         assert _rules(rendered_objects(values)) == plain
 
 
-def test_chart_bindings_point_at_the_roles():
-    objects = rendered_objects()
+def _bindings(objects: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Every (Cluster)RoleBinding as (kind, namespace, name, roleRef, subjects), sorted."""
+    return sorted(
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"], o["roleRef"], o["subjects"])
+        for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")
+    )
+
+
+def test_chart_bindings_equal_the_manifests():
+    """rbac.secretNamespaces=[edge] binds exactly as manifests/rbac.yaml (RoleBinding in edge),
+    rbac.clusterWideSecrets as manifests/ plus its opt-in manifests/cluster-wide-secrets/."""
+    namespaced = _bindings(manifest_objects())
+    assert _bindings(rendered_objects({"rbac": {"secretNamespaces": ["edge"]}})) == namespaced
+    cluster_wide = _bindings(find(manifest_objects(), "ClusterRoleBinding") + cluster_wide_objects())
+    assert _bindings(rendered_objects({"rbac": {"clusterWideSecrets": True}})) == cluster_wide
+
+
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
+                         ids=["default", "non-default", "cluster-wide"])
+def test_chart_bindings_point_at_the_roles(values):
+    objects = rendered_objects(values)
     (sa,) = find(objects, "ServiceAccount")
     roles = {r["metadata"]["name"] for r in find(objects, "ClusterRole")}
-    bindings = find(objects, "ClusterRoleBinding")
-    assert {b["roleRef"]["name"] for b in bindings} == roles
+    bindings = find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")
+    assert bindings
     for binding in bindings:
+        assert binding["roleRef"]["kind"] == "ClusterRole" and binding["roleRef"]["name"] in roles
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
         ]
+
+
+def _secrets_bindings(objects: list[dict[str, Any]], role: str = SECRETS_ROLE) -> dict[str, list[dict[str, Any]]]:
+    return {kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == role]
+            for kind in ("ClusterRoleBinding", "RoleBinding")}
+
+
+def test_default_reads_secrets_in_no_namespace_and_warns():
+    """Secure by default: no cluster-wide (nor any) Secret binding; the notes say why
+    ImageUnlocks would stall and how to fix it."""
+    objects = rendered_objects()
+    assert find(objects, "ClusterRole", SECRETS_ROLE), "the role itself is still installed"
+    assert _secrets_bindings(objects) == {"ClusterRoleBinding": [], "RoleBinding": []}
+    (operator_binding,) = find(objects, "ClusterRoleBinding")
+    assert operator_binding["roleRef"]["name"] == "imageunlock-operator"  # not the Secrets role
+    notes = render_chart()[NOTES]
+    assert "WARNING" in notes and STALL_MESSAGE in notes
+    assert "rbac.secretNamespaces" in notes and "rbac.clusterWideSecrets" in notes
+
+
+@pytest.mark.parametrize("namespaces", [["edge"], ["edge-a", "edge-b", "edge-c"]], ids=["one", "three"])
+def test_secret_namespaces_get_one_role_binding_each(namespaces):
+    values = {"rbac": {"secretNamespaces": namespaces}}
+    objects = rendered_objects(values)
+    secrets = _secrets_bindings(objects)
+    assert secrets["ClusterRoleBinding"] == []
+    assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == sorted(namespaces)
+    assert len(find(objects, "RoleBinding")) == len(namespaces)
+    for binding in secrets["RoleBinding"]:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": SECRETS_ROLE}
+    notes = render_chart(values)[NOTES]
+    assert "WARNING" not in notes
+    assert f"Secrets only in: {', '.join(namespaces)}." in notes
+
+
+def test_cluster_wide_secrets_is_an_opt_in(helm):
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["rbac"]["clusterWideSecrets"] is False
+        assert chart.values["rbac"]["secretNamespaces"] == []
+    values = {"rbac": {"clusterWideSecrets": True}}
+    objects = rendered_objects(values)
+    secrets = _secrets_bindings(objects)
+    assert secrets["RoleBinding"] == []
+    (binding,) = secrets["ClusterRoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": "imageunlock-system"}]
+    notes = render_chart(values)[NOTES]
+    assert "WARNING" not in notes and "EVERY" in notes
+    # with another release name, the binding follows the role's name
+    renamed = rendered_objects({**values, "fullnameOverride": "iu"})
+    assert [b["metadata"]["name"] for b in _secrets_bindings(renamed, "iu-secrets")["ClusterRoleBinding"]] == [
+        "iu-secrets"]
 
 
 def test_values_file_is_fully_described_by_the_schema(helm):

@@ -14,7 +14,8 @@ IMAGEUNLOCK_TEST_IMAGE_CACHE=0 builds from scratch.
 Then the image is run: --help; a read-only root filesystem as an arbitrary non-root user
 with no capabilities; and the operator itself (one container for the module, run the way the
 Deployment runs it) against the local control plane, as the operator's ServiceAccount
-authorized by manifests/rbac.yaml alone, with the Docker socket reached through its group
+authorized by manifests/rbac.yaml alone (plus its Secrets RoleBinding copied into the test's
+namespace, as the manifests tell a user to), with the Docker socket reached through its group
 (--group-add, i.e. supplementalGroups): its liveness probe answers, then it unlocks the
 sample ImageUnlock for real, and the audit log shows no denied request.
 """
@@ -302,6 +303,7 @@ def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, arc
     engine, namespace = operator.engine, "iu-pack"
     operator.healthz()
     plane.kubectl("create", "namespace", namespace, check=False)
+    plane.bind_secrets(namespace)  # Secrets are readable per namespace: as a user would, copy the RoleBinding
     engine.docker("rmi", "-f", *archives.refs, check=False)  # a real unlock, not the fast path
     archive = operator.archive_root / "images.enc"
     shutil.copyfile(archives.own_archive, archive)

@@ -1,25 +1,35 @@
 """manifests/ and the rendered chart against Kubernetes' schemas (kubernetes-validate, strict:
-unknown fields are errors), the samples against the CRD, the security and RBAC promises, and,
-for the kinds the local control plane serves (Namespace, Secret, CRD, ImageUnlock), a
-server-side dry run.
+unknown fields are errors), the samples against the CRD, the security and RBAC promises
+(Secrets readable per namespace by default, cluster-wide only by the opt-in in
+manifests/cluster-wide-secrets/), and, for the kinds the local control plane serves
+(Namespace, Secret, CRD, ImageUnlock), a server-side dry run; the plane also enforces
+manifests/rbac.yaml on the operator's ServiceAccount.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from ..conftest import unavailable
 from .conftest import (
     CHART,
+    CLUSTER_WIDE_SECRETS,
     CRD_FILE,
     MANIFESTS,
     NON_DEFAULT_VALUES,
     OPERATOR_NAMESPACE,
+    REPO,
+    cluster_wide_objects,
     find,
     load_docs,
     manifest_objects,
@@ -31,6 +41,8 @@ from .conftest import (
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
 K8S_VERSIONS = ["1.25", "latest"]
 CUSTOM_KINDS = {"ImageUnlock"}
+SECRETS_ROLE = "imageunlock-operator-secrets"
+OPERATOR_SUBJECT = {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": OPERATOR_NAMESPACE}
 
 
 def _label(obj: dict[str, Any]) -> str:
@@ -57,19 +69,94 @@ def _validate(objects: list[dict[str, Any]], version: str) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_validate(version):
     crd = load_docs(CRD_FILE.read_text())
-    _validate(manifest_objects() + sample_objects() + crd, version)
+    _validate(manifest_objects() + cluster_wide_objects() + sample_objects() + crd, version)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "non-default"])
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
+                         ids=["default", "non-default", "cluster-wide-secrets"])
 def test_rendered_chart_validates(values, version):
     _validate(rendered_objects(values), version)
 
 
-def test_kustomization_lists_every_installation_file():
-    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    on_disk = sorted(p.name for p in MANIFESTS.glob("*.yaml") if p.name != "kustomization.yaml")
+@pytest.mark.parametrize("directory", [MANIFESTS, CLUSTER_WIDE_SECRETS], ids=["manifests", "cluster-wide-secrets"])
+def test_kustomization_lists_every_installation_file(directory):
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    on_disk = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(kustomization["resources"]) == on_disk
+
+
+def _secrets_bindings(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == SECRETS_ROLE]
+            for kind in ("ClusterRoleBinding", "RoleBinding")}
+
+
+def test_manifests_bind_secrets_per_namespace():
+    """The installation reads Secrets only where a RoleBinding allows it: the README's sample
+    namespace; no ClusterRoleBinding of the Secrets role (that is the opt-in)."""
+    objects = manifest_objects()
+    secrets = _secrets_bindings(objects)
+    assert secrets["ClusterRoleBinding"] == [], "Secret reading must not be bound cluster-wide by default"
+    (binding,) = secrets["RoleBinding"]
+    (readme_namespace,) = set(re.findall(r"kubectl apply -n (\S+) -f manifests/samples/",
+                                         (REPO / "README.md").read_text()))
+    assert binding["metadata"]["namespace"] == readme_namespace == "edge"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
+    assert binding["subjects"] == [OPERATOR_SUBJECT]
+    assert len(find(objects, "RoleBinding")) == 1
+    # The operator's own role (ImageUnlocks, status, Events, CRDs) stays cluster-wide: kopf
+    # watches ImageUnlocks in every namespace.
+    (operator_binding,) = find(objects, "ClusterRoleBinding")
+    assert operator_binding["roleRef"]["name"] == "imageunlock-operator"
+    # The RoleBinding says how to extend it (per namespace) and where the opt-in is.
+    text = (MANIFESTS / "rbac.yaml").read_text()
+    comment = text[:text.index("kind: RoleBinding")].rsplit("---", 1)[1]
+    assert "Copy this RoleBinding" in comment and "cluster-wide-secrets/" in comment
+
+
+def test_cluster_wide_secrets_is_a_documented_opt_in():
+    """manifests/cluster-wide-secrets/ holds the cluster-wide binding, and only that; it is not
+    part of the default installation."""
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert not any("cluster-wide" in r for r in kustomization["resources"] + kustomization.get("components", []))
+    objects = cluster_wide_objects()
+    (binding,) = objects
+    assert binding["kind"] == "ClusterRoleBinding"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
+    assert binding["subjects"] == [OPERATOR_SUBJECT]
+    (role,) = find(manifest_objects(), "ClusterRole", SECRETS_ROLE)  # binds the installed role
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    for path in sorted(CLUSTER_WIDE_SECRETS.glob("*.yaml")):
+        header = path.read_text().split("apiVersion:", 1)[0]
+        assert "OPT-IN" in header and "kubectl apply -k manifests/cluster-wide-secrets/" in header, path
+
+
+def _kustomize(kubectl: str, directory: Path) -> list[dict[str, Any]]:
+    res = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return load_docs(res.stdout)
+
+
+def _keys(objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects)
+
+
+def test_kustomize_builds_the_installation_and_the_opt_in(tmp_path):
+    """`kubectl apply -k` works on manifests/, on the opt-in alone and on an overlay of both."""
+    sys.path.insert(0, str(REPO / "tools" / "controlplane"))
+    try:
+        kubectl = importlib.import_module("controlplane").kubectl_path()
+    except Exception as exc:  # noqa: BLE001 - no kubectl is "unavailable"
+        unavailable("kubectl", str(exc))
+    assert _keys(_kustomize(kubectl, MANIFESTS)) == _keys(manifest_objects())
+    assert _keys(_kustomize(kubectl, CLUSTER_WIDE_SECRETS)) == _keys(cluster_wide_objects())
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        # kustomize takes relative paths only
+        "resources": [os.path.relpath(d, tmp_path) for d in (MANIFESTS, CLUSTER_WIDE_SECRETS)]}))
+    both = _kustomize(kubectl, tmp_path)
+    assert _keys(both) == _keys(manifest_objects() + cluster_wide_objects())
+    assert len(_secrets_bindings(both)["ClusterRoleBinding"]) == 1
 
 
 def test_sample_imageunlock_matches_the_crd_schema():
@@ -223,3 +310,27 @@ def test_server_rejects_an_invalid_sample(plane):
     res = plane.kubectl("apply", "--dry-run=server", "-n", OPERATOR_NAMESPACE, "-f", "-",
                         stdin=json.dumps(unlock), check=False)
     assert res.returncode != 0 and "archivePath" in res.stderr
+
+
+@pytest.mark.e2e
+def test_plane_enforces_namespaced_secret_access(plane):
+    """Enforced, as installed: the operator's ServiceAccount may get a Secret in the bound
+    namespace only (never list), elsewhere only once the cluster-wide opt-in is applied."""
+    for namespace in ("edge", "iu-elsewhere"):
+        plane.kubectl("create", "namespace", namespace, check=False)
+
+    def kubectl_as_operator(*args: str) -> str:
+        res = plane.kubectl(*args, kubeconfig=plane.sa_kubeconfig, check=False)
+        assert res.returncode != 0, res.stdout
+        return res.stderr
+
+    def get_secret(namespace: str) -> str:
+        return kubectl_as_operator("get", "secret", "no-such-secret", "-n", namespace)
+
+    assert "(NotFound)" in get_secret("edge"), "allowed there: only the Secret is missing"
+    assert "(Forbidden)" in get_secret("iu-elsewhere")
+    assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "edge")  # no list
+    with plane.policy_added((CLUSTER_WIDE_SECRETS / "clusterrolebinding.yaml").read_text()):
+        assert "(NotFound)" in get_secret("iu-elsewhere")
+        assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "iu-elsewhere")
+    assert "(Forbidden)" in get_secret("iu-elsewhere")
