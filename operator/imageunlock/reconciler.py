@@ -17,6 +17,7 @@ from typing import Any
 from . import status as st
 from .claims import Claim, find_conflict
 from .errors import ImagesMissingError, RefConflictError, UnlockError
+from .refs import normalize_ref
 from .kube import Kube
 from .resource_api import ApiSettings, ResourceApiClient
 from .service import Phase, UnlockService
@@ -51,7 +52,7 @@ def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
     meta = body.get("metadata") or {}
     return Claim(str(meta.get("namespace") or ""), str(meta.get("name") or ""),
                  str(meta.get("creationTimestamp") or ""), spec.runtime, spec.archive_path,
-                 frozenset(spec.request().refs))
+                 frozenset(normalize_ref(ref) for ref in spec.request().refs))
 
 
 def _archive_signature(path: str) -> tuple[Any, ...]:

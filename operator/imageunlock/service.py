@@ -173,13 +173,13 @@ class UnlockService:
         log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)
 
         report(Phase.VERIFYING, "verifying loaded images", size, size)
-        expected = verifier.contents.images if verifier.contents else {}
+        contents = verifier.contents
         ids = self.runtime.image_ids(request.refs)
         missing = [ref for ref in request.refs if ids[ref] is None]
         wrong = [
             ref
             for ref in request.refs
-            if ids[ref] is not None and expected.get(ref) != ids[ref]
+            if ids[ref] is not None and (contents is None or contents.image_id(ref) != ids[ref])
         ]
         if missing or wrong:
             raise ImagesMissingError(missing, wrong)
