@@ -85,14 +85,20 @@ def test_secret_and_imageunlock_become_ready(cluster, namespace, secret, start_o
     assert not obj["metadata"].get("finalizers"), "no finalizer: deletion must never wait for the operator"
 
 
-def test_images_already_present_need_no_key(cluster, namespace, secret, start_operator, archives,
-                                             archive_root, clean_docker, resource_api):
+def test_images_present_before_the_first_unlock_are_not_vouched_for(cluster, namespace, secret, start_operator,
+                                                                    archives, archive_root, clean_docker,
+                                                                    resource_api):
+    """Issue 8, item 4: an impostor at NAME:VERSION before the first unlock was reported Ready
+    (AlreadyPresent) and its ID recorded as verified. Now the first unlock compares and replaces."""
     clean_docker.docker("load", "-i", str(archives.plaintext))
+    clean_docker.docker("tag", archives.refs[1], archives.refs[0])  # impostor under the first name
     start_operator()
-    cluster.create_unlock(namespace, "present", spec_for(str(archive_root / "absent.enc"), archives.version, secret))
+    cluster.create_unlock(namespace, "present", spec_for(place(archives.openssl_archive, archive_root),
+                                                         archives.version, secret))
     wait_for(lambda: is_ready(cluster, namespace, "present"), 60, "Ready")
-    assert cluster.condition(namespace, "present", "Ready")["reason"] == "AlreadyPresent"
-    assert resource_api.calls[KEY_FRAGMENT_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
+    assert cluster.condition(namespace, "present", "Ready")["reason"] == "Unlocked"
+    assert loaded(clean_docker) == archives.ids  # the impostor's tag now holds the archive's image
+    assert resource_api.calls[KEY_FRAGMENT_PATH] == 1
 
 
 def test_bad_credentials_stall_without_a_hot_loop(cluster, namespace, start_operator, archives, archive_root,
