@@ -20,28 +20,13 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .errors import UnlockError
+from .errors import ArchiveError
+
+Progress = Callable[[int], None]
 
 CHUNK_SIZE = 64 * 1024
 IV_SIZE = 16
 BLOCK_SIZE = 16
-
-ARCHIVE_ERROR_MESSAGE = (
-    "archive could not be unlocked: the key does not match or the archive is corrupt, "
-    "truncated or not an image archive"
-)
-
-Progress = Callable[[int], None]
-
-
-class ArchiveError(UnlockError):
-    """The archive could not be decrypted or unpacked. Always the same message."""
-
-    reason = "ArchiveInvalid"
-
-    def __init__(self) -> None:
-        super().__init__(ARCHIVE_ERROR_MESSAGE)
-
 
 def derive_key(fragment: bytes) -> bytes:
     """The AES-256 key is the SHA-256 of the key fragment served by the resource API."""

@@ -100,3 +100,42 @@ class RefConflictError(UnlockError):
     """Another ImageUnlock, created earlier, loads the same ref from another archive."""
 
     reason = "RefConflict"
+
+
+ARCHIVE_ERROR_MESSAGE = (
+    "archive could not be unlocked: the key does not match or the archive is corrupt, "
+    "truncated or not an image archive"
+)
+
+
+class ArchiveError(UnlockError):
+    """The archive could not be decrypted or unpacked. Always the same message."""
+
+    reason = "ArchiveInvalid"
+
+    def __init__(self) -> None:
+        super().__init__(ARCHIVE_ERROR_MESSAGE)
+
+
+class ImagesNotInArchiveError(UnlockError):
+    """The archive is intact but does not hold every image asked for (nothing was loaded)."""
+
+    reason = "ImagesNotInArchive"
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(
+            "archive does not contain " + ", ".join(missing) + "; nothing was loaded "
+            "(check spec.version and spec.images against the archive)"
+        )
+
+
+class KubernetesUnavailableError(TransientError):
+    reason = "KubernetesApiUnavailable"
+
+
+class InternalError(UnlockError):
+    """A bug or an unforeseen library error: retried with backoff, details only in the log."""
+
+    reason = "InternalError"
+    transient = True

@@ -22,7 +22,7 @@ archive aborts the upload before its last byte and the Engine (which unpacks the
 before loading anything) loads nothing. Memory and time are bounded: ``MAX_ENTRIES`` headers,
 then names and metadata files (each ≤ ``MAX_META_FILE``) up to ``MAX_META_TOTAL`` in all.
 
-Any problem raises :class:`~imageunlock.crypto.ArchiveError` — the same single message as a
+Any problem raises :class:`~imageunlock.errors.ArchiveError` — the same single message as a
 decryption failure, because with a wrong key the two are indistinguishable anyway.
 """
 
@@ -37,8 +37,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .crypto import ArchiveError
-from .errors import ForeignTagsError, UnlockError
+from .errors import ArchiveError, ForeignTagsError, ImagesNotInArchiveError
 from .refs import describe, normalize_ref, unrequested
 
 BLOCK = 512
@@ -74,19 +73,6 @@ class ArchiveContents:
         want = normalize_ref(ref)
         found = [digest for tag, digest in self.images.items() if normalize_ref(tag) == want]
         return found[-1] if found else None
-
-
-class ImagesNotInArchiveError(UnlockError):
-    """The archive is intact but does not hold every image asked for (nothing was loaded)."""
-
-    reason = "ImagesNotInArchive"
-
-    def __init__(self, missing: list[str]) -> None:
-        self.missing = missing
-        super().__init__(
-            "archive does not contain " + ", ".join(missing) + "; nothing was loaded "
-            "(check spec.version and spec.images against the archive)"
-        )
 
 
 @dataclass

@@ -20,7 +20,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from .errors import ConfigurationError, TransientError
+from .errors import ConfigurationError, KubernetesUnavailableError
 from .resource_api import Credentials
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,6 @@ GROUP, VERSION, PLURAL, KIND = "loader.azaion.com", "v1alpha1", "imageunlocks", 
 MAX_EMAIL_BYTES = 1024
 MAX_PASSWORD_BYTES = 4096
 COMPONENT = "imageunlock-operator"
-
-
-class KubernetesUnavailableError(TransientError):
-    reason = "KubernetesApiUnavailable"
 
 
 def _client() -> kubernetes.client.ApiClient:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import status as st
 from .claims import Claim, find_conflict
-from .errors import ImagesMissingError, RefConflictError, UnlockError
+from .errors import ImagesMissingError, InternalError, RefConflictError, UnlockError
 from .refs import normalize_ref
 from .kube import Kube
 from .resource_api import ApiSettings, ResourceApiClient
@@ -148,7 +148,7 @@ class Reconciler:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
             log.exception("unexpected error reconciling %s/%s", namespace, name)
-            return run.failed(_Internal(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
+            return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         run.write(
             st.ready(result.images, result.fast_path, generation, run.conditions, result.archive_bytes,
@@ -159,11 +159,6 @@ class Reconciler:
             run.event("Normal", "Unlocked" if not result.fast_path else "AlreadyPresent",
                       f"{len(result.images)} image(s) {how} at version {spec.version}")
         return Outcome("ready", "ready")
-
-
-class _Internal(UnlockError):
-    reason = "InternalError"
-    transient = True
 
 
 class _Run:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, encrypt_stream
+from imageunlock.crypto import encrypt_stream
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD, run_cli

@@ -14,7 +14,8 @@ import time
 import docker
 import pytest
 
-from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, derive_key
+from imageunlock.crypto import derive_key
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD

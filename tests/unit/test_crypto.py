@@ -10,14 +10,13 @@ import tracemalloc
 import pytest
 
 from imageunlock.crypto import (
-    ARCHIVE_ERROR_MESSAGE,
-    ArchiveError,
     decrypt_stream,
     decrypt_with_key,
     derive_key,
     encrypt_stream,
     encrypt_with_key,
 )
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
 
 # NIST SP 800-38A, F.2.5/F.2.6 (CBC-AES256): four blocks, no padding.
 SP800_38A_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")

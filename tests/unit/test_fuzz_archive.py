@@ -12,9 +12,11 @@ import io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
+from imageunlock.crypto import decrypt_stream, encrypt_stream
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
 from imageunlock.errors import ForeignTagsError
-from imageunlock.imagetar import ImageTarVerifier, ImagesNotInArchiveError, verified_stream
+from imageunlock.imagetar import ImageTarVerifier, verified_stream
+from imageunlock.errors import ImagesNotInArchiveError
 
 from ..support import savetar
 

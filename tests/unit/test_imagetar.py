@@ -13,9 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imageunlock.crypto import ARCHIVE_ERROR_MESSAGE, ArchiveError, decrypt_stream, encrypt_stream
+from imageunlock.crypto import decrypt_stream, encrypt_stream
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
 from imageunlock.errors import ForeignTagsError, UnlockError
-from imageunlock.imagetar import ImageTarVerifier, ImagesNotInArchiveError, verified_stream
+from imageunlock.imagetar import ImageTarVerifier, verified_stream
+from imageunlock.errors import ImagesNotInArchiveError
 
 from ..support import savetar
 
