@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 from .archive import check_sha256, open_archive
 from .crypto import CHUNK_SIZE, decrypt_stream
 from .errors import ArchiveNotFoundError, ImagesMissingError
-from .imagetar import ImageTarVerifier, verified_stream
+from .dockersave import ImageTarVerifier, verified_stream
 from .resource_api import Credentials
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from imageunlock.crypto import decrypt_stream, encrypt_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
 from imageunlock.errors import ForeignTagsError
-from imageunlock.imagetar import ImageTarVerifier, verified_stream
+from imageunlock.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.errors import ImagesNotInArchiveError
 
 from ..support import savetar

@@ -1,26 +1,24 @@
-"""Streaming check of an image archive (the tar ``docker save`` writes) as it passes by.
+"""A streaming tar reader that reads the bytes as the Engine will (Go's archive/tar, moby's untar).
 
-AES-CBC has no integrity: a flipped ciphertext byte garbles one block and keeps the padding
-valid, so a corrupted archive can decrypt "successfully". The image tar carries its own
-content addresses, though, and this module checks them *in the stream* while the bytes go
-on to the runtime:
+:class:`TarReader` takes the archive in chunks of any size and never holds more than one
+512-byte header, the small files it keeps and the bookkeeping below; it records, per member,
+its type, the SHA-256 of every regular file's content (hashed on a second thread,
+:class:`_HashWorker`) and the content of regular files up to ``MAX_META_FILE``, and resolves
+links as the Engine's untar would. What those files mean is the caller's business
+(:mod:`imageunlock.dockersave` checks a ``docker save`` archive with them).
 
-* every ``blobs/sha256/<hex>`` file (OCI layout) hashes to its name;
-* every image config hashes to the name ``manifest.json`` gives it (legacy ``<hex>.json``
-  or OCI ``blobs/sha256/<hex>``) — that digest is also the image ID the Engine will report;
-* every layer named in ``manifest.json`` hashes to its ``rootfs.diff_ids`` entry (or, for a
-  compressed OCI blob, to its blob name).
+It refuses what Go's archive/tar and moby's untar could read otherwise, so the files recorded
+are the files the Engine writes: a bad header checksum, a non-``ustar`` magic, a non-octal
+numeric field (GNU base-256 sizes are read), data after a directory, link or device header
+(to Go, more headers), a name given twice, a member below a non-directory (:meth:`TarReader.close`),
+a symlink climbing out of another, a hard link to a link, sparse files, non-zero padding or
+anything but zero blocks after the end marker. Pax and GNU long-name/link records are applied
+as Go applies them (the last pax header, then a non-empty GNU name); star's shorter prefix
+field is read as Go reads it.
 
-It reads the tar as the Engine does (Go's archive/tar and encoding/json, moby's untar) and
-refuses what those could read otherwise — data after a directory or link header (to Go,
-more headers), a name given twice, a member below a link, sparse files, a JSON key given
-twice — so the ``manifest.json`` checked is the one loaded; and an archive may tag only the
-requested refs (:func:`check_refs`).
-
-:func:`verified_stream` holds back the final chunk until all of that is checked, so a bad
-archive aborts the upload before its last byte and the Engine (which unpacks the whole body
-before loading anything) loads nothing. Memory and time are bounded: ``MAX_ENTRIES`` headers,
-then names and metadata files (each ≤ ``MAX_META_FILE``) up to ``MAX_META_TOTAL`` in all.
+Memory and time are bounded: ``MAX_ENTRIES`` headers, names and link targets up to ``MAX_NAME``
+bytes, extended headers up to ``MAX_EXT_HEADER``, then names and kept files (each
+≤ ``MAX_META_FILE``) up to ``MAX_META_TOTAL`` in all — each refused as soon as crossed.
 
 Any problem raises :class:`~imageunlock.errors.ArchiveError` — the same single message as a
 decryption failure, because with a wrong key the two are indistinguishable anyway.
@@ -29,16 +27,13 @@ decryption failure, because with a wrong key the two are indistinguishable anywa
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import queue
 import re
 import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .errors import ArchiveError, ForeignTagsError, ImagesNotInArchiveError
-from .refs import describe, normalize_ref, unrequested
+from .errors import ArchiveError
 
 BLOCK = 512
 MAX_META_FILE = 1 << 20  # configs, manifests, index: far below this in practice
@@ -50,29 +45,10 @@ MAX_META_TOTAL = 64 << 20  # kept in memory: metadata files and member names
 MAX_ENTRIES = 10_000
 MAX_NAME = 4096  # bytes in a member name or link target: PATH_MAX
 MAX_EXT_HEADER = 64 << 10  # a pax / GNU long-name record holds a name or two
-_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
-_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
 _REGULAR = (b"0", b"\0", b"7")
 _HEADER_ONLY = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: Go reads no data
 _EXT = (b"x", b"g", b"L", b"K")  # pax (next member, global), GNU long name / link target
 _PAX_KEYS = ("path", "linkpath", "size")
-_NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
-
-
-@dataclass(frozen=True)
-class ArchiveContents:
-    """``images``: each manifest.json ``RepoTags`` ref, as spelled there, to ``sha256:<config
-    digest>`` (a later entry moves a tag, as in ``docker load``); ``tags``: every ref some
-    loader could apply — those plus the ``repositories`` and ``index.json`` names."""
-
-    images: dict[str, str]
-    tags: tuple[str, ...] = ()
-
-    def image_id(self, ref: str) -> str | None:
-        """The config digest ``ref`` will name once loaded, however either side spells it."""
-        want = normalize_ref(ref)
-        found = [digest for tag, digest in self.images.items() if normalize_ref(tag) == want]
-        return found[-1] if found else None
 
 
 @dataclass
@@ -83,7 +59,8 @@ class _Member:
     linkname: str = ""
 
 
-def _norm(name: str) -> str:
+def norm_name(name: str) -> str:
+    """A member name as the Engine writes it: relative to the archive root, normalised."""
     name = posixpath.normpath(name.lstrip("/")) if name else name
     return "" if name == "." else name
 
@@ -152,26 +129,6 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):  # Go keeps the last of a repeated key, or merges the two
-        raise ArchiveError()
-    return obj
-
-
-def _field(obj: object, key: str, kind: type) -> object:
-    """``obj[key]`` as Go's encoding/json (the Engine's, containerd's) fills a struct field:
-    keys match case-insensitively, so ``repotags`` counts and two spellings are refused.
-    ``None`` when absent or null, else it must be a ``kind``."""
-    if not isinstance(obj, dict):
-        raise ArchiveError()
-    found = [value for name, value in obj.items() if name.casefold() == key.casefold()]
-    value = found[0] if len(found) == 1 else None
-    if len(found) > 1 or not isinstance(value, (kind, type(None))):
-        raise ArchiveError()
-    return value
-
-
 class _HashWorker:
     """Hashes file contents on a second thread, so SHA-256 (the costliest step, and one that
     releases the GIL) overlaps decryption, parsing and the upload. The queue is bounded, so
@@ -182,8 +139,8 @@ class _HashWorker:
         self._thread: threading.Thread | None = None
 
     def _put(self, item: tuple[object, object]) -> None:
-        if self._thread is None:  # started on first use: a verifier that never sees data costs nothing
-            self._thread = threading.Thread(target=self._run, name="imagetar-sha256", daemon=True)
+        if self._thread is None:  # started on first use: a reader that never sees data costs nothing
+            self._thread = threading.Thread(target=self._run, name="tarstream-sha256", daemon=True)
             self._thread.start()
         self._queue.put(item)
 
@@ -210,8 +167,11 @@ class _HashWorker:
 
 
 @dataclass
-class ImageTarVerifier:
-    """Feed plaintext with :meth:`feed`; :meth:`close` checks everything and says what loaded."""
+class TarReader:
+    """Feed the tar with :meth:`feed`; :meth:`close` checks it ended well. Then ``kinds`` (every
+    member name: its type flag), ``digests`` (every regular file: the hex SHA-256 of its
+    content), ``kept`` (regular files ≤ ``MAX_META_FILE``: their content) and :meth:`resolve`
+    say what the Engine would unpack."""
 
     _buf: bytearray = field(default_factory=bytearray)
     _member: _Member | None = None
@@ -224,12 +184,11 @@ class ImageTarVerifier:
     _gnu: dict[str, str] = field(default_factory=dict)  # then GNU long name / link target
     _ended: bool = False
     _entries: int = 0
-    _kinds: dict[str, bytes] = field(default_factory=dict)  # every member name: its type
-    _digests: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, bytes] = field(default_factory=dict)  # every member name: its type
+    digests: dict[str, str] = field(default_factory=dict)  # complete once close() returns
     _links: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name: (type, target)
-    _meta: dict[str, bytes] = field(default_factory=dict)
+    kept: dict[str, bytes] = field(default_factory=dict)
     _meta_total: int = 0
-    contents: ArchiveContents | None = None  # set by close() once everything checked out
     _worker: _HashWorker = field(default_factory=_HashWorker)
 
     def feed(self, data: bytes) -> None:
@@ -284,11 +243,11 @@ class ImageTarVerifier:
         for text in (member.name, member.linkname):
             if "\0" in text or len(text.encode("utf-8", "surrogateescape")) > MAX_NAME:
                 raise ArchiveError()
-        member.name = _norm(member.name)
+        member.name = norm_name(member.name)
         # A second copy would replace the one checked; Go reads a header-only type's data as headers.
-        if member.name in self._kinds or (member.kind in _HEADER_ONLY and member.size):
+        if member.name in self.kinds or (member.kind in _HEADER_ONLY and member.size):
             raise ArchiveError()
-        self._kinds[member.name] = member.kind
+        self.kinds[member.name] = member.kind
         self._charge(len(member.name) + len(member.linkname))
         if member.kind in (b"1", b"2"):
             self._links[member.name] = (member.kind, _link_target(member))
@@ -353,17 +312,16 @@ class ImageTarVerifier:
                 self._gnu[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif self._hasher is not None:
             hasher, name = self._hasher, member.name
-            self._worker.then(lambda: self._digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]
+            self._worker.then(lambda: self.digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]
             if self._keep is not None:
-                self._meta[member.name] = bytes(self._keep)
+                self.kept[member.name] = bytes(self._keep)
         self._hasher = None
         self._keep = None
         self._member = None
 
-    # -- the checks, once every byte has been seen ------------------------------------
-
-    def _resolve(self, name: str) -> str:
-        name = _norm(name)
+    def resolve(self, name: str) -> str:
+        """The member ``name`` (a path in the archive) reads once links are followed."""
+        name = norm_name(name)
         for _ in range(16):  # bounded: a link loop is a broken archive
             if name not in self._links:
                 return name
@@ -372,116 +330,22 @@ class ImageTarVerifier:
                 raise ArchiveError()
         raise ArchiveError()
 
-    def _digest(self, name: str) -> str:
-        resolved = self._resolve(name)
-        if resolved not in self._digests:
-            raise ArchiveError()
-        return self._digests[resolved]
-
-    def _json(self, name: str) -> object:
-        resolved = self._resolve(name)
-        if resolved not in self._meta:
-            raise ArchiveError()
-        try:
-            return json.loads(self._meta[resolved], object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError):  # RecursionError: '[[[[…' nested too deep
-            raise ArchiveError() from None
-
     def abort(self) -> None:
         """Stop the hashing thread (after a failure; ``close`` does it on success)."""
         self._worker.join()
 
-    def close(self) -> ArchiveContents:
+    def close(self) -> None:
+        """Raise unless the tar ended properly and nothing lies below a non-directory; then every
+        digest is in."""
         self._worker.join()  # every digest is in once the worker has drained its queue
         if not self._ended or self._remaining or self._buf or self._member is not None:
             raise ArchiveError()
         # Nothing may lie below a non-directory: the Engine would write it through a symlink,
         # somewhere else than its name says (or replace or refuse it).
-        ordered = sorted(self._kinds, key=lambda name: name.replace("/", "\0"))
+        ordered = sorted(self.kinds, key=lambda name: name.replace("/", "\0"))
         for name, after in zip(ordered, ordered[1:]):
-            if self._kinds[name] != b"5" and after.startswith(name + "/"):
+            if self.kinds[name] != b"5" and after.startswith(name + "/"):
                 raise ArchiveError()
-        for name, digest in self._digests.items():
-            blob = _BLOB_RE.match(name)
-            if blob and blob.group(1) != digest:
-                raise ArchiveError()
-        manifest = self._json("manifest.json")
-        if not isinstance(manifest, list) or not manifest:
-            raise ArchiveError()
-        images: dict[str, str] = {}
-        addressed: set[str] = set()
-        for entry in manifest:
-            image_id, tags = self._check_entry(entry, addressed)
-            for tag in tags:  # a later entry moves the tag, as in docker load
-                images.pop(tag, None)
-                images[tag] = image_id
-        self._check_unaddressed(addressed)
-        self.contents = ArchiveContents(images=images, tags=(*images, *self._other_tags()))
-        return self.contents
-
-    def _other_tags(self) -> list[str]:
-        """Refs other loaders take: the legacy ``repositories`` file (``{repo: {tag: id}}``) and
-        the name annotations of ``index.json`` (containerd); ``org.opencontainers.image.ref.name``
-        is a full ref only when it has a ':' or '/' (else a bare tag, relative to a base name)."""
-        tags: list[str] = []
-        repositories = self._json_if_present("repositories") or {}
-        if not isinstance(repositories, dict):
-            raise ArchiveError()
-        for repo, versions in repositories.items():
-            if not isinstance(versions, dict):
-                raise ArchiveError()
-            tags += (f"{repo}:{tag}" for tag in versions)
-        index = self._json_if_present("index.json")
-        for descriptor in (_field(index, "manifests", list) if index is not None else None) or []:
-            annotations = _field(descriptor, "annotations", dict) or {}
-            for key in _NAME_ANNOTATIONS:
-                name = annotations.get(key)
-                if name is not None and not isinstance(name, str):
-                    raise ArchiveError()
-                if name and (key == _NAME_ANNOTATIONS[0] or ":" in name or "/" in name):
-                    tags.append(name)
-        return tags
-
-    def _json_if_present(self, name: str) -> object:
-        return self._json(name) if self._resolve(name) in self._digests else None
-
-    def _check_unaddressed(self, addressed: set[str]) -> None:
-        """Files no digest covers (manifest.json, repositories, legacy ``<id>/json`` and
-        ``VERSION``) must at least be well-formed, so a garbled block there is caught too."""
-        for name in self._digests:
-            if name in addressed or _BLOB_RE.match(name):
-                continue
-            if posixpath.basename(name) == "VERSION":
-                if self._meta.get(name, b"").strip() != b"1.0":
-                    raise ArchiveError()
-                continue
-            self._json(name)  # raises unless kept and valid JSON
-
-    def _check_entry(self, entry: object, addressed: set[str]) -> tuple[str, list[str]]:
-        config_name = _field(entry, "Config", str)
-        layers = _field(entry, "Layers", list) or []
-        tags = _field(entry, "RepoTags", list) or []
-        if config_name is None or not all(isinstance(tag, str) for tag in tags):
-            raise ArchiveError()
-        named = _LEGACY_CONFIG_RE.match(posixpath.basename(config_name)) or _BLOB_RE.match(
-            _norm(config_name)
-        )
-        config_digest = self._digest(config_name)
-        if named is None or named.group(1) != config_digest:
-            raise ArchiveError()
-        addressed.add(self._resolve(config_name))
-        diff_ids = _field(_field(self._json(config_name), "rootfs", dict), "diff_ids", list)
-        if diff_ids is None or len(diff_ids) != len(layers):
-            raise ArchiveError()
-        for layer, diff_id in zip(layers, diff_ids):
-            if not isinstance(layer, str) or not isinstance(diff_id, str):
-                raise ArchiveError()
-            digest = self._digest(layer)
-            addressed.add(self._resolve(layer))
-            blob = _BLOB_RE.match(self._resolve(layer))
-            if diff_id != f"sha256:{digest}" and not (blob and blob.group(1) == digest):
-                raise ArchiveError()
-        return f"sha256:{config_digest}", tags
 
 
 def _link_target(member: _Member) -> str:
@@ -489,53 +353,9 @@ def _link_target(member: _Member) -> str:
     time, so a '..' after a name could climb out of another symlink: only leading ones are
     allowed (docker save's are ``../<id>/layer.tar``)."""
     if member.kind == b"1":
-        return _norm(member.linkname)
+        return norm_name(member.linkname)
     names = [part for part in member.linkname.split("/") if part not in ("", ".")]
     climbs = next((i for i, part in enumerate(names) if part != ".."), len(names))
     if ".." in names[climbs:]:
         raise ArchiveError()
-    return _norm(posixpath.join(posixpath.dirname(member.name), member.linkname))
-
-
-def verified_stream(
-    chunks: Iterable[bytes], verifier: ImageTarVerifier, expected: Iterable[str] = ()
-) -> Iterator[bytes]:
-    """Pass ``chunks`` through ``verifier``, holding the tail back until it all checks out.
-
-    The held-back tail is never shorter than the tar's end-of-archive marker (two zero
-    blocks), so if anything is wrong — a broken archive, or one that lacks an ``expected``
-    ``name:tag`` or would tag anything else (:func:`check_refs`) — the consumer (an HTTP
-    upload) is cut off before it has seen a complete archive, and the generator raises
-    instead of yielding the tail.
-    """
-    expected = list(expected)
-    held = b""
-    try:
-        for chunk in chunks:
-            verifier.feed(chunk)
-            if len(chunk) >= 2 * BLOCK:
-                if held:
-                    yield held
-                held = chunk
-            else:
-                held += chunk
-    finally:
-        verifier.abort()  # also on an exception or an abandoned generator: no stray thread
-    check_refs(verifier.close(), expected)
-    if held:
-        yield held
-
-
-def check_refs(contents: ArchiveContents, expected: Iterable[str]) -> None:
-    """Raise unless the archive tags every ``expected`` ref and nothing else (refs compared
-    as Docker normalises them): ``docker load`` applies every tag it finds, so an archive
-    made with the right key could otherwise move ``nginx:latest`` or another team's image."""
-    expected = list(expected)
-    if missing := [ref for ref in expected if contents.image_id(ref) is None]:
-        raise ImagesNotInArchiveError(missing)
-    if foreign := unrequested(contents.tags, expected):
-        raise ForeignTagsError(
-            f"archive would also tag {describe(foreign)}, not requested; nothing was loaded "
-            "(an archive may create or move only the requested NAME:VERSION refs: save "
-            "exactly those, or check spec.images and spec.version)"
-        )
+    return norm_name(posixpath.join(posixpath.dirname(member.name), member.linkname))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +14,7 @@ from hypothesis import strategies as st
 from imageunlock.crypto import decrypt_stream, encrypt_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
 from imageunlock.errors import ForeignTagsError, UnlockError
-from imageunlock.imagetar import ImageTarVerifier, verified_stream
+from imageunlock.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.errors import ImagesNotInArchiveError
 
 from ..support import savetar
@@ -64,15 +62,6 @@ def test_config_not_matching_its_name_is_rejected():
         _verify(bad)
 
 
-@pytest.mark.parametrize(
-    "data",
-    [b"", b"not a tar at all" * 100, bytes(2048), os.urandom(10_000)],
-    ids=["empty", "text", "only-zero-blocks", "random"],
-)
-def test_non_archives_are_rejected(data: bytes):
-    with pytest.raises(ArchiveError):
-        _verify(data)
-
 
 def test_plain_tar_without_manifest_is_rejected():
     buf = io.BytesIO()
@@ -83,12 +72,6 @@ def test_plain_tar_without_manifest_is_rejected():
     with pytest.raises(ArchiveError):
         _verify(buf.getvalue())
 
-
-@pytest.mark.parametrize("cut", [1, 512, 1024, 5000])
-def test_truncated_archive_is_rejected(cut: int):
-    data = savetar.build(TAGS)
-    with pytest.raises(ArchiveError):
-        _verify(data[: len(data) - 10240 - cut])  # tarfile pads the end to a 10 KiB record
 
 
 def test_verified_stream_passes_everything_through_when_intact():
@@ -171,10 +154,6 @@ def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: i
     return info.tobuf(fmt) + data + bytes(-len(data) % 512)
 
 
-def _pax(records: dict[str, str]) -> bytes:
-    return tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
-
-
 def _append(data: bytes, *members: bytes) -> bytes:
     """``data`` with raw ``members`` added before its end-of-archive marker."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
@@ -250,46 +229,6 @@ def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
         assert str(exc) == ARCHIVE_ERROR_MESSAGE
     except (ImagesNotInArchiveError, ForeignTagsError):
         pass
-
-
-# -- bounded work and memory, whatever the entries ------------------------------------------
-
-def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
-    flood = [_member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
-    fed = 0
-    verifier = ImageTarVerifier()
-    tracemalloc.start()
-    try:
-        with pytest.raises(ArchiveError):
-            for header in flood:
-                fed += 1
-                verifier.feed(header)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        verifier.abort()
-    assert fed == 10_001  # refused at the first header past the cap, not at the end
-    assert peak < 16 << 20
-
-
-@pytest.mark.parametrize("fmt, field", [(tarfile.PAX_FORMAT, "name"), (tarfile.PAX_FORMAT, "linkname"),
-                                        (tarfile.GNU_FORMAT, "name"), (tarfile.GNU_FORMAT, "linkname")])
-def test_a_name_longer_than_path_max_is_refused_at_once(fmt, field):
-    info = tarfile.TarInfo("x")
-    info.type = tarfile.SYMTYPE if field == "linkname" else tarfile.REGTYPE
-    setattr(info, field, "d/" * 2100 + "x")  # 4201 bytes: within the extended-header cap, over PATH_MAX
-    verifier = ImageTarVerifier()
-    with pytest.raises(ArchiveError):
-        verifier.feed(info.tobuf(fmt) + bytes(8192))  # raised while feeding, not at close()
-    verifier.abort()
-
-
-def test_an_oversized_extended_header_is_refused_at_its_header():
-    header = _pax({"comment": "x" * (100 << 10)})  # 100 KiB: over the 64 KiB cap
-    verifier = ImageTarVerifier()
-    with pytest.raises(ArchiveError):
-        verifier.feed(header[:512])
-    verifier.abort()
 
 
 # -- only the requested refs may be created or moved -----------------------------------------
@@ -370,87 +309,9 @@ def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
     assert "evil??[31m:1" in message and "\x1b" not in message and len(message) < 700
 
 
-# -- the tar as the Engine reads it (Go's archive/tar, moby's untar, Go's encoding/json) -----
+# -- the JSON as the Engine reads it (Go's encoding/json) ----------------------------------
 # Each archive below shows the checks one manifest.json (all refs requested) while the Engine,
 # reading the same bytes, would load another that also tags nginx:latest.
-
-def _evil_manifest(data: bytes) -> bytes:
-    return json.dumps(_add_repo_tag(_manifest(data))).encode()
-
-
-def _benign_manifest(data: bytes) -> bytes:
-    return json.dumps(_manifest(data)).encode()
-
-
-def _data_after_directory(data):
-    hidden = _member("manifest.json", _evil_manifest(data))  # Go reads a directory's "data" as headers
-    return _append(data, _member("d", hidden, kind=tarfile.DIRTYPE))
-
-
-def _symlink_then_file(data):
-    return _append(data, _member("m.json", _benign_manifest(data)),
-                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   _member("manifest.json", _evil_manifest(data)))
-
-
-def _hard_link_keeps_the_old_file(data):
-    return _append(data, _member("m.json", _evil_manifest(data)),
-                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
-                   _member("m.json", _benign_manifest(data)))
-
-
-def _written_through_a_symlink(data):
-    return _append(data, _member("d", kind=tarfile.SYMTYPE, linkname="."),
-                   _member("d/manifest.json", _evil_manifest(data)))
-
-
-def _second_pax_header_replaces_the_first(data):
-    return _append(data, _pax({"path": "other.json"}), _pax({"comment": "x"}),
-                   _member("manifest.json", _evil_manifest(data)))
-
-
-def _gnu_long_name_beats_pax(data):
-    long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME,
-                                                        "utf-8", "strict")
-    return _append(data, long_name, _pax({"path": "other.json"}), _member("x.json", _evil_manifest(data)))
-
-
-def _gnu_sparse_rename(data):
-    evil = _evil_manifest(data)
-    records = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "manifest.json",
-               "GNU.sparse.size": str(len(evil)), "GNU.sparse.numblocks": "1",
-               "GNU.sparse.map": f"0,{len(evil)}"}
-    blob = "blobs/sha256/" + hashlib.sha256(evil).hexdigest()  # a well-addressed blob, to us
-    return _append(data, _pax(records), _member(blob, evil))
-
-
-def _star_prefix(data):
-    prefix = "a" * 60 + "/" + "b" * 70  # 131 bytes
-    block = bytearray(_member("manifest.json", _evil_manifest(data))[:512])
-    block[345:476] = prefix.encode()  # no NUL: Go stops at 476 in a star header, we read on
-    block[476:500] = b"00000000000\0" * 2  # star's atime and ctime
-    block[508:512] = b"tar\0"
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % sum(block)
-    body = _member("manifest.json", _evil_manifest(data))[512:]
-    return _append(data, _member(prefix, kind=tarfile.SYMTYPE, linkname=".."), bytes(block) + body)
-
-
-def _symlink_climbing_out_of_a_symlink(data):
-    evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return _append(_rewrite(data, "manifest.json", lambda body: None),
-                   _member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
-                   _member("sub/m.json", evil), _member("m.json", benign),
-                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
-
-
-def _hard_link_to_a_symlink(data):
-    evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return _append(_rewrite(data, "manifest.json", lambda body: None),
-                   _member("m.json", evil), _member("sub/m.json", benign),
-                   _member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
-
 
 def _repo_tags_spelled_twice(data):
     edit = lambda m: [{**m[0], "repotags": [EVIL]}, *m[1:]]  # noqa: E731  (Go: the last one wins)
@@ -463,11 +324,7 @@ def _annotations_given_twice(data):
     return _rewrite(data, "index.json", lambda body: body.replace(b'"annotations"', spliced, 1))
 
 
-@pytest.mark.parametrize("craft", [
-    _data_after_directory, _symlink_then_file, _hard_link_keeps_the_old_file, _written_through_a_symlink,
-    _second_pax_header_replaces_the_first, _gnu_long_name_beats_pax, _gnu_sparse_rename, _star_prefix,
-    _symlink_climbing_out_of_a_symlink, _hard_link_to_a_symlink, _repo_tags_spelled_twice,
-    _annotations_given_twice,
-], ids=lambda craft: craft.__name__.strip("_"))
+@pytest.mark.parametrize("craft", [_repo_tags_spelled_twice, _annotations_given_twice],
+                         ids=lambda craft: craft.__name__.strip("_"))
 def test_archive_the_engine_would_read_differently_is_refused(craft):
     _refused(craft(savetar.build(TAGS)))

@@ -1,0 +1,172 @@
+"""The streaming tar reader, through the image-archive check: caps, framing, and the tar read as
+the Engine reads it (Go's archive/tar, moby's untar)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tracemalloc
+
+import pytest
+
+from imageunlock.dockersave import ImageTarVerifier
+from imageunlock.errors import ArchiveError
+
+from ..support import savetar
+from .test_dockersave import TAGS, _add_repo_tag, _append, _manifest, _member, _refused, _rewrite, _verify
+
+
+# -- not a whole tar -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not a tar at all" * 100, bytes(2048), os.urandom(10_000)],
+    ids=["empty", "text", "only-zero-blocks", "random"],
+)
+def test_non_archives_are_rejected(data: bytes):
+    with pytest.raises(ArchiveError):
+        _verify(data)
+
+
+@pytest.mark.parametrize("cut", [1, 512, 1024, 5000])
+def test_truncated_archive_is_rejected(cut: int):
+    data = savetar.build(TAGS)
+    with pytest.raises(ArchiveError):
+        _verify(data[: len(data) - 10240 - cut])  # tarfile pads the end to a 10 KiB record
+
+
+# -- bounded work and memory, whatever the entries ------------------------------------------
+
+def _pax(records: dict[str, str]) -> bytes:
+    return tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
+
+
+def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
+    flood = [_member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
+    fed = 0
+    verifier = ImageTarVerifier()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError):
+            for header in flood:
+                fed += 1
+                verifier.feed(header)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        verifier.abort()
+    assert fed == 10_001  # refused at the first header past the cap, not at the end
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("fmt, field", [(tarfile.PAX_FORMAT, "name"), (tarfile.PAX_FORMAT, "linkname"),
+                                        (tarfile.GNU_FORMAT, "name"), (tarfile.GNU_FORMAT, "linkname")])
+def test_a_name_longer_than_path_max_is_refused_at_once(fmt, field):
+    info = tarfile.TarInfo("x")
+    info.type = tarfile.SYMTYPE if field == "linkname" else tarfile.REGTYPE
+    setattr(info, field, "d/" * 2100 + "x")  # 4201 bytes: within the extended-header cap, over PATH_MAX
+    verifier = ImageTarVerifier()
+    with pytest.raises(ArchiveError):
+        verifier.feed(info.tobuf(fmt) + bytes(8192))  # raised while feeding, not at close()
+    verifier.abort()
+
+
+def test_an_oversized_extended_header_is_refused_at_its_header():
+    header = _pax({"comment": "x" * (100 << 10)})  # 100 KiB: over the 64 KiB cap
+    verifier = ImageTarVerifier()
+    with pytest.raises(ArchiveError):
+        verifier.feed(header[:512])
+    verifier.abort()
+
+
+# -- the tar as the Engine reads it (Go's archive/tar, moby's untar) ------------------------
+# Each archive below shows the checks one manifest.json (all refs requested) while the Engine,
+# reading the same bytes, would load another that also tags nginx:latest.
+
+def _evil_manifest(data: bytes) -> bytes:
+    return json.dumps(_add_repo_tag(_manifest(data))).encode()
+
+
+def _benign_manifest(data: bytes) -> bytes:
+    return json.dumps(_manifest(data)).encode()
+
+
+def _data_after_directory(data):
+    hidden = _member("manifest.json", _evil_manifest(data))  # Go reads a directory's "data" as headers
+    return _append(data, _member("d", hidden, kind=tarfile.DIRTYPE))
+
+
+def _symlink_then_file(data):
+    return _append(data, _member("m.json", _benign_manifest(data)),
+                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   _member("manifest.json", _evil_manifest(data)))
+
+
+def _hard_link_keeps_the_old_file(data):
+    return _append(data, _member("m.json", _evil_manifest(data)),
+                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
+                   _member("m.json", _benign_manifest(data)))
+
+
+def _written_through_a_symlink(data):
+    return _append(data, _member("d", kind=tarfile.SYMTYPE, linkname="."),
+                   _member("d/manifest.json", _evil_manifest(data)))
+
+
+def _second_pax_header_replaces_the_first(data):
+    return _append(data, _pax({"path": "other.json"}), _pax({"comment": "x"}),
+                   _member("manifest.json", _evil_manifest(data)))
+
+
+def _gnu_long_name_beats_pax(data):
+    long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME,
+                                                        "utf-8", "strict")
+    return _append(data, long_name, _pax({"path": "other.json"}), _member("x.json", _evil_manifest(data)))
+
+
+def _gnu_sparse_rename(data):
+    evil = _evil_manifest(data)
+    records = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "manifest.json",
+               "GNU.sparse.size": str(len(evil)), "GNU.sparse.numblocks": "1",
+               "GNU.sparse.map": f"0,{len(evil)}"}
+    blob = "blobs/sha256/" + hashlib.sha256(evil).hexdigest()  # a well-addressed blob, to us
+    return _append(data, _pax(records), _member(blob, evil))
+
+
+def _star_prefix(data):
+    prefix = "a" * 60 + "/" + "b" * 70  # 131 bytes
+    block = bytearray(_member("manifest.json", _evil_manifest(data))[:512])
+    block[345:476] = prefix.encode()  # no NUL: Go stops at 476 in a star header, we read on
+    block[476:500] = b"00000000000\0" * 2  # star's atime and ctime
+    block[508:512] = b"tar\0"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    body = _member("manifest.json", _evil_manifest(data))[512:]
+    return _append(data, _member(prefix, kind=tarfile.SYMTYPE, linkname=".."), bytes(block) + body)
+
+
+def _symlink_climbing_out_of_a_symlink(data):
+    evil, benign = _evil_manifest(data), _benign_manifest(data)
+    return _append(_rewrite(data, "manifest.json", lambda body: None),
+                   _member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
+                   _member("sub/m.json", evil), _member("m.json", benign),
+                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
+
+
+def _hard_link_to_a_symlink(data):
+    evil, benign = _evil_manifest(data), _benign_manifest(data)
+    return _append(_rewrite(data, "manifest.json", lambda body: None),
+                   _member("m.json", evil), _member("sub/m.json", benign),
+                   _member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
+
+
+@pytest.mark.parametrize("craft", [
+    _data_after_directory, _symlink_then_file, _hard_link_keeps_the_old_file, _written_through_a_symlink,
+    _second_pax_header_replaces_the_first, _gnu_long_name_beats_pax, _gnu_sparse_rename, _star_prefix,
+    _symlink_climbing_out_of_a_symlink, _hard_link_to_a_symlink,
+], ids=lambda craft: craft.__name__.strip("_"))
+def test_archive_the_engine_would_read_differently_is_refused(craft):
+    _refused(craft(savetar.build(TAGS)))
