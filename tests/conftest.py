@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.service import DEFAULT_IMAGES
+from imageunlock.models import DEFAULT_IMAGES
 
 from .support.dockerd import Dockerd, DockerdError
 from .support.images import ArchiveSet, build_archive_set

@@ -21,10 +21,11 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from .errors import ConfigurationError, UnlockError
-from .resource_api import ApiSettings, Credentials, ResourceApiClient
-from .service import DEFAULT_IMAGES, Phase, UnlockRequest, UnlockService
+from .resource_api import ApiClientConfig, ResourceApiClient
+from .models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
+from .service import UnlockService
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
+EXIT_OK, EXIT_FAILED, EXIT_TEMPFAIL = 0, 1, 75  # usage errors: argparse's own 2
 
 DEFAULT_API_URL = "https://api.azaion.com"
 DEFAULT_ARCHIVE = "/opt/azaion/images.enc"
@@ -142,12 +143,12 @@ def _credentials() -> Credentials:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    from .docker_runtime import DockerRuntime
+    from .runtimes.docker import DockerRuntime
 
     runtime = DockerRuntime(base_url=args.docker_host)
     service = UnlockService(
         runtime,
-        lambda creds: ResourceApiClient(args.api_url, creds, ApiSettings()),
+        lambda creds: ResourceApiClient(args.api_url, creds, ApiClientConfig()),
         lock_timeout=args.lock_timeout,
     )
     request = UnlockRequest(

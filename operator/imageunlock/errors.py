@@ -59,7 +59,7 @@ class DigestMismatchError(UnlockError):
     reason = "ArchiveDigestMismatch"
 
 
-class ImagesMissingError(UnlockError):
+class ImagesNotVerifiedError(UnlockError):
     reason = "ImagesMissing"
 
     def __init__(self, missing: list[str], wrong: list[str] | None = None) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 import kopf
 
-from .docker_runtime import DockerRuntime
+from .runtimes.docker import DockerRuntime
 from .errors import UnlockError
-from .kube import GROUP, PLURAL, VERSION, Kube
-from .reconciler import Reconciler
+from .kube import GROUP, PLURAL, VERSION, KubernetesApi
+from .reconciler import Reconciler, Verdict
 from .resync import Resync
-from .settings import Settings
+from .config import OperatorConfig
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -33,7 +33,7 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config = Settings.from_env()
+    config = OperatorConfig.from_env()
     # kopf's bookkeeping goes to annotations under our group; status stays ours alone.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -46,7 +46,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.connect_timeout = 10
     memo.settings = config
     memo.runtime = DockerRuntime(config.docker_host, timeout=config.runtime_timeout)
-    memo.kube = await asyncio.to_thread(Kube)  # reads kubeconfig / service-account files
+    memo.kube = await asyncio.to_thread(KubernetesApi)  # reads kubeconfig / service-account files
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
     # while the event loop updates the dict.
@@ -67,6 +67,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         memo.verifier.shutdown(wait=False, cancel_futures=True)
     if getattr(memo, "runtime", None) is not None:
         await asyncio.to_thread(memo.runtime.close)
+    if getattr(memo, "kube", None) is not None:
+        await asyncio.to_thread(memo.kube.close)
 
 
 @kopf.on.probe(id="runtime")
@@ -82,20 +84,20 @@ def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    plain = _plain(body)
+    plain = _snapshot(body)
     key = (body.metadata.namespace, body.metadata.name)
     inputs = memo.resync.inputs(plain)
     with memo.resync.lock(key):
         outcome = memo.reconciler.reconcile(plain, attempt=retry)
     memo.resync.record(key, outcome, retry, inputs, by_handler=True)
-    if outcome.kind == "stalled":
+    if outcome.verdict is Verdict.STALLED:
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
-    if outcome.kind == "retry":
+    if outcome.verdict is Verdict.RETRY:
         raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.delay)
 
 
 @kopf.on.event(*RESOURCE)
-async def remember(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Keep a snapshot per ImageUnlock for the re-verification loop. Async on purpose: it
     only touches a dict, and running it on the event loop keeps every mutation of
     ``memo.objects`` on the thread that iterates it."""
@@ -105,10 +107,10 @@ async def remember(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: 
         memo.objects.pop(key, None)
         memo.resync.forget(key)
     else:
-        memo.objects[key] = _plain(body)
+        memo.objects[key] = _snapshot(body)
 
 
-def _plain(body: Any) -> dict[str, Any]:
+def _snapshot(body: Any) -> dict[str, Any]:
     return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
 
 

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from .errors import ConfigurationError, KubernetesUnavailableError
-from .resource_api import Credentials
+from .models import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
-class Kube:
+class KubernetesApi:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self.api_client = api_client or _client()
         self.core = kubernetes.client.CoreV1Api(self.api_client)

@@ -9,12 +9,12 @@ import sys
 import kopf
 
 from .errors import ConfigurationError
-from .settings import Settings
+from .config import OperatorConfig
 
 
 def run_operator() -> int:
     try:
-        settings = Settings.from_env()
+        settings = OperatorConfig.from_env()
     except ConfigurationError as exc:
         print(f"imageunlock: error: {exc.message}", file=sys.stderr)
         return 1

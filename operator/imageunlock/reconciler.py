@@ -12,16 +12,18 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from . import status as st
 from .claims import Claim, find_conflict
-from .errors import ImagesMissingError, InternalError, RefConflictError, UnlockError
+from .errors import ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
 from .refs import normalize_ref
-from .kube import Kube
-from .resource_api import ApiSettings, ResourceApiClient
-from .service import Phase, UnlockService
-from .settings import Settings
+from .kube import KubernetesApi
+from .resource_api import ApiClientConfig, ResourceApiClient
+from .models import Phase
+from .service import UnlockService
+from .config import OperatorConfig
 from .spec import UnlockSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,17 @@ def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
             if isinstance(i, Mapping) and i.get("name") and i.get("id")}
 
 
+class Verdict(Enum):
+    """How a reconcile ended, for whoever drives it (kopf's handler, the resync loop)."""
+
+    READY = "ready"
+    STALLED = "stalled"  # a user mistake: kopf.PermanentError
+    RETRY = "retry"  # a transient fault: kopf.TemporaryError after ``delay``
+
+
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # "ready" | "stalled" | "retry"
+    verdict: Verdict
     message: str = ""
     reason: str = ""
     delay: float = 0.0
@@ -52,7 +62,7 @@ def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
     meta = body.get("metadata") or {}
     return Claim(str(meta.get("namespace") or ""), str(meta.get("name") or ""),
                  str(meta.get("creationTimestamp") or ""), spec.runtime, spec.archive_path,
-                 frozenset(normalize_ref(ref) for ref in spec.request().refs))
+                 frozenset(normalize_ref(ref) for ref in spec.to_request().refs))
 
 
 def _archive_signature(path: str) -> tuple[Any, ...]:
@@ -66,13 +76,13 @@ def _archive_signature(path: str) -> tuple[Any, ...]:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, runtime: Any, kube: Kube,
+    def __init__(self, settings: OperatorConfig, runtime: Any, kube: KubernetesApi,
                  others: Callable[[], Iterable[Mapping[str, Any]]] = tuple) -> None:
         self.settings = settings
         self.runtime = runtime
         self.kube = kube
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
-        self.api_settings = ApiSettings(
+        self.api_settings = ApiClientConfig(
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
             retries=settings.api_retries,
@@ -123,14 +133,14 @@ class Reconciler:
             return False
         meta = body.get("metadata") or {}
         known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
-        return self.service(spec).present(spec.request(known)) is not None
+        return self.service(spec).present(spec.to_request(known)) is not None
 
     def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
         meta = body.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         generation = int(meta.get("generation") or 0)
         status = dict(body.get("status") or {})
-        run = _Run(self, body, namespace, name, generation, status.get("conditions"))
+        run = _Reconciliation(self, body, namespace, name, generation, status.get("conditions"))
         previously_ready = status.get("phase") == Phase.READY.value
         try:
             spec = self.parse(body)
@@ -140,7 +150,7 @@ class Reconciler:
                 raise conflict
             known = known_ids(status, generation)
             result = self.service(spec).unlock(
-                spec.request(known),
+                spec.to_request(known),
                 lambda: self.kube.read_credentials(namespace, spec.secret_name),
                 run.report,
             )
@@ -158,10 +168,10 @@ class Reconciler:
             how = "loaded and verified" if not result.fast_path else "already present"
             run.event("Normal", "Unlocked" if not result.fast_path else "AlreadyPresent",
                       f"{len(result.images)} image(s) {how} at version {spec.version}")
-        return Outcome("ready", "ready")
+        return Outcome(Verdict.READY, "ready")
 
 
-class _Run:
+class _Reconciliation:
     """State of one reconciliation: the conditions as last written, and a throttle."""
 
     def __init__(self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str,
@@ -197,10 +207,10 @@ class _Run:
             phase = (self.phase or Phase.PENDING).value
             self.write(st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase))
             self.event("Warning", exc.reason, f"attempt {attempt + 1}: {exc.message}")
-            return Outcome("retry", exc.message, exc.reason, delay)
+            return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         images = None
-        if isinstance(exc, ImagesMissingError):
+        if isinstance(exc, ImagesNotVerifiedError):
             images = {ref: None for ref in exc.missing}
         self.write(st.stalled(exc.reason, exc.message, self.generation, self.conditions, images))
         self.event("Warning", exc.reason, exc.message)
-        return Outcome("stalled", exc.message, exc.reason)
+        return Outcome(Verdict.STALLED, exc.message, exc.reason)

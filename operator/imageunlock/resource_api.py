@@ -51,6 +51,7 @@ from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, LocationParse
 from urllib3.util import Url, parse_url
 from urllib3.util.retry import Retry
 
+from .models import Credentials
 from .errors import ApiRejectedError, ApiUnavailableError, AuthenticationError, ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,7 @@ _READ_CHUNK = 16 * 1024
 
 
 @dataclass(frozen=True)
-class Credentials:
-    email: str
-    password: str = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.email or not self.password:
-            raise ConfigurationError("credentials need a non-empty email and password")
-
-
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiClientConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     retries: int = 3
@@ -235,7 +226,7 @@ class _Retry(Retry):
         return self.watch.expired or super().is_exhausted()
 
 
-def _retry_policy(settings: ApiSettings, watch: _Watch) -> Retry:
+def _retry_policy(settings: ApiClientConfig, watch: _Watch) -> Retry:
     retry = _Retry(
         total=settings.retries,
         connect=settings.retries,
@@ -299,20 +290,19 @@ def _token_from(body: bytes) -> str | None:
 class ResourceApiClient:
     """One HTTP session per client; one call at a time."""
 
-    def __init__(self, base_url: str, credentials: Credentials, settings: ApiSettings | None = None):
+    def __init__(self, base_url: str, credentials: Credentials, settings: ApiClientConfig | None = None):
         url = _parse_base_url(base_url)
         self._target = (url.scheme, None, url.host, url.port)
         port = f":{url.port}" if url.port is not None else ""
         self.base_url = f"{url.scheme}://{url.host}{port}{(url.path or '').rstrip('/')}"
         self._credentials = credentials
-        self._settings = settings or ApiSettings()
+        self._settings = settings or ApiClientConfig()
         self._token: str | None = None
         self._watch = _Watch()
         self._session = _Session()
         adapter = _Adapter(self._watch, max_retries=_retry_policy(self._settings, self._watch))
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
-        self.requests_made = {"login": 0, "key_fragment": 0}
 
     def close(self) -> None:
         self._watch.stop()
@@ -325,7 +315,6 @@ class ResourceApiClient:
         self.close()
 
     def login(self) -> None:
-        self.requests_made["login"] += 1
         status, body = self._exchange(
             "POST",
             LOGIN_PATH,
@@ -354,7 +343,6 @@ class ResourceApiClient:
         return fragment
 
     def _get_fragment(self) -> tuple[int, bytes]:
-        self.requests_made["key_fragment"] += 1
         return self._exchange(
             "GET", KEY_FRAGMENT_PATH, MAX_FRAGMENT_BYTES, headers={"Authorization": f"Bearer {self._token}"}
         )

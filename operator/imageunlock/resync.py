@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UnlockError
-from .reconciler import Outcome, Reconciler
-from .service import Phase
+from .reconciler import Outcome, Reconciler, Verdict
+from .models import Phase
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ class Resync:
                by_handler: bool = False) -> None:
         """Schedule the next look after a reconcile (by the handler or by ``step``)."""
         now = self.clock()
-        if outcome.kind == "retry" and by_handler:
+        if outcome.verdict is Verdict.RETRY and by_handler:
             self.due[key] = Due(float("inf"))  # kopf retries it; its final outcome is recorded here
-        elif outcome.kind == "retry":
+        elif outcome.verdict is Verdict.RETRY:
             self.due[key] = Due(now + outcome.delay, attempt + 1)
-        elif outcome.kind == "stalled":
+        elif outcome.verdict is Verdict.STALLED:
             self.due[key] = Due(now + self.interval, 0, inputs)
         else:
             self.due[key] = Due(now + self.interval)

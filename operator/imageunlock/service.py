@@ -8,75 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from .archive import check_sha256, open_archive
 from .crypto import CHUNK_SIZE, decrypt_stream
-from .errors import ArchiveNotFoundError, ImagesMissingError
+from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
 from .dockersave import ImageTarVerifier, verified_stream
-from .resource_api import Credentials
+from .models import Credentials, KeyClient, Phase, Report, Runtime, UnlockRequest, UnlockResult
 
 log = logging.getLogger(__name__)
-
-# The seeds' API_SERVICES: what an archive holds unless a request says otherwise.
-DEFAULT_IMAGES: tuple[str, ...] = (
-    "azaion/annotations",
-    "azaion/flights",
-    "azaion/detections",
-    "azaion/gps-denied-onboard",
-    "azaion/gps-denied-desktop",
-    "azaion/autopilot",
-    "azaion/ai-training",
-)
-
-
-class Phase(str, Enum):
-    PENDING = "Pending"
-    AUTHENTICATING = "Authenticating"
-    FETCHING_KEY = "FetchingKey"
-    LOADING = "Loading"
-    VERIFYING = "Verifying"
-    READY = "Ready"
-    FAILED = "Failed"
-
-
-Report = Callable[[Phase, str, int, int], None]
-
-
-class Runtime(Protocol):
-    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]: ...
-    def load(self, chunks) -> list[str]: ...  # noqa: ANN001
-
-
-class KeySource(Protocol):
-    def login(self) -> None: ...
-    def key_fragment(self) -> bytes: ...
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class UnlockRequest:
-    archive_path: str
-    version: str
-    images: tuple[str, ...] = DEFAULT_IMAGES
-    archive_sha256: str | None = None
-    # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
-    known_ids: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def refs(self) -> list[str]:
-        return [f"{name}:{self.version}" for name in self.images]
-
-
-@dataclass(frozen=True)
-class UnlockResult:
-    images: dict[str, str]  # ref -> image ID
-    fast_path: bool
-    loaded: list[str]
-    archive_bytes: int = 0
-
 
 def _noop(phase: Phase, message: str, done: int, total: int) -> None:
     return None
@@ -86,14 +26,14 @@ class UnlockService:
     def __init__(
         self,
         runtime: Runtime,
-        key_source: Callable[[Credentials], KeySource],
+        open_key_client: Callable[[Credentials], KeyClient],
         *,
         archive_roots: Sequence[str] = (),
         lock_timeout: float = 0.0,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         self.runtime = runtime
-        self.key_source = key_source
+        self.open_key_client = open_key_client
         self.archive_roots = tuple(archive_roots)
         self.lock_timeout = lock_timeout
         self.chunk_size = chunk_size
@@ -118,14 +58,14 @@ class UnlockService:
     ) -> UnlockResult:
         report(Phase.PENDING, "checking for images already loaded", 0, 0)
         if (ids := self.present(request)) is not None:
-            return UnlockResult(images=ids, fast_path=True, loaded=[])
+            return UnlockResult(images=ids, fast_path=True)
         try:
             with open_archive(
                 request.archive_path, self.archive_roots, lock_timeout=self.lock_timeout
             ) as (handle, size):
                 # Someone may have loaded the images while we waited for the lock.
                 if (ids := self.present(request)) is not None:
-                    return UnlockResult(images=ids, fast_path=True, loaded=[])
+                    return UnlockResult(images=ids, fast_path=True)
                 return self._unlock_locked(request, credentials, report, handle, size)
         except ArchiveNotFoundError:
             ids = self.runtime.image_ids(request.refs)
@@ -154,7 +94,7 @@ class UnlockService:
             check_sha256(handle, request.archive_sha256, hashed)
 
         report(Phase.AUTHENTICATING, "logging in to the resource API", 0, size)
-        client = self.key_source(credentials())
+        client = self.open_key_client(credentials())
         try:
             client.login()
             report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
@@ -182,6 +122,6 @@ class UnlockService:
             if ids[ref] is not None and (contents is None or contents.image_id(ref) != ids[ref])
         ]
         if missing or wrong:
-            raise ImagesMissingError(missing, wrong)
+            raise ImagesNotVerifiedError(missing, wrong)
         verified = {ref: ids[ref] or "" for ref in request.refs}
-        return UnlockResult(images=verified, fast_path=False, loaded=loaded, archive_bytes=size)
+        return UnlockResult(images=verified, fast_path=False, archive_bytes=size)

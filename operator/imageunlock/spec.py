@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .apiurl import allowed, parse_api_url
 from .errors import ConfigurationError
-from .service import DEFAULT_IMAGES, UnlockRequest
+from .models import DEFAULT_IMAGES, UnlockRequest
 
 # Docker's grammar for a tag and for a repository name (with an optional registry host).
 TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
@@ -35,7 +35,7 @@ class UnlockSpec:
     runtime: str = "docker"
     archive_sha256: str | None = None
 
-    def request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
+    def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
         return UnlockRequest(
             archive_path=self.archive_path,
             version=self.version,

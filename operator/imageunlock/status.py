@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .service import Phase
+from .models import Phase
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from imageunlock.crypto import read_chunks
-from imageunlock.docker_runtime import DockerRuntime
-from imageunlock.errors import ImagesMissingError
-from imageunlock.resource_api import Credentials, ResourceApiClient
-from imageunlock.service import Phase, UnlockRequest, UnlockService
+from imageunlock.runtimes.docker import DockerRuntime
+from imageunlock.errors import ImagesNotVerifiedError
+from imageunlock.resource_api import ResourceApiClient
+from imageunlock.models import Credentials, Phase, UnlockRequest
+from imageunlock.service import UnlockService
 
 from ..conftest import TEST_EMAIL, TEST_PASSWORD
 from .test_cli_unlock import loaded
@@ -62,7 +63,7 @@ def test_image_missing_after_load_is_named(clean_docker, archives, resource_api)
     runtime = RacingRuntime(clean_docker.url)
     runtime.victim = archives.refs[3]
     request = UnlockRequest(str(archives.openssl_archive), archives.version, tuple(archives.names))
-    with pytest.raises(ImagesMissingError) as info:
+    with pytest.raises(ImagesNotVerifiedError) as info:
         _service(runtime, resource_api).unlock(request, _creds)
     assert info.value.missing == [archives.refs[3]]
     assert archives.refs[3] in info.value.message

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from imageunlock import status as st
-from imageunlock.service import Phase
+from imageunlock.models import Phase
 
 from .conftest import GITOPS, REPO, require
 

@@ -13,7 +13,7 @@ from urllib3.util import parse_url
 
 from imageunlock.apiurl import URL_PATTERN, parse_api_url
 from imageunlock.errors import ConfigurationError
-from imageunlock.settings import Settings
+from imageunlock.config import OperatorConfig
 from imageunlock.spec import parse_spec, url_allowed
 
 SEMANTIC = {"https://api.azaion.com:99999"}
@@ -127,10 +127,10 @@ def test_allow_list_paths_match_on_segment_boundaries():
 
 def test_settings_refuse_an_allow_list_entry_in_an_ambiguous_form():
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_API_URL_ALLOWLIST entry"):
-        Settings.from_env({"IMAGEUNLOCK_API_URL_ALLOWLIST": "https://a.test\\@b.test"})
+        OperatorConfig.from_env({"IMAGEUNLOCK_API_URL_ALLOWLIST": "https://a.test\\@b.test"})
     with pytest.raises(ConfigurationError, match="RESOURCE_API_URL"):
-        Settings.from_env({"RESOURCE_API_URL": "https://a.test?x=1"})
-    assert Settings.from_env({"RESOURCE_API_URL": "https://A.test:443/"}).default_api_url == "https://a.test"
+        OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test?x=1"})
+    assert OperatorConfig.from_env({"RESOURCE_API_URL": "https://A.test:443/"}).default_api_url == "https://a.test"
 
 
 def test_parse_spec_hands_on_only_the_canonical_url():

@@ -17,7 +17,8 @@ from imageunlock.errors import (
     ConfigurationError,
     UnlockError,
 )
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH, ApiSettings, Credentials, ResourceApiClient
+from imageunlock.models import Credentials
+from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH, ApiClientConfig, ResourceApiClient
 
 from ..support.net import free_port
 from ..support.resource_api import FakeResourceApi
@@ -26,7 +27,7 @@ from ..support.scripted_http import Out, Request, ScriptedServer, head, respond
 EMAIL = "edge@example.test"
 PASSWORD = "canary-password-" + secrets.token_hex(6)
 FRAGMENT = b"canary-fragment-" + secrets.token_bytes(16)
-FAST = ApiSettings(connect_timeout=1, read_timeout=1, retries=3, backoff_factor=0.01)
+FAST = ApiClientConfig(connect_timeout=1, read_timeout=1, retries=3, backoff_factor=0.01)
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def api():
     server.stop()
 
 
-def client(api: FakeResourceApi, password: str = PASSWORD, settings: ApiSettings = FAST) -> ResourceApiClient:
+def client(api: FakeResourceApi, password: str = PASSWORD, settings: ApiClientConfig = FAST) -> ResourceApiClient:
     return ResourceApiClient(api.url, Credentials(EMAIL, password), settings)
 
 
@@ -101,7 +102,7 @@ def test_client_errors_are_permanent(api, status, error):
 def test_slow_answers_are_bounded_by_the_read_timeout(api):
     api.delay = 2.0
     started = time.monotonic()
-    with client(api, settings=ApiSettings(connect_timeout=1, read_timeout=0.3, retries=1, backoff_factor=0)) as c:
+    with client(api, settings=ApiClientConfig(connect_timeout=1, read_timeout=0.3, retries=1, backoff_factor=0)) as c:
         with pytest.raises(ApiUnavailableError):
             c.login()
     assert time.monotonic() - started < 2 * 2.0 + 1  # two bounded attempts, not a hang
@@ -302,7 +303,7 @@ def test_an_unparsable_retry_after_means_the_usual_backoff():
 @pytest.mark.parametrize("settings", [{"deadline": 0}, {"deadline": float("inf")}, {"max_retry_after": -1}])
 def test_settings_without_a_finite_deadline_or_cap_are_refused(settings):
     with pytest.raises(ConfigurationError):
-        ApiSettings(**settings)
+        ApiClientConfig(**settings)
 
 
 def test_the_deadline_covers_retries():

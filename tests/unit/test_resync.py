@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from imageunlock.errors import RuntimeUnavailableError
-from imageunlock.reconciler import Outcome
+from imageunlock.reconciler import Outcome, Verdict
 from imageunlock.resync import Resync
 
 KEY = ("ns", "iu")
@@ -60,7 +60,7 @@ def test_ready_and_still_true_is_only_looked_at_every_interval():
 
 
 def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attempts():
-    resync, fake, clock = make(Outcome("retry", delay=5), Outcome("retry", delay=10), Outcome("ready"))
+    resync, fake, clock = make(Outcome(Verdict.RETRY, delay=5), Outcome(Verdict.RETRY, delay=10), Outcome(Verdict.READY))
     fake.ready = False  # an image went missing
     resync.step(KEY, body("Ready"))
     assert fake.calls == [0] and resync.due[KEY].at == 1005.0
@@ -85,7 +85,7 @@ def test_a_generation_the_handler_has_not_finished_is_left_to_it():
 
 
 def test_the_handler_holding_the_lock_keeps_the_loop_out():
-    resync, fake, clock = make(Outcome("ready"))
+    resync, fake, clock = make(Outcome(Verdict.READY))
     fake.ready = False
     with resync.lock(KEY):
         resync.step(KEY, body("Ready"))
@@ -96,18 +96,18 @@ def test_the_handler_holding_the_lock_keeps_the_loop_out():
 
 def test_a_handler_retry_is_left_to_kopf_until_its_final_outcome():
     resync, fake, clock = make()
-    resync.record(KEY, Outcome("retry", delay=5), 0, None, by_handler=True)
+    resync.record(KEY, Outcome(Verdict.RETRY, delay=5), 0, None, by_handler=True)
     clock.now += 10_000
     fake.ready = False
     resync.step(KEY, body("Loading"))
     assert fake.calls == []
-    resync.record(KEY, Outcome("ready"), 3, None, by_handler=True)
+    resync.record(KEY, Outcome(Verdict.READY), 3, None, by_handler=True)
     assert resync.due[KEY].at == clock.now + 300  # back on the verify interval
 
 
 def test_stalled_is_rechecked_only_when_an_input_changed():
-    resync, fake, clock = make(Outcome("stalled", "bad credentials", "AuthenticationFailed"))
-    resync.record(KEY, Outcome("stalled"), 0, fake.current_inputs, by_handler=True)
+    resync, fake, clock = make(Outcome(Verdict.STALLED, "bad credentials", "AuthenticationFailed"))
+    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, by_handler=True)
     for _ in range(5):  # five verify intervals: no re-login with the same credentials
         clock.now += 300
         resync.step(KEY, body("Failed"))

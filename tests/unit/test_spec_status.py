@@ -6,8 +6,8 @@ import pytest
 
 from imageunlock import status as st
 from imageunlock.errors import ConfigurationError
-from imageunlock.service import DEFAULT_IMAGES, Phase
-from imageunlock.settings import Settings
+from imageunlock.models import DEFAULT_IMAGES, Phase
+from imageunlock.config import OperatorConfig
 from imageunlock.spec import parse_spec
 
 GOOD = {
@@ -20,7 +20,7 @@ GOOD = {
 def test_minimal_spec_gets_defaults():
     spec = parse_spec(GOOD, None)
     assert spec.images == DEFAULT_IMAGES and spec.runtime == "docker" and spec.archive_sha256 is None
-    assert spec.request().refs[0] == "azaion/annotations:1.4.2"
+    assert spec.to_request().refs[0] == "azaion/annotations:1.4.2"
 
 
 def test_api_url_falls_back_to_operator_default():
@@ -107,11 +107,11 @@ def test_throttle_lets_phase_changes_and_intervals_through():
 
 
 def test_settings_from_env_and_errors():
-    s = Settings.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "/a:/b", "IMAGEUNLOCK_VERIFY_INTERVAL": "30",
+    s = OperatorConfig.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "/a:/b", "IMAGEUNLOCK_VERIFY_INTERVAL": "30",
                            "RESOURCE_API_URL": "http://x", "IMAGEUNLOCK_NAMESPACES": "ns1,ns2"})
     assert s.archive_roots == ("/a", "/b") and s.verify_interval == 30 and s.namespaces == ("ns1", "ns2")
     with pytest.raises(ConfigurationError) as info:
-        Settings.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
+        OperatorConfig.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
     assert "IMAGEUNLOCK_ARCHIVE_ROOT" in info.value.message and "IMAGEUNLOCK_VERIFY_INTERVAL" in info.value.message
 
 
@@ -147,7 +147,7 @@ def test_spec_url_outside_the_allowlist_is_refused():
 
 def test_operator_settings_require_a_trusted_api():
     with pytest.raises(ConfigurationError, match="RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST"):
-        Settings.from_env({})
-    assert Settings.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
-    both = Settings.from_env({"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"})
+        OperatorConfig.from_env({})
+    assert OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
+    both = OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"})
     assert both.api_url_allowlist == ("https://b.test", "https://c.test", "https://a.test")

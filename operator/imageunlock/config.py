@@ -1,4 +1,6 @@
-"""Operator settings, read once from the environment (the Deployment / Helm values set them)."""
+"""The operator's configuration, read once from the environment (the Deployment / Helm values
+set it). Not to be confused with kopf's own ``settings`` or the resource API client's
+:class:`~imageunlock.resource_api.ApiClientConfig`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from .errors import ConfigurationError
 
 
 @dataclass(frozen=True)
-class Settings:
+class OperatorConfig:
     archive_roots: tuple[str, ...] = ("/var/lib/imageunlock",)
     docker_host: str = "unix:///var/run/docker.sock"
     default_api_url: str | None = None
@@ -31,7 +33,7 @@ class Settings:
     workers: int = 4
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
         problems: list[str] = []
 

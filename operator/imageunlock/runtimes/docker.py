@@ -17,7 +17,7 @@ import docker
 import docker.errors
 import requests
 
-from .errors import ArchiveRejectedError, LoadError, RuntimeUnavailableError, UnlockError
+from ..errors import ArchiveRejectedError, LoadError, RuntimeUnavailableError, UnlockError
 
 log = logging.getLogger(__name__)
 
