@@ -28,15 +28,16 @@ from .errors import ConfigurationError
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 # Also the CRD's pattern (tests keep the two equal). RE2- and Python-compatible.
-URL_PATTERN = (
-    rf"^https?://(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)(?::[1-9][0-9]{{0,4}})?(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?$"
-)
+URL_PATTERN = rf"^https?://(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)(?::[1-9][0-9]{{0,4}})?(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?$"
 _URL = re.compile(
     r"(?P<scheme>https?)://(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>" + _LABEL + r"(?:\." + _LABEL + r")*))"
     r"(?::(?P<port>[1-9][0-9]{0,4}))?(?P<path>(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*)/?"
 )
 DEFAULT_PORTS = {"http": 80, "https": 443}
-FORM = "scheme://host[:port][/path] (http or https; no user info, query, fragment, backslash, percent-encoding or non-ASCII)"
+FORM = (
+    "scheme://host[:port][/path] "
+    "(http or https; no user info, query, fragment, backslash, percent-encoding or non-ASCII)"
+)
 
 
 @dataclass(frozen=True)

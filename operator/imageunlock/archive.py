@@ -72,7 +72,7 @@ def _pick_root(path: str, roots: Sequence[str]) -> tuple[str, list[str]]:
             "(operator setting IMAGEUNLOCK_ARCHIVE_ROOT)"
         )
     root = max(candidates, key=lambda r: len(_split(r)))
-    return root, parts[len(_split(root)):]
+    return root, parts[len(_split(root)) :]
 
 
 def _openat2(dir_fd: int, parts: list[str]) -> int | None:
@@ -84,11 +84,14 @@ def _openat2(dir_fd: int, parts: list[str]) -> int | None:
     how = _OpenHow(_FILE_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
     name = os.fsencode("/".join(parts) or ".")
     fd = libc.syscall(
-        ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(name),
-        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(name),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
     )
     if fd >= 0:
-        return fd
+        return int(fd)
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter that refuses it
         return None
@@ -147,9 +150,7 @@ def _open(path: str, roots: Sequence[str]) -> int:
 
 
 @contextmanager
-def open_archive(
-    path: str, roots: Sequence[str], *, lock_timeout: float = 0.0
-) -> Iterator[tuple[BinaryIO, int]]:
+def open_archive(path: str, roots: Sequence[str], *, lock_timeout: float = 0.0) -> Iterator[tuple[BinaryIO, int]]:
     """Open, check and lock the archive; yield ``(file, size)``."""
     try:
         fd = _open(path, roots)
@@ -168,7 +169,7 @@ def open_archive(
         os.set_blocking(fd, True)
         _lock(fd, path, lock_timeout)
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as handle:
-            yield handle, info.st_size  # type: ignore[misc]
+            yield handle, info.st_size
     finally:
         os.close(fd)  # also releases the flock
 
@@ -185,9 +186,7 @@ def _lock(fd: int, path: str, timeout: float) -> None:
             time.sleep(0.2)
 
 
-def check_sha256(
-    handle: BinaryIO, expected: str, on_progress: Callable[[int], None] | None = None
-) -> None:
+def check_sha256(handle: BinaryIO, expected: str, on_progress: Callable[[int], None] | None = None) -> None:
     """Hash the whole archive and compare with ``spec.archiveSha256``; rewinds afterwards."""
     digest = hashlib.sha256()
     done = 0
@@ -204,4 +203,3 @@ def check_sha256(
             f"archive SHA-256 is {actual}, expected {expected.lower()} (spec.archiveSha256); "
             "nothing was loaded — replace the archive or correct the digest"
         )
-

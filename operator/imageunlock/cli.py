@@ -21,8 +21,8 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from .errors import ConfigurationError, UnlockError
-from .resource_api import ApiClientConfig, ResourceApiClient
 from .models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
+from .resource_api import ApiClientConfig, ResourceApiClient
 from .service import UnlockService
 
 EXIT_OK, EXIT_FAILED, EXIT_TEMPFAIL = 0, 1, 75  # usage errors: argparse's own 2
@@ -104,7 +104,9 @@ class _Progress:
             decile = done * 10 // total
             if decile > self.decile:
                 self.decile = decile
-                print(f"imageunlock: {phase.value}: {done * 100 // total}% of {total} bytes", file=sys.stderr, flush=True)
+                print(
+                    f"imageunlock: {phase.value}: {done * 100 // total}% of {total} bytes", file=sys.stderr, flush=True
+                )
 
 
 def _default_state_file() -> str:
@@ -166,8 +168,11 @@ def _unlock(args: argparse.Namespace) -> int:
         try:
             _write_state(args.state_file, result.images)
         except OSError as exc:  # the images are fine; only the next run's fast path is lost
-            print(f"imageunlock: warning: could not record verified image IDs in {args.state_file}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"imageunlock: warning: could not record verified image IDs in {args.state_file}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
     how = "already present" if result.fast_path else "loaded and verified"
     print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
     return EXIT_OK

@@ -58,8 +58,11 @@ class OperatorConfig:
             problems.append("IMAGEUNLOCK_ARCHIVE_ROOT must name at least one directory")
         default_api_url = env.get("RESOURCE_API_URL") or None
         allowlist: tuple[str, ...] = ()
-        named = [("IMAGEUNLOCK_API_URL_ALLOWLIST entry", u.strip())
-                 for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",") if u.strip()]
+        named = [
+            ("IMAGEUNLOCK_API_URL_ALLOWLIST entry", u.strip())
+            for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",")
+            if u.strip()
+        ]
         named += [("RESOURCE_API_URL", default_api_url)] if default_api_url else []
         for what, raw in named:
             try:

@@ -28,6 +28,7 @@ CHUNK_SIZE = 64 * 1024
 IV_SIZE = 16
 BLOCK_SIZE = 16
 
+
 def derive_key(fragment: bytes) -> bytes:
     """The AES-256 key is the SHA-256 of the key fragment served by the resource API."""
     if not fragment:
@@ -47,9 +48,7 @@ def decrypt_stream(
     ``on_progress`` receives the number of ciphertext bytes consumed so far (IV included),
     which a caller compares with the file size for a percentage.
     """
-    return decrypt_with_key(
-        source, derive_key(fragment), chunk_size=chunk_size, on_progress=on_progress
-    )
+    return decrypt_with_key(source, derive_key(fragment), chunk_size=chunk_size, on_progress=on_progress)
 
 
 def decrypt_with_key(
@@ -93,9 +92,7 @@ def decrypt_with_key(
         yield tail
 
 
-def encrypt_stream(
-    chunks: Iterable[bytes], fragment: bytes, *, iv: bytes | None = None
-) -> Iterator[bytes]:
+def encrypt_stream(chunks: Iterable[bytes], fragment: bytes, *, iv: bytes | None = None) -> Iterator[bytes]:
     """The inverse of :func:`decrypt_stream`: ``IV || AES-256-CBC(PKCS7(data))``.
 
     Used by ``imageunlock encrypt`` (the publishing side) and the tests; the tests also make

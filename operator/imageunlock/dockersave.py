@@ -34,6 +34,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import ArchiveError, ForeignTagsError, ImagesNotInArchiveError
 from .refs import describe, normalize_ref, unrequested
@@ -67,7 +68,10 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
-def _field(obj: object, key: str, kind: type) -> object:
+_T = TypeVar("_T")
+
+
+def _field(obj: object, key: str, kind: type[_T]) -> _T | None:
     """``obj[key]`` as Go's encoding/json (the Engine's, containerd's) fills a struct field:
     keys match case-insensitively, so ``repotags`` counts and two spellings are refused.
     ``None`` when absent or null, else it must be a ``kind``."""
@@ -175,9 +179,7 @@ class ImageTarVerifier:
         tags = _field(entry, "RepoTags", list) or []
         if config_name is None or not all(isinstance(tag, str) for tag in tags):
             raise ArchiveError()
-        named = _LEGACY_CONFIG_RE.match(posixpath.basename(config_name)) or _BLOB_RE.match(
-            norm_name(config_name)
-        )
+        named = _LEGACY_CONFIG_RE.match(posixpath.basename(config_name)) or _BLOB_RE.match(norm_name(config_name))
         config_digest = self._digest(config_name)
         if named is None or named.group(1) != config_digest:
             raise ArchiveError()
@@ -185,7 +187,7 @@ class ImageTarVerifier:
         diff_ids = _field(_field(self._json(config_name), "rootfs", dict), "diff_ids", list)
         if diff_ids is None or len(diff_ids) != len(layers):
             raise ArchiveError()
-        for layer, diff_id in zip(layers, diff_ids):
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
             if not isinstance(layer, str) or not isinstance(diff_id, str):
                 raise ArchiveError()
             digest = self._digest(layer)

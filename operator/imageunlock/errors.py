@@ -103,8 +103,7 @@ class RefConflictError(UnlockError):
 
 
 ARCHIVE_ERROR_MESSAGE = (
-    "archive could not be unlocked: the key does not match or the archive is corrupt, "
-    "truncated or not an image archive"
+    "archive could not be unlocked: the key does not match or the archive is corrupt, truncated or not an image archive"
 )
 
 

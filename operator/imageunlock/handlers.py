@@ -5,9 +5,9 @@
 * an ``on.event`` handler keeps a snapshot of every ImageUnlock, and a background task hands
   them to :class:`~imageunlock.resync.Resync`, which re-verifies Ready ones every
   ``IMAGEUNLOCK_VERIFY_INTERVAL`` seconds, retries its own transient failures when due and
-  re-checks Stalled ones when their inputs change. Not a ``kopf.timer``: timers force a finalizer, and a finalizer makes deletion hang whenever the
-  operator is down. With no finalizer, deleting an ImageUnlock never waits for us (the
-  loaded images stay in the runtime);
+  re-checks Stalled ones when their inputs change. Not a ``kopf.timer``: timers force a
+  finalizer, and a finalizer makes deletion hang whenever the operator is down. With no
+  finalizer, deleting an ImageUnlock never waits for us (the loaded images stay in the runtime);
 * a liveness probe reports whether the container runtime answers.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 
 import kopf
 
-from .runtimes.docker import DockerRuntime
+from .config import OperatorConfig
 from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
 from .reconciler import Reconciler, Verdict
 from .resync import Resync
-from .config import OperatorConfig
+from .runtimes.docker import DockerRuntime
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -54,8 +54,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.resync = Resync(memo.reconciler)
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
     memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
-    log.info("operator settings: archive roots %s, runtime %s, verify every %ss",
-             ":".join(config.archive_roots), config.docker_host, config.verify_interval)
+    log.info(
+        "operator settings: archive roots %s, runtime %s, verify every %ss",
+        ":".join(config.archive_roots),
+        config.docker_host,
+        config.verify_interval,
+    )
 
 
 @kopf.on.cleanup()

@@ -13,7 +13,7 @@ import binascii
 import logging
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -55,15 +55,14 @@ class KubernetesApi:
         except ApiException as exc:
             if exc.status == 404:
                 raise ConfigurationError(
-                    f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys "
-                    "email and password"
+                    f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys email and password"
                 ) from None
             if exc.status == 403:
                 raise ConfigurationError(f"the operator is not allowed to read {where} (RBAC)") from None
             raise KubernetesUnavailableError(f"reading {where} failed (HTTP {exc.status})") from None
         except (HTTPError, OSError) as exc:
             raise KubernetesUnavailableError(f"reading {where} failed ({type(exc).__name__})") from None
-        data = secret.data or {}
+        data: dict[str, Any] = secret.data or {}
         missing = [key for key in ("email", "password") if not data.get(key)]
         if missing:
             raise ConfigurationError(f"{where} lacks key(s) {', '.join(missing)}; it needs email and password")
@@ -82,13 +81,19 @@ class KubernetesApi:
             raise KubernetesUnavailableError(f"reading Secret {namespace}/{name} failed (HTTP {exc.status})") from None
         except (HTTPError, OSError) as exc:
             raise KubernetesUnavailableError(
-                f"reading Secret {namespace}/{name} failed ({type(exc).__name__})") from None
+                f"reading Secret {namespace}/{name} failed ({type(exc).__name__})"
+            ) from None
         return secret.metadata.resource_version if secret.metadata else None
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": dict(status)},
                 _content_type="application/merge-patch+json",
             )
         except ApiException as exc:
@@ -102,19 +107,28 @@ class KubernetesApi:
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event on an ImageUnlock; failures are logged, never raised."""
         meta = obj.get("metadata", {})
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         event = kubernetes.client.CoreV1Event(
             # "<object>.<random hex>", like kubectl's events ("x." is no valid generateName).
-            metadata=kubernetes.client.V1ObjectMeta(name=f"{meta.get('name')}.{secrets.token_hex(8)}",
-                                                    namespace=meta.get("namespace")),
-            involved_object=kubernetes.client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}", kind=KIND, name=meta.get("name"),
-                namespace=meta.get("namespace"), uid=meta.get("uid"),
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=f"{meta.get('name')}.{secrets.token_hex(8)}", namespace=meta.get("namespace")
             ),
-            reason=reason, message=message[:1024], type=type_, count=1,
-            first_timestamp=now, last_timestamp=now,
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=KIND,
+                name=meta.get("name"),
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
             source=kubernetes.client.V1EventSource(component=COMPONENT),
-            reporting_component=COMPONENT, reporting_instance=COMPONENT,
+            reporting_component=COMPONENT,
+            reporting_instance=COMPONENT,
         )
         try:
             self.core.create_namespaced_event(meta.get("namespace"), event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from .errors import ConfigurationError
@@ -22,7 +22,7 @@ DEFAULT_IMAGES: tuple[str, ...] = (
 )
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PENDING = "Pending"
     AUTHENTICATING = "Authenticating"
     FETCHING_KEY = "FetchingKey"

@@ -8,8 +8,8 @@ import sys
 
 import kopf
 
-from .errors import ConfigurationError
 from .config import OperatorConfig
+from .errors import ConfigurationError
 
 
 def run_operator() -> int:
@@ -22,8 +22,9 @@ def run_operator() -> int:
     if level not in ("debug", "info", "warning"):
         print(f"imageunlock: error: IMAGEUNLOCK_LOG_LEVEL={level!r} must be debug, info or warning", file=sys.stderr)
         return 1
-    kopf.configure(debug=level == "debug", verbose=level == "debug", quiet=level == "warning",
-                   log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(
+        debug=level == "debug", verbose=level == "debug", quiet=level == "warning", log_format=kopf.LogFormat.PLAIN
+    )
     # urllib3 and the docker SDK are chatty at debug level and add nothing we need. The
     # kubernetes client's loggers ("kubernetes", and its package logger "client") stay at
     # WARNING whatever our level: some versions log response bodies at DEBUG, and one of

@@ -17,13 +17,13 @@ from typing import Any
 
 from . import status as st
 from .claims import Claim, find_conflict
-from .errors import ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
-from .refs import normalize_ref
-from .kube import KubernetesApi
-from .resource_api import ApiClientConfig, ResourceApiClient
-from .models import Phase
-from .service import UnlockService
 from .config import OperatorConfig
+from .errors import ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
+from .kube import KubernetesApi
+from .models import Phase
+from .refs import normalize_ref
+from .resource_api import ApiClientConfig, ResourceApiClient
+from .service import UnlockService
 from .spec import UnlockSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
     fast path insists on them, so a retagged impostor is not taken for the real image."""
     if status.get("observedGeneration") != generation:
         return {}
-    return {i["name"]: i["id"] for i in status.get("images") or []
-            if isinstance(i, Mapping) and i.get("name") and i.get("id")}
+    return {
+        i["name"]: i["id"]
+        for i in status.get("images") or []
+        if isinstance(i, Mapping) and i.get("name") and i.get("id")
+    }
 
 
 class Verdict(Enum):
@@ -60,9 +63,14 @@ class Outcome:
 
 def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
     meta = body.get("metadata") or {}
-    return Claim(str(meta.get("namespace") or ""), str(meta.get("name") or ""),
-                 str(meta.get("creationTimestamp") or ""), spec.runtime, spec.archive_path,
-                 frozenset(normalize_ref(ref) for ref in spec.to_request().refs))
+    return Claim(
+        str(meta.get("namespace") or ""),
+        str(meta.get("name") or ""),
+        str(meta.get("creationTimestamp") or ""),
+        spec.runtime,
+        spec.archive_path,
+        frozenset(normalize_ref(ref) for ref in spec.to_request().refs),
+    )
 
 
 def _archive_signature(path: str) -> tuple[Any, ...]:
@@ -76,8 +84,13 @@ def _archive_signature(path: str) -> tuple[Any, ...]:
 
 
 class Reconciler:
-    def __init__(self, settings: OperatorConfig, runtime: Any, kube: KubernetesApi,
-                 others: Callable[[], Iterable[Mapping[str, Any]]] = tuple) -> None:
+    def __init__(
+        self,
+        settings: OperatorConfig,
+        runtime: Any,
+        kube: KubernetesApi,
+        others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.kube = kube
@@ -119,8 +132,13 @@ class Reconciler:
         except UnlockError:
             return (meta.get("generation"), requested)
         conflict = self.conflict(body, spec)
-        return (meta.get("generation"), requested, self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
-                _archive_signature(spec.archive_path), conflict.message if conflict else None)
+        return (
+            meta.get("generation"),
+            requested,
+            self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
+            _archive_signature(spec.archive_path),
+            conflict.message if conflict else None,
+        )
 
     def still_ready(self, body: Mapping[str, Any]) -> bool:
         """Whether a Ready ImageUnlock's images are all still there with their verified IDs
@@ -161,21 +179,31 @@ class Reconciler:
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         run.write(
-            st.ready(result.images, result.fast_path, generation, run.conditions, result.archive_bytes,
-                     unlocked_at=unlocked_at)
+            st.ready(
+                result.images,
+                result.fast_path,
+                generation,
+                run.conditions,
+                result.archive_bytes,
+                unlocked_at=unlocked_at,
+            )
         )
         if not result.fast_path or not previously_ready:
             how = "loaded and verified" if not result.fast_path else "already present"
-            run.event("Normal", "Unlocked" if not result.fast_path else "AlreadyPresent",
-                      f"{len(result.images)} image(s) {how} at version {spec.version}")
+            run.event(
+                "Normal",
+                "Unlocked" if not result.fast_path else "AlreadyPresent",
+                f"{len(result.images)} image(s) {how} at version {spec.version}",
+            )
         return Outcome(Verdict.READY, "ready")
 
 
 class _Reconciliation:
     """State of one reconciliation: the conditions as last written, and a throttle."""
 
-    def __init__(self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str,
-                 generation: int, conditions: Any) -> None:
+    def __init__(
+        self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str, generation: int, conditions: Any
+    ) -> None:
         self.owner, self.body = owner, body
         self.namespace, self.name, self.generation = namespace, name, generation
         self.conditions = conditions if isinstance(conditions, list) else []
@@ -205,7 +233,9 @@ class _Reconciliation:
         if exc.transient:
             delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             phase = (self.phase or Phase.PENDING).value
-            self.write(st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase))
+            self.write(
+                st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase)
+            )
             self.event("Warning", exc.reason, f"attempt {attempt + 1}: {exc.message}")
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         images = None

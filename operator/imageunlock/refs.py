@@ -32,9 +32,7 @@ def normalize_ref(ref: str) -> str:
     elif not at:
         tag = ":latest"
     domain, slash, path = name.partition("/")
-    if not slash or not (
-        "." in domain or ":" in domain or domain == "localhost" or domain != domain.lower()
-    ):
+    if not slash or not ("." in domain or ":" in domain or domain == "localhost" or domain != domain.lower()):
         domain, path = DEFAULT_DOMAIN, name
     elif domain == LEGACY_DOMAIN:
         domain = DEFAULT_DOMAIN
@@ -52,6 +50,7 @@ def unrequested(tags: Iterable[str], requested: Iterable[str]) -> list[str]:
 def describe(refs: Sequence[str], limit: int = 5, width: int = 128) -> str:
     """``a, b, c and 2 more``: refs read from an archive, made fit for a status message
     (printable ASCII, each at most ``width`` characters, at most ``limit`` of them)."""
+
     def shown(ref: str) -> str:
         text = "".join(c if c.isascii() and c.isprintable() else "?" for c in ref[:width])
         return text + ("..." if len(ref) > width else "")

@@ -32,6 +32,7 @@ The server is not trusted to be well-behaved:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -40,7 +41,8 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -51,8 +53,8 @@ from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, LocationParse
 from urllib3.util import Url, parse_url
 from urllib3.util.retry import Retry
 
-from .models import Credentials
 from .errors import ApiRejectedError, ApiUnavailableError, AuthenticationError, ConfigurationError
+from .models import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +140,30 @@ class _Watch:
 
 
 def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # a read blocked in another thread returns now
-    except (OSError, AttributeError):  # already closed; or TLS-in-TLS, which has no shutdown
-        pass
+    # a read blocked in another thread returns now; already closed, or TLS-in-TLS (no shutdown): fine
+    with contextlib.suppress(OSError, AttributeError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _WatchedConnection:
     """Mixin for urllib3's connections: no connect past the deadline (and none that could
     outlast it), and the socket is known to the watch so the deadline can shut it down."""
 
+    timeout: Any  # urllib3's connection attributes, which this mixin adjusts and reads
+    sock: Any
+
     def __init__(self, *args: object, watch: _Watch, **kwargs: object) -> None:
         self._watch = watch
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
 
     def connect(self) -> None:
         remaining = self._watch.remaining()
         if remaining <= 0:
             raise ConnectTimeoutError(self, "the call's deadline has passed")
-        if not isinstance(self.timeout, (int, float)) or self.timeout > remaining:  # type: ignore[attr-defined]
+        if not isinstance(self.timeout, (int, float)) or self.timeout > remaining:
             self.timeout = remaining
         super().connect()  # type: ignore[misc]
-        self._watch.adopt(self.sock)  # type: ignore[attr-defined]
+        self._watch.adopt(self.sock)
 
 
 class _HTTPConnection(_WatchedConnection, HTTPConnection):
@@ -182,14 +186,14 @@ class _Adapter(HTTPAdapter):
     """An HTTPAdapter whose connections (direct or through an HTTP proxy) are watched."""
 
     def __init__(self, watch: _Watch, **kwargs: object) -> None:
-        self._pool_classes = {
+        self._pool_classes: dict[str, Any] = {  # partials of the pool classes
             "http": functools.partial(_HTTPPool, watch=watch),
             "https": functools.partial(_HTTPSPool, watch=watch),
         }
         super().__init__(**kwargs)  # type: ignore[arg-type]
 
-    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = self._pool_classes
 
     def proxy_manager_for(self, proxy: str, **kwargs: object) -> object:
@@ -373,7 +377,7 @@ class ResourceApiClient:
     def _send(self, method: str, path: str, **kwargs: object) -> requests.Response:
         session = self._session
         request = session.prepare_request(requests.Request(method, self.base_url + path, **kwargs))
-        target = parse_url(request.url)
+        target = parse_url(request.url or "")
         if (target.scheme, target.auth, target.host, target.port) != self._target:
             raise ConfigurationError(
                 f"refusing to send a request that would not go to the resource API at {self.base_url}"
@@ -399,8 +403,7 @@ class ResourceApiClient:
     def _unavailable(self, exc: Exception, method: str, path: str) -> ApiUnavailableError:
         if isinstance(exc, requests.exceptions.RetryError):
             return ApiUnavailableError(
-                f"resource API at {self.base_url} kept failing after "
-                f"{self._settings.retries} retries ({method} {path})"
+                f"resource API at {self.base_url} kept failing after {self._settings.retries} retries ({method} {path})"
             )
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             return ApiUnavailableError(

@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UnlockError
-from .reconciler import Outcome, Reconciler, Verdict
 from .models import Phase
+from .reconciler import Outcome, Reconciler, Verdict
 
 log = logging.getLogger(__name__)
+
+ObjectKey = tuple[str, str]  # (namespace, name)
 
 
 @dataclass(frozen=True)
@@ -43,25 +45,26 @@ class Resync:
     def __init__(self, reconciler: Reconciler, clock: Callable[[], float] = time.monotonic) -> None:
         self.reconciler = reconciler
         self.clock = clock
-        self.due: dict[Hashable, Due] = {}
-        self._locks: dict[Hashable, threading.Lock] = {}
+        self.due: dict[ObjectKey, Due] = {}
+        self._locks: dict[ObjectKey, threading.Lock] = {}
         self._guard = threading.Lock()
 
     @property
     def interval(self) -> float:
         return self.reconciler.settings.verify_interval
 
-    def lock(self, key: Hashable) -> threading.Lock:
+    def lock(self, key: ObjectKey) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: ObjectKey) -> None:
         with self._guard:
             self._locks.pop(key, None)
             self.due.pop(key, None)
 
-    def record(self, key: Hashable, outcome: Outcome, attempt: int, inputs: tuple[Any, ...] | None,
-               by_handler: bool = False) -> None:
+    def record(
+        self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: tuple[Any, ...] | None, by_handler: bool = False
+    ) -> None:
         """Schedule the next look after a reconcile (by the handler or by ``step``)."""
         now = self.clock()
         if outcome.verdict is Verdict.RETRY and by_handler:
@@ -73,7 +76,7 @@ class Resync:
         else:
             self.due[key] = Due(now + self.interval)
 
-    def step(self, key: Hashable, body: Mapping[str, Any]) -> None:
+    def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
         due = self.due.get(key, Due())
         if self.clock() < due.at:
             return
@@ -85,7 +88,7 @@ class Resync:
         finally:
             lock.release()
 
-    def _step(self, key: Hashable, body: Mapping[str, Any], due: Due) -> None:
+    def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
         status = body.get("status") or {}
         meta = body.get("metadata") or {}
         if status.get("observedGeneration") != meta.get("generation"):

@@ -7,16 +7,17 @@ learn what happens through a ``report(phase, message, done, total)`` callback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from .archive import check_sha256, open_archive
 from .crypto import CHUNK_SIZE, decrypt_stream
-from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
 from .dockersave import ImageTarVerifier, verified_stream
+from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
 from .models import Credentials, KeyClient, Phase, Report, Runtime, UnlockRequest, UnlockResult
 
 log = logging.getLogger(__name__)
+
 
 def _noop(phase: Phase, message: str, done: int, total: int) -> None:
     return None
@@ -60,19 +61,23 @@ class UnlockService:
         if (ids := self.present(request)) is not None:
             return UnlockResult(images=ids, fast_path=True)
         try:
-            with open_archive(
-                request.archive_path, self.archive_roots, lock_timeout=self.lock_timeout
-            ) as (handle, size):
+            with open_archive(request.archive_path, self.archive_roots, lock_timeout=self.lock_timeout) as (
+                handle,
+                size,
+            ):
                 # Someone may have loaded the images while we waited for the lock.
                 if (ids := self.present(request)) is not None:
                     return UnlockResult(images=ids, fast_path=True)
                 return self._unlock_locked(request, credentials, report, handle, size)
         except ArchiveNotFoundError:
-            ids = self.runtime.image_ids(request.refs)
-            absent = [r for r, i in ids.items() if i is None]
-            unverified = [r for r, i in ids.items() if i is not None and request.known_ids.get(r) != i]
-            what = (f"images are not loaded ({', '.join(absent)})" if absent else
-                    f"images present are not verified ({', '.join(unverified)})")
+            found = self.runtime.image_ids(request.refs)
+            absent = [r for r, i in found.items() if i is None]
+            unverified = [r for r, i in found.items() if i is not None and request.known_ids.get(r) != i]
+            what = (
+                f"images are not loaded ({', '.join(absent)})"
+                if absent
+                else f"images present are not verified ({', '.join(unverified)})"
+            )
             raise ArchiveNotFoundError(
                 f"archive {request.archive_path!r} does not exist and {what}; "
                 "put the archive on the node or correct spec.archivePath"
@@ -87,6 +92,7 @@ class UnlockService:
         size: int,
     ) -> UnlockResult:
         if request.archive_sha256:
+
             def hashed(done: int) -> None:
                 report(Phase.PENDING, "checking the archive's SHA-256", done, size)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .models import Phase
@@ -20,7 +20,7 @@ READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _conditions(
@@ -34,7 +34,7 @@ def _conditions(
     for type_, (state, reason, message) in states.items():
         status = "True" if state else "False"
         old = before.get(type_)
-        changed = old is None or old.get("status") != status
+        since = now if old is None or old.get("status") != status else old.get("lastTransitionTime", now)
         result.append(
             {
                 "type": type_,
@@ -42,20 +42,25 @@ def _conditions(
                 "reason": reason,
                 "message": message,
                 "observedGeneration": generation,
-                "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
+                "lastTransitionTime": since,
             }
         )
     return result
 
 
-def progress(done: int, total: int) -> dict[str, int]:
+def progress(done: int, total: int) -> dict[str, int | str]:
     percent = min(100, done * 100 // total) if total else 0
     return {"bytesDone": done, "bytesTotal": total, "percent": percent, "text": f"{percent}%"}
 
 
 def working(
-    phase: Phase, message: str, generation: int, previous: Sequence[Mapping[str, Any]] | None,
-    done: int = 0, total: int = 0, now: str | None = None,
+    phase: Phase,
+    message: str,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]] | None,
+    done: int = 0,
+    total: int = 0,
+    now: str | None = None,
 ) -> dict[str, Any]:
     """An unlock is under way: Reconciling=True, Ready=False."""
     now = now or now_rfc3339()
@@ -77,8 +82,12 @@ def working(
 
 
 def ready(
-    images: Mapping[str, str], fast_path: bool, generation: int,
-    previous: Sequence[Mapping[str, Any]] | None, bytes_total: int = 0, now: str | None = None,
+    images: Mapping[str, str],
+    fast_path: bool,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]] | None,
+    bytes_total: int = 0,
+    now: str | None = None,
     unlocked_at: str | None = None,
 ) -> dict[str, Any]:
     now = now or now_rfc3339()
@@ -107,8 +116,12 @@ def ready(
 
 
 def stalled(
-    reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]] | None,
-    images: Mapping[str, str | None] | None = None, now: str | None = None,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]] | None,
+    images: Mapping[str, str | None] | None = None,
+    now: str | None = None,
 ) -> dict[str, Any]:
     """A user error: nothing will change until the spec, Secret or archive does."""
     now = now or now_rfc3339()
@@ -126,15 +139,23 @@ def stalled(
     # Status is merge-patched: a key left out would keep the last generation's value (its
     # images listed as present), so what does not hold for this generation is nulled.
     status["progress"] = None
-    status["images"] = None if images is None else [
-        {"name": ref, "id": image_id or "", "present": image_id is not None} for ref, image_id in images.items()
-    ]
+    status["images"] = (
+        None
+        if images is None
+        else [{"name": ref, "id": image_id or "", "present": image_id is not None} for ref, image_id in images.items()]
+    )
     return status
 
 
 def retrying(
-    reason: str, message: str, attempt: int, delay: float, generation: int,
-    previous: Sequence[Mapping[str, Any]] | None, phase: str = Phase.PENDING.value, now: str | None = None,
+    reason: str,
+    message: str,
+    attempt: int,
+    delay: float,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]] | None,
+    phase: str = Phase.PENDING.value,
+    now: str | None = None,
 ) -> dict[str, Any]:
     """A transient fault: still Reconciling, with the attempt and the next try in the message."""
     now = now or now_rfc3339()
@@ -153,7 +174,7 @@ def retrying(
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff for transient faults: base, 2·base, 4·base, … up to cap."""
-    return min(cap, base * (2 ** max(0, attempt)))
+    return min(cap, base * 2.0 ** max(0, attempt))
 
 
 @dataclass

@@ -27,6 +27,7 @@ decryption failure, because with a wrong key the two are indistinguishable anywa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import posixpath
 import queue
 import re
@@ -343,7 +344,7 @@ class TarReader:
         # Nothing may lie below a non-directory: the Engine would write it through a symlink,
         # somewhere else than its name says (or replace or refuse it).
         ordered = sorted(self.kinds, key=lambda name: name.replace("/", "\0"))
-        for name, after in zip(ordered, ordered[1:]):
+        for name, after in itertools.pairwise(ordered):
             if self.kinds[name] != b"5" and after.startswith(name + "/"):
                 raise ArchiveError()
 

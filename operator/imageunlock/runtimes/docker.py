@@ -9,6 +9,7 @@ re-raised unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,8 +26,17 @@ DEFAULT_TIMEOUT = 900.0  # one load of a multi-GiB archive easily passes the SDK
 
 
 # Engine errors that say the node, not the archive, is the problem: worth a retry.
-_NODE_TROUBLE = ("no space left", "read-only file system", "too many open files", "cannot allocate memory",
-                 "connection reset", "broken pipe", "i/o timeout", "context canceled", "input/output error")
+_NODE_TROUBLE = (
+    "no space left",
+    "read-only file system",
+    "too many open files",
+    "cannot allocate memory",
+    "connection reset",
+    "broken pipe",
+    "i/o timeout",
+    "context canceled",
+    "input/output error",
+)
 
 
 def _refusal(text: str) -> UnlockError:
@@ -121,7 +131,7 @@ class DockerRuntime:
                         loaded.append(stream[len(prefix) :].strip())
         except UnlockError:
             raise
-        except (docker.errors.APIError,) as exc:
+        except docker.errors.APIError as exc:
             if failure:
                 raise failure[0] from None
             raise _refusal(str(exc.explanation or exc)) from None
@@ -135,7 +145,5 @@ class DockerRuntime:
         return loaded
 
     def remove_image(self, ref: str) -> None:
-        try:
+        with contextlib.suppress(docker.errors.ImageNotFound):
             self.client.api.remove_image(ref, force=True)
-        except docker.errors.ImageNotFound:
-            pass

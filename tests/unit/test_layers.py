@@ -1,0 +1,51 @@
+"""The layering contract (pyproject.toml, [tool.importlinter]) holds, and it bites: a core
+module that imports an adapter, or the service that imports a runtime, breaks it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(tree / "operator")}
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(ROOT / "operator" / "imageunlock", tmp_path / "operator" / "imageunlock",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_the_contract_holds_for_the_package():
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("module, line, contract", [
+    ("status.py", "from . import kube", "core is pure"),
+    ("spec.py", "import requests", "core is pure"),
+    ("runtimes/docker.py", "from .. import reconciler", "adapters never reach"),
+    ("service.py", "from .runtimes import docker", "the unlock service knows no framework"),
+])
+def test_the_contract_fails_when_a_layer_is_crossed(copy, module, line, contract):
+    path = copy / "operator" / "imageunlock" / module
+    source = path.read_text()
+    marker = "from __future__ import annotations\n"
+    path.write_text(source.replace(marker, marker + line + "  # noqa\n", 1))
+    result = lint_imports(copy)
+    assert result.returncode != 0
+    assert f"{contract}" in result.stdout and "BROKEN" in result.stdout
