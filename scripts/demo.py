@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools" / "controlplane")]
+sys.path[:0] = [str(ROOT)]  # tests.support
 
-import controlplane  # noqa: E402
 import yaml  # noqa: E402
 
+import controlplane  # noqa: E402
 from imageunlock.service import DEFAULT_IMAGES  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
 from tests.support.net import free_port  # noqa: E402

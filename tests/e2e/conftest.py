@@ -25,13 +25,13 @@ import kubernetes
 import pytest
 import yaml
 
+import controlplane
+
 from ..conftest import TEST_EMAIL, TEST_PASSWORD, unavailable
 from ..support.dockerd import Dockerd
 from ..support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools" / "controlplane"))
-import controlplane  # noqa: E402
 
 GROUP, VERSION, PLURAL = "loader.azaion.com", "v1alpha1", "imageunlocks"
 CRD_FILE = ROOT / "crds" / "loader.azaion.com_imageunlocks.yaml"

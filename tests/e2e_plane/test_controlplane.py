@@ -13,16 +13,12 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "controlplane"))
-
-import controlplane  # noqa: E402
+import controlplane
 
 # The first run may build the API server (minutes), inside the fixture of the first test.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]

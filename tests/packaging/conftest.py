@@ -16,7 +16,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,11 +190,10 @@ class Plane:
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     """A local control plane authorizing the operator's ServiceAccount by manifests/rbac.yaml
     (a copy: tests may add bindings to it)."""
-    sys.path.insert(0, str(REPO / "tools" / "controlplane"))
     try:
         controlplane = importlib.import_module("controlplane")
     except ImportError as exc:
-        unavailable("local control plane", f"tools/controlplane is not importable ({exc})")
+        unavailable("local control plane", f"tools/controlplane is not installed; run scripts/setup.sh ({exc})")
     root = tmp_path_factory.mktemp("packaging-plane")
     policy = root / "rbac.yaml"
     shutil.copyfile(MANIFESTS / "rbac.yaml", policy)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +142,6 @@ def _keys(objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 def test_kustomize_builds_the_installation_and_the_opt_in(tmp_path):
     """`kubectl apply -k` works on manifests/, on the opt-in alone and on an overlay of both."""
-    sys.path.insert(0, str(REPO / "tools" / "controlplane"))
     try:
         kubectl = importlib.import_module("controlplane").kubectl_path()
     except Exception as exc:  # noqa: BLE001 - no kubectl is "unavailable"

@@ -6,7 +6,7 @@
 // The stock apiextensions-apiserver main expects to sit behind a full kube-apiserver.
 // Each workaround below is marked "Workaround:" with the reason.
 //
-// Built in GOPATH mode from Debian's packaged Go sources by ../controlplane.py.
+// Built in GOPATH mode from Debian's packaged Go sources by ../controlplane/builder.py.
 package main
 
 import (
