@@ -5,7 +5,10 @@ unlocks one archive into the local Docker Engine. Credentials come from the envi
 (``IMAGEUNLOCK_EMAIL``, ``IMAGEUNLOCK_PASSWORD``), never from the command line, where other
 users could read them. Progress goes to stderr; the exit status is 0 only when every image is
 verified, 75 (EX_TEMPFAIL) for a transient fault worth retrying, 1 for any other failure,
-each with one actionable line on stderr.
+each with one actionable line on stderr. On a terminal the progress is drawn as bars (rich);
+otherwise it is plain ``imageunlock: <Phase>: <message>`` lines that scripts can parse.
+``--output json`` adds one JSON object on stdout at the end (the schema is in README.md);
+without it stdout stays empty. ``imageunlock --version`` prints the program's version.
 
 ``imageunlock encrypt`` makes an archive in the same format (the publishing side), and
 ``imageunlock operator`` runs the Kubernetes operator.
@@ -19,11 +22,17 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
+from . import __version__
 from .errors import ConfigurationError, UnlockError
 from .models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
 from .resource_api import ApiClientConfig, ResourceApiClient
 from .service import UnlockService
+
+if TYPE_CHECKING:  # rich itself is imported only when a terminal is there to draw on
+    from rich.console import Console
+    from rich.progress import TaskID
 
 EXIT_OK, EXIT_FAILED, EXIT_TEMPFAIL = 0, 1, 75  # usage errors: argparse's own 2
 
@@ -35,6 +44,8 @@ DEFAULT_VERSION = "latest"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageunlock", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    # Only here: `unlock --version TAG` is the image tag, a different option of the subcommand.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     unlock = sub.add_parser(
@@ -79,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     unlock.add_argument(
         "--lock-timeout", type=float, default=600.0, help="seconds to wait for another unlock of the same archive"
     )
+    unlock.add_argument(
+        "--output",
+        dest="format",
+        choices=("text", "json"),
+        default="text",
+        help="json: also print one JSON object with the outcome on stdout at the end (default: %(default)s)",
+    )
 
     encrypt = sub.add_parser("encrypt", help="encrypt an image tar into an archive (publishing side)")
     encrypt.add_argument("--input", required=True, help="plaintext image tar (docker save output)")
@@ -89,12 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Progress:
-    """One stderr line per phase, then every 10 % of the archive."""
+class _Lines:
+    """Not a terminal: one stderr line per phase, then every 10 % of the archive (scripts parse these)."""
 
     def __init__(self) -> None:
         self.phase: Phase | None = None
         self.decile = -1
+
+    def __enter__(self) -> _Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def __call__(self, phase: Phase, message: str, done: int, total: int) -> None:
         if phase != self.phase:
@@ -107,6 +131,45 @@ class _Progress:
                 print(
                     f"imageunlock: {phase.value}: {done * 100 // total}% of {total} bytes", file=sys.stderr, flush=True
                 )
+
+
+class _Bars:
+    """A terminal: one line per phase, and a bar with rate and ETA while hashing (Pending) and Loading."""
+
+    def __init__(self, console: Console) -> None:
+        from rich import progress as rp
+
+        columns = (rp.BarColumn(), rp.TaskProgressColumn(), rp.DownloadColumn(), rp.TransferSpeedColumn())
+        self.progress = rp.Progress("{task.description}", *columns, rp.TimeRemainingColumn(), console=console)
+        self.phase: Phase | None = None
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()  # leaves the last bars on screen, so error lines come after them
+
+    def __call__(self, phase: Phase, message: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.phase, self.task = phase, None
+            self.progress.console.print(f"imageunlock: {phase.value}: {message}", markup=False, highlight=False)
+        if total and phase in (Phase.LOADING, Phase.PENDING):
+            if self.task is None:
+                self.task = self.progress.add_task(message, total=total)
+            self.progress.update(self.task, completed=done)
+
+
+def _renderer(stream: TextIO) -> _Lines | _Bars:
+    """Bars only for a person at a terminal; anything else keeps the plain, parseable lines."""
+    if not stream.isatty():
+        return _Lines()
+    try:
+        from rich.console import Console
+    except ImportError:  # rich missing from a slim install: plain lines still say everything
+        return _Lines()
+    return _Bars(Console(file=stream))
 
 
 def _default_state_file() -> str:
@@ -161,7 +224,8 @@ def _unlock(args: argparse.Namespace) -> int:
         known_ids=_read_state(args.state_file),
     )
     try:
-        result = service.unlock(request, _credentials, _Progress())
+        with _renderer(sys.stderr) as report:
+            result = service.unlock(request, _credentials, report)
     finally:
         runtime.close()
     if not result.fast_path:
@@ -175,6 +239,16 @@ def _unlock(args: argparse.Namespace) -> int:
             )
     how = "already present" if result.fast_path else "loaded and verified"
     print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
+    _emit_json(
+        args,
+        {
+            "ready": True,
+            "fastPath": result.fast_path,
+            "version": args.version,
+            "images": [{"name": ref, "id": image_id} for ref, image_id in result.images.items()],
+            "archiveBytes": result.archive_bytes,
+        },
+    )
     return EXIT_OK
 
 
@@ -193,6 +267,19 @@ def _encrypt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _emit_json(args: argparse.Namespace, outcome: dict[str, Any]) -> None:
+    """``--output json``: the outcome for scripts, the only thing ever written to stdout."""
+    if getattr(args, "format", "text") == "json":
+        print(json.dumps(outcome), flush=True)
+
+
+def _fail(args: argparse.Namespace, code: int, reason: str, message: str, transient: bool) -> int:
+    print(f"imageunlock: error: {message}", file=sys.stderr)
+    error = {"reason": reason, "message": message, "transient": transient}
+    _emit_json(args, {"ready": False, "error": error})
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
@@ -206,17 +293,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_operator()
     except UnlockError as exc:
-        print(f"imageunlock: error: {exc.message}", file=sys.stderr)
-        return EXIT_TEMPFAIL if exc.transient else EXIT_FAILED
+        code = EXIT_TEMPFAIL if exc.transient else EXIT_FAILED
+        return _fail(args, code, exc.reason, exc.message, exc.transient)
     except OSError as exc:
-        print(f"imageunlock: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, EXIT_FAILED, "OSError", f"{exc.strerror or exc} ({exc.filename or ''})", False)
     except KeyboardInterrupt:
+        error = {"reason": "Interrupted", "message": "interrupted", "transient": False}
+        _emit_json(args, {"ready": False, "error": error})
         return 130
     except Exception as exc:  # a bug: still one line, the traceback only with -v
         logging.getLogger(__name__).debug("unexpected error", exc_info=True)
-        print(f"imageunlock: error: unexpected {type(exc).__name__}; run with -v for details", file=sys.stderr)
-        return EXIT_FAILED
+        message = f"unexpected {type(exc).__name__}; run with -v for details"
+        return _fail(args, EXIT_FAILED, "InternalError", message, False)
 
 
 if __name__ == "__main__":

@@ -1,69 +1,99 @@
 """The operator's configuration, read once from the environment (the Deployment / Helm values
-set it). Not to be confused with kopf's own ``settings`` or the resource API client's
-:class:`~imageunlock.resource_api.ApiClientConfig`."""
+set it) by pydantic-settings: every variable typed and range-checked, and every problem
+reported at once with the variable's name. Not to be confused with kopf's own ``settings``
+or the resource API client's :class:`~imageunlock.resource_api.ApiClientConfig`."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .apiurl import parse_api_url
 from .errors import ConfigurationError
 
+Seconds = Annotated[float, Field(allow_inf_nan=False)]
+Listed = Annotated[tuple[str, ...], NoDecode]  # ":"- or ","-separated, not JSON
 
-@dataclass(frozen=True)
-class OperatorConfig:
-    archive_roots: tuple[str, ...] = ("/var/lib/imageunlock",)
-    docker_host: str = "unix:///var/run/docker.sock"
-    default_api_url: str | None = None
+
+def _env(name: str, *more: str) -> Any:
+    return AliasChoices(name, *more)
+
+
+class OperatorConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        case_sensitive=True,
+        env_ignore_empty=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="ignore",
+    )
+
+    archive_roots: Listed = Field(("/var/lib/imageunlock",), validation_alias=_env("IMAGEUNLOCK_ARCHIVE_ROOT"))
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock", validation_alias=_env("IMAGEUNLOCK_DOCKER_HOST", "DOCKER_HOST")
+    )
+    default_api_url: str | None = Field(None, validation_alias=_env("RESOURCE_API_URL"))
     # Resource APIs the credentials may be sent to: IMAGEUNLOCK_API_URL_ALLOWLIST plus RESOURCE_API_URL.
-    api_url_allowlist: tuple[str, ...] = ()
-    verify_interval: float = 300.0
-    progress_interval: float = 2.0
-    retry_base: float = 5.0
-    retry_max: float = 300.0
-    api_connect_timeout: float = 5.0
-    api_read_timeout: float = 30.0
-    api_retries: int = 3
-    api_deadline: float = 60.0  # one whole resource API call: connect, answer and retries
-    runtime_timeout: float = 900.0
-    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
-    namespaces: tuple[str, ...] = ()  # empty: every namespace
-    workers: int = 4
+    api_url_allowlist: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_API_URL_ALLOWLIST"))
+    verify_interval: Seconds = Field(300.0, ge=1, validation_alias=_env("IMAGEUNLOCK_VERIFY_INTERVAL"))
+    progress_interval: Seconds = Field(2.0, ge=0, validation_alias=_env("IMAGEUNLOCK_PROGRESS_INTERVAL"))
+    retry_base: Seconds = Field(5.0, ge=0.1, validation_alias=_env("IMAGEUNLOCK_RETRY_BASE"))
+    retry_max: Seconds = Field(300.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RETRY_MAX"))
+    api_connect_timeout: Seconds = Field(5.0, ge=0.1, validation_alias=_env("IMAGEUNLOCK_API_CONNECT_TIMEOUT"))
+    api_read_timeout: Seconds = Field(30.0, ge=0.1, validation_alias=_env("IMAGEUNLOCK_API_READ_TIMEOUT"))
+    api_retries: int = Field(3, ge=0, validation_alias=_env("IMAGEUNLOCK_API_RETRIES"))
+    # one whole resource API call: connect, answer and retries
+    api_deadline: Seconds = Field(60.0, ge=1, validation_alias=_env("IMAGEUNLOCK_API_DEADLINE"))
+    runtime_timeout: Seconds = Field(900.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RUNTIME_TIMEOUT"))
+    liveness_endpoint: str = Field("http://0.0.0.0:8080/healthz", validation_alias=_env("IMAGEUNLOCK_LIVENESS"))
+    # host:port of the Prometheus /metrics endpoint; empty disables it
+    metrics_address: str = Field("0.0.0.0:8081", validation_alias=_env("IMAGEUNLOCK_METRICS_ADDRESS"))
+    namespaces: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_NAMESPACES"))  # empty: every namespace
+    workers: int = Field(4, ge=1, validation_alias=_env("IMAGEUNLOCK_WORKERS"))
+    log_level: Literal["debug", "info", "warning"] = Field("info", validation_alias=_env("IMAGEUNLOCK_LOG_LEVEL"))
+    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("IMAGEUNLOCK_LOG_FORMAT"))
 
+    @field_validator("archive_roots", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
-        env = os.environ if env is None else env
-        problems: list[str] = []
+    def _roots(cls, value: object) -> object:
+        roots = tuple(r for r in value.split(":") if r) if isinstance(value, str) else value
+        if isinstance(roots, tuple):
+            if not roots:
+                raise ValueError("must name at least one directory")
+            if bad := [r for r in roots if not r.startswith("/")]:
+                raise ValueError(f"entries must be absolute paths: {', '.join(bad)}")
+        return roots
 
-        def number(name: str, default: float, minimum: float = 0.0) -> float:
-            raw = env.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                problems.append(f"{name}={raw!r} is not a number")
-                return default
-            if value < minimum:
-                problems.append(f"{name}={raw!r} must be at least {minimum}")
-            return value
+    @field_validator("api_url_allowlist", "namespaces", mode="before")
+    @classmethod
+    def _commas(cls, value: object) -> object:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
-        roots = tuple(r for r in env.get("IMAGEUNLOCK_ARCHIVE_ROOT", cls.archive_roots[0]).split(":") if r)
-        for root in roots:
-            if not root.startswith("/"):
-                problems.append(f"IMAGEUNLOCK_ARCHIVE_ROOT entry {root!r} must be an absolute path")
-        if not roots:
-            problems.append("IMAGEUNLOCK_ARCHIVE_ROOT must name at least one directory")
-        default_api_url = env.get("RESOURCE_API_URL") or None
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if value and not (sep and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("must be host:port (e.g. 0.0.0.0:8081) or empty to disable")
+        return value
+
+    @model_validator(mode="after")
+    def _trusted_apis(self) -> OperatorConfig:
+        """Canonical URLs only, and at least one: the credentials go nowhere else."""
+        named = [("IMAGEUNLOCK_API_URL_ALLOWLIST entry", u) for u in self.api_url_allowlist]
+        named += [("RESOURCE_API_URL", self.default_api_url)] if self.default_api_url else []
         allowlist: tuple[str, ...] = ()
-        named = [
-            ("IMAGEUNLOCK_API_URL_ALLOWLIST entry", u.strip())
-            for u in env.get("IMAGEUNLOCK_API_URL_ALLOWLIST", "").split(",")
-            if u.strip()
-        ]
-        named += [("RESOURCE_API_URL", default_api_url)] if default_api_url else []
+        problems = []
         for what, raw in named:
             try:
                 canonical = parse_api_url(raw, what).url
@@ -71,7 +101,7 @@ class OperatorConfig:
                 problems.append(exc.message)
                 continue
             if what == "RESOURCE_API_URL":
-                default_api_url = canonical  # the operator's own default is always trusted
+                object.__setattr__(self, "default_api_url", canonical)  # the operator's own default is trusted
             if canonical not in allowlist:
                 allowlist += (canonical,)
         if not named:
@@ -79,24 +109,36 @@ class OperatorConfig:
                 "set RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST: the operator sends "
                 "credentials only to resource APIs it was told to trust"
             )
-        settings = cls(
-            archive_roots=roots,
-            docker_host=env.get("IMAGEUNLOCK_DOCKER_HOST") or env.get("DOCKER_HOST") or cls.docker_host,
-            default_api_url=default_api_url,
-            api_url_allowlist=allowlist,
-            verify_interval=number("IMAGEUNLOCK_VERIFY_INTERVAL", cls.verify_interval, 1),
-            progress_interval=number("IMAGEUNLOCK_PROGRESS_INTERVAL", cls.progress_interval, 0),
-            retry_base=number("IMAGEUNLOCK_RETRY_BASE", cls.retry_base, 0.1),
-            retry_max=number("IMAGEUNLOCK_RETRY_MAX", cls.retry_max, 1),
-            api_connect_timeout=number("IMAGEUNLOCK_API_CONNECT_TIMEOUT", cls.api_connect_timeout, 0.1),
-            api_read_timeout=number("IMAGEUNLOCK_API_READ_TIMEOUT", cls.api_read_timeout, 0.1),
-            api_retries=int(number("IMAGEUNLOCK_API_RETRIES", cls.api_retries, 0)),
-            api_deadline=number("IMAGEUNLOCK_API_DEADLINE", cls.api_deadline, 1),
-            runtime_timeout=number("IMAGEUNLOCK_RUNTIME_TIMEOUT", cls.runtime_timeout, 1),
-            liveness_endpoint=env.get("IMAGEUNLOCK_LIVENESS", cls.liveness_endpoint),
-            namespaces=tuple(n for n in env.get("IMAGEUNLOCK_NAMESPACES", "").split(",") if n),
-            workers=int(number("IMAGEUNLOCK_WORKERS", cls.workers, 1)),
-        )
         if problems:
-            raise ConfigurationError("invalid operator settings: " + "; ".join(problems))
-        return settings
+            raise ValueError("; ".join(problems))
+        object.__setattr__(self, "api_url_allowlist", allowlist)
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        """Read the configuration from ``env`` (default: the process environment); any problem
+        is one ConfigurationError that names every offending variable."""
+        env = os.environ if env is None else env
+        names = {alias for field in cls.model_fields.values() for alias in _aliases(field.validation_alias)}
+        # An empty variable means "not set", except where empty is a value of its own.
+        keep_empty = {"IMAGEUNLOCK_LIVENESS", "IMAGEUNLOCK_METRICS_ADDRESS"}
+        values = {name: value for name, value in env.items() if name in names and (value != "" or name in keep_empty)}
+        if "IMAGEUNLOCK_DOCKER_HOST" in values:
+            values.pop("DOCKER_HOST", None)  # ours wins over the Docker CLI's variable
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(_describe(e, env) for e in exc.errors())
+            raise ConfigurationError(f"invalid operator settings: {problems}") from None
+
+
+def _aliases(alias: object) -> list[str]:
+    return [a for a in alias.choices if isinstance(a, str)] if isinstance(alias, AliasChoices) else []
+
+
+def _describe(error: Any, env: Mapping[str, str]) -> str:
+    name = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if name in env:
+        return f"{name}={env[name]!r}: {message}"
+    return message

@@ -20,6 +20,7 @@ from typing import Any
 
 import kopf
 
+from . import metrics
 from .config import OperatorConfig
 from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
@@ -39,7 +40,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING  # our own events mark transitions
+    # Our own events mark transitions; kopf would post a second one per failure (type Error,
+    # reason Logging) from its handler-failure log lines, whatever the posting level.
+    settings.posting.enabled = False
     settings.execution.max_workers = config.workers
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -54,6 +57,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.resync = Resync(memo.reconciler)
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
     memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
+    memo.metrics_server = metrics.serve(config.metrics_address) if config.metrics_address else None
     log.info(
         "operator settings: archive roots %s, runtime %s, verify every %ss",
         ":".join(config.archive_roots),
@@ -73,15 +77,25 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await asyncio.to_thread(memo.runtime.close)
     if getattr(memo, "kube", None) is not None:
         await asyncio.to_thread(memo.kube.close)
+    if getattr(memo, "metrics_server", None) is not None:
+        await asyncio.to_thread(memo.metrics_server.shutdown)
 
 
 @kopf.on.probe(id="runtime")
 def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
+    error = _check_runtime(memo)
+    return "reachable" if error is None else f"unreachable: {error.message}"
+
+
+def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
+    """Ping the runtime; the answer also goes to imageunlock_runtime_reachable."""
     try:
         memo.runtime.ping()
     except UnlockError as exc:
-        return f"unreachable: {exc.message}"
-    return "reachable"
+        metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(0)
+        return exc
+    metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(1)
+    return None
 
 
 @kopf.on.resume(*RESOURCE)
@@ -110,8 +124,10 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
         memo.resync.forget(key)
+        metrics.forget(*key)
     else:
         memo.objects[key] = _snapshot(body)
+        metrics.observe_status(*key, body.get("status"))
 
 
 def _snapshot(body: Any) -> dict[str, Any]:
@@ -123,8 +139,12 @@ async def _reverify_loop(memo: kopf.Memo) -> None:
     is due (see resync.py), on one worker thread so blocking calls stay off the event loop."""
     loop = asyncio.get_running_loop()
     tick = min(1.0, memo.settings.verify_interval)
+    next_ping = 0.0
     while True:
         await asyncio.sleep(tick)
+        if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
+            await loop.run_in_executor(memo.verifier, _check_runtime, memo)
+            next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
         for key, body in list(memo.objects.items()):
             try:
                 await loop.run_in_executor(memo.verifier, memo.resync.step, key, body)

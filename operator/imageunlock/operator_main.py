@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import kopf
@@ -14,16 +13,35 @@ from .errors import ConfigurationError
 
 def run_operator() -> int:
     try:
-        settings = OperatorConfig.from_env()
+        config = OperatorConfig.from_env()
     except ConfigurationError as exc:
         print(f"imageunlock: error: {exc.message}", file=sys.stderr)
         return 1
-    level = os.environ.get("IMAGEUNLOCK_LOG_LEVEL", "info").lower()
-    if level not in ("debug", "info", "warning"):
-        print(f"imageunlock: error: IMAGEUNLOCK_LOG_LEVEL={level!r} must be debug, info or warning", file=sys.stderr)
-        return 1
+    configure_logging(config.log_level, config.log_format)
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        standalone=True,  # one replica (Deployment strategy Recreate): no peering objects
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=config.liveness_endpoint or None,
+    )
+    return 0
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """One handler (kopf's): every line once, with time and level (``text``) or as JSON
+    objects for log pipelines (``json``, kopf's own format)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # e.g. the CLI's default one: it would print every line twice
+        root.removeHandler(handler)
     kopf.configure(
-        debug=level == "debug", verbose=level == "debug", quiet=level == "warning", log_format=kopf.LogFormat.PLAIN
+        debug=level == "debug",
+        verbose=level == "debug",
+        quiet=level == "warning",
+        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL,
+        log_prefix=False,
     )
     # urllib3 and the docker SDK are chatty at debug level and add nothing we need. The
     # kubernetes client's loggers ("kubernetes", and its package logger "client") stay at
@@ -33,13 +51,3 @@ def run_operator() -> int:
         logging.getLogger(noisy).setLevel(logging.INFO if level == "debug" else logging.WARNING)
     for kube_logger in ("kubernetes", "client"):
         logging.getLogger(kube_logger).setLevel(logging.WARNING)
-
-    from . import handlers  # noqa: F401  (registers the handlers)
-
-    kopf.run(
-        standalone=True,  # one replica (Deployment strategy Recreate): no peering objects
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=settings.liveness_endpoint or None,
-    )
-    return 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from . import metrics
 from . import status as st
 from .claims import Claim, find_conflict
 from .config import OperatorConfig
@@ -153,7 +155,13 @@ class Reconciler:
         known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
         return self.service(spec).present(spec.to_request(known)) is not None
 
+    def verified(self, body: Mapping[str, Any]) -> None:
+        """Record a re-verification that found everything in place (no reconcile needed)."""
+        meta = body.get("metadata") or {}
+        self.kube.patch_status(meta.get("namespace", ""), meta.get("name", ""), _handled(body))
+
     def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
+        started = time.monotonic()
         meta = body.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         generation = int(meta.get("generation") or 0)
@@ -178,16 +186,14 @@ class Reconciler:
             log.exception("unexpected error reconciling %s/%s", namespace, name)
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
-        run.write(
-            st.ready(
-                result.images,
-                result.fast_path,
-                generation,
-                run.conditions,
-                result.archive_bytes,
-                unlocked_at=unlocked_at,
-            )
+        if not result.fast_path:
+            runtime = getattr(self.runtime, "name", "unknown")
+            metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
+            metrics.BYTES_LOADED.labels(runtime).inc(result.archive_bytes)
+        ready = st.ready(
+            result.images, result.fast_path, generation, run.conditions, result.archive_bytes, unlocked_at=unlocked_at
         )
+        run.write({**ready, **_handled(body)})
         if not result.fast_path or not previously_ready:
             how = "loaded and verified" if not result.fast_path else "already present"
             run.event(
@@ -209,7 +215,8 @@ class _Reconciliation:
         self.conditions = conditions if isinstance(conditions, list) else []
         self.throttle = st.Throttle(owner.settings.progress_interval)
         self.phase: Phase | None = None
-        self.started = False
+        self.started = False  # the Unlocking event is posted
+        self.decrypted = 0  # bytes counted in imageunlock_bytes_decrypted_total
 
     def write(self, status: dict[str, Any]) -> None:
         self.owner.kube.patch_status(self.namespace, self.name, status)
@@ -220,16 +227,19 @@ class _Reconciliation:
 
     def report(self, phase: Phase, message: str, done: int, total: int) -> None:
         self.phase = phase
-        if phase == Phase.PENDING and not self.started and not done:
-            return  # the fast-path check: not worth a status write on its own
-        if phase == Phase.AUTHENTICATING and not self.started:
+        if phase == Phase.PENDING and not total:
+            return  # the fast-path check: not worth a status write or an event on its own
+        if not self.started:  # the first step of a real unlock (hashing the archive, or logging in)
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
-        self.started = True
+        if phase == Phase.LOADING and done > self.decrypted:
+            metrics.BYTES_DECRYPTED.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
             self.write(st.working(phase, message, self.generation, self.conditions, done, total))
 
     def failed(self, exc: UnlockError, attempt: int) -> Outcome:
+        metrics.FAILURES.labels(exc.reason).inc()
         if exc.transient:
             delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             phase = (self.phase or Phase.PENDING).value
@@ -241,6 +251,17 @@ class _Reconciliation:
         images = None
         if isinstance(exc, ImagesNotVerifiedError):
             images = {ref: None for ref in exc.missing}
-        self.write(st.stalled(exc.reason, exc.message, self.generation, self.conditions, images))
+        self.write(
+            {**st.stalled(exc.reason, exc.message, self.generation, self.conditions, images), **_handled(self.body)}
+        )
         self.event("Warning", exc.reason, exc.message)
         return Outcome(Verdict.STALLED, exc.message, exc.reason)
+
+
+def _handled(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The status fields of a finished check: when, and which re-check request it answered."""
+    requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
+    handled = {"lastVerifiedTime": st.now_rfc3339()}
+    if requested is not None:
+        handled["lastHandledRequestedAt"] = requested
+    return handled

@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,8 @@ from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, LocationParse
 from urllib3.util import Url, parse_url
 from urllib3.util.retry import Retry
 
-from .errors import ApiRejectedError, ApiUnavailableError, AuthenticationError, ConfigurationError
+from .errors import ApiRejectedError, ApiUnavailableError, AuthenticationError, ConfigurationError, UnlockError
+from .metrics import API_REQUESTS
 from .models import Credentials
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,20 @@ def _token_from(body: bytes) -> str | None:
     return token if usable else None
 
 
+@contextlib.contextmanager
+def _counted(call: str) -> Iterator[None]:
+    """Count one resource API call by outcome (imageunlock_resource_api_requests_total)."""
+    try:
+        yield
+    except ApiUnavailableError:
+        API_REQUESTS.labels(call, "unavailable").inc()
+        raise
+    except UnlockError:
+        API_REQUESTS.labels(call, "rejected").inc()
+        raise
+    API_REQUESTS.labels(call, "ok").inc()
+
+
 class ResourceApiClient:
     """One HTTP session per client; one call at a time."""
 
@@ -319,16 +335,17 @@ class ResourceApiClient:
         self.close()
 
     def login(self) -> None:
-        status, body = self._exchange(
-            "POST",
-            LOGIN_PATH,
-            MAX_LOGIN_ANSWER_BYTES,
-            json={"email": self._credentials.email, "password": self._credentials.password},
-        )
-        self._raise_for_status(status, LOGIN_PATH)
-        token = _token_from(body)
-        if token is None:
-            raise ApiRejectedError(f"resource API login at {self.base_url} answered without a usable token")
+        with _counted("login"):
+            status, body = self._exchange(
+                "POST",
+                LOGIN_PATH,
+                MAX_LOGIN_ANSWER_BYTES,
+                json={"email": self._credentials.email, "password": self._credentials.password},
+            )
+            self._raise_for_status(status, LOGIN_PATH)
+            token = _token_from(body)
+            if token is None:
+                raise ApiRejectedError(f"resource API login at {self.base_url} answered without a usable token")
         self._token = token
         log.debug("logged in to resource API at %s", self.base_url)
 
@@ -336,14 +353,15 @@ class ResourceApiClient:
         """Fetch the key fragment, logging in (again, once) when needed."""
         if self._token is None:
             self.login()
-        status, fragment = self._get_fragment()
-        if status == 401:
-            log.info("resource API token rejected; logging in again once")
-            self.login()
+        with _counted("key_fragment"):
             status, fragment = self._get_fragment()
-        self._raise_for_status(status, KEY_FRAGMENT_PATH)
-        if not fragment:
-            raise ApiRejectedError(f"resource API at {self.base_url} returned an empty key fragment")
+            if status == 401:
+                log.info("resource API token rejected; logging in again once")
+                self.login()
+                status, fragment = self._get_fragment()
+            self._raise_for_status(status, KEY_FRAGMENT_PATH)
+            if not fragment:
+                raise ApiRejectedError(f"resource API at {self.base_url} returned an empty key fragment")
         return fragment
 
     def _get_fragment(self) -> tuple[int, bytes]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import UnlockError
 from .models import Phase
-from .reconciler import Outcome, Reconciler, Verdict
+from .reconciler import REQUESTED_AT, Outcome, Reconciler, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Resync:
 
     def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
         due = self.due.get(key, Due())
-        if self.clock() < due.at:
+        if self.clock() < due.at and not _requested(body):
             return
         lock = self.lock(key)
         if not lock.acquire(blocking=False):
@@ -96,6 +96,7 @@ class Resync:
         phase = status.get("phase")
         try:
             if phase == Phase.READY.value and self.reconciler.still_ready(body):
+                self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
                 self.due[key] = Due(self.clock() + self.interval)
                 return
             inputs = self.reconciler.inputs(body)  # read before the reconcile, so a change during it counts
@@ -119,3 +120,9 @@ class Resync:
             return self.reconciler.inputs(body)
         except UnlockError:
             return None
+
+
+def _requested(body: Mapping[str, Any]) -> bool:
+    """A re-check was asked for (the requested-at annotation has a value not yet handled)."""
+    requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
+    return requested is not None and requested != (body.get("status") or {}).get("lastHandledRequestedAt")

@@ -19,6 +19,7 @@ class FakeReconciler:
         self.calls: list[int] = []  # the attempt of each reconcile
         self.ready = True
         self.current_inputs: tuple = ("gen", 1, "secret-v1", "archive-v1")
+        self.verifications = 0
 
     def reconcile(self, body, attempt=0):
         self.calls.append(attempt)
@@ -31,6 +32,9 @@ class FakeReconciler:
 
     def inputs(self, body):
         return self.current_inputs
+
+    def verified(self, body):
+        self.verifications += 1
 
 
 class Clock:
@@ -56,7 +60,19 @@ def test_ready_and_still_true_is_only_looked_at_every_interval():
     resync.step(KEY, body("Ready"))
     clock.now += 299
     resync.step(KEY, body("Ready"))
-    assert fake.calls == [] and resync.due[KEY].at == 1300.0
+    assert fake.calls == [] and resync.due[KEY].at == 1300.0 and fake.verifications == 1
+
+
+def test_a_recheck_request_is_handled_at_once_and_only_once():
+    resync, fake, clock = make()
+    resync.step(KEY, body("Ready"))
+    requested = body("Ready")
+    requested["metadata"]["annotations"] = {"loader.azaion.com/requested-at": "now-1"}
+    resync.step(KEY, requested)  # long before the interval is up
+    assert fake.verifications == 2
+    requested["status"]["lastHandledRequestedAt"] = "now-1"  # what the verification wrote
+    resync.step(KEY, requested)
+    assert fake.verifications == 2
 
 
 def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attempts():
