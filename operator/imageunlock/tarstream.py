@@ -167,6 +167,17 @@ class _HashWorker:
             thread.join()
 
 
+# What the Engine's loader (moby's DetectCompression) and containerd's import decompress
+# before reading the tar: a plaintext starting like this would be read as a different
+# archive from the one checked here, so it is refused whatever else it is.
+_COMPRESSION_MAGIC = (b"BZh", b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def looks_compressed(head: bytes) -> bool:
+    """``head`` starts like a bzip2, gzip, xz or zstd stream (or a zstd skippable frame)."""
+    return head.startswith(_COMPRESSION_MAGIC) or (head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
+
+
 @dataclass
 class TarReader:
     """Feed the tar with :meth:`feed`; :meth:`close` checks it ended well. Then ``kinds`` (every
@@ -214,6 +225,8 @@ class TarReader:
                 self._on_block(block)
 
     def _on_block(self, block: bytes) -> None:
+        if not self._entries and not self._ended and looks_compressed(block):
+            raise ArchiveError()  # the Engine would decompress it and load another archive
         if self._ended:
             if block.count(0) != BLOCK:  # only zero padding may follow the end marker
                 raise ArchiveError()

@@ -111,3 +111,37 @@ def test_first_run_does_not_vouch_for_whatever_holds_the_tag(clean_docker, archi
     # images that are all genuine still cost one unlock when nothing vouches for them yet
     resource_api.reset()
     assert not service.unlock(request, _creds).fast_path and resource_api.calls[KEY] == 1
+
+
+class _KeyHolder:
+    """A key client that serves a known fragment (the attacker holds the key here)."""
+
+    def __init__(self, fragment: bytes) -> None:
+        self.fragment = fragment
+
+    def login(self) -> None:
+        return None
+
+    def key_fragment(self) -> bytes:
+        return self.fragment
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_plaintext_the_engine_would_decompress_loads_nothing(clean_docker, tmp_path):
+    """Adversarial review (high): an xz/tar polyglot passed the stream checks as the requested
+    image alone, while the Engine decompressed it and also tagged nginx:latest."""
+    from imageunlock.crypto import encrypt_stream
+    from imageunlock.errors import ArchiveError
+
+    from ..support.polyglot import xz_polyglot
+
+    polyglot, _ = xz_polyglot("azaion/a:1.0", "nginx:latest")
+    fragment = b"fragment-known-to-the-key-holder"
+    archive = tmp_path / "polyglot.enc"
+    archive.write_bytes(b"".join(encrypt_stream([polyglot], fragment)))
+    service = UnlockService(DockerRuntime(clean_docker.url), lambda creds: _KeyHolder(fragment))
+    with pytest.raises(ArchiveError):
+        service.unlock(UnlockRequest(str(archive), "1.0", ("azaion/a",)), _creds)
+    assert loaded(clean_docker) == {}

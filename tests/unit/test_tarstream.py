@@ -170,3 +170,28 @@ def _hard_link_to_a_symlink(data):
 ], ids=lambda craft: craft.__name__.strip("_"))
 def test_archive_the_engine_would_read_differently_is_refused(craft):
     _refused(craft(savetar.build(TAGS)))
+
+
+def test_a_plaintext_that_is_also_a_compressed_stream_is_refused():
+    """Adversarial review: R is a valid tar holding only the requested image, and an xz
+    stream that the Engine decompresses into another archive tagging nginx:latest."""
+    from ..support.polyglot import xz_polyglot
+
+    polyglot, _engines_view = xz_polyglot()
+    verifier = ImageTarVerifier()
+    with pytest.raises(ArchiveError):
+        verifier.feed(polyglot)
+        verifier.close()
+
+
+@pytest.mark.parametrize("magic", [b"BZh91AY", b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd",
+                                   b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18"])
+def test_every_compression_magic_the_engine_detects_is_refused(magic):
+    from imageunlock.tarstream import TarReader, looks_compressed
+
+    assert looks_compressed(magic + bytes(16))
+    reader = TarReader()
+    block = bytearray(512)
+    block[: len(magic)] = magic
+    with pytest.raises(ArchiveError):
+        reader.feed(bytes(block))  # refused at the first block, before any header parsing
