@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -160,3 +161,28 @@ def test_default_images_and_env_defaults(clean_docker, archives, resource_api, t
         **ENV, "IMAGES_PATH": str(archive), "API_VERSION": archives.version, "RESOURCE_API_URL": resource_api.url})
     assert result.returncode == 0, result.stderr
     assert set(loaded(clean_docker)) == set(archives.refs)
+
+
+def test_output_json_reports_the_outcome_on_stdout_for_scripts(clean_docker, archives, resource_api, tmp_path):
+    state = {"XDG_STATE_HOME": str(tmp_path)}
+    first = unlock(archives.openssl_archive, archives, resource_api, clean_docker, "--output", "json", env=state)
+    assert first.returncode == 0, first.stderr
+    outcome = json.loads(first.stdout)  # stdout holds this one document and nothing else
+    assert outcome == {
+        "ready": True, "fastPath": False, "version": archives.version,
+        "images": [{"name": ref, "id": archives.ids[ref]} for ref in archives.refs],
+        "archiveBytes": archives.openssl_archive.stat().st_size,
+    }
+    assert loaded(clean_docker) == archives.ids
+    assert "imageunlock: Loading: 100% of" in first.stderr  # not a terminal: the plain lines as before
+
+    second = unlock(archives.openssl_archive, archives, resource_api, clean_docker, "--output", "json", env=state)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["fastPath"] is True
+
+    failed = unlock(archives.openssl_archive, archives, resource_api, clean_docker, "--output", "json",
+                    env={"IMAGEUNLOCK_PASSWORD": "not-the-password"})
+    assert failed.returncode == 1
+    error = json.loads(failed.stdout)["error"]
+    assert error["reason"] == "AuthenticationFailed" and error["transient"] is False
+    assert error_lines(failed.stderr) == [f"imageunlock: error: {error['message']}"]
