@@ -197,9 +197,33 @@ def check_sha256(handle: BinaryIO, expected: str, on_progress: Callable[[int], N
         if on_progress is not None:
             on_progress(done)
     handle.seek(0)
-    actual = digest.hexdigest()
+    _compare(digest.hexdigest(), expected)
+
+
+class HashingReader:
+    """Reads ``handle`` and hashes every byte read: the decrypting pass itself proves the
+    bytes it decrypted are the ones ``spec.archiveSha256`` names (the file could be rewritten
+    between an earlier check and this pass)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self._digest.update(data)
+        return data
+
+    def check(self, expected: str) -> None:
+        """Raise DigestMismatchError unless everything read so far hashes to ``expected``."""
+        _compare(self._digest.hexdigest(), expected)
+
+
+def _compare(actual: str, expected: str) -> None:
+    # The actual digest is not echoed: it would tell whoever reads the status the hash of a
+    # file they may not read.
     if actual != expected.lower():
         raise DigestMismatchError(
-            f"archive SHA-256 is {actual}, expected {expected.lower()} (spec.archiveSha256); "
-            "nothing was loaded — replace the archive or correct the digest"
+            f"archive SHA-256 does not match spec.archiveSha256 ({expected.lower()}); nothing was "
+            "loaded: replace the archive or correct the digest"
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -36,8 +36,12 @@ def derive_key(fragment: bytes) -> bytes:
     return hashlib.sha256(fragment).digest()
 
 
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def decrypt_stream(
-    source: BinaryIO,
+    source: Readable,
     fragment: bytes,
     *,
     chunk_size: int = CHUNK_SIZE,
@@ -52,7 +56,7 @@ def decrypt_stream(
 
 
 def decrypt_with_key(
-    source: BinaryIO,
+    source: Readable,
     key: bytes,
     *,
     chunk_size: int = CHUNK_SIZE,

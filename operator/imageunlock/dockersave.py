@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -199,7 +199,10 @@ class ImageTarVerifier:
 
 
 def verified_stream(
-    chunks: Iterable[bytes], verifier: ImageTarVerifier, expected: Iterable[str] = ()
+    chunks: Iterable[bytes],
+    verifier: ImageTarVerifier,
+    expected: Iterable[str] = (),
+    before_tail: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
     """Pass ``chunks`` through ``verifier``, holding the tail back until it all checks out.
 
@@ -223,6 +226,8 @@ def verified_stream(
     finally:
         verifier.abort()  # also on an exception or an abandoned generator: no stray thread
     check_refs(verifier.close(), expected)
+    if before_tail is not None:
+        before_tail()  # a last check of the caller's (the archive's digest)
     if held:
         yield held
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from .archive import check_sha256, open_archive
+from .archive import HashingReader, check_sha256, open_archive
 from .crypto import CHUNK_SIZE, decrypt_stream
 from .dockersave import ImageTarVerifier, verified_stream
 from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
@@ -113,9 +113,14 @@ class UnlockService:
 
         decrypted(0)
         verifier = ImageTarVerifier()
-        plaintext = decrypt_stream(handle, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
+        # With archiveSha256, the decrypting pass hashes what it reads and the load's tail is
+        # released only if that matches: the file may have been rewritten since the check above.
+        digest = request.archive_sha256
+        source = HashingReader(handle) if digest else handle
+        plaintext = decrypt_stream(source, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
         del fragment
-        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs))
+        final_check = (lambda: source.check(digest)) if isinstance(source, HashingReader) and digest else None
+        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check))
         log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)
 
         report(Phase.VERIFYING, "verifying loaded images", size, size)

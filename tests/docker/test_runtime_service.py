@@ -145,3 +145,39 @@ def test_a_plaintext_the_engine_would_decompress_loads_nothing(clean_docker, tmp
     with pytest.raises(ArchiveError):
         service.unlock(UnlockRequest(str(archive), "1.0", ("azaion/a",)), _creds)
     assert loaded(clean_docker) == {}
+
+
+class _RewritingKeyHolder(_KeyHolder):
+    """Serves the key, and rewrites the archive in place while the unlock logs in: after the
+    digest check, before the decrypting pass."""
+
+    def __init__(self, fragment: bytes, path, replacement: bytes) -> None:
+        super().__init__(fragment)
+        self.path, self.replacement = path, replacement
+
+    def login(self) -> None:
+        with open(self.path, "r+b") as f:
+            f.write(self.replacement)
+            f.truncate()
+
+
+def test_archive_rewritten_after_the_digest_check_loads_nothing(clean_docker, archives, tmp_path):
+    """Adversarial review (medium): archiveSha256 was checked in one pass and the file decrypted
+    in a second; rewriting it in between loaded whatever the writer (holding the key) chose."""
+    import hashlib
+
+    from imageunlock.errors import DigestMismatchError
+
+    from ..support import tamper
+
+    trusted = archives.own_archive.read_bytes()
+    other = tamper.rewrite(archives.plaintext, tmp_path / "other.enc", archives.fragment, tamper.add_tags([]))
+    path = tmp_path / "images.enc"
+    path.write_bytes(trusted)
+    service = UnlockService(DockerRuntime(clean_docker.url),
+                            lambda creds: _RewritingKeyHolder(archives.fragment, path, other.read_bytes()))
+    request = UnlockRequest(str(path), archives.version, tuple(archives.names),
+                            archive_sha256=hashlib.sha256(trusted).hexdigest())
+    with pytest.raises(DigestMismatchError):
+        service.unlock(request, _creds)
+    assert loaded(clean_docker) == {}
