@@ -174,6 +174,21 @@ def open_archive(path: str, roots: Sequence[str], *, lock_timeout: float = 0.0) 
         os.close(fd)  # also releases the flock
 
 
+def signature(path: str, roots: Sequence[str]) -> tuple[object, ...]:
+    """What identifies the archive file's content without reading it (device, inode, size,
+    mtime), looked up beneath the roots like an open; a new file, a rewrite or a removal
+    changes it. Any failure is part of the signature, never an error."""
+    try:
+        fd = _open(path, roots)
+    except (OSError, ConfigurationError) as exc:
+        return ("unavailable", getattr(exc, "errno", None) or type(exc).__name__)
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def _lock(fd: int, path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -42,10 +42,15 @@ def find_conflict(mine: Claim, others: Iterable[Claim]) -> RefConflictError | No
             continue
         shared = sorted(mine.refs & other.refs)
         if shared:
+            # Another namespace's objects and paths are not ours to show.
+            owner = (
+                f"ImageUnlock {other.name} (archive {other.archive_path!r})"
+                if other.namespace == mine.namespace
+                else "an ImageUnlock in another namespace, from another archive"
+            )
             return RefConflictError(
-                f"{', '.join(shared[:3])}{' and more' if len(shared) > 3 else ''} is already claimed by "
-                f"ImageUnlock {other.namespace}/{other.name} from archive {other.archive_path!r}; two "
-                "archives would load over each other's images: drop the image from one of them, or "
-                "delete one ImageUnlock"
+                f"{', '.join(shared[:3])}{' and more' if len(shared) > 3 else ''} is already loaded by "
+                f"{owner}; two archives would load over each other's images: drop the image from one "
+                "of them, or delete one ImageUnlock"
             )
     return None

@@ -68,6 +68,9 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
+# JSON text that Go's encoding/json (the Engine's) and Python's json read differently: an
+# escaped surrogate (Go turns a lone one into U+FFFD, Python keeps it) and U+FFFD itself.
+_DIVERGENT_JSON = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\\u[fF][fF][fF][dD]|\xef\xbf\xbd")
 _T = TypeVar("_T")
 
 
@@ -110,8 +113,11 @@ class ImageTarVerifier:
         resolved = self.tar.resolve(name)
         if resolved not in self.tar.kept:
             raise ArchiveError()
+        raw = self.tar.kept[resolved]
+        if _DIVERGENT_JSON.search(raw):
+            raise ArchiveError()
         try:
-            return json.loads(self.tar.kept[resolved], object_pairs_hook=_unique_keys)
+            return json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):  # RecursionError: '[[[[…' nested too deep
             raise ArchiveError() from None
 

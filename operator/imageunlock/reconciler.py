@@ -9,14 +9,13 @@ fault, retried with backoff).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-from . import metrics
+from . import archive, metrics
 from . import status as st
 from .claims import Claim, find_conflict
 from .config import OperatorConfig
@@ -56,6 +55,30 @@ class Verdict(Enum):
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """What a Stalled outcome depended on (see :meth:`Reconciler.inputs`)."""
+
+    generation: Any
+    requested: Any
+    secret: Any = None
+    archive: Any = None
+    conflict: Any = None
+
+    def changed(self, before: Inputs | None, reason: str | None) -> bool:
+        """Whether a re-check could end differently. Rejected credentials only change with
+        the Secret (or the spec, or a request): touching the archive does not buy a re-login."""
+        if before is None:
+            return True
+        if reason == "AuthenticationFailed":
+            return (self.generation, self.requested, self.secret) != (
+                before.generation,
+                before.requested,
+                before.secret,
+            )
+        return self != before
+
+
+@dataclass(frozen=True)
 class Outcome:
     verdict: Verdict
     message: str = ""
@@ -75,16 +98,6 @@ def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
     )
 
 
-def _archive_signature(path: str) -> tuple[Any, ...]:
-    """What identifies the archive file's content without reading it: a new file, a
-    rewrite or a removal changes it."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        return ("absent", exc.errno)
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -97,6 +110,7 @@ class Reconciler:
         self.runtime = runtime
         self.kube = kube
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
+        self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.api_settings = ApiClientConfig(
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
@@ -115,15 +129,32 @@ class Reconciler:
         )
 
     def conflict(self, body: Mapping[str, Any], spec: UnlockSpec) -> RefConflictError | None:
-        claims = []
-        for other in self.others():
-            try:
-                claims.append(_claim(other, self.parse(other)))
-            except UnlockError:
-                continue  # an invalid ImageUnlock claims nothing
+        """Only an ImageUnlock that holds its refs counts as a claim: Ready at its generation,
+        with the IDs it verified. A Stalled or invalid one (say, a squatter naming a path that
+        does not exist) claims nothing, so it cannot block anyone else's unlock."""
+        claims = [claim for other in self.others() if (claim := self._held_claim(other)) is not None]
         return find_conflict(_claim(body, spec), claims)
 
-    def inputs(self, body: Mapping[str, Any]) -> tuple[Any, ...]:
+    def _held_claim(self, body: Mapping[str, Any]) -> Claim | None:
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        key = (meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
+        if key in self._claims:  # parsed once per version of each object, not once per look
+            return self._claims[key]
+        claim = None
+        verified = known_ids(status, int(meta.get("generation") or 0))
+        if status.get("phase") == Phase.READY.value and verified:
+            try:
+                spec = self.parse(body)
+            except UnlockError:
+                spec = None
+            if spec is not None:
+                claim = replace(_claim(body, spec), refs=frozenset(normalize_ref(ref) for ref in verified))
+        if len(self._claims) > 10_000:
+            self._claims.clear()  # bounded: entries of old versions go
+        self._claims[key] = claim
+        return claim
+
+    def inputs(self, body: Mapping[str, Any]) -> Inputs:
         """Everything a Stalled ImageUnlock's outcome depends on: re-checking it is worth a
         login only when one of these changed (never a timed retry of known-bad credentials,
         which gets accounts locked)."""
@@ -132,13 +163,13 @@ class Reconciler:
         try:
             spec = self.parse(body)
         except UnlockError:
-            return (meta.get("generation"), requested)
+            return Inputs(meta.get("generation"), requested)
         conflict = self.conflict(body, spec)
-        return (
+        return Inputs(
             meta.get("generation"),
             requested,
             self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
-            _archive_signature(spec.archive_path),
+            archive.signature(spec.archive_path, self.settings.archive_roots),
             conflict.message if conflict else None,
         )
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import UnlockError
 from .models import Phase
-from .reconciler import REQUESTED_AT, Outcome, Reconciler, Verdict
+from .reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ObjectKey = tuple[str, str]  # (namespace, name)
 class Due:
     at: float = 0.0  # monotonic time of the next look
     attempt: int = 0  # transient failures in a row (the backoff exponent)
-    inputs: tuple[Any, ...] | None = None  # what a Stalled outcome depended on
+    inputs: Inputs | None = None  # what a Stalled outcome depended on
 
 
 class Resync:
@@ -63,7 +63,7 @@ class Resync:
             self.due.pop(key, None)
 
     def record(
-        self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: tuple[Any, ...] | None, by_handler: bool = False
+        self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, by_handler: bool = False
     ) -> None:
         """Schedule the next look after a reconcile (by the handler or by ``step``)."""
         now = self.clock()
@@ -104,8 +104,8 @@ class Resync:
             log.info("re-verification of %s/%s postponed: %s", *key, exc.message)
             self.due[key] = Due(self.clock() + self.interval, due.attempt, due.inputs)
             return
-        if phase == Phase.FAILED.value and due.inputs == inputs:
-            self.due[key] = Due(self.clock() + self.interval, 0, inputs)
+        if phase == Phase.FAILED.value and not inputs.changed(due.inputs, _stalled_reason(status)):
+            self.due[key] = Due(self.clock() + self.interval, 0, due.inputs)
             return  # nothing it depends on changed: a re-check would fail the same way
         if phase == Phase.READY.value:
             log.info("images of %s/%s changed, went missing or are contested: unlocking again", *key)
@@ -113,7 +113,7 @@ class Resync:
         outcome = self.reconciler.reconcile(body, attempt=due.attempt)
         self.record(key, outcome, due.attempt, inputs)
 
-    def inputs(self, body: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    def inputs(self, body: Mapping[str, Any]) -> Inputs | None:
         """``Reconciler.inputs``, or None when they cannot be read now (then the next look
         re-checks once)."""
         try:
@@ -126,3 +126,8 @@ def _requested(body: Mapping[str, Any]) -> bool:
     """A re-check was asked for (the requested-at annotation has a value not yet handled)."""
     requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
     return requested is not None and requested != (body.get("status") or {}).get("lastHandledRequestedAt")
+
+
+def _stalled_reason(status: Mapping[str, Any]) -> str | None:
+    conditions = status.get("conditions") or []
+    return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == "Stalled"), None)

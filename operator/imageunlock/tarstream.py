@@ -78,6 +78,15 @@ def _octal(field_bytes: bytes) -> int:
     return int(text, 8)
 
 
+def _text(raw: bytes) -> str:
+    """A name or pax value: UTF-8 or refused. Go reads invalid bytes as U+FFFD where Python
+    would keep them, so the Engine and this check could name different files."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveError() from None
+
+
 def _parse_header(block: bytes) -> _Member:
     stored = _octal(block[148:156])
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
@@ -101,10 +110,10 @@ def _parse_header(block: bytes) -> _Member:
     kind = block[156:157]
     linkname = block[157:257].split(b"\0", 1)[0]
     return _Member(
-        name=name.decode("utf-8", "surrogateescape"),
+        name=_text(name),
         size=_octal(block[124:136]),
         kind=kind,
-        linkname=linkname.decode("utf-8", "surrogateescape"),
+        linkname=_text(linkname),
     )
 
 
@@ -125,7 +134,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         key, sep, value = record.partition(b"=")
         if not sep or key.startswith(b"GNU.sparse."):  # Go would expand a sparse file, renamed
             raise ArchiveError()
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        records[_text(key)] = _text(value)
         pos += length
     return records
 
@@ -323,7 +332,7 @@ class TarReader:
                 self._pax, self._gnu = {}, {}
             else:
                 key = "path" if member.kind == b"L" else "linkpath"
-                self._gnu[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                self._gnu[key] = _text(data.split(b"\0", 1)[0])
         elif self._hasher is not None:
             hasher, name = self._hasher, member.name
             self._worker.then(lambda: self.digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]

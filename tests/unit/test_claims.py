@@ -14,7 +14,7 @@ def test_the_later_claim_from_another_archive_is_refused_and_names_the_owner():
     second = claim("second", "2026-01-02T00:00:00Z", "/a/two.enc", ("azaion/x:1", "azaion/y:1"))
     error = find_conflict(second, [first, second])
     assert error is not None and error.reason == "RefConflict" and not error.transient
-    assert "ns/first" in error.message and "azaion/x:1" in error.message and "/a/one.enc" in error.message
+    assert "first" in error.message and "azaion/x:1" in error.message and "/a/one.enc" in error.message
     assert find_conflict(first, [first, second]) is None  # the earlier one keeps the ref
 
 
@@ -29,3 +29,11 @@ def test_equal_creation_times_are_ordered_by_namespace_and_name():
     a = claim("a", "2026-01-01T00:00:00Z", "/a.enc")
     b = claim("b", "2026-01-01T00:00:00Z", "/b.enc")
     assert find_conflict(a, [b]) is None and find_conflict(b, [a]) is not None
+
+
+def test_an_owner_in_another_namespace_is_not_named():
+    """Review: the message showed other tenants' object names and archive paths."""
+    first = claim("secret-project", "2026-01-01T00:00:00Z", "/a/hidden.enc", namespace="team-a")
+    error = find_conflict(claim("mine", "2026-01-02T00:00:00Z", "/a/two.enc", namespace="team-b"), [first])
+    assert error is not None and "another namespace" in error.message
+    assert "secret-project" not in error.message and "hidden" not in error.message and "team-a" not in error.message

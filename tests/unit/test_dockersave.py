@@ -328,3 +328,21 @@ def _annotations_given_twice(data):
                          ids=lambda craft: craft.__name__.strip("_"))
 def test_archive_the_engine_would_read_differently_is_refused(craft):
     _refused(craft(savetar.build(TAGS)))
+
+
+@pytest.mark.parametrize("text", [b'"\\udc80"', b'"\\uDFFF"', b'"\\ufffd"', '"\ufffd"'.encode()])
+def test_json_that_go_and_python_read_differently_is_refused(text):
+    """Review: a manifest path with an escaped lone surrogate named one member for Python and
+    another (U+FFFD) for the Engine's Go decoder."""
+    data = _rewrite(savetar.build(TAGS), "manifest.json",
+                    lambda body: body.replace(b"[{", b'[{"Comment": ' + text + b", ", 1))
+    _refused(data, ArchiveError)
+
+
+def test_a_member_name_that_is_not_utf8_is_refused():
+    info = tarfile.TarInfo("x")
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[0:2] = b"x\x80"  # Go reads U+FFFD where Python would keep the byte
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block[:512])
+    _refused(_append(savetar.build(TAGS), bytes(block[:512])), ArchiveError)

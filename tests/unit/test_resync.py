@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from imageunlock.errors import RuntimeUnavailableError
-from imageunlock.reconciler import Outcome, Verdict
+from imageunlock.reconciler import Inputs, Outcome, Verdict
 from imageunlock.resync import Resync
 
 KEY = ("ns", "iu")
@@ -18,7 +18,7 @@ class FakeReconciler:
         self.outcomes = list(outcomes)
         self.calls: list[int] = []  # the attempt of each reconcile
         self.ready = True
-        self.current_inputs: tuple = ("gen", 1, "secret-v1", "archive-v1")
+        self.current_inputs = Inputs(1, None, "secret-v1", "archive-v1")
         self.verifications = 0
 
     def reconcile(self, body, attempt=0):
@@ -128,7 +128,7 @@ def test_stalled_is_rechecked_only_when_an_input_changed():
         clock.now += 300
         resync.step(KEY, body("Failed"))
     assert fake.calls == []
-    fake.current_inputs = ("gen", 1, "secret-v2", "archive-v1")  # the Secret was edited
+    fake.current_inputs = Inputs(1, None, "secret-v2", "archive-v1")  # the Secret was edited
     clock.now += 300
     resync.step(KEY, body("Failed"))
     assert fake.calls == [0]
@@ -149,3 +149,18 @@ def test_forget_drops_state():
     resync.step(KEY, body("Ready"))
     resync.forget(KEY)
     assert KEY not in resync.due
+
+
+def test_rejected_credentials_are_not_retried_because_the_archive_was_touched():
+    resync, fake, clock = make(Outcome(Verdict.STALLED))
+    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, by_handler=True)
+    stalled = body("Failed")
+    stalled["status"]["conditions"] = [{"type": "Stalled", "status": "True", "reason": "AuthenticationFailed"}]
+    fake.current_inputs = Inputs(1, None, "secret-v1", "archive-touched")
+    clock.now += 300
+    resync.step(KEY, stalled)
+    assert fake.calls == []  # no login with the same, known-bad credentials
+    stalled["status"]["conditions"][0]["reason"] = "ArchiveNotFound"
+    clock.now += 300
+    resync.step(KEY, stalled)
+    assert fake.calls == [0]  # for an archive problem, a new archive is worth a look

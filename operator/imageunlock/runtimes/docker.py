@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -33,9 +34,9 @@ _NODE_TROUBLE = (
     "cannot allocate memory",
     "connection reset",
     "broken pipe",
-    "i/o timeout",
+    "i-o timeout",  # i/o, input/output: spelt without "/" (path-like words are dropped)
     "context canceled",
-    "input/output error",
+    "input-output error",
 )
 
 
@@ -44,7 +45,11 @@ def _refusal(text: str) -> UnlockError:
     archive's own: a content error (a layer that is not a tar, ...) fails the same way every
     time and is permanent; only trouble on the node is transient."""
     text = text.strip()[:500]
-    if any(marker in text.lower() for marker in _NODE_TROUBLE):
+    # The Engine's messages quote paths taken from the archive ("open .../no space left/x"):
+    # only the words outside any path may say that the node is in trouble.
+    words = text.lower().replace("input/output", "input-output").replace("i/o", "i-o")
+    words = " ".join(re.sub(r"\S*/\S*", " ", words).split())
+    if any(marker in words for marker in _NODE_TROUBLE):
         return LoadError(f"Docker Engine could not load the archive: {text}")
     return ArchiveRejectedError(
         f"Docker Engine refused the archive's content: {text}; it passed the stream checks, so the "

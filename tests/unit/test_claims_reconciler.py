@@ -1,0 +1,53 @@
+"""Only an ImageUnlock that holds its refs claims them (review: a Stalled squatter in another
+namespace, naming a path that does not exist, stalled everyone created after it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from imageunlock.config import OperatorConfig
+from imageunlock.reconciler import Reconciler
+from imageunlock.spec import parse_spec
+
+API = "https://api.example.test"
+
+
+def body(namespace, name, created, archive, phase, generation=1, verified=True):
+    status = {"phase": phase, "observedGeneration": generation}
+    if verified:
+        status["images"] = [{"name": "azaion/x:1.0", "id": "sha256:" + "a" * 64, "present": True}]
+    return {"metadata": {"namespace": namespace, "name": name, "creationTimestamp": created, "generation": generation,
+                         "resourceVersion": f"{name}-{phase}"},
+            "spec": {"archivePath": archive, "version": "1.0", "images": ["azaion/x"],
+                     "resourceApi": {"credentialsSecretRef": {"name": "creds"}}},
+            "status": status}
+
+
+def reconciler(*others):
+    config = OperatorConfig(archive_roots=("/var/lib/imageunlock",), default_api_url=API)
+    return Reconciler(config, SimpleNamespace(name="docker"), SimpleNamespace(), others=lambda: list(others))
+
+
+def conflict_for(mine, *others):
+    r = reconciler(*others)
+    return r.conflict(mine, parse_spec(mine["spec"], API, [API]))
+
+
+MINE = body("team-b", "mine", "2026-01-02T00:00:00Z", "/var/lib/imageunlock/two.enc", "Pending", verified=False)
+
+
+def test_a_stalled_squatter_claims_nothing():
+    squatter = body("dev", "squat", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/none.enc", "Failed", verified=False)
+    assert conflict_for(MINE, squatter) is None
+
+
+def test_a_ready_owner_with_verified_ids_holds_its_refs():
+    owner = body("team-a", "owner", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/one.enc", "Ready")
+    error = conflict_for(MINE, owner)
+    assert error is not None and error.reason == "RefConflict" and "owner" not in error.message
+
+
+def test_ready_at_an_older_generation_is_no_claim():
+    stale = body("team-a", "owner", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/one.enc", "Ready", generation=2)
+    stale["status"]["observedGeneration"] = 1
+    assert conflict_for(MINE, stale) is None
