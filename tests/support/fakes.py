@@ -1,0 +1,212 @@
+"""In-memory stand-ins for the three outside systems the unlock service and the reconciler
+talk to: a container runtime, the resource API's key client and the Kubernetes API.
+
+Each fake behaves like the real part where the code under test relies on it, and records
+what was done to it so a test can assert on the effect:
+
+* :class:`FakeRuntime` implements :class:`imageunlock.models.Runtime`. ``load`` consumes the
+  chunk iterator to the end before it stores anything — so the service's in-stream archive
+  verification runs and, when it raises, nothing is loaded (the Engine's all-or-nothing) —
+  and reads the image IDs from the archive with :mod:`tarfile` (an independent reader);
+* :class:`FakeKeyClient` implements :class:`imageunlock.models.KeyClient`, with scripted
+  errors and call counts; its :meth:`~FakeKeyClient.open` is the factory the service takes;
+* :class:`FakeKubernetesApi` has the methods the reconciler uses from
+  :class:`imageunlock.kube.KubernetesApi`; every status write is recorded and applied to a
+  stored status with JSON merge-patch semantics (RFC 7386), as the API server does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from imageunlock.errors import ConfigurationError, RuntimeUnavailableError
+from imageunlock.models import Credentials
+from imageunlock.refs import normalize_ref
+
+from .savetar import config_ids
+
+ObjectKey = tuple[str, str]  # (namespace, name)
+
+
+class FakeRuntime:
+    """An image store: ``{ref: image ID}``, looked up the way Docker compares refs.
+
+    Switches: ``unreachable`` (every call raises RuntimeUnavailableError), ``load_error`` (an
+    exception ``load`` raises instead of loading), ``drop_after_load`` (refs that vanish right
+    after a load) and ``alter_after_load`` (``{ref: image ID}`` a load ends up with instead).
+    """
+
+    name = "fake"
+
+    def __init__(self, images: Mapping[str, str] | None = None) -> None:
+        self._images: dict[str, str] = {normalize_ref(ref): image_id for ref, image_id in (images or {}).items()}
+        self.unreachable = False
+        self.load_error: Exception | None = None
+        self.drop_after_load: set[str] = set()
+        self.alter_after_load: dict[str, str] = {}
+        self.loads: list[dict[str, str]] = []  # per completed load: {tag: image ID}
+        self.pings = 0
+
+    def _check(self) -> None:
+        if self.unreachable:
+            raise RuntimeUnavailableError("fake runtime is not reachable")
+
+    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]:
+        self._check()
+        return {ref: self._images.get(normalize_ref(ref)) for ref in refs}
+
+    def load(self, chunks: Iterable[bytes]) -> list[str]:
+        self._check()
+        if self.load_error is not None:
+            raise self.load_error
+        archive = b"".join(chunks)  # an error raised by the stream propagates: nothing stored
+        loaded = config_ids(archive)
+        self.loads.append(loaded)
+        for tag, image_id in loaded.items():
+            self._images[normalize_ref(tag)] = image_id
+        for ref in self.drop_after_load:
+            self._images.pop(normalize_ref(ref), None)
+        for ref, image_id in self.alter_after_load.items():
+            self._images[normalize_ref(ref)] = image_id
+        return list(loaded)
+
+    def ping(self) -> None:
+        self.pings += 1
+        self._check()
+
+    def close(self) -> None:
+        return None
+
+    @property
+    def images(self) -> dict[str, str]:
+        """What the store holds now, by fully qualified ref."""
+        return dict(self._images)
+
+
+Script = Exception | Sequence[Exception | None] | None
+
+
+class FakeKeyClient:
+    """A resource API session that hands out ``fragment``.
+
+    ``login_error`` / ``key_error``: an exception raised on every call, or a list scripting
+    the calls in turn (``None`` for a call that succeeds; once the list is used up, calls
+    succeed). ``opened`` records the credentials of every :meth:`open`.
+    """
+
+    def __init__(self, fragment: bytes, *, login_error: Script = None, key_error: Script = None) -> None:
+        self.fragment = fragment
+        self._login_errors = _script(login_error)
+        self._key_errors = _script(key_error)
+        self.opened: list[Credentials] = []
+        self.logins = 0
+        self.fragments = 0
+        self.closes = 0
+
+    def open(self, credentials: Credentials) -> FakeKeyClient:
+        """The ``open_key_client`` factory :class:`~imageunlock.service.UnlockService` takes."""
+        self.opened.append(credentials)
+        return self
+
+    def login(self) -> None:
+        self.logins += 1
+        if (error := _next(self._login_errors)) is not None:
+            raise error
+
+    def key_fragment(self) -> bytes:
+        self.fragments += 1
+        if (error := _next(self._key_errors)) is not None:
+            raise error
+        return self.fragment
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def _script(script: Script) -> Exception | list[Exception | None] | None:
+    return list(script) if isinstance(script, Sequence) else script
+
+
+def _next(script: Exception | list[Exception | None] | None) -> Exception | None:
+    if isinstance(script, list):
+        return script.pop(0) if script else None
+    return script
+
+
+@dataclass(frozen=True)
+class Event:
+    object: ObjectKey
+    type: str
+    reason: str
+    message: str
+
+
+def merge_patch(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch: ``null`` removes a key, objects merge, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        elif isinstance(value, Mapping):
+            target[key] = merge_patch({}, value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+class FakeKubernetesApi:
+    """Secrets, statuses and events of a pretend API server.
+
+    ``secrets``: ``{(namespace, name): Credentials or an exception to raise}``; an absent
+    Secret raises ConfigurationError, as :meth:`KubernetesApi.read_credentials` does on 404.
+    ``statuses``: what each object's ``status`` has become after every patch so far (seed it
+    with :meth:`seed` to start from an existing status).
+    """
+
+    def __init__(self) -> None:
+        self.secrets: dict[ObjectKey, Credentials | Exception] = {}
+        self.secret_versions: dict[ObjectKey, str] = {}
+        self.statuses: dict[ObjectKey, dict[str, Any]] = {}
+        self.writes: list[tuple[ObjectKey, dict[str, Any]]] = []
+        self.events: list[Event] = []
+        self.credential_reads: list[ObjectKey] = []
+        self.patch_error: Exception | None = None
+
+    def add_secret(self, namespace: str, name: str, value: Credentials | Exception, version: str = "1") -> None:
+        self.secrets[(namespace, name)] = value
+        self.secret_versions[(namespace, name)] = version
+
+    def seed(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.statuses[(namespace, name)] = copy.deepcopy(dict(status))
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.statuses.get((namespace, name), {}))
+
+    def read_credentials(self, namespace: str, name: str) -> Credentials:
+        self.credential_reads.append((namespace, name))
+        value = self.secrets.get((namespace, name))
+        if value is None:
+            raise ConfigurationError(f"Secret {namespace}/{name} (spec.resourceApi.credentialsSecretRef) not found")
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def secret_version(self, namespace: str, name: str) -> str | None:
+        return self.secret_versions.get((namespace, name))
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        if self.patch_error is not None:
+            raise self.patch_error
+        self.writes.append(((namespace, name), copy.deepcopy(dict(status))))
+        merge_patch(self.statuses.setdefault((namespace, name), {}), status)
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj.get("metadata") or {}
+        self.events.append(Event((meta.get("namespace", ""), meta.get("name", "")), type_, reason, message))
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,326 @@
+"""One reconcile of one ImageUnlock (Reconciler.reconcile) with a fake runtime, key client and
+Kubernetes API: the status each outcome leaves behind, the verdict, backoff, events, claims.
+
+The seam for the key client: the reconciler builds a ``ResourceApiClient(api_url, credentials,
+settings)`` per unlock; the tests replace that name in ``imageunlock.reconciler`` with a
+factory that hands out a FakeKeyClient (there is no constructor argument for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imageunlock import reconciler as reconciler_module
+from imageunlock.config import OperatorConfig
+from imageunlock.crypto import encrypt_stream
+from imageunlock.errors import ApiUnavailableError, AuthenticationError
+from imageunlock.models import Credentials
+from imageunlock.reconciler import Reconciler, Verdict
+
+from ..support.fakes import FakeKeyClient, FakeKubernetesApi, FakeRuntime
+from ..support.savetar import build, config_ids
+
+API = "https://api.example.test"
+NS, NAME = "ns", "iu"
+VERSION = "2.0"
+IMAGES = ["azaion/flights", "azaion/autopilot"]
+REFS = [f"{name}:{VERSION}" for name in IMAGES]
+FRAGMENT = b"the-key-fragment"
+CREDS = Credentials("edge@example.test", "pw")
+
+
+@dataclass
+class World:
+    root: Path
+    runtime: FakeRuntime
+    kube: FakeKubernetesApi
+    key: FakeKeyClient  # replace it to script other answers: the factory reads it per unlock
+    archive: Path
+    ids: dict[str, str]
+    urls: list[str] = field(default_factory=list)  # resource API each key client was opened for
+    others: list[dict[str, Any]] = field(default_factory=list)  # other ImageUnlocks, for claims
+    reconciler: Reconciler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.configure()
+
+    def configure(self, **settings: Any) -> None:
+        config = OperatorConfig(
+            archive_roots=(str(self.root),), api_url_allowlist=(API,), progress_interval=0.0, **settings
+        )
+        self.reconciler = Reconciler(config, self.runtime, self.kube, others=lambda: list(self.others))
+
+    def open_key_client(self, url: str, credentials: Credentials, _settings: object) -> FakeKeyClient:
+        """Stands in for ``ResourceApiClient(url, credentials, settings)``."""
+        self.urls.append(url)
+        return self.key.open(credentials)
+
+    def body(self, generation: int = 1, **spec: Any) -> dict[str, Any]:
+        """The object as the API server has it now: its status is whatever was patched so far."""
+        return make_body(self.archive, generation, status=self.kube.status(NS, NAME), **spec)
+
+    def reconcile(self, generation: int = 1, attempt: int = 0, **spec: Any):
+        return self.reconciler.reconcile(self.body(generation, **spec), attempt=attempt)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.kube.status(NS, NAME)
+
+    @property
+    def events(self) -> list[tuple[str, str]]:
+        return [(e.type, e.reason) for e in self.kube.events]
+
+
+def make_body(archive: Path, generation: int = 1, status: dict | None = None, name: str = NAME,
+              created: str = "2026-01-02T00:00:00Z", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "loader.azaion.com/v1alpha1",
+        "kind": "ImageUnlock",
+        "metadata": {"namespace": NS, "name": name, "uid": f"uid-{name}", "generation": generation,
+                     "creationTimestamp": created},
+        "spec": {
+            "archivePath": str(archive),
+            "version": VERSION,
+            "images": IMAGES,
+            "resourceApi": {"url": API, "credentialsSecretRef": {"name": "creds"}},
+            **spec,
+        },
+        "status": status or {},
+    }
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    plain = build(REFS)
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(b"".join(encrypt_stream([plain], FRAGMENT)))
+    kube = FakeKubernetesApi()
+    kube.add_secret(NS, "creds", CREDS)
+    w = World(tmp_path, FakeRuntime(), kube, FakeKeyClient(FRAGMENT), archive, config_ids(plain))
+    monkeypatch.setattr(reconciler_module, "ResourceApiClient", w.open_key_client)
+    return w
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def generations(status: dict[str, Any]) -> set[int]:
+    return {c["observedGeneration"] for c in status["conditions"]}
+
+
+# -- Ready ---------------------------------------------------------------------------------
+
+
+def test_a_first_reconcile_unlocks_and_leaves_a_complete_ready_status(world):
+    outcome = world.reconcile()
+    assert outcome.verdict is Verdict.READY
+    status = world.status
+    assert status["phase"] == "Ready" and status["observedGeneration"] == 1
+    assert status["images"] == [{"name": ref, "id": world.ids[ref], "present": True} for ref in REFS]
+    assert conditions(status) == {
+        "Ready": ("True", "Unlocked"), "Reconciling": ("False", "Succeeded"), "Stalled": ("False", "Succeeded"),
+    }
+    assert generations(status) == {1}
+    size = world.archive.stat().st_size
+    assert status["progress"] == {"bytesDone": size, "bytesTotal": size, "percent": 100, "text": "100%"}
+    assert status["lastUnlockTime"].endswith("Z")
+    # the credentials came from the spec's Secret and went to the spec's API
+    assert world.kube.credential_reads == [(NS, "creds")] and world.urls == [API]
+    assert world.key.opened == [CREDS]
+
+
+def test_progress_is_written_while_unlocking(world):
+    world.reconcile()
+    phases = [status.get("phase") for _, status in world.kube.writes]
+    assert phases[0] == "Pending" and phases[-1] == "Ready"
+    assert {"Authenticating", "FetchingKey", "Loading", "Verifying"} <= set(phases)
+    assert all("observedGeneration" not in status for _, status in world.kube.writes[:-1])
+
+
+def test_an_unlock_posts_one_unlocking_and_one_unlocked_event(world):
+    world.reconcile()
+    assert world.events == [("Normal", "Unlocking"), ("Normal", "Unlocked")]
+    assert f"{len(REFS)} image(s) loaded and verified at version {VERSION}" in world.kube.events[-1].message
+
+
+def test_an_unlock_with_a_digest_check_also_posts_one_unlocking_event(world):
+    digest = hashlib.sha256(world.archive.read_bytes()).hexdigest()
+    assert world.reconcile(archiveSha256=digest).verdict is Verdict.READY
+    assert world.events == [("Normal", "Unlocking"), ("Normal", "Unlocked")]
+
+
+def test_a_ready_object_stays_ready_by_the_fast_path_without_login_or_event(world):
+    world.reconcile()
+    writes, events = len(world.kube.writes), len(world.kube.events)
+    outcome = world.reconcile()
+    assert outcome.verdict is Verdict.READY
+    assert world.key.opened == [CREDS]  # no second login
+    assert len(world.runtime.loads) == 1
+    assert conditions(world.status)["Ready"] == ("True", "AlreadyPresent")
+    assert len(world.kube.writes) == writes + 1  # only the final status, no progress
+    assert len(world.kube.events) == events  # nothing changed: no event
+
+
+def test_recovering_by_the_fast_path_posts_one_already_present_event(world):
+    world.reconcile()
+    world.runtime.unreachable = True
+    assert world.reconcile().verdict is Verdict.RETRY
+    world.runtime.unreachable = False
+    assert world.reconcile(attempt=1).verdict is Verdict.READY
+    assert world.events[-2:] == [("Warning", "RuntimeUnavailable"), ("Normal", "AlreadyPresent")]
+    assert world.status["phase"] == "Ready" and len(world.runtime.loads) == 1
+
+
+def test_a_new_generation_is_not_served_from_the_last_ones_verified_ids(world):
+    world.reconcile(generation=1)
+    assert world.reconcile(generation=2).verdict is Verdict.READY
+    assert len(world.runtime.loads) == 2  # unlocked again: IDs are vouched for per generation
+    assert world.status["observedGeneration"] == 2 and generations(world.status) == {2}
+
+
+# -- Stalled -------------------------------------------------------------------------------
+
+
+def test_a_wrong_key_stalls_with_images_and_progress_removed(world):
+    world.reconcile(generation=1)  # Ready, with images and progress
+    world.key.fragment = b"some-other-fragment"
+    outcome = world.reconcile(generation=2)
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "ArchiveInvalid")
+    status = world.status
+    assert status["phase"] == "Failed" and status["observedGeneration"] == 2
+    assert "images" not in status and "progress" not in status  # nulled by the merge patch
+    assert conditions(status) == {
+        "Ready": ("False", "ArchiveInvalid"), "Reconciling": ("False", "ArchiveInvalid"),
+        "Stalled": ("True", "ArchiveInvalid"),
+    }
+    assert generations(status) == {2}
+    assert world.events[-1] == ("Warning", "ArchiveInvalid")
+    assert [e.reason for e in world.kube.events].count("ArchiveInvalid") == 1
+
+
+def test_images_missing_after_the_load_are_listed_as_not_present(world):
+    world.runtime.drop_after_load = {REFS[1]}
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "ImagesMissing")
+    assert world.status["images"] == [{"name": REFS[1], "id": "", "present": False}]
+
+
+@pytest.mark.parametrize("spec", [
+    {"resourceApi": {"url": "https://elsewhere.example.test", "credentialsSecretRef": {"name": "creds"}}},
+    {"version": "not a tag"},
+    {"archivePath": "/somewhere/else.enc"},  # outside the archive roots
+])
+def test_an_invalid_spec_stalls_without_touching_credentials(world, spec):
+    outcome = world.reconcile(**spec)
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")
+    assert world.status["phase"] == "Failed" and world.status["observedGeneration"] == 1
+    assert world.kube.credential_reads == [] and world.key.opened == [] and world.runtime.loads == []
+
+
+def test_a_missing_secret_stalls(world):
+    world.kube.secrets.clear()
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")
+    assert world.status["message"] == outcome.message and f"{NS}/creds" in outcome.message
+    assert world.key.opened == [] and world.runtime.loads == []
+
+
+def test_rejected_credentials_stall_without_a_key_request(world):
+    world.key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason, outcome.delay) == (Verdict.STALLED, "AuthenticationFailed", 0.0)
+    assert world.key.logins == 1 and world.key.fragments == 0
+    assert conditions(world.status)["Stalled"] == ("True", "AuthenticationFailed")
+
+
+# -- transient failures --------------------------------------------------------------------
+
+
+def test_a_transient_failure_is_retried_with_attempt_and_delay_in_the_status(world):
+    world.configure(retry_base=5.0, retry_max=300.0)
+    world.runtime.unreachable = True
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason, outcome.delay) == (Verdict.RETRY, "RuntimeUnavailable", 5.0)
+    status = world.status
+    assert status["message"].startswith("attempt 1 failed: ") and status["message"].endswith("retrying in 5s")
+    assert "observedGeneration" not in status  # this generation is not finished
+    assert conditions(status) == {
+        "Ready": ("False", "RuntimeUnavailable"), "Reconciling": ("True", "RuntimeUnavailable"),
+        "Stalled": ("False", "RuntimeUnavailable"),
+    }
+    assert world.events[-1] == ("Warning", "RuntimeUnavailable")
+    assert world.kube.events[-1].message.startswith("attempt 1: ")
+
+
+def test_a_transient_failure_of_a_new_generation_leaves_the_last_observed_generation(world):
+    world.reconcile(generation=1)
+    world.runtime.unreachable = True
+    assert world.reconcile(generation=2).verdict is Verdict.RETRY
+    assert world.status["observedGeneration"] == 1  # kstatus: generation 2 is still in progress
+    assert generations(world.status) == {2} and conditions(world.status)["Reconciling"][0] == "True"
+
+
+def test_the_retry_status_names_the_phase_that_failed(world):
+    world.key = FakeKeyClient(FRAGMENT, key_error=ApiUnavailableError("resource API answered 503"))
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "ResourceApiUnavailable")
+    assert world.status["phase"] == "FetchingKey" and "503" in world.status["message"]
+
+
+def test_backoff_doubles_from_retry_base_up_to_retry_max(world):
+    world.configure(retry_base=2.0, retry_max=10.0)
+    world.runtime.unreachable = True
+    delays = [world.reconcile(attempt=attempt).delay for attempt in range(6)]
+    assert delays == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert world.status["message"].startswith("attempt 6 failed: ")
+    assert world.status["message"].endswith("retrying in 10s")
+
+
+def test_an_unexpected_exception_is_an_internal_error_that_says_little(world):
+    world.runtime.load_error = RuntimeError("stack details with a token=abc123")
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "InternalError")
+    assert "RuntimeError" in outcome.message and "abc123" not in outcome.message
+    assert "abc123" not in world.status["message"]
+    assert all("abc123" not in e.message for e in world.kube.events)
+
+
+# -- claims --------------------------------------------------------------------------------
+
+
+def holder(archive: Path, name: str, created: str, images: list[str] = IMAGES, **spec: Any) -> dict[str, Any]:
+    """Another ImageUnlock that is Ready with the refs it verified: it holds them."""
+    verified = [{"name": f"{image}:{VERSION}", "id": "sha256:" + "d" * 64, "present": True} for image in images]
+    status = {"phase": "Ready", "observedGeneration": 1, "images": verified}
+    other = make_body(archive, name=name, created=created, status=status, images=images, **spec)
+    other["metadata"]["resourceVersion"] = f"{name}-1"
+    return other
+
+
+def test_an_earlier_imageunlock_of_the_same_ref_from_another_archive_is_a_ref_conflict(world, tmp_path):
+    world.others.append(holder(tmp_path / "other.enc", "first", "2026-01-01T00:00:00Z", images=[IMAGES[0]]))
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "RefConflict")
+    assert "first" in outcome.message and REFS[0] in outcome.message
+    assert conditions(world.status)["Stalled"] == ("True", "RefConflict")
+    assert world.kube.credential_reads == [] and world.runtime.loads == []
+
+
+@pytest.mark.parametrize("name, created, archive", [
+    ("later", "2026-01-03T00:00:00Z", "other.enc"),  # we were first
+    ("same-archive", "2026-01-01T00:00:00Z", "images.enc"),  # the same content
+])
+def test_no_conflict_with_a_later_claim_or_one_from_the_same_archive(world, tmp_path, name, created, archive):
+    world.others.append(holder(tmp_path / archive, name, created))
+    assert world.reconcile().verdict is Verdict.READY
+
+
+def test_an_invalid_other_imageunlock_claims_nothing(world, tmp_path):
+    world.others.append(holder(tmp_path / "other.enc", "broken", "2026-01-01T00:00:00Z", version="not a tag"))
+    assert world.reconcile().verdict is Verdict.READY
