@@ -17,11 +17,14 @@ without it stdout stays empty. ``imageunlock --version`` prints the program's ve
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
@@ -191,12 +194,33 @@ def _read_state(path: str) -> dict[str, str]:
 
 
 def _write_state(path: str, verified: Mapping[str, str]) -> None:
+    """Record verified IDs. The directory must be the user's own and writable by no one else
+    (a shared one would let another user plant IDs the fast path then trusts); the file is
+    written through a fresh private temporary file, never through a name someone could
+    have made a symlink."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(errno.EPERM, "directory is not the user's own or is writable by others", directory)
     images = {**_read_state(path), **verified}
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
-        json.dump({"images": images}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    _write_atomically(path, json.dumps({"images": images}, indent=1, sort_keys=True).encode(), 0o600)
+
+
+def _write_atomically(path: str, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+    """Write via a new temporary file beside ``path`` (O_EXCL: never an existing file or a
+    planted symlink), then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".imageunlock-", suffix=".part")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _credentials() -> Credentials:
@@ -259,11 +283,8 @@ def _encrypt(args: argparse.Namespace) -> int:
         fragment = f.read()
     if not fragment:
         raise ConfigurationError(f"fragment file {args.fragment_file!r} is empty")
-    tmp = args.output + ".part"
-    with open(args.input, "rb") as src, open(tmp, "wb") as dst:
-        for chunk in encrypt_stream(read_chunks(src), fragment):
-            dst.write(chunk)
-    os.replace(tmp, args.output)
+    with open(args.input, "rb") as src:
+        _write_atomically(args.output, encrypt_stream(read_chunks(src), fragment))
     return EXIT_OK
 
 

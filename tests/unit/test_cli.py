@@ -4,6 +4,7 @@ outcome on stdout, and which progress renderer a terminal or a pipe gets (issue 
 from __future__ import annotations
 
 import io
+import os
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,3 +162,30 @@ def test_bars_on_a_terminal_show_each_phase_and_a_bar_with_rate_and_eta() -> Non
     for task in ("checking the archive's SHA-256", "decrypting into the container runtime"):
         assert task in final
     assert "100%" in final and "1.0/1.0 kB" in final and "B/s" in final and "0:00:00" in final
+
+
+def test_state_is_never_written_through_a_planted_symlink(tmp_path):
+    """Review: the state file's temporary name was predictable and opened without O_EXCL, so a
+    symlink planted there made the CLI (often root) overwrite any file."""
+    from imageunlock.cli import _read_state, _write_state
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = state_dir / "verified-images.json"
+    for pid in range(os.getpid() - 5, os.getpid() + 5):  # the old temporary names
+        os.symlink(victim, f"{path}.{pid}.tmp")
+    _write_state(str(path), {"azaion/a:1.0": "sha256:abc"})
+    assert victim.read_text() == "precious"
+    assert _read_state(str(path)) == {"azaion/a:1.0": "sha256:abc"}
+
+
+def test_state_in_a_directory_others_may_write_is_refused(tmp_path):
+    from imageunlock.cli import _write_state
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match="writable by others"):
+        _write_state(str(shared / "verified-images.json"), {"azaion/a:1.0": "sha256:abc"})
