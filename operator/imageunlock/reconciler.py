@@ -21,7 +21,7 @@ from .claims import Claim, find_conflict
 from .config import OperatorConfig
 from .errors import ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
 from .kube import KubernetesApi
-from .models import Phase
+from .models import Credentials, KeyClient, Phase
 from .refs import normalize_ref
 from .resource_api import ApiClientConfig, ResourceApiClient
 from .service import UnlockService
@@ -110,6 +110,7 @@ class Reconciler:
         self.runtime = runtime
         self.kube = kube
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
+        self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.api_settings = ApiClientConfig(
             connect_timeout=settings.api_connect_timeout,
@@ -124,7 +125,7 @@ class Reconciler:
     def service(self, spec: UnlockSpec) -> UnlockService:
         return UnlockService(
             self.runtime,
-            lambda creds: ResourceApiClient(spec.api_url, creds, self.api_settings),
+            lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
             archive_roots=self.settings.archive_roots,
         )
 
@@ -224,7 +225,10 @@ class Reconciler:
         ready = st.ready(
             result.images, result.fast_path, generation, run.conditions, result.archive_bytes, unlocked_at=unlocked_at
         )
-        run.write({**ready, **_handled(body)})
+        try:
+            run.write({**ready, **_handled(body)})
+        except UnlockError as exc:  # the images are fine; the record of it is not yet
+            return run.failed(exc, attempt)
         if not result.fast_path or not previously_ready:
             how = "loaded and verified" if not result.fast_path else "already present"
             run.event(
@@ -274,7 +278,7 @@ class _Reconciliation:
         if exc.transient:
             delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             phase = (self.phase or Phase.PENDING).value
-            self.write(
+            self.write_or_log(
                 st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase)
             )
             self.event("Warning", exc.reason, f"attempt {attempt + 1}: {exc.message}")
@@ -282,11 +286,23 @@ class _Reconciliation:
         images = None
         if isinstance(exc, ImagesNotVerifiedError):
             images = {ref: None for ref in exc.missing}
-        self.write(
-            {**st.stalled(exc.reason, exc.message, self.generation, self.conditions, images), **_handled(self.body)}
-        )
+        stalled = st.stalled(exc.reason, exc.message, self.generation, self.conditions, images)
+        if not self.write_or_log({**stalled, **_handled(self.body)}):
+            # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
+            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         self.event("Warning", exc.reason, exc.message)
         return Outcome(Verdict.STALLED, exc.message, exc.reason)
+
+    def write_or_log(self, status: dict[str, Any]) -> bool:
+        """Write a failure's status; if the API server refuses that too, log it and go on (the
+        verdict still reaches kopf or the resync loop, which retry with backoff)."""
+        try:
+            self.write(status)
+        except UnlockError as exc:
+            log.warning("status of %s/%s not written: %s", self.namespace, self.name, exc.message)
+            return False
+        return True
 
 
 def _handled(body: Mapping[str, Any]) -> dict[str, Any]:

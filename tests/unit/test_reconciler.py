@@ -1,9 +1,8 @@
 """One reconcile of one ImageUnlock (Reconciler.reconcile) with a fake runtime, key client and
 Kubernetes API: the status each outcome leaves behind, the verdict, backoff, events, claims.
 
-The seam for the key client: the reconciler builds a ``ResourceApiClient(api_url, credentials,
-settings)`` per unlock; the tests replace that name in ``imageunlock.reconciler`` with a
-factory that hands out a FakeKeyClient (there is no constructor argument for it).
+The seam for the key client: ``Reconciler.open_key_client`` (``ResourceApiClient`` by default)
+is replaced with a factory that hands out a FakeKeyClient.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from imageunlock import reconciler as reconciler_module
 from imageunlock.config import OperatorConfig
 from imageunlock.crypto import encrypt_stream
-from imageunlock.errors import ApiUnavailableError, AuthenticationError
+from imageunlock.errors import ApiUnavailableError, AuthenticationError, KubernetesUnavailableError
 from imageunlock.models import Credentials
 from imageunlock.reconciler import Reconciler, Verdict
 
@@ -54,6 +52,7 @@ class World:
             archive_roots=(str(self.root),), api_url_allowlist=(API,), progress_interval=0.0, **settings
         )
         self.reconciler = Reconciler(config, self.runtime, self.kube, others=lambda: list(self.others))
+        self.reconciler.open_key_client = self.open_key_client
 
     def open_key_client(self, url: str, credentials: Credentials, _settings: object) -> FakeKeyClient:
         """Stands in for ``ResourceApiClient(url, credentials, settings)``."""
@@ -102,7 +101,6 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     kube = FakeKubernetesApi()
     kube.add_secret(NS, "creds", CREDS)
     w = World(tmp_path, FakeRuntime(), kube, FakeKeyClient(FRAGMENT), archive, config_ids(plain))
-    monkeypatch.setattr(reconciler_module, "ResourceApiClient", w.open_key_client)
     return w
 
 
@@ -324,3 +322,11 @@ def test_no_conflict_with_a_later_claim_or_one_from_the_same_archive(world, tmp_
 def test_an_invalid_other_imageunlock_claims_nothing(world, tmp_path):
     world.others.append(holder(tmp_path / "other.enc", "broken", "2026-01-01T00:00:00Z", version="not a tag"))
     assert world.reconcile().verdict is Verdict.READY
+
+
+def test_a_status_write_refused_by_the_api_server_is_a_retry_not_a_crash(world):
+    """Found while writing these tests: a failed status write escaped reconcile(), so the resync
+    loop never scheduled the object and unlocked it again on every tick."""
+    world.kube.patch_error = KubernetesUnavailableError("writing status failed (HTTP 403)")
+    outcome = world.reconcile()
+    assert outcome.verdict is Verdict.RETRY and outcome.delay > 0
