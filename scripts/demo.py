@@ -12,7 +12,6 @@ starts the operator in the background, waits for Ready and prints
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -28,10 +27,10 @@ sys.path[:0] = [str(ROOT)]  # tests.support
 import yaml  # noqa: E402
 
 import controlplane  # noqa: E402
-from imageunlock.service import DEFAULT_IMAGES  # noqa: E402
+from imageunlock.models import DEFAULT_IMAGES  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
 from tests.support.images import import_images, openssl_encrypt, save  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 DEMO = ROOT / ".demo"
 VENV_BIN = Path(sys.executable).parent
@@ -49,9 +48,9 @@ def _pid_file(name: str) -> Path:
 
 
 def _spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> int:
-    log = open(DEMO / f"{name}.log", "ab")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=ROOT)
+    with open(DEMO / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=ROOT)
     _pid_file(name).write_text(str(proc.pid))
     return proc.pid
 
@@ -145,9 +144,11 @@ def up() -> int:
     _kubectl("apply", "-f", "-", input=_samples(archive, api_url))
 
     say("starting the operator (log: .demo/operator.log)")
+    metrics_port = free_port()
     env = {**os.environ, "KUBECONFIG": str(DEMO / "kubeconfig"), "IMAGEUNLOCK_DOCKER_HOST": engine.url,
            "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives), "RESOURCE_API_URL": api_url,
-           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60"}
+           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60",
+           "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
     env.pop("DEMO_API_PASSWORD", None)
     _spawn("operator", [str(VENV_BIN / "imageunlock"), "operator"], env)
 
@@ -158,12 +159,14 @@ def up() -> int:
     if wait.returncode:
         say(f"not Ready: {wait.stderr.strip()}; see .demo/operator.log")
         return 1
+    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
     say(f"Ready in {time.monotonic() - started:.0f}s. Try:")
     for line in (
         "kubectl --kubeconfig .demo/kubeconfig get iu -A",
         f"kubectl --kubeconfig .demo/kubeconfig describe iu -n {NAMESPACE}",
         "kubectl --kubeconfig .demo/kubeconfig wait --for=condition=Ready iu --all -A",
         f"docker -H {engine.url} images",
+        f"curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^imageunlock_",
         "make demo-down",
     ):
         print(f"  {line}", file=sys.stderr)
