@@ -12,6 +12,8 @@ import base64
 import binascii
 import logging
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +31,7 @@ GROUP, VERSION, PLURAL, KIND = "loader.azaion.com", "v1alpha1", "imageunlocks", 
 MAX_EMAIL_BYTES = 1024
 MAX_PASSWORD_BYTES = 4096
 COMPONENT = "imageunlock-operator"
+MAX_REMEMBERED_EVENTS = 4096
 
 
 def _client() -> kubernetes.client.ApiClient:
@@ -44,6 +47,8 @@ class KubernetesApi:
         self.api_client = api_client or _client()
         self.core = kubernetes.client.CoreV1Api(self.api_client)
         self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
+        self._events: OrderedDict[tuple[Any, ...], tuple[str, int]] = OrderedDict()  # what post_event sent
+        self._events_lock = threading.Lock()
 
     def close(self) -> None:
         self.api_client.close()
@@ -105,14 +110,49 @@ class KubernetesApi:
             raise KubernetesUnavailableError(f"writing status failed ({type(exc).__name__})") from None
 
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record an Event on an ImageUnlock; failures are logged, never raised."""
+        """Record an Event on an ImageUnlock, as client-go's recorder does: a repeat of the same
+        event (object, type, reason, message) bumps ``count`` and ``lastTimestamp`` of the
+        object already posted instead of making a new one, so retries make no storm. Failures
+        are logged, never raised."""
         meta = obj.get("metadata", {})
-        now = datetime.now(UTC)
-        event = kubernetes.client.CoreV1Event(
-            # "<object>.<random hex>", like kubectl's events ("x." is no valid generateName).
-            metadata=kubernetes.client.V1ObjectMeta(
-                name=f"{meta.get('name')}.{secrets.token_hex(8)}", namespace=meta.get("namespace")
-            ),
+        namespace, now, message = meta.get("namespace"), datetime.now(UTC), message[:1024]
+        key = (meta.get("uid") or meta.get("name"), type_, reason, message)
+        with self._events_lock:
+            seen = self._events.get(key)
+        try:
+            if seen is not None:
+                name, count = seen
+                try:
+                    self.core.patch_namespaced_event(
+                        name,
+                        namespace,
+                        {"count": count + 1, "lastTimestamp": now.isoformat()},
+                        _content_type="application/merge-patch+json",
+                    )
+                    self._remember(key, name, count + 1)
+                    return
+                except ApiException as exc:
+                    if exc.status != 404:  # expired (events live an hour): post it anew
+                        raise
+            name = f"{meta.get('name')}.{secrets.token_hex(8)}"  # like kubectl's ("x." is no valid generateName)
+            self.core.create_namespaced_event(namespace, self._event(meta, name, type_, reason, message, now))
+            self._remember(key, name, 1)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), type(exc).__name__)
+
+    def _remember(self, key: tuple[Any, ...], name: str, count: int) -> None:
+        with self._events_lock:
+            self._events[key] = (name, count)
+            self._events.move_to_end(key)
+            while len(self._events) > MAX_REMEMBERED_EVENTS:
+                self._events.popitem(last=False)
+
+    @staticmethod
+    def _event(
+        meta: Mapping[str, Any], name: str, type_: str, reason: str, message: str, now: datetime
+    ) -> kubernetes.client.CoreV1Event:
+        return kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=meta.get("namespace")),
             involved_object=kubernetes.client.V1ObjectReference(
                 api_version=f"{GROUP}/{VERSION}",
                 kind=KIND,
@@ -121,7 +161,7 @@ class KubernetesApi:
                 uid=meta.get("uid"),
             ),
             reason=reason,
-            message=message[:1024],
+            message=message,
             type=type_,
             count=1,
             first_timestamp=now,
@@ -130,10 +170,6 @@ class KubernetesApi:
             reporting_component=COMPONENT,
             reporting_instance=COMPONENT,
         )
-        try:
-            self.core.create_namespaced_event(meta.get("namespace"), event)
-        except (ApiException, HTTPError, OSError) as exc:
-            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), type(exc).__name__)
 
 
 def _decode(where: str, key: str, value: str, limit: int) -> str:

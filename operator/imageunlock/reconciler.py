@@ -281,7 +281,7 @@ class _Reconciliation:
             self.write_or_log(
                 st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase)
             )
-            self.event("Warning", exc.reason, f"attempt {attempt + 1}: {exc.message}")
+            self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         images = None
         if isinstance(exc, ImagesNotVerifiedError):

@@ -36,6 +36,7 @@ class FakeCore:
         self.secret: kubernetes.client.V1Secret | None = None
         self.error: Exception | None = None
         self.events: list[tuple[str, kubernetes.client.CoreV1Event]] = []
+        self.expired: set[str] = set()  # events the API server has dropped (their TTL ran out)
 
     def read_namespaced_secret(self, name: str, namespace: str) -> kubernetes.client.V1Secret:
         if self.error is not None:
@@ -47,6 +48,15 @@ class FakeCore:
         if self.error is not None:
             raise self.error
         self.events.append((namespace, body))
+
+    def patch_namespaced_event(self, name: str, namespace: str, body: dict[str, Any], **kwargs: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        [event] = [e for ns, e in self.events if (ns, e.metadata.name) == (namespace, name)]
+        if event.metadata.name in self.expired:
+            raise api_error(404)
+        assert kwargs == {"_content_type": "application/merge-patch+json"}
+        event.count, event.last_timestamp = body["count"], body["lastTimestamp"]
 
 
 class FakeCustom:
@@ -196,7 +206,7 @@ OBJ = {"metadata": {"namespace": NS, "name": "iu", "uid": "uid-1"}}
 
 def test_post_event_records_an_event_on_the_imageunlock(kube):
     kube.post_event(OBJ, "Warning", "ArchiveInvalid", "archive could not be unlocked")
-    kube.post_event(OBJ, "Warning", "ArchiveInvalid", "archive could not be unlocked")
+    kube.post_event(OBJ, "Normal", "Unlocked", "done")
     (namespace, event), (_, second) = kube.core.events
     assert namespace == NS and event.metadata.namespace == NS
     assert event.metadata.name.startswith("iu.") and event.metadata.name != second.metadata.name
@@ -216,3 +226,15 @@ def test_post_event_truncates_a_long_message(kube):
 def test_post_event_never_raises(kube, error):
     kube.core.error = error
     assert kube.post_event(OBJ, "Normal", "Unlocked", "done") is None
+
+
+def test_a_repeated_event_aggregates_into_the_one_already_posted(kube):
+    """Issue 12: retries made one event object each; like client-go's recorder, a repeat
+    bumps count and lastTimestamp of the event already posted."""
+    for _ in range(3):
+        kube.post_event(OBJ, "Warning", "ResourceApiUnavailable", "HTTP 503")
+    [(_, event)] = kube.core.events
+    assert event.count == 3 and event.last_timestamp
+    kube.core.expired.add(event.metadata.name)
+    kube.post_event(OBJ, "Warning", "ResourceApiUnavailable", "HTTP 503")
+    assert len(kube.core.events) == 2 and kube.core.events[1][1].count == 1  # expired: posted anew
