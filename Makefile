@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit bench demo demo-down lock clean
+.PHONY: setup test unit lint bench demo demo-down lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,15 @@ test: setup
 unit:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Format, lint, strict types on the package, and the layering contract (pyproject.toml).
+LINT_PATHS := operator tools/controlplane/controlplane scripts
+lint:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	.venv/bin/ruff format --check $(LINT_PATHS)
+	.venv/bin/ruff check $(LINT_PATHS)
+	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench: setup
 	$(PY) benchmarks/bench_unlock.py

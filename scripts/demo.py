@@ -42,15 +42,13 @@ def say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
-
 def _pid_file(name: str) -> Path:
     return DEMO / f"{name}.pid"
 
 
 def _spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> int:
     with open(DEMO / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     _pid_file(name).write_text(str(proc.pid))
     return proc.pid
 
@@ -65,8 +63,13 @@ def _wait_file(path: Path, timeout: float, what: str) -> str:
 
 
 def _kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([controlplane.kubectl_path(), "--kubeconfig", str(DEMO / "kubeconfig"), *args],
-                            capture_output=True, text=True, input=input, timeout=300)
+    result = subprocess.run(
+        [controlplane.kubectl_path(), "--kubeconfig", str(DEMO / "kubeconfig"), *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=300,
+    )
     if check and result.returncode:
         raise SystemExit(f"demo: kubectl {' '.join(args)} failed:\n{result.stderr}")
     return result
@@ -133,8 +136,17 @@ def up() -> int:
     say("starting the demo resource API")
     os.environ.setdefault("DEMO_API_EMAIL", "demo@example.test")
     os.environ.setdefault("DEMO_API_PASSWORD", secrets.token_urlsafe(16))
-    _spawn("resource-api", [sys.executable, str(ROOT / "tests" / "support" / "resource_api.py"),
-                            "--fragment-file", str(DEMO / "fragment.bin"), "--port-file", str(DEMO / "api-url")])
+    _spawn(
+        "resource-api",
+        [
+            sys.executable,
+            str(ROOT / "tests" / "support" / "resource_api.py"),
+            "--fragment-file",
+            str(DEMO / "fragment.bin"),
+            "--port-file",
+            str(DEMO / "api-url"),
+        ],
+    )
     api_url = _wait_file(DEMO / "api-url", 20, "the demo resource API")
 
     say("applying the CRD and the samples (namespace, Secret, ImageUnlock)")
@@ -145,16 +157,23 @@ def up() -> int:
 
     say("starting the operator (log: .demo/operator.log)")
     metrics_port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(DEMO / "kubeconfig"), "IMAGEUNLOCK_DOCKER_HOST": engine.url,
-           "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives), "RESOURCE_API_URL": api_url,
-           "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", "IMAGEUNLOCK_VERIFY_INTERVAL": "60",
-           "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(DEMO / "kubeconfig"),
+        "IMAGEUNLOCK_DOCKER_HOST": engine.url,
+        "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives),
+        "RESOURCE_API_URL": api_url,
+        "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz",
+        "IMAGEUNLOCK_VERIFY_INTERVAL": "60",
+        "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+    }
     env.pop("DEMO_API_PASSWORD", None)
     _spawn("operator", [str(VENV_BIN / "imageunlock"), "operator"], env)
 
     say("waiting for the ImageUnlock to become Ready")
-    wait = _kubectl("wait", "--for=condition=Ready", "imageunlocks", "--all", "-n", NAMESPACE, "--timeout=180s",
-                    check=False)
+    wait = _kubectl(
+        "wait", "--for=condition=Ready", "imageunlocks", "--all", "-n", NAMESPACE, "--timeout=180s", check=False
+    )
     print(_kubectl("get", "imageunlocks", "-A", "-o", "wide").stdout)
     if wait.returncode:
         say(f"not Ready: {wait.stderr.strip()}; see .demo/operator.log")

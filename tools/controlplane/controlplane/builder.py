@@ -91,8 +91,8 @@ class _Apt:
         for d in (self.lists / "partial", self.root / "cache" / "archives" / "partial"):
             d.mkdir(parents=True, exist_ok=True)
         self.sources.write_text(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-            f"{_debian_mirror()} sid main\n")
+            f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {_debian_mirror()} sid main\n"
+        )
         log("apt-get update (private sid lists)")
         res = run(["apt-get", *self.opts(), "update"], timeout=600)
         if not self.has_lists() or re.search(r"^(W|E): Failed to fetch", res.stdout, re.M):
@@ -100,8 +100,9 @@ class _Apt:
             raise ControlPlaneError(f"apt-get update of Debian sid failed:\n{res.stdout[-2000:]}")
 
     def versions(self, pkgs: list[str]) -> dict[str, str]:
-        res = subprocess.run(["apt-cache", *self.opts(), "show", "--no-all-versions", *pkgs],
-                             text=True, capture_output=True, timeout=120)
+        res = subprocess.run(
+            ["apt-cache", *self.opts(), "show", "--no-all-versions", *pkgs], text=True, capture_output=True, timeout=120
+        )
         found, name = {}, None
         for line in res.stdout.splitlines():
             if line.startswith("Package: "):
@@ -128,7 +129,8 @@ def _go_sources_hash() -> str:
     if not PACKAGES_FILE.is_file():
         raise ControlPlaneError(
             f"{PACKAGES_FILE} not found: the control plane builds from its source tree, so the "
-            "package must be installed editable (pip install -e tools/controlplane)")
+            "package must be installed editable (pip install -e tools/controlplane)"
+        )
     h = hashlib.sha256()
     h.update(f"{BUILD_RECIPE}\n{GO_LDFLAGS}\n".encode())
     h.update(PACKAGES_FILE.read_bytes())
@@ -167,8 +169,10 @@ def build(refresh: bool = False) -> Path:
             versions = apt.versions(pkgs)
         missing = sorted(set(pkgs) - set(versions))
         if missing:
-            raise ControlPlaneError(f"{len(missing)} packages not found in Debian sid: "
-                                    f"{' '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            raise ControlPlaneError(
+                f"{len(missing)} packages not found in Debian sid: "
+                f"{' '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
         ver_text = "".join(f"{p}={versions[p]}\n" for p in sorted(pkgs))
         ver_hash = hashlib.sha256(ver_text.encode()).hexdigest()[:16]
 
@@ -186,8 +190,11 @@ def build(refresh: bool = False) -> Path:
 def _prune(root: Path, keep_bins: int, sysroot: Path) -> None:
     """Drop all but the newest builds and unpacked package sets (caller holds the lock).
     Running planes are unaffected: Linux keeps deleted executables alive."""
-    bins = sorted((d for d in root.glob("bin-*") if (d / ".complete").exists()),
-                  key=lambda d: (d / ".complete").stat().st_mtime, reverse=True)
+    bins = sorted(
+        (d for d in root.glob("bin-*") if (d / ".complete").exists()),
+        key=lambda d: (d / ".complete").stat().st_mtime,
+        reverse=True,
+    )
     for d in bins[keep_bins:]:
         shutil.rmtree(d, ignore_errors=True)
     for d in root.glob("sysroot-*"):
@@ -252,8 +259,12 @@ def _go_build(root: Path, sysroot: Path, bin_dir: Path, ver_text: str) -> None:
     try:
         log("go build (cold: ~3 min on 2 cores; warm: seconds)")
         t0 = time.monotonic()
-        run([str(goroot / "bin" / "go"), "build", "-trimpath", "-o", str(tmp / APISERVER),
-              "-ldflags", GO_LDFLAGS, "."], cwd=GO_SOURCES, env=env, timeout=3600)
+        run(
+            [str(goroot / "bin" / "go"), "build", "-trimpath", "-o", str(tmp / APISERVER), "-ldflags", GO_LDFLAGS, "."],
+            cwd=GO_SOURCES,
+            env=env,
+            timeout=3600,
+        )
         log(f"go build took {time.monotonic() - t0:.1f}s")
         for name in ("etcd", "kubectl"):
             src = sysroot / "usr" / "bin" / name
@@ -275,8 +286,7 @@ def kubectl_path() -> str:
     for cand in (os.environ.get("KUBECTL"), shutil.which("kubectl")):
         if cand:
             try:
-                ok = subprocess.run([cand, "version", "--client"], capture_output=True,
-                                    timeout=30).returncode == 0
+                ok = subprocess.run([cand, "version", "--client"], capture_output=True, timeout=30).returncode == 0
             except (OSError, subprocess.TimeoutExpired):
                 ok = False
             if ok:
@@ -311,4 +321,3 @@ def _debian_kubectl(root: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest / "kubectl"
-

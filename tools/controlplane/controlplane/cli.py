@@ -40,8 +40,12 @@ def main(argv=None) -> int:
         if args.cmd == "build":
             print(build(refresh=args.refresh))  # the bin dir also holds Debian's kubectl
         elif args.cmd == "up":
-            cp = ControlPlane(args.dir, audit_log=args.audit_log, audit_policy=args.audit_policy,
-                              authorization_policy=args.authorization_policy)
+            cp = ControlPlane(
+                args.dir,
+                audit_log=args.audit_log,
+                audit_policy=args.audit_policy,
+                authorization_policy=args.authorization_policy,
+            )
             cp.start(timeout=args.timeout)
             print(cp.kubeconfig)
         elif args.cmd == "down":
@@ -61,4 +65,3 @@ def main(argv=None) -> int:
         print(f"controlplane: error: {e}", file=sys.stderr)
         return 1
     return 0
-

@@ -34,14 +34,21 @@ def cache_root() -> Path:
 def run(cmd, *, timeout, cwd=None, env=None, quiet=True) -> subprocess.CompletedProcess:
     """Run a command with a time bound; raise with its output on failure."""
     try:
-        res = subprocess.run(cmd, cwd=cwd, env=env, timeout=timeout, text=True,
-                             stdout=subprocess.PIPE if quiet else None,
-                             stderr=subprocess.STDOUT if quiet else None)
+        res = subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            text=True,
+            stdout=subprocess.PIPE if quiet else None,
+            stderr=subprocess.STDOUT if quiet else None,
+        )
     except subprocess.TimeoutExpired as e:
         raise ControlPlaneError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}") from e
     if res.returncode != 0:
-        raise ControlPlaneError(f"command failed ({res.returncode}): {' '.join(map(str, cmd))}\n"
-                                f"{(res.stdout or '')[-4000:]}")
+        raise ControlPlaneError(
+            f"command failed ({res.returncode}): {' '.join(map(str, cmd))}\n{(res.stdout or '')[-4000:]}"
+        )
     return res
 
 
@@ -67,4 +74,3 @@ def file_lock(path: Path, timeout: float = 1800):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-

@@ -81,8 +81,7 @@ class ControlPlane:
     """etcd + API server under one directory. Processes are detached (own session), so
     they outlive the caller until stop() / `python -m controlplane down`."""
 
-    def __init__(self, directory, *, audit_log=None, audit_policy=None,
-                 authorization_policy=None, bin_dir=None):
+    def __init__(self, directory, *, audit_log=None, audit_policy=None, authorization_policy=None, bin_dir=None):
         self.dir = Path(directory).resolve()
         self.pki = self.dir / "pki"
         self.kubeconfig = str(self.dir / "kubeconfig")
@@ -123,8 +122,7 @@ class ControlPlane:
         self._ensure_pki()
         for attempt in range(3):
             ports = self._choose_ports()
-            self.state = {"etcd_port": ports[0], "peer_port": ports[1], "port": ports[2],
-                          "bin_dir": str(bin_dir)}
+            self.state = {"etcd_port": ports[0], "peer_port": ports[1], "port": ports[2], "bin_dir": str(bin_dir)}
             (self.dir / "state.json").write_text(json.dumps(self.state, indent=1))
             try:
                 self._start_etcd(bin_dir, timeout)
@@ -223,29 +221,51 @@ class ControlPlane:
         with open(self.dir / f"{name}.log", "ab") as logf:  # the child keeps its own copy
             logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             logf.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    cwd=self.dir, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                start_new_session=True,
+                close_fds=True,
+            )
         self._procs[name] = proc
         (self.dir / f"{name}.pid").write_text(f"{proc.pid}\n")
 
     def _start_etcd(self, bin_dir: Path, timeout: float) -> None:
         c, p = self.state["etcd_port"], self.state["peer_port"]
-        self._spawn("etcd", [
-            str(bin_dir / "etcd"), "--name", "controlplane",
-            "--data-dir", str(self.dir / "etcd-data"),
-            "--listen-client-urls", f"http://127.0.0.1:{c}",
-            "--advertise-client-urls", f"http://127.0.0.1:{c}",
-            "--listen-peer-urls", f"http://127.0.0.1:{p}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
-            "--initial-cluster", f"controlplane=http://127.0.0.1:{p}",
-            "--unsafe-no-fsync", "--log-level", "warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                str(bin_dir / "etcd"),
+                "--name",
+                "controlplane",
+                "--data-dir",
+                str(self.dir / "etcd-data"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{c}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{c}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{p}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{p}",
+                "--initial-cluster",
+                f"controlplane=http://127.0.0.1:{p}",
+                "--unsafe-no-fsync",
+                "--log-level",
+                "warn",
+            ],
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._alive("etcd"):
                 self._fail("etcd exited")
-            with (contextlib.suppress(OSError, urllib.error.URLError),
-                  urllib.request.urlopen(f"http://127.0.0.1:{c}/health", timeout=2) as r):
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"http://127.0.0.1:{c}/health", timeout=2) as r,
+            ):
                 if json.load(r).get("health") == "true":
                     return
             time.sleep(0.1)
@@ -255,7 +275,8 @@ class ControlPlane:
         cmd = [
             str(bin_dir / APISERVER),
             f"--etcd-servers=http://127.0.0.1:{self.state['etcd_port']}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.state['port']}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.state['port']}",
             f"--tls-cert-file={self.pki / 'server.crt'}",
             f"--tls-private-key-file={self.pki / 'server.key'}",
             f"--client-ca-file={self.pki / 'ca.crt'}",
@@ -265,8 +286,7 @@ class ControlPlane:
             if policy is None:
                 policy = self.dir / "audit-policy.yaml"
                 policy.write_text(DEFAULT_AUDIT_POLICY)
-            cmd += [f"--audit-policy-file={policy}",
-                    f"--audit-log-path={self.audit_log or self.dir / 'audit.log'}"]
+            cmd += [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log or self.dir / 'audit.log'}"]
         if self.authorization_policy:
             cmd.append(f"--authorization-policy-file={self.authorization_policy}")
         self._spawn("apiserver", cmd)
@@ -294,8 +314,10 @@ class ControlPlane:
         self._fail(f"API server not ready (/readyz) within {timeout}s")
 
     def _fail(self, why: str):
-        msg = (f"{why}\n--- {self.dir / 'apiserver.log'} (tail)\n{_tail(self.dir / 'apiserver.log')}"
-               f"\n--- {self.dir / 'etcd.log'} (tail)\n{_tail(self.dir / 'etcd.log')}")
+        msg = (
+            f"{why}\n--- {self.dir / 'apiserver.log'} (tail)\n{_tail(self.dir / 'apiserver.log')}"
+            f"\n--- {self.dir / 'etcd.log'} (tail)\n{_tail(self.dir / 'etcd.log')}"
+        )
         self.stop()
         raise ControlPlaneError(msg)
 
@@ -303,42 +325,115 @@ class ControlPlane:
     def _ensure_pki(self) -> None:
         self.pki.mkdir(parents=True, exist_ok=True)
         if not (self.pki / "ca.crt").exists():
-            run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                  "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-                  "-subj", "/CN=imageunlock-controlplane-ca",
-                  "-addext", "basicConstraints=critical,CA:TRUE",
-                  "-addext", "keyUsage=critical,keyCertSign,cRLSign"], cwd=self.pki, timeout=60)
+            run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "3650",
+                    "-subj",
+                    "/CN=imageunlock-controlplane-ca",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+                cwd=self.pki,
+                timeout=60,
+            )
         if not (self.pki / "server.crt").exists():
-            self._issue("server", "/CN=controlplane-apiserver", "serverAuth",
-                        san="IP:127.0.0.1,DNS:localhost")
+            self._issue("server", "/CN=controlplane-apiserver", "serverAuth", san="IP:127.0.0.1,DNS:localhost")
         if not (self.pki / "admin.crt").exists():
             self._issue("admin", _subject("admin", ["system:masters"]), "clientAuth")
 
     def _issue(self, name: str, subject: str, usage: str, san: str | None = None) -> None:
-        ext = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-               f"extendedKeyUsage={usage}\n")
+        ext = (
+            f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+        )
         if san:
             ext += f"subjectAltName={san}\n"
         (self.pki / f"{name}.ext").write_text(ext)
-        run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-              "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject],
-             cwd=self.pki, timeout=60)
-        run(["openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-              "-set_serial", "0x" + secrets.token_hex(16), "-days", "3650",
-              "-extfile", f"{name}.ext", "-out", f"{name}.crt"], cwd=self.pki, timeout=60)
+        run(
+            [
+                "openssl",
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.csr",
+                "-subj",
+                subject,
+            ],
+            cwd=self.pki,
+            timeout=60,
+        )
+        run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                f"{name}.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                "0x" + secrets.token_hex(16),
+                "-days",
+                "3650",
+                "-extfile",
+                f"{name}.ext",
+                "-out",
+                f"{name}.crt",
+            ],
+            cwd=self.pki,
+            timeout=60,
+        )
         os.chmod(self.pki / f"{name}.key", 0o600)
 
     def _write_kubeconfig(self, path: str, cert: str, user: str = "admin") -> None:
         b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
         cfg = {
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "imageunlock-local", "cluster": {
-                "server": self.server, "certificate-authority-data": b64(self.ca_file)}}],
-            "users": [{"name": user, "user": {
-                "client-certificate-data": b64(self.pki / f"{cert}.crt"),
-                "client-key-data": b64(self.pki / f"{cert}.key")}}],
-            "contexts": [{"name": "imageunlock-local", "context": {
-                "cluster": "imageunlock-local", "user": user, "namespace": "default"}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "imageunlock-local",
+                    "cluster": {"server": self.server, "certificate-authority-data": b64(self.ca_file)},
+                }
+            ],
+            "users": [
+                {
+                    "name": user,
+                    "user": {
+                        "client-certificate-data": b64(self.pki / f"{cert}.crt"),
+                        "client-key-data": b64(self.pki / f"{cert}.key"),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "imageunlock-local",
+                    "context": {"cluster": "imageunlock-local", "user": user, "namespace": "default"},
+                }
+            ],
             "current-context": "imageunlock-local",
             "preferences": {},
         }
@@ -346,4 +441,3 @@ class ControlPlane:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             json.dump(cfg, fh, indent=1)  # JSON is valid YAML; every client reads it
         os.replace(tmp, path)
-
