@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .apiurl import parse_api_url
 from .errors import ConfigurationError
 
+NO_TRUSTED_API = (
+    "set RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST: the operator sends credentials only to "
+    "resource APIs it was told to trust"
+)
 Seconds = Annotated[float, Field(allow_inf_nan=False)]
 Listed = Annotated[tuple[str, ...], NoDecode]  # ":"- or ","-separated, not JSON
 
@@ -105,10 +109,7 @@ class OperatorConfig(BaseSettings):
             if canonical not in allowlist:
                 allowlist += (canonical,)
         if not named:
-            problems.append(
-                "set RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST: the operator sends "
-                "credentials only to resource APIs it was told to trust"
-            )
+            problems.append(NO_TRUSTED_API)
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "api_url_allowlist", allowlist)
@@ -128,8 +129,11 @@ class OperatorConfig(BaseSettings):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(_describe(e, env) for e in exc.errors())
-            raise ConfigurationError(f"invalid operator settings: {problems}") from None
+            problems = [_describe(e, env) for e in exc.errors()]
+            # A field's error skips the cross-field check: still say every problem at once.
+            if not values.get("RESOURCE_API_URL") and not values.get("IMAGEUNLOCK_API_URL_ALLOWLIST"):
+                problems += [] if any(NO_TRUSTED_API in p for p in problems) else [NO_TRUSTED_API]
+            raise ConfigurationError(f"invalid operator settings: {'; '.join(problems)}") from None
 
 
 def _aliases(alias: object) -> list[str]:

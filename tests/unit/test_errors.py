@@ -1,0 +1,40 @@
+"""The error taxonomy: which failures are transient, and the reasons status shows."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from imageunlock import errors
+
+
+def all_errors() -> list[type[errors.UnlockError]]:
+    return [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.UnlockError)]
+
+
+TRANSIENT = {"TransientError", "ApiUnavailableError", "RuntimeUnavailableError", "BusyError", "LoadError",
+             "KubernetesUnavailableError", "InternalError"}
+
+
+@pytest.mark.parametrize("cls", all_errors(), ids=lambda c: c.__name__)
+def test_only_unavailable_parts_and_bugs_are_transient(cls):
+    """Issue 8, item 7: every failure caused by archive content or the user is permanent."""
+    assert cls.transient is (cls.__name__ in TRANSIENT)
+
+
+def test_reasons_are_camel_case_words_and_unique_per_class():
+    reasons = {cls.__name__: cls.reason for cls in all_errors()}
+    assert all(r[:1].isupper() and r.isalnum() for r in reasons.values()), reasons
+    concrete = [r for name, r in reasons.items() if name not in ("UnlockError", "TransientError")]
+    assert len(concrete) == len(set(concrete))
+
+
+def test_the_archive_error_is_always_the_same_message():
+    assert str(errors.ArchiveError()) == errors.ARCHIVE_ERROR_MESSAGE == errors.ArchiveError().message
+
+
+def test_image_errors_name_the_refs():
+    error = errors.ImagesNotVerifiedError(["a:1"], ["b:1"])
+    assert "missing: a:1" in error.message and "unexpected image ID: b:1" in error.message
+    assert "a:1, b:1" in errors.ImagesNotInArchiveError(["a:1", "b:1"]).message

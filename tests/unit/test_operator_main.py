@@ -1,0 +1,28 @@
+"""Starting the operator: bad settings stop it with one line; logging has one handler."""
+
+from __future__ import annotations
+
+import logging
+
+from imageunlock.operator_main import configure_logging, run_operator
+
+
+def test_bad_settings_stop_the_operator_with_one_line(monkeypatch, capsys):
+    for name in ("RESOURCE_API_URL", "IMAGEUNLOCK_API_URL_ALLOWLIST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMAGEUNLOCK_VERIFY_INTERVAL", "soon")
+    assert run_operator() == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("imageunlock: error: invalid operator settings:")
+    assert "IMAGEUNLOCK_VERIFY_INTERVAL='soon'" in line and "RESOURCE_API_URL" in line
+
+
+def test_logging_has_one_handler_whatever_was_there(monkeypatch):
+    """Issue 12, defect 1: the CLI's basicConfig handler and kopf's printed every line twice."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored afterwards
+    logging.basicConfig(force=True)
+    configure_logging("info", "text")
+    assert len(root.handlers) == 1
+    formatter = root.handlers[0].formatter
+    assert formatter is not None and "%(asctime)s" in str(formatter._fmt) and "%(levelname)" in str(formatter._fmt)
