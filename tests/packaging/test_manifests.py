@@ -248,6 +248,7 @@ def test_rbac_is_least_privilege():
         ("loader.azaion.com", "imageunlocks", "patch"),
         ("loader.azaion.com", "imageunlocks/status", "patch"),
         ("", "events", "create"),
+        ("", "events", "patch"),  # aggregating a repeated Event (count, lastTimestamp)
         ("", "secrets", "get"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
