@@ -1,6 +1,8 @@
 """The Helm chart: strict lint, rendering with default and non-default values, its values
-schema, and that it cannot drift from crds/ and manifests/ (CRD bytes, RBAC rules, pod spec).
-Offline: helm-python-sdk (Helm's Go SDK through libhelm_c), no cluster, no helm binary.
+schema, that it cannot drift from crds/ and manifests/ (CRD bytes, RBAC rules, pod spec,
+metrics Service), and the metrics objects (Service, ServiceMonitor, NetworkPolicy) wired to
+each other by labels and port names. Offline: helm-python-sdk (Helm's Go SDK through
+libhelm_c), no cluster, no helm binary.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
 NOTES = "imageunlock-operator/templates/NOTES.txt"
 SECRETS_ROLE = "imageunlock-operator-secrets"  # the default release's Secret-reading ClusterRole
 STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
+# Every optional metrics branch on, with non-default settings (NON_DEFAULT_VALUES leaves
+# metrics at its defaults).
+METRICS_ALL: dict[str, Any] = {
+    "logFormat": "json",
+    "apiDeadline": 90,
+    "metrics": {
+        "enabled": True,
+        "port": 9102,
+        "service": {"annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}},
+        "serviceMonitor": {"enabled": True, "interval": "1m30s", "labels": {"release": "kube-prometheus-stack"}},
+        "networkPolicy": {"enabled": True,
+                          "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+    },
+}
+METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +51,9 @@ def helm():
     return require("helm_python")
 
 
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
-                         ids=["default", "non-default", "cluster-wide-secrets"])
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}},
+                                    METRICS_ALL, METRICS_OFF],
+                         ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"])
 def test_lint_strict(helm, values):
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
     problems = [m for m in report["messages"] if m["severity"] >= WARNING]
@@ -47,8 +66,9 @@ def test_lint_strict(helm, values):
 def test_renders(values):
     manifests = render_chart(values)
     kinds = sorted(o["kind"] for o in rendered_objects(values))
-    # Secrets: no binding by default; non-default: one RoleBinding per rbac.secretNamespaces
-    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    # Secrets: no binding by default; non-default: one RoleBinding per rbac.secretNamespaces.
+    # metrics.enabled is on by default: its Service.
+    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
@@ -82,7 +102,8 @@ def test_non_default_values_reach_the_deployment():
     assert env["IMAGEUNLOCK_VERIFY_INTERVAL"] == "60"
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["IMAGEUNLOCK_WORKERS"] == "2"
-    assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}]
     assert container["resources"] == NON_DEFAULT_VALUES["resources"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "Directory"}
@@ -113,7 +134,8 @@ def test_non_default_values_reach_the_deployment():
 def test_optional_parts_can_be_switched_off():
     values = {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False},
               "runtime": {"socketPath": "/var/run/docker.sock", "socketGroupId": None}, "resourceApiUrl": "",
-              "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"]}
+              "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
+              "metrics": {"enabled": False}}
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["Deployment"]
     pod = objects[0]["spec"]["template"]["spec"]
@@ -140,6 +162,20 @@ def test_optional_parts_can_be_switched_off():
         # contradictory: cluster-wide AND a namespace list
         {"rbac": {"clusterWideSecrets": True, "secretNamespaces": ["edge"]}},
         {"replicas": 2},  # not a value: one replica only
+        {"logFormat": "logfmt"},
+        {"apiDeadline": 0},
+        {"metrics": {"enabled": "true"}},
+        {"metrics": {"port": 0}},
+        {"metrics": {"port": 65536}},
+        {"metrics": {"port": "8081"}},
+        {"metrics": {"path": "/metrics"}},  # not a value: the operator serves /metrics only
+        {"metrics": {"serviceMonitor": {"interval": "30 seconds"}}},
+        {"metrics": {"serviceMonitor": {"interval": "1.5m"}}},
+        {"metrics": {"serviceMonitor": {"labels": {"release": 1}}}},
+        # a ServiceMonitor for a Service that is not there
+        {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
+        {"metrics": {"networkPolicy": {"namespaceSelector": {"matchNames": ["monitoring"]}}}},
+        {"metrics": {"service": {"type": "NodePort"}}},  # ClusterIP only
     ],
     ids=lambda v: next(iter(v)),
 )
@@ -271,3 +307,138 @@ def test_values_file_is_fully_described_by_the_schema(helm):
         chart.validate_schema(defaults)
     assert schema is not None and schema.get("additionalProperties") is False
     assert set(defaults) <= set(schema["properties"])
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _operator_config(deployment: dict[str, Any]) -> Any:
+    """The operator's own settings parser run on the Deployment's environment: what the pod
+    would start with (or its ConfigurationError)."""
+    config = pytest.importorskip("imageunlock.config")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return config.OperatorConfig.from_env({e["name"]: e["value"] for e in container["env"]})
+
+
+def _metrics_wiring(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Deployment and the metrics Service, after checking the Service reaches the pod's
+    "metrics" port: its selector picks the pod template (and the Deployment's selector), and
+    its targetPort names the container port the operator listens on."""
+    (deployment,) = find(objects, "Deployment")
+    (service,) = find(objects, "Service")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    selector = service["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    (port,) = service["spec"]["ports"]
+    container_ports = {p["name"]: p for p in container["ports"]}
+    assert port["name"] == port["targetPort"] == "metrics"
+    assert container_ports["metrics"]["containerPort"] == port["port"]
+    assert port["protocol"] == container_ports["metrics"]["protocol"] == "TCP"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == f"0.0.0.0:{port['port']}"
+    return deployment, service
+
+
+def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
+    objects = rendered_objects()
+    deployment, service = _metrics_wiring(objects)
+    assert service["metadata"]["name"] == "imageunlock-operator-metrics"
+    assert service["spec"]["ports"][0]["port"] == 8081
+    # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs), no
+    # NetworkPolicy, and no prometheus.io/* annotations (a sample-config convention that
+    # would have any annotation-driven Prometheus scrape the endpoint unasked).
+    assert not find(objects, "ServiceMonitor") and not find(objects, "NetworkPolicy")
+    for obj in (service, deployment, deployment["spec"]["template"]):
+        assert not any(k.startswith("prometheus.io/") for k in obj["metadata"].get("annotations", {}))
+    config = _operator_config(deployment)
+    assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:8081", "text", 60)
+    notes = render_chart()[NOTES]
+    assert "http://imageunlock-operator-metrics.imageunlock-system.svc:8081/metrics" in notes
+    assert "unauthenticated" in notes and "metrics.networkPolicy.enabled=true" in notes
+
+
+def test_metrics_values_reach_the_deployment_and_service():
+    objects = rendered_objects(METRICS_ALL)
+    deployment, service = _metrics_wiring(objects)
+    assert service["spec"]["ports"][0]["port"] == 9102
+    assert service["metadata"]["annotations"] == METRICS_ALL["metrics"]["service"]["annotations"]
+    config = _operator_config(deployment)
+    assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:9102", "json", 90)
+
+
+def test_service_monitor_selects_the_metrics_service():
+    objects = rendered_objects(METRICS_ALL)
+    _deployment, service = _metrics_wiring(objects)
+    (monitor,) = find(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert spec["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    # Exactly one Service carries the selected labels: the ServiceMonitor cannot pick another.
+    assert [s["metadata"]["name"] for s in find(objects, "Service")
+            if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()] == [
+        service["metadata"]["name"]]
+    (endpoint,) = spec["endpoints"]
+    assert endpoint == {"port": service["spec"]["ports"][0]["name"], "path": "/metrics", "scheme": "http",
+                        "interval": "1m30s"}
+    # An empty interval leaves it to Prometheus.
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": ""}}}
+    (monitor,) = find(rendered_objects(values), "ServiceMonitor")
+    assert "interval" not in monitor["spec"]["endpoints"][0]
+    assert "ServiceMonitor imageunlock-operator" in render_chart(values)[NOTES]
+
+
+def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
+    objects = rendered_objects(METRICS_ALL)
+    deployment, _service = _metrics_wiring(objects)
+    (policy,) = find(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress"]  # egress (Kubernetes API, resource API) untouched
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    # Default selectors: every pod of the namespace named "monitoring".
+    (policy,) = find(rendered_objects({"metrics": {"networkPolicy": {"enabled": True}}}), "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}]
+
+
+def test_metrics_off_leaves_no_endpoint():
+    objects = rendered_objects(METRICS_OFF)
+    (deployment,) = find(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # set and empty: the operator serves no /metrics
+    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
+    assert _operator_config(deployment).metrics_address == ""
+    # networkPolicy.enabled alone renders nothing: it is about the metrics port
+    assert not find(rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}),
+                    "NetworkPolicy")
+    notes = render_chart(METRICS_OFF)[NOTES]
+    assert "Metrics are off" in notes and "/metrics\n" not in notes
+
+
+def test_metrics_port_must_differ_from_the_health_port(helm):
+    with pytest.raises(helm.HelmError, match=r"metrics\.port and healthPort must differ"):
+        render_chart({"healthPort": 8081})
+    render_chart({"healthPort": 8081, "metrics": {"enabled": False}})  # no clash when off
+
+
+def test_chart_metrics_service_equals_the_manifests():
+    """manifests/service.yaml is the chart's default metrics Service (same name, namespace,
+    ports), each selecting its own Deployment's pods."""
+    chart = _metrics_wiring(rendered_objects())[1]
+    plain = _metrics_wiring(manifest_objects())[1]
+    for service in (chart, plain):
+        service["spec"].pop("selector")  # the chart's also has app.kubernetes.io/instance
+    assert (chart["metadata"]["name"], chart["metadata"]["namespace"], chart["spec"]) == (
+        plain["metadata"]["name"], plain["metadata"]["namespace"], plain["spec"])

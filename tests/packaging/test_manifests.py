@@ -1,5 +1,7 @@
 """manifests/ and the rendered chart against Kubernetes' schemas (kubernetes-validate, strict:
-unknown fields are errors), the samples against the CRD, the security and RBAC promises
+unknown fields are errors; the chart's ServiceMonitor, a Prometheus Operator CRD kind that
+kubernetes-validate has no schema for, against the subset of monitoring.coreos.com/v1 it
+uses), the samples against the CRD, the security and RBAC promises
 (Secrets readable per namespace by default, cluster-wide only by the opt-in in
 manifests/cluster-wide-secrets/), and, for the kinds the local control plane serves
 (Namespace, Secret, CRD, ImageUnlock), a server-side dry run; the plane also enforces
@@ -36,10 +38,61 @@ from .conftest import (
     require,
     sample_objects,
 )
+from .test_chart import METRICS_ALL, METRICS_OFF
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
 K8S_VERSIONS = ["1.25", "latest"]
 CUSTOM_KINDS = {"ImageUnlock"}
+# monitoring.coreos.com/v1 Duration (prometheus-operator's kubebuilder pattern), non-empty.
+PROMETHEUS_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+# The part of the ServiceMonitor CRD (prometheus-operator) the chart renders, checked as
+# strictly as kubernetes-validate checks built-in kinds: required fields, types, and no
+# field outside that subset (a typo or a misplaced key fails here rather than at install).
+# Not the whole CRD: the Prometheus Operator is not a dependency of this repository.
+SERVICE_MONITOR_SHAPE: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "additionalProperties": False,
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                           "namespace": {"type": "string", "minLength": 1},
+                           "labels": _STRINGS, "annotations": _STRINGS},
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"], "additionalProperties": False,
+                             "properties": {"matchLabels": {**_STRINGS, "minProperties": 1}}},
+                "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string", "minLength": 1},  # a Service port *name*
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": PROMETHEUS_DURATION, "minLength": 1},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 SECRETS_ROLE = "imageunlock-operator-secrets"
 OPERATOR_SUBJECT = {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": OPERATOR_NAMESPACE}
 
@@ -55,6 +108,13 @@ def _validate(objects: list[dict[str, Any]], version: str) -> None:
     errors = []
     for obj in objects:
         if obj["kind"] in CUSTOM_KINDS:
+            continue
+        if obj["kind"] == "ServiceMonitor":
+            jsonschema = require("jsonschema")
+            try:
+                jsonschema.validate(obj, SERVICE_MONITOR_SHAPE)
+            except jsonschema.ValidationError as exc:
+                errors.append(f"{_label(obj)}: {'.'.join(map(str, exc.path))}: {exc.message}")
             continue
         try:
             kv.validate(obj, version, strict=True)
@@ -72,10 +132,27 @@ def test_manifests_validate(version):
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
-                         ids=["default", "non-default", "cluster-wide-secrets"])
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}},
+                                    METRICS_ALL, METRICS_OFF],
+                         ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"])
 def test_rendered_chart_validates(values, version):
-    _validate(rendered_objects(values), version)
+    objects = rendered_objects(values)
+    expected = {"Service", "ServiceMonitor", "NetworkPolicy"} if values is METRICS_ALL else set()
+    assert expected <= {o["kind"] for o in objects}
+    _validate(objects, version)
+
+
+@pytest.mark.parametrize("bad", [
+    {"interval": "30 seconds"},
+    {"port": 8081},  # a number: ServiceMonitor endpoints name the Service port
+    {"targetPort": "metrics"},  # outside the checked subset
+], ids=["interval", "port-number", "unknown-field"])
+def test_service_monitor_shape_rejects(bad):
+    """The ServiceMonitor check is not a formality: a broken endpoint fails it."""
+    (monitor,) = find(rendered_objects(METRICS_ALL), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0].update(bad)
+    with pytest.raises(AssertionError, match=r"ServiceMonitor/imageunlock-operator: spec\.endpoints\.0"):
+        _validate([monitor], "latest")
 
 
 @pytest.mark.parametrize("directory", [MANIFESTS, CLUSTER_WIDE_SECRETS], ids=["manifests", "cluster-wide-secrets"])
@@ -195,6 +272,7 @@ def test_deployment_keeps_its_promises():
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -207,8 +285,26 @@ def test_deployment_keeps_its_promises():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
     assert {o["metadata"].get("namespace") for o in manifest_objects() if o["kind"] in
-            ("Deployment", "ServiceAccount")} == {OPERATOR_NAMESPACE}
+            ("Deployment", "ServiceAccount", "Service")} == {OPERATOR_NAMESPACE}
+
+
+def test_metrics_service_reaches_the_metrics_port_and_warns():
+    """manifests/service.yaml selects the Deployment's pods on the container port named
+    "metrics", ClusterIP only, and its header says the endpoint is open and how to close it."""
+    objects = manifest_objects()
+    (deployment,) = find(objects, "Deployment")
+    (service,) = find(objects, "Service")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    (container,) = pod["spec"]["containers"]
+    (metrics,) = [p for p in container["ports"] if p["name"] == port["targetPort"] == "metrics"]
+    assert metrics["containerPort"] == port["port"]
+    header = (MANIFESTS / "service.yaml").read_text().split("\napiVersion:", 1)[0]
+    assert "unauthenticated" in header and "kind: NetworkPolicy" in header
 
 
 RULE_START = re.compile(r"^(\s*)- apiGroups:")
