@@ -1,7 +1,9 @@
 """``imageunlock`` command line.
 
 ``imageunlock unlock --archive PATH --version TAG --api-url URL [--image NAME]... [--docker-host URL]``
-unlocks one archive into the local Docker Engine. Credentials come from the environment
+unlocks one archive into the local Docker Engine, or with ``--runtime containerd`` into
+containerd's ``k8s.io`` namespace (``--containerd-address``, ``--containerd-namespace``), where
+kubelet runs pods from on a containerd node. Credentials come from the environment
 (``IMAGEUNLOCK_EMAIL``, ``IMAGEUNLOCK_PASSWORD``), never from the command line, where other
 users could read them. Progress goes to stderr; the exit status is 0 only when every image is
 verified, 75 (EX_TEMPFAIL) for a transient fault worth retrying, 1 for any other failure,
@@ -31,6 +33,8 @@ from . import __version__
 from .errors import ConfigurationError, UnlockError
 from .models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
 from .resource_api import ApiClientConfig, ResourceApiClient
+from .runtimes import RUNTIMES, make_runtime
+from .runtimes.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 from .service import UnlockService
 
 if TYPE_CHECKING:  # rich itself is imported only when a terminal is there to draw on
@@ -53,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     unlock = sub.add_parser(
         "unlock",
-        help="unlock an encrypted image archive into the Docker Engine",
+        help="unlock an encrypted image archive into the Docker Engine or containerd",
         description="Credentials are read from IMAGEUNLOCK_EMAIL and IMAGEUNLOCK_PASSWORD.",
     )
     unlock.add_argument(
@@ -82,6 +86,26 @@ def _parser() -> argparse.ArgumentParser:
         "--docker-host",
         default=os.environ.get("DOCKER_HOST"),
         help="Docker Engine URL (default: $DOCKER_HOST or unix:///var/run/docker.sock)",
+    )
+    unlock.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="docker",
+        help="container runtime to load into; kubelet on a containerd node runs pods from "
+        "containerd, not Docker (default: %(default)s)",
+    )
+    unlock.add_argument(
+        "--containerd-address",
+        metavar="PATH",
+        default=DEFAULT_ADDRESS,
+        help="containerd's socket, with --runtime containerd (k3s: /run/k3s/containerd/containerd.sock; "
+        "default: %(default)s)",
+    )
+    unlock.add_argument(
+        "--containerd-namespace",
+        metavar="NS",
+        default=DEFAULT_NAMESPACE,
+        help="containerd namespace, with --runtime containerd; kubelet uses k8s.io (default: %(default)s)",
     )
     unlock.add_argument("--sha256", help="expected SHA-256 of the encrypted archive")
     unlock.add_argument(
@@ -232,9 +256,12 @@ def _credentials() -> Credentials:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    from .runtimes.docker import DockerRuntime
-
-    runtime = DockerRuntime(base_url=args.docker_host)
+    runtime = make_runtime(
+        args.runtime,
+        docker_host=args.docker_host,
+        containerd_address=args.containerd_address,
+        containerd_namespace=args.containerd_namespace,
+    )
     service = UnlockService(
         runtime,
         lambda creds: ResourceApiClient(args.api_url, creds, ApiClientConfig()),

@@ -38,9 +38,15 @@ class OperatorConfig(BaseSettings):
     )
 
     archive_roots: Listed = Field(("/var/lib/imageunlock",), validation_alias=_env("IMAGEUNLOCK_ARCHIVE_ROOT"))
+    # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means.
+    runtime: Literal["docker", "containerd"] = Field("docker", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
     docker_host: str = Field(
         "unix:///var/run/docker.sock", validation_alias=_env("IMAGEUNLOCK_DOCKER_HOST", "DOCKER_HOST")
     )
+    containerd_address: str = Field(
+        "/run/containerd/containerd.sock", validation_alias=_env("IMAGEUNLOCK_CONTAINERD_ADDRESS")
+    )
+    containerd_namespace: str = Field("k8s.io", validation_alias=_env("IMAGEUNLOCK_CONTAINERD_NAMESPACE"))
     default_api_url: str | None = Field(None, validation_alias=_env("RESOURCE_API_URL"))
     # Resource APIs the credentials may be sent to: IMAGEUNLOCK_API_URL_ALLOWLIST plus RESOURCE_API_URL.
     api_url_allowlist: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_API_URL_ALLOWLIST"))
@@ -78,7 +84,7 @@ class OperatorConfig(BaseSettings):
     def _commas(cls, value: object) -> object:
         return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "runtime", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

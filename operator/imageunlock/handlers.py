@@ -26,7 +26,7 @@ from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
 from .reconciler import Reconciler, Verdict
 from .resync import Resync
-from .runtimes.docker import DockerRuntime
+from .runtimes import make_runtime
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -48,7 +48,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     memo.settings = config
-    memo.runtime = DockerRuntime(config.docker_host, timeout=config.runtime_timeout)
+    memo.runtime = make_runtime(
+        config.runtime,
+        docker_host=config.docker_host,
+        containerd_address=config.containerd_address,
+        containerd_namespace=config.containerd_namespace,
+        timeout=config.runtime_timeout,
+    )
     memo.kube = await asyncio.to_thread(KubernetesApi)  # reads kubeconfig / service-account files
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
@@ -58,10 +64,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
     memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
     memo.metrics_server = metrics.serve(config.metrics_address) if config.metrics_address else None
+    where = (
+        config.docker_host
+        if config.runtime == "docker"
+        else f"{config.containerd_address}, namespace {config.containerd_namespace}"
+    )
     log.info(
-        "operator settings: archive roots %s, runtime %s, verify every %ss",
+        "operator settings: archive roots %s, runtime %s at %s, verify every %ss",
         ":".join(config.archive_roots),
-        config.docker_host,
+        config.runtime,
+        where,
         config.verify_interval,
     )
 

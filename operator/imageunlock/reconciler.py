@@ -120,7 +120,10 @@ class Reconciler:
         )
 
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
-        return parse_spec(body.get("spec") or {}, self.settings.default_api_url, self.settings.api_url_allowlist)
+        settings = self.settings
+        return parse_spec(
+            body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, settings.runtime
+        )
 
     def service(self, spec: UnlockSpec) -> UnlockService:
         return UnlockService(

@@ -21,8 +21,8 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-RUNTIMES = ("docker", "containerd")
-SUPPORTED_RUNTIMES = ("docker",)
+# spec.runtime: a runtime by name, or "auto" for the operator's own (IMAGEUNLOCK_RUNTIME).
+RUNTIMES = ("docker", "containerd", "auto")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class UnlockSpec:
     images: tuple[str, ...]
     api_url: str
     secret_name: str
-    runtime: str = "docker"
+    runtime: str = "docker"  # resolved: never "auto"
     archive_sha256: str | None = None
 
     def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
@@ -62,10 +62,14 @@ def url_allowed(url: str, allowed_urls: Sequence[str]) -> bool:
 
 
 def parse_spec(
-    spec: Mapping[str, object], default_api_url: str | None, allowed_api_urls: Sequence[str] = ()
+    spec: Mapping[str, object],
+    default_api_url: str | None,
+    allowed_api_urls: Sequence[str] = (),
+    runtime: str = "docker",
 ) -> UnlockSpec:
     """``allowed_api_urls`` empty means any URL (the CLI); the operator always passes a list,
-    since the credentials Secret is sent to whatever URL the spec names."""
+    since the credentials Secret is sent to whatever URL the spec names. ``runtime`` is the
+    one the operator loads into: what ``auto`` means, and the only one it serves."""
     problems: list[str] = []
 
     def text(path: str, value: object, pattern: str | None = None, hint: str = "") -> str:
@@ -119,11 +123,14 @@ def parse_spec(
         " (a Secret name in the same namespace)",
     )
 
-    runtime = spec.get("runtime") or "docker"
-    if runtime not in RUNTIMES:
-        problems.append(f"spec.runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    elif runtime not in SUPPORTED_RUNTIMES:
-        problems.append(f"spec.runtime {runtime!r} is not supported by this operator version yet (use docker)")
+    wanted = spec.get("runtime") or "auto"
+    if wanted not in RUNTIMES:
+        problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(RUNTIMES)}")
+    elif wanted not in ("auto", runtime):
+        problems.append(
+            f"spec.runtime {wanted!r} is not the runtime this operator loads into ({runtime}, operator "
+            f"setting IMAGEUNLOCK_RUNTIME): use auto, or an operator configured for {wanted}"
+        )
 
     digest = spec.get("archiveSha256")
     if digest is not None:
@@ -137,6 +144,6 @@ def parse_spec(
         images=tuple(images),
         api_url=str(api_url),
         secret_name=secret_name,
-        runtime=str(runtime),
+        runtime=runtime,
         archive_sha256=str(digest).lower() if digest else None,
     )

@@ -38,7 +38,7 @@ class FakeRuntime:
 @pytest.fixture
 def engine(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     runtime = FakeRuntime({})
-    monkeypatch.setattr("imageunlock.runtimes.docker.DockerRuntime", lambda base_url=None: runtime)
+    monkeypatch.setattr("imageunlock.runtimes.docker.DockerRuntime", lambda base_url=None, **_: runtime)
     monkeypatch.delenv("IMAGEUNLOCK_EMAIL", raising=False)
     monkeypatch.delenv("IMAGEUNLOCK_PASSWORD", raising=False)
     return runtime

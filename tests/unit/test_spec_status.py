@@ -45,9 +45,18 @@ def test_all_problems_are_reported_at_once_with_field_paths():
         assert fragment in message, fragment
 
 
-def test_containerd_is_reserved_not_silently_accepted():
-    with pytest.raises(ConfigurationError, match="not supported by this operator version"):
-        parse_spec({**GOOD, "runtime": "containerd"}, None)
+@pytest.mark.parametrize("operator_runtime", ["docker", "containerd"])
+def test_runtime_auto_and_absent_mean_the_operators_own(operator_runtime):
+    for spec in (GOOD, {**GOOD, "runtime": "auto"}, {**GOOD, "runtime": operator_runtime}):
+        assert parse_spec(spec, None, runtime=operator_runtime).runtime == operator_runtime
+
+
+def test_a_runtime_the_operator_does_not_load_into_is_refused_not_silently_swapped():
+    with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME") as info:
+        parse_spec({**GOOD, "runtime": "containerd"}, None, runtime="docker")
+    assert "use auto" in info.value.message
+    with pytest.raises(ConfigurationError, match="not the runtime this operator loads into"):
+        parse_spec({**GOOD, "runtime": "docker"}, None, runtime="containerd")
 
 
 def test_missing_api_url_everywhere_is_explained():
