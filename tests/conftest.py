@@ -19,6 +19,7 @@ import pytest
 
 from imageunlock.models import DEFAULT_IMAGES
 
+from .support.containerd import Containerd, ContainerdError, bookworm_build, sid_build
 from .support.dockerd import Dockerd, DockerdError
 from .support.images import ArchiveSet, build_archive_set
 from .support.resource_api import FakeResourceApi
@@ -69,6 +70,37 @@ def clean_docker(dockerd: Dockerd) -> Dockerd:
     """The private Engine with no images in it."""
     remove_images(dockerd)
     return dockerd
+
+
+def _containerd(tmp_path_factory: pytest.TempPathFactory, which: str) -> Iterator[Containerd]:
+    try:
+        build = sid_build() if which == "sid" else bookworm_build()
+        daemon = Containerd(tmp_path_factory.mktemp(f"containerd-{which}"), build).start()
+    except (ContainerdError, OSError) as exc:
+        unavailable(f"containerd ({which})", str(exc))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """A private containerd from Debian sid (2.x: its CRI honours pinning), own root and socket."""
+    yield from _containerd(tmp_path_factory, "sid")
+
+
+@pytest.fixture(scope="session")
+def containerd_bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """Debian bookworm's containerd 1.6, the same way (its CRI ignores the pinned label)."""
+    yield from _containerd(tmp_path_factory, "bookworm")
+
+
+@pytest.fixture
+def clean_containerd(containerd: Containerd) -> Containerd:
+    """The private containerd with no image, lease or blob in it."""
+    containerd.reset()
+    return containerd
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,121 @@
+"""``imageunlock unlock --runtime containerd`` end to end: sid's containerd (pinning honoured),
+the loopback resource API, openssl-made archives; what kubelet would see, asked over the CRI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imageunlock.crypto import decrypt_stream, encrypt_stream
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
+from imageunlock.refs import normalize_ref
+from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
+from imageunlock.runtimes.containerd import PINNED_LABEL
+
+from ..conftest import TEST_EMAIL, TEST_PASSWORD, run_cli
+from ..support import tamper
+from ..support.containerd import Containerd, Cri
+from ..support.images import ArchiveSet
+from ..support.resource_api import FakeResourceApi
+
+pytestmark = pytest.mark.containerd
+ENV = {"IMAGEUNLOCK_EMAIL": TEST_EMAIL, "IMAGEUNLOCK_PASSWORD": TEST_PASSWORD}
+
+
+@pytest.fixture
+def cri(containerd: Containerd):
+    client = Cri(containerd.socket, containerd.build.cri_proto)
+    yield client
+    client.close()
+
+
+def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, daemon: Containerd, *extra: str,
+           address: str | None = None, env: dict[str, str] | None = None):
+    return run_cli(
+        "unlock", "--archive", str(archive), "--version", archives.version, "--api-url", api.url,
+        "--runtime", "containerd", "--containerd-address", address or str(daemon.socket), *extra,
+        env={**ENV, **daemon.env(), **(env or {})},
+    )
+
+
+def seen_by_kubelet(cri: Cri) -> dict[str, tuple[str, bool]]:
+    """``{repo tag: (image ID, pinned)}`` as the CRI lists them (namespace k8s.io)."""
+    return {tag: (image.id, image.pinned) for image in cri.list_images() for tag in image.repo_tags}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("imageunlock: error:")]
+
+
+def test_unlocks_seven_images_pinned_into_k8s_io_then_fast_path_makes_no_key_request(
+        clean_containerd, cri, archives, resource_api, tmp_path):
+    state = {"XDG_STATE_HOME": str(tmp_path)}
+    first = unlock(archives.openssl_archive, archives, resource_api, clean_containerd, env=state)
+    assert first.returncode == 0, first.stderr
+    assert resource_api.calls == {LOGIN_PATH: 1, KEY_FRAGMENT_PATH: 1}
+    # what kubelet sees: every image under its CRI name, with the verified ID, pinned
+    expected = {normalize_ref(ref): (image_id, True) for ref, image_id in archives.ids.items()}
+    assert seen_by_kubelet(cri) == expected
+    for ref, image_id in archives.ids.items():
+        status = cri.image_status(ref)
+        assert status is not None and status.id == image_id and status.pinned
+    assert all(PINNED_LABEL in image["labels"] for image in clean_containerd.images().values())
+
+    resource_api.reset()
+    second = unlock(archives.openssl_archive, archives, resource_api, clean_containerd, env=state)
+    assert second.returncode == 0, second.stderr
+    assert "already present" in second.stderr
+    assert resource_api.calls[KEY_FRAGMENT_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
+
+
+def _flip(data: bytes, pos: int) -> bytes:
+    changed = bytearray(data)
+    changed[pos] ^= 0x01
+    return bytes(changed)
+
+
+def test_flipped_and_truncated_archives_load_nothing(clean_containerd, cri, archives, resource_api, tmp_path):
+    raw = archives.openssl_archive.read_bytes()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    for name, data in {
+        "flipped middle byte": _flip(raw, len(raw) // 2),
+        "flipped last block": _flip(raw, len(raw) - 5),
+        "truncated": raw[: len(raw) - 4096],
+    }.items():
+        path = tmp_path / (name.replace(" ", "-") + ".enc")
+        path.write_bytes(data)
+        result = unlock(path, archives, resource_api, clean_containerd, env={"TMPDIR": str(scratch)})
+        assert result.returncode == 1, (name, result.stderr)
+        assert error_lines(result.stderr) == [f"imageunlock: error: {ARCHIVE_ERROR_MESSAGE}"], name
+        assert clean_containerd.images() == {} and seen_by_kubelet(cri) == {}, f"{name}: something was loaded"
+        assert os.listdir(scratch) == [], f"{name}: left files"
+
+
+def test_an_archive_failing_its_last_check_after_zero_padding_loads_nothing(clean_containerd, cri, archives,
+                                                                           resource_api, tmp_path):
+    """A key holder's archive that would also tag nginx:latest, with 256 KiB of zero padding
+    after the tar's end marker (valid tar): the refusal comes at the very end of the stream,
+    long after the end marker has gone by. ctr imports at that marker, so the adapter must
+    hold the zeros back: nothing may be imported, nginx least of all."""
+    foreign = tamper.rewrite(archives.plaintext, tmp_path / "foreign.enc", archives.fragment,
+                             tamper.add_tags(["nginx:latest"]))
+    with open(foreign, "rb") as f:
+        plain = b"".join(decrypt_stream(f, archives.fragment)) + bytes(256 * 1024)
+    padded = tmp_path / "padded.enc"
+    padded.write_bytes(b"".join(encrypt_stream([plain], archives.fragment)))
+    result = unlock(padded, archives, resource_api, clean_containerd)
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result.stderr)
+    assert "nginx:latest" in line and "nothing was loaded" in line
+    assert clean_containerd.images() == {} and seen_by_kubelet(cri) == {}
+
+
+def test_unreachable_containerd_is_a_transient_failure(archives, resource_api, containerd, tmp_path):
+    result = unlock(archives.openssl_archive, archives, resource_api, containerd,
+                    address=str(tmp_path / "containerd.sock"))
+    assert result.returncode == 75
+    [line] = error_lines(result.stderr)
+    assert "containerd at" in line and "not reachable" in line
