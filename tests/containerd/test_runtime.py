@@ -4,11 +4,13 @@ cheap, bookworm's 1.6 (pinning ignored). What ctr does with a stream, and what i
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import socket
 import subprocess
 import tarfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -165,7 +167,7 @@ def test_an_interrupted_import_leaves_only_leased_blobs_that_gc_removes(daemon, 
         wait_for(daemon.content, 30, "ctr to write a blob")  # ctr has read the first members
         raise Cut()
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with pytest.raises(Cut):
         runtime_for(daemon).load(half_then_fail())
     assert daemon.images() == {}
@@ -193,17 +195,24 @@ def test_load_pins_every_image_and_ids_are_the_archives(daemon, cri, archives):
         # Pinning is honoured from containerd 1.7.3: sid's reports it, bookworm's 1.6 does not.
         assert seen.pinned is (daemon.build.version >= (1, 7, 3)), (daemon.build, ref)
     absent = "azaion/not-loaded:1.0"
-    assert runtime.image_ids([absent, archives.refs[0]]) == {absent: None, archives.refs[0]: archives.ids[archives.refs[0]]}
+    first = archives.refs[0]
+    assert runtime.image_ids([absent, first]) == {absent: None, first: archives.ids[first]}
 
 
-def test_refused_layer_is_permanent(daemon, archives, tmp_path):
+def test_refused_layer_is_permanent_and_leaves_no_pinned_record(daemon, archives, tmp_path):
+    """ctr creates every image record, then unpacks: a layer that is no tar fails the unpack
+    with the records made (and, with ctr 2, pinned). The adapter removes what it created."""
     from imageunlock.crypto import decrypt_stream
 
     hostile = tamper.rewrite(archives.plaintext, tmp_path / "hostile.enc", archives.fragment, tamper.layer_not_a_tar)
     with open(hostile, "rb") as f:
         plain = b"".join(decrypt_stream(f, archives.fragment))
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        broken = normalize_ref(json.load(tar.extractfile("manifest.json"))[0]["RepoTags"][0])
     with pytest.raises(ArchiveRejectedError, match="rebuild it"):
         runtime_for(daemon).load(chunks(plain))
+    left = daemon.images()
+    assert broken not in left and not any(PINNED_LABEL in image["labels"] for image in left.values()), left
 
 
 def test_unreachable_containerd_is_transient(containerd, tmp_path):

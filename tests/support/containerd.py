@@ -272,8 +272,8 @@ def unmount_below(directory: Path) -> None:
 def cri_stubs(proto: Path) -> tuple[ModuleType, ModuleType]:
     """``(messages, services)`` generated from the CRI's ``api.proto``: once per proto and
     grpcio-tools version, into the cache, then imported from there."""
-    from grpc_tools import protoc  # noqa: F401 - fails early, with its own message, when absent
     import grpc_tools
+    from grpc_tools import protoc  # noqa: F401 - fails early, with its own message, when absent
 
     version = getattr(grpc_tools, "__version__", "") or _dist_version("grpcio-tools")
     key = hashlib.sha256(proto.read_bytes() + version.encode()).hexdigest()[:16]

@@ -88,13 +88,13 @@ def test_the_image_id_is_the_config_digest_of_the_manifest_or_of_the_nodes_manif
     }
     asked: list[str] = []
     monkeypatch.setattr(runtime, "_content", lambda digest: asked.append(digest) or documents.get(digest))
-    assert runtime._config_digest(("manifest", "sha256:" + "1" * 64)) == CONFIG
-    assert runtime._config_digest(("index", "sha256:" + "2" * 64)) == CONFIG
-    assert runtime._config_digest(("index", "sha256:" + "4" * 64)) is None  # no manifest for this node
-    assert runtime._config_digest(("manifest", "sha256:" + "9" * 64)) is None  # content gone
+    assert runtime._config_digest(("manifest", "sha256:" + "1" * 64, "")) == CONFIG
+    assert runtime._config_digest(("index", "sha256:" + "2" * 64, "")) == CONFIG
+    assert runtime._config_digest(("index", "sha256:" + "4" * 64, "")) is None  # no manifest for this node
+    assert runtime._config_digest(("manifest", "sha256:" + "9" * 64, "")) is None  # content gone
     assert runtime._config_digest(None) is None
     before = len(asked)
-    assert runtime._config_digest(("manifest", "sha256:" + "1" * 64)) == CONFIG
+    assert runtime._config_digest(("manifest", "sha256:" + "1" * 64, "")) == CONFIG
     assert len(asked) == before  # content-addressed: read once
 
 

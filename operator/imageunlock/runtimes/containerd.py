@@ -21,6 +21,9 @@ that is not the node's ("image might be filtered out"). Two facts about ctr shap
 * an interrupted import leaves the blobs it had already written in the content store, held
   by ctr's own lease (24 hours, then containerd's garbage collector deletes them); no image
   record, no snapshot.
+* ctr creates every image record before it unpacks any: when the unpack fails (a layer that
+  is no tar, a full disk) the records exist. Those this import created or changed and that
+  are ours (pinned, or named by ctr) are removed again, so no broken image stays pinned.
 
 After the import every image ctr reports is labelled ``io.cri-containerd.pinned=pinned``
 (ctr ≥ 2.0 also sets it during the import): the CRI reports such an image as pinned, and
@@ -328,6 +331,7 @@ class ContainerdRuntime:
             args += ["--local", "--label", PINNED_LABEL]
         args.append("-")
         stream = iter(chunks)
+        before = self._records()
         running = _Import(args, self.timeout)
         try:
             ended = all(running.pipe.feed(chunk) for chunk in stream)
@@ -345,6 +349,8 @@ class ContainerdRuntime:
             raise LoadError(f"ctr was killed by signal {-code} while importing")
         if code != 0:
             _close(stream)
+            if ended:  # ctr had the whole archive: it may have created records before failing
+                self._undo(before, running.out.names)
             raise self._failure(running.message, load=True)
         names = running.out.names
         if not ended:
@@ -379,16 +385,30 @@ class ContainerdRuntime:
             with contextlib.suppress(UnlockError):
                 self._run("images", "rm", *names, check=False)
 
-    def _records(self) -> dict[str, tuple[str, str]]:
-        """``{image name: (target media type, target digest)}`` from ``ctr images ls``."""
-        records: dict[str, tuple[str, str]] = {}
+    def _undo(self, before: dict[str, tuple[str, str, str]], reported: Sequence[str]) -> None:
+        """After a refused import (a layer that does not unpack, a full disk): ctr creates every
+        image record first and unpacks after, so records of this archive may exist, pinned
+        (ctr >= 2 labels them at creation) and never to be collected. Remove those this
+        import created or changed that are ours: pinned, or named in ctr's output."""
+        with contextlib.suppress(UnlockError):
+            ours = [
+                name
+                for name, (_kind, digest, labels) in self._records().items()
+                if before.get(name, ("", "", ""))[1] != digest
+                and (PINNED_LABEL in labels.split(",") or name in reported)
+            ]
+            self._remove(ours)
+
+    def _records(self) -> dict[str, tuple[str, str, str]]:
+        """``{image name: (target media type, target digest, labels)}`` from ``ctr images ls``."""
+        records: dict[str, tuple[str, str, str]] = {}
         for line in self._run("images", "ls").stdout.splitlines()[1:]:
             fields = line.split()
             if len(fields) >= 3 and _DIGEST.match(fields[2]):
-                records[fields[0]] = (fields[1], fields[2])
+                records[fields[0]] = (fields[1], fields[2], fields[-1] if "=" in fields[-1] else "")
         return records
 
-    def _config_digest(self, record: tuple[str, str] | None) -> str | None:
+    def _config_digest(self, record: tuple[str, str, str] | None) -> str | None:
         if record is None:
             return None
         digest = record[1]
