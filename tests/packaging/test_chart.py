@@ -146,9 +146,29 @@ def test_optional_parts_can_be_switched_off():
     assert env["IMAGEUNLOCK_API_URL_ALLOWLIST"] == "https://a.example.com,https://b.example.com/v2"
 
 
+def test_containerd_runtime_mounts_its_socket_where_the_operator_looks():
+    """runtime.name containerd (a k3s node): the node's socket at the operator's default
+    address, and settings the operator starts with."""
+    objects = rendered_objects({"runtime": {"name": "containerd", "socketGroupId": 0,
+                                            "socketPath": "/run/k3s/containerd/containerd.sock"}})
+    (deployment,) = find(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["IMAGEUNLOCK_RUNTIME"] == "containerd" and "IMAGEUNLOCK_DOCKER_HOST" not in env
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["runtime-socket"]["hostPath"] == {"path": "/run/k3s/containerd/containerd.sock", "type": "Socket"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["runtime-socket"]["mountPath"] == "/run/containerd/containerd.sock"
+    assert pod["securityContext"]["supplementalGroups"] == [0]
+    config = _operator_config(deployment)
+    assert config.runtime == "containerd" and config.containerd_address == "/run/containerd/containerd.sock"
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        {"runtime": {"name": "podman", "socketPath": "/run/podman/podman.sock"}},
         {"logLevel": "verbose"},
         {"verifyInterval": 0},
         {"runAsUser": 0},
