@@ -16,6 +16,11 @@
 #     Kubernetes: securityContext.supplementalGroups: [<gid of /var/run/docker.sock>];
 #     docker run / compose: --group-add <gid> / group_add: ["<gid>"]
 #     (the gid on the node: `stat -c %g /var/run/docker.sock`).
+#   * the containerd runtime (IMAGEUNLOCK_RUNTIME=containerd: k3s, RKE2, kubeadm nodes) runs
+#     containerd's `ctr` command, which this image does not contain: an image for that
+#     runtime needs `ctr` on PATH (the one binary from Debian's containerd package) and the
+#     node's containerd socket mounted at /run/containerd/containerd.sock
+#     (IMAGEUNLOCK_CONTAINERD_ADDRESS), reached through its group like Docker's.
 #   * read-only root filesystem: nothing is written outside /tmp (TMPDIR and HOME point
 #     there). /tmp is declared a VOLUME, so `docker run --read-only` works as is; in
 #     Kubernetes mount an emptyDir at /tmp (manifests/ and the chart do).
