@@ -1,0 +1,33 @@
+"""The operator's configuration from the environment (pydantic-settings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from imageunlock.config import OperatorConfig
+from imageunlock.errors import ConfigurationError
+
+
+def test_settings_from_env_and_errors():
+    s = OperatorConfig.from_env(
+        {
+            "IMAGEUNLOCK_ARCHIVE_ROOT": "/a:/b",
+            "IMAGEUNLOCK_VERIFY_INTERVAL": "30",
+            "RESOURCE_API_URL": "http://x",
+            "IMAGEUNLOCK_NAMESPACES": "ns1,ns2",
+        }
+    )
+    assert s.archive_roots == ("/a", "/b") and s.verify_interval == 30 and s.namespaces == ("ns1", "ns2")
+    with pytest.raises(ConfigurationError) as info:
+        OperatorConfig.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
+    assert "IMAGEUNLOCK_ARCHIVE_ROOT" in info.value.message and "IMAGEUNLOCK_VERIFY_INTERVAL" in info.value.message
+
+
+def test_operator_settings_require_a_trusted_api():
+    with pytest.raises(ConfigurationError, match="RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST"):
+        OperatorConfig.from_env({})
+    assert OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
+    both = OperatorConfig.from_env(
+        {"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"}
+    )
+    assert both.api_url_allowlist == ("https://b.test", "https://c.test", "https://a.test")
