@@ -3,12 +3,25 @@
 #   docker build -t imageunlock:0.1.0 .
 #   docker run --rm imageunlock:0.1.0 --help
 #
-# Two stages from the same slim Python base:
-#   build    wheels of the project and of its dependencies at the versions pinned in
-#            requirements.lock, then the runtime virtualenv installed from those wheels
-#            alone (--no-index: nothing unpinned can get in);
+# One Dockerfile for every architecture (linux/amd64, linux/arm64): the runtime stage is the
+# base image of the target architecture; the wheels for it are fetched and installed by a
+# build stage that may run on the build machine's own architecture (BUILD_IMAGE), so a cross
+# build runs almost nothing under emulation. Three stages:
+#   target   the runtime base's python3 says what it is (architecture, Python X.Y, glibc);
+#            for a foreign architecture this one command runs under emulation (QEMU user
+#            mode through binfmt_misc, as does every RUN of the runtime stage);
+#   build    wheels of the project's dependencies at exactly the versions pinned in
+#            requirements.lock, for the target's architecture, Python and glibc — binary
+#            wheels only, nothing compiled, for either architecture (pip download
+#            --only-binary=:all: --platform ...) — then the runtime virtualenv installed from
+#            those wheels alone (--no-index: nothing unpinned can get in), and every binary
+#            in it checked to be for the target's machine;
 #   runtime  the base image plus that virtualenv: no build tools, no pip in the
-#            virtualenv, no wheels, no source tree.
+#            virtualenv, no wheels, no source tree. Its last step starts the installed
+#            program on the target architecture (emulated for a foreign one).
+# The image config's architecture is the runtime base's (the classic builder copies it from
+# the FROM image): build arm64 from an arm64 base. `make images` builds both from local
+# Debian bases; see README.md, "Architectures".
 #
 # Runtime contract:
 #   * non-root: UID/GID ${UID}:${GID} (build args, default 10001). The Docker Engine socket
@@ -29,18 +42,30 @@
 #     (IMAGEUNLOCK_LIVENESS). `docker run IMAGE unlock ...` runs a one-shot unlock instead.
 #
 # Build args:
-#   BASE_IMAGE  a slim Python >= 3.11 image with the venv module (default: the official
-#               python:3.11-slim-bookworm). Any Debian-like image with python3 and
-#               python3-venv works; scripts/base-image.sh makes one without a registry.
+#   BASE_IMAGE  a slim Python >= 3.11 image with the venv module, glibc-based, of the target
+#               architecture (default: the official python:3.11-slim-bookworm). Any
+#               Debian-like image with python3 and python3-venv works; scripts/base-image.sh
+#               makes one for amd64 or arm64 without a registry.
+#   BUILD_IMAGE the image the build stage runs on (default: BASE_IMAGE). For a cross build
+#               give the same distribution release for the build machine's architecture
+#               (same Python X.Y at the same path, which the build checks): the build stage
+#               then runs natively. With BASE_IMAGE alone a foreign build still works, with
+#               the build stage under emulation (pip only: still nothing is compiled).
 #   UID, GID    the numeric user and group the operator runs as.
 #   PIP_INDEX_URL   a PyPI mirror; building needs PyPI or such a mirror for the wheels.
 #   EXTRA_CA_CERTS  PEM text of extra CA certificates for pip (a TLS-intercepting proxy),
 #                   e.g. --build-arg EXTRA_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt)".
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BUILD_IMAGE=${BASE_IMAGE}
+
+# ---------------------------------------------------------------------------- target
+FROM ${BASE_IMAGE} AS target
+COPY scripts/image-target.py /src/
+RUN python3 /src/image-target.py describe > /src/target.json
 
 # ---------------------------------------------------------------------------- build
-FROM ${BASE_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 
 # A PyPI mirror, and PEM certificates to trust besides pip's own (a TLS-intercepting proxy
 # between the builder and PyPI). Both stay in this stage: the final image has neither.
@@ -52,13 +77,19 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # Wheels of the project's runtime dependencies (pyproject.toml) at exactly the versions
-# requirements.lock pins, in a layer that only a new lock or dependency list invalidates.
-# The test tools in the lock are not built. Every wheel must be pinned by the lock: a
-# dependency the lock misses fails the build instead of floating to the latest release.
+# requirements.lock pins, for the target's architecture, Python and glibc (image-target.py
+# pip-args), in a layer that only a new lock, dependency list or base invalidates. The test
+# tools in the lock are not fetched. Every wheel must be pinned by the lock: a dependency the
+# lock misses fails the build instead of floating to the latest release. Binary wheels only,
+# for both architectures: PyPI has manylinux wheels of every compiled dependency for x86_64
+# and aarch64, so nothing is compiled (a dependency without one fails the build here).
+# Environment markers are evaluated by the build Python (same X.Y and OS as the target;
+# none of the locked dependencies depends on the machine).
 # The build tools live in a throwaway virtualenv (the base image's Python is never touched);
 # its pip.conf (a virtualenv's site configuration) adds EXTRA_CA_CERTS to pip's CA bundle.
 # setuptools and wheel (the project's build backend) come at their locked versions too.
-COPY requirements.lock pyproject.toml /src/
+COPY requirements.lock pyproject.toml scripts/image-target.py /src/
+COPY --from=target /src/target.json /src/target.json
 RUN python3 -m venv /opt/build \
  && if [ -n "$EXTRA_CA_CERTS" ]; then \
       bundle="$(/opt/build/bin/python -c 'import pip._vendor.certifi as c; print(c.where())')" \
@@ -68,24 +99,27 @@ RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip install --quiet --constraint /src/requirements.lock setuptools wheel \
  && /opt/build/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /src/runtime-requirements.txt \
- && /opt/build/bin/pip wheel --quiet --constraint /src/requirements.lock \
-        --requirement /src/runtime-requirements.txt --wheel-dir /wheels \
- && /opt/build/bin/python -c 'import pathlib, re, sys; \
-norm = lambda name, version: re.sub(r"[-_.]+", "-", name).lower() + "==" + version; \
-pinned = {norm(*line.strip().split("==", 1)) for line in open("/src/requirements.lock") if "==" in line}; \
-built = {norm(*w.name.split("-")[:2]) for w in pathlib.Path("/wheels").glob("*.whl")}; \
-bad = sorted(built - pinned); \
-sys.exit("not pinned by requirements.lock: %s" % bad if bad else None)'
+ && pip_args="$(python3 /src/image-target.py pip-args /src/target.json)" \
+ && /opt/build/bin/pip download --quiet $pip_args --constraint /src/requirements.lock \
+        --requirement /src/runtime-requirements.txt --dest /wheels \
+ && python3 /src/image-target.py check-pinned /src/requirements.lock /wheels
 
-# The project's own wheel, then the runtime virtualenv from the wheels alone (--no-index,
-# nothing else can get in).
+# The project's own wheel (pure Python: built here, for any architecture), then the runtime
+# virtualenv from the wheels alone (--no-index, nothing else can get in). The virtualenv's
+# python is a link to the build Python's path, which the runtime base has too (checked
+# above). pip picks wheels by the tags of the running Python; _PYTHON_HOST_PLATFORM (CPython's
+# cross-build setting, which sysconfig.get_platform() returns) makes them the target's, so
+# the build Python installs the target's wheels without running any of their code (a no-op
+# for a native build). Byte code is the same on every architecture. Last, every binary in
+# the virtualenv must be for the target's machine.
 COPY README.md /src/
 COPY operator /src/operator
 RUN /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /wheels /src \
  && python3 -m venv --without-pip /opt/imageunlock \
- && /opt/build/bin/pip --python /opt/imageunlock/bin/python install --quiet \
+ && _PYTHON_HOST_PLATFORM="$(python3 /src/image-target.py host-platform /src/target.json)" \
+    /opt/build/bin/pip --python /opt/imageunlock/bin/python install --quiet \
         --no-index --find-links /wheels --only-binary :all: imageunlock \
- && /opt/imageunlock/bin/imageunlock --help >/dev/null
+ && python3 /src/image-target.py check-binaries /opt/imageunlock /src/target.json
 
 # ---------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -117,6 +151,9 @@ USER ${UID}:${GID}
 ENTRYPOINT ["imageunlock"]
 CMD ["operator"]
 
-# Last, so that only this layer changes when the code does. Owned by root: the operator
-# cannot modify its own code.
+# Last, so that only these layers change when the code does. Owned by root: the operator
+# cannot modify its own code. Then the installed program must start here, on the image's own
+# architecture and base, as its own user (for a foreign architecture under emulation: a few
+# seconds; it writes nothing).
 COPY --from=build /opt/imageunlock /opt/imageunlock
+RUN imageunlock --help >/dev/null
