@@ -10,16 +10,32 @@
 #   docker import "$(scripts/base-image.sh)" imageunlock-base:bookworm
 #   docker build --build-arg BASE_IMAGE=imageunlock-base:bookworm -t imageunlock:dev .
 #
+# Another architecture: BASE_ARCH=arm64 (a Debian architecture name) debootstraps that
+# architecture's packages; their maintainer scripts run under QEMU user emulation, which
+# needs Debian's qemu-user-static registered with binfmt_misc with the F flag (scripts/setup.sh
+# does both). That takes several minutes once (cached like the native one, in a file named
+# with the architecture). Load such a root filesystem with its architecture in the image
+# config (`docker import` would record the daemon's own):
+#
+#   scripts/rootfs-image.py "$(BASE_ARCH=arm64 scripts/base-image.sh)" --arch arm64 \
+#       --tag imageunlock-base:bookworm-arm64 | docker load
+#
 # Needs root (or passwordless sudo) for debootstrap; installs debootstrap if it is missing.
 # Environment: BASE_SUITE (default bookworm, the suite of python:3.11-slim-bookworm),
-# BASE_MIRROR (default: the first non-security Debian URI in /etc/apt).
+# BASE_MIRROR (default: the first non-security Debian URI in /etc/apt), BASE_ARCH (default:
+# this machine's own).
 set -euo pipefail
 
 suite=${BASE_SUITE:-bookworm}
 recipe=2 # bump when the package list or the trimming below changes
 include=python3,python3-venv,ca-certificates,passwd
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/imageunlock/base-image"
-out="$cache/debian-$suite-python3-r$recipe.tar.gz"
+native=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+arch=${BASE_ARCH:-$native}
+# The machine's own architecture keeps the name it always had (existing caches stay valid).
+name="debian-$suite-python3"
+[ "$arch" = "$native" ] || name="debian-$suite-$arch-python3"
+out="$cache/$name-r$recipe.tar.gz"
 
 if [ -s "$out" ]; then
   echo "$out"
@@ -44,6 +60,20 @@ if ! command -v debootstrap >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 $SUDO apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
 
+foreign=()
+if [ "$arch" != "$native" ]; then
+  # debootstrap's second stage runs the target's binaries in a chroot: the kernel must hand
+  # them to a statically linked QEMU opened at registration (flag F), as setup.sh registers.
+  case "$arch" in arm64) qemu_arch=aarch64 ;; amd64) qemu_arch=x86_64 ;; armhf | armel) qemu_arch=arm ;; *) qemu_arch=$arch ;; esac
+  handler=/proc/sys/fs/binfmt_misc/qemu-$qemu_arch
+  if ! grep -qx enabled "$handler" 2>/dev/null || ! grep -q '^flags:.*F' "$handler"; then
+    echo "base-image: $arch binaries cannot run here: no binfmt_misc handler qemu-$qemu_arch with flag F" \
+      "(install qemu-user-static; scripts/setup.sh registers it)" >&2
+    exit 1
+  fi
+  foreign=(--arch="$arch")
+fi
+
 mirror=${BASE_MIRROR:-}
 if [ -z "$mirror" ]; then
   mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}' \
@@ -61,8 +91,8 @@ cleanup() {
   $SUDO rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
-echo "base-image: debootstrap $suite from $mirror (once; cached in $cache)" >&2
-if ! $SUDO timeout 1500 debootstrap --variant=minbase --include="$include" "$suite" "$work/root" "$mirror" \
+echo "base-image: debootstrap $suite $arch from $mirror (once; cached in $cache)" >&2
+if ! $SUDO timeout 1500 debootstrap "${foreign[@]}" --variant=minbase --include="$include" "$suite" "$work/root" "$mirror" \
     >"$work/debootstrap.log" 2>&1; then
   echo "base-image: debootstrap failed:" >&2
   tail -n 30 "$work/debootstrap.log" >&2
@@ -77,7 +107,7 @@ $SUDO rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/l
 $SUDO tar -C "$work/root" --numeric-owner -czf "$work/rootfs.tar.gz" .
 $SUDO chown "$(id -u):$(id -g)" "$work/rootfs.tar.gz"
 mv "$work/rootfs.tar.gz" "$out"
-for old in "$cache"/debian-*-python3-r*.tar.gz; do # earlier recipes
+for old in "$cache/$name"-r*.tar.gz; do # earlier recipes of this suite and architecture
   [ "$old" = "$out" ] || rm -f "$old"
 done
 echo "$out"

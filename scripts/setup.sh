@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything `make test` / `make demo` need on a fresh machine; fast when already done.
-#  - Debian packages: docker.io (dockerd, docker CLI, containerd), openssl
+#  - Debian packages: docker.io (dockerd, docker CLI, containerd), openssl, debootstrap,
+#    qemu-user-static (the arm64 image test runs arm64 binaries under QEMU user emulation)
+#  - the binfmt_misc handler that hands arm64 binaries to QEMU (the kernel's, machine-wide)
 #  - .venv with the pinned requirements.lock, this package and tools/controlplane (editable)
 #  - the local Kubernetes control plane (built once, cached under ~/.cache)
 set -euo pipefail
@@ -11,11 +13,32 @@ command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v ctr >/dev/null 2>&1 || need_apt+=(containerd)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # the image test's local base image
+native_arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+if [ "$native_arch" != arm64 ]; then  # the arm64 image test, emulated
+  [ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)
+fi
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# arm64 binaries run through binfmt_misc: qemu-user-static ships the handler's definition
+# (flags OPF: F opens QEMU at registration, so it also works inside containers and chroots);
+# systemd registers it at boot, a machine without systemd (a container, CI) does not. The
+# registration is the kernel's, machine-wide, until reboot. If it cannot be done here, the
+# arm64 image test says why (and fails under CI).
+handler=/proc/sys/fs/binfmt_misc/qemu-aarch64
+if [ "$native_arch" != arm64 ] && [ ! -e "$handler" ] && [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ]; then
+  if { mountpoint -q /proc/sys/fs/binfmt_misc \
+         || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; } 2>/dev/null \
+     && grep -v '^#' /usr/lib/binfmt.d/qemu-aarch64.conf | grep . \
+          | $SUDO tee /proc/sys/fs/binfmt_misc/register >/dev/null 2>&1; then
+    echo "setup: registered the arm64 binfmt_misc handler (QEMU user emulation)" >&2
+  else
+    echo "setup: warning: could not register the arm64 binfmt_misc handler; the arm64 image test cannot run" >&2
+  fi
 fi
 
 PY=${PYTHON:-python3}
