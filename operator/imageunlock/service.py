@@ -99,6 +99,7 @@ class UnlockService:
             hashed(0)
             check_sha256(handle, request.archive_sha256, hashed)
 
+        self.runtime.ping()  # a runtime that is down costs no login and no key request
         report(Phase.AUTHENTICATING, "logging in to the resource API", 0, size)
         client = self.open_key_client(credentials())
         try:

@@ -226,3 +226,12 @@ def test_a_missing_archive_with_unverified_images_present_names_them(tmp_path, k
     message = caught.value.message
     assert "not verified" in message and REFS[1] in message and REFS[0] not in message
     assert not caught.value.transient and key.opened == []
+
+
+def test_a_runtime_that_is_down_costs_no_login_and_no_key(archive, tmp_path, runtime, key):
+    """Found with containerd: the service logged in and fetched the key before it first
+    touched the runtime."""
+    runtime.unreachable = True
+    with pytest.raises(RuntimeUnavailableError):
+        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+    assert key.logins == 0 and key.fragments == 0
