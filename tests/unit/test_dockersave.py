@@ -13,32 +13,24 @@ from hypothesis import strategies as st
 
 from imageunlock.crypto import decrypt_stream, encrypt_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
-from imageunlock.errors import ForeignTagsError, UnlockError
+from imageunlock.errors import ForeignTagsError
 from imageunlock.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.errors import ImagesNotInArchiveError
 
 from ..support import savetar
-
-TAGS = ["azaion/flights:2.0", "azaion/autopilot:2.0", "azaion/annotations:2.0"]
-
-
-def _verify(data: bytes, chunk: int = 4096) -> dict[str, str]:
-    verifier = ImageTarVerifier()
-    for i in range(0, len(data), chunk):
-        verifier.feed(data[i : i + chunk])
-    return verifier.close().images
-
+from ..support.tarbuild import EVIL, TAGS, add_repo_tag, append, edit_json, member, rewrite
+from ..support.tarcheck import refused, streamed, verify
 
 @pytest.mark.parametrize("layout", ["legacy", "oci"])
 @pytest.mark.parametrize("chunk", [1, 511, 512, 4096, 1 << 20])
 def test_accepts_both_layouts_in_any_chunking(layout: str, chunk: int):
     data = savetar.build(TAGS, layout=layout, share_first_layer=True)
-    assert _verify(data, chunk) == savetar.config_ids(data)
+    assert verify(data, chunk) == savetar.config_ids(data)
 
 
 def test_accepts_long_names_and_shared_layer_symlinks():
     data = savetar.build(TAGS, long_names=True, share_first_layer=True)
-    assert _verify(data) == savetar.config_ids(data)
+    assert verify(data) == savetar.config_ids(data)
 
 
 def test_layer_with_wrong_diff_id_is_rejected():
@@ -49,7 +41,7 @@ def test_layer_with_wrong_diff_id_is_rejected():
     tampered = bytearray(data)
     tampered[offset] ^= 0x01
     with pytest.raises(ArchiveError):
-        _verify(bytes(tampered))
+        verify(bytes(tampered))
 
 
 def test_config_not_matching_its_name_is_rejected():
@@ -59,7 +51,7 @@ def test_config_not_matching_its_name_is_rejected():
     good = manifest[0]["Config"]
     bad = data.replace(good.encode(), ("0" * 64 + ".json").encode())
     with pytest.raises(ArchiveError):
-        _verify(bad)
+        verify(bad)
 
 
 
@@ -70,7 +62,7 @@ def test_plain_tar_without_manifest_is_rejected():
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
     with pytest.raises(ArchiveError):
-        _verify(buf.getvalue())
+        verify(buf.getvalue())
 
 
 
@@ -118,76 +110,14 @@ def test_any_flipped_ciphertext_byte_stops_the_stream_before_the_end():
         assert -sent - 1 <= len(plain) - 1024, f"flip at {pos}: end marker was sent"
 
 
-# -- helpers for archives made with the right key (the tar is rewritten, not the ciphertext) --
-
-EVIL = "nginx:latest"
-
-
-def _manifest(data: bytes) -> list:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return json.load(tar.extractfile("manifest.json"))
-
-
-def _rewrite(data: bytes, name: str, edit) -> bytes:
-    """``data`` with member ``name``'s bytes replaced by ``edit(old bytes)``, or dropped when
-    that is None (manifest.json, repositories and index.json carry no digest)."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as tar:
-        for member in src.getmembers():
-            body = src.extractfile(member).read() if member.isfile() else None
-            if member.name == name and (body := edit(body)) is None:
-                continue
-            member.size = len(body or b"")
-            tar.addfile(member, io.BytesIO(body) if body is not None else None)
-    return out.getvalue()
-
-
-def _edit_json(data: bytes, name: str, edit) -> bytes:
-    return _rewrite(data, name, lambda body: json.dumps(edit(json.loads(body))).encode())
-
-
-def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None,
-            linkname: str = "", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mtime = kind, linkname, 1_700_000_000
-    info.size = len(data) if size is None else size
-    return info.tobuf(fmt) + data + bytes(-len(data) % 512)
-
-
-def _append(data: bytes, *members: bytes) -> bytes:
-    """``data`` with raw ``members`` added before its end-of-archive marker."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.getmembers()
-        end = tar.offset
-    return data[:end] + b"".join(members) + bytes(1024)
-
-
-def _stream(data: bytes, expected=TAGS) -> bytes:
-    """What reaches the runtime; raises like the real upload would."""
-    out = bytearray()
-    chunks = [data[i : i + 2048] for i in range(0, len(data), 2048)]
-    for chunk in verified_stream(chunks, ImageTarVerifier(), expected):
-        out += chunk
-    return bytes(out)
-
-
-def _refused(data: bytes, error=UnlockError, expected=TAGS) -> UnlockError:
-    sent = []
-    with pytest.raises(error) as info:
-        for chunk in verified_stream([data[i : i + 2048] for i in range(0, len(data), 2048)],
-                                     ImageTarVerifier(), expected):
-            sent.append(chunk)
-    assert sum(map(len, sent)) <= len(data) - 1024  # the end-of-archive marker never went out
-    return info.value
-
 
 # -- whatever the content, failures are the uniform ArchiveError -----------------------------
 
 @pytest.mark.parametrize("name", ["manifest.json", "repositories"])
 def test_deeply_nested_json_is_an_archive_error(name):
-    data = _rewrite(savetar.build(TAGS), name, lambda body: b"[" * 100_000 + b"]" * 100_000)
+    data = rewrite(savetar.build(TAGS), name, lambda body: b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(ArchiveError) as info:
-        _stream(data)
+        streamed(data)
     assert str(info.value) == ARCHIVE_ERROR_MESSAGE
 
 
@@ -222,9 +152,9 @@ def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
         "annotations": ("index.json", lambda i: {"manifests": [{"annotations": value}]}),
     }
     name, edit = edits.get(slot, ("manifest.json", lambda m: [{**m[0], slot: value}]))
-    data = _append(_edit_json(base, name, edit), _member(config_name, config))
+    data = append(edit_json(base, name, edit), member(config_name, config))
     try:
-        _stream(data, TAGS[:1])
+        streamed(data, TAGS[:1])
     except ArchiveError as exc:
         assert str(exc) == ARCHIVE_ERROR_MESSAGE
     except (ImagesNotInArchiveError, ForeignTagsError):
@@ -232,10 +162,6 @@ def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
 
 
 # -- only the requested refs may be created or moved -----------------------------------------
-
-def _add_repo_tag(manifest):
-    return [{**manifest[0], "RepoTags": manifest[0]["RepoTags"] + [EVIL]}, *manifest[1:]]
-
 
 def _lower_case_repo_tags(manifest):
     first = {k: v for k, v in manifest[0].items() if k != "RepoTags"}
@@ -252,8 +178,8 @@ def _annotate(key, value):
 @pytest.mark.parametrize(
     "layout, name, edit",
     [
-        ("legacy", "manifest.json", _add_repo_tag),
-        ("oci", "manifest.json", _add_repo_tag),
+        ("legacy", "manifest.json", add_repo_tag),
+        ("oci", "manifest.json", add_repo_tag),
         ("legacy", "manifest.json", _lower_case_repo_tags),
         ("legacy", "repositories", lambda repos: {**repos, "nginx": {"latest": "0" * 64}}),
         ("oci", "index.json", _annotate("io.containerd.image.name", "docker.io/library/nginx:latest")),
@@ -262,8 +188,8 @@ def _annotate(key, value):
     ids=["RepoTags", "RepoTags-oci", "repotags-spelling", "repositories", "containerd-name", "oci-ref-name"],
 )
 def test_foreign_tag_stops_the_stream_before_the_tail(layout, name, edit):
-    data = _edit_json(savetar.build(TAGS, layout=layout), name, edit)
-    error = _refused(data, ForeignTagsError)
+    data = edit_json(savetar.build(TAGS, layout=layout), name, edit)
+    error = refused(data, ForeignTagsError)
     assert error.reason == "ArchiveHasForeignTags" and not error.transient
     assert EVIL in str(error) and "nothing was loaded" in str(error)
 
@@ -271,7 +197,7 @@ def test_foreign_tag_stops_the_stream_before_the_tail(layout, name, edit):
 def test_foreign_tags_are_listed_at_most_five():
     extra = [f"team{i}/app:1" for i in range(7)]
     edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + extra}, *m[1:]]  # noqa: E731
-    message = str(_refused(_edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
+    message = str(refused(edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
     assert all(ref in message for ref in extra[:5]) and extra[5] not in message
     assert "and 2 more" in message
 
@@ -279,8 +205,8 @@ def test_foreign_tags_are_listed_at_most_five():
 def test_refs_compare_after_dockers_normalisation():
     spelled = {tag: "index.docker.io/" + tag for tag in TAGS}
     edit = lambda m: [{**e, "RepoTags": [spelled[t] for t in e["RepoTags"]]} for e in m]  # noqa: E731
-    data = _edit_json(savetar.build(TAGS), "manifest.json", edit)
-    assert _stream(data, ["docker.io/" + tag for tag in TAGS]) == data
+    data = edit_json(savetar.build(TAGS), "manifest.json", edit)
+    assert streamed(data, ["docker.io/" + tag for tag in TAGS]) == data
     verifier = ImageTarVerifier()
     verifier.feed(data)
     contents = verifier.close()
@@ -291,21 +217,21 @@ def test_refs_compare_after_dockers_normalisation():
 
 def test_untagged_images_and_relative_ref_names_are_fine():
     untagged = lambda m: [*m, {**m[0], "RepoTags": None}]  # noqa: E731
-    data = _edit_json(savetar.build(TAGS, layout="oci"), "manifest.json", untagged)
-    data = _edit_json(data, "index.json", _annotate("org.opencontainers.image.ref.name", "2.0"))
-    assert _stream(data) == data
+    data = edit_json(savetar.build(TAGS, layout="oci"), "manifest.json", untagged)
+    data = edit_json(data, "index.json", _annotate("org.opencontainers.image.ref.name", "2.0"))
+    assert streamed(data) == data
 
 
 def test_a_missing_ref_is_reported_before_foreign_ones():
-    data = _edit_json(savetar.build(TAGS), "manifest.json", _add_repo_tag)
-    error = _refused(data, ImagesNotInArchiveError, TAGS + ["azaion/detections:2.0"])
+    data = edit_json(savetar.build(TAGS), "manifest.json", add_repo_tag)
+    error = refused(data, ImagesNotInArchiveError, TAGS + ["azaion/detections:2.0"])
     assert error.missing == ["azaion/detections:2.0"]
 
 
 def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
     odd = ["evil\n\x1b[31m:1", "x" * 5000]
     edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + odd}, *m[1:]]  # noqa: E731
-    message = str(_refused(_edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
+    message = str(refused(edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
     assert "evil??[31m:1" in message and "\x1b" not in message and len(message) < 700
 
 
@@ -315,28 +241,28 @@ def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
 
 def _repo_tags_spelled_twice(data):
     edit = lambda m: [{**m[0], "repotags": [EVIL]}, *m[1:]]  # noqa: E731  (Go: the last one wins)
-    return _edit_json(data, "manifest.json", edit)
+    return edit_json(data, "manifest.json", edit)
 
 
 def _annotations_given_twice(data):
     data = savetar.build(TAGS, layout="oci")  # Go merges the two maps; Python keeps the last
     spliced = b'"annotations": {"io.containerd.image.name": "docker.io/library/nginx:latest"}, "annotations"'
-    return _rewrite(data, "index.json", lambda body: body.replace(b'"annotations"', spliced, 1))
+    return rewrite(data, "index.json", lambda body: body.replace(b'"annotations"', spliced, 1))
 
 
 @pytest.mark.parametrize("craft", [_repo_tags_spelled_twice, _annotations_given_twice],
                          ids=lambda craft: craft.__name__.strip("_"))
 def test_archive_the_engine_would_read_differently_is_refused(craft):
-    _refused(craft(savetar.build(TAGS)))
+    refused(craft(savetar.build(TAGS)))
 
 
 @pytest.mark.parametrize("text", [b'"\\udc80"', b'"\\uDFFF"', b'"\\ufffd"', '"\ufffd"'.encode()])
 def test_json_that_go_and_python_read_differently_is_refused(text):
     """Review: a manifest path with an escaped lone surrogate named one member for Python and
     another (U+FFFD) for the Engine's Go decoder."""
-    data = _rewrite(savetar.build(TAGS), "manifest.json",
+    data = rewrite(savetar.build(TAGS), "manifest.json",
                     lambda body: body.replace(b"[{", b'[{"Comment": ' + text + b", ", 1))
-    _refused(data, ArchiveError)
+    refused(data, ArchiveError)
 
 
 def test_a_member_name_that_is_not_utf8_is_refused():
@@ -345,4 +271,4 @@ def test_a_member_name_that_is_not_utf8_is_refused():
     block[0:2] = b"x\x80"  # Go reads U+FFFD where Python would keep the byte
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block[:512])
-    _refused(_append(savetar.build(TAGS), bytes(block[:512])), ArchiveError)
+    refused(append(savetar.build(TAGS), bytes(block[:512])), ArchiveError)

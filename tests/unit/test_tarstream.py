@@ -15,7 +15,8 @@ from imageunlock.dockersave import ImageTarVerifier
 from imageunlock.errors import ArchiveError
 
 from ..support import savetar
-from .test_dockersave import TAGS, _add_repo_tag, _append, _manifest, _member, _refused, _rewrite, _verify
+from ..support.tarbuild import TAGS, add_repo_tag, append, manifest_of, member, pax, rewrite
+from ..support.tarcheck import refused, verify
 
 
 # -- not a whole tar -----------------------------------------------------------------------
@@ -27,24 +28,20 @@ from .test_dockersave import TAGS, _add_repo_tag, _append, _manifest, _member, _
 )
 def test_non_archives_are_rejected(data: bytes):
     with pytest.raises(ArchiveError):
-        _verify(data)
+        verify(data)
 
 
 @pytest.mark.parametrize("cut", [1, 512, 1024, 5000])
 def test_truncated_archive_is_rejected(cut: int):
     data = savetar.build(TAGS)
     with pytest.raises(ArchiveError):
-        _verify(data[: len(data) - 10240 - cut])  # tarfile pads the end to a 10 KiB record
+        verify(data[: len(data) - 10240 - cut])  # tarfile pads the end to a 10 KiB record
 
 
 # -- bounded work and memory, whatever the entries ------------------------------------------
 
-def _pax(records: dict[str, str]) -> bytes:
-    return tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
-
-
 def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
-    flood = [_member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
+    flood = [member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
     fed = 0
     verifier = ImageTarVerifier()
     tracemalloc.start()
@@ -74,7 +71,7 @@ def test_a_name_longer_than_path_max_is_refused_at_once(fmt, field):
 
 
 def test_an_oversized_extended_header_is_refused_at_its_header():
-    header = _pax({"comment": "x" * (100 << 10)})  # 100 KiB: over the 64 KiB cap
+    header = pax({"comment": "x" * (100 << 10)})  # 100 KiB: over the 64 KiB cap
     verifier = ImageTarVerifier()
     with pytest.raises(ArchiveError):
         verifier.feed(header[:512])
@@ -86,44 +83,44 @@ def test_an_oversized_extended_header_is_refused_at_its_header():
 # reading the same bytes, would load another that also tags nginx:latest.
 
 def _evil_manifest(data: bytes) -> bytes:
-    return json.dumps(_add_repo_tag(_manifest(data))).encode()
+    return json.dumps(add_repo_tag(manifest_of(data))).encode()
 
 
 def _benign_manifest(data: bytes) -> bytes:
-    return json.dumps(_manifest(data)).encode()
+    return json.dumps(manifest_of(data)).encode()
 
 
 def _data_after_directory(data):
-    hidden = _member("manifest.json", _evil_manifest(data))  # Go reads a directory's "data" as headers
-    return _append(data, _member("d", hidden, kind=tarfile.DIRTYPE))
+    hidden = member("manifest.json", _evil_manifest(data))  # Go reads a directory's "data" as headers
+    return append(data, member("d", hidden, kind=tarfile.DIRTYPE))
 
 
 def _symlink_then_file(data):
-    return _append(data, _member("m.json", _benign_manifest(data)),
-                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   _member("manifest.json", _evil_manifest(data)))
+    return append(data, member("m.json", _benign_manifest(data)),
+                   member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   member("manifest.json", _evil_manifest(data)))
 
 
 def _hard_link_keeps_the_old_file(data):
-    return _append(data, _member("m.json", _evil_manifest(data)),
-                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
-                   _member("m.json", _benign_manifest(data)))
+    return append(data, member("m.json", _evil_manifest(data)),
+                   member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
+                   member("m.json", _benign_manifest(data)))
 
 
 def _written_through_a_symlink(data):
-    return _append(data, _member("d", kind=tarfile.SYMTYPE, linkname="."),
-                   _member("d/manifest.json", _evil_manifest(data)))
+    return append(data, member("d", kind=tarfile.SYMTYPE, linkname="."),
+                   member("d/manifest.json", _evil_manifest(data)))
 
 
 def _second_pax_header_replaces_the_first(data):
-    return _append(data, _pax({"path": "other.json"}), _pax({"comment": "x"}),
-                   _member("manifest.json", _evil_manifest(data)))
+    return append(data, pax({"path": "other.json"}), pax({"comment": "x"}),
+                   member("manifest.json", _evil_manifest(data)))
 
 
 def _gnu_long_name_beats_pax(data):
     long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME,
                                                         "utf-8", "strict")
-    return _append(data, long_name, _pax({"path": "other.json"}), _member("x.json", _evil_manifest(data)))
+    return append(data, long_name, pax({"path": "other.json"}), member("x.json", _evil_manifest(data)))
 
 
 def _gnu_sparse_rename(data):
@@ -132,35 +129,35 @@ def _gnu_sparse_rename(data):
                "GNU.sparse.size": str(len(evil)), "GNU.sparse.numblocks": "1",
                "GNU.sparse.map": f"0,{len(evil)}"}
     blob = "blobs/sha256/" + hashlib.sha256(evil).hexdigest()  # a well-addressed blob, to us
-    return _append(data, _pax(records), _member(blob, evil))
+    return append(data, pax(records), member(blob, evil))
 
 
 def _star_prefix(data):
     prefix = "a" * 60 + "/" + "b" * 70  # 131 bytes
-    block = bytearray(_member("manifest.json", _evil_manifest(data))[:512])
+    block = bytearray(member("manifest.json", _evil_manifest(data))[:512])
     block[345:476] = prefix.encode()  # no NUL: Go stops at 476 in a star header, we read on
     block[476:500] = b"00000000000\0" * 2  # star's atime and ctime
     block[508:512] = b"tar\0"
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block)
-    body = _member("manifest.json", _evil_manifest(data))[512:]
-    return _append(data, _member(prefix, kind=tarfile.SYMTYPE, linkname=".."), bytes(block) + body)
+    body = member("manifest.json", _evil_manifest(data))[512:]
+    return append(data, member(prefix, kind=tarfile.SYMTYPE, linkname=".."), bytes(block) + body)
 
 
 def _symlink_climbing_out_of_a_symlink(data):
     evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return _append(_rewrite(data, "manifest.json", lambda body: None),
-                   _member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
-                   _member("sub/m.json", evil), _member("m.json", benign),
-                   _member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
+    return append(rewrite(data, "manifest.json", lambda body: None),
+                   member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
+                   member("sub/m.json", evil), member("m.json", benign),
+                   member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
 
 
 def _hard_link_to_a_symlink(data):
     evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return _append(_rewrite(data, "manifest.json", lambda body: None),
-                   _member("m.json", evil), _member("sub/m.json", benign),
-                   _member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   _member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
+    return append(rewrite(data, "manifest.json", lambda body: None),
+                   member("m.json", evil), member("sub/m.json", benign),
+                   member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
+                   member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
 
 
 @pytest.mark.parametrize("craft", [
@@ -169,7 +166,7 @@ def _hard_link_to_a_symlink(data):
     _symlink_climbing_out_of_a_symlink, _hard_link_to_a_symlink,
 ], ids=lambda craft: craft.__name__.strip("_"))
 def test_archive_the_engine_would_read_differently_is_refused(craft):
-    _refused(craft(savetar.build(TAGS)))
+    refused(craft(savetar.build(TAGS)))
 
 
 def test_a_plaintext_that_is_also_a_compressed_stream_is_refused():
