@@ -1,30 +1,23 @@
-"""Shared fixtures: real parts (dockerd, resource API, archives) brought up once per session.
-
-A test that needs a real part that cannot be brought up is skipped on a developer machine
-and FAILS under CI (CI=true): CI must never go green by skipping the real thing.
+"""Shared fixtures: real parts (dockerd, containerd, resource API, archives) brought up once per
+session. A part that cannot be brought up skips the test, or fails it under CI (support/ci.py).
+Helpers that are not fixtures live in tests/support.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from imageunlock.models import DEFAULT_IMAGES
 
+from .support.ci import unavailable
 from .support.containerd import Containerd, ContainerdError, bookworm_build, sid_build
 from .support.dockerd import Dockerd, DockerdError
-from .support.images import ArchiveSet, build_archive_set
-from .support.resource_api import FakeResourceApi
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from .support.images import TEST_VERSION, ArchiveSet, build_archive_set
+from .support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -34,16 +27,6 @@ def _interrupt(signum: int, frame: object) -> None:
 # A SIGTERM (a CI time-out, a `kill`) becomes an interrupt, so pytest still runs the fixture
 # teardowns that stop dockerd, the control plane and operators by PID.
 signal.signal(signal.SIGTERM, _interrupt)
-TEST_EMAIL = "edge@example.test"
-TEST_PASSWORD = "pw-" + secrets.token_hex(8)
-TEST_VERSION = "1.4.2"
-
-
-def unavailable(part: str, why: str) -> None:
-    message = f"{part} could not be brought up: {why}"
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -123,17 +106,3 @@ def resource_api(archives: ArchiveSet) -> Iterator[FakeResourceApi]:
         yield api
     finally:
         api.stop()
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``imageunlock`` console script as a user would. Unless ``env`` names
-    an ``XDG_STATE_HOME``, each run has a fresh, empty one (no verified IDs from other runs)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEUNLOCK_")}
-    full_env.update(env or {})
-    script = Path(sys.executable).with_name("imageunlock")
-    with tempfile.TemporaryDirectory(prefix="iu-state-") as state:
-        if "XDG_STATE_HOME" not in (env or {}):
-            full_env["XDG_STATE_HOME"] = state
-        return subprocess.run(
-            [str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout
-        )

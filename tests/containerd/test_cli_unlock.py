@@ -14,14 +14,13 @@ from imageunlock.refs import normalize_ref
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.runtimes.containerd import PINNED_LABEL
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD, run_cli
 from ..support import tamper
+from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
 from ..support.containerd import Containerd, Cri
 from ..support.images import ArchiveSet
 from ..support.resource_api import FakeResourceApi
 
 pytestmark = pytest.mark.containerd
-ENV = {"IMAGEUNLOCK_EMAIL": TEST_EMAIL, "IMAGEUNLOCK_PASSWORD": TEST_PASSWORD}
 
 
 @pytest.fixture
@@ -36,17 +35,13 @@ def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, daemon: Co
     return run_cli(
         "unlock", "--archive", str(archive), "--version", archives.version, "--api-url", api.url,
         "--runtime", "containerd", "--containerd-address", address or str(daemon.socket), *extra,
-        env={**ENV, **daemon.env(), **(env or {})},
+        env={**CREDENTIALS_ENV, **daemon.env(), **(env or {})},
     )
 
 
 def seen_by_kubelet(cri: Cri) -> dict[str, tuple[str, bool]]:
     """``{repo tag: (image ID, pinned)}`` as the CRI lists them (namespace k8s.io)."""
     return {tag: (image.id, image.pinned) for image in cri.list_images() for tag in image.repo_tags}
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("imageunlock: error:")]
 
 
 def test_unlocks_seven_images_pinned_into_k8s_io_then_fast_path_makes_no_key_request(

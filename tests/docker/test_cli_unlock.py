@@ -13,13 +13,12 @@ from imageunlock.crypto import encrypt_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD, run_cli
+from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
 from ..support.dockerd import Dockerd
 from ..support.images import ArchiveSet
-from ..support.resource_api import FakeResourceApi
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
 pytestmark = pytest.mark.docker
-ENV = {"IMAGEUNLOCK_EMAIL": TEST_EMAIL, "IMAGEUNLOCK_PASSWORD": TEST_PASSWORD}
 
 
 def loaded(engine: Dockerd) -> dict[str, str]:
@@ -30,12 +29,8 @@ def loaded(engine: Dockerd) -> dict[str, str]:
 def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, engine: Dockerd, *extra: str, env=None):
     return run_cli(
         "unlock", "--archive", str(archive), "--version", archives.version, "--api-url", api.url,
-        "--docker-host", engine.url, *extra, env={**ENV, **(env or {})},
+        "--docker-host", engine.url, *extra, env={**CREDENTIALS_ENV, **(env or {})},
     )
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("imageunlock: error:")]
 
 
 @pytest.mark.parametrize("which", ["openssl_archive", "own_archive"])
@@ -158,7 +153,7 @@ def test_default_images_and_env_defaults(clean_docker, archives, resource_api, t
     archive = tmp_path / "images.enc"
     shutil.copy(archives.own_archive, archive)
     result = run_cli("unlock", "--docker-host", clean_docker.url, env={
-        **ENV, "IMAGES_PATH": str(archive), "API_VERSION": archives.version, "RESOURCE_API_URL": resource_api.url})
+        **CREDENTIALS_ENV, "IMAGES_PATH": str(archive), "API_VERSION": archives.version, "RESOURCE_API_URL": resource_api.url})
     assert result.returncode == 0, result.stderr
     assert set(loaded(clean_docker)) == set(archives.refs)
 

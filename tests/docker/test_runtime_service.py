@@ -11,7 +11,7 @@ from imageunlock.resource_api import ResourceApiClient
 from imageunlock.models import Credentials, Phase, UnlockRequest
 from imageunlock.service import UnlockService
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 from .test_cli_unlock import loaded
 
 pytestmark = pytest.mark.docker

@@ -27,9 +27,10 @@ import yaml
 
 import controlplane
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD, unavailable
+from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
 from ..support.net import free_port
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import pytest
 
 from imageunlock.resource_api import KEY_FRAGMENT_PATH
 
-from ..conftest import TEST_EMAIL
+from ..support.resource_api import TEST_EMAIL
 from ..support.net import free_port
 from .conftest import place, wait_for
 from .test_operator import is_ready, is_stalled, spec_for

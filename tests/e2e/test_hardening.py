@@ -18,10 +18,10 @@ from imageunlock.crypto import derive_key
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD
 from ..docker.test_cli_unlock import _broken_archives, loaded
 from ..support.dockerd import Dockerd
 from ..support.images import build_archive_set
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 from .conftest import GROUP, PLURAL, VERSION, place, wait_for
 from .test_operator import is_ready, is_stalled, spec_for
 

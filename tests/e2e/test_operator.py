@@ -10,7 +10,7 @@ import pytest
 
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..conftest import TEST_EMAIL
+from ..support.resource_api import TEST_EMAIL
 from ..docker.test_cli_unlock import loaded
 from .conftest import GROUP, PLURAL, VERSION, place, wait_for
 

@@ -12,10 +12,9 @@ import pytest
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD
 from ..docker.test_cli_unlock import loaded
 from ..support import tamper
-from ..support.resource_api import FakeResourceApi
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.scripted_http import ScriptedServer, respond
 from .conftest import CRD_FILE, place, wait_for
 from .test_hardening import stalled_with

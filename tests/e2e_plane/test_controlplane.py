@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import controlplane
+
+from ..support.ci import unavailable
 
 # The first run may build the API server (minutes), inside the fixture of the first test.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -91,10 +92,7 @@ def plane(tmp_path_factory):
         kubectl = controlplane.kubectl_path()
     except Exception as e:  # noqa: BLE001 - any failure to come up
         cp.stop()
-        msg = f"local control plane could not be started: {e}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        unavailable("local control plane", f"{type(e).__name__}: {e}")
     cp.kubectl_bin = kubectl
     try:
         yield cp

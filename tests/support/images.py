@@ -19,6 +19,8 @@ from imageunlock.crypto import IV_SIZE, derive_key, encrypt_stream, read_chunks
 
 from .dockerd import Dockerd
 
+TEST_VERSION = "1.4.2"  # the version the session's test archives are built at
+
 
 def rootfs_tar(path: Path, name: str, payload_bytes: int, seed: int) -> Path:
     """A tiny root file system: an identity file plus ``payload_bytes`` of pseudo-random data."""

@@ -25,6 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 LOGIN = "/login"
 KEY = "/binary-split/key-fragment"
 
+# The account the tests' resource API accepts (a fresh password each test session).
+TEST_EMAIL = "edge@example.test"
+TEST_PASSWORD = "pw-" + secrets.token_hex(8)
+
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
