@@ -15,7 +15,7 @@ from imageunlock.models import DEFAULT_IMAGES
 
 from .support.ci import unavailable
 from .support.containerd import Containerd, ContainerdError, bookworm_build, sid_build
-from .support.dockerd import Dockerd, DockerdError
+from .support.dockerd import Dockerd, DockerdError, remove_images
 from .support.images import TEST_VERSION, ArchiveSet, build_archive_set
 from .support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
@@ -40,12 +40,6 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
         yield engine
     finally:
         engine.stop()
-
-
-def remove_images(engine: Dockerd) -> None:
-    listed = engine.docker("images", "-q", "--no-trunc", text=True).stdout.split()
-    if listed:
-        engine.docker("rmi", "-f", *sorted(set(listed)), check=False)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.runtimes.containerd import PINNED_LABEL
 
 from ..support import tamper
+from ..support.broken import broken_archives
 from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
 from ..support.containerd import Containerd, Cri
 from ..support.images import ArchiveSet
@@ -65,24 +66,12 @@ def test_unlocks_seven_images_pinned_into_k8s_io_then_fast_path_makes_no_key_req
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
 
 
-def _flip(data: bytes, pos: int) -> bytes:
-    changed = bytearray(data)
-    changed[pos] ^= 0x01
-    return bytes(changed)
-
-
 def test_flipped_and_truncated_archives_load_nothing(clean_containerd, cri, archives, resource_api, tmp_path):
-    raw = archives.openssl_archive.read_bytes()
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    for name, data in {
-        "flipped middle byte": _flip(raw, len(raw) // 2),
-        "flipped last block": _flip(raw, len(raw) - 5),
-        "truncated": raw[: len(raw) - 4096],
-    }.items():
-        path = tmp_path / (name.replace(" ", "-") + ".enc")
-        path.write_bytes(data)
-        result = unlock(path, archives, resource_api, clean_containerd, env={"TMPDIR": str(scratch)})
+    broken = broken_archives(archives, tmp_path)
+    for name in ("flipped middle byte", "flipped last block", "truncated"):
+        result = unlock(broken[name], archives, resource_api, clean_containerd, env={"TMPDIR": str(scratch)})
         assert result.returncode == 1, (name, result.stderr)
         assert error_lines(result.stderr) == [f"imageunlock: error: {ARCHIVE_ERROR_MESSAGE}"], name
         assert clean_containerd.images() == {} and seen_by_kubelet(cri) == {}, f"{name}: something was loaded"

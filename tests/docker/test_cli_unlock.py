@@ -9,21 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.crypto import encrypt_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
-from ..support.dockerd import Dockerd
+from ..support.broken import broken_archives
+from ..support.dockerd import Dockerd, loaded
 from ..support.images import ArchiveSet
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
 pytestmark = pytest.mark.docker
-
-
-def loaded(engine: Dockerd) -> dict[str, str]:
-    out = engine.docker("images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}", text=True)
-    return dict(line.split() for line in out.stdout.splitlines() if line.strip())
 
 
 def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, engine: Dockerd, *extra: str, env=None):
@@ -76,39 +71,13 @@ def test_three_5xx_then_success(clean_docker, archives, resource_api):
     assert loaded(clean_docker) == archives.ids
 
 
-def _flip(data: bytearray, pos: int) -> bytes:
-    data[pos] ^= 0x01
-    return bytes(data)
-
-
-def _broken_archives(archives: ArchiveSet, workdir: Path) -> dict[str, Path]:
-    raw = archives.openssl_archive.read_bytes()
-    middle = len(raw) // 2
-    not_a_tar = b"".join(encrypt_stream([os.urandom(200_000)], archives.fragment))
-    variants = {
-        "bad padding": _flip(bytearray(raw), len(raw) - 17),
-        "flipped IV byte": _flip(bytearray(raw), 3),
-        "flipped middle byte": _flip(bytearray(raw), middle),
-        "flipped last block": _flip(bytearray(raw), len(raw) - 5),
-        "truncated": raw[: len(raw) - 4096],
-        "not an image tar": not_a_tar,
-    }
-    paths = {}
-    for name, data in variants.items():
-        path = workdir / (name.replace(" ", "-") + ".enc")
-        path.write_bytes(data)
-        paths[name] = path
-    paths["wrong key"] = archives.openssl_archive
-    return paths
-
-
 def test_every_broken_archive_fails_the_same_way_and_loads_nothing(clean_docker, archives, tmp_path):
     workdir = tmp_path / "archives"
     workdir.mkdir()
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     lines = set()
-    for name, path in _broken_archives(archives, workdir).items():
+    for name, path in broken_archives(archives, workdir).items():
         fragment = b"some other fragment" if name == "wrong key" else archives.fragment
         api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, fragment).start()
         before = sorted(os.listdir(workdir))

@@ -12,7 +12,7 @@ from imageunlock.models import Credentials, Phase, UnlockRequest
 from imageunlock.service import UnlockService
 
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
-from .test_cli_unlock import loaded
+from ..support.dockerd import loaded
 
 pytestmark = pytest.mark.docker
 

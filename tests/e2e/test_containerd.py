@@ -9,7 +9,7 @@ import pytest
 
 from imageunlock.refs import normalize_ref
 
-from ..docker.test_cli_unlock import loaded
+from ..support.dockerd import loaded
 from ..support.containerd import Cri
 from .conftest import place, wait_for
 from .test_hardening import stalled_with

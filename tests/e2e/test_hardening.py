@@ -11,34 +11,20 @@ import os
 import stat
 import time
 
-import docker
 import pytest
 
 from imageunlock.crypto import derive_key
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..docker.test_cli_unlock import _broken_archives, loaded
-from ..support.dockerd import Dockerd
+from ..support.broken import broken_archives
+from ..support.dockerd import Dockerd, load_events, loaded
 from ..support.images import build_archive_set
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 from .conftest import GROUP, PLURAL, VERSION, place, wait_for
 from .test_operator import is_ready, is_stalled, spec_for
 
 pytestmark = pytest.mark.e2e
-
-
-def load_events(engine: Dockerd, since: float) -> int:
-    """Images the Engine itself says it loaded since ``since`` (its event stream)."""
-    client = docker.DockerClient(base_url=engine.url)
-    try:
-        # fractional seconds ("seconds.nanoseconds"): the previous test's loads may be
-        # less than a second older than this test's start
-        events = client.events(since=f"{since:.9f}", until=f"{time.time() + 0.5:.9f}", decode=True,
-                               filters={"type": "image", "event": "load"})
-        return sum(1 for _ in events)
-    finally:
-        client.close()
 
 
 def stalled_with(cluster, namespace, name, reason: str, timeout: float = 60) -> str:
@@ -98,7 +84,7 @@ def test_broken_archives_all_stall_with_one_message_and_load_nothing(cluster, na
     workdir.mkdir()
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     names = {}
-    for i, (case, path) in enumerate(_broken_archives(archives, workdir).items()):
+    for i, (case, path) in enumerate(broken_archives(archives, workdir).items()):
         if case == "wrong key":
             continue  # below, with its own API
         names[case] = f"broken-{i}"

@@ -10,8 +10,8 @@ import pytest
 
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
+from ..support.dockerd import loaded
 from ..support.resource_api import TEST_EMAIL
-from ..docker.test_cli_unlock import loaded
 from .conftest import GROUP, PLURAL, VERSION, place, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import pytest
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..docker.test_cli_unlock import loaded
+from ..support.dockerd import loaded
 from ..support import tamper
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.scripted_http import ScriptedServer, respond

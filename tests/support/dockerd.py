@@ -1,4 +1,5 @@
-"""A private Docker Engine for tests: Debian's dockerd with its own roots and socket.
+"""A private Docker Engine for tests: Debian's dockerd with its own roots and socket, and
+what the tests ask it (the images it holds, the loads it did).
 
 Started with ``--storage-driver=vfs --iptables=false --bridge=none`` so it needs no kernel
 networking setup and touches nothing of the host's Docker. Stopped by PID.
@@ -97,3 +98,31 @@ def unmount_below(directory: Path) -> None:
         points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
     for point in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
+
+
+def loaded(engine: Dockerd) -> dict[str, str]:
+    """``{repository:tag: image ID}`` of every tagged image in the Engine."""
+    out = engine.docker("images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}", text=True)
+    return dict(line.split() for line in out.stdout.splitlines() if line.strip())
+
+
+def remove_images(engine: Dockerd) -> None:
+    """Remove every image from the Engine."""
+    listed = engine.docker("images", "-q", "--no-trunc", text=True).stdout.split()
+    if listed:
+        engine.docker("rmi", "-f", *sorted(set(listed)), check=False)
+
+
+def load_events(engine: Dockerd, since: float) -> int:
+    """Images the Engine itself says it loaded since ``since`` (its event stream)."""
+    import docker  # the SDK, only here: the rest of this module needs nothing but the CLI
+
+    client = docker.DockerClient(base_url=engine.url)
+    try:
+        # fractional seconds ("seconds.nanoseconds"): the previous test's loads may be
+        # less than a second older than this test's start
+        events = client.events(since=f"{since:.9f}", until=f"{time.time() + 0.5:.9f}", decode=True,
+                               filters={"type": "image", "event": "load"})
+        return sum(1 for _ in events)
+    finally:
+        client.close()
