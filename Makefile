@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lint bench demo demo-down lock clean
+.PHONY: setup test unit lint bench demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,28 @@ demo: setup
 
 demo-down:
 	@if [ -x $(PY) ]; then $(PY) scripts/demo.py down; else echo "nothing to stop"; fi
+
+# The operator image for amd64 and arm64 (scripts/build-images.sh; README.md, "Architectures"):
+# $(IMAGE):$(VERSION)-amd64 and -arm64 from local Debian bases, no registry needed.
+# push-images pushes both and the manifest list $(IMAGE):$(VERSION), the one name the chart and
+# manifests/ use (each node pulls its own architecture).
+IMAGE ?= azaion/imageunlock
+VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' operator/imageunlock/__init__.py)
+BUILD_IMAGES := IMAGE=$(IMAGE) VERSION=$(VERSION) bash scripts/build-images.sh
+images:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(BUILD_IMAGES) amd64 arm64
+image-amd64:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(BUILD_IMAGES) amd64
+image-arm64:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(BUILD_IMAGES) arm64
+push-images:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(BUILD_IMAGES) --push amd64 arm64
+print-image:
+	@echo $(IMAGE):$(VERSION)
 
 # Re-resolve requirements.in into the fully pinned requirements.lock.
 lock:
