@@ -21,6 +21,7 @@ from imageunlock.runtimes.containerd import PINNED_LABEL, ContainerdRuntime
 
 from ..support import tamper
 from ..support.containerd import Containerd, Cri, sid_build
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.containerd
 CHUNK = 64 * 1024
@@ -52,15 +53,6 @@ def runtime_for(daemon: Containerd) -> ContainerdRuntime:
 def chunks(data: bytes):
     for i in range(0, len(data), CHUNK):
         yield data[i : i + CHUNK]
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_ctr_imports_at_the_end_marker_without_waiting_for_its_input_to_end(daemon, archives):

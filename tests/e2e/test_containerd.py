@@ -11,9 +11,9 @@ from imageunlock.refs import normalize_ref
 
 from ..support.dockerd import loaded
 from ..support.containerd import Cri
-from .conftest import place, wait_for
-from .test_hardening import stalled_with
-from .test_operator import is_ready, spec_for
+from ..support.cluster import is_ready, spec_for, stalled_with
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.containerd]
 

@@ -13,8 +13,9 @@ from imageunlock.resource_api import KEY_FRAGMENT_PATH
 
 from ..support.resource_api import TEST_EMAIL
 from ..support.net import free_port
-from .conftest import place, wait_for
-from .test_operator import is_ready, is_stalled, spec_for
+from ..support.cluster import is_ready, is_stalled, spec_for
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -21,17 +21,11 @@ from ..support.broken import broken_archives
 from ..support.dockerd import Dockerd, load_events, loaded
 from ..support.images import build_archive_set
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
-from .conftest import GROUP, PLURAL, VERSION, place, wait_for
-from .test_operator import is_ready, is_stalled, spec_for
+from ..support.cluster import is_ready, is_stalled, spec_for, stalled_with, unlock_object
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def stalled_with(cluster, namespace, name, reason: str, timeout: float = 60) -> str:
-    wait_for(lambda: is_stalled(cluster, namespace, name), timeout, f"{name} Stalled")
-    condition = cluster.condition(namespace, name, "Stalled")
-    assert condition["reason"] == reason, condition
-    return condition["message"]
 
 
 # -- faults -------------------------------------------------------------------------------
@@ -141,9 +135,8 @@ def test_reapplying_the_same_spec_loads_nothing_again(cluster, namespace, secret
                                                       archive_root, clean_docker):
     since = time.time()
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-    manifest = json.dumps({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageUnlock",
-                           "metadata": {"name": "same", "namespace": namespace},
-                           "spec": spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)})
+    spec = spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    manifest = json.dumps(unlock_object(namespace, "same", spec))
     cluster.kubectl("apply", "-f", "-", input=manifest)
     wait_for(lambda: is_ready(cluster, namespace, "same"), 60, "Ready")
     generation = cluster.get(namespace, "same")["metadata"]["generation"]
@@ -246,8 +239,7 @@ def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives,
     needles = {canary, canary + "x"} | _forms(archives.fragment) | _forms(derive_key(archives.fragment))
     needles |= _forms(resource_api.fragment) | set(resource_api.issued)
     haystacks = {
-        "objects (status, annotations)": json.dumps(
-            cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)),
+        "objects (status, annotations)": json.dumps(cluster.list(namespace)),
         "events": json.dumps([e.to_dict() for e in cluster.core.list_namespaced_event(namespace).items], default=str),
         "operator log (debug)": operator.log(),
     }

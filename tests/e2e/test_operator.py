@@ -8,25 +8,16 @@ import signal
 
 import pytest
 
+from imageunlock.kube import GROUP
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.dockerd import loaded
 from ..support.resource_api import TEST_EMAIL
-from .conftest import GROUP, PLURAL, VERSION, place, wait_for
+from ..support.cluster import is_ready, is_stalled, spec_for, unlock_object
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def spec_for(path: str, version: str, secret: str, **extra) -> dict:
-    return {"archivePath": path, "version": version, "resourceApi": {"credentialsSecretRef": {"name": secret}}, **extra}
-
-
-def is_ready(cluster, ns, name) -> bool:
-    return cluster.condition(ns, name, "Ready").get("status") == "True"
-
-
-def is_stalled(cluster, ns, name) -> bool:
-    return cluster.condition(ns, name, "Stalled").get("status") == "True"
 
 
 def test_crd_is_served_and_explained(cluster, crd):
@@ -53,8 +44,7 @@ BAD_SPECS = {
 def test_invalid_specs_are_refused_by_the_api_server(cluster, namespace, case):
     change, field = BAD_SPECS[case]
     spec = {**spec_for("/var/lib/imageunlock/images.enc", "1.0", "creds"), **change}
-    manifest = json.dumps({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageUnlock",
-                           "metadata": {"name": "bad", "namespace": namespace}, "spec": spec})
+    manifest = json.dumps(unlock_object(namespace, "bad", spec))
     result = cluster.kubectl("apply", "-f", "-", input=manifest, check=False)
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
@@ -205,7 +195,6 @@ def test_delete_while_operator_is_down_does_not_hang(cluster, namespace, secret,
     cluster.create_unlock(namespace, "gone", spec_for(path, archives.version, secret))
     wait_for(lambda: is_ready(cluster, namespace, "gone"), 60, "Ready")
     operator.stop()
-    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gone")
-    names = lambda: [i["metadata"]["name"] for i in  # noqa: E731
-                     cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]]
-    wait_for(lambda: "gone" not in names(), 15, "deletion without the operator")
+    cluster.delete(namespace, "gone")
+    wait_for(lambda: "gone" not in [i["metadata"]["name"] for i in cluster.list(namespace)], 15,
+             "deletion without the operator")

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import OPERATOR_USER, RBAC_FILE, manifest_docs, place, wait_for
-from .test_operator import is_ready, is_stalled, spec_for
+from ..support.cluster import OPERATOR_USER, RBAC_FILE, is_ready, is_stalled, spec_for
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +30,10 @@ class Request:
     group: str
     resource: str  # "imageunlocks/status" for a subresource
     namespaced: bool
+
+
+def manifest_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def bound_rules(docs: list[dict], user: str) -> list[dict]:

@@ -10,15 +10,16 @@ import time
 import pytest
 
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
+from imageunlock.kube import VERSION
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.dockerd import loaded
 from ..support import tamper
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.scripted_http import ScriptedServer, respond
-from .conftest import CRD_FILE, place, wait_for
-from .test_hardening import stalled_with
-from .test_operator import is_ready, spec_for
+from ..support.cluster import CRD_FILE, CRD_NAME, is_ready, spec_for, stalled_with, unlock_object
+from ..support.operator_process import place
+from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,14 +38,14 @@ def collector(archives):
 def relaxed_crd(cluster):
     """The CRD without its URL pattern, as on a cluster still running an older CRD: then only
     the operator stands between a look-alike URL and the credentials."""
-    crd = json.loads(cluster.kubectl("get", "crd", "imageunlocks.loader.azaion.com", "-o", "json").stdout)
+    crd = json.loads(cluster.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     url = props["resourceApi"]["properties"]["url"]
-    index = [v["name"] for v in crd["spec"]["versions"]].index("v1alpha1")
+    index = [v["name"] for v in crd["spec"]["versions"]].index(VERSION)
     patch = [{"op": "remove", "path": f"/spec/versions/{index}/schema/openAPIV3Schema/properties/spec/properties/"
                                       "resourceApi/properties/url/pattern"}]
     assert "pattern" in url
-    cluster.kubectl("patch", "crd", "imageunlocks.loader.azaion.com", "--type=json", "-p", json.dumps(patch))
+    cluster.kubectl("patch", "crd", CRD_NAME, "--type=json", "-p", json.dumps(patch))
     try:
         yield
     finally:
@@ -53,10 +54,9 @@ def relaxed_crd(cluster):
 
 def test_lookalike_url_is_refused_by_the_api_server(cluster, namespace, secret, resource_api, collector, archives):
     host_a, host_b = collector.url.removeprefix("http://"), resource_api.url.removeprefix("http://")
-    body = {"apiVersion": "loader.azaion.com/v1alpha1", "kind": "ImageUnlock",
-            "metadata": {"name": "bypass", "namespace": namespace},
-            "spec": {**spec_for("/x.enc", archives.version, secret),
-                     "resourceApi": {"url": f"http://{host_a}\\@{host_b}", "credentialsSecretRef": {"name": secret}}}}
+    body = unlock_object(namespace, "bypass", {
+        **spec_for("/x.enc", archives.version, secret),
+        "resourceApi": {"url": f"http://{host_a}\\@{host_b}", "credentialsSecretRef": {"name": secret}}})
     result = cluster.kubectl("create", "-f", "-", input=json.dumps(body), check=False)
     assert result.returncode != 0 and "spec.resourceApi.url" in result.stderr
 

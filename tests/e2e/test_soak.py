@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from .conftest import GROUP, PLURAL, VERSION, wait_for
-from .test_operator import is_stalled, spec_for
+from ..support.cluster import is_stalled, spec_for
+from ..support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,12 +34,11 @@ def test_create_delete_cycles_leave_nothing_and_do_not_grow(cluster, namespace, 
         name = f"soak-{cycle}"
         cluster.create_unlock(namespace, name, spec)
         wait_for(lambda: is_stalled(cluster, namespace, name), 30, f"{name} Stalled", interval=0.02)
-        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        cluster.delete(namespace, name)
         if cycle == WARMUP:
             baseline = rss_kib(operator.proc.pid)
     final = rss_kib(operator.proc.pid)
-    left = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    assert left == []
+    assert cluster.list(namespace) == []
     assert resource_api.calls["/binary-split/key-fragment"] == 0
     growth = (final - baseline) / baseline
     print(f"\nsoak: {CYCLES} cycles, operator RSS {baseline} KiB after warm-up -> {final} KiB ({growth:+.1%})")
