@@ -95,8 +95,6 @@ def archives(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Arch
 
 @pytest.fixture
 def resource_api(archives: ArchiveSet) -> Iterator[FakeResourceApi]:
-    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
-    try:
+    """The resource API (loopback HTTP) that serves the session's archives' key fragment."""
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
-    finally:
-        api.stop()

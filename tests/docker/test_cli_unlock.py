@@ -79,12 +79,9 @@ def test_every_broken_archive_fails_the_same_way_and_loads_nothing(clean_docker,
     lines = set()
     for name, path in broken_archives(archives, workdir).items():
         fragment = b"some other fragment" if name == "wrong key" else archives.fragment
-        api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, fragment).start()
         before = sorted(os.listdir(workdir))
-        try:
+        with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, fragment) as api:
             result = unlock(path, archives, api, clean_docker, env={"TMPDIR": str(scratch)})
-        finally:
-            api.stop()
         assert result.returncode == 1, (name, result.stderr)
         [line] = error_lines(result.stderr)
         lines.add(line)

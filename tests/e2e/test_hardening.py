@@ -20,7 +20,7 @@ from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from ..support.broken import broken_archives
 from ..support.dockerd import Dockerd, load_events, loaded
 from ..support.images import build_archive_set
-from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.cluster import is_ready, is_stalled, spec_for, stalled_with, unlock_object
 from ..support.operator_process import place
 from ..support.wait import wait_for
@@ -253,10 +253,7 @@ def test_credentials_go_only_to_allowed_resource_apis(cluster, namespace, secret
                                                       archive_root, resource_api):
     """Whoever may create an ImageUnlock must not be able to send a Secret's password to a
     server of their choosing."""
-    from ..support.resource_api import FakeResourceApi
-
-    collector = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
-    try:
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as collector:
         start_operator()
         path = place(archives.openssl_archive, archive_root)
         cluster.create_unlock(namespace, "exfil", {**spec_for(path, archives.version, secret, images=["azaion/none"]),
@@ -265,5 +262,3 @@ def test_credentials_go_only_to_allowed_resource_apis(cluster, namespace, secret
         message = stalled_with(cluster, namespace, "exfil", "InvalidConfiguration")
         assert "not an allowed resource API" in message
         assert collector.calls[LOGIN_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
-    finally:
-        collector.stop()

@@ -27,11 +27,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def collector(archives):
     """The host an attacker wants the credentials sent to: a full, working resource API."""
-    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
-    try:
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
-    finally:
-        api.stop()
 
 
 @pytest.fixture

@@ -24,15 +24,15 @@ import importlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from .processes import await_answer, log_tail, stop_group, unmount_below
 
 CRI_PROTO = Path("usr/share/gocode/src/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto")
 SID_PACKAGES = ("containerd", "golang-k8s-cri-api-dev")
@@ -186,21 +186,16 @@ class Containerd:
                 [str(self.build.bin_dir / "containerd"), "--config", str(config)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ContainerdError(f"containerd exited with {self.proc.returncode}:\n{self.tail()}")
-            if self.socket.exists() and self.ctr("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise ContainerdError(f"containerd did not answer within {timeout}s:\n{self.tail()}")
+        try:
+            await_answer(self.proc, lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
+                         timeout, "containerd", self.log_path, ContainerdError)
+        except ContainerdError:
+            self.stop()
+            raise
+        return self
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def ctr(self, *args: str, check: bool = True, namespace: str = NAMESPACE, **kw: Any) -> subprocess.CompletedProcess:
         result = subprocess.run([self.build.ctr, "-a", str(self.socket), "-n", namespace, *args],
@@ -241,29 +236,12 @@ class Containerd:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
+        stop_group(proc, timeout=timeout)
         for directory in (self.workdir, self.sock_dir):
             unmount_below(directory)
         shutil.rmtree(self.workdir / "root", ignore_errors=True)
         shutil.rmtree(self.workdir / "state", ignore_errors=True)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
-
-
-def unmount_below(directory: Path) -> None:
-    """Unmount whatever containerd left mounted below ``directory`` (overlay snapshots,
-    tmpmounts), deepest first: a mount point cannot go while something is mounted below it."""
-    prefix = str(directory.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=lambda p: p.count("/"), reverse=True):
-        if subprocess.run(["umount", point], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
 # -- the CRI, as kubelet asks it -------------------------------------------------------------

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
+
+from .processes import await_answer, log_tail, stop_group, unmount_below
 
 
 class DockerdError(RuntimeError):
@@ -56,21 +57,16 @@ class Dockerd:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DockerdError(f"dockerd exited with {self.proc.returncode}:\n{self.tail()}")
-            if self.socket.exists() and self.docker("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise DockerdError(f"dockerd did not answer within {timeout}s:\n{self.tail()}")
+        try:
+            await_answer(self.proc, lambda: self.socket.exists() and self.docker("version", check=False).returncode == 0,
+                         timeout, "dockerd", self.log_path, DockerdError)
+        except DockerdError:
+            self.stop()
+            raise
+        return self
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def docker(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -79,25 +75,11 @@ class Dockerd:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        unmount_below(self.sock_dir)
+        stop_group(proc, timeout=timeout)
+        unmount_below(self.sock_dir)  # dockerd leaves its netns bind mount (exec-root/netns/default)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
-def unmount_below(directory: Path) -> None:
-    """dockerd leaves its netns bind mount (exec-root/netns/default) behind on exit; a
-    mounted directory cannot be removed, so unmount whatever is still mounted below."""
-    prefix = str(directory.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
 
 
 def loaded(engine: Dockerd) -> dict[str, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.request
+from typing import Any
 
 
 def free_port() -> int:
@@ -10,3 +13,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def healthz(port: int, timeout: float = 2) -> dict[str, Any] | None:
+    """The operator's liveness endpoint on ``port`` (kopf's probe results, JSON) when it
+    answers 200, else None (not listening yet, busy past ``timeout``, or unhealthy)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+            return json.loads(response.read() or b"{}") if response.status == 200 else None
+    except OSError:  # refused, reset, timed out, or an HTTP error status
+        return None

@@ -7,15 +7,15 @@ The fixture that starts it with the test's cluster, Engine and resource API is
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
+from typing import Any
 
-from .net import free_port
+from .net import free_port, healthz
+from .processes import stop_group
 from .wait import wait_for
 
 
@@ -44,29 +44,20 @@ class OperatorProcess:
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"operator exited:\n{self.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return healthz(self.port) is not None
 
-    def probe(self) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as response:
-            return response.read()
+    def probe(self) -> dict[str, Any]:
+        """kopf's probe results from the liveness endpoint (``{"runtime": "reachable"}``)."""
+        answer = healthz(self.port, timeout=5)
+        assert answer is not None, f"the liveness endpoint did not answer 200:\n{self.log()[-3000:]}"
+        return answer
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
+        stop_group(proc, sig, timeout)
 
 
 def place(archive: Path, root: Path, name: str = "images.enc") -> str:

@@ -73,6 +73,13 @@ class FakeResourceApi:
         self._server.shutdown()
         self._server.server_close()
 
+    def __enter__(self) -> "FakeResourceApi":
+        """Started for a ``with`` block, stopped at its end."""
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def reset(self) -> None:
         with self._lock:
             self.calls.clear()
