@@ -23,8 +23,13 @@ lint:
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
-bench: setup
-	$(PY) benchmarks/bench_unlock.py
+# Own CPU of the unlock against the hardware floor, and wall time, per pipeline. Environment:
+# IU_BENCH_SIZE_MIB (1050), IU_BENCH_ROUNDS (7), IU_BENCH_TMPFS=1 (Engine data root on tmpfs),
+# IU_BENCH_SMOKE=1 (tiny, < 1 min); BENCH_ARGS passes flags (benchmarks/bench_unlock.py --help).
+BENCH_ARGS ?=
+bench:
+	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
+	$(PY) benchmarks/bench_unlock.py $(BENCH_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py up

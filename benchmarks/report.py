@@ -1,0 +1,232 @@
+"""The benchmark's figures: one JSON-able summary, and the table printed from it.
+
+Per step (the floor's parts and every pipeline), over the rounds: own CPU (median, min, max;
+user and sys), wall (median, min, max, spread), peak RSS and own disk writes (max over
+rounds), the Engine's CPU and writes (medians, shown apart: never part of "own"). Per runtime,
+the floor: ``openssl enc -d`` of the archive body + ``openssl dgst -sha256`` of the plaintext
++ that runtime's own CLI sending the plaintext (its "send" pipeline), summed round by round;
+and each other pipeline's own CPU over that floor, round by round.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .measure import CpuInfo, Spread, Usage
+from .workload import human
+
+TARGET_CPU_RATIO = 1.10  # own CPU of an unlock over the floor, same archive, same run
+TARGET_RSS_MIB = 150.0
+TARGET_WRITE_PCT = 1.0  # own disk writes, percent of the archive
+
+SEND, UNLOCK, BASELINE, FLOOR = "send", "unlock", "baseline", "floor"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measured command of a round. ``role``: FLOOR (a part of every runtime's floor),
+    SEND (the runtime's own CLI loading the plaintext: the floor's last part), UNLOCK (an
+    imageunlock pipeline: held to the targets) or BASELINE (for comparison)."""
+
+    key: str
+    title: str
+    role: str
+    runtime: str | None = None  # the Engine it loads into: emptied before, checked after
+
+
+@dataclass(frozen=True)
+class Run:
+    step: Step
+    round: int
+    usage: Usage
+    engine_cpu: float | None
+    engine_write_bytes: int | None
+    ok: bool
+    log: Path
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present and len(present) == len(values) else None
+
+
+def summarize(
+    *,
+    steps: list[Step],
+    runs: list[Run],
+    rounds: int,
+    archive_bytes: int,
+    images: int,
+    payload_per_image: int,
+    cpu: CpuInfo,
+    engines: dict[str, dict[str, str]],
+    load_before: float,
+    load_after: float,
+    rss_floor_mib: float,
+) -> dict[str, Any]:
+    ok = [run for run in runs if run.ok]
+    per_step: dict[str, Any] = {}
+    for step in steps:
+        mine = [run for run in ok if run.step.key == step.key]
+        if not mine:
+            per_step[step.key] = {"title": step.title, "role": step.role, "runtime": step.runtime, "runs": 0}
+            continue
+        engine_cpu = _median([run.engine_cpu for run in mine])
+        engine_writes = _median([run.engine_write_bytes for run in mine])
+        per_step[step.key] = {
+            "title": step.title,
+            "role": step.role,
+            "runtime": step.runtime,
+            "runs": len(mine),
+            "cpu_s": Spread.of([run.usage.cpu for run in mine]).as_dict(),
+            "user_s": round(statistics.median(run.usage.user for run in mine), 3),
+            "sys_s": round(statistics.median(run.usage.sys for run in mine), 3),
+            "wall_s": Spread.of([run.usage.wall for run in mine]).as_dict(),
+            "peak_rss_mib": round(max(run.usage.rss_mib for run in mine), 1),
+            "disk_write_bytes": max(run.usage.write_bytes for run in mine),
+            "disk_write_pct": round(100.0 * max(run.usage.write_bytes for run in mine) / archive_bytes, 4),
+            "engine_cpu_s": None if engine_cpu is None else round(engine_cpu, 3),
+            "engine_write_bytes": None if engine_writes is None else int(engine_writes),
+        }
+
+    # The floor, per runtime and per round: every part measured in that round.
+    cpu_of = {(run.step.key, run.round): run.usage.cpu for run in ok}
+    floor_parts = [step.key for step in steps if step.role == FLOOR]
+    floors: dict[str, Any] = {}
+    for runtime in sorted({step.runtime for step in steps if step.runtime}):
+        send = next((step.key for step in steps if step.role == SEND and step.runtime == runtime), None)
+        if send is None:
+            continue
+        parts = [*floor_parts, send]
+        by_round = {
+            rnd: sum(cpu_of[(key, rnd)] for key in parts)
+            for rnd in range(1, rounds + 1)
+            if all((key, rnd) in cpu_of for key in parts)
+        }
+        if not by_round:
+            continue
+        floors[runtime] = {"parts": parts, "cpu_s": Spread.of(list(by_round.values())).as_dict()}
+        for step in steps:
+            if step.runtime != runtime or step.role not in (UNLOCK, BASELINE):
+                continue
+            ratios = [cpu_of[(step.key, rnd)] / floor for rnd, floor in by_round.items() if (step.key, rnd) in cpu_of]
+            if ratios:
+                per_step[step.key]["cpu_over_floor"] = Spread.of(ratios).as_dict()
+            if step.role == UNLOCK and per_step[send].get("wall_s") and per_step[step.key].get("wall_s"):
+                per_step[step.key]["wall_over_send"] = round(
+                    per_step[step.key]["wall_s"]["median"] / per_step[send]["wall_s"]["median"], 3
+                )
+
+    targets = []
+    for step in steps:
+        figures = per_step[step.key]
+        if step.role != UNLOCK or not figures["runs"]:
+            continue
+        ratio = figures.get("cpu_over_floor", {}).get("median")
+        targets += [
+            _target(f"({step.key}) own CPU / floor <= {TARGET_CPU_RATIO:.2f}", ratio, TARGET_CPU_RATIO),
+            _target(f"({step.key}) peak RSS <= {TARGET_RSS_MIB:.0f} MiB", figures["peak_rss_mib"], TARGET_RSS_MIB),
+            _target(
+                f"({step.key}) own disk writes <= {TARGET_WRITE_PCT:.0f} % of the archive",
+                figures["disk_write_pct"],
+                TARGET_WRITE_PCT,
+            ),
+        ]
+    return {
+        "archive": {"bytes": archive_bytes, "images": images, "payload_per_image_bytes": payload_per_image},
+        "rounds": rounds,
+        "host": {
+            "cpu_model": cpu.model,
+            "cpus": cpu.cpus,
+            "aes": cpu.aes,
+            "sha": cpu.sha,
+            "cpu_flags": list(cpu.flags),
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(load_after, 2),
+        },
+        "engines": engines,
+        "rss_floor_mib": round(rss_floor_mib, 1),
+        "steps": per_step,
+        "floor": floors,
+        "targets": targets,
+    }
+
+
+def _target(name: str, value: float | None, limit: float) -> dict[str, Any]:
+    return {"target": name, "value": value, "limit": limit, "met": value is not None and value <= limit}
+
+
+def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
+    archive = summary["archive"]
+    lines = [
+        "",
+        f"ImageUnlock benchmark: {archive['images']} images x {human(archive['payload_per_image_bytes'])} payload, "
+        f"archive {human(archive['bytes'])} ({archive['bytes']:,} bytes), {summary['rounds']} interleaved round(s)",
+        f"host: {cpu.describe()}; load average {summary['host']['load_average_before']:.2f} before, "
+        f"{summary['host']['load_average_after']:.2f} after",
+    ]
+    for runtime, engine in summary["engines"].items():
+        lines.append(f"{runtime}: " + ", ".join(f"{k} {v}" for k, v in engine.items()))
+    lines += [
+        "Own CPU (user+sys of the process and its children, rusage; never the Engine's) is steady from",
+        "round to round; wall time is not (a shared machine, and it waits on the Engine).",
+        "",
+        f"{'step':<44} {'own CPU s: median':>17} {'min':>6} {'max':>6} {'user':>6} {'sys':>6} "
+        f"{'CPU/floor':>9} | {'wall s: median':>14} {'min':>6} {'max':>6} {'spread':>7} | "
+        f"{'peak RSS':>9} {'own disk writes':>15} | {'Engine CPU s':>12} {'Engine writes':>13}",
+    ]
+    for step in steps:
+        figures = summary["steps"][step.key]
+        label = f"floor: {step.title}" if step.role == FLOOR else f"({step.key}) {step.title}"
+        if not figures["runs"]:
+            lines.append(f"{label:<44} (no successful run)")
+            continue
+        cpu_s, wall = figures["cpu_s"], figures["wall_s"]
+        ratio = figures.get("cpu_over_floor")
+        engine_cpu, engine_writes = figures["engine_cpu_s"], figures["engine_write_bytes"]
+        lines.append(
+            f"{label:<44} {cpu_s['median']:>17.2f} {cpu_s['min']:>6.2f} {cpu_s['max']:>6.2f} "
+            f"{figures['user_s']:>6.2f} {figures['sys_s']:>6.2f} "
+            f"{(format(ratio['median'], '.3f') if ratio else '-'):>9} | "
+            f"{wall['median']:>14.2f} {wall['min']:>6.2f} {wall['max']:>6.2f} {wall['spread_pct']:>6.0f}% | "
+            f"{figures['peak_rss_mib']:>5.1f} MiB {human(figures['disk_write_bytes']):>15} | "
+            f"{('-' if engine_cpu is None else format(engine_cpu, '.2f')):>12} "
+            f"{('-' if engine_writes is None else human(engine_writes)):>13}"
+        )
+    lines.append("")
+    for runtime, floor in summary["floor"].items():
+        titles = " + ".join(
+            summary["steps"][key]["title"] if summary["steps"][key]["role"] == FLOOR else f"({key})"
+            for key in floor["parts"]
+        )
+        f = floor["cpu_s"]
+        lines.append(
+            f"floor ({runtime}) = {titles}: {f['median']:.2f} s CPU (per-round sums {f['min']:.2f}-{f['max']:.2f})"
+        )
+        for step in steps:
+            figures = summary["steps"][step.key]
+            ratio = figures.get("cpu_over_floor")
+            if step.runtime != runtime or not ratio:
+                continue
+            line = f"  ({step.key}) own CPU / floor: {ratio['median']:.3f}"
+            line += f" (per round {ratio['min']:.3f}-{ratio['max']:.3f})"
+            if "wall_over_send" in figures:
+                line += f"; wall / ({floor['parts'][-1]}) wall: {figures['wall_over_send']:.3f} (noisy)"
+            lines.append(line)
+    lines += ["", "targets:"]
+    for target in summary["targets"]:
+        value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
+        lines.append(f"  {target['target']:<48} {value:>8}   {'met' if target['met'] else 'NOT MET'}")
+    lines += [
+        "",
+        "notes: every command is forked by a small launcher and reaped with os.wait4: wall = fork to reap",
+        "(start-up included); own CPU = ru_utime + ru_stime; peak RSS = ru_maxrss (max over rounds; the",
+        f"launcher alone shows {summary['rss_floor_mib']:.1f} MiB); own disk writes = ru_oublock x 512 (bytes it",
+        "dirtied for storage, deleted files included; max over rounds). Engine CPU / writes = deltas of the Engine's",
+        "/proc/<pid>/stat and /proc/<pid>/io over the run (medians). Every load starts with no images in the",
+        "Engine and after os.sync(); inputs are read from the page cache.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""What the benchmark runs on: a private dockerd, 7 images, their ``docker save`` archive encrypted.
+
+Real parts only: Debian's dockerd (``tests.support.dockerd``: vfs, own socket and roots), images
+made by ``docker import`` from rootfs tars generated on the fly, the archive made by
+``docker save`` and ``openssl enc -aes-256-cbc`` (an implementation independent of ours).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.dockerd import Dockerd
+
+MIB = 1 << 20
+GEN_CHUNK = 1 * MIB  # random payload generation / streaming into `docker import`
+
+
+def human(n: float) -> str:
+    return f"{n / MIB:,.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):,.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Archive:
+    """``plaintext`` (the ``docker save`` tar), ``body`` (``openssl enc`` of it: the archive
+    without its IV, what the floor's ``openssl enc -d`` reads) and ``archive`` (IV || body)."""
+
+    plaintext: Path
+    body: Path
+    archive: Path
+    key_hex: str
+    iv_hex: str
+    ids: dict[str, str]  # ref: image ID, as the Engine made them
+
+    @property
+    def size(self) -> int:
+        return self.archive.stat().st_size
+
+
+# ----------------------------------------------------------------------------------------
+# the Engine, optionally with its data root on tmpfs
+# ----------------------------------------------------------------------------------------
+
+
+class Engine:
+    """A private dockerd, its data root on disk or (``tmpfs=True``) on a tmpfs mounted for it,
+    so the layers it writes cost memory, not disk I/O, and disk noise drops out of the figures."""
+
+    def __init__(self, root: Path, *, tmpfs: bool) -> None:
+        self.dockerd = Dockerd(root)
+        self.tmpfs = tmpfs
+        self._mounted: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return self.dockerd.url
+
+    @property
+    def pid(self) -> int | None:
+        return self.dockerd.proc.pid if self.dockerd.proc is not None else None
+
+    def start(self) -> Engine:
+        if self.tmpfs:
+            data = self.dockerd.root / "data"  # Dockerd's --data-root
+            data.mkdir(parents=True, exist_ok=True)
+            mount = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "mode=0710", "iu-bench-dockerd", str(data)],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            if mount.returncode != 0:
+                why = mount.stderr.strip()
+                raise RuntimeError(f"cannot mount a tmpfs for dockerd's data root (root needed): {why}")
+            self._mounted = data
+        self.dockerd.start()
+        return self
+
+    def describe(self) -> dict[str, str]:
+        version = self.docker("version", "--format", "{{.Server.Version}}").stdout.strip()
+        return {"engine": f"dockerd {version}", "storage": "vfs", "data root": "tmpfs" if self.tmpfs else "disk"}
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.dockerd.docker(*args, check=check, text=True)  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.dockerd.stop()  # by PID (its process group), then its socket dir
+        if self._mounted is not None:
+            subprocess.run(["umount", "-l", str(self._mounted)], capture_output=True, check=False, timeout=60)
+            self._mounted = None
+
+    def tail(self) -> str:
+        return self.dockerd.tail()
+
+    # -- what the measured runs start from and are checked against -----------------------
+
+    def reset(self) -> None:
+        """No image in the Engine: every measured load starts from the same state."""
+        listed = self.docker("images", "-q", "--no-trunc").stdout.split()
+        if listed:
+            self.docker("rmi", "-f", *sorted(set(listed)), check=False)
+        left = self.docker("images", "-q", "--no-trunc").stdout.split()
+        if left:
+            raise RuntimeError(f"could not remove images from the Engine: {left}")
+
+    def image_ids(self, refs: list[str]) -> dict[str, str | None]:
+        ids: dict[str, str | None] = {}
+        for ref in refs:
+            out = self.docker("image", "inspect", "--format", "{{.Id}}", ref, check=False)
+            ids[ref] = out.stdout.strip() if out.returncode == 0 else None
+        return ids
+
+
+# ----------------------------------------------------------------------------------------
+# images and the archive
+# ----------------------------------------------------------------------------------------
+
+
+def import_streamed(engine: Engine, ref: str, payload_bytes: int, logdir: Path) -> str:
+    """``docker import -`` a rootfs tar generated on the fly: an identity file + ``payload_bytes``
+    of os.urandom output, written straight into the CLI's stdin 1 MiB at a time."""
+
+    def header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+        return info.tobuf(tarfile.PAX_FORMAT)
+
+    def pad(size: int) -> bytes:
+        return bytes(-size % 512)
+
+    out_path, err_path = logdir / "import.out", logdir / "import.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            ["docker", "-H", engine.url, "import", "-", ref], stdin=subprocess.PIPE, stdout=out, stderr=err
+        )
+        assert proc.stdin is not None
+        try:
+            identity = (ref + "\n").encode()
+            proc.stdin.write(header("etc/image-name", len(identity)) + identity + pad(len(identity)))
+            proc.stdin.write(header("opt/payload.bin", payload_bytes))
+            left = payload_bytes
+            while left > 0:  # bounded: left shrinks by >= 1 each turn
+                n = min(GEN_CHUNK, left)
+                proc.stdin.write(os.urandom(n))
+                left -= n
+            proc.stdin.write(pad(payload_bytes) + bytes(2 * 512))
+            proc.stdin.close()
+            proc.wait(600)
+        except BaseException:
+            proc.kill()
+            proc.wait(30)
+            raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"docker import {ref} failed: {err_path.read_text(errors='replace').strip()}")
+    return out_path.read_text().strip()
+
+
+def build_archive(engine: Engine, workdir: Path, refs: list[str], payload_bytes: int, fragment: bytes) -> Archive:
+    """Import one image per ref (``payload_bytes`` each), ``docker save`` them all, remove them
+    from the Engine, and encrypt the tar with ``openssl enc`` under ``SHA-256(fragment)``."""
+    from imageunlock.crypto import IV_SIZE, derive_key
+
+    ids = {}
+    for ref in refs:
+        ids[ref] = import_streamed(engine, ref, payload_bytes, workdir)
+    plaintext = workdir / "plaintext.tar"
+    engine.docker("save", "-o", str(plaintext), *refs)
+    engine.reset()
+    key_hex, iv = derive_key(fragment).hex(), os.urandom(IV_SIZE)
+    body, archive = workdir / "body.enc", workdir / "archive.enc"
+    subprocess.run(
+        ["openssl", "enc", "-aes-256-cbc", "-K", key_hex, "-iv", iv.hex(), "-in", str(plaintext), "-out", str(body)],
+        check=True, timeout=1800,
+    )  # fmt: skip
+    with open(archive, "wb") as dst, open(body, "rb") as src:
+        dst.write(iv)
+        shutil.copyfileobj(src, dst, GEN_CHUNK)
+    return Archive(plaintext=plaintext, body=body, archive=archive, key_hex=key_hex, iv_hex=iv.hex(), ids=ids)
