@@ -98,7 +98,7 @@ class ImageTarVerifier:
         self.tar.feed(data)
 
     def abort(self) -> None:
-        """Stop the hashing thread (after a failure; ``close`` does it on success)."""
+        """Give up on this archive (after a failure); nothing is left running."""
         self.tar.abort()
 
     # -- the checks, once every byte has been seen ------------------------------------
@@ -230,7 +230,7 @@ def verified_stream(
             else:
                 held += chunk
     finally:
-        verifier.abort()  # also on an exception or an abandoned generator: no stray thread
+        verifier.abort()  # also on an exception or an abandoned generator
     check_refs(verifier.close(), expected)
     if before_tail is not None:
         before_tail()  # a last check of the caller's (the archive's digest)

@@ -2,10 +2,11 @@
 
 :class:`TarReader` takes the archive in chunks of any size and never holds more than one
 512-byte header, the small files it keeps and the bookkeeping below; it records, per member,
-its type, the SHA-256 of every regular file's content (hashed on a second thread,
-:class:`_HashWorker`) and the content of regular files up to ``MAX_META_FILE``, and resolves
-links as the Engine's untar would. What those files mean is the caller's business
-(:mod:`imageunlock.dockersave` checks a ``docker save`` archive with them).
+its type, the SHA-256 of every regular file's content (hashed as it passes, on the caller's
+thread: a worker thread's hand-offs cost more CPU than they saved) and the content of regular
+files up to ``MAX_META_FILE``, and resolves links as the Engine's untar would. What those
+files mean is the caller's business (:mod:`imageunlock.dockersave` checks a ``docker save``
+archive with them).
 
 It refuses what Go's archive/tar and moby's untar could read otherwise, so the files recorded
 are the files the Engine writes: a bad header checksum, a non-``ustar`` magic, a non-octal
@@ -29,10 +30,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import posixpath
-import queue
 import re
-import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .errors import ArchiveError
 
@@ -50,6 +50,11 @@ _REGULAR = (b"0", b"\0", b"7")
 _HEADER_ONLY = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: Go reads no data
 _EXT = (b"x", b"g", b"L", b"K")  # pax (next member, global), GNU long name / link target
 _PAX_KEYS = ("path", "linkpath", "size")
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
 
 
 @dataclass
@@ -139,43 +144,6 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
-class _HashWorker:
-    """Hashes file contents on a second thread, so SHA-256 (the costliest step, and one that
-    releases the GIL) overlaps decryption, parsing and the upload. The queue is bounded, so
-    at most ``depth`` chunks (≤ 64 KiB each) wait in memory."""
-
-    def __init__(self, depth: int = 64) -> None:
-        self._queue: queue.Queue[tuple[object, object] | None] = queue.Queue(maxsize=depth)
-        self._thread: threading.Thread | None = None
-
-    def _put(self, item: tuple[object, object]) -> None:
-        if self._thread is None:  # started on first use: a reader that never sees data costs nothing
-            self._thread = threading.Thread(target=self._run, name="tarstream-sha256", daemon=True)
-            self._thread.start()
-        self._queue.put(item)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            target, data = item
-            if target is None:
-                data()  # type: ignore[operator]
-            else:
-                target.update(data)  # type: ignore[attr-defined]
-
-    def update(self, hasher: object, data: memoryview) -> None:
-        self._put((hasher, data))
-
-    def then(self, callback: object) -> None:
-        """Run ``callback`` once everything queued before it is hashed."""
-        self._put((None, callback))
-
-    def join(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
-
-
 # What the Engine's loader (moby's DetectCompression) and containerd's import decompress
 # before reading the tar: a plaintext starting like this would be read as a different
 # archive from the one checked here, so it is refused whatever else it is.
@@ -198,7 +166,7 @@ class TarReader:
     _member: _Member | None = None
     _remaining: int = 0
     _padding: int = 0
-    _hasher: object | None = None
+    _hasher: _Hasher | None = None
     _keep: bytearray | None = None
     _ext: bytearray | None = None  # content of a pax or GNU long-name record being read
     _pax: dict[str, str] = field(default_factory=dict)  # the next member's overrides: pax,
@@ -210,7 +178,6 @@ class TarReader:
     _links: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name: (type, target)
     kept: dict[str, bytes] = field(default_factory=dict)
     _meta_total: int = 0
-    _worker: _HashWorker = field(default_factory=_HashWorker)
 
     def feed(self, data: bytes) -> None:
         try:
@@ -305,7 +272,7 @@ class TarReader:
             take = view[: self._remaining]
             self._remaining -= len(take)
             if self._hasher is not None:
-                self._worker.update(self._hasher, take)
+                self._hasher.update(take)
             if self._keep is not None:
                 self._keep += take
             if self._ext is not None:
@@ -334,8 +301,7 @@ class TarReader:
                 key = "path" if member.kind == b"L" else "linkpath"
                 self._gnu[key] = _text(data.split(b"\0", 1)[0])
         elif self._hasher is not None:
-            hasher, name = self._hasher, member.name
-            self._worker.then(lambda: self.digests.__setitem__(name, hasher.hexdigest()))  # type: ignore[attr-defined]
+            self.digests[member.name] = self._hasher.hexdigest()
             if self._keep is not None:
                 self.kept[member.name] = bytes(self._keep)
         self._hasher = None
@@ -354,13 +320,11 @@ class TarReader:
         raise ArchiveError()
 
     def abort(self) -> None:
-        """Stop the hashing thread (after a failure; ``close`` does it on success)."""
-        self._worker.join()
+        """Give up on this archive (after a failure). Nothing to release: hashing is inline."""
 
     def close(self) -> None:
         """Raise unless the tar ended properly and nothing lies below a non-directory; then every
         digest is in."""
-        self._worker.join()  # every digest is in once the worker has drained its queue
         if not self._ended or self._remaining or self._buf or self._member is not None:
             raise ArchiveError()
         # Nothing may lie below a non-directory: the Engine would write it through a symlink,
