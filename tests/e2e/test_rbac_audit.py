@@ -9,27 +9,18 @@ holds the whole suite's traffic; this module adds a lifecycle of its own.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ..support import audit
+from ..support.audit import Request
 from ..support.cluster import OPERATOR_USER, RBAC_FILE, is_ready, is_stalled, spec_for
 from ..support.operator_process import place
 from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass(frozen=True)
-class Request:
-    verb: str
-    group: str
-    resource: str  # "imageunlocks/status" for a subresource
-    namespaced: bool
 
 
 def manifest_docs(path: Path) -> list[dict]:
@@ -57,30 +48,6 @@ def allows(rule: dict, request: Request) -> bool:
             and has(rule.get("verbs", []), request.verb))
 
 
-def operator_requests(audit_log: Path) -> tuple[Counter[Request], list[dict]]:
-    """Resource requests the operator made (discovery, a non-resource URL every
-    authenticated user may read, is left out), and any it was refused."""
-    made: Counter[Request] = Counter()
-    refused = []
-    seen: set[str] = set()
-    for line in audit_log.read_text().splitlines():
-        entry = json.loads(line)
-        # a watch still open has only reached ResponseStarted; count each request once
-        if (entry.get("user", {}).get("username") != OPERATOR_USER
-                or entry.get("stage") not in ("ResponseStarted", "ResponseComplete")
-                or entry.get("auditID") in seen):
-            continue
-        seen.add(entry.get("auditID"))
-        if entry.get("responseStatus", {}).get("code") == 403:
-            refused.append(entry)
-        ref = entry.get("objectRef")
-        if not ref:
-            continue
-        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        made[Request(entry["verb"], ref.get("apiGroup", ""), resource, bool(ref.get("namespace")))] += 1
-    return made, refused
-
-
 def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
         cluster, namespace, secret, start_operator, archives, archive_root, clean_docker):
     if cluster.audit_log is None:
@@ -95,7 +62,8 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
     cluster.patch_spec(namespace, "audited", {"images": archives.names[:3]})
     wait_for(lambda: cluster.status(namespace, "audited").get("observedGeneration") == 2, 60, "generation 2")
 
-    made, refused = operator_requests(cluster.audit_log)
+    events = audit.entries(cluster.audit_log, OPERATOR_USER)
+    made, refused = audit.requests(events), audit.refused(events)
     rules = bound_rules(manifest_docs(RBAC_FILE), OPERATOR_USER)
     assert rules, "manifests/rbac.yaml binds no rules to the operator's ServiceAccount"
     assert made, "the audit log holds no request of the operator"
