@@ -50,6 +50,10 @@ class FakeRuntime:
         self.loads: list[dict[str, str]] = []  # per completed load: {tag: image ID}
         self.pings = 0
 
+    def add(self, images: Mapping[str, str]) -> None:
+        """Images present before the test (``{ref: image ID}``), as if loaded earlier."""
+        self._images.update({normalize_ref(ref): image_id for ref, image_id in images.items()})
+
     def _check(self) -> None:
         if self.unreachable:
             raise RuntimeUnavailableError("fake runtime is not reachable")

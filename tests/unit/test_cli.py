@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,29 +14,16 @@ from rich.console import Console
 from imageunlock import __version__, cli
 from imageunlock.models import Phase
 
+from ..support.fakes import FakeRuntime
+
 VERSION = "1.4.2"
 REFS = [f"azaion/one:{VERSION}", f"azaion/two:{VERSION}"]
 IDS = {ref: "sha256:" + f"{n}" * 64 for n, ref in enumerate(REFS, 1)}
 
 
-class FakeRuntime:
-    """Stands in for the Docker Engine: reports ``ids`` as the images present, loads nothing."""
-
-    name = "fake"
-
-    def __init__(self, ids: dict[str, str]) -> None:
-        self.ids = ids
-
-    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]:
-        return {ref: self.ids.get(ref) for ref in refs}
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def engine(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
-    runtime = FakeRuntime({})
+    runtime = FakeRuntime()
     monkeypatch.setattr("imageunlock.runtimes.docker.DockerRuntime", lambda base_url=None, **_: runtime)
     monkeypatch.delenv("IMAGEUNLOCK_EMAIL", raising=False)
     monkeypatch.delenv("IMAGEUNLOCK_PASSWORD", raising=False)
@@ -103,7 +89,7 @@ def test_unreachable_engine_as_json_is_transient(tmp_path: Path, capsys: pytest.
 
 
 def test_fast_path_success_as_json(engine: FakeRuntime, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    engine.ids = IDS
+    engine.add(IDS)
     (tmp_path / "state.json").write_text(json.dumps({"images": IDS}))
     assert cli.main(unlock_args(tmp_path, "--output", "json")) == 0
     out, err = capsys.readouterr()
