@@ -1,24 +1,24 @@
-"""Issue 8's holes, each proven closed end to end: the real operator process, the local API
-server, a private dockerd and real loopback servers standing in for a hostile resource API or
-the host an attacker wants the credentials sent to."""
+"""The credentials and the key go nowhere else: never to a host other than the allowed
+resource API (a look-alike URL, a redirect, a spec naming another server: issue 8, items 1 and
+2; loopback servers stand in for the host an attacker wants them sent to), and never into
+status, events, annotations or the operator's log."""
 
 from __future__ import annotations
 
+import base64
 import json
-import time
+import os
 
 import pytest
 
-from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
+from imageunlock.crypto import derive_key
 from imageunlock.kube import VERSION
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
+from imageunlock.resource_api import LOGIN_PATH
 
-from ..support.dockerd import loaded
-from ..support import tamper
+from ..support.cluster import CRD_FILE, CRD_NAME, is_ready, is_stalled, spec_for, stalled_with, unlock_object
+from ..support.operator_process import place
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.scripted_http import ScriptedServer, respond
-from ..support.cluster import CRD_FILE, CRD_NAME, is_ready, spec_for, stalled_with, unlock_object
-from ..support.operator_process import place
 from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -89,59 +89,57 @@ def test_redirect_from_the_allowed_api_sends_nothing_elsewhere(cluster, namespac
     assert sum(collector.calls.values()) == 0
 
 
-def test_archive_cannot_move_tags_it_was_not_asked_for(cluster, namespace, secret, start_operator, archives,
-                                                       archive_root, clean_docker, resource_api, tmp_path):
-    """Item 3: every RepoTag in manifest.json was applied, so an archive made with the right key
-    could overwrite another team's image."""
-    victim = "victim/app:prod"
-    clean_docker.docker("load", "-i", str(archives.plaintext))
-    clean_docker.docker("tag", archives.refs[1], victim)
-    for ref in archives.refs:
-        clean_docker.docker("rmi", ref)
-    before = loaded(clean_docker)
-    assert list(before) == [victim]
-    archive = tamper.rewrite(archives.plaintext, tmp_path / "foreign.enc", archives.fragment,
-                             tamper.add_tags([victim, "nginx:latest"]))
-    start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-    cluster.create_unlock(namespace, "foreign", spec_for(place(archive, archive_root), archives.version, secret))
-    message = stalled_with(cluster, namespace, "foreign", "ArchiveHasForeignTags")
-    assert victim in message
-    assert loaded(clean_docker) == before, "nothing loaded, the victim's tag unmoved"
-    assert resource_api.calls[KEY_FRAGMENT_PATH] == 1
+def test_credentials_go_only_to_allowed_resource_apis(cluster, namespace, secret, start_operator, archives,
+                                                      archive_root, resource_api, collector):
+    """Whoever may create an ImageUnlock must not be able to send a Secret's password to a
+    server of their choosing."""
+    start_operator()
+    path = place(archives.openssl_archive, archive_root)
+    cluster.create_unlock(namespace, "exfil", {**spec_for(path, archives.version, secret, images=["azaion/none"]),
+                                               "resourceApi": {"url": collector.url,
+                                                               "credentialsSecretRef": {"name": secret}}})
+    message = stalled_with(cluster, namespace, "exfil", "InvalidConfiguration")
+    assert "not an allowed resource API" in message
+    assert collector.calls[LOGIN_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
 
 
-def test_transient_failure_during_reverification_is_retried_to_ready(cluster, namespace, secret, start_operator,
-                                                                     archives, archive_root, clean_docker,
-                                                                     resource_api):
-    """Item 5: a transient failure during re-verification left a working phase, and the loop
-    then skipped the resource forever (no API call, no write, the image stayed absent)."""
-    start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="1", IMAGEUNLOCK_RETRY_BASE="1", IMAGEUNLOCK_RETRY_MAX="2")
-    cluster.create_unlock(namespace, "heal", spec_for(place(archives.openssl_archive, archive_root),
-                                                      archives.version, secret))
-    wait_for(lambda: is_ready(cluster, namespace, "heal"), 60, "Ready")
-    resource_api.fail(KEY_FRAGMENT_PATH, 503, times=3)
-    clean_docker.docker("rmi", archives.refs[2])
-    wait_for(lambda: "retrying in" in cluster.status(namespace, "heal").get("message", ""), 30,
-             "a truthful retrying status")
-    wait_for(lambda: is_ready(cluster, namespace, "heal") and loaded(clean_docker) == archives.ids, 60,
-             "Ready again with the image back")
-    assert resource_api.calls[KEY_FRAGMENT_PATH] == 1 + 3 + 1  # first unlock, three 503s, the success
+def _forms(secret: bytes) -> set[str]:
+    text = {secret.hex(), base64.b64encode(secret).decode()}
+    try:
+        text.add(secret.decode())
+    except UnicodeDecodeError:
+        pass
+    return {t for t in text if len(t) >= 8}
 
 
-@pytest.mark.parametrize("edit, reason, text", [
-    (tamper.nested_manifest(), "ArchiveInvalid", ARCHIVE_ERROR_MESSAGE),
-    (tamper.layer_not_a_tar, "ArchiveRejected", "rebuild it"),
-], ids=["deeply-nested-manifest", "layer-not-a-tar"])
-def test_archive_content_failures_stall_instead_of_retrying(cluster, namespace, secret, start_operator, archives,
-                                                            archive_root, resource_api, tmp_path, edit, reason, text):
-    """Item 7: a RecursionError from a deeply nested manifest.json, and the Engine refusing a
-    layer, were transient: login + key + full upload every backoff, forever."""
-    archive = tamper.rewrite(archives.plaintext, tmp_path / "hostile.enc", archives.fragment, edit)
-    start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="1")
-    cluster.create_unlock(namespace, "content", spec_for(place(archive, archive_root), archives.version, secret))
-    assert text in stalled_with(cluster, namespace, "content", reason, timeout=90)
-    # Stalled on unchanged inputs: the re-verification loop (every second here) must not try
-    # again. An absence cannot be awaited; three intervals is the bounded window.
-    wait_for(lambda: resource_api.calls[KEY_FRAGMENT_PATH] >= 1, 5, "the one key request")
-    time.sleep(3)
-    assert resource_api.calls[KEY_FRAGMENT_PATH] == 1 and resource_api.calls[LOGIN_PATH] == 1
+def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives, archive_root, clean_docker,
+                                   resource_api):
+    canary = "canary-pw-" + os.urandom(6).hex()
+    resource_api.password = canary
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "canary"},
+                                                      "stringData": {"email": TEST_EMAIL, "password": canary}})
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "wrong"},
+                                                      "stringData": {"email": TEST_EMAIL, "password": canary + "x"}})
+    operator = start_operator(IMAGEUNLOCK_LOG_LEVEL="debug")
+    path = place(archives.openssl_archive, archive_root)
+    cluster.create_unlock(namespace, "good", spec_for(path, archives.version, "canary"))
+    # an image nobody loads, so "badcreds" cannot take the fast path once "good" is Ready
+    cluster.create_unlock(namespace, "badcreds", spec_for(path, archives.version, "wrong", images=["azaion/none"]))
+    wait_for(lambda: is_ready(cluster, namespace, "good"), 60, "Ready")
+    wait_for(lambda: is_stalled(cluster, namespace, "badcreds"), 60, "Stalled")
+    resource_api.fragment = b"canary-fragment-" + os.urandom(8)  # a wrong key: the failure path too
+    cluster.create_unlock(namespace, "badkey", spec_for(place(archives.own_archive, archive_root, "b.enc"),
+                                                        archives.version, "canary", images=["azaion/other"]))
+    wait_for(lambda: is_stalled(cluster, namespace, "badkey"), 60, "Stalled on the wrong key")
+
+    needles = {canary, canary + "x"} | _forms(archives.fragment) | _forms(derive_key(archives.fragment))
+    needles |= _forms(resource_api.fragment) | set(resource_api.issued)
+    haystacks = {
+        "objects (status, annotations)": json.dumps(cluster.list(namespace)),
+        "events": json.dumps([e.to_dict() for e in cluster.core.list_namespaced_event(namespace).items], default=str),
+        "operator log (debug)": operator.log(),
+    }
+    assert "DEBUG" in haystacks["operator log (debug)"] or "debug" in haystacks["operator log (debug)"].lower()
+    for where, text in haystacks.items():
+        for needle in needles:
+            assert needle not in text, f"a secret leaked into {where}"

@@ -1,0 +1,44 @@
+"""The ImageUnlock CRD as the API server serves it: its resource names, ``kubectl explain``,
+and the schema refusing invalid specs before any operator sees them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imageunlock.kube import GROUP
+
+from ..support.cluster import spec_for, unlock_object
+
+pytestmark = pytest.mark.e2e
+
+
+def test_crd_is_served_and_explained(cluster, crd):
+    resources = cluster.kubectl("api-resources", "--api-group", GROUP).stdout
+    assert "imageunlocks" in resources and "iu" in resources
+    spec = cluster.kubectl("explain", "imageunlock.spec").stdout
+    for field in ("archivePath", "version", "images", "resourceApi", "runtime", "archiveSha256"):
+        assert field in spec, field
+    ref = cluster.kubectl("explain", "imageunlock.spec.resourceApi.credentialsSecretRef").stdout
+    assert "name" in ref and "email" in ref
+
+
+BAD_SPECS = {
+    "relative path": ({"archivePath": "images.enc"}, "spec.archivePath"),
+    "bad tag": ({"version": "1.0 beta"}, "spec.version"),
+    "bad image": ({"images": ["Azaion/Flights"]}, "spec.images[0]"),
+    "bad digest": ({"archiveSha256": "xyz"}, "spec.archiveSha256"),
+    "unknown runtime": ({"runtime": "podman"}, "spec.runtime"),
+    "no secret": ({"resourceApi": {"url": "http://x"}}, "spec.resourceApi.credentialsSecretRef"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_invalid_specs_are_refused_by_the_api_server(cluster, namespace, case):
+    change, field = BAD_SPECS[case]
+    spec = {**spec_for("/var/lib/imageunlock/images.enc", "1.0", "creds"), **change}
+    manifest = json.dumps(unlock_object(namespace, "bad", spec))
+    result = cluster.kubectl("apply", "-f", "-", input=manifest, check=False)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
