@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -51,7 +52,7 @@ if str(REPO) not in sys.path:
 from benchmarks import seeds  # noqa: E402
 from benchmarks.measure import cpu_info, proc_cpu, proc_write_bytes, rss_floor, run_measured  # noqa: E402
 from benchmarks.report import BASELINE, FLOOR, SEND, UNLOCK, Run, Step, render, summarize  # noqa: E402
-from benchmarks.workload import MIB, Archive, Engine, build_archive, human  # noqa: E402
+from benchmarks.workload import MIB, Archive, ContainerdEngine, Engine, build_archive, human  # noqa: E402
 
 VERSION = "9.9.9-bench"
 EMAIL = "bench@example.test"
@@ -64,7 +65,7 @@ class Context:
     """What a pipeline's command line is made from."""
 
     archive: Archive
-    engines: dict[str, Engine]
+    engines: dict[str, Any]  # runtime: Engine | ContainerdEngine
     api_url: str
     names: list[str]
     workdir: Path
@@ -83,6 +84,24 @@ def _unlock(ctx: Context) -> list[str]:
         ctx.cli, "unlock", "--runtime", "docker", "--archive", str(ctx.archive.archive), "--version", VERSION,
         "--api-url", ctx.api_url, "--docker-host", ctx.engines["docker"].url,
     ]  # fmt: skip
+
+
+def _unlock_containerd(ctx: Context) -> list[str]:
+    engine = ctx.engines["containerd"]
+    return [
+        ctx.cli, "unlock", "--runtime", "containerd", "--archive", str(ctx.archive.archive), "--version", VERSION,
+        "--api-url", ctx.api_url, "--containerd-address", engine.url,
+        "--containerd-namespace", ContainerdEngine.NAMESPACE,
+    ]  # fmt: skip
+
+
+def _ctr_import(ctx: Context) -> list[str]:
+    """Plain ``ctr -a SOCK -n k8s.io images import -`` reading the plaintext on its stdin. The
+    shell only redirects and ``exec``s: the measured process is ctr (its own CPU, never
+    containerd's)."""
+    engine = ctx.engines["containerd"]
+    script = 'exec "$0" -a "$1" -n "$2" images import - < "$3"'
+    return ["sh", "-c", script, engine.ctr, engine.url, ContainerdEngine.NAMESPACE, str(ctx.archive.plaintext)]
 
 
 def _seeds(ctx: Context) -> list[str]:
@@ -112,10 +131,13 @@ PIPELINES: tuple[Pipeline, ...] = (
     ),
     Pipeline(Step("b", "imageunlock unlock (stream)", UNLOCK, "docker"), _unlock),
     Pipeline(Step("c", "seeds: decrypt to disk + docker load", BASELINE, "docker"), _seeds),
+    Pipeline(Step("d", "ctr images import - < plaintext.tar", SEND, "containerd"), _ctr_import),
+    Pipeline(Step("e", "imageunlock unlock --runtime containerd", UNLOCK, "containerd"), _unlock_containerd),
 )
 
-ENGINES: dict[str, Callable[[Path, bool], Engine]] = {
+ENGINES: dict[str, Callable[[Path, bool], Engine | ContainerdEngine]] = {
     "docker": lambda root, tmpfs: Engine(root, tmpfs=tmpfs),
+    "containerd": lambda root, tmpfs: ContainerdEngine(root, tmpfs=tmpfs),
 }
 
 
@@ -182,6 +204,9 @@ def main(argv: list[str]) -> int:
     # tmpfs the Engine's copy of the tar while it loads and its layers (vfs).
     size = args.size_mib * MIB
     need = (4 if args.tmpfs else 6) * size + (256 * MIB if args.smoke else 1 << 30)
+    runtimes = {p.step.runtime for p in args.selected if p.step.runtime}
+    if "containerd" in runtimes and not args.tmpfs:
+        need += 2 * size  # containerd's content store and snapshots
     base = Path(args.workdir)
     free = shutil.disk_usage(base).free
     if free < need:
@@ -189,7 +214,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="iu-bench-", dir=base))
-    engines: dict[str, Engine] = {}
+    engines: dict[str, Engine | ContainerdEngine] = {}
     api = None
     exit_code = 1
     previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -203,7 +228,7 @@ def main(argv: list[str]) -> int:
         print(f"bench: work dir {workdir} ({human(free)} free before)", flush=True)
         t0 = time.monotonic()
         engine_info: dict[str, dict[str, str]] = {}
-        for runtime in sorted({p.step.runtime for p in args.selected if p.step.runtime}):
+        for runtime in sorted(runtimes | {"docker"}):  # docker builds the archive
             engine = engines[runtime] = ENGINES[runtime](workdir / runtime, args.tmpfs).start()
             engine_info[runtime] = engine.describe()
             print(f"bench: private {runtime} {engine_info[runtime]} (pid {engine.pid}) at {engine.url}", flush=True)
@@ -219,6 +244,9 @@ def main(argv: list[str]) -> int:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "DOCKER_"))}
         env.update(IMAGEUNLOCK_EMAIL=EMAIL, IMAGEUNLOCK_PASSWORD=password, XDG_STATE_HOME=str(workdir / "state"))
+        if "containerd" in engines:  # `imageunlock unlock --runtime containerd` runs the `ctr` on PATH
+            bin_dir = engines["containerd"].bin_dir
+            env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
         cli = str(Path(sys.executable).with_name("imageunlock"))
         ctx = Context(archive, engines, api.url, names, workdir, sys.executable, cli)
         order = [*FLOOR_PARTS, *args.selected]

@@ -179,3 +179,115 @@ def build_archive(engine: Engine, workdir: Path, refs: list[str], payload_bytes:
         dst.write(iv)
         shutil.copyfileobj(src, dst, GEN_CHUNK)
     return Archive(plaintext=plaintext, body=body, archive=archive, key_hex=key_hex, iv_hex=iv.hex(), ids=ids)
+
+
+# ----------------------------------------------------------------------------------------
+# containerd: the tests' private containerd (sid's 2.x build), behind the same interface
+# ----------------------------------------------------------------------------------------
+
+
+class ContainerdEngine:
+    """A private containerd (``tests.support.containerd.Containerd``: its own config, root,
+    state and socket; Debian sid's build from the cache), its root on disk or on a tmpfs.
+
+    ``url`` is its socket path (what ``ctr -a`` and ``--containerd-address`` take); images are
+    read and removed in the ``k8s.io`` namespace, the one kubelet uses."""
+
+    NAMESPACE = "k8s.io"
+
+    def __init__(self, root: Path, *, tmpfs: bool) -> None:
+        from tests.support.containerd import Containerd, sid_build
+
+        self.containerd = Containerd(root, sid_build())
+        self.tmpfs = tmpfs
+        self._mounted: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return str(self.containerd.socket)
+
+    @property
+    def ctr(self) -> str:
+        return self.containerd.build.ctr
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.containerd.build.bin_dir
+
+    @property
+    def pid(self) -> int | None:
+        return self.containerd.proc.pid if self.containerd.proc is not None else None
+
+    def start(self) -> ContainerdEngine:
+        if self.tmpfs:
+            data = self.containerd.workdir / "root"  # the config's root: content and snapshots
+            data.mkdir(parents=True, exist_ok=True)
+            mount = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "mode=0711", "iu-bench-containerd", str(data)],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            if mount.returncode != 0:
+                why = mount.stderr.strip()
+                raise RuntimeError(f"cannot mount a tmpfs for containerd's root (root needed): {why}")
+            self._mounted = data
+        self.containerd.start()
+        return self
+
+    def describe(self) -> dict[str, str]:
+        version = ".".join(map(str, self.containerd.build.version))
+        return {
+            "engine": f"containerd {version} ({self.containerd.build.name})",
+            "snapshotter": "overlayfs",
+            "data root": "tmpfs" if self.tmpfs else "disk",
+        }
+
+    def stop(self) -> None:
+        self.containerd.stop()  # by PID, its mounts below the work dir (the tmpfs too), then its dirs
+        if self._mounted is not None:
+            subprocess.run(["umount", "-l", str(self._mounted)], capture_output=True, check=False, timeout=60)
+            self._mounted = None
+
+    def tail(self) -> str:
+        return self.containerd.tail()
+
+    def reset(self) -> None:
+        """No image records and no leases in ``k8s.io``, and (``images rm --sync``: a synchronous
+        garbage collection) no content left: every import writes all its blobs for real."""
+        self.containerd.reset()
+        left = self.containerd.ctr("images", "ls", "-q").stdout.split()
+        if left:
+            raise RuntimeError(f"could not remove images from containerd: {left}")
+
+    def image_ids(self, refs: list[str]) -> dict[str, str | None]:
+        """``{ref: config digest}`` (the image ID docker gave it), read from each image's
+        manifest in the content store; ``None`` when the image is absent."""
+        import json
+
+        targets: dict[str, str] = {}
+        for line in self.containerd.ctr("images", "ls").stdout.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3:
+                targets[fields[0]] = fields[2]
+        ids: dict[str, str | None] = {}
+        for ref in refs:
+            digest = targets.get(ref) or targets.get(_docker_io(ref))
+            config = None
+            if digest is not None:
+                for _ in range(2):  # an index: its first manifest
+                    doc = json.loads(self.containerd.ctr("content", "get", digest).stdout)
+                    if "config" in doc:
+                        config = doc["config"]["digest"]
+                        break
+                    digest = doc["manifests"][0]["digest"]
+            ids[ref] = config
+        return ids
+
+
+def _docker_io(ref: str) -> str:
+    """``name:tag`` as containerd records it: the Docker Hub domain (and ``library/``) made explicit."""
+    first, _, rest = ref.partition("/")
+    if not rest:
+        return f"docker.io/library/{ref}"
+    if "." in first or ":" in first or first == "localhost":
+        return ref
+    return f"docker.io/{ref}"
