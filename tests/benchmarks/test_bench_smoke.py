@@ -1,8 +1,10 @@
 """``make bench`` works: the benchmark runs end to end on a tiny archive and reports every figure.
 
 Smoke mode (a 7 MiB archive, 2 rounds) on the real parts the full run uses: a private dockerd
-(its data root on tmpfs when run as root, to exercise that option too), openssl, the CLI.
-Timings are never asserted: only that each figure is there.
+and a private containerd (Debian sid's, the tests' harness; their data roots on tmpfs when run
+as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' pairs run: docker
+(a, b, c) and containerd (d: plain ``ctr images import``, e: ``imageunlock unlock --runtime
+containerd``). Timings are never asserted: only that each figure is there.
 """
 
 from __future__ import annotations
@@ -17,19 +19,26 @@ from pathlib import Path
 import pytest
 
 from ..support.ci import unavailable
+from ..support.containerd import ContainerdError, sid_build
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("enc-d", "dgst", "a", "b", "c")
-PIPELINES = ("a", "b", "c")
+STEPS = ("enc-d", "dgst", "a", "b", "c", "d", "e")
+PIPELINES = ("a", "b", "c", "d", "e")
+UNLOCKS = ("b", "e")  # held to the targets
 
 
 @pytest.mark.docker
+@pytest.mark.containerd
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_smoke_reports_every_figure(tmp_path: Path):
     for tool in ("dockerd", "docker", "openssl"):
         if shutil.which(tool) is None:
             unavailable(tool, "not installed")
+    try:
+        sid_build()  # cached after the first fetch: the benchmark's containerd is the tests' sid build
+    except (ContainerdError, OSError) as exc:
+        unavailable("containerd (sid)", str(exc))
     out = tmp_path / "report.json"
     argv = [sys.executable, str(REPO / "benchmarks" / "bench_unlock.py"), "--smoke", "--json", str(out)]
     argv += ["--workdir", str(tmp_path)]
@@ -46,7 +55,9 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
     host = summary["host"]
     assert isinstance(host["aes"], bool) and isinstance(host["sha"], bool) and isinstance(host["cpu_flags"], list)
     assert host["cpus"] >= 1
-    assert summary["engines"]["docker"]["data root"] == ("tmpfs" if tmpfs else "disk")
+    for runtime in ("docker", "containerd"):
+        assert summary["engines"][runtime]["data root"] == ("tmpfs" if tmpfs else "disk"), runtime
+    assert summary["engines"]["containerd"]["engine"].startswith("containerd ")
 
     for key in STEPS:
         step = summary["steps"][key]
@@ -62,17 +73,23 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
         assert summary["steps"][key]["engine_cpu_s"] is not None
         assert summary["steps"][key]["engine_write_bytes"] is not None
 
-    floor = summary["floor"]["docker"]
-    assert floor["parts"] == ["enc-d", "dgst", "a"]
-    assert floor["cpu_s"]["median"] > 0
-    for key in ("b", "c"):
-        assert summary["steps"][key]["cpu_over_floor"]["median"] > 0
-    assert summary["steps"]["b"]["wall_over_send"] > 0
+    for runtime, send in (("docker", "a"), ("containerd", "d")):  # each runtime's floor ends in its own CLI
+        floor = summary["floor"][runtime]
+        assert floor["parts"] == ["enc-d", "dgst", send], runtime
+        assert floor["cpu_s"]["median"] > 0, runtime
+    for key in ("b", "c", "e"):
+        assert summary["steps"][key]["cpu_over_floor"]["median"] > 0, key
+    for key in UNLOCKS:
+        assert summary["steps"][key]["wall_over_send"] > 0, key
+    assert summary["steps"]["d"]["role"] == "send" and summary["steps"]["d"]["runtime"] == "containerd"
+    assert summary["steps"]["e"]["role"] == "unlock" and summary["steps"]["e"]["runtime"] == "containerd"
     targets = {t["target"]: t for t in summary["targets"]}
-    assert len(targets) == 3 and all(name.startswith("(b) ") for name in targets)
+    assert len(targets) == 6, sorted(targets)
+    assert sorted({name[:4] for name in targets}) == ["(b) ", "(e) "]
     assert all(isinstance(t["met"], bool) and t["value"] is not None for t in targets.values())
 
     text = proc.stdout
-    for phrase in ("AES instructions", "SHA-256 instructions", "floor (docker) =", "own CPU / floor", "targets:"):
+    phrases = ("AES instructions", "SHA-256 instructions", "floor (docker) =", "floor (containerd) =")
+    for phrase in (*phrases, "own CPU / floor", "(e) imageunlock unlock --runtime containerd", "targets:"):
         assert phrase in text, phrase
     assert not list(tmp_path.glob("iu-bench-*")), "the work dir is removed"
