@@ -14,16 +14,23 @@ the loopback resource API serving the key fragment. Then ``--rounds`` interleave
                floor's last part: floor = enc -d + dgst + (a), the same bytes, the same round)
   (b)          ``imageunlock unlock``: the product (stream decrypt, verify, upload)
   (c)          the seeds' pipeline (``seeds.py``): decrypt to disk, ``docker load -i``, delete
+  (d)          ``ctr -a SOCK -n k8s.io images import - < plaintext.tar``: plain ctr sending the
+               plaintext to a private containerd (the tests' harness, Debian sid's 2.x build):
+               containerd's floor's last part (floor = enc -d + dgst + (d))
+  (e)          ``imageunlock unlock --runtime containerd --containerd-address SOCK
+               --containerd-namespace k8s.io``
 
-each load starting with no images in the Engine, and checked to have loaded the archive's
-image IDs. ``measure`` takes each command's figures from the kernel (rusage); ``report``
+each load starting with no images in the Engine (containerd: ``images rm --sync`` of every
+k8s.io record and its leases, so the content is garbage-collected and every round imports for
+real), and checked to have loaded the archive's image IDs (containerd: the config digests).
+``measure`` takes each command's figures from the kernel (rusage); ``report``
 prints them: own CPU (steady) and the ratio own CPU / floor, wall median and spread (noisy),
 peak RSS, disk writes, the Engine's share apart, and whether the CPU has AES and SHA
 instructions. It never asserts timings: the exit status is non-zero only when something failed.
 
-Another runtime (containerd) joins by adding its Engine to ``ENGINES`` (start, url, pid,
-reset, image_ids, stop: see ``workload.Engine``) and its pair to ``PIPELINES``: a SEND step
-(its own CLI importing the plaintext: its floor's last part) and an UNLOCK step.
+A runtime joins by adding its Engine to ``ENGINES`` (start, url, pid, reset, image_ids, stop:
+see ``workload.Engine`` and ``workload.ContainerdEngine``) and its pair to ``PIPELINES``: a
+SEND step (its own CLI importing the plaintext: its floor's last part) and an UNLOCK step.
 
 Options also come from the environment: IU_BENCH_SIZE_MIB, IU_BENCH_ROUNDS, IU_BENCH_TMPFS=1,
 IU_BENCH_SMOKE=1, IU_BENCH_PIPELINES=a,b, IU_BENCH_JSON=path, IU_BENCH_TMP=dir.
