@@ -19,8 +19,9 @@
 # then give the native one as the other variable too, since it is the build stage's base.
 #
 # Environment: IMAGE (default azaion/imageunlock), VERSION (default: imageunlock.__version__),
-# DOCKER_HOST (the Engine to build in), PIP_INDEX_URL, and extra CAs for pip from
-# /usr/local/share/ca-certificates (a TLS-intercepting proxy), as the image test does.
+# DOCKER_HOST (the Engine to build in), MANIFEST_INSECURE=1 (a plain-HTTP registry),
+# PIP_INDEX_URL, and extra CAs for pip from /usr/local/share/ca-certificates (a
+# TLS-intercepting proxy), as the image test does.
 # Uses Docker's classic builder (DOCKER_BUILDKIT=0), whose behaviour with local bases of
 # another architecture this was tested with (dockerd 20.10).
 set -euo pipefail
@@ -93,6 +94,9 @@ if ((push)); then
   done
   docker manifest rm "$image:$version" >/dev/null 2>&1 || true # a stale local list
   docker manifest create ${MANIFEST_INSECURE:+--insecure} "$image:$version" "${refs[@]}"
+  for arch in "$@"; do # arm64 is v8 (the Jetsons' ARMv8.2); say so even where the config lost it
+    [ "$arch" != arm64 ] || docker manifest annotate --variant v8 "$image:$version" "$image:$version-arm64"
+  done
   docker manifest push ${MANIFEST_INSECURE:+--insecure} --purge "$image:$version"
   echo "build-images: pushed $image:$version for $*" >&2
 fi
