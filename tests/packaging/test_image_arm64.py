@@ -1,0 +1,384 @@
+"""The arm64 operator image (the edge devices are Jetsons), built from the same Dockerfile and
+run for real on this machine under QEMU user emulation.
+
+What it takes, all installed by scripts/setup.sh: Debian's qemu-user-static, registered with
+binfmt_misc with flag F (the kernel then runs every aarch64 binary through QEMU, inside
+containers too); debootstrap for the bases. No registry is reachable, so both bases are made
+locally (scripts/base-image.sh, cached tarballs): an arm64 Debian bookworm with python3 + venv
+(its package scripts ran under emulation, once, several minutes) and the machine's own one.
+Each is loaded with scripts/rootfs-image.py, whose image config records its architecture
+(`docker import` would record the daemon's own), and the image is built the way
+`make image-arm64` builds it: BASE_IMAGE the arm64 base, BUILD_IMAGE the native one, so the
+build stage fetches arm64 wheels from PyPI and installs them natively; only the target stage's
+one python3 call, the runtime stage's useradd and its start check run emulated.
+
+Speed: like test_image.py, the bases, the stages and the image are saved (docker save) under
+${XDG_CACHE_HOME:-~/.cache}/imageunlock/image-test-arm64/ after a build and loaded by the next
+session, which builds with --cache-from (every unchanged step a cache hit).
+IMAGEUNLOCK_TEST_IMAGE_CACHE=0 builds from scratch.
+
+Then the arm64 image runs: its config says arm64; inside, `uname -m` is aarch64 and it
+reports its version; its native extensions (cryptography's AES, the C parsers) work, as an
+arbitrary non-root user on a read-only root filesystem; `imageunlock unlock` loads and
+verifies a real archive into the test's Docker Engine; and the operator itself, run the way
+the Deployment runs it, answers its liveness probe against the local control plane as the
+operator's ServiceAccount, reaching the Docker Engine through the socket's group.
+
+What this cannot prove: Jetson hardware (no GPU, no L4T kernel, no real Cortex-A78AE timing:
+QEMU emulates the instruction set, not the board), and the kernel seen inside is this
+machine's. On an arm64 machine the same test runs natively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import imageunlock
+
+from ..conftest import TEST_EMAIL, TEST_PASSWORD, unavailable
+from ..support.dockerd import Dockerd
+from ..support.net import free_port
+from ..support.resource_api import FakeResourceApi
+from .conftest import MANIFESTS, REPO, find, manifest_objects, rendered_objects
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2700)]
+
+ARCH = "arm64"  # Debian / OCI name; the kernel's is aarch64
+IMAGE = "imageunlock-test:arm64"
+TARGET_STAGE = "imageunlock-test:arm64-target"
+BUILD_STAGE = "imageunlock-test:arm64-build"
+BASE = "imageunlock-test-base:bookworm-arm64"
+DEFAULT_UID = 10001
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imageunlock" / "image-test-arm64"
+BUILD_TIMEOUT = 1500
+BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+VERSION = imageunlock.__version__
+
+
+def _native_arch() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _require_emulation() -> None:
+    """arm64 binaries must run here: natively, or through QEMU registered with flag F."""
+    if _native_arch() == ARCH:
+        return
+    try:
+        handler = BINFMT.read_text()
+    except OSError as exc:
+        unavailable("QEMU user emulation for arm64", f"no binfmt_misc handler {BINFMT} ({exc}); "
+                    "scripts/setup.sh installs qemu-user-static and registers it")
+    if not handler.startswith("enabled") or not re.search(r"^flags:.*F", handler, re.M):
+        unavailable("QEMU user emulation for arm64", f"{BINFMT} is not enabled with flag F:\n{handler}")
+
+
+def _base_tarball(arch: str) -> Path:
+    env = {**os.environ, "BASE_ARCH": arch}
+    try:
+        res = subprocess.run(["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True,
+                             text=True, timeout=1800, env=env)
+    except subprocess.TimeoutExpired:
+        unavailable(f"{arch} base image", "scripts/base-image.sh timed out")
+    if res.returncode != 0:
+        unavailable(f"{arch} base image", f"scripts/base-image.sh failed:\n{res.stderr[-3000:]}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def _load_base(engine: Dockerd, tarball: Path, arch: str, tag: str) -> None:
+    """The root filesystem as an image whose config records ``arch`` (scripts/rootfs-image.py)."""
+    with tempfile.TemporaryDirectory(prefix="iu-rootfs-") as tmp:
+        archive = Path(tmp) / "base.tar"
+        subprocess.run(["python3", str(REPO / "scripts" / "rootfs-image.py"), str(tarball), "--arch", arch,
+                        "--tag", tag, "-o", str(archive)], check=True, capture_output=True, timeout=600)
+        engine.docker("load", "-q", "-i", str(archive))
+
+
+def _build_args(build_base: str) -> list[str]:
+    args = ["--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", f"BUILD_IMAGE={build_base}"]
+    # A TLS-intercepting proxy between this machine and PyPI: trust what the machine trusts
+    # beyond the standard CAs (Debian keeps local CAs in /usr/local/share/ca-certificates).
+    local_cas = sorted(Path("/usr/local/share/ca-certificates").rglob("*.crt"))
+    if local_cas:
+        pem = "\n".join(p.read_text().strip() for p in local_cas)
+        args += ["--build-arg", f"EXTRA_CA_CERTS={pem}"]
+    if os.environ.get("PIP_INDEX_URL"):
+        args += ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"]
+    return args
+
+
+def _image_id(engine: Dockerd, ref: str) -> str | None:
+    res = engine.docker("image", "inspect", "--format", "{{.Id}}", ref, check=False, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _docker_build(engine: Dockerd, build_base: str, *extra: str) -> None:
+    cmd = ["docker", "-H", engine.url, "build", *_build_args(build_base),
+           "--cache-from", TARGET_STAGE, "--cache-from", BUILD_STAGE, "--cache-from", IMAGE, *extra, str(REPO)]
+    try:
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                             env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"docker build took more than {BUILD_TIMEOUT}s")
+    if res.returncode != 0:
+        pytest.fail(f"docker build {' '.join(extra)} failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def arm64_image(dockerd: Dockerd) -> str:
+    _require_emulation()
+    native = _native_arch()
+    build_base = f"imageunlock-test-base:bookworm-{native}"
+    tarballs = {ARCH: _base_tarball(ARCH), native: _base_tarball(native)}
+    stamp = {arch: [path.name, path.stat().st_size] for arch, path in sorted(tarballs.items())}
+    cache, meta = CACHE_DIR / "images.tar", CACHE_DIR / "images.json"
+    use_cache = os.environ.get("IMAGEUNLOCK_TEST_IMAGE_CACHE", "1") != "0"
+    cached = use_cache and cache.exists() and meta.exists() and json.loads(meta.read_text()) == stamp
+    if cached and dockerd.docker("load", "-q", "-i", str(cache), check=False).returncode != 0:
+        cache.unlink(missing_ok=True)
+    for arch, tag in ((ARCH, BASE), (native, build_base)):
+        if _image_id(dockerd, tag) is None:
+            _load_base(dockerd, tarballs[arch], arch, tag)
+    tags = (TARGET_STAGE, BUILD_STAGE, IMAGE)
+    before = [_image_id(dockerd, tag) for tag in tags]
+    _docker_build(dockerd, build_base, "--target", "target", "-t", TARGET_STAGE)
+    _docker_build(dockerd, build_base, "--target", "build", "-t", BUILD_STAGE)
+    _docker_build(dockerd, build_base, "-t", IMAGE)
+    after = [_image_id(dockerd, tag) for tag in tags]
+    if use_cache and after != before:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        partial = CACHE_DIR / f".images.{os.getpid()}.tar"
+        saved = dockerd.docker("save", "-o", str(partial), BASE, build_base, *tags, check=False)
+        if saved.returncode == 0:
+            os.replace(partial, cache)
+            meta.write_text(json.dumps(stamp))
+        else:
+            partial.unlink(missing_ok=True)
+    return IMAGE
+
+
+def run(engine: Dockerd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------ the image
+
+
+def test_arm64_image_config_records_arm64(dockerd, arm64_image):
+    """A registry serves it to arm64 nodes only if its config says so; the runtime contract
+    is the amd64 image's."""
+    inspected = json.loads(dockerd.docker("image", "inspect", arm64_image, text=True).stdout)[0]
+    assert (inspected["Os"], inspected["Architecture"]) == ("linux", "arm64")
+    # v8 from the base; dockerd 20.10 drops the variant from images it restores from
+    # --cache-from (a later build session), and arm64 without a variant means v8 (OCI).
+    assert inspected.get("Variant") in ("v8", None), inspected.get("Variant")
+    config = inspected["Config"]
+    assert config["User"] == f"{DEFAULT_UID}:{DEFAULT_UID}"
+    assert config["Entrypoint"] == ["imageunlock"]
+    assert config["Cmd"] == ["operator"]
+    assert "/tmp" in config["Volumes"]
+    assert "8080/tcp" in config["ExposedPorts"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert env["TMPDIR"] == "/tmp"
+
+
+IDENTITY = """
+set -e
+uname -m
+imageunlock --version
+python -c 'import imageunlock as i, platform as p, sysconfig as s; print(i.__version__, p.machine(), s.get_platform())'
+"""
+
+
+def test_arm64_image_runs_as_aarch64_and_reports_its_version(dockerd, arm64_image):
+    res = run(dockerd, "--network", "none", "--entrypoint", "sh", arm64_image, "-c", IDENTITY)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:3] == ["aarch64", f"imageunlock {VERSION}",
+                                          f"{VERSION} aarch64 linux-aarch64"], res.stdout
+
+
+ARM64_CHECK = """
+import errno, os, subprocess, sys, tempfile
+assert os.getuid() == 4242, os.getuid()
+# The compiled dependencies are aarch64 wheels, and they work: cryptography (Rust), the
+# C parsers of PyYAML and multidict, pydantic-core.
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+key, iv = bytes(range(32)), bytes(16)
+enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+ct = enc.update(b"imageunlock-arm64" + bytes(15)) + enc.finalize()
+dec = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
+assert dec.update(ct) + dec.finalize() == b"imageunlock-arm64" + bytes(15)
+import yaml, multidict, pydantic_core
+assert yaml.__with_libyaml__
+for module in (yaml._yaml, multidict._multidict, pydantic_core._pydantic_core):
+    assert "aarch64" in module.__file__, module.__file__
+import imageunlock.cli, kopf, kubernetes, docker  # what the operator imports
+with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
+    f.write(b"x"); f.flush()
+for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
+    try:
+        open(path, "w")
+    except OSError as exc:
+        assert exc.errno in (errno.EROFS, errno.EACCES), exc
+    else:
+        raise AssertionError(path + " is writable")
+leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/pip") if os.path.exists(p)]
+assert not leftovers, leftovers
+print("ok")
+"""
+
+
+def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_image):
+    """--read-only --tmpfs /tmp as an arbitrary UID with no capabilities, as for amd64."""
+    res = run(dockerd, "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "4242:4242",
+              "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+              "--entrypoint", "python", arm64_image, "-c", ARM64_CHECK)
+    assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
+
+
+def test_one_image_name_serves_both_architectures():
+    """The chart and the manifests name the image without an architecture: the manifest list
+    that `make push-images` pushes under that name serves amd64 and arm64 nodes alike."""
+    (deployment,) = find(manifest_objects(), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (rendered,) = find(rendered_objects(), "Deployment")
+    (chart_container,) = rendered["spec"]["template"]["spec"]["containers"]
+    make = subprocess.run(["make", "-s", "-C", str(REPO), "print-image"], capture_output=True, text=True,
+                          timeout=60)
+    assert make.returncode == 0, make.stderr
+    assert container["image"] == chart_container["image"] == make.stdout.strip() == f"azaion/imageunlock:{VERSION}"
+    # ... and nothing pins the pod to one architecture.
+    assert "kubernetes.io/arch" not in json.dumps(deployment) + json.dumps(rendered)
+    assert "kubernetes.io/arch" not in (MANIFESTS / "deployment.yaml").read_text()
+
+
+# ------------------------------------------------------------------ unlocking, running
+
+
+@contextlib.contextmanager
+def _shared_dir() -> Iterator[Path]:
+    """A directory the container's non-root user can read (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="iu-arm64-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def arm64_api(archives) -> Iterator[FakeResourceApi]:
+    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, archives, arm64_api):
+    """The whole data path on arm64, as the one-shot `docker run IMAGE unlock ...`: log in,
+    fetch the key fragment, decrypt AES-256-CBC with cryptography's aarch64 code, stream the
+    tar into the Engine through the socket's group, verify every image (exit 0)."""
+    dockerd.docker("rmi", "-f", *archives.refs, check=False)  # a real load, not the fast path
+    with _shared_dir() as archive_root:
+        archive = archive_root / "images.enc"
+        shutil.copyfile(archives.own_archive, archive)
+        archive.chmod(0o644)
+        res = run(dockerd, "--network", "host", "--read-only", "--cap-drop", "ALL",
+                  "--security-opt", "no-new-privileges",
+                  "--group-add", str(os.stat(dockerd.socket).st_gid),
+                  "-v", f"{dockerd.socket}:/var/run/docker.sock",
+                  "-v", f"{archive_root}:{archive_root}:ro",
+                  "-e", f"IMAGEUNLOCK_EMAIL={TEST_EMAIL}", "-e", f"IMAGEUNLOCK_PASSWORD={TEST_PASSWORD}",
+                  arm64_image, "unlock", "--archive", str(archive), "--version", archives.version,
+                  "--api-url", arm64_api.url, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for ref in archives.refs:
+        assert dockerd.docker("image", "inspect", ref, check=False).returncode == 0, ref
+    assert TEST_PASSWORD not in res.stdout + res.stderr
+
+
+def _logs(engine: Dockerd, container: str) -> str:
+    res = subprocess.run(["docker", "-H", engine.url, "logs", "--tail", "80", container],
+                         capture_output=True, text=True, timeout=30)
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def arm64_operator(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[tuple[str, int]]:
+    """The arm64 operator container, run as the Deployment runs it (see test_image.py's
+    ``operator``): default non-root user, read-only root filesystem, no capabilities, the
+    Docker socket through its group, the ServiceAccount's kubeconfig. Host network: the
+    control plane listens on 127.0.0.1. The resource API is only named (nothing is unlocked)."""
+    plane.ensure_crd()
+    port = free_port()
+    with _shared_dir() as archive_root, _shared_dir() as config_dir:
+        shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
+        os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)
+        (config_dir / "kubeconfig").chmod(0o400)
+        res = subprocess.run([
+            "docker", "-H", dockerd.url, "run", "-d",
+            "--network", "host",
+            "--read-only",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--group-add", str(os.stat(dockerd.socket).st_gid),
+            "-v", f"{dockerd.socket}:/var/run/docker.sock",
+            "-v", f"{archive_root}:{archive_root}:ro",
+            "-v", f"{config_dir}:/etc/imageunlock:ro",
+            "-e", "KUBECONFIG=/etc/imageunlock/kubeconfig",
+            "-e", f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
+            "-e", f"RESOURCE_API_URL=http://127.0.0.1:{free_port()}",
+            "-e", f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
+            "-e", f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
+            arm64_image,
+        ], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        container = res.stdout.strip()
+        try:
+            yield container, port
+        finally:  # stopped and removed by id, with its anonymous /tmp volume
+            subprocess.run(["docker", "-H", dockerd.url, "stop", "-t", "15", container],
+                           capture_output=True, timeout=60)
+            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container],
+                           capture_output=True, timeout=60)
+
+
+def test_arm64_operator_answers_liveness_against_the_control_plane(dockerd, arm64_operator):
+    container, port = arm64_operator
+    deadline = time.monotonic() + 240  # kopf's start under emulation: tens of seconds
+    body: dict[str, Any] | None = None
+    last = ""
+    while body is None and time.monotonic() < deadline:
+        state = json.loads(dockerd.docker("inspect", "--format", "{{json .State}}", container, text=True).stdout)
+        if not state["Running"]:
+            pytest.fail(f"operator exited with {state['ExitCode']}:\n{_logs(dockerd, container)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as rsp:
+                if rsp.status == 200:
+                    body = json.loads(rsp.read() or b"{}")
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            last = str(exc)
+            time.sleep(1)
+    if body is None:
+        pytest.fail(f"no 200 from /healthz within 240s ({last}):\n{_logs(dockerd, container)}")
+    # kopf's probe results: the runtime answers, through the socket's group.
+    assert body.get("runtime") == "reachable", body
+    inside = dockerd.docker("exec", container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
+    assert inside == [str(DEFAULT_UID), "aarch64"]
+    assert "Traceback" not in _logs(dockerd, container)
