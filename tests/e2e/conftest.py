@@ -22,6 +22,7 @@ from ..support.ci import unavailable
 from ..support.cluster import CLUSTER_WIDE_SECRETS_FILE, CRD_FILE, CRD_NAME, OPERATOR_USER, RBAC_FILE, Cluster
 from ..support.dockerd import Dockerd
 from ..support.images import build_archive_set
+from ..support.net import free_port
 from ..support.operator_process import OperatorProcess
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 
@@ -110,6 +111,8 @@ def start_operator(cluster: Cluster, clean_docker: Dockerd, resource_api, archiv
             "IMAGEUNLOCK_RETRY_MAX": "2",
             "IMAGEUNLOCK_API_RETRIES": "0",  # operator-level retries are what these tests watch
             "IMAGEUNLOCK_LOG_LEVEL": "debug",
+            # not the default 0.0.0.0:8081, which anything else on the host may hold
+            "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         })
         env.update(overrides)
         proc = OperatorProcess(tmp_path / f"operator-{len(started)}", env).start()

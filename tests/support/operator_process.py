@@ -38,7 +38,11 @@ class OperatorProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(script), "operator"], stdout=log, stderr=subprocess.STDOUT,
                                          env=env, start_new_session=True)
-        wait_for(self.healthy, timeout, "the operator's liveness endpoint")
+        try:
+            wait_for(self.healthy, timeout, "the operator's liveness endpoint")
+        except BaseException:
+            self.stop()  # not left running (and holding its ports) when it never came up
+            raise
         return self
 
     def healthy(self) -> bool:
