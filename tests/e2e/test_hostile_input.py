@@ -14,8 +14,8 @@ import pytest
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..support import tamper
-from ..support.cluster import spec_for, stalled_with
+from ..support import audit, tamper
+from ..support.cluster import OPERATOR_USER, spec_for, stalled_with
 from ..support.dockerd import loaded
 from ..support.operator_process import place
 from ..support.resource_api import TEST_EMAIL
@@ -94,7 +94,17 @@ def test_archive_content_failures_stall_instead_of_retrying(cluster, namespace, 
     cluster.create_unlock(namespace, "content", spec_for(place(archive, archive_root), archives.version, secret))
     assert text in stalled_with(cluster, namespace, "content", reason, timeout=90)
     # Stalled on unchanged inputs: the re-verification loop (every second here) must not try
-    # again. An absence cannot be awaited; three intervals is the bounded window.
-    wait_for(lambda: resource_api.calls[KEY_FRAGMENT_PATH] >= 1, 5, "the one key request")
-    time.sleep(3)
+    # again. Each pass it makes over a Stalled object first reads the object's Secret (did the
+    # credentials change? resync.py), so three such reads in the API server's audit log after
+    # the stall are three passes that looked and did not retry.
+    if cluster.audit_log is None:  # a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG: no audit log
+        time.sleep(3)  # then three verify intervals are the bounded window
+    else:
+        since = audit.end(cluster.audit_log)
+
+        def passes() -> int:
+            return audit.reads(audit.entries(cluster.audit_log, OPERATOR_USER, since), "secrets", namespace, secret)
+
+        wait_for(lambda: passes() >= 3, 30, "three passes of the re-verification loop over the Stalled object",
+                 interval=0.5)
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 1 and resource_api.calls[LOGIN_PATH] == 1

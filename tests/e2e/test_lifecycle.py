@@ -97,9 +97,12 @@ def test_reapplying_the_same_spec_loads_nothing_again(cluster, namespace, secret
     cluster.kubectl("apply", "-f", "-", input=manifest)
     wait_for(lambda: is_ready(cluster, namespace, "same"), 60, "Ready")
     generation = cluster.get(namespace, "same")["metadata"]["generation"]
-    cluster.kubectl("apply", "-f", "-", input=manifest)
+    cluster.kubectl("apply", "-f", "-", input=manifest)  # unchanged: kubectl sends no change
     cluster.kubectl("label", "imageunlock/same", "-n", namespace, "touched=yes")
-    time.sleep(3)  # give a wrong second reconcile time to show up in the Engine's events
+    # A change that is no spec change: kopf runs an update cycle with no handler to call and
+    # then records the labels it handled. A wrong reconcile would have loaded before that.
+    wait_for(lambda: cluster.last_handled(namespace, "same").get("metadata", {}).get("labels") == {"touched": "yes"},
+             30, "the operator to have handled the label change")
     assert cluster.get(namespace, "same")["metadata"]["generation"] == generation
     assert load_events(clean_docker, since) == len(archives.refs)
 

@@ -6,6 +6,7 @@ The fixtures that bring the API server and the operator up are in tests/e2e/conf
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ RBAC_FILE = ROOT / "manifests" / "rbac.yaml"
 CLUSTER_WIDE_SECRETS_FILE = ROOT / "manifests" / "cluster-wide-secrets" / "clusterrolebinding.yaml"
 # The identity the Deployment gives the operator (manifests/rbac.yaml's ServiceAccount).
 OPERATOR_USER = "system:serviceaccount:imageunlock-system:imageunlock-operator"
+# kopf's diff base: the object as the operator last handled it (handlers.py stores it here).
+LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 
 
 def unlock_object(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +86,12 @@ class Cluster:
 
     def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+    def last_handled(self, namespace: str, name: str) -> dict[str, Any]:
+        """The object (spec, labels, annotations) as kopf recorded it at the end of its last
+        handling cycle: it changes once the operator is done with a change, handlers and all."""
+        annotations = self.get(namespace, name)["metadata"].get("annotations") or {}
+        return json.loads(annotations.get(LAST_HANDLED) or "{}")
 
     def events(self, namespace: str, name: str) -> list[Any]:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
