@@ -257,6 +257,9 @@ class ContainerdEngine:
         left = self.containerd.ctr("images", "ls", "-q").stdout.split()
         if left:
             raise RuntimeError(f"could not remove images from containerd: {left}")
+        blobs = self.containerd.content()
+        if blobs:
+            raise RuntimeError(f"containerd kept {len(blobs)} blob(s) after the images went: {blobs[:3]}")
 
     def image_ids(self, refs: list[str]) -> dict[str, str | None]:
         """``{ref: config digest}`` (the image ID docker gave it), read from each image's
