@@ -31,11 +31,28 @@ def cri(containerd: Containerd):
     client.close()
 
 
-def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, daemon: Containerd, *extra: str,
-           address: str | None = None, env: dict[str, str] | None = None):
+def unlock(
+    archive: Path,
+    archives: ArchiveSet,
+    api: FakeResourceApi,
+    daemon: Containerd,
+    *extra: str,
+    address: str | None = None,
+    env: dict[str, str] | None = None,
+):
     return run_cli(
-        "unlock", "--archive", str(archive), "--version", archives.version, "--api-url", api.url,
-        "--runtime", "containerd", "--containerd-address", address or str(daemon.socket), *extra,
+        "unlock",
+        "--archive",
+        str(archive),
+        "--version",
+        archives.version,
+        "--api-url",
+        api.url,
+        "--runtime",
+        "containerd",
+        "--containerd-address",
+        address or str(daemon.socket),
+        *extra,
         env={**CREDENTIALS_ENV, **daemon.env(), **(env or {})},
     )
 
@@ -46,7 +63,8 @@ def seen_by_kubelet(cri: Cri) -> dict[str, tuple[str, bool]]:
 
 
 def test_unlocks_seven_images_pinned_into_k8s_io_then_fast_path_makes_no_key_request(
-        clean_containerd, cri, archives, resource_api, tmp_path):
+    clean_containerd, cri, archives, resource_api, tmp_path
+):
     state = {"XDG_STATE_HOME": str(tmp_path)}
     first = unlock(archives.openssl_archive, archives, resource_api, clean_containerd, env=state)
     assert first.returncode == 0, first.stderr
@@ -78,14 +96,16 @@ def test_flipped_and_truncated_archives_load_nothing(clean_containerd, cri, arch
         assert os.listdir(scratch) == [], f"{name}: left files"
 
 
-def test_an_archive_failing_its_last_check_after_zero_padding_loads_nothing(clean_containerd, cri, archives,
-                                                                           resource_api, tmp_path):
+def test_an_archive_failing_its_last_check_after_zero_padding_loads_nothing(
+    clean_containerd, cri, archives, resource_api, tmp_path
+):
     """A key holder's archive that would also tag nginx:latest, with 256 KiB of zero padding
     after the tar's end marker (valid tar): the refusal comes at the very end of the stream,
     long after the end marker has gone by. ctr imports at that marker, so the adapter must
     hold the zeros back: nothing may be imported, nginx least of all."""
-    foreign = tamper.rewrite(archives.plaintext, tmp_path / "foreign.enc", archives.fragment,
-                             tamper.add_tags(["nginx:latest"]))
+    foreign = tamper.rewrite(
+        archives.plaintext, tmp_path / "foreign.enc", archives.fragment, tamper.add_tags(["nginx:latest"])
+    )
     with open(foreign, "rb") as f:
         plain = b"".join(decrypt_stream(f, archives.fragment)) + bytes(256 * 1024)
     padded = tmp_path / "padded.enc"
@@ -98,8 +118,9 @@ def test_an_archive_failing_its_last_check_after_zero_padding_loads_nothing(clea
 
 
 def test_unreachable_containerd_is_a_transient_failure(archives, resource_api, containerd, tmp_path):
-    result = unlock(archives.openssl_archive, archives, resource_api, containerd,
-                    address=str(tmp_path / "containerd.sock"))
+    result = unlock(
+        archives.openssl_archive, archives, resource_api, containerd, address=str(tmp_path / "containerd.sock")
+    )
     assert result.returncode == 75
     [line] = error_lines(result.stderr)
     assert "containerd at" in line and "not reachable" in line

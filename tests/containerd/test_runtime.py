@@ -128,8 +128,7 @@ def test_ctr_never_sees_the_end_marker_before_the_stream_has_passed_its_checks(d
     assert daemon.images() == {}
 
 
-def test_should_ctr_finish_early_all_the_same_a_failing_stream_removes_what_it_imported(daemon, archives,
-                                                                                    monkeypatch):
+def test_should_ctr_finish_early_all_the_same_a_failing_stream_removes_what_it_imported(daemon, archives, monkeypatch):
     """The second line of defence: without the hold-back (as if the stream's checks and ctr
     disagreed about where the tar ends), ctr imports at the end marker and exits; the rest of
     the stream is still run through its checks, and when they fail the images go again."""

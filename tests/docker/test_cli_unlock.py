@@ -12,8 +12,8 @@ import pytest
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
-from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
 from ..support.broken import broken_archives
+from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli
 from ..support.dockerd import Dockerd, loaded
 from ..support.images import ArchiveSet
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
@@ -23,14 +23,24 @@ pytestmark = pytest.mark.docker
 
 def unlock(archive: Path, archives: ArchiveSet, api: FakeResourceApi, engine: Dockerd, *extra: str, env=None):
     return run_cli(
-        "unlock", "--archive", str(archive), "--version", archives.version, "--api-url", api.url,
-        "--docker-host", engine.url, *extra, env={**CREDENTIALS_ENV, **(env or {})},
+        "unlock",
+        "--archive",
+        str(archive),
+        "--version",
+        archives.version,
+        "--api-url",
+        api.url,
+        "--docker-host",
+        engine.url,
+        *extra,
+        env={**CREDENTIALS_ENV, **(env or {})},
     )
 
 
 @pytest.mark.parametrize("which", ["openssl_archive", "own_archive"])
-def test_unlocks_seven_images_then_fast_path_makes_no_key_request(clean_docker, archives, resource_api, which,
-                                                                 tmp_path):
+def test_unlocks_seven_images_then_fast_path_makes_no_key_request(
+    clean_docker, archives, resource_api, which, tmp_path
+):
     state = {"XDG_STATE_HOME": str(tmp_path)}  # where the first run records the verified IDs
     first = unlock(getattr(archives, which), archives, resource_api, clean_docker, env=state)
     assert first.returncode == 0, first.stderr
@@ -46,8 +56,9 @@ def test_unlocks_seven_images_then_fast_path_makes_no_key_request(clean_docker, 
 
 
 def test_wrong_credentials_fail_with_one_actionable_line(clean_docker, archives, resource_api):
-    result = unlock(archives.openssl_archive, archives, resource_api, clean_docker,
-                    env={"IMAGEUNLOCK_PASSWORD": "not-the-password"})
+    result = unlock(
+        archives.openssl_archive, archives, resource_api, clean_docker, env={"IMAGEUNLOCK_PASSWORD": "not-the-password"}
+    )
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "rejected the credentials" in line and "not-the-password" not in result.stderr
@@ -56,8 +67,17 @@ def test_wrong_credentials_fail_with_one_actionable_line(clean_docker, archives,
 
 
 def test_missing_credentials_are_explained(clean_docker, archives, resource_api):
-    result = run_cli("unlock", "--archive", str(archives.openssl_archive), "--version", archives.version,
-                     "--api-url", resource_api.url, "--docker-host", clean_docker.url)
+    result = run_cli(
+        "unlock",
+        "--archive",
+        str(archives.openssl_archive),
+        "--version",
+        archives.version,
+        "--api-url",
+        resource_api.url,
+        "--docker-host",
+        clean_docker.url,
+    )
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "IMAGEUNLOCK_EMAIL" in line
@@ -118,8 +138,17 @@ def test_unreachable_engine_is_a_transient_failure(archives, resource_api, tmp_p
 def test_default_images_and_env_defaults(clean_docker, archives, resource_api, tmp_path):
     archive = tmp_path / "images.enc"
     shutil.copy(archives.own_archive, archive)
-    result = run_cli("unlock", "--docker-host", clean_docker.url, env={
-        **CREDENTIALS_ENV, "IMAGES_PATH": str(archive), "API_VERSION": archives.version, "RESOURCE_API_URL": resource_api.url})
+    result = run_cli(
+        "unlock",
+        "--docker-host",
+        clean_docker.url,
+        env={
+            **CREDENTIALS_ENV,
+            "IMAGES_PATH": str(archive),
+            "API_VERSION": archives.version,
+            "RESOURCE_API_URL": resource_api.url,
+        },
+    )
     assert result.returncode == 0, result.stderr
     assert set(loaded(clean_docker)) == set(archives.refs)
 
@@ -130,7 +159,9 @@ def test_output_json_reports_the_outcome_on_stdout_for_scripts(clean_docker, arc
     assert first.returncode == 0, first.stderr
     outcome = json.loads(first.stdout)  # stdout holds this one document and nothing else
     assert outcome == {
-        "ready": True, "fastPath": False, "version": archives.version,
+        "ready": True,
+        "fastPath": False,
+        "version": archives.version,
         "images": [{"name": ref, "id": archives.ids[ref]} for ref in archives.refs],
         "archiveBytes": archives.openssl_archive.stat().st_size,
     }
@@ -141,8 +172,15 @@ def test_output_json_reports_the_outcome_on_stdout_for_scripts(clean_docker, arc
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["fastPath"] is True
 
-    failed = unlock(archives.openssl_archive, archives, resource_api, clean_docker, "--output", "json",
-                    env={"IMAGEUNLOCK_PASSWORD": "not-the-password"})
+    failed = unlock(
+        archives.openssl_archive,
+        archives,
+        resource_api,
+        clean_docker,
+        "--output",
+        "json",
+        env={"IMAGEUNLOCK_PASSWORD": "not-the-password"},
+    )
     assert failed.returncode == 1
     error = json.loads(failed.stdout)["error"]
     assert error["reason"] == "AuthenticationFailed" and error["transient"] is False

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.runtimes.docker import DockerRuntime
 from imageunlock.errors import ImagesNotVerifiedError
-from imageunlock.resource_api import ResourceApiClient
 from imageunlock.models import Credentials, Phase, UnlockRequest
+from imageunlock.resource_api import ResourceApiClient
+from imageunlock.runtimes.docker import DockerRuntime
 from imageunlock.service import UnlockService
 
-from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 from ..support.dockerd import loaded
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
 
 pytestmark = pytest.mark.docker
 
@@ -151,10 +151,12 @@ def test_archive_rewritten_after_the_digest_check_loads_nothing(clean_docker, ar
     other = tamper.rewrite(archives.plaintext, tmp_path / "other.enc", archives.fragment, tamper.add_tags([]))
     path = tmp_path / "images.enc"
     path.write_bytes(trusted)
-    service = UnlockService(DockerRuntime(clean_docker.url),
-                            lambda creds: _RewritingKeyHolder(archives.fragment, path, other.read_bytes()))
-    request = UnlockRequest(str(path), archives.version, tuple(archives.names),
-                            archive_sha256=hashlib.sha256(trusted).hexdigest())
+    service = UnlockService(
+        DockerRuntime(clean_docker.url), lambda creds: _RewritingKeyHolder(archives.fragment, path, other.read_bytes())
+    )
+    request = UnlockRequest(
+        str(path), archives.version, tuple(archives.names), archive_sha256=hashlib.sha256(trusted).hexdigest()
+    )
     with pytest.raises(DigestMismatchError):
         service.unlock(request, _creds)
     assert loaded(clean_docker) == {}

@@ -45,7 +45,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             plane.start()
             kubeconfig = plane.kubeconfig
             operator_kubeconfig = plane.add_user(OPERATOR_USER)
-    except Exception as exc:  # noqa: BLE001 - any failure to bring it up is reported the same way
+    except Exception as exc:
         if plane is not None:
             plane.stop()
         unavailable("Kubernetes API server", f"{type(exc).__name__}: {exc}")
@@ -77,8 +77,10 @@ def namespace(cluster: Cluster, crd: str) -> Iterator[str]:
 
 @pytest.fixture
 def secret(cluster: Cluster, namespace: str) -> str:
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "loader-creds"}, "stringData": {"email": TEST_EMAIL, "password": TEST_PASSWORD}})
+    cluster.core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "loader-creds"}, "stringData": {"email": TEST_EMAIL, "password": TEST_PASSWORD}},
+    )
     return "loader-creds"
 
 
@@ -90,30 +92,33 @@ def archive_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_operator(cluster: Cluster, clean_docker: Dockerd, resource_api, archive_root: Path, namespace: str,
-                   tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+def start_operator(
+    cluster: Cluster, clean_docker: Dockerd, resource_api, archive_root: Path, namespace: str, tmp_path: Path
+) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
     def start(**overrides: str) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG"))}
-        env.update({
-            "KUBECONFIG": cluster.operator_kubeconfig,
-            # cluster-wide, as deployed (a namespace-restricted kopf also lists and watches
-            # Namespaces, which manifests/rbac.yaml rightly does not grant); each test's
-            # objects live in its own namespace and are gone before the next test starts
-            "IMAGEUNLOCK_NAMESPACES": "",
-            "IMAGEUNLOCK_DOCKER_HOST": clean_docker.url,
-            "IMAGEUNLOCK_ARCHIVE_ROOT": str(archive_root),
-            "RESOURCE_API_URL": resource_api.url,
-            "IMAGEUNLOCK_VERIFY_INTERVAL": "2",
-            "IMAGEUNLOCK_PROGRESS_INTERVAL": "0.2",
-            "IMAGEUNLOCK_RETRY_BASE": "0.5",
-            "IMAGEUNLOCK_RETRY_MAX": "2",
-            "IMAGEUNLOCK_API_RETRIES": "0",  # operator-level retries are what these tests watch
-            "IMAGEUNLOCK_LOG_LEVEL": "debug",
-            # not the default 0.0.0.0:8081, which anything else on the host may hold
-            "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-        })
+        env.update(
+            {
+                "KUBECONFIG": cluster.operator_kubeconfig,
+                # cluster-wide, as deployed (a namespace-restricted kopf also lists and watches
+                # Namespaces, which manifests/rbac.yaml rightly does not grant); each test's
+                # objects live in its own namespace and are gone before the next test starts
+                "IMAGEUNLOCK_NAMESPACES": "",
+                "IMAGEUNLOCK_DOCKER_HOST": clean_docker.url,
+                "IMAGEUNLOCK_ARCHIVE_ROOT": str(archive_root),
+                "RESOURCE_API_URL": resource_api.url,
+                "IMAGEUNLOCK_VERIFY_INTERVAL": "2",
+                "IMAGEUNLOCK_PROGRESS_INTERVAL": "0.2",
+                "IMAGEUNLOCK_RETRY_BASE": "0.5",
+                "IMAGEUNLOCK_RETRY_MAX": "2",
+                "IMAGEUNLOCK_API_RETRIES": "0",  # operator-level retries are what these tests watch
+                "IMAGEUNLOCK_LOG_LEVEL": "debug",
+                # not the default 0.0.0.0:8081, which anything else on the host may hold
+                "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            }
+        )
         env.update(overrides)
         proc = OperatorProcess(tmp_path / f"operator-{len(started)}", env).start()
         started.append(proc)
@@ -129,13 +134,24 @@ def start_operator(cluster: Cluster, clean_docker: Dockerd, resource_api, archiv
 @pytest.fixture(scope="session")
 def archives_v2(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, archives):
     """The same services at a newer version, for spec.version changes."""
-    return build_archive_set(dockerd, tmp_path_factory.mktemp("archives-v2"), archives.names, "1.5.0",
-                             fragment=archives.fragment, payload_bytes=32 * 1024)
+    return build_archive_set(
+        dockerd,
+        tmp_path_factory.mktemp("archives-v2"),
+        archives.names,
+        "1.5.0",
+        fragment=archives.fragment,
+        payload_bytes=32 * 1024,
+    )
 
 
 @pytest.fixture(scope="session")
 def big_archives(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, archives):
     """Large enough (4 × 64 MiB) that a test can catch the operator in the middle of a load."""
-    return build_archive_set(dockerd, tmp_path_factory.mktemp("archives-big"),
-                             ["azaion/flights", "azaion/autopilot", "azaion/detections", "azaion/annotations"],
-                             "9.9.9", fragment=archives.fragment, payload_bytes=64 << 20)
+    return build_archive_set(
+        dockerd,
+        tmp_path_factory.mktemp("archives-big"),
+        ["azaion/flights", "azaion/autopilot", "azaion/detections", "azaion/annotations"],
+        "9.9.9",
+        fragment=archives.fragment,
+        payload_bytes=64 << 20,
+    )

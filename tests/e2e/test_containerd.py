@@ -3,22 +3,22 @@ sid's containerd, the loopback resource API; what kubelet would see, asked over 
 
 from __future__ import annotations
 
-
 import pytest
 
 from imageunlock.refs import normalize_ref
 
-from ..support.dockerd import loaded
-from ..support.containerd import Cri
 from ..support.cluster import is_ready, spec_for, stalled_with
+from ..support.containerd import Cri
+from ..support.dockerd import loaded
 from ..support.operator_process import place
 from ..support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.containerd]
 
 
-def test_operator_unlocks_into_containerd_pinned(cluster, namespace, secret, start_operator, archives, archive_root,
-                                                 clean_containerd, clean_docker, resource_api):
+def test_operator_unlocks_into_containerd_pinned(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_containerd, clean_docker, resource_api
+):
     path = place(archives.openssl_archive, archive_root)
     operator = start_operator(
         IMAGEUNLOCK_RUNTIME="containerd",

@@ -11,10 +11,10 @@ import pytest
 
 from imageunlock.resource_api import KEY_FRAGMENT_PATH
 
-from ..support.resource_api import TEST_EMAIL
-from ..support.net import free_port
 from ..support.cluster import is_ready, is_stalled, spec_for
+from ..support.net import free_port
 from ..support.operator_process import place
+from ..support.resource_api import TEST_EMAIL
 from ..support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -28,24 +28,27 @@ def scrape(port: int) -> str:
 def test_metrics_show_conditions_and_the_unlock(cluster, namespace, secret, start_operator, archives, archive_root):
     port = free_port()
     start_operator(IMAGEUNLOCK_METRICS_ADDRESS=f"127.0.0.1:{port}")
-    cluster.create_unlock(namespace, "metered", spec_for(place(archives.openssl_archive, archive_root),
-                                                         archives.version, secret))
+    cluster.create_unlock(
+        namespace, "metered", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "metered"), 60, "Ready")
-    ready = (f'imageunlock_status_condition{{condition="Ready",name="metered",namespace="{namespace}",'
-             f'status="True"}} 1.0')
-    text = wait_for(lambda: next((t for t in [scrape(port)] if ready in t), None), 30,
-                    "the Ready condition in /metrics")
+    ready = (
+        f'imageunlock_status_condition{{condition="Ready",name="metered",namespace="{namespace}",status="True"}} 1.0'
+    )
+    text = wait_for(
+        lambda: next((t for t in [scrape(port)] if ready in t), None), 30, "the Ready condition in /metrics"
+    )
     assert re.search(r'^imageunlock_unlock_duration_seconds_count\{runtime="docker"\} 1\.0$', text, re.M)
     assert 'imageunlock_resource_api_requests_total{call="key_fragment",outcome="ok"} 1.0' in text
     assert re.search(r'^imageunlock_runtime_reachable\{runtime="docker"\} 1\.0$', text, re.M)
 
 
-def test_each_log_line_once_with_time_and_level(cluster, namespace, secret, start_operator, archives,
-                                               archive_root):
+def test_each_log_line_once_with_time_and_level(cluster, namespace, secret, start_operator, archives, archive_root):
     """Defect: the CLI's logging.basicConfig handler and kopf's both printed every line."""
     operator = start_operator(IMAGEUNLOCK_LOG_LEVEL="info")
-    cluster.create_unlock(namespace, "logged", spec_for(place(archives.openssl_archive, archive_root),
-                                                        archives.version, secret))
+    cluster.create_unlock(
+        namespace, "logged", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "logged"), 60, "Ready")
     lines = [line for line in operator.log().splitlines() if "operator settings:" in line]
     assert len(lines) == 1, lines
@@ -59,14 +62,16 @@ def test_json_log_format(cluster, namespace, secret, start_operator):
     assert all({"timestamp", "severity", "message"} <= set(r) for r in records)
 
 
-def test_a_failure_is_one_warning_event_and_its_repeats_aggregate(cluster, namespace, secret, start_operator,
-                                                                  archives, archive_root, resource_api):
+def test_a_failure_is_one_warning_event_and_its_repeats_aggregate(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api
+):
     """Defects: kopf posted its own Error/Logging event beside ours, and each retry made a new
     event object. Now one Warning event object per failure, its count growing."""
     resource_api.fail(KEY_FRAGMENT_PATH, 503, times=3)
     start_operator()
-    cluster.create_unlock(namespace, "flaky", spec_for(place(archives.openssl_archive, archive_root),
-                                                       archives.version, secret))
+    cluster.create_unlock(
+        namespace, "flaky", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "flaky"), 90, "Ready after three 503s")
     events = cluster.events(namespace, "flaky")
     warnings = [e for e in events if e.type != "Normal"]
@@ -76,27 +81,33 @@ def test_a_failure_is_one_warning_event_and_its_repeats_aggregate(cluster, names
 
 
 def test_bad_credentials_make_exactly_one_event(cluster, namespace, start_operator, archives, archive_root):
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "wrong"}, "stringData": {"email": TEST_EMAIL, "password": "not-it"}})
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "wrong"}, "stringData": {"email": TEST_EMAIL, "password": "not-it"}}
+    )
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-    cluster.create_unlock(namespace, "creds", spec_for(place(archives.openssl_archive, archive_root),
-                                                       archives.version, "wrong"))
+    cluster.create_unlock(
+        namespace, "creds", spec_for(place(archives.openssl_archive, archive_root), archives.version, "wrong")
+    )
     wait_for(lambda: is_stalled(cluster, namespace, "creds"), 60, "Stalled")
     wait_for(lambda: cluster.events(namespace, "creds"), 10, "an event")
     assert [(e.type, e.reason) for e in cluster.events(namespace, "creds") if e.type != "Normal"] == [
-        ("Warning", "AuthenticationFailed")]
+        ("Warning", "AuthenticationFailed")
+    ]
 
 
-def test_requested_at_annotation_verifies_now(cluster, namespace, secret, start_operator, archives, archive_root,
-                                              clean_docker, resource_api):
+def test_requested_at_annotation_verifies_now(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-    cluster.create_unlock(namespace, "asked", spec_for(place(archives.openssl_archive, archive_root),
-                                                       archives.version, secret))
+    cluster.create_unlock(
+        namespace, "asked", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "asked"), 60, "Ready")
     clean_docker.docker("rmi", archives.refs[0])  # the hour-long verify interval would not notice
     cluster.kubectl("annotate", "iu", "asked", "-n", namespace, "loader.azaion.com/requested-at=first")
-    wait_for(lambda: cluster.status(namespace, "asked").get("lastHandledRequestedAt") == "first", 60,
-             "the request handled")
+    wait_for(
+        lambda: cluster.status(namespace, "asked").get("lastHandledRequestedAt") == "first", 60, "the request handled"
+    )
     wait_for(lambda: is_ready(cluster, namespace, "asked"), 60, "Ready again")
     status = cluster.status(namespace, "asked")
     assert status.get("lastVerifiedTime") and resource_api.calls[KEY_FRAGMENT_PATH] == 2

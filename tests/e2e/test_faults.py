@@ -26,10 +26,12 @@ from ..support.wait import wait_for
 pytestmark = pytest.mark.e2e
 
 
-def test_bad_credentials_stall_without_a_hot_loop(cluster, namespace, start_operator, archives, archive_root,
-                                                  clean_docker, resource_api):
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "wrong"}, "stringData": {"email": TEST_EMAIL, "password": "not-it"}})
+def test_bad_credentials_stall_without_a_hot_loop(
+    cluster, namespace, start_operator, archives, archive_root, clean_docker, resource_api
+):
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "wrong"}, "stringData": {"email": TEST_EMAIL, "password": "not-it"}}
+    )
     path = place(archives.openssl_archive, archive_root)
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     cluster.create_unlock(namespace, "creds", spec_for(path, archives.version, "wrong"))
@@ -39,14 +41,18 @@ def test_bad_credentials_stall_without_a_hot_loop(cluster, namespace, start_oper
     assert cluster.status(namespace, "creds")["phase"] == "Failed"
     assert cluster.condition(namespace, "creds", "Ready")["status"] == "False"
     logins = resource_api.calls[LOGIN_PATH]
-    wait_for(lambda: any(e.type == "Warning" and e.reason == "AuthenticationFailed"
-                         for e in cluster.events(namespace, "creds")), 10, "a Warning event")
+    wait_for(
+        lambda: any(
+            e.type == "Warning" and e.reason == "AuthenticationFailed" for e in cluster.events(namespace, "creds")
+        ),
+        10,
+        "a Warning event",
+    )
     assert resource_api.calls[LOGIN_PATH] == logins == 1, "a permanent error must not be retried"
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 0 and loaded(clean_docker) == {}
 
 
-def test_missing_secret_stalls_with_an_actionable_message(cluster, namespace, start_operator, archives,
-                                                          archive_root):
+def test_missing_secret_stalls_with_an_actionable_message(cluster, namespace, start_operator, archives, archive_root):
     path = place(archives.openssl_archive, archive_root)
     start_operator()
     cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "does-not-exist"))
@@ -55,8 +61,9 @@ def test_missing_secret_stalls_with_an_actionable_message(cluster, namespace, st
     assert "does-not-exist" in message and "not found" in message
 
 
-def test_resource_api_5xx_is_retried_until_ready(cluster, namespace, secret, start_operator, archives,
-                                                 archive_root, clean_docker, resource_api):
+def test_resource_api_5xx_is_retried_until_ready(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     resource_api.fail(LOGIN_PATH, 503, times=3)
     path = place(archives.openssl_archive, archive_root)
     start_operator()
@@ -68,65 +75,90 @@ def test_resource_api_5xx_is_retried_until_ready(cluster, namespace, secret, sta
     assert loaded(clean_docker) == archives.ids
 
 
-def test_api_500_three_times_then_ready_with_exactly_one_load(cluster, namespace, secret, start_operator,
-                                                              archives, archive_root, clean_docker, resource_api):
+def test_api_500_three_times_then_ready_with_exactly_one_load(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     since = time.time()
     resource_api.fail(KEY_FRAGMENT_PATH, 500, times=3)
     start_operator()
-    cluster.create_unlock(namespace, "once", spec_for(place(archives.openssl_archive, archive_root),
-                                                      archives.version, secret))
+    cluster.create_unlock(
+        namespace, "once", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "once"), 90, "Ready")
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 4
     assert load_events(clean_docker, since) == len(archives.refs)  # one load of each image
 
 
-@pytest.mark.parametrize("status, reason, key_requests", [(401, "AuthenticationFailed", 2),
-                                                          (403, "ResourceApiRejected", 1)])
-def test_key_refused_relogs_in_once_then_stalls(cluster, namespace, secret, start_operator, archives, archive_root,
-                                                clean_docker, resource_api, status, reason, key_requests):
+@pytest.mark.parametrize(
+    "status, reason, key_requests", [(401, "AuthenticationFailed", 2), (403, "ResourceApiRejected", 1)]
+)
+def test_key_refused_relogs_in_once_then_stalls(
+    cluster,
+    namespace,
+    secret,
+    start_operator,
+    archives,
+    archive_root,
+    clean_docker,
+    resource_api,
+    status,
+    reason,
+    key_requests,
+):
     resource_api.fail(KEY_FRAGMENT_PATH, status, times=10)
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-    cluster.create_unlock(namespace, "refused", spec_for(place(archives.openssl_archive, archive_root),
-                                                         archives.version, secret))
+    cluster.create_unlock(
+        namespace, "refused", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     stalled_with(cluster, namespace, "refused", reason)
     assert resource_api.calls[KEY_FRAGMENT_PATH] == key_requests <= 2
     assert loaded(clean_docker) == {}
 
 
-def test_hanging_api_is_bounded_by_timeouts_and_retried(cluster, namespace, secret, start_operator, archives,
-                                                        archive_root, resource_api):
+def test_hanging_api_is_bounded_by_timeouts_and_retried(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api
+):
     resource_api.delay = 3.0
     start_operator(IMAGEUNLOCK_API_READ_TIMEOUT="0.5", IMAGEUNLOCK_API_CONNECT_TIMEOUT="0.5")
-    cluster.create_unlock(namespace, "slow", spec_for(place(archives.openssl_archive, archive_root),
-                                                      archives.version, secret))
-    wait_for(lambda: "attempt 2 failed" in cluster.status(namespace, "slow").get("message", ""), 60,
-             "a second timed-out attempt")
+    cluster.create_unlock(
+        namespace, "slow", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
+    wait_for(
+        lambda: "attempt 2 failed" in cluster.status(namespace, "slow").get("message", ""),
+        60,
+        "a second timed-out attempt",
+    )
     assert cluster.condition(namespace, "slow", "Reconciling")["reason"] == "ResourceApiUnavailable"
     resource_api.delay = 0
     wait_for(lambda: is_ready(cluster, namespace, "slow"), 60, "Ready once the API answers")
 
 
-def test_transient_failure_during_reverification_is_retried_to_ready(cluster, namespace, secret, start_operator,
-                                                                     archives, archive_root, clean_docker,
-                                                                     resource_api):
+def test_transient_failure_during_reverification_is_retried_to_ready(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     """Item 5: a transient failure during re-verification left a working phase, and the loop
     then skipped the resource forever (no API call, no write, the image stayed absent)."""
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="1", IMAGEUNLOCK_RETRY_BASE="1", IMAGEUNLOCK_RETRY_MAX="2")
-    cluster.create_unlock(namespace, "heal", spec_for(place(archives.openssl_archive, archive_root),
-                                                      archives.version, secret))
+    cluster.create_unlock(
+        namespace, "heal", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "heal"), 60, "Ready")
     resource_api.fail(KEY_FRAGMENT_PATH, 503, times=3)
     clean_docker.docker("rmi", archives.refs[2])
-    wait_for(lambda: "retrying in" in cluster.status(namespace, "heal").get("message", ""), 30,
-             "a truthful retrying status")
-    wait_for(lambda: is_ready(cluster, namespace, "heal") and loaded(clean_docker) == archives.ids, 60,
-             "Ready again with the image back")
+    wait_for(
+        lambda: "retrying in" in cluster.status(namespace, "heal").get("message", ""), 30, "a truthful retrying status"
+    )
+    wait_for(
+        lambda: is_ready(cluster, namespace, "heal") and loaded(clean_docker) == archives.ids,
+        60,
+        "Ready again with the image back",
+    )
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 1 + 3 + 1  # first unlock, three 503s, the success
 
 
-def test_broken_archives_all_stall_with_one_message_and_load_nothing(cluster, namespace, secret, start_operator,
-                                                                     archives, archive_root, clean_docker,
-                                                                     resource_api, tmp_path):
+def test_broken_archives_all_stall_with_one_message_and_load_nothing(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api, tmp_path
+):
     """Wrong fragment, bad padding, a flipped byte in the IV, the middle and the last block,
     truncation, and plaintext that is not an image tar."""
     workdir = tmp_path / "broken"
@@ -137,19 +169,22 @@ def test_broken_archives_all_stall_with_one_message_and_load_nothing(cluster, na
         if case == "wrong key":
             continue  # below, with its own API
         names[case] = f"broken-{i}"
-        cluster.create_unlock(namespace, names[case], spec_for(place(path, archive_root, f"{i}.enc"),
-                                                               archives.version, secret))
+        cluster.create_unlock(
+            namespace, names[case], spec_for(place(path, archive_root, f"{i}.enc"), archives.version, secret)
+        )
     messages = {case: stalled_with(cluster, namespace, name, "ArchiveInvalid", 90) for case, name in names.items()}
     assert set(messages.values()) == {ARCHIVE_ERROR_MESSAGE}, messages
     assert loaded(clean_docker) == {}
 
 
-def test_wrong_fragment_stalls_and_loads_nothing(cluster, namespace, secret, start_operator, archives,
-                                                 archive_root, clean_docker, resource_api):
+def test_wrong_fragment_stalls_and_loads_nothing(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     resource_api.fragment = b"not the fragment this archive was made with"
     start_operator()
-    cluster.create_unlock(namespace, "wrongkey", spec_for(place(archives.openssl_archive, archive_root),
-                                                          archives.version, secret))
+    cluster.create_unlock(
+        namespace, "wrongkey", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     assert stalled_with(cluster, namespace, "wrongkey", "ArchiveInvalid") == ARCHIVE_ERROR_MESSAGE
     assert loaded(clean_docker) == {}
 
@@ -157,23 +192,32 @@ def test_wrong_fragment_stalls_and_loads_nothing(cluster, namespace, secret, sta
 @pytest.fixture(scope="session")
 def six_archives(dockerd, archives, tmp_path_factory):
     """An archive holding 6 of the 7 default services."""
-    return build_archive_set(dockerd, tmp_path_factory.mktemp("six"), archives.names[:6], archives.version,
-                             fragment=archives.fragment, payload_bytes=16 * 1024)
+    return build_archive_set(
+        dockerd,
+        tmp_path_factory.mktemp("six"),
+        archives.names[:6],
+        archives.version,
+        fragment=archives.fragment,
+        payload_bytes=16 * 1024,
+    )
 
 
-def test_six_of_seven_images_names_the_missing_one(cluster, namespace, secret, start_operator, six_archives,
-                                                   archive_root, clean_docker, resource_api):
+def test_six_of_seven_images_names_the_missing_one(
+    cluster, namespace, secret, start_operator, six_archives, archive_root, clean_docker, resource_api
+):
     start_operator()
-    cluster.create_unlock(namespace, "six", spec_for(place(six_archives.openssl_archive, archive_root),
-                                                     six_archives.version, secret))
+    cluster.create_unlock(
+        namespace, "six", spec_for(place(six_archives.openssl_archive, archive_root), six_archives.version, secret)
+    )
     message = stalled_with(cluster, namespace, "six", "ImagesNotInArchive")
     assert f"azaion/ai-training:{six_archives.version}" in message
     assert "azaion/flights" not in message
     assert loaded(clean_docker) == {}
 
 
-def test_digest_mismatch_stalls_before_any_key_request(cluster, namespace, secret, start_operator, archives,
-                                                       archive_root, clean_docker, resource_api):
+def test_digest_mismatch_stalls_before_any_key_request(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     start_operator()
     path = place(archives.openssl_archive, archive_root)
     cluster.create_unlock(namespace, "digest", spec_for(path, archives.version, secret, archiveSha256="ab" * 32))
@@ -186,16 +230,21 @@ def test_digest_mismatch_stalls_before_any_key_request(cluster, namespace, secre
     wait_for(lambda: is_ready(cluster, namespace, "digest"), 60, "Ready with the right digest")
 
 
-def test_dockerd_stopped_then_restarted_ends_ready(cluster, namespace, secret, start_operator, archives,
-                                                   archive_root, resource_api, tmp_path):
+def test_dockerd_stopped_then_restarted_ends_ready(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api, tmp_path
+):
     engine = Dockerd(tmp_path / "own-dockerd").start()
     try:
         engine.stop()
         start_operator(IMAGEUNLOCK_DOCKER_HOST=engine.url)
-        cluster.create_unlock(namespace, "engine", spec_for(place(archives.own_archive, archive_root),
-                                                            archives.version, secret))
-        wait_for(lambda: cluster.condition(namespace, "engine", "Reconciling").get("reason") == "RuntimeUnavailable",
-                 60, "RuntimeUnavailable while dockerd is down")
+        cluster.create_unlock(
+            namespace, "engine", spec_for(place(archives.own_archive, archive_root), archives.version, secret)
+        )
+        wait_for(
+            lambda: cluster.condition(namespace, "engine", "Reconciling").get("reason") == "RuntimeUnavailable",
+            60,
+            "RuntimeUnavailable while dockerd is down",
+        )
         assert not is_stalled(cluster, namespace, "engine")
         engine.start()
         wait_for(lambda: is_ready(cluster, namespace, "engine"), 60, "Ready after dockerd is back")
@@ -204,15 +253,22 @@ def test_dockerd_stopped_then_restarted_ends_ready(cluster, namespace, secret, s
         engine.stop()
 
 
-def test_operator_killed_mid_load_recovers_cleanly(cluster, namespace, secret, start_operator, big_archives,
-                                                   archive_root, clean_docker):
+def test_operator_killed_mid_load_recovers_cleanly(
+    cluster, namespace, secret, start_operator, big_archives, archive_root, clean_docker
+):
     path = place(big_archives.openssl_archive, archive_root)
     before = sorted(os.listdir(archive_root))
     operator = start_operator(IMAGEUNLOCK_PROGRESS_INTERVAL="0.05")
-    cluster.create_unlock(namespace, "big", spec_for(path, big_archives.version, secret,
-                                                     images=big_archives.names))
-    wait_for(lambda: cluster.status(namespace, "big").get("phase") == "Loading"
-             and 0 < cluster.status(namespace, "big")["progress"]["percent"] < 90, 60, "mid-load", interval=0.02)
+    cluster.create_unlock(namespace, "big", spec_for(path, big_archives.version, secret, images=big_archives.names))
+    wait_for(
+        lambda: (
+            cluster.status(namespace, "big").get("phase") == "Loading"
+            and 0 < cluster.status(namespace, "big")["progress"]["percent"] < 90
+        ),
+        60,
+        "mid-load",
+        interval=0.02,
+    )
     operator.stop(signal.SIGKILL)
     assert sorted(os.listdir(archive_root)) == before
     assert unlock_leftovers(operator.tmpdir) == []
@@ -228,5 +284,4 @@ def unlock_leftovers(tmpdir) -> list[str]:
     """Files in the operator's TMPDIR other than the kubernetes client's copies of the
     kubeconfig's inline certificates (it removes those at exit, which SIGKILL skips; an
     in-cluster operator has none). The unlock itself must never write a file."""
-    return [name for name in os.listdir(tmpdir)
-            if not (tmpdir / name).read_bytes().startswith(b"-----BEGIN ")]
+    return [name for name in os.listdir(tmpdir) if not (tmpdir / name).read_bytes().startswith(b"-----BEGIN ")]

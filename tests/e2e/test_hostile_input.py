@@ -24,8 +24,9 @@ from ..support.wait import wait_for
 pytestmark = pytest.mark.e2e
 
 
-def test_hostile_archive_paths_are_refused_before_any_read(cluster, namespace, secret, start_operator, archives,
-                                                           archive_root, tmp_path, resource_api):
+def test_hostile_archive_paths_are_refused_before_any_read(
+    cluster, namespace, secret, start_operator, archives, archive_root, tmp_path, resource_api
+):
     outside = tmp_path / "outside.enc"
     outside.write_bytes(archives.openssl_archive.read_bytes())
     (archive_root / "escape.enc").symlink_to(outside)
@@ -45,23 +46,29 @@ def test_hostile_archive_paths_are_refused_before_any_read(cluster, namespace, s
     assert resource_api.calls[LOGIN_PATH] == 0 and resource_api.calls[KEY_FRAGMENT_PATH] == 0
 
 
-@pytest.mark.parametrize("data, expected", [
-    ({"email": TEST_EMAIL, "password": "x" * 5000}, "larger than 4096 bytes"),
-    ({"email": TEST_EMAIL}, "lacks key(s) password"),
-    ({"email": TEST_EMAIL, "password": "\n"}, "is empty"),
-])
-def test_oversized_or_malformed_secret_is_a_clear_error(cluster, namespace, start_operator, archives, archive_root,
-                                                        resource_api, data, expected):
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"email": TEST_EMAIL, "password": "x" * 5000}, "larger than 4096 bytes"),
+        ({"email": TEST_EMAIL}, "lacks key(s) password"),
+        ({"email": TEST_EMAIL, "password": "\n"}, "is empty"),
+    ],
+)
+def test_oversized_or_malformed_secret_is_a_clear_error(
+    cluster, namespace, start_operator, archives, archive_root, resource_api, data, expected
+):
     cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "odd"}, "stringData": data})
     start_operator()
-    cluster.create_unlock(namespace, "odd", spec_for(place(archives.openssl_archive, archive_root),
-                                                     archives.version, "odd"))
+    cluster.create_unlock(
+        namespace, "odd", spec_for(place(archives.openssl_archive, archive_root), archives.version, "odd")
+    )
     assert expected in stalled_with(cluster, namespace, "odd", "InvalidConfiguration")
     assert resource_api.calls[LOGIN_PATH] == 0
 
 
-def test_archive_cannot_move_tags_it_was_not_asked_for(cluster, namespace, secret, start_operator, archives,
-                                                       archive_root, clean_docker, resource_api, tmp_path):
+def test_archive_cannot_move_tags_it_was_not_asked_for(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api, tmp_path
+):
     """Item 3: every RepoTag in manifest.json was applied, so an archive made with the right key
     could overwrite another team's image."""
     victim = "victim/app:prod"
@@ -71,8 +78,9 @@ def test_archive_cannot_move_tags_it_was_not_asked_for(cluster, namespace, secre
         clean_docker.docker("rmi", ref)
     before = loaded(clean_docker)
     assert list(before) == [victim]
-    archive = tamper.rewrite(archives.plaintext, tmp_path / "foreign.enc", archives.fragment,
-                             tamper.add_tags([victim, "nginx:latest"]))
+    archive = tamper.rewrite(
+        archives.plaintext, tmp_path / "foreign.enc", archives.fragment, tamper.add_tags([victim, "nginx:latest"])
+    )
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     cluster.create_unlock(namespace, "foreign", spec_for(place(archive, archive_root), archives.version, secret))
     message = stalled_with(cluster, namespace, "foreign", "ArchiveHasForeignTags")
@@ -81,12 +89,17 @@ def test_archive_cannot_move_tags_it_was_not_asked_for(cluster, namespace, secre
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 1
 
 
-@pytest.mark.parametrize("edit, reason, text", [
-    (tamper.nested_manifest(), "ArchiveInvalid", ARCHIVE_ERROR_MESSAGE),
-    (tamper.layer_not_a_tar, "ArchiveRejected", "rebuild it"),
-], ids=["deeply-nested-manifest", "layer-not-a-tar"])
-def test_archive_content_failures_stall_instead_of_retrying(cluster, namespace, secret, start_operator, archives,
-                                                            archive_root, resource_api, tmp_path, edit, reason, text):
+@pytest.mark.parametrize(
+    "edit, reason, text",
+    [
+        (tamper.nested_manifest(), "ArchiveInvalid", ARCHIVE_ERROR_MESSAGE),
+        (tamper.layer_not_a_tar, "ArchiveRejected", "rebuild it"),
+    ],
+    ids=["deeply-nested-manifest", "layer-not-a-tar"],
+)
+def test_archive_content_failures_stall_instead_of_retrying(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api, tmp_path, edit, reason, text
+):
     """Item 7: a RecursionError from a deeply nested manifest.json, and the Engine refusing a
     layer, were transient: login + key + full upload every backoff, forever."""
     archive = tamper.rewrite(archives.plaintext, tmp_path / "hostile.enc", archives.fragment, edit)
@@ -105,6 +118,7 @@ def test_archive_content_failures_stall_instead_of_retrying(cluster, namespace, 
         def passes() -> int:
             return audit.reads(audit.entries(cluster.audit_log, OPERATOR_USER, since), "secrets", namespace, secret)
 
-        wait_for(lambda: passes() >= 3, 30, "three passes of the re-verification loop over the Stalled object",
-                 interval=0.5)
+        wait_for(
+            lambda: passes() >= 3, 30, "three passes of the re-verification loop over the Stalled object", interval=0.5
+        )
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 1 and resource_api.calls[LOGIN_PATH] == 1

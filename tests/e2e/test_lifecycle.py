@@ -20,13 +20,15 @@ from ..support.wait import wait_for
 pytestmark = pytest.mark.e2e
 
 
-def test_secret_and_imageunlock_become_ready(cluster, namespace, secret, start_operator, archives,
-                                             archive_root, clean_docker, resource_api):
+def test_secret_and_imageunlock_become_ready(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     path = place(archives.openssl_archive, archive_root)
     operator = start_operator()
     cluster.create_unlock(namespace, "images", spec_for(path, archives.version, secret))
-    cluster.kubectl("wait", "--for=condition=Ready", "imageunlock/images", "-n", namespace, "--timeout=120s",
-                    timeout=150)
+    cluster.kubectl(
+        "wait", "--for=condition=Ready", "imageunlock/images", "-n", namespace, "--timeout=120s", timeout=150
+    )
     status = cluster.status(namespace, "images")
     assert status["phase"] == "Ready" and status["observedGeneration"] == 1
     assert {i["name"]: i["id"] for i in status["images"]} == archives.ids
@@ -45,39 +47,48 @@ def test_secret_and_imageunlock_become_ready(cluster, namespace, secret, start_o
     assert not obj["metadata"].get("finalizers"), "no finalizer: deletion must never wait for the operator"
 
 
-def test_images_present_before_the_first_unlock_are_not_vouched_for(cluster, namespace, secret, start_operator,
-                                                                    archives, archive_root, clean_docker,
-                                                                    resource_api):
+def test_images_present_before_the_first_unlock_are_not_vouched_for(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     """Issue 8, item 4: an impostor at NAME:VERSION before the first unlock was reported Ready
     (AlreadyPresent) and its ID recorded as verified. Now the first unlock compares and replaces."""
     clean_docker.docker("load", "-i", str(archives.plaintext))
     clean_docker.docker("tag", archives.refs[1], archives.refs[0])  # impostor under the first name
     start_operator()
-    cluster.create_unlock(namespace, "present", spec_for(place(archives.openssl_archive, archive_root),
-                                                         archives.version, secret))
+    cluster.create_unlock(
+        namespace, "present", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+    )
     wait_for(lambda: is_ready(cluster, namespace, "present"), 60, "Ready")
     assert cluster.condition(namespace, "present", "Ready")["reason"] == "Unlocked"
     assert loaded(clean_docker) == archives.ids  # the impostor's tag now holds the archive's image
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 1
 
 
-def test_version_change_is_reconciled(cluster, namespace, secret, start_operator, archives, archives_v2,
-                                      archive_root, clean_docker):
+def test_version_change_is_reconciled(
+    cluster, namespace, secret, start_operator, archives, archives_v2, archive_root, clean_docker
+):
     old = place(archives.own_archive, archive_root, "v1.enc")
     new = place(archives_v2.own_archive, archive_root, "v2.enc")
     start_operator()
     cluster.create_unlock(namespace, "versions", spec_for(old, archives.version, secret))
     wait_for(lambda: is_ready(cluster, namespace, "versions"), 60, "Ready at v1")
     cluster.patch_spec(namespace, "versions", {"version": archives_v2.version, "archivePath": new})
-    wait_for(lambda: cluster.status(namespace, "versions").get("observedGeneration") == 2
-             and is_ready(cluster, namespace, "versions"), 60, "Ready at generation 2")
+    wait_for(
+        lambda: (
+            cluster.status(namespace, "versions").get("observedGeneration") == 2
+            and is_ready(cluster, namespace, "versions")
+        ),
+        60,
+        "Ready at generation 2",
+    )
     status = cluster.status(namespace, "versions")
     assert {i["name"]: i["id"] for i in status["images"]} == archives_v2.ids
     assert cluster.condition(namespace, "versions", "Ready")["observedGeneration"] == 2
 
 
-def test_removed_image_is_restored_by_reverification(cluster, namespace, secret, start_operator, archives,
-                                                     archive_root, clean_docker, resource_api):
+def test_removed_image_is_restored_by_reverification(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     path = place(archives.openssl_archive, archive_root)
     start_operator()
     cluster.create_unlock(namespace, "keep", spec_for(path, archives.version, secret))
@@ -88,8 +99,9 @@ def test_removed_image_is_restored_by_reverification(cluster, namespace, secret,
     wait_for(lambda: is_ready(cluster, namespace, "keep"), 30, "Ready again")
 
 
-def test_reapplying_the_same_spec_loads_nothing_again(cluster, namespace, secret, start_operator, archives,
-                                                      archive_root, clean_docker):
+def test_reapplying_the_same_spec_loads_nothing_again(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker
+):
     since = time.time()
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     spec = spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
@@ -101,19 +113,26 @@ def test_reapplying_the_same_spec_loads_nothing_again(cluster, namespace, secret
     cluster.kubectl("label", "imageunlock/same", "-n", namespace, "touched=yes")
     # A change that is no spec change: kopf runs an update cycle with no handler to call and
     # then records the labels it handled. A wrong reconcile would have loaded before that.
-    wait_for(lambda: cluster.last_handled(namespace, "same").get("metadata", {}).get("labels") == {"touched": "yes"},
-             30, "the operator to have handled the label change")
+    wait_for(
+        lambda: cluster.last_handled(namespace, "same").get("metadata", {}).get("labels") == {"touched": "yes"},
+        30,
+        "the operator to have handled the label change",
+    )
     assert cluster.get(namespace, "same")["metadata"]["generation"] == generation
     assert load_events(clean_docker, since) == len(archives.refs)
 
 
-def test_delete_while_operator_is_down_does_not_hang(cluster, namespace, secret, start_operator, archives,
-                                                     archive_root):
+def test_delete_while_operator_is_down_does_not_hang(
+    cluster, namespace, secret, start_operator, archives, archive_root
+):
     path = place(archives.openssl_archive, archive_root)
     operator = start_operator()
     cluster.create_unlock(namespace, "gone", spec_for(path, archives.version, secret))
     wait_for(lambda: is_ready(cluster, namespace, "gone"), 60, "Ready")
     operator.stop()
     cluster.delete(namespace, "gone")
-    wait_for(lambda: "gone" not in [i["metadata"]["name"] for i in cluster.list(namespace)], 15,
-             "deletion without the operator")
+    wait_for(
+        lambda: "gone" not in [i["metadata"]["name"] for i in cluster.list(namespace)],
+        15,
+        "deletion without the operator",
+    )

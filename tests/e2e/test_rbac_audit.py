@@ -30,12 +30,15 @@ def manifest_docs(path: Path) -> list[dict]:
 def bound_rules(docs: list[dict], user: str) -> list[dict]:
     """Rules of every (Cluster)Role bound to ``user`` (a ServiceAccount)."""
     _, _, namespace, name = user.split(":")
-    roles = {(d["kind"], d["metadata"]["name"]): d.get("rules", []) for d in docs
-             if d["kind"] in ("ClusterRole", "Role")}
+    roles = {
+        (d["kind"], d["metadata"]["name"]): d.get("rules", []) for d in docs if d["kind"] in ("ClusterRole", "Role")
+    }
     rules = []
     for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
-        if any(s["kind"] == "ServiceAccount" and s["name"] == name and s.get("namespace") == namespace
-               for s in binding.get("subjects", [])):
+        if any(
+            s["kind"] == "ServiceAccount" and s["name"] == name and s.get("namespace") == namespace
+            for s in binding.get("subjects", [])
+        ):
             rules += roles.get((binding["roleRef"]["kind"], binding["roleRef"]["name"]), [])
     return rules
 
@@ -44,19 +47,22 @@ def allows(rule: dict, request: Request) -> bool:
     def has(values: list[str], value: str) -> bool:
         return "*" in values or value in values
 
-    return (has(rule.get("apiGroups", []), request.group) and has(rule.get("resources", []), request.resource)
-            and has(rule.get("verbs", []), request.verb))
+    return (
+        has(rule.get("apiGroups", []), request.group)
+        and has(rule.get("resources", []), request.resource)
+        and has(rule.get("verbs", []), request.verb)
+    )
 
 
 def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
-        cluster, namespace, secret, start_operator, archives, archive_root, clean_docker):
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker
+):
     if cluster.audit_log is None:
         pytest.skip("a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG has no audit log here")
     start_operator()  # cluster-wide, as the Deployment runs it
     path = place(archives.own_archive, archive_root)
     cluster.create_unlock(namespace, "audited", spec_for(path, archives.version, secret))
-    cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "missing",
-                                                          images=["azaion/none"]))
+    cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "missing", images=["azaion/none"]))
     wait_for(lambda: is_ready(cluster, namespace, "audited"), 60, "Ready")
     wait_for(lambda: is_stalled(cluster, namespace, "nosecret"), 60, "Stalled")
     cluster.patch_spec(namespace, "audited", {"images": archives.names[:3]})
@@ -70,16 +76,28 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
     denied = [r for r in made if not any(allows(rule, r) for rule in rules)]
     assert denied == [] and refused == [], f"not allowed by manifests/rbac.yaml: {denied or refused[:3]}"
 
-    used = {(tuple(rule["apiGroups"]), tuple(rule["resources"]), verb)
-            for rule in rules for verb in rule["verbs"] for r in made if allows({**rule, "verbs": [verb]}, r)}
-    unused = [(rule["apiGroups"], rule["resources"], verb) for rule in rules for verb in rule["verbs"]
-              if (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb) not in used]
+    used = {
+        (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb)
+        for rule in rules
+        for verb in rule["verbs"]
+        for r in made
+        if allows({**rule, "verbs": [verb]}, r)
+    }
+    unused = [
+        (rule["apiGroups"], rule["resources"], verb)
+        for rule in rules
+        for verb in rule["verbs"]
+        if (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb) not in used
+    ]
     print("\nRBAC: requests the operator made (from the audit log):")
     for request, count in sorted(made.items(), key=lambda kv: (kv[0].group, kv[0].resource, kv[0].verb)):
         print(f"  {count:6d}  {request.verb:6s} {request.group or 'core'}/{request.resource}")
     print("RBAC: granted but never used:", unused or "none")
     # The load-bearing grants must all have been exercised by the suite.
-    for needed in [Request("patch", "loader.azaion.com", "imageunlocks/status", True),
-                   Request("get", "", "secrets", True), Request("create", "", "events", True),
-                   Request("watch", "loader.azaion.com", "imageunlocks", False)]:
+    for needed in [
+        Request("patch", "loader.azaion.com", "imageunlocks/status", True),
+        Request("get", "", "secrets", True),
+        Request("create", "", "events", True),
+        Request("watch", "loader.azaion.com", "imageunlocks", False),
+    ]:
         assert needed in made, f"the suite never exercised {needed}"

@@ -39,8 +39,13 @@ def relaxed_crd(cluster):
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     url = props["resourceApi"]["properties"]["url"]
     index = [v["name"] for v in crd["spec"]["versions"]].index(VERSION)
-    patch = [{"op": "remove", "path": f"/spec/versions/{index}/schema/openAPIV3Schema/properties/spec/properties/"
-                                      "resourceApi/properties/url/pattern"}]
+    patch = [
+        {
+            "op": "remove",
+            "path": f"/spec/versions/{index}/schema/openAPIV3Schema/properties/spec/properties/"
+            "resourceApi/properties/url/pattern",
+        }
+    ]
     assert "pattern" in url
     cluster.kubectl("patch", "crd", CRD_NAME, "--type=json", "-p", json.dumps(patch))
     try:
@@ -51,53 +56,70 @@ def relaxed_crd(cluster):
 
 def test_lookalike_url_is_refused_by_the_api_server(cluster, namespace, secret, resource_api, collector, archives):
     host_a, host_b = collector.url.removeprefix("http://"), resource_api.url.removeprefix("http://")
-    body = unlock_object(namespace, "bypass", {
-        **spec_for("/x.enc", archives.version, secret),
-        "resourceApi": {"url": f"http://{host_a}\\@{host_b}", "credentialsSecretRef": {"name": secret}}})
+    body = unlock_object(
+        namespace,
+        "bypass",
+        {
+            **spec_for("/x.enc", archives.version, secret),
+            "resourceApi": {"url": f"http://{host_a}\\@{host_b}", "credentialsSecretRef": {"name": secret}},
+        },
+    )
     result = cluster.kubectl("create", "-f", "-", input=json.dumps(body), check=False)
     assert result.returncode != 0 and "spec.resourceApi.url" in result.stderr
 
 
 @pytest.mark.parametrize("form", ["{a}\\@{b}", "{a}\\\\@{b}", "{a}#@{b}", "{a}?@{b}"])
-def test_lookalike_url_never_reaches_the_other_host(cluster, namespace, secret, start_operator, archives,
-                                                    archive_root, resource_api, collector, relaxed_crd, form):
+def test_lookalike_url_never_reaches_the_other_host(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api, collector, relaxed_crd, form
+):
     """Item 1: 'http://HOST-A\\@HOST-B' passed the allow-list (urlsplit reads HOST-B) while
     requests connected to HOST-A, which got the login JSON with the password."""
     start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600")
     url = "http://" + form.format(a=collector.url.removeprefix("http://"), b=resource_api.url.removeprefix("http://"))
-    spec = {**spec_for(place(archives.openssl_archive, archive_root), archives.version, secret),
-            "resourceApi": {"url": url, "credentialsSecretRef": {"name": secret}}}
+    spec = {
+        **spec_for(place(archives.openssl_archive, archive_root), archives.version, secret),
+        "resourceApi": {"url": url, "credentialsSecretRef": {"name": secret}},
+    }
     cluster.create_unlock(namespace, "bypass", spec)
     message = stalled_with(cluster, namespace, "bypass", "InvalidConfiguration")
     assert "spec.resourceApi.url" in message
     assert sum(collector.calls.values()) == 0 and sum(resource_api.calls.values()) == 0
 
 
-def test_redirect_from_the_allowed_api_sends_nothing_elsewhere(cluster, namespace, secret, start_operator,
-                                                               archives, archive_root, collector):
+def test_redirect_from_the_allowed_api_sends_nothing_elsewhere(
+    cluster, namespace, secret, start_operator, archives, archive_root, collector
+):
     """Item 2: a 3xx from the allowed API made requests re-post the credentials to Location."""
+
     def redirect(request, out):
         respond(out, 307, headers={"Location": collector.url + request.path})
 
     with ScriptedServer(redirect) as allowed:
         start_operator(RESOURCE_API_URL=allowed.url, IMAGEUNLOCK_VERIFY_INTERVAL="3600")
-        cluster.create_unlock(namespace, "moved", spec_for(place(archives.openssl_archive, archive_root),
-                                                           archives.version, secret))
+        cluster.create_unlock(
+            namespace, "moved", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
+        )
         message = stalled_with(cluster, namespace, "moved", "ResourceApiRejected")
         assert "redirect" in message and collector.url not in message
         assert len(allowed.requests) == 1, "a redirect is permanent: no retry loop"
     assert sum(collector.calls.values()) == 0
 
 
-def test_credentials_go_only_to_allowed_resource_apis(cluster, namespace, secret, start_operator, archives,
-                                                      archive_root, resource_api, collector):
+def test_credentials_go_only_to_allowed_resource_apis(
+    cluster, namespace, secret, start_operator, archives, archive_root, resource_api, collector
+):
     """Whoever may create an ImageUnlock must not be able to send a Secret's password to a
     server of their choosing."""
     start_operator()
     path = place(archives.openssl_archive, archive_root)
-    cluster.create_unlock(namespace, "exfil", {**spec_for(path, archives.version, secret, images=["azaion/none"]),
-                                               "resourceApi": {"url": collector.url,
-                                                               "credentialsSecretRef": {"name": secret}}})
+    cluster.create_unlock(
+        namespace,
+        "exfil",
+        {
+            **spec_for(path, archives.version, secret, images=["azaion/none"]),
+            "resourceApi": {"url": collector.url, "credentialsSecretRef": {"name": secret}},
+        },
+    )
     message = stalled_with(cluster, namespace, "exfil", "InvalidConfiguration")
     assert "not an allowed resource API" in message
     assert collector.calls[LOGIN_PATH] == 0 and resource_api.calls[LOGIN_PATH] == 0
@@ -112,14 +134,17 @@ def _forms(secret: bytes) -> set[str]:
     return {t for t in text if len(t) >= 8}
 
 
-def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives, archive_root, clean_docker,
-                                   resource_api):
+def test_canary_secrets_never_leak(
+    cluster, namespace, start_operator, archives, archive_root, clean_docker, resource_api
+):
     canary = "canary-pw-" + os.urandom(6).hex()
     resource_api.password = canary
-    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "canary"},
-                                                      "stringData": {"email": TEST_EMAIL, "password": canary}})
-    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "wrong"},
-                                                      "stringData": {"email": TEST_EMAIL, "password": canary + "x"}})
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "canary"}, "stringData": {"email": TEST_EMAIL, "password": canary}}
+    )
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "wrong"}, "stringData": {"email": TEST_EMAIL, "password": canary + "x"}}
+    )
     operator = start_operator(IMAGEUNLOCK_LOG_LEVEL="debug")
     path = place(archives.openssl_archive, archive_root)
     cluster.create_unlock(namespace, "good", spec_for(path, archives.version, "canary"))
@@ -128,8 +153,13 @@ def test_canary_secrets_never_leak(cluster, namespace, start_operator, archives,
     wait_for(lambda: is_ready(cluster, namespace, "good"), 60, "Ready")
     wait_for(lambda: is_stalled(cluster, namespace, "badcreds"), 60, "Stalled")
     resource_api.fragment = b"canary-fragment-" + os.urandom(8)  # a wrong key: the failure path too
-    cluster.create_unlock(namespace, "badkey", spec_for(place(archives.own_archive, archive_root, "b.enc"),
-                                                        archives.version, "canary", images=["azaion/other"]))
+    cluster.create_unlock(
+        namespace,
+        "badkey",
+        spec_for(
+            place(archives.own_archive, archive_root, "b.enc"), archives.version, "canary", images=["azaion/other"]
+        ),
+    )
     wait_for(lambda: is_stalled(cluster, namespace, "badkey"), 60, "Stalled on the wrong key")
 
     needles = {canary, canary + "x"} | _forms(archives.fragment) | _forms(derive_key(archives.fragment))

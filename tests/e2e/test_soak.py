@@ -19,8 +19,9 @@ def rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def test_create_delete_cycles_leave_nothing_and_do_not_grow(cluster, namespace, secret, start_operator, archives,
-                                                            archive_root, clean_docker, resource_api):
+def test_create_delete_cycles_leave_nothing_and_do_not_grow(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
+):
     # Each cycle's object is new, so nothing vouches for the images: with the archive absent it
     # stalls (ArchiveNotFound) at once, no key asked for. Every cycle still exercises what could
     # leak: status writes, an event, the resync schedule, metrics series, the claims cache.

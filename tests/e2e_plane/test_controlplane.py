@@ -85,12 +85,11 @@ POLICY = textwrap.dedent("""\
 def plane(tmp_path_factory):
     d = tmp_path_factory.mktemp("plane")
     (d / "rbac.yaml").write_text(POLICY)
-    cp = controlplane.ControlPlane(d / "run", audit_log=d / "audit.log",
-                                   authorization_policy=d / "rbac.yaml")
+    cp = controlplane.ControlPlane(d / "run", audit_log=d / "audit.log", authorization_policy=d / "rbac.yaml")
     try:
         cp.start(timeout=90)
         kubectl = controlplane.kubectl_path()
-    except Exception as e:  # noqa: BLE001 - any failure to come up
+    except Exception as e:
         cp.stop()
         unavailable("local control plane", f"{type(e).__name__}: {e}")
     cp.kubectl_bin = kubectl
@@ -104,8 +103,13 @@ def plane(tmp_path_factory):
 def kubectl(cp, *args, stdin=None, kubeconfig=None, check=True):
     kubeconfig = kubeconfig or cp.kubeconfig
     cache = f"{kubeconfig}.kubectl-cache"  # per identity, so discovery is really requested
-    res = subprocess.run([cp.kubectl_bin, "--kubeconfig", kubeconfig, "--cache-dir", cache, *args],
-                         input=stdin, text=True, capture_output=True, timeout=60)
+    res = subprocess.run(
+        [cp.kubectl_bin, "--kubeconfig", kubeconfig, "--cache-dir", cache, *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return res
@@ -113,8 +117,7 @@ def kubectl(cp, *args, stdin=None, kubeconfig=None, check=True):
 
 def test_api_resources(plane):
     out = kubectl(plane, "api-resources", "-o", "name").stdout.split()
-    for name in ("namespaces", "secrets", "events", "configmaps",
-                 "customresourcedefinitions.apiextensions.k8s.io"):
+    for name in ("namespaces", "secrets", "events", "configmaps", "customresourcedefinitions.apiextensions.k8s.io"):
         assert name in out
     namespaces = kubectl(plane, "get", "ns", "-o", "name").stdout.split()
     for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
@@ -126,16 +129,50 @@ def test_crd_status_and_wait(plane):
     kubectl(plane, "wait", "--for=condition=Established", "crd/widgets.e2e.example.com", "--timeout=30s")
     assert "widgets.e2e.example.com" in kubectl(plane, "api-resources", "-o", "name").stdout.split()
 
-    kubectl(plane, "apply", "--server-side", "-f", "-", stdin=json.dumps({
-        "apiVersion": "e2e.example.com/v1", "kind": "Widget",
-        "metadata": {"name": "w1", "namespace": "default"}, "spec": {"size": 3}}))
-    bad = kubectl(plane, "create", "-f", "-", check=False, stdin=json.dumps({
-        "apiVersion": "e2e.example.com/v1", "kind": "Widget",
-        "metadata": {"name": "w0", "namespace": "default"}, "spec": {"size": 0}}))
+    kubectl(
+        plane,
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps(
+            {
+                "apiVersion": "e2e.example.com/v1",
+                "kind": "Widget",
+                "metadata": {"name": "w1", "namespace": "default"},
+                "spec": {"size": 3},
+            }
+        ),
+    )
+    bad = kubectl(
+        plane,
+        "create",
+        "-f",
+        "-",
+        check=False,
+        stdin=json.dumps(
+            {
+                "apiVersion": "e2e.example.com/v1",
+                "kind": "Widget",
+                "metadata": {"name": "w0", "namespace": "default"},
+                "spec": {"size": 0},
+            }
+        ),
+    )
     assert bad.returncode != 0 and "spec.size" in bad.stderr
 
-    kubectl(plane, "patch", "widget", "w1", "-n", "default", "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Test"}]}}))
+    kubectl(
+        plane,
+        "patch",
+        "widget",
+        "w1",
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Test"}]}}),
+    )
     kubectl(plane, "wait", "--for=condition=Ready", "widget/w1", "-n", "default", "--timeout=20s")
 
     table = kubectl(plane, "get", "wd", "-n", "default").stdout
@@ -144,14 +181,27 @@ def test_crd_status_and_wait(plane):
 
 
 def test_secret_string_data(plane):
-    kubectl(plane, "apply", "-f", "-", stdin=json.dumps({
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "default"},
-        "stringData": {"username": "robot", "password": "s3cret"}}))
+    kubectl(
+        plane,
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "creds", "namespace": "default"},
+                "stringData": {"username": "robot", "password": "s3cret"},
+            }
+        ),
+    )
     secret = json.loads(kubectl(plane, "get", "secret", "creds", "-n", "default", "-o", "json").stdout)
     assert secret["type"] == "Opaque"
     assert "stringData" not in secret
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
-        "username": "robot", "password": "s3cret"}
+        "username": "robot",
+        "password": "s3cret",
+    }
 
 
 def test_second_identity_and_audit(plane):
@@ -164,8 +214,7 @@ def test_second_identity_and_audit(plane):
 
     events = [json.loads(line) for line in (Path(plane.audit_log).read_text().splitlines())]
     mine = [e for e in events if e["user"]["username"] == "e2e-reader" and e["stage"] == "ResponseComplete"]
-    seen = {(e.get("objectRef", {}).get("resource"), e["verb"], e.get("responseStatus", {}).get("code"))
-            for e in mine}
+    seen = {(e.get("objectRef", {}).get("resource"), e["verb"], e.get("responseStatus", {}).get("code")) for e in mine}
     assert ("configmaps", "get", 200) in seen
     assert ("secrets", "list", 403) in seen
     # Discovery (/api, /apis, /version) is open to every authenticated user, as in kube.

@@ -36,9 +36,11 @@ def entries(audit_log: Path, user: str, since: int = 0) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if (entry.get("user", {}).get("username") != user
-                or entry.get("stage") not in ("ResponseStarted", "ResponseComplete")
-                or entry.get("auditID") in seen):
+        if (
+            entry.get("user", {}).get("username") != user
+            or entry.get("stage") not in ("ResponseStarted", "ResponseComplete")
+            or entry.get("auditID") in seen
+        ):
             continue
         seen.add(entry.get("auditID"))
         found.append(entry)
@@ -64,6 +66,11 @@ def refused(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def reads(events: list[dict[str, Any]], resource: str, namespace: str, name: str) -> int:
     """How many of ``events`` are a ``get`` of the object ``namespace/name`` of ``resource``."""
-    return sum(1 for entry in events if entry.get("verb") == "get"
-               and (entry.get("objectRef") or {}).get("resource") == resource
-               and entry["objectRef"].get("namespace") == namespace and entry["objectRef"].get("name") == name)
+    return sum(
+        1
+        for entry in events
+        if entry.get("verb") == "get"
+        and (entry.get("objectRef") or {}).get("resource") == resource
+        and entry["objectRef"].get("namespace") == namespace
+        and entry["objectRef"].get("name") == name
+    )

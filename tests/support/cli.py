@@ -23,9 +23,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     with tempfile.TemporaryDirectory(prefix="iu-state-") as state:
         if "XDG_STATE_HOME" not in (env or {}):
             full_env["XDG_STATE_HOME"] = state
-        return subprocess.run(
-            [str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout
-        )
+        return subprocess.run([str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -33,8 +33,12 @@ LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 
 def unlock_object(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """An ImageUnlock manifest."""
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
 
 
 def spec_for(path: str, version: str, secret: str, **extra: Any) -> dict[str, Any]:
@@ -57,10 +61,16 @@ class Cluster:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
-                                capture_output=True, text=True, input=input, timeout=timeout)
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+        )
         if check and result.returncode:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result

@@ -114,8 +114,9 @@ def sid_build() -> Build:
                     versions = apt.versions(list(SID_PACKAGES))
                     apt.download([f"{p}={versions[p]}" for p in SID_PACKAGES], tmp / "debs")
                 for deb in sorted((tmp / "debs").glob("*.deb")):
-                    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True, timeout=300,
-                                   capture_output=True)
+                    subprocess.run(
+                        ["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True, timeout=300, capture_output=True
+                    )
                 shutil.rmtree(tmp / "debs")
                 label = "sid-" + "-".join(versions[p].replace(":", "_").replace("+", "_") for p in SID_PACKAGES)
                 (tmp / "x" / ".complete").write_text("".join(f"{p}={versions[p]}\n" for p in SID_PACKAGES))
@@ -165,13 +166,15 @@ class Containerd:
         )
         if self.build.version >= (2, 0, 0):
             return (
-                "version = 3\ndisabled_plugins = ['io.containerd.nri.v1.nri']\n" + common
+                "version = 3\ndisabled_plugins = ['io.containerd.nri.v1.nri']\n"
+                + common
                 + f"[plugins.'io.containerd.internal.v1.opt']\n  path = '{self.workdir / 'opt'}'\n"
                 + f"[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['{cni}/bin']\n"
                 + f"  conf_dir = '{cni}/net.d'\n"
             )
         return (
-            "version = 2\n" + common
+            "version = 2\n"
+            + common
             + f"[plugins.'io.containerd.internal.v1.opt']\n  path = '{self.workdir / 'opt'}'\n"
             + f"[plugins.'io.containerd.grpc.v1.cri'.cni]\n  bin_dir = '{cni}/bin'\n  conf_dir = '{cni}/net.d'\n"
         )
@@ -184,11 +187,19 @@ class Containerd:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.build.bin_dir / "containerd"), "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
-            await_answer(self.proc, lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
-                         timeout, "containerd", self.log_path, ContainerdError)
+            await_answer(
+                self.proc,
+                lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
+                timeout,
+                "containerd",
+                self.log_path,
+                ContainerdError,
+            )
         except ContainerdError:
             self.stop()
             raise
@@ -198,8 +209,13 @@ class Containerd:
         return log_tail(self.log_path, lines)
 
     def ctr(self, *args: str, check: bool = True, namespace: str = NAMESPACE, **kw: Any) -> subprocess.CompletedProcess:
-        result = subprocess.run([self.build.ctr, "-a", str(self.socket), "-n", namespace, *args],
-                                capture_output=True, text=True, timeout=120, **kw)
+        result = subprocess.run(
+            [self.build.ctr, "-a", str(self.socket), "-n", namespace, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **kw,
+        )
         if check and result.returncode:
             raise ContainerdError(f"ctr {' '.join(args)} failed: {result.stderr}")
         return result
@@ -262,9 +278,18 @@ def cri_stubs(proto: Path) -> tuple[ModuleType, ModuleType]:
         try:
             shutil.copyfile(proto, tmp / "cri_api.proto")  # a module name of our own: cri_api_pb2
             done = subprocess.run(
-                [sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp}", f"--python_out={tmp}",
-                 f"--grpc_python_out={tmp}", str(tmp / "cri_api.proto")],
-                capture_output=True, text=True, timeout=120,
+                [
+                    sys.executable,
+                    "-m",
+                    "grpc_tools.protoc",
+                    f"-I{tmp}",
+                    f"--python_out={tmp}",
+                    f"--grpc_python_out={tmp}",
+                    str(tmp / "cri_api.proto"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if done.returncode:
                 raise ContainerdError(f"protoc failed on {proto}: {done.stderr}")

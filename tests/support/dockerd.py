@@ -36,7 +36,7 @@ class Dockerd:
     def log_path(self) -> Path:
         return self.root / "dockerd.log"
 
-    def start(self, timeout: float = 60.0) -> "Dockerd":
+    def start(self, timeout: float = 60.0) -> Dockerd:
         binary = shutil.which("dockerd")
         if binary is None:
             raise DockerdError("dockerd not installed (make setup installs Debian's docker.io)")
@@ -58,8 +58,14 @@ class Dockerd:
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         try:
-            await_answer(self.proc, lambda: self.socket.exists() and self.docker("version", check=False).returncode == 0,
-                         timeout, "dockerd", self.log_path, DockerdError)
+            await_answer(
+                self.proc,
+                lambda: self.socket.exists() and self.docker("version", check=False).returncode == 0,
+                timeout,
+                "dockerd",
+                self.log_path,
+                DockerdError,
+            )
         except DockerdError:
             self.stop()
             raise
@@ -69,17 +75,13 @@ class Dockerd:
         return log_tail(self.log_path, lines)
 
     def docker(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["docker", "-H", self.url, *args], capture_output=True, check=check, timeout=300, **kw
-        )
+        return subprocess.run(["docker", "-H", self.url, *args], capture_output=True, check=check, timeout=300, **kw)
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
         stop_group(proc, timeout=timeout)
         unmount_below(self.sock_dir)  # dockerd leaves its netns bind mount (exec-root/netns/default)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
-
-
 
 
 def loaded(engine: Dockerd) -> dict[str, str]:
@@ -103,8 +105,12 @@ def load_events(engine: Dockerd, since: float) -> int:
     try:
         # fractional seconds ("seconds.nanoseconds"): the previous test's loads may be
         # less than a second older than this test's start
-        events = client.events(since=f"{since:.9f}", until=f"{time.time() + 0.5:.9f}", decode=True,
-                               filters={"type": "image", "event": "load"})
+        events = client.events(
+            since=f"{since:.9f}",
+            until=f"{time.time() + 0.5:.9f}",
+            decode=True,
+            filters={"type": "image", "event": "load"},
+        )
         return sum(1 for _ in events)
     finally:
         client.close()

@@ -36,8 +36,9 @@ class OperatorProcess:
         env = {**self.env, "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{self.port}/healthz", "TMPDIR": str(self.tmpdir)}
         script = Path(sys.executable).with_name("imageunlock")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(script), "operator"], stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [str(script), "operator"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         try:
             wait_for(self.healthy, timeout, "the operator's liveness endpoint")
         except BaseException:

@@ -20,8 +20,14 @@ def log_tail(log_path: Path, lines: int = 30) -> str:
         return ""
 
 
-def await_answer(proc: subprocess.Popen[bytes], answers: Callable[[], bool], timeout: float, name: str,
-                 log_path: Path, error: type[Exception]) -> None:
+def await_answer(
+    proc: subprocess.Popen[bytes],
+    answers: Callable[[], bool],
+    timeout: float,
+    name: str,
+    log_path: Path,
+    error: type[Exception],
+) -> None:
     """Poll ``answers`` until it is true; raise ``error`` (with the log's tail) when ``proc``
     exits first or after ``timeout`` seconds (then the caller stops it)."""
     deadline = time.monotonic() + timeout

@@ -65,7 +65,7 @@ class FakeResourceApi:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeResourceApi":
+    def start(self) -> FakeResourceApi:
         self._thread.start()
         return self
 
@@ -73,7 +73,7 @@ class FakeResourceApi:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FakeResourceApi":
+    def __enter__(self) -> FakeResourceApi:
         """Started for a ``with`` block, stopped at its end."""
         return self.start()
 
@@ -119,7 +119,7 @@ class FakeResourceApi:
                     return False
                 return True
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 if self.path != LOGIN:
@@ -141,7 +141,7 @@ class FakeResourceApi:
                     api.issued.append(token)
                 self._answer(200, json.dumps({"token": token}).encode())
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/health":
                     return self._answer(200, b'{"status":"healthy"}')
                 if self.path != KEY:

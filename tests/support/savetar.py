@@ -34,8 +34,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build(tags: list[str], *, layout: str = "legacy", layers_per_image: int = 2, layer_bytes: int = 3000,
-          seed: int = 7, share_first_layer: bool = False, long_names: bool = False) -> bytes:
+def build(
+    tags: list[str],
+    *,
+    layout: str = "legacy",
+    layers_per_image: int = 2,
+    layer_bytes: int = 3000,
+    seed: int = 7,
+    share_first_layer: bool = False,
+    long_names: bool = False,
+) -> bytes:
     rng = random.Random(seed)
     shared = _layer(rng, layer_bytes)
     buf = io.BytesIO()
@@ -43,12 +51,19 @@ def build(tags: list[str], *, layout: str = "legacy", layers_per_image: int = 2,
     written: dict[str, str] = {}  # layer digest -> path already in the archive
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for n, tag in enumerate(tags):
-            layers = [shared if (share_first_layer and i == 0) else _layer(rng, layer_bytes)
-                      for i in range(layers_per_image)]
+            layers = [
+                shared if (share_first_layer and i == 0) else _layer(rng, layer_bytes) for i in range(layers_per_image)
+            ]
             diff_ids = [f"sha256:{_sha(layer)}" for layer in layers]
-            config = json.dumps({"architecture": "amd64", "os": "linux", "created": "2026-01-01T00:00:00Z",
-                                 "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                                 "config": {"Labels": {"n": str(n)}}}).encode()
+            config = json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "created": "2026-01-01T00:00:00Z",
+                    "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                    "config": {"Labels": {"n": str(n)}},
+                }
+            ).encode()
             paths = []
             for i, layer in enumerate(layers):
                 digest = _sha(layer)
@@ -79,7 +94,9 @@ def build(tags: list[str], *, layout: str = "legacy", layers_per_image: int = 2,
                 _add(tar, config_path, config)
                 oci_manifest = json.dumps({"schemaVersion": 2, "config": {"digest": f"sha256:{_sha(config)}"}}).encode()
                 _add(tar, f"blobs/sha256/{_sha(oci_manifest)}", oci_manifest)
-                index.append({"digest": f"sha256:{_sha(oci_manifest)}", "annotations": {"io.containerd.image.name": tag}})
+                index.append(
+                    {"digest": f"sha256:{_sha(oci_manifest)}", "annotations": {"io.containerd.image.name": tag}}
+                )
             else:
                 config_path = f"{_sha(config)}.json"
                 _add(tar, config_path, config)
@@ -98,5 +115,4 @@ def config_ids(archive: bytes) -> dict[str, str]:
     """``{tag: sha256:<config digest>}`` read back with tarfile (an independent reader)."""
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
-        return {tag: "sha256:" + _sha(tar.extractfile(e["Config"]).read())
-                for e in manifest for tag in e["RepoTags"]}
+        return {tag: "sha256:" + _sha(tar.extractfile(e["Config"]).read()) for e in manifest for tag in e["RepoTags"]}

@@ -118,7 +118,7 @@ class ScriptedServer:
                 self.close_connection = True  # one request per connection keeps scripts simple
                 scripted.answer(request, Out(scripted, self))
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any  # noqa: N815
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any
 
         return Handler
 

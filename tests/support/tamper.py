@@ -38,16 +38,19 @@ def rewrite(plaintext: Path, out: Path, fragment: bytes, edit: Callable[[Members
 
 def add_tags(extra: list[str]) -> Callable[[Members], Members]:
     """manifest.json's first image also carries ``extra`` tags (manifest.json has no digest)."""
+
     def edit(members: Members) -> Members:
         manifest = json.loads(members["manifest.json"])
         manifest[0]["RepoTags"] = list(manifest[0].get("RepoTags") or []) + extra
         return {**members, "manifest.json": json.dumps(manifest).encode()}
+
     return edit
 
 
 def nested_manifest(depth: int = 100_000) -> Callable[[Members], Members]:
     def edit(members: Members) -> Members:
         return {**members, "manifest.json": b"[" * depth + b"]" * depth}
+
     return edit
 
 

@@ -38,8 +38,14 @@ def edit_json(data: bytes, name: str, edit: Callable[[Any], Any]) -> bytes:
     return rewrite(data, name, lambda body: json.dumps(edit(json.loads(body))).encode())
 
 
-def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, size: int | None = None,
-           linkname: str = "", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+def member(
+    name: str,
+    data: bytes = b"",
+    kind: bytes = tarfile.REGTYPE,
+    size: int | None = None,
+    linkname: str = "",
+    fmt: int = tarfile.USTAR_FORMAT,
+) -> bytes:
     """One raw member: its header and its data padded to a whole block."""
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mtime = kind, linkname, 1_700_000_000

@@ -32,8 +32,9 @@ def refused(data: bytes, error: type[UnlockError] = UnlockError, expected: list[
     """Assert the stream raises ``error`` before the end-of-archive marker went out; the error."""
     sent = []
     with pytest.raises(error) as info:
-        for chunk in verified_stream([data[i : i + 2048] for i in range(0, len(data), 2048)],
-                                     ImageTarVerifier(), expected):
+        for chunk in verified_stream(
+            [data[i : i + 2048] for i in range(0, len(data), 2048)], ImageTarVerifier(), expected
+        ):
             sent.append(chunk)
     assert sum(map(len, sent)) <= len(data) - 1024  # the end-of-archive marker never went out
     return info.value

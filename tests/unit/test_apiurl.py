@@ -12,8 +12,8 @@ import yaml
 from urllib3.util import parse_url
 
 from imageunlock.apiurl import URL_PATTERN, parse_api_url
-from imageunlock.errors import ConfigurationError
 from imageunlock.config import OperatorConfig
+from imageunlock.errors import ConfigurationError
 from imageunlock.spec import parse_spec, url_allowed
 
 SEMANTIC = {"https://api.azaion.com:99999"}
@@ -80,41 +80,54 @@ def test_lookalike_urls_are_refused_by_operator_and_api_server(url):
 
 
 def test_the_reported_bypass_is_refused_with_an_actionable_message():
-    spec = {"archivePath": "/var/lib/imageunlock/a.enc", "version": "1.0",
-            "resourceApi": {"url": "http://127.0.0.1:9\\@api.azaion.com", "credentialsSecretRef": {"name": "c"}}}
+    spec = {
+        "archivePath": "/var/lib/imageunlock/a.enc",
+        "version": "1.0",
+        "resourceApi": {"url": "http://127.0.0.1:9\\@api.azaion.com", "credentialsSecretRef": {"name": "c"}},
+    }
     with pytest.raises(ConfigurationError) as info:
         parse_spec(spec, None, ["http://api.azaion.com"])
     assert "spec.resourceApi.url" in info.value.message and "no user info" in info.value.message
 
 
-@pytest.mark.parametrize("url, canonical", [
-    ("https://api.azaion.com", "https://api.azaion.com"),
-    ("https://API.Azaion.COM/", "https://api.azaion.com"),
-    ("https://api.azaion.com:443", "https://api.azaion.com"),
-    ("http://api.azaion.com:80/v1/", "http://api.azaion.com/v1"),
-    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
-    ("https://[0:0::1]:8443/x", "https://[::1]:8443/x"),
-    ("https://xn--pi-7ia.azaion.com", "https://xn--pi-7ia.azaion.com"),  # punycode is plain ASCII
-])
+@pytest.mark.parametrize(
+    "url, canonical",
+    [
+        ("https://api.azaion.com", "https://api.azaion.com"),
+        ("https://API.Azaion.COM/", "https://api.azaion.com"),
+        ("https://api.azaion.com:443", "https://api.azaion.com"),
+        ("http://api.azaion.com:80/v1/", "http://api.azaion.com/v1"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://[0:0::1]:8443/x", "https://[::1]:8443/x"),
+        ("https://xn--pi-7ia.azaion.com", "https://xn--pi-7ia.azaion.com"),  # punycode is plain ASCII
+    ],
+)
 def test_valid_urls_have_one_canonical_form_that_urllib3_reads_alike(url, canonical):
     parsed = parse_api_url(url)
     assert parsed.url == canonical
     assert re.fullmatch(URL_PATTERN, url)
     seen = parse_url(parsed.url)  # the parser requests uses
     assert (seen.scheme, seen.host, seen.port or parsed.port, seen.path or "") == (
-        parsed.scheme, parsed.host, parsed.port, parsed.path)
+        parsed.scheme,
+        parsed.host,
+        parsed.port,
+        parsed.path,
+    )
     assert seen.auth is None and seen.query is None and seen.fragment is None
 
 
-@pytest.mark.parametrize("url, ok", [
-    ("https://api.azaion.com", True),
-    ("https://api.azaion.com:443/", True),
-    ("https://API.AZAION.COM/v2", True),
-    ("http://api.azaion.com", False),  # scheme
-    ("https://api.azaion.com:8443", False),  # port
-    ("https://api.azaion.com.evil.test", False),  # suffix
-    ("https://evil-api.azaion.com", False),
-])
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("https://api.azaion.com", True),
+        ("https://api.azaion.com:443/", True),
+        ("https://API.AZAION.COM/v2", True),
+        ("http://api.azaion.com", False),  # scheme
+        ("https://api.azaion.com:8443", False),  # port
+        ("https://api.azaion.com.evil.test", False),  # suffix
+        ("https://evil-api.azaion.com", False),
+    ],
+)
 def test_allow_list_compares_parsed_parts(url, ok):
     assert url_allowed(url, ALLOWED) is ok
 
@@ -134,8 +147,11 @@ def test_settings_refuse_an_allow_list_entry_in_an_ambiguous_form():
 
 
 def test_parse_spec_hands_on_only_the_canonical_url():
-    spec = {"archivePath": "/a.enc", "version": "1.0",
-            "resourceApi": {"url": "https://API.azaion.com:443/", "credentialsSecretRef": {"name": "c"}}}
+    spec = {
+        "archivePath": "/a.enc",
+        "version": "1.0",
+        "resourceApi": {"url": "https://API.azaion.com:443/", "credentialsSecretRef": {"name": "c"}},
+    }
     assert parse_spec(spec, None, ALLOWED).api_url == "https://api.azaion.com"
 
 

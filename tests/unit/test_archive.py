@@ -102,10 +102,13 @@ def test_symlink_escaping_the_root_is_refused(root, tmp_path):
     assert str(elsewhere) not in message
 
 
-@pytest.mark.parametrize("link, path", [
-    ("current.enc", "current.enc"),  # the file itself
-    ("current", "current/images.enc"),  # a directory on the way
-])
+@pytest.mark.parametrize(
+    "link, path",
+    [
+        ("current.enc", "current.enc"),  # the file itself
+        ("current", "current/images.enc"),  # a directory on the way
+    ],
+)
 def test_symlink_inside_the_root_is_refused_too(root, link, path):
     (root / "v1").mkdir()
     (root / "v1" / "images.enc").write_bytes(b"z")

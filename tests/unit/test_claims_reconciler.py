@@ -16,11 +16,22 @@ def body(namespace, name, created, archive, phase, generation=1, verified=True):
     status = {"phase": phase, "observedGeneration": generation}
     if verified:
         status["images"] = [{"name": "azaion/x:1.0", "id": "sha256:" + "a" * 64, "present": True}]
-    return {"metadata": {"namespace": namespace, "name": name, "creationTimestamp": created, "generation": generation,
-                         "resourceVersion": f"{name}-{phase}"},
-            "spec": {"archivePath": archive, "version": "1.0", "images": ["azaion/x"],
-                     "resourceApi": {"credentialsSecretRef": {"name": "creds"}}},
-            "status": status}
+    return {
+        "metadata": {
+            "namespace": namespace,
+            "name": name,
+            "creationTimestamp": created,
+            "generation": generation,
+            "resourceVersion": f"{name}-{phase}",
+        },
+        "spec": {
+            "archivePath": archive,
+            "version": "1.0",
+            "images": ["azaion/x"],
+            "resourceApi": {"credentialsSecretRef": {"name": "creds"}},
+        },
+        "status": status,
+    }
 
 
 def reconciler(*others):

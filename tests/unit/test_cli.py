@@ -4,8 +4,8 @@ outcome on stdout, and which progress renderer a terminal or a pipe gets (issue 
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,8 +34,19 @@ def unlock_args(tmp_path: Path, *extra: str) -> list[str]:
     archive = tmp_path / "images.enc"
     archive.write_bytes(b"\0" * 4096)
     images = [arg for ref in REFS for arg in ("--image", ref.split(":")[0])]
-    return ["unlock", "--archive", str(archive), "--version", VERSION, "--api-url", "https://api.test",
-            "--state-file", str(tmp_path / "state.json"), *images, *extra]
+    return [
+        "unlock",
+        "--archive",
+        str(archive),
+        "--version",
+        VERSION,
+        "--api-url",
+        "https://api.test",
+        "--state-file",
+        str(tmp_path / "state.json"),
+        *images,
+        *extra,
+    ]
 
 
 def test_program_version_is_printed_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,15 +77,19 @@ def test_missing_credentials_as_json(engine: FakeRuntime, tmp_path: Path, capsys
     assert cli.main(unlock_args(tmp_path, "--output", "json")) == 1
     out, err = capsys.readouterr()
     outcome = json.loads(out)  # exactly one JSON document, nothing else on stdout
-    assert outcome == {"ready": False, "error": {
-        "reason": "InvalidConfiguration", "message": outcome["error"]["message"], "transient": False}}
+    assert outcome == {
+        "ready": False,
+        "error": {"reason": "InvalidConfiguration", "message": outcome["error"]["message"], "transient": False},
+    }
     assert "IMAGEUNLOCK_EMAIL" in outcome["error"]["message"]
     assert [line for line in err.splitlines() if "error:" in line] == [
-        f"imageunlock: error: {outcome['error']['message']}"]
+        f"imageunlock: error: {outcome['error']['message']}"
+    ]
 
 
-def test_without_the_flag_stdout_stays_empty(engine: FakeRuntime, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_the_flag_stdout_stays_empty(
+    engine: FakeRuntime, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(unlock_args(tmp_path)) == 1
     out, err = capsys.readouterr()
     assert out == "" and "imageunlock: error: set IMAGEUNLOCK_EMAIL" in err
@@ -94,11 +109,16 @@ def test_fast_path_success_as_json(engine: FakeRuntime, tmp_path: Path, capsys: 
     assert cli.main(unlock_args(tmp_path, "--output", "json")) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {
-        "ready": True, "fastPath": True, "version": VERSION,
-        "images": [{"name": ref, "id": IDS[ref]} for ref in REFS], "archiveBytes": 0,
+        "ready": True,
+        "fastPath": True,
+        "version": VERSION,
+        "images": [{"name": ref, "id": IDS[ref]} for ref in REFS],
+        "archiveBytes": 0,
     }
-    assert err.splitlines() == ["imageunlock: Pending: checking for images already loaded",
-                                f"imageunlock: Ready: 2 image(s) already present at {VERSION}"]
+    assert err.splitlines() == [
+        "imageunlock: Pending: checking for images already loaded",
+        f"imageunlock: Ready: 2 image(s) already present at {VERSION}",
+    ]
 
 
 class Terminal(io.StringIO):

@@ -50,16 +50,21 @@ def test_a_closed_pipe_is_reported_not_raised():
         os.close(write)
 
 
-@pytest.mark.parametrize(("message", "kind"), [
-    ('ctr: failed to dial "/run/containerd/containerd.sock": connection error: connect: connection refused',
-     RuntimeUnavailableError),
-    ("ctr: rpc error: code = Unavailable desc = transport is closing", RuntimeUnavailableError),
-    ("ctr: failed to write /var/lib/containerd/ingest/x/data: no space left on device", LoadError),
-    ("ctr: apply layer: read /a/b: input/output error", LoadError),
-    ("ctr: failed to extract layer sha256:ab: archive/tar: invalid tar header: unpack", ArchiveRejectedError),
-    # words inside a path come from the archive's member names: they cannot make it transient
-    ("ctr: failed to extract layer: open etc/no space left/x: invalid argument", ArchiveRejectedError),
-])
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (
+            'ctr: failed to dial "/run/containerd/containerd.sock": connection error: connect: connection refused',
+            RuntimeUnavailableError,
+        ),
+        ("ctr: rpc error: code = Unavailable desc = transport is closing", RuntimeUnavailableError),
+        ("ctr: failed to write /var/lib/containerd/ingest/x/data: no space left on device", LoadError),
+        ("ctr: apply layer: read /a/b: input/output error", LoadError),
+        ("ctr: failed to extract layer sha256:ab: archive/tar: invalid tar header: unpack", ArchiveRejectedError),
+        # words inside a path come from the archive's member names: they cannot make it transient
+        ("ctr: failed to extract layer: open etc/no space left/x: invalid argument", ArchiveRejectedError),
+    ],
+)
 def test_ctr_messages_are_classified(message, kind):
     error = ContainerdRuntime("/nonexistent.sock")._failure(message, load=True)
     assert type(error) is kind and message in error.message
@@ -78,12 +83,15 @@ def test_the_image_id_is_the_config_digest_of_the_manifest_or_of_the_nodes_manif
     other = "s390x" if arch != "s390x" else "amd64"
     documents = {
         "sha256:" + "1" * 64: {"config": {"digest": CONFIG}},
-        "sha256:" + "2" * 64: {"manifests": [
-            {"digest": "sha256:" + "3" * 64, "platform": {"os": "linux", "architecture": other}},
-            {"digest": "sha256:" + "1" * 64, "platform": {"os": "linux", "architecture": arch}},
-        ]},
-        "sha256:" + "4" * 64: {"manifests": [{"digest": "sha256:" + "3" * 64,
-                                              "platform": {"os": "linux", "architecture": other}}]},
+        "sha256:" + "2" * 64: {
+            "manifests": [
+                {"digest": "sha256:" + "3" * 64, "platform": {"os": "linux", "architecture": other}},
+                {"digest": "sha256:" + "1" * 64, "platform": {"os": "linux", "architecture": arch}},
+            ]
+        },
+        "sha256:" + "4" * 64: {
+            "manifests": [{"digest": "sha256:" + "3" * 64, "platform": {"os": "linux", "architecture": other}}]
+        },
         "sha256:" + "3" * 64: {"config": {"digest": "sha256:" + "d" * 64}},
     }
     asked: list[str] = []
@@ -111,9 +119,17 @@ def test_make_runtime_builds_by_name_and_refuses_others():
 def test_operator_settings_for_the_runtime():
     default = OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test"})
     assert (default.runtime, default.containerd_address, default.containerd_namespace) == (
-        "docker", "/run/containerd/containerd.sock", "k8s.io")
-    k3s = OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test", "IMAGEUNLOCK_RUNTIME": "containerd",
-                                   "IMAGEUNLOCK_CONTAINERD_ADDRESS": "/run/k3s/containerd/containerd.sock"})
+        "docker",
+        "/run/containerd/containerd.sock",
+        "k8s.io",
+    )
+    k3s = OperatorConfig.from_env(
+        {
+            "RESOURCE_API_URL": "https://api.test",
+            "IMAGEUNLOCK_RUNTIME": "containerd",
+            "IMAGEUNLOCK_CONTAINERD_ADDRESS": "/run/k3s/containerd/containerd.sock",
+        }
+    )
     assert k3s.runtime == "containerd" and k3s.containerd_address == "/run/k3s/containerd/containerd.sock"
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME='podman'"):
         OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test", "IMAGEUNLOCK_RUNTIME": "podman"})

@@ -12,14 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imageunlock.crypto import decrypt_stream, encrypt_stream
-from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
-from imageunlock.errors import ForeignTagsError
 from imageunlock.dockersave import ImageTarVerifier, verified_stream
-from imageunlock.errors import ImagesNotInArchiveError
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError, ForeignTagsError, ImagesNotInArchiveError
 
 from ..support import savetar
 from ..support.tarbuild import EVIL, TAGS, add_repo_tag, append, edit_json, member, rewrite
 from ..support.tarcheck import refused, streamed, verify
+
 
 @pytest.mark.parametrize("layout", ["legacy", "oci"])
 @pytest.mark.parametrize("chunk", [1, 511, 512, 4096, 1 << 20])
@@ -54,7 +53,6 @@ def test_config_not_matching_its_name_is_rejected():
         verify(bad)
 
 
-
 def test_plain_tar_without_manifest_is_rejected():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -63,7 +61,6 @@ def test_plain_tar_without_manifest_is_rejected():
         tar.addfile(info, io.BytesIO(b"hi"))
     with pytest.raises(ArchiveError):
         verify(buf.getvalue())
-
 
 
 def test_verified_stream_passes_everything_through_when_intact():
@@ -110,8 +107,8 @@ def test_any_flipped_ciphertext_byte_stops_the_stream_before_the_end():
         assert -sent - 1 <= len(plain) - 1024, f"flip at {pos}: end marker was sent"
 
 
-
 # -- whatever the content, failures are the uniform ArchiveError -----------------------------
+
 
 @pytest.mark.parametrize("name", ["manifest.json", "repositories"])
 def test_deeply_nested_json_is_an_archive_error(name):
@@ -121,8 +118,19 @@ def test_deeply_nested_json_is_an_archive_error(name):
     assert str(info.value) == ARCHIVE_ERROR_MESSAGE
 
 
-_KEYS = st.sampled_from(["Config", "Layers", "RepoTags", "rootfs", "diff_ids", "manifests", "annotations",
-                         "io.containerd.image.name", "azaion/flights"])
+_KEYS = st.sampled_from(
+    [
+        "Config",
+        "Layers",
+        "RepoTags",
+        "rootfs",
+        "diff_ids",
+        "manifests",
+        "annotations",
+        "io.containerd.image.name",
+        "azaion/flights",
+    ]
+)
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.sampled_from(TAGS + [EVIL]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS | st.text(max_size=4), inner, max_size=3),
@@ -136,8 +144,23 @@ def _config_with(rootfs) -> tuple[bytes, str]:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.sampled_from(["manifest", "entry", "Config", "Layers", "RepoTags", "rootfs", "repositories",
-                        "index", "manifests", "annotations"]), _JSON)
+@given(
+    st.sampled_from(
+        [
+            "manifest",
+            "entry",
+            "Config",
+            "Layers",
+            "RepoTags",
+            "rootfs",
+            "repositories",
+            "index",
+            "manifests",
+            "annotations",
+        ]
+    ),
+    _JSON,
+)
 def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
     """Whatever shape the JSON has: success, or an error the service handles (no crash)."""
     base = savetar.build(TAGS[:1], layout="oci")
@@ -163,6 +186,7 @@ def test_any_json_in_metadata_fails_as_an_unlock_error(slot, value):
 
 # -- only the requested refs may be created or moved -----------------------------------------
 
+
 def _lower_case_repo_tags(manifest):
     first = {k: v for k, v in manifest[0].items() if k != "RepoTags"}
     return [{**first, "repotags": manifest[0]["RepoTags"] + [EVIL]}, *manifest[1:]]  # Go reads it
@@ -172,6 +196,7 @@ def _annotate(key, value):
     def edit(index):
         index["manifests"][0]["annotations"][key] = value
         return index
+
     return edit
 
 
@@ -239,6 +264,7 @@ def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
 # Each archive below shows the checks one manifest.json (all refs requested) while the Engine,
 # reading the same bytes, would load another that also tags nginx:latest.
 
+
 def _repo_tags_spelled_twice(data):
     edit = lambda m: [{**m[0], "repotags": [EVIL]}, *m[1:]]  # noqa: E731  (Go: the last one wins)
     return edit_json(data, "manifest.json", edit)
@@ -250,8 +276,9 @@ def _annotations_given_twice(data):
     return rewrite(data, "index.json", lambda body: body.replace(b'"annotations"', spliced, 1))
 
 
-@pytest.mark.parametrize("craft", [_repo_tags_spelled_twice, _annotations_given_twice],
-                         ids=lambda craft: craft.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "craft", [_repo_tags_spelled_twice, _annotations_given_twice], ids=lambda craft: craft.__name__.strip("_")
+)
 def test_archive_the_engine_would_read_differently_is_refused(craft):
     refused(craft(savetar.build(TAGS)))
 
@@ -260,8 +287,9 @@ def test_archive_the_engine_would_read_differently_is_refused(craft):
 def test_json_that_go_and_python_read_differently_is_refused(text):
     """Review: a manifest path with an escaped lone surrogate named one member for Python and
     another (U+FFFD) for the Engine's Go decoder."""
-    data = rewrite(savetar.build(TAGS), "manifest.json",
-                    lambda body: body.replace(b"[{", b'[{"Comment": ' + text + b", ", 1))
+    data = rewrite(
+        savetar.build(TAGS), "manifest.json", lambda body: body.replace(b"[{", b'[{"Comment": ' + text + b", ", 1)
+    )
     refused(data, ArchiveError)
 
 

@@ -13,8 +13,15 @@ def all_errors() -> list[type[errors.UnlockError]]:
     return [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.UnlockError)]
 
 
-TRANSIENT = {"TransientError", "ApiUnavailableError", "RuntimeUnavailableError", "BusyError", "LoadError",
-             "KubernetesUnavailableError", "InternalError"}
+TRANSIENT = {
+    "TransientError",
+    "ApiUnavailableError",
+    "RuntimeUnavailableError",
+    "BusyError",
+    "LoadError",
+    "KubernetesUnavailableError",
+    "InternalError",
+}
 
 
 @pytest.mark.parametrize("cls", all_errors(), ids=lambda c: c.__name__)

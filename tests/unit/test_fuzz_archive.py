@@ -13,10 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageunlock.crypto import decrypt_stream, encrypt_stream
-from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError
-from imageunlock.errors import ForeignTagsError
 from imageunlock.dockersave import ImageTarVerifier, verified_stream
-from imageunlock.errors import ImagesNotInArchiveError
+from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError, ForeignTagsError, ImagesNotInArchiveError
 
 from ..support import savetar
 
@@ -24,8 +22,12 @@ TAGS = ["azaion/flights:3.1", "azaion/detections:3.1"]
 FRAGMENT = b"fuzzing fragment"
 PLAIN = savetar.build(TAGS, layer_bytes=700, share_first_layer=True)
 ARCHIVE = b"".join(encrypt_stream([PLAIN], FRAGMENT, iv=bytes(16)))
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def unlock(archive: bytes, chunk: int = 4096) -> bytes:
@@ -61,9 +63,15 @@ def test_random_bytes_never_unlock(data):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(ARCHIVE) - 1), st.integers(1, 255)), min_size=1, max_size=4,
-                unique_by=lambda flip: flip[0]),
-       st.sampled_from([16, 513, 4096, 65536]))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(ARCHIVE) - 1), st.integers(1, 255)),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda flip: flip[0],
+    ),
+    st.sampled_from([16, 513, 4096, 65536]),
+)
 def test_flipped_ciphertext_never_unlocks(flips, chunk):
     data = bytearray(ARCHIVE)
     for pos, mask in flips:

@@ -98,25 +98,31 @@ def test_credentials_are_decoded_from_base64_without_the_trailing_newline_of_ech
     assert PASSWORD not in repr(creds)
 
 
-@pytest.mark.parametrize("data, named", [
-    (None, "email, password"),
-    ({}, "email, password"),
-    ({"email": b64(EMAIL)}, "password"),
-    ({"email": b64(EMAIL), "password": ""}, "password"),
-    ({"password": b64(PASSWORD)}, "email"),
-])
+@pytest.mark.parametrize(
+    "data, named",
+    [
+        (None, "email, password"),
+        ({}, "email, password"),
+        ({"email": b64(EMAIL)}, "password"),
+        ({"email": b64(EMAIL), "password": ""}, "password"),
+        ({"password": b64(PASSWORD)}, "email"),
+    ],
+)
 def test_missing_keys_are_a_configuration_error_naming_them(kube, data, named):
     with_secret(kube, data)
     with pytest.raises(ConfigurationError, match=f"lacks key\\(s\\) {named};"):
         kube.read_credentials(NS, "creds")
 
 
-@pytest.mark.parametrize("password, problem", [
-    ("not base64!", "not valid base64"),
-    (b64(b"\xff\xfe" + PASSWORD.encode()), "not UTF-8"),
-    (b64("\n"), "is empty"),
-    (b64("p" * 4097), "larger than 4096 bytes"),
-])
+@pytest.mark.parametrize(
+    "password, problem",
+    [
+        ("not base64!", "not valid base64"),
+        (b64(b"\xff\xfe" + PASSWORD.encode()), "not UTF-8"),
+        (b64("\n"), "is empty"),
+        (b64("p" * 4097), "larger than 4096 bytes"),
+    ],
+)
 def test_a_bad_password_value_is_a_configuration_error_that_does_not_echo_it(kube, password, problem):
     with_secret(kube, {"email": b64(EMAIL), "password": password})
     with pytest.raises(ConfigurationError) as caught:
@@ -143,11 +149,18 @@ def test_an_absent_or_forbidden_secret_is_a_configuration_error(kube, status, sa
     assert not caught.value.transient
 
 
-@pytest.mark.parametrize("error", [
-    api_error(500), api_error(503), api_error(429),
-    MaxRetryError(None, "https://kube/api", "refused"), ProtocolError("connection aborted"),
-    ConnectionRefusedError(111, "refused"), TimeoutError("timed out"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        api_error(500),
+        api_error(503),
+        api_error(429),
+        MaxRetryError(None, "https://kube/api", "refused"),
+        ProtocolError("connection aborted"),
+        ConnectionRefusedError(111, "refused"),
+        TimeoutError("timed out"),
+    ],
+)
 def test_server_and_connection_failures_are_transient_and_echo_no_body(kube, error):
     kube.core.error = error
     with pytest.raises(KubernetesUnavailableError) as caught:
@@ -212,7 +225,12 @@ def test_post_event_records_an_event_on_the_imageunlock(kube):
     assert event.metadata.name.startswith("iu.") and event.metadata.name != second.metadata.name
     involved = event.involved_object
     assert (involved.kind, involved.api_version, involved.name, involved.namespace, involved.uid) == (
-        KIND, f"{GROUP}/{VERSION}", "iu", NS, "uid-1")
+        KIND,
+        f"{GROUP}/{VERSION}",
+        "iu",
+        NS,
+        "uid-1",
+    )
     assert (event.type, event.reason, event.message) == ("Warning", "ArchiveInvalid", "archive could not be unlocked")
 
 

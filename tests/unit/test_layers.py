@@ -17,15 +17,19 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(tree / "operator")}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
 def copy(tmp_path: Path) -> Path:
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    shutil.copytree(ROOT / "operator" / "imageunlock", tmp_path / "operator" / "imageunlock",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "operator" / "imageunlock",
+        tmp_path / "operator" / "imageunlock",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     return tmp_path
 
 
@@ -35,12 +39,15 @@ def test_the_contract_holds_for_the_package():
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("module, line, contract", [
-    ("status.py", "from . import kube", "core is pure"),
-    ("spec.py", "import requests", "core is pure"),
-    ("runtimes/docker.py", "from .. import reconciler", "adapters never reach"),
-    ("service.py", "from .runtimes import docker", "the unlock service knows no framework"),
-])
+@pytest.mark.parametrize(
+    "module, line, contract",
+    [
+        ("status.py", "from . import kube", "core is pure"),
+        ("spec.py", "import requests", "core is pure"),
+        ("runtimes/docker.py", "from .. import reconciler", "adapters never reach"),
+        ("service.py", "from .runtimes import docker", "the unlock service knows no framework"),
+    ],
+)
 def test_the_contract_fails_when_a_layer_is_crossed(copy, module, line, contract):
     path = copy / "operator" / "imageunlock" / module
     source = path.read_text()

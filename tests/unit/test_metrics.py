@@ -17,8 +17,9 @@ def sample(name: str, labels: dict[str, str]) -> float | None:
 
 
 def condition(namespace: str, name: str, type_: str, status: str) -> float | None:
-    return sample("imageunlock_status_condition",
-                  {"namespace": namespace, "name": name, "condition": type_, "status": status})
+    return sample(
+        "imageunlock_status_condition", {"namespace": namespace, "name": name, "condition": type_, "status": status}
+    )
 
 
 def test_condition_gauge_follows_the_status():

@@ -24,5 +24,12 @@ def test_credentials_hide_the_password_and_refuse_blanks():
 
 def test_phases_are_the_strings_status_shows():
     assert [p.value for p in Phase] == [
-        "Pending", "Authenticating", "FetchingKey", "Loading", "Verifying", "Ready", "Failed"]
+        "Pending",
+        "Authenticating",
+        "FetchingKey",
+        "Loading",
+        "Verifying",
+        "Ready",
+        "Failed",
+    ]
     assert f"{Phase.READY}" == "Ready"

@@ -75,13 +75,24 @@ class World:
         return [(e.type, e.reason) for e in self.kube.events]
 
 
-def make_body(archive: Path, generation: int = 1, status: dict | None = None, name: str = NAME,
-              created: str = "2026-01-02T00:00:00Z", **spec: Any) -> dict[str, Any]:
+def make_body(
+    archive: Path,
+    generation: int = 1,
+    status: dict | None = None,
+    name: str = NAME,
+    created: str = "2026-01-02T00:00:00Z",
+    **spec: Any,
+) -> dict[str, Any]:
     return {
         "apiVersion": "loader.azaion.com/v1alpha1",
         "kind": "ImageUnlock",
-        "metadata": {"namespace": NS, "name": name, "uid": f"uid-{name}", "generation": generation,
-                     "creationTimestamp": created},
+        "metadata": {
+            "namespace": NS,
+            "name": name,
+            "uid": f"uid-{name}",
+            "generation": generation,
+            "creationTimestamp": created,
+        },
         "spec": {
             "archivePath": str(archive),
             "version": VERSION,
@@ -122,7 +133,9 @@ def test_a_first_reconcile_unlocks_and_leaves_a_complete_ready_status(world):
     assert status["phase"] == "Ready" and status["observedGeneration"] == 1
     assert status["images"] == [{"name": ref, "id": world.ids[ref], "present": True} for ref in REFS]
     assert conditions(status) == {
-        "Ready": ("True", "Unlocked"), "Reconciling": ("False", "Succeeded"), "Stalled": ("False", "Succeeded"),
+        "Ready": ("True", "Unlocked"),
+        "Reconciling": ("False", "Succeeded"),
+        "Stalled": ("False", "Succeeded"),
     }
     assert generations(status) == {1}
     size = world.archive.stat().st_size
@@ -194,7 +207,8 @@ def test_a_wrong_key_stalls_with_images_and_progress_removed(world):
     assert status["phase"] == "Failed" and status["observedGeneration"] == 2
     assert "images" not in status and "progress" not in status  # nulled by the merge patch
     assert conditions(status) == {
-        "Ready": ("False", "ArchiveInvalid"), "Reconciling": ("False", "ArchiveInvalid"),
+        "Ready": ("False", "ArchiveInvalid"),
+        "Reconciling": ("False", "ArchiveInvalid"),
         "Stalled": ("True", "ArchiveInvalid"),
     }
     assert generations(status) == {2}
@@ -209,11 +223,14 @@ def test_images_missing_after_the_load_are_listed_as_not_present(world):
     assert world.status["images"] == [{"name": REFS[1], "id": "", "present": False}]
 
 
-@pytest.mark.parametrize("spec", [
-    {"resourceApi": {"url": "https://elsewhere.example.test", "credentialsSecretRef": {"name": "creds"}}},
-    {"version": "not a tag"},
-    {"archivePath": "/somewhere/else.enc"},  # outside the archive roots
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"resourceApi": {"url": "https://elsewhere.example.test", "credentialsSecretRef": {"name": "creds"}}},
+        {"version": "not a tag"},
+        {"archivePath": "/somewhere/else.enc"},  # outside the archive roots
+    ],
+)
 def test_an_invalid_spec_stalls_without_touching_credentials(world, spec):
     outcome = world.reconcile(**spec)
     assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")
@@ -249,7 +266,8 @@ def test_a_transient_failure_is_retried_with_attempt_and_delay_in_the_status(wor
     assert status["message"].startswith("attempt 1 failed: ") and status["message"].endswith("retrying in 5s")
     assert "observedGeneration" not in status  # this generation is not finished
     assert conditions(status) == {
-        "Ready": ("False", "RuntimeUnavailable"), "Reconciling": ("True", "RuntimeUnavailable"),
+        "Ready": ("False", "RuntimeUnavailable"),
+        "Reconciling": ("True", "RuntimeUnavailable"),
         "Stalled": ("False", "RuntimeUnavailable"),
     }
     assert world.events[-1] == ("Warning", "RuntimeUnavailable")
@@ -310,10 +328,13 @@ def test_an_earlier_imageunlock_of_the_same_ref_from_another_archive_is_a_ref_co
     assert world.kube.credential_reads == [] and world.runtime.loads == []
 
 
-@pytest.mark.parametrize("name, created, archive", [
-    ("later", "2026-01-03T00:00:00Z", "other.enc"),  # we were first
-    ("same-archive", "2026-01-01T00:00:00Z", "images.enc"),  # the same content
-])
+@pytest.mark.parametrize(
+    "name, created, archive",
+    [
+        ("later", "2026-01-03T00:00:00Z", "other.enc"),  # we were first
+        ("same-archive", "2026-01-01T00:00:00Z", "images.enc"),  # the same content
+    ],
+)
 def test_no_conflict_with_a_later_claim_or_one_from_the_same_archive(world, tmp_path, name, created, archive):
     world.others.append(holder(tmp_path / archive, name, created))
     assert world.reconcile().verdict is Verdict.READY

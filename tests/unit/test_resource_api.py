@@ -146,7 +146,7 @@ def finishes_within(seconds: float, call):
     def run() -> None:
         try:
             outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -180,6 +180,7 @@ def assert_clean(message: str) -> None:
 @pytest.mark.parametrize("call", [LOGIN_PATH, KEY_FRAGMENT_PATH])
 def test_a_redirect_is_never_followed_and_is_permanent(status, call):
     with ScriptedServer(ok_login) as elsewhere:
+
         def answer(request: Request, out: Out) -> None:
             if request.path == call:
                 respond(out, status, headers={"Location": elsewhere.url + request.path})

@@ -46,8 +46,10 @@ class Clock:
 
 
 def body(phase: str, observed: int = 1, generation: int = 1) -> dict:
-    return {"metadata": {"namespace": "ns", "name": "iu", "generation": generation},
-            "status": {"phase": phase, "observedGeneration": observed}}
+    return {
+        "metadata": {"namespace": "ns", "name": "iu", "generation": generation},
+        "status": {"phase": phase, "observedGeneration": observed},
+    }
 
 
 def make(*outcomes: Outcome):
@@ -76,7 +78,9 @@ def test_a_recheck_request_is_handled_at_once_and_only_once():
 
 
 def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attempts():
-    resync, fake, clock = make(Outcome(Verdict.RETRY, delay=5), Outcome(Verdict.RETRY, delay=10), Outcome(Verdict.READY))
+    resync, fake, clock = make(
+        Outcome(Verdict.RETRY, delay=5), Outcome(Verdict.RETRY, delay=10), Outcome(Verdict.READY)
+    )
     fake.ready = False  # an image went missing
     resync.step(KEY, body("Ready"))
     assert fake.calls == [0] and resync.due[KEY].at == 1005.0

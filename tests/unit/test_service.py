@@ -113,9 +113,7 @@ def test_first_run_unlocks_loads_once_and_compares_with_the_archive(archive, pla
     assert key.opened == [CREDS] and (key.logins, key.fragments, key.closes) == (1, 1, 1)
 
 
-def test_phases_are_reported_in_order_with_loading_progress_up_to_the_archive_size(
-    archive, tmp_path, runtime, key
-):
+def test_phases_are_reported_in_order_with_loading_progress_up_to_the_archive_size(archive, tmp_path, runtime, key):
     phases = Phases()
     service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS, phases)
     assert phases.order == [Phase.PENDING, Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING]

@@ -18,8 +18,8 @@ from ..support import savetar
 from ..support.tarbuild import TAGS, add_repo_tag, append, manifest_of, member, pax, rewrite
 from ..support.tarcheck import refused, verify
 
-
 # -- not a whole tar -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "data",
@@ -40,6 +40,7 @@ def test_truncated_archive_is_rejected(cut: int):
 
 # -- bounded work and memory, whatever the entries ------------------------------------------
 
+
 def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
     flood = [member(f"e{i}") for i in range(20_000)]  # empty files: twice the cap
     fed = 0
@@ -58,8 +59,15 @@ def test_a_flood_of_entries_stops_at_the_cap_with_bounded_memory():
     assert peak < 16 << 20
 
 
-@pytest.mark.parametrize("fmt, field", [(tarfile.PAX_FORMAT, "name"), (tarfile.PAX_FORMAT, "linkname"),
-                                        (tarfile.GNU_FORMAT, "name"), (tarfile.GNU_FORMAT, "linkname")])
+@pytest.mark.parametrize(
+    "fmt, field",
+    [
+        (tarfile.PAX_FORMAT, "name"),
+        (tarfile.PAX_FORMAT, "linkname"),
+        (tarfile.GNU_FORMAT, "name"),
+        (tarfile.GNU_FORMAT, "linkname"),
+    ],
+)
 def test_a_name_longer_than_path_max_is_refused_at_once(fmt, field):
     info = tarfile.TarInfo("x")
     info.type = tarfile.SYMTYPE if field == "linkname" else tarfile.REGTYPE
@@ -82,6 +90,7 @@ def test_an_oversized_extended_header_is_refused_at_its_header():
 # Each archive below shows the checks one manifest.json (all refs requested) while the Engine,
 # reading the same bytes, would load another that also tags nginx:latest.
 
+
 def _evil_manifest(data: bytes) -> bytes:
     return json.dumps(add_repo_tag(manifest_of(data))).encode()
 
@@ -96,38 +105,50 @@ def _data_after_directory(data):
 
 
 def _symlink_then_file(data):
-    return append(data, member("m.json", _benign_manifest(data)),
-                   member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   member("manifest.json", _evil_manifest(data)))
+    return append(
+        data,
+        member("m.json", _benign_manifest(data)),
+        member("manifest.json", kind=tarfile.SYMTYPE, linkname="m.json"),
+        member("manifest.json", _evil_manifest(data)),
+    )
 
 
 def _hard_link_keeps_the_old_file(data):
-    return append(data, member("m.json", _evil_manifest(data)),
-                   member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
-                   member("m.json", _benign_manifest(data)))
+    return append(
+        data,
+        member("m.json", _evil_manifest(data)),
+        member("manifest.json", kind=tarfile.LNKTYPE, linkname="m.json"),
+        member("m.json", _benign_manifest(data)),
+    )
 
 
 def _written_through_a_symlink(data):
-    return append(data, member("d", kind=tarfile.SYMTYPE, linkname="."),
-                   member("d/manifest.json", _evil_manifest(data)))
+    return append(
+        data, member("d", kind=tarfile.SYMTYPE, linkname="."), member("d/manifest.json", _evil_manifest(data))
+    )
 
 
 def _second_pax_header_replaces_the_first(data):
-    return append(data, pax({"path": "other.json"}), pax({"comment": "x"}),
-                   member("manifest.json", _evil_manifest(data)))
+    return append(
+        data, pax({"path": "other.json"}), pax({"comment": "x"}), member("manifest.json", _evil_manifest(data))
+    )
 
 
 def _gnu_long_name_beats_pax(data):
-    long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME,
-                                                        "utf-8", "strict")
+    long_name = tarfile.TarInfo._create_gnu_long_header("manifest.json", tarfile.GNUTYPE_LONGNAME, "utf-8", "strict")
     return append(data, long_name, pax({"path": "other.json"}), member("x.json", _evil_manifest(data)))
 
 
 def _gnu_sparse_rename(data):
     evil = _evil_manifest(data)
-    records = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "manifest.json",
-               "GNU.sparse.size": str(len(evil)), "GNU.sparse.numblocks": "1",
-               "GNU.sparse.map": f"0,{len(evil)}"}
+    records = {
+        "GNU.sparse.major": "0",
+        "GNU.sparse.minor": "1",
+        "GNU.sparse.name": "manifest.json",
+        "GNU.sparse.size": str(len(evil)),
+        "GNU.sparse.numblocks": "1",
+        "GNU.sparse.map": f"0,{len(evil)}",
+    }
     blob = "blobs/sha256/" + hashlib.sha256(evil).hexdigest()  # a well-addressed blob, to us
     return append(data, pax(records), member(blob, evil))
 
@@ -146,25 +167,42 @@ def _star_prefix(data):
 
 def _symlink_climbing_out_of_a_symlink(data):
     evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return append(rewrite(data, "manifest.json", lambda body: None),
-                   member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
-                   member("sub/m.json", evil), member("m.json", benign),
-                   member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"))
+    return append(
+        rewrite(data, "manifest.json", lambda body: None),
+        member("d", kind=tarfile.SYMTYPE, linkname="sub/deep"),
+        member("sub/m.json", evil),
+        member("m.json", benign),
+        member("manifest.json", kind=tarfile.SYMTYPE, linkname="d/../m.json"),
+    )
 
 
 def _hard_link_to_a_symlink(data):
     evil, benign = _evil_manifest(data), _benign_manifest(data)
-    return append(rewrite(data, "manifest.json", lambda body: None),
-                   member("m.json", evil), member("sub/m.json", benign),
-                   member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
-                   member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"))
+    return append(
+        rewrite(data, "manifest.json", lambda body: None),
+        member("m.json", evil),
+        member("sub/m.json", benign),
+        member("sub/l", kind=tarfile.SYMTYPE, linkname="m.json"),
+        member("manifest.json", kind=tarfile.LNKTYPE, linkname="sub/l"),
+    )
 
 
-@pytest.mark.parametrize("craft", [
-    _data_after_directory, _symlink_then_file, _hard_link_keeps_the_old_file, _written_through_a_symlink,
-    _second_pax_header_replaces_the_first, _gnu_long_name_beats_pax, _gnu_sparse_rename, _star_prefix,
-    _symlink_climbing_out_of_a_symlink, _hard_link_to_a_symlink,
-], ids=lambda craft: craft.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "craft",
+    [
+        _data_after_directory,
+        _symlink_then_file,
+        _hard_link_keeps_the_old_file,
+        _written_through_a_symlink,
+        _second_pax_header_replaces_the_first,
+        _gnu_long_name_beats_pax,
+        _gnu_sparse_rename,
+        _star_prefix,
+        _symlink_climbing_out_of_a_symlink,
+        _hard_link_to_a_symlink,
+    ],
+    ids=lambda craft: craft.__name__.strip("_"),
+)
 def test_archive_the_engine_would_read_differently_is_refused(craft):
     refused(craft(savetar.build(TAGS)))
 
@@ -181,8 +219,10 @@ def test_a_plaintext_that_is_also_a_compressed_stream_is_refused():
         verifier.close()
 
 
-@pytest.mark.parametrize("magic", [b"BZh91AY", b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd",
-                                   b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18"])
+@pytest.mark.parametrize(
+    "magic",
+    [b"BZh91AY", b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18"],
+)
 def test_every_compression_magic_the_engine_detects_is_refused(magic):
     from imageunlock.tarstream import TarReader, looks_compressed
 
