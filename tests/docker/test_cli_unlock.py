@@ -119,7 +119,7 @@ def test_missing_archive_names_the_absent_images(clean_docker, archives, resourc
 
 
 def test_image_absent_from_the_archive_is_named_and_nothing_loads(clean_docker, archives, resource_api):
-    images = [arg for name in archives.names + ["azaion/extra-service"] for arg in ("--image", name)]
+    images = [arg for name in [*archives.names, "azaion/extra-service"] for arg in ("--image", name)]
     result = unlock(archives.openssl_archive, archives, resource_api, clean_docker, *images)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)

@@ -146,7 +146,7 @@ def archives_v2(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, arch
 
 @pytest.fixture(scope="session")
 def big_archives(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, archives):
-    """Large enough (4 × 64 MiB) that a test can catch the operator in the middle of a load."""
+    """Large enough (4 x 64 MiB) that a test can catch the operator in the middle of a load."""
     return build_archive_set(
         dockerd,
         tmp_path_factory.mktemp("archives-big"),

@@ -6,6 +6,7 @@ status, events, annotations or the operator's log."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 
@@ -127,10 +128,8 @@ def test_credentials_go_only_to_allowed_resource_apis(
 
 def _forms(secret: bytes) -> set[str]:
     text = {secret.hex(), base64.b64encode(secret).decode()}
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         text.add(secret.decode())
-    except UnicodeDecodeError:
-        pass
     return {t for t in text if len(t) >= 8}
 
 

@@ -34,7 +34,7 @@ def test_create_delete_cycles_leave_nothing_and_do_not_grow(
         assert time.monotonic() < deadline, f"soak exceeded {TIME_LIMIT}s at cycle {cycle}"
         name = f"soak-{cycle}"
         cluster.create_unlock(namespace, name, spec)
-        wait_for(lambda: is_stalled(cluster, namespace, name), 30, f"{name} Stalled", interval=0.02)
+        wait_for(lambda name=name: is_stalled(cluster, namespace, name), 30, f"{name} Stalled", interval=0.02)
         cluster.delete(namespace, name)
         if cycle == WARMUP:
             baseline = rss_kib(operator.proc.pid)

@@ -54,9 +54,8 @@ class Dockerd:
             "--ip-masq=false",
             "--bridge=none",
         ]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             await_answer(
                 self.proc,

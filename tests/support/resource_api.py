@@ -13,6 +13,7 @@ Run as a script for ``make demo``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -171,10 +172,8 @@ def main() -> int:
         f.write(api.url)
     os.replace(args.port_file + ".tmp", args.port_file)
     print(f"demo resource API listening on {api.url}", file=sys.stderr, flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -135,9 +135,11 @@ def test_directory_swapped_for_a_symlink_after_the_check_is_not_followed(root, t
         return real_open(*args, **kwargs)
 
     monkeypatch.setattr(os, "open", racing_open)
-    with pytest.raises(ConfigurationError, match=NO_SYMLINKS) as info:
-        with open_archive(str(root / "sub" / "images.enc"), [str(root)]) as (handle, _):
-            read.append(handle.read())
+    with (
+        pytest.raises(ConfigurationError, match=NO_SYMLINKS) as info,
+        open_archive(str(root / "sub" / "images.enc"), [str(root)]) as (handle, _),
+    ):
+        read.append(handle.read())
     monkeypatch.undo()
     assert swapped and read == []
     assert str(elsewhere) not in info.value.message

@@ -74,7 +74,7 @@ def test_missing_expected_image_stops_before_the_tail():
     chunks = [data[i : i + 2048] for i in range(0, len(data), 2048)]
     out = bytearray()
     with pytest.raises(ImagesNotInArchiveError) as info:
-        for chunk in verified_stream(chunks, ImageTarVerifier(), TAGS + ["azaion/detections:2.0"]):
+        for chunk in verified_stream(chunks, ImageTarVerifier(), [*TAGS, "azaion/detections:2.0"]):
             out += chunk
     assert info.value.missing == ["azaion/detections:2.0"]
     assert len(out) <= len(data) - 1024  # the end-of-archive marker never went out
@@ -132,7 +132,7 @@ _KEYS = st.sampled_from(
     ]
 )
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.sampled_from(TAGS + [EVIL]),
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.sampled_from([*TAGS, EVIL]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS | st.text(max_size=4), inner, max_size=3),
     max_leaves=8,
 )
@@ -221,7 +221,10 @@ def test_foreign_tag_stops_the_stream_before_the_tail(layout, name, edit):
 
 def test_foreign_tags_are_listed_at_most_five():
     extra = [f"team{i}/app:1" for i in range(7)]
-    edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + extra}, *m[1:]]  # noqa: E731
+
+    def edit(m):
+        return [{**m[0], "RepoTags": m[0]["RepoTags"] + extra}, *m[1:]]
+
     message = str(refused(edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
     assert all(ref in message for ref in extra[:5]) and extra[5] not in message
     assert "and 2 more" in message
@@ -229,7 +232,10 @@ def test_foreign_tags_are_listed_at_most_five():
 
 def test_refs_compare_after_dockers_normalisation():
     spelled = {tag: "index.docker.io/" + tag for tag in TAGS}
-    edit = lambda m: [{**e, "RepoTags": [spelled[t] for t in e["RepoTags"]]} for e in m]  # noqa: E731
+
+    def edit(m):
+        return [{**e, "RepoTags": [spelled[t] for t in e["RepoTags"]]} for e in m]
+
     data = edit_json(savetar.build(TAGS), "manifest.json", edit)
     assert streamed(data, ["docker.io/" + tag for tag in TAGS]) == data
     verifier = ImageTarVerifier()
@@ -241,7 +247,9 @@ def test_refs_compare_after_dockers_normalisation():
 
 
 def test_untagged_images_and_relative_ref_names_are_fine():
-    untagged = lambda m: [*m, {**m[0], "RepoTags": None}]  # noqa: E731
+    def untagged(m):
+        return [*m, {**m[0], "RepoTags": None}]
+
     data = edit_json(savetar.build(TAGS, layout="oci"), "manifest.json", untagged)
     data = edit_json(data, "index.json", _annotate("org.opencontainers.image.ref.name", "2.0"))
     assert streamed(data) == data
@@ -249,13 +257,16 @@ def test_untagged_images_and_relative_ref_names_are_fine():
 
 def test_a_missing_ref_is_reported_before_foreign_ones():
     data = edit_json(savetar.build(TAGS), "manifest.json", add_repo_tag)
-    error = refused(data, ImagesNotInArchiveError, TAGS + ["azaion/detections:2.0"])
+    error = refused(data, ImagesNotInArchiveError, [*TAGS, "azaion/detections:2.0"])
     assert error.missing == ["azaion/detections:2.0"]
 
 
 def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
     odd = ["evil\n\x1b[31m:1", "x" * 5000]
-    edit = lambda m: [{**m[0], "RepoTags": m[0]["RepoTags"] + odd}, *m[1:]]  # noqa: E731
+
+    def edit(m):
+        return [{**m[0], "RepoTags": m[0]["RepoTags"] + odd}, *m[1:]]
+
     message = str(refused(edit_json(savetar.build(TAGS), "manifest.json", edit), ForeignTagsError))
     assert "evil??[31m:1" in message and "\x1b" not in message and len(message) < 700
 
@@ -266,7 +277,9 @@ def test_foreign_tags_in_a_status_message_are_printable_and_bounded():
 
 
 def _repo_tags_spelled_twice(data):
-    edit = lambda m: [{**m[0], "repotags": [EVIL]}, *m[1:]]  # noqa: E731  (Go: the last one wins)
+    def edit(m):
+        return [{**m[0], "repotags": [EVIL]}, *m[1:]]  # Go: the last one wins
+
     return edit_json(data, "manifest.json", edit)
 
 

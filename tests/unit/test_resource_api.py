@@ -102,9 +102,9 @@ def test_client_errors_are_permanent(api, status, error):
 def test_slow_answers_are_bounded_by_the_read_timeout(api):
     api.delay = 2.0
     started = time.monotonic()
-    with client(api, settings=ApiClientConfig(connect_timeout=1, read_timeout=0.3, retries=1, backoff_factor=0)) as c:
-        with pytest.raises(ApiUnavailableError):
-            c.login()
+    settings = ApiClientConfig(connect_timeout=1, read_timeout=0.3, retries=1, backoff_factor=0)
+    with client(api, settings=settings) as c, pytest.raises(ApiUnavailableError):
+        c.login()
     assert time.monotonic() - started < 2 * 2.0 + 1  # two bounded attempts, not a hang
 
 
@@ -253,9 +253,12 @@ def test_headers_dripped_forever_end_at_the_deadline():
         out.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
         drip(out, b"a" * 100_000)
 
-    with ScriptedServer(login) as api, scripted_client(api, deadline=2) as c:
-        with pytest.raises(ApiUnavailableError) as info:
-            finishes_within(2 + 5, c.login)
+    with (
+        ScriptedServer(login) as api,
+        scripted_client(api, deadline=2) as c,
+        pytest.raises(ApiUnavailableError) as info,
+    ):
+        finishes_within(2 + 5, c.login)
     assert info.value.transient and "no complete answer within 2s" in info.value.message
 
 
@@ -265,9 +268,12 @@ def test_a_body_dripped_forever_ends_at_the_deadline(framing):
         out.write(head(200, {"Content-Length": "1000"} if framing == "content-length" else {"Connection": "close"}))
         drip(out, b"f" * 1000)
 
-    with api_with_key(key) as api, scripted_client(api, deadline=2) as c:
-        with pytest.raises(ApiUnavailableError) as info:  # never a fragment cut short by the watchdog
-            finishes_within(2 + 5, c.key_fragment)
+    with (
+        api_with_key(key) as api,
+        scripted_client(api, deadline=2) as c,
+        pytest.raises(ApiUnavailableError) as info,  # never a fragment cut short by the watchdog
+    ):
+        finishes_within(2 + 5, c.key_fragment)
     assert info.value.transient and "no complete answer within 2s" in info.value.message
 
 
@@ -281,9 +287,11 @@ def test_retry_after_is_capped():
         else:
             ok_login(request, out)
 
-    with api_with_key(lambda r, out: respond(out, 200, FRAGMENT), login_answer=login) as api:
-        with scripted_client(api, max_retry_after=0.2, deadline=30) as c:
-            assert finishes_within(10, c.key_fragment) == FRAGMENT
+    with (
+        api_with_key(lambda r, out: respond(out, 200, FRAGMENT), login_answer=login) as api,
+        scripted_client(api, max_retry_after=0.2, deadline=30) as c,
+    ):
+        assert finishes_within(10, c.key_fragment) == FRAGMENT
     assert [r.path for r in api.requests] == [LOGIN_PATH, LOGIN_PATH, KEY_FRAGMENT_PATH]
 
 
@@ -308,9 +316,12 @@ def test_settings_without_a_finite_deadline_or_cap_are_refused(settings):
 
 
 def test_the_deadline_covers_retries():
-    with ScriptedServer(lambda r, out: respond(out, 503, headers={"Retry-After": "1"})) as api:
-        with scripted_client(api, retries=100, deadline=2) as c, pytest.raises(ApiUnavailableError) as info:
-            finishes_within(2 + 5, c.login)
+    with (
+        ScriptedServer(lambda r, out: respond(out, 503, headers={"Retry-After": "1"})) as api,
+        scripted_client(api, retries=100, deadline=2) as c,
+        pytest.raises(ApiUnavailableError) as info,
+    ):
+        finishes_within(2 + 5, c.login)
     assert "no complete answer within 2s" in info.value.message
     assert 1 <= len(api.requests) <= 4
 
@@ -365,9 +376,11 @@ def test_plain_base_urls_are_accepted(url, normalized):
 
 
 def test_requests_go_to_the_parsed_origin_plus_the_fixed_paths():
-    with api_with_key(lambda r, out: respond(out, 200, FRAGMENT)) as api:
-        with ResourceApiClient(api.url + "/v1/", Credentials(EMAIL, PASSWORD), FAST) as c:
-            assert c.key_fragment() == FRAGMENT
+    with (
+        api_with_key(lambda r, out: respond(out, 200, FRAGMENT)) as api,
+        ResourceApiClient(api.url + "/v1/", Credentials(EMAIL, PASSWORD), FAST) as c,
+    ):
+        assert c.key_fragment() == FRAGMENT
     assert [r.path for r in api.requests] == ["/v1" + LOGIN_PATH, "/v1" + KEY_FRAGMENT_PATH]
 
 

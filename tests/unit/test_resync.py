@@ -66,7 +66,7 @@ def test_ready_and_still_true_is_only_looked_at_every_interval():
 
 
 def test_a_recheck_request_is_handled_at_once_and_only_once():
-    resync, fake, clock = make()
+    resync, fake, _clock = make()
     resync.step(KEY, body("Ready"))
     requested = body("Ready")
     requested["metadata"]["annotations"] = {"loader.azaion.com/requested-at": "now-1"}
@@ -97,7 +97,7 @@ def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attemp
 
 
 def test_a_generation_the_handler_has_not_finished_is_left_to_it():
-    resync, fake, clock = make()
+    resync, fake, _clock = make()
     fake.ready = False
     resync.step(KEY, body("Loading", observed=1, generation=2))
     resync.step(KEY, body("Ready", observed=1, generation=2))
@@ -105,7 +105,7 @@ def test_a_generation_the_handler_has_not_finished_is_left_to_it():
 
 
 def test_the_handler_holding_the_lock_keeps_the_loop_out():
-    resync, fake, clock = make(Outcome(Verdict.READY))
+    resync, fake, _clock = make(Outcome(Verdict.READY))
     fake.ready = False
     with resync.lock(KEY):
         resync.step(KEY, body("Ready"))
@@ -149,7 +149,7 @@ def test_runtime_down_during_a_check_postpones_it_without_reconciling():
 
 
 def test_forget_drops_state():
-    resync, fake, clock = make()
+    resync, _fake, _clock = make()
     resync.step(KEY, body("Ready"))
     resync.forget(KEY)
     assert KEY not in resync.due
