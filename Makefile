@@ -15,7 +15,7 @@ unit:
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Format, lint, strict types on the package, and the layering contract (pyproject.toml).
-LINT_PATHS := operator tools/controlplane/controlplane scripts benchmarks
+LINT_PATHS := operator tools/controlplane/controlplane scripts benchmarks tests
 lint:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
 	.venv/bin/ruff format --check $(LINT_PATHS)

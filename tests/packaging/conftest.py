@@ -56,8 +56,15 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "2", "memory": "256Mi"}},
     "nodeSelector": {"kubernetes.io/hostname": "edge-node-1"},
     "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "azaion.com/edge", "operator": "In", "values": ["true"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "azaion.com/edge", "operator": "In", "values": ["true"]}]}
+                ]
+            }
+        }
+    },
     "priorityClassName": "system-node-critical",
     "podAnnotations": {"example.com/scrape": "false"},
     "podLabels": {"example.com/team": "edge"},
@@ -103,8 +110,9 @@ def sample_objects() -> list[dict[str, Any]]:
     return [doc for path in sorted((MANIFESTS / "samples").glob("*.yaml")) for doc in load_docs(path.read_text())]
 
 
-def render_chart(values: dict[str, Any] | None = None, *, name: str = "imageunlock-operator",
-                 namespace: str = OPERATOR_NAMESPACE) -> dict[str, str]:
+def render_chart(
+    values: dict[str, Any] | None = None, *, name: str = "imageunlock-operator", namespace: str = OPERATOR_NAMESPACE
+) -> dict[str, str]:
     """Render the chart offline with helm-python-sdk: {template path: manifest text}."""
     helm = require("helm_python")
     with helm.Chart.load(str(CHART)) as chart:
@@ -142,12 +150,21 @@ class Plane:
             self._sa_kubeconfig = str(self.cp.add_user(SA_USER))
         return self._sa_kubeconfig
 
-    def kubectl(self, *args: str, stdin: str | None = None, kubeconfig: str | None = None,
-                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        kubeconfig: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         kubeconfig = kubeconfig or self.kubeconfig
         res = subprocess.run(
             [self.kubectl_bin, "--kubeconfig", kubeconfig, "--cache-dir", f"{kubeconfig}.kubectl-cache", *args],
-            input=stdin, text=True, capture_output=True, timeout=timeout,
+            input=stdin,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
         )
         if check and res.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
@@ -202,7 +219,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     try:
         cp.start(timeout=90)
         kubectl = controlplane.kubectl_path()
-    except Exception as exc:  # noqa: BLE001 - any failure to come up is "unavailable"
+    except Exception as exc:
         cp.stop()
         unavailable("local control plane", str(exc))
     try:

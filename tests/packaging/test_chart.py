@@ -38,9 +38,11 @@ METRICS_ALL: dict[str, Any] = {
         "port": 9102,
         "service": {"annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}},
         "serviceMonitor": {"enabled": True, "interval": "1m30s", "labels": {"release": "kube-prometheus-stack"}},
-        "networkPolicy": {"enabled": True,
-                          "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-                          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+        "networkPolicy": {
+            "enabled": True,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
     },
 }
 METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}
@@ -51,9 +53,11 @@ def helm():
     return require("helm_python")
 
 
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}},
-                                    METRICS_ALL, METRICS_OFF],
-                         ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"])
+@pytest.mark.parametrize(
+    "values",
+    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF],
+    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"],
+)
 def test_lint_strict(helm, values):
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
     problems = [m for m in report["messages"] if m["severity"] >= WARNING]
@@ -102,8 +106,10 @@ def test_non_default_values_reach_the_deployment():
     assert env["IMAGEUNLOCK_VERIFY_INTERVAL"] == "60"
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["IMAGEUNLOCK_WORKERS"] == "2"
-    assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"},
-                                  {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 9090, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert container["resources"] == NON_DEFAULT_VALUES["resources"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "Directory"}
@@ -127,15 +133,21 @@ def test_non_default_values_reach_the_deployment():
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["edge-a", "edge-b"]
     for binding in bindings:
         assert binding["roleRef"]["name"] == "iu-secrets"
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "iu-operator", "namespace": "imageunlock-system"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "iu-operator", "namespace": "imageunlock-system"}
+        ]
     assert not find(objects, "ClusterRoleBinding", "iu-secrets")
 
 
 def test_optional_parts_can_be_switched_off():
-    values = {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False},
-              "runtime": {"socketPath": "/var/run/docker.sock", "socketGroupId": None}, "resourceApiUrl": "",
-              "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
-              "metrics": {"enabled": False}}
+    values = {
+        "serviceAccount": {"create": False, "name": "existing"},
+        "rbac": {"create": False},
+        "runtime": {"socketPath": "/var/run/docker.sock", "socketGroupId": None},
+        "resourceApiUrl": "",
+        "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
+        "metrics": {"enabled": False},
+    }
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["Deployment"]
     pod = objects[0]["spec"]["template"]["spec"]
@@ -149,8 +161,9 @@ def test_optional_parts_can_be_switched_off():
 def test_containerd_runtime_mounts_its_socket_where_the_operator_looks():
     """runtime.name containerd (a k3s node): the node's socket at the operator's default
     address, and settings the operator starts with."""
-    objects = rendered_objects({"runtime": {"name": "containerd", "socketGroupId": 0,
-                                            "socketPath": "/run/k3s/containerd/containerd.sock"}})
+    objects = rendered_objects(
+        {"runtime": {"name": "containerd", "socketGroupId": 0, "socketPath": "/run/k3s/containerd/containerd.sock"}}
+    )
     (deployment,) = find(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -200,9 +213,8 @@ def test_containerd_runtime_mounts_its_socket_where_the_operator_looks():
     ids=lambda v: next(iter(v)),
 )
 def test_schema_rejects_bad_values(helm, bad):
-    with helm.Chart.load(str(CHART)) as chart:
-        with pytest.raises(helm.HelmValuesError):
-            chart.validate_schema(bad)
+    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(bad)
     report = helm.lint(str(CHART), bad, strict=True)
     assert report["errors"] or any(m["severity"] >= WARNING for m in report["messages"])
 
@@ -224,7 +236,7 @@ def _rules(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """ClusterRole rules keyed by the role's suffix after the base name (''/'-secrets')."""
     roles = find(objects, "ClusterRole")
     base = min((r["metadata"]["name"] for r in roles), key=len)
-    return {r["metadata"]["name"][len(base):]: r["rules"] for r in roles}
+    return {r["metadata"]["name"][len(base) :]: r["rules"] for r in roles}
 
 
 def test_chart_rbac_equals_manifest_rbac():
@@ -238,7 +250,8 @@ def _bindings(objects: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """Every (Cluster)RoleBinding as (kind, namespace, name, roleRef, subjects), sorted."""
     return sorted(
         (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"], o["roleRef"], o["subjects"])
-        for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")
+        for o in objects
+        if o["kind"] in ("ClusterRoleBinding", "RoleBinding")
     )
 
 
@@ -251,8 +264,11 @@ def test_chart_bindings_equal_the_manifests():
     assert _bindings(rendered_objects({"rbac": {"clusterWideSecrets": True}})) == cluster_wide
 
 
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
-                         ids=["default", "non-default", "cluster-wide"])
+@pytest.mark.parametrize(
+    "values",
+    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}],
+    ids=["default", "non-default", "cluster-wide"],
+)
 def test_chart_bindings_point_at_the_roles(values):
     objects = rendered_objects(values)
     (sa,) = find(objects, "ServiceAccount")
@@ -267,8 +283,10 @@ def test_chart_bindings_point_at_the_roles(values):
 
 
 def _secrets_bindings(objects: list[dict[str, Any]], role: str = SECRETS_ROLE) -> dict[str, list[dict[str, Any]]]:
-    return {kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == role]
-            for kind in ("ClusterRoleBinding", "RoleBinding")}
+    return {
+        kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == role]
+        for kind in ("ClusterRoleBinding", "RoleBinding")
+    }
 
 
 def test_default_reads_secrets_in_no_namespace_and_warns():
@@ -293,8 +311,11 @@ def test_secret_namespaces_get_one_role_binding_each(namespaces):
     assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == sorted(namespaces)
     assert len(find(objects, "RoleBinding")) == len(namespaces)
     for binding in secrets["RoleBinding"]:
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                      "name": SECRETS_ROLE}
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": SECRETS_ROLE,
+        }
     notes = render_chart(values)[NOTES]
     assert "WARNING" not in notes
     assert f"Secrets only in: {', '.join(namespaces)}." in notes
@@ -310,13 +331,15 @@ def test_cluster_wide_secrets_is_an_opt_in(helm):
     assert secrets["RoleBinding"] == []
     (binding,) = secrets["ClusterRoleBinding"]
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": "imageunlock-system"}]
+        {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": "imageunlock-system"}
+    ]
     notes = render_chart(values)[NOTES]
     assert "WARNING" not in notes and "EVERY" in notes
     # with another release name, the binding follows the role's name
     renamed = rendered_objects({**values, "fullnameOverride": "iu"})
     assert [b["metadata"]["name"] for b in _secrets_bindings(renamed, "iu-secrets")["ClusterRoleBinding"]] == [
-        "iu-secrets"]
+        "iu-secrets"
+    ]
 
 
 def test_values_file_is_fully_described_by_the_schema(helm):
@@ -401,12 +424,18 @@ def test_service_monitor_selects_the_metrics_service():
     assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert spec["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
     # Exactly one Service carries the selected labels: the ServiceMonitor cannot pick another.
-    assert [s["metadata"]["name"] for s in find(objects, "Service")
-            if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()] == [
-        service["metadata"]["name"]]
+    assert [
+        s["metadata"]["name"]
+        for s in find(objects, "Service")
+        if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ] == [service["metadata"]["name"]]
     (endpoint,) = spec["endpoints"]
-    assert endpoint == {"port": service["spec"]["ports"][0]["name"], "path": "/metrics", "scheme": "http",
-                        "interval": "1m30s"}
+    assert endpoint == {
+        "port": service["spec"]["ports"][0]["name"],
+        "path": "/metrics",
+        "scheme": "http",
+        "interval": "1m30s",
+    }
     # An empty interval leaves it to Prometheus.
     values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": ""}}}
     (monitor,) = find(rendered_objects(values), "ServiceMonitor")
@@ -423,12 +452,17 @@ def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
     assert spec["policyTypes"] == ["Ingress"]  # egress (Kubernetes API, resource API) untouched
     (rule,) = spec["ingress"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-                             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
     # Default selectors: every pod of the namespace named "monitoring".
     (policy,) = find(rendered_objects({"metrics": {"networkPolicy": {"enabled": True}}}), "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}]
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
+    ]
 
 
 def test_metrics_off_leaves_no_endpoint():
@@ -441,8 +475,9 @@ def test_metrics_off_leaves_no_endpoint():
     assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
     assert _operator_config(deployment).metrics_address == ""
     # networkPolicy.enabled alone renders nothing: it is about the metrics port
-    assert not find(rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}),
-                    "NetworkPolicy")
+    assert not find(
+        rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}), "NetworkPolicy"
+    )
     notes = render_chart(METRICS_OFF)[NOTES]
     assert "Metrics are off" in notes and "/metrics\n" not in notes
 
@@ -461,4 +496,7 @@ def test_chart_metrics_service_equals_the_manifests():
     for service in (chart, plain):
         service["spec"].pop("selector")  # the chart's also has app.kubernetes.io/instance
     assert (chart["metadata"]["name"], chart["metadata"]["namespace"], chart["spec"]) == (
-        plain["metadata"]["name"], plain["metadata"]["namespace"], plain["spec"])
+        plain["metadata"]["name"],
+        plain["metadata"]["namespace"],
+        plain["spec"],
+    )

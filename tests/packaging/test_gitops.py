@@ -65,8 +65,12 @@ def test_ready_is_healthy():
 
 def test_working_is_progressing_with_phase_and_progress():
     ready = st.ready(IMAGES, fast_path=True, generation=1, previous=None)
-    status = {**ready, **st.working(Phase.LOADING, "streaming the archive into the runtime", 2,
-                                    ready["conditions"], done=420, total=1000)}
+    status = {
+        **ready,
+        **st.working(
+            Phase.LOADING, "streaming the archive into the runtime", 2, ready["conditions"], done=420, total=1000
+        ),
+    }
     # working() leaves observedGeneration at the last finished generation (1) on purpose.
     assert status["observedGeneration"] == 1
     state, message = health(unlock(2, status))
@@ -164,8 +168,11 @@ def test_flux_expressions_agree_with_the_lua_check(name, status, generation, exp
     env = celpy.Environment()
     activation = {k: celpy.json_to_cel(v) for k, v in obj.items()}
     verdict = next(
-        (key for key in ("inProgress", "failed", "current")
-         if bool(env.program(env.compile(expr[key])).evaluate(activation))),
+        (
+            key
+            for key in ("inProgress", "failed", "current")
+            if bool(env.program(env.compile(expr[key])).evaluate(activation))
+        ),
         "inProgress",
     )
     assert verdict == expected

@@ -55,8 +55,9 @@ BUILD_TIMEOUT = 1500
 
 def _base_tarball() -> Path:
     try:
-        res = subprocess.run(["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True,
-                             text=True, timeout=1800)
+        res = subprocess.run(
+            ["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=1800
+        )
     except subprocess.TimeoutExpired:
         unavailable("base image", "scripts/base-image.sh timed out")
     if res.returncode != 0:
@@ -83,8 +84,19 @@ def _image_id(engine: Dockerd, ref: str) -> str | None:
 
 
 def _docker_build(engine: Dockerd, *extra: str) -> None:
-    cmd = ["docker", "-H", engine.url, "build", *_build_args(),
-           "--cache-from", BUILD_STAGE, "--cache-from", IMAGE, *extra, str(REPO)]
+    cmd = [
+        "docker",
+        "-H",
+        engine.url,
+        "build",
+        *_build_args(),
+        "--cache-from",
+        BUILD_STAGE,
+        "--cache-from",
+        IMAGE,
+        *extra,
+        str(REPO),
+    ]
     try:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -99,9 +111,9 @@ def image(dockerd: Dockerd) -> str:
     stamp = {"base": base.name, "base_size": base.stat().st_size}
     cache, meta = CACHE_DIR / "images.tar", CACHE_DIR / "images.json"
     use_cache = os.environ.get("IMAGEUNLOCK_TEST_IMAGE_CACHE", "1") != "0"
-    if use_cache and cache.exists() and meta.exists() and json.loads(meta.read_text()) == stamp:
-        if dockerd.docker("load", "-q", "-i", str(cache), check=False).returncode != 0:
-            cache.unlink(missing_ok=True)
+    cached = use_cache and cache.exists() and meta.exists() and json.loads(meta.read_text()) == stamp
+    if cached and dockerd.docker("load", "-q", "-i", str(cache), check=False).returncode != 0:
+        cache.unlink(missing_ok=True)
     if _image_id(dockerd, BASE) is None:
         dockerd.docker("import", str(base), BASE)
     before = (_image_id(dockerd, BUILD_STAGE), _image_id(dockerd, IMAGE))
@@ -121,8 +133,9 @@ def image(dockerd: Dockerd) -> str:
 
 
 def run(engine: Dockerd, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_image_metadata(dockerd, image):
@@ -162,7 +175,8 @@ for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
 # Nothing of the build stage came along: no wheels, sources, build venv, pip, test tools.
 leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/pip") if os.path.exists(p)]
 site = next(p for p in sys.path if p.endswith("site-packages"))
-leftovers += [n for n in os.listdir(site) if n.lower().startswith(("pytest", "hypothesis", "setuptools", "wheel", "pip"))]
+tools = ("pytest", "hypothesis", "setuptools", "wheel", "pip")
+leftovers += [n for n in os.listdir(site) if n.lower().startswith(tools)]
 assert not leftovers, leftovers
 assert subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0
 print("ok")
@@ -171,9 +185,25 @@ print("ok")
 
 def test_read_only_root_filesystem_as_any_non_root_user(dockerd, image):
     """--read-only --tmpfs /tmp as an arbitrary UID with no capabilities; lean final image."""
-    res = run(dockerd, "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "4242:4242",
-              "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-              "--entrypoint", "python", image, "-c", READ_ONLY_CHECK)
+    res = run(
+        dockerd,
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--user",
+        "4242:4242",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--entrypoint",
+        "python",
+        image,
+        "-c",
+        READ_ONLY_CHECK,
+    )
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
@@ -196,8 +226,12 @@ class Operator:
         self.engine, self.container, self.port, self.archive_root = engine, container, port, archive_root
 
     def logs(self) -> str:
-        res = subprocess.run(["docker", "-H", self.engine.url, "logs", "--tail", "80", self.container],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["docker", "-H", self.engine.url, "logs", "--tail", "80", self.container],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return res.stdout + res.stderr
 
     def healthz(self, timeout: float = 90) -> dict[str, Any]:
@@ -205,8 +239,9 @@ class Operator:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            state = json.loads(self.engine.docker("inspect", "--format", "{{json .State}}", self.container,
-                                                  text=True).stdout)
+            state = json.loads(
+                self.engine.docker("inspect", "--format", "{{json .State}}", self.container, text=True).stdout
+            )
             if not state["Running"]:
                 pytest.fail(f"operator exited with {state['ExitCode']}:\n{self.logs()}")
             try:
@@ -243,31 +278,53 @@ def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) ->
         shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
         os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)
         (config_dir / "kubeconfig").chmod(0o400)
-        res = subprocess.run([
-            "docker", "-H", dockerd.url, "run", "-d",
-            "--network", "host",
-            "--read-only",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--group-add", str(os.stat(dockerd.socket).st_gid),
-            "-v", f"{dockerd.socket}:/var/run/docker.sock",
-            "-v", f"{archive_root}:{archive_root}:ro",
-            "-v", f"{config_dir}:/etc/imageunlock:ro",
-            "-e", "KUBECONFIG=/etc/imageunlock/kubeconfig",
-            "-e", f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
-            "-e", f"RESOURCE_API_URL={image_api.url}",
-            "-e", f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
-            "-e", "IMAGEUNLOCK_LOG_LEVEL=debug",
-            image,
-        ], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                "docker",
+                "-H",
+                dockerd.url,
+                "run",
+                "-d",
+                "--network",
+                "host",
+                "--read-only",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                "--group-add",
+                str(os.stat(dockerd.socket).st_gid),
+                "-v",
+                f"{dockerd.socket}:/var/run/docker.sock",
+                "-v",
+                f"{archive_root}:{archive_root}:ro",
+                "-v",
+                f"{config_dir}:/etc/imageunlock:ro",
+                "-e",
+                "KUBECONFIG=/etc/imageunlock/kubeconfig",
+                "-e",
+                f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
+                "-e",
+                f"RESOURCE_API_URL={image_api.url}",
+                "-e",
+                f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
+                "-e",
+                "IMAGEUNLOCK_LOG_LEVEL=debug",
+                image,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr
         container = res.stdout.strip()
         try:
             yield Operator(dockerd, container, port, archive_root)
         finally:  # stopped and removed by id, with its anonymous /tmp volume
-            subprocess.run(["docker", "-H", dockerd.url, "stop", "-t", "15", container],
-                           capture_output=True, timeout=60)
-            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                ["docker", "-H", dockerd.url, "stop", "-t", "15", container], capture_output=True, timeout=60
+            )
+            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
 
 
 def test_operator_answers_liveness_against_the_control_plane(operator):
@@ -291,8 +348,13 @@ def _audit(audit_log: Path, user: str) -> tuple[list[dict[str, Any]], set[tuple[
             continue
         ref = event.get("objectRef") or {}  # watches stay open: seen as ResponseStarted
         if ref.get("resource") and event.get("stage") in ("ResponseStarted", "ResponseComplete"):
-            requests.add((ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else ""),
-                          event.get("verb", ""), ref.get("apiGroup", "")))
+            requests.add(
+                (
+                    ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else ""),
+                    event.get("verb", ""),
+                    ref.get("apiGroup", ""),
+                )
+            )
         if event.get("responseStatus", {}).get("code") == 403:
             denied.append({k: event.get(k) for k in ("verb", "requestURI", "objectRef")})
     return denied, requests
@@ -317,16 +379,24 @@ def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, arc
     unlock["spec"]["archivePath"] = str(archive)
     assert unlock["spec"]["version"] == TEST_VERSION
     name = unlock["metadata"]["name"]
-    plane.kubectl("apply", "-n", namespace, "-f", "-",
-                  stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, unlock]}))
+    plane.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, unlock]}),
+    )
     deadline = time.monotonic() + 240
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         obj = json.loads(plane.kubectl("get", "-n", namespace, "imageunlock", name, "-o", "json").stdout)
         status = obj.get("status") or {}
         conditions = {c["type"]: c for c in status.get("conditions") or []}
-        if conditions.get("Ready", {}).get("status") == "True" and \
-                status.get("observedGeneration") == obj["metadata"]["generation"]:
+        if (
+            conditions.get("Ready", {}).get("status") == "True"
+            and status.get("observedGeneration") == obj["metadata"]["generation"]
+        ):
             break
         if conditions.get("Stalled", {}).get("status") == "True":
             pytest.fail(f"Stalled: {status.get('message')}\n{operator.logs()}")
@@ -344,8 +414,13 @@ def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, arc
     denied, requests = _audit(plane.audit_log, SA_USER)
     assert not denied, f"denied requests: {denied}\n{logs}"
     # ... and it used what it is granted for (the audit log saw these requests).
-    for needed in [("imageunlocks", "watch", "loader.azaion.com"), ("imageunlocks", "patch", "loader.azaion.com"),
-                   ("imageunlocks/status", "patch", "loader.azaion.com"), ("secrets", "get", ""),
-                   ("events", "create", ""), ("customresourcedefinitions", "watch", "apiextensions.k8s.io")]:
+    for needed in [
+        ("imageunlocks", "watch", "loader.azaion.com"),
+        ("imageunlocks", "patch", "loader.azaion.com"),
+        ("imageunlocks/status", "patch", "loader.azaion.com"),
+        ("secrets", "get", ""),
+        ("events", "create", ""),
+        ("customresourcedefinitions", "watch", "apiextensions.k8s.io"),
+    ]:
         assert needed in requests, (needed, sorted(requests))
     assert TEST_PASSWORD not in logs

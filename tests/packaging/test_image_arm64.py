@@ -70,8 +70,7 @@ VERSION = imageunlock.__version__
 
 
 def _native_arch() -> str:
-    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _require_emulation() -> None:
@@ -81,8 +80,10 @@ def _require_emulation() -> None:
     try:
         handler = BINFMT.read_text()
     except OSError as exc:
-        unavailable("QEMU user emulation for arm64", f"no binfmt_misc handler {BINFMT} ({exc}); "
-                    "scripts/setup.sh installs qemu-user-static and registers it")
+        unavailable(
+            "QEMU user emulation for arm64",
+            f"no binfmt_misc handler {BINFMT} ({exc}); scripts/setup.sh installs qemu-user-static and registers it",
+        )
     if not handler.startswith("enabled") or not re.search(r"^flags:.*F", handler, re.M):
         unavailable("QEMU user emulation for arm64", f"{BINFMT} is not enabled with flag F:\n{handler}")
 
@@ -90,8 +91,9 @@ def _require_emulation() -> None:
 def _base_tarball(arch: str) -> Path:
     env = {**os.environ, "BASE_ARCH": arch}
     try:
-        res = subprocess.run(["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True,
-                             text=True, timeout=1800, env=env)
+        res = subprocess.run(
+            ["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=1800, env=env
+        )
     except subprocess.TimeoutExpired:
         unavailable(f"{arch} base image", "scripts/base-image.sh timed out")
     if res.returncode != 0:
@@ -103,8 +105,22 @@ def _load_base(engine: Dockerd, tarball: Path, arch: str, tag: str) -> None:
     """The root filesystem as an image whose config records ``arch`` (scripts/rootfs-image.py)."""
     with tempfile.TemporaryDirectory(prefix="iu-rootfs-") as tmp:
         archive = Path(tmp) / "base.tar"
-        subprocess.run(["python3", str(REPO / "scripts" / "rootfs-image.py"), str(tarball), "--arch", arch,
-                        "--tag", tag, "-o", str(archive)], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                "python3",
+                str(REPO / "scripts" / "rootfs-image.py"),
+                str(tarball),
+                "--arch",
+                arch,
+                "--tag",
+                tag,
+                "-o",
+                str(archive),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         engine.docker("load", "-q", "-i", str(archive))
 
 
@@ -127,11 +143,30 @@ def _image_id(engine: Dockerd, ref: str) -> str | None:
 
 
 def _docker_build(engine: Dockerd, build_base: str, *extra: str) -> None:
-    cmd = ["docker", "-H", engine.url, "build", *_build_args(build_base),
-           "--cache-from", TARGET_STAGE, "--cache-from", BUILD_STAGE, "--cache-from", IMAGE, *extra, str(REPO)]
+    cmd = [
+        "docker",
+        "-H",
+        engine.url,
+        "build",
+        *_build_args(build_base),
+        "--cache-from",
+        TARGET_STAGE,
+        "--cache-from",
+        BUILD_STAGE,
+        "--cache-from",
+        IMAGE,
+        *extra,
+        str(REPO),
+    ]
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-                             env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        res = subprocess.run(
+            cmd,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"docker build took more than {BUILD_TIMEOUT}s")
     if res.returncode != 0:
@@ -172,8 +207,9 @@ def arm64_image(dockerd: Dockerd) -> str:
 
 
 def run(engine: Dockerd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------ the image
@@ -209,8 +245,9 @@ python -c 'import imageunlock as i, platform as p, sysconfig as s; print(i.__ver
 def test_arm64_image_runs_as_aarch64_and_reports_its_version(dockerd, arm64_image):
     res = run(dockerd, "--network", "none", "--entrypoint", "sh", arm64_image, "-c", IDENTITY)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split("\n")[:3] == ["aarch64", f"imageunlock {VERSION}",
-                                          f"{VERSION} aarch64 linux-aarch64"], res.stdout
+    assert res.stdout.split("\n")[:3] == ["aarch64", f"imageunlock {VERSION}", f"{VERSION} aarch64 linux-aarch64"], (
+        res.stdout
+    )
 
 
 ARM64_CHECK = """
@@ -246,9 +283,25 @@ print("ok")
 
 def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_image):
     """--read-only --tmpfs /tmp as an arbitrary UID with no capabilities, as for amd64."""
-    res = run(dockerd, "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "4242:4242",
-              "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-              "--entrypoint", "python", arm64_image, "-c", ARM64_CHECK)
+    res = run(
+        dockerd,
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--user",
+        "4242:4242",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--entrypoint",
+        "python",
+        arm64_image,
+        "-c",
+        ARM64_CHECK,
+    )
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
@@ -259,8 +312,7 @@ def test_one_image_name_serves_both_architectures():
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     (rendered,) = find(rendered_objects(), "Deployment")
     (chart_container,) = rendered["spec"]["template"]["spec"]["containers"]
-    make = subprocess.run(["make", "-s", "-C", str(REPO), "print-image"], capture_output=True, text=True,
-                          timeout=60)
+    make = subprocess.run(["make", "-s", "-C", str(REPO), "print-image"], capture_output=True, text=True, timeout=60)
     assert make.returncode == 0, make.stderr
     assert container["image"] == chart_container["image"] == make.stdout.strip() == f"azaion/imageunlock:{VERSION}"
     # ... and nothing pins the pod to one architecture.
@@ -300,14 +352,35 @@ def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, arch
         archive = archive_root / "images.enc"
         shutil.copyfile(archives.own_archive, archive)
         archive.chmod(0o644)
-        res = run(dockerd, "--network", "host", "--read-only", "--cap-drop", "ALL",
-                  "--security-opt", "no-new-privileges",
-                  "--group-add", str(os.stat(dockerd.socket).st_gid),
-                  "-v", f"{dockerd.socket}:/var/run/docker.sock",
-                  "-v", f"{archive_root}:{archive_root}:ro",
-                  "-e", f"IMAGEUNLOCK_EMAIL={TEST_EMAIL}", "-e", f"IMAGEUNLOCK_PASSWORD={TEST_PASSWORD}",
-                  arm64_image, "unlock", "--archive", str(archive), "--version", archives.version,
-                  "--api-url", arm64_api.url, timeout=600)
+        res = run(
+            dockerd,
+            "--network",
+            "host",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--group-add",
+            str(os.stat(dockerd.socket).st_gid),
+            "-v",
+            f"{dockerd.socket}:/var/run/docker.sock",
+            "-v",
+            f"{archive_root}:{archive_root}:ro",
+            "-e",
+            f"IMAGEUNLOCK_EMAIL={TEST_EMAIL}",
+            "-e",
+            f"IMAGEUNLOCK_PASSWORD={TEST_PASSWORD}",
+            arm64_image,
+            "unlock",
+            "--archive",
+            str(archive),
+            "--version",
+            archives.version,
+            "--api-url",
+            arm64_api.url,
+            timeout=600,
+        )
     assert res.returncode == 0, res.stderr[-3000:]
     for ref in archives.refs:
         assert dockerd.docker("image", "inspect", ref, check=False).returncode == 0, ref
@@ -315,8 +388,9 @@ def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, arch
 
 
 def _logs(engine: Dockerd, container: str) -> str:
-    res = subprocess.run(["docker", "-H", engine.url, "logs", "--tail", "80", container],
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["docker", "-H", engine.url, "logs", "--tail", "80", container], capture_output=True, text=True, timeout=30
+    )
     return res.stdout + res.stderr
 
 
@@ -332,31 +406,53 @@ def arm64_operator(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[tuple[
         shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
         os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)
         (config_dir / "kubeconfig").chmod(0o400)
-        res = subprocess.run([
-            "docker", "-H", dockerd.url, "run", "-d",
-            "--network", "host",
-            "--read-only",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--group-add", str(os.stat(dockerd.socket).st_gid),
-            "-v", f"{dockerd.socket}:/var/run/docker.sock",
-            "-v", f"{archive_root}:{archive_root}:ro",
-            "-v", f"{config_dir}:/etc/imageunlock:ro",
-            "-e", "KUBECONFIG=/etc/imageunlock/kubeconfig",
-            "-e", f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
-            "-e", f"RESOURCE_API_URL=http://127.0.0.1:{free_port()}",
-            "-e", f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
-            "-e", f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
-            arm64_image,
-        ], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                "docker",
+                "-H",
+                dockerd.url,
+                "run",
+                "-d",
+                "--network",
+                "host",
+                "--read-only",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                "--group-add",
+                str(os.stat(dockerd.socket).st_gid),
+                "-v",
+                f"{dockerd.socket}:/var/run/docker.sock",
+                "-v",
+                f"{archive_root}:{archive_root}:ro",
+                "-v",
+                f"{config_dir}:/etc/imageunlock:ro",
+                "-e",
+                "KUBECONFIG=/etc/imageunlock/kubeconfig",
+                "-e",
+                f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
+                "-e",
+                f"RESOURCE_API_URL=http://127.0.0.1:{free_port()}",
+                "-e",
+                f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
+                "-e",
+                f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
+                arm64_image,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr
         container = res.stdout.strip()
         try:
             yield container, port
         finally:  # stopped and removed by id, with its anonymous /tmp volume
-            subprocess.run(["docker", "-H", dockerd.url, "stop", "-t", "15", container],
-                           capture_output=True, timeout=60)
-            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                ["docker", "-H", dockerd.url, "stop", "-t", "15", container], capture_output=True, timeout=60
+            )
+            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
 
 
 def test_arm64_operator_answers_liveness_against_the_control_plane(dockerd, arm64_operator):

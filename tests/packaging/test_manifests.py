@@ -61,19 +61,29 @@ SERVICE_MONITOR_SHAPE: dict[str, Any] = {
             "type": "object",
             "required": ["name", "namespace"],
             "additionalProperties": False,
-            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
-                           "namespace": {"type": "string", "minLength": 1},
-                           "labels": _STRINGS, "annotations": _STRINGS},
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                "namespace": {"type": "string", "minLength": 1},
+                "labels": _STRINGS,
+                "annotations": _STRINGS,
+            },
         },
         "spec": {
             "type": "object",
             "required": ["selector", "endpoints"],
             "additionalProperties": False,
             "properties": {
-                "selector": {"type": "object", "required": ["matchLabels"], "additionalProperties": False,
-                             "properties": {"matchLabels": {**_STRINGS, "minProperties": 1}}},
-                "namespaceSelector": {"type": "object", "additionalProperties": False,
-                                      "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "selector": {
+                    "type": "object",
+                    "required": ["matchLabels"],
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {**_STRINGS, "minProperties": 1}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
                 "endpoints": {
                     "type": "array",
                     "minItems": 1,
@@ -132,9 +142,11 @@ def test_manifests_validate(version):
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}},
-                                    METRICS_ALL, METRICS_OFF],
-                         ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"])
+@pytest.mark.parametrize(
+    "values",
+    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF],
+    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"],
+)
 def test_rendered_chart_validates(values, version):
     objects = rendered_objects(values)
     expected = {"Service", "ServiceMonitor", "NetworkPolicy"} if values is METRICS_ALL else set()
@@ -142,11 +154,15 @@ def test_rendered_chart_validates(values, version):
     _validate(objects, version)
 
 
-@pytest.mark.parametrize("bad", [
-    {"interval": "30 seconds"},
-    {"port": 8081},  # a number: ServiceMonitor endpoints name the Service port
-    {"targetPort": "metrics"},  # outside the checked subset
-], ids=["interval", "port-number", "unknown-field"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"interval": "30 seconds"},
+        {"port": 8081},  # a number: ServiceMonitor endpoints name the Service port
+        {"targetPort": "metrics"},  # outside the checked subset
+    ],
+    ids=["interval", "port-number", "unknown-field"],
+)
 def test_service_monitor_shape_rejects(bad):
     """The ServiceMonitor check is not a formality: a broken endpoint fails it."""
     (monitor,) = find(rendered_objects(METRICS_ALL), "ServiceMonitor")
@@ -163,8 +179,10 @@ def test_kustomization_lists_every_installation_file(directory):
 
 
 def _secrets_bindings(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    return {kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == SECRETS_ROLE]
-            for kind in ("ClusterRoleBinding", "RoleBinding")}
+    return {
+        kind: [b for b in find(objects, kind) if b["roleRef"]["name"] == SECRETS_ROLE]
+        for kind in ("ClusterRoleBinding", "RoleBinding")
+    }
 
 
 def test_manifests_bind_secrets_per_namespace():
@@ -174,8 +192,9 @@ def test_manifests_bind_secrets_per_namespace():
     secrets = _secrets_bindings(objects)
     assert secrets["ClusterRoleBinding"] == [], "Secret reading must not be bound cluster-wide by default"
     (binding,) = secrets["RoleBinding"]
-    (readme_namespace,) = set(re.findall(r"kubectl apply -n (\S+) -f manifests/samples/",
-                                         (REPO / "README.md").read_text()))
+    (readme_namespace,) = set(
+        re.findall(r"kubectl apply -n (\S+) -f manifests/samples/", (REPO / "README.md").read_text())
+    )
     assert binding["metadata"]["namespace"] == readme_namespace == "edge"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
     assert binding["subjects"] == [OPERATOR_SUBJECT]
@@ -186,7 +205,7 @@ def test_manifests_bind_secrets_per_namespace():
     assert operator_binding["roleRef"]["name"] == "imageunlock-operator"
     # The RoleBinding says how to extend it (per namespace) and where the opt-in is.
     text = (MANIFESTS / "rbac.yaml").read_text()
-    comment = text[:text.index("kind: RoleBinding")].rsplit("---", 1)[1]
+    comment = text[: text.index("kind: RoleBinding")].rsplit("---", 1)[1]
     assert "Copy this RoleBinding" in comment and "cluster-wide-secrets/" in comment
 
 
@@ -221,14 +240,20 @@ def test_kustomize_builds_the_installation_and_the_opt_in(tmp_path):
     """`kubectl apply -k` works on manifests/, on the opt-in alone and on an overlay of both."""
     try:
         kubectl = importlib.import_module("controlplane").kubectl_path()
-    except Exception as exc:  # noqa: BLE001 - no kubectl is "unavailable"
+    except Exception as exc:
         unavailable("kubectl", str(exc))
     assert _keys(_kustomize(kubectl, MANIFESTS)) == _keys(manifest_objects())
     assert _keys(_kustomize(kubectl, CLUSTER_WIDE_SECRETS)) == _keys(cluster_wide_objects())
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        # kustomize takes relative paths only
-        "resources": [os.path.relpath(d, tmp_path) for d in (MANIFESTS, CLUSTER_WIDE_SECRETS)]}))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # kustomize takes relative paths only
+                "resources": [os.path.relpath(d, tmp_path) for d in (MANIFESTS, CLUSTER_WIDE_SECRETS)],
+            }
+        )
+    )
     both = _kustomize(kubectl, tmp_path)
     assert _keys(both) == _keys(manifest_objects() + cluster_wide_objects())
     assert len(_secrets_bindings(both)["ClusterRoleBinding"]) == 1
@@ -286,8 +311,11 @@ def test_deployment_keeps_its_promises():
     assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:8080/healthz"
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
-    assert {o["metadata"].get("namespace") for o in manifest_objects() if o["kind"] in
-            ("Deployment", "ServiceAccount", "Service")} == {OPERATOR_NAMESPACE}
+    assert {
+        o["metadata"].get("namespace")
+        for o in manifest_objects()
+        if o["kind"] in ("Deployment", "ServiceAccount", "Service")
+    } == {OPERATOR_NAMESPACE}
 
 
 def test_metrics_service_reaches_the_metrics_port_and_warns():
@@ -325,8 +353,9 @@ def _rule_comments(text: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-@pytest.mark.parametrize("path", [MANIFESTS / "rbac.yaml", CHART / "templates" / "rbac.yaml"],
-                         ids=["manifests", "chart"])
+@pytest.mark.parametrize(
+    "path", [MANIFESTS / "rbac.yaml", CHART / "templates" / "rbac.yaml"], ids=["manifests", "chart"]
+)
 def test_every_rbac_rule_is_justified(path: Path):
     rules = _rule_comments(path.read_text())
     parsed = sum(len(o["rules"]) for o in manifest_objects() if o["kind"] == "ClusterRole")
@@ -353,6 +382,7 @@ def test_rbac_is_least_privilege():
 
 
 # ------------------------------------------------------------------ server-side dry run
+
 
 def _served_kinds(plane) -> set[str]:
     out = plane.kubectl("api-resources", "--no-headers").stdout
@@ -381,9 +411,7 @@ def test_server_side_dry_run(plane):
     served = _served_kinds(plane)
     assert {"Namespace", "Secret", "CustomResourceDefinition", "ImageUnlock", "Event"} <= served, served
     candidates = (
-        manifest_objects()
-        + load_docs(CRD_FILE.read_text())
-        + rendered_objects({"namespace": {"create": True}})
+        manifest_objects() + load_docs(CRD_FILE.read_text()) + rendered_objects({"namespace": {"create": True}})
     )
     checked = [o for o in candidates if o["kind"] in served]
     assert sorted({o["kind"] for o in checked}) == ["CustomResourceDefinition", "Namespace"]
@@ -402,8 +430,9 @@ def test_server_rejects_an_invalid_sample(plane):
     (unlock,) = find(sample_objects(), "ImageUnlock")
     unlock["spec"]["archivePath"] = "images.enc"
     plane.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
-    res = plane.kubectl("apply", "--dry-run=server", "-n", OPERATOR_NAMESPACE, "-f", "-",
-                        stdin=json.dumps(unlock), check=False)
+    res = plane.kubectl(
+        "apply", "--dry-run=server", "-n", OPERATOR_NAMESPACE, "-f", "-", stdin=json.dumps(unlock), check=False
+    )
     assert res.returncode != 0 and "archivePath" in res.stderr
 
 
