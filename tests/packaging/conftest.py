@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ..conftest import unavailable
+from ..support.ci import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "chart" / "imageunlock-operator"
@@ -226,3 +226,22 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         yield Plane(cp, kubectl, policy, audit_log)
     finally:
         cp.stop()
+
+
+# Chart values that switch every metrics option on, or metrics off (test_chart, test_manifests).
+METRICS_ALL: dict[str, Any] = {
+    "logFormat": "json",
+    "apiDeadline": 90,
+    "metrics": {
+        "enabled": True,
+        "port": 9102,
+        "service": {"annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}},
+        "serviceMonitor": {"enabled": True, "interval": "1m30s", "labels": {"release": "kube-prometheus-stack"}},
+        "networkPolicy": {
+            "enabled": True,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
+    },
+}
+METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}

@@ -15,6 +15,8 @@ import pytest
 from .conftest import (
     CHART,
     CRD_FILE,
+    METRICS_ALL,
+    METRICS_OFF,
     NON_DEFAULT_VALUES,
     cluster_wide_objects,
     find,
@@ -30,22 +32,6 @@ SECRETS_ROLE = "imageunlock-operator-secrets"  # the default release's Secret-re
 STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
 # Every optional metrics branch on, with non-default settings (NON_DEFAULT_VALUES leaves
 # metrics at its defaults).
-METRICS_ALL: dict[str, Any] = {
-    "logFormat": "json",
-    "apiDeadline": 90,
-    "metrics": {
-        "enabled": True,
-        "port": 9102,
-        "service": {"annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}},
-        "serviceMonitor": {"enabled": True, "interval": "1m30s", "labels": {"release": "kube-prometheus-stack"}},
-        "networkPolicy": {
-            "enabled": True,
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
-        },
-    },
-}
-METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")

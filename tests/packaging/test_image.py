@@ -37,10 +37,11 @@ from typing import Any
 
 import pytest
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD, TEST_VERSION, unavailable
+from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
+from ..support.images import TEST_VERSION
 from ..support.net import free_port
-from ..support.resource_api import FakeResourceApi
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from .conftest import REPO, SA_USER, find, sample_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -49,10 +49,10 @@ import pytest
 
 import imageunlock
 
-from ..conftest import TEST_EMAIL, TEST_PASSWORD, unavailable
+from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
 from ..support.net import free_port
-from ..support.resource_api import FakeResourceApi
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from .conftest import MANIFESTS, REPO, find, manifest_objects, rendered_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2700)]

@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 import yaml
 
-from ..conftest import unavailable
+from ..support.ci import unavailable
 from .conftest import (
     CHART,
     CLUSTER_WIDE_SECRETS,
     CRD_FILE,
     MANIFESTS,
+    METRICS_ALL,
+    METRICS_OFF,
     NON_DEFAULT_VALUES,
     OPERATOR_NAMESPACE,
     REPO,
@@ -38,7 +40,6 @@ from .conftest import (
     require,
     sample_objects,
 )
-from .test_chart import METRICS_ALL, METRICS_OFF
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
 K8S_VERSIONS = ["1.25", "latest"]
