@@ -310,6 +310,8 @@ def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) ->
                 "-e",
                 f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
                 "-e",
+                f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
+                "-e",
                 "IMAGEUNLOCK_LOG_LEVEL=debug",
                 image,
             ],
