@@ -26,12 +26,16 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
+# One grammar, in pieces: the CRD's pattern and the parser below are built from the same ones.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_NAME = rf"{_LABEL}(?:\.{_LABEL})*"
+_IP6 = r"[0-9A-Fa-f:.]+"
+_PORT = r"[1-9][0-9]{0,4}"
+_PATH = r"(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*"  # no segment of dots only
 # Also the CRD's pattern (tests keep the two equal). RE2- and Python-compatible.
-URL_PATTERN = rf"^https?://(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)(?::[1-9][0-9]{{0,4}})?(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?$"
+URL_PATTERN = rf"^https?://(?:\[{_IP6}\]|{_NAME})(?::{_PORT})?{_PATH}/?$"
 _URL = re.compile(
-    r"(?P<scheme>https?)://(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>" + _LABEL + r"(?:\." + _LABEL + r")*))"
-    r"(?::(?P<port>[1-9][0-9]{0,4}))?(?P<path>(?:/[.]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*)/?"
+    rf"(?P<scheme>https?)://(?:\[(?P<ip6>{_IP6})\]|(?P<host>{_NAME}))(?::(?P<port>{_PORT}))?(?P<path>{_PATH})/?"
 )
 DEFAULT_PORTS = {"http": 80, "https": 443}
 FORM = (
@@ -67,7 +71,7 @@ def parse_api_url(raw: object, what: str = "resource API URL") -> ApiUrl:
     """Parse ``raw`` in the strict form above, or raise ConfigurationError naming ``what``."""
     if not isinstance(raw, str) or not raw:
         raise ConfigurationError(f"{what} is required: {FORM}")
-    shown = raw if len(raw) <= 200 and raw.isprintable() else repr(raw[:200])
+    shown = _shown(raw)
     match = _URL.fullmatch(raw) if raw.isascii() and len(raw) <= 2048 else None
     if match is None:
         raise ConfigurationError(f"{what} {shown!r} is not of the form {FORM}")
@@ -89,3 +93,13 @@ def parse_api_url(raw: object, what: str = "resource API URL") -> ApiUrl:
 
 def allowed(url: ApiUrl, allow_list: Iterable[ApiUrl]) -> bool:
     return any(url.under(base) for base in allow_list)
+
+
+def _shown(raw: str) -> str:
+    """``raw`` fit for a message, status or log: bounded, printable, and with any user info
+    (``user:password@``) masked — a password written into a URL must not be echoed."""
+    at = raw.rfind("@")
+    if at >= 0:
+        start = raw.find("//") + 2 if "//" in raw[:at] else 0
+        raw = raw[:start] + "***" + raw[at:]
+    return raw if len(raw) <= 200 and raw.isprintable() else repr(raw[:200])

@@ -146,9 +146,12 @@ def _aliases(alias: object) -> list[str]:
     return [a for a in alias.choices if isinstance(a, str)] if isinstance(alias, AliasChoices) else []
 
 
+_URL_VARIABLES = {"RESOURCE_API_URL", "IMAGEUNLOCK_API_URL_ALLOWLIST"}
+
+
 def _describe(error: Any, env: Mapping[str, str]) -> str:
     name = str(error["loc"][0]) if error["loc"] else ""
     message = str(error["msg"]).removeprefix("Value error, ")
-    if name in env:
+    if name in env and name not in _URL_VARIABLES:  # URL messages show the URL, user info masked
         return f"{name}={env[name]!r}: {message}"
     return message

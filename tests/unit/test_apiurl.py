@@ -159,3 +159,24 @@ def test_crd_pattern_is_the_operators_pattern():
     crd = yaml.safe_load(CRD.read_text())
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert props["resourceApi"]["properties"]["url"]["pattern"] == URL_PATTERN
+
+
+@pytest.mark.parametrize(
+    "url", ["https://device:hunter2@api.azaion.com", "https://a\\b:hunter2@api.azaion.com/x", "hunter2@api.azaion.com"]
+)
+def test_a_password_written_into_the_url_is_never_echoed(url):
+    """Messages go to status, events and logs: the user-info part of a refused URL is masked."""
+    with pytest.raises(ConfigurationError) as info:
+        parse_api_url(url, "spec.resourceApi.url")
+    assert "hunter2" not in info.value.message and "***" in info.value.message
+    spec = {
+        "archivePath": "/a.enc",
+        "version": "1.0",
+        "resourceApi": {"url": url, "credentialsSecretRef": {"name": "c"}},
+    }
+    with pytest.raises(ConfigurationError) as info:
+        parse_spec(spec, None, ALLOWED)
+    assert "hunter2" not in info.value.message
+    with pytest.raises(ConfigurationError) as info:
+        OperatorConfig.from_env({"RESOURCE_API_URL": url, "IMAGEUNLOCK_API_URL_ALLOWLIST": url})
+    assert "hunter2" not in info.value.message
