@@ -63,7 +63,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.resync = Resync(memo.reconciler)
     memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
     memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
-    memo.metrics_server = metrics.serve(config.metrics_address) if config.metrics_address else None
+    memo.metrics_server = (
+        await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
+    )
     where = (
         config.docker_host
         if config.runtime == "docker"
