@@ -26,6 +26,18 @@ def human(n: float) -> str:
 
 
 @dataclass(frozen=True)
+def mount_tmpfs(path: Path, mode: str, what: str) -> Path:
+    """A tmpfs at ``path`` (so disk noise drops out of the figures); needs root."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"mode={mode}", "iu-bench", str(path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if mount.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs for {what} (root needed): {mount.stderr.strip()}")
+    return path
+
+
 class Archive:
     """``plaintext`` (the ``docker save`` tar), ``body`` (``openssl enc`` of it: the archive
     without its IV, what the floor's ``openssl enc -d`` reads) and ``archive`` (IV || body)."""
@@ -66,16 +78,8 @@ class Engine:
 
     def start(self) -> Engine:
         if self.tmpfs:
-            data = self.dockerd.root / "data"  # Dockerd's --data-root
-            data.mkdir(parents=True, exist_ok=True)
-            mount = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "mode=0710", "iu-bench-dockerd", str(data)],
-                capture_output=True, text=True, check=False, timeout=60,
-            )  # fmt: skip
-            if mount.returncode != 0:
-                why = mount.stderr.strip()
-                raise RuntimeError(f"cannot mount a tmpfs for dockerd's data root (root needed): {why}")
-            self._mounted = data
+            # Dockerd's --data-root
+            self._mounted = mount_tmpfs(self.dockerd.root / "data", "0710", "dockerd's data root")
         self.dockerd.start()
         return self
 
@@ -220,16 +224,8 @@ class ContainerdEngine:
 
     def start(self) -> ContainerdEngine:
         if self.tmpfs:
-            data = self.containerd.workdir / "root"  # the config's root: content and snapshots
-            data.mkdir(parents=True, exist_ok=True)
-            mount = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "mode=0711", "iu-bench-containerd", str(data)],
-                capture_output=True, text=True, check=False, timeout=60,
-            )  # fmt: skip
-            if mount.returncode != 0:
-                why = mount.stderr.strip()
-                raise RuntimeError(f"cannot mount a tmpfs for containerd's root (root needed): {why}")
-            self._mounted = data
+            # the config's root: content and snapshots
+            self._mounted = mount_tmpfs(self.containerd.workdir / "root", "0711", "containerd's root")
         self.containerd.start()
         return self
 
