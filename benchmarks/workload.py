@@ -25,7 +25,6 @@ def human(n: float) -> str:
     return f"{n / MIB:,.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):,.2f} GiB"
 
 
-@dataclass(frozen=True)
 def mount_tmpfs(path: Path, mode: str, what: str) -> Path:
     """A tmpfs at ``path`` (so disk noise drops out of the figures); needs root."""
     path.mkdir(parents=True, exist_ok=True)
@@ -38,6 +37,7 @@ def mount_tmpfs(path: Path, mode: str, what: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
 class Archive:
     """``plaintext`` (the ``docker save`` tar), ``body`` (``openssl enc`` of it: the archive
     without its IV, what the floor's ``openssl enc -d`` reads) and ``archive`` (IV || body)."""
