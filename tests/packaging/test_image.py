@@ -22,121 +22,53 @@ sample ImageUnlock for real, and the audit log shows no denied request.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
 from ..support.images import TEST_VERSION
-from ..support.net import free_port
+from ..support.packaged_image import (
+    CACHE_ROOT,
+    DEFAULT_UID,
+    Operator,
+    base_tarball,
+    build_args,
+    cached_build,
+    docker_build,
+    image_id,
+    operator_container,
+    run,
+)
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
-from .conftest import REPO, SA_USER, find, sample_objects
+from .conftest import SA_USER, find, sample_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 IMAGE = "imageunlock-test:latest"
 BUILD_STAGE = "imageunlock-test:build"
 BASE = "imageunlock-test-base:bookworm"
-DEFAULT_UID = 10001
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imageunlock" / "image-test"
-BUILD_TIMEOUT = 1500
-
-
-def _base_tarball() -> Path:
-    try:
-        res = subprocess.run(
-            ["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=1800
-        )
-    except subprocess.TimeoutExpired:
-        unavailable("base image", "scripts/base-image.sh timed out")
-    if res.returncode != 0:
-        unavailable("base image", f"scripts/base-image.sh failed:\n{res.stderr[-3000:]}")
-    return Path(res.stdout.strip().splitlines()[-1])
-
-
-def _build_args() -> list[str]:
-    args = ["--network", "host", "--build-arg", f"BASE_IMAGE={BASE}"]
-    # A TLS-intercepting proxy between this machine and PyPI: trust what the machine trusts
-    # beyond the standard CAs (Debian keeps local CAs in /usr/local/share/ca-certificates).
-    local_cas = sorted(Path("/usr/local/share/ca-certificates").rglob("*.crt"))
-    if local_cas:
-        pem = "\n".join(p.read_text().strip() for p in local_cas)
-        args += ["--build-arg", f"EXTRA_CA_CERTS={pem}"]
-    if os.environ.get("PIP_INDEX_URL"):
-        args += ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"]
-    return args
-
-
-def _image_id(engine: Dockerd, ref: str) -> str | None:
-    res = engine.docker("image", "inspect", "--format", "{{.Id}}", ref, check=False, text=True)
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def _docker_build(engine: Dockerd, *extra: str) -> None:
-    cmd = [
-        "docker",
-        "-H",
-        engine.url,
-        "build",
-        *_build_args(),
-        "--cache-from",
-        BUILD_STAGE,
-        "--cache-from",
-        IMAGE,
-        *extra,
-        str(REPO),
-    ]
-    try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"docker build took more than {BUILD_TIMEOUT}s")
-    if res.returncode != 0:
-        pytest.fail(f"docker build {' '.join(extra)} failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
+CACHE_DIR = CACHE_ROOT / "image-test"
 
 
 @pytest.fixture(scope="module")
 def image(dockerd: Dockerd) -> str:
-    base = _base_tarball()
+    base = base_tarball()
+
+    def build() -> None:
+        if image_id(dockerd, BASE) is None:
+            dockerd.docker("import", str(base), BASE)
+        for extra in (("--target", "build", "-t", BUILD_STAGE), ("-t", IMAGE)):
+            docker_build(dockerd, build_args(BASE), (BUILD_STAGE, IMAGE), *extra)
+
     stamp = {"base": base.name, "base_size": base.stat().st_size}
-    cache, meta = CACHE_DIR / "images.tar", CACHE_DIR / "images.json"
-    use_cache = os.environ.get("IMAGEUNLOCK_TEST_IMAGE_CACHE", "1") != "0"
-    cached = use_cache and cache.exists() and meta.exists() and json.loads(meta.read_text()) == stamp
-    if cached and dockerd.docker("load", "-q", "-i", str(cache), check=False).returncode != 0:
-        cache.unlink(missing_ok=True)
-    if _image_id(dockerd, BASE) is None:
-        dockerd.docker("import", str(base), BASE)
-    before = (_image_id(dockerd, BUILD_STAGE), _image_id(dockerd, IMAGE))
-    _docker_build(dockerd, "--target", "build", "-t", BUILD_STAGE)
-    _docker_build(dockerd, "-t", IMAGE)
-    after = (_image_id(dockerd, BUILD_STAGE), _image_id(dockerd, IMAGE))
-    if use_cache and after != before:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        partial = CACHE_DIR / f".images.{os.getpid()}.tar"
-        saved = dockerd.docker("save", "-o", str(partial), BASE, BUILD_STAGE, IMAGE, check=False)
-        if saved.returncode == 0:
-            os.replace(partial, cache)
-            meta.write_text(json.dumps(stamp))
-        else:
-            partial.unlink(missing_ok=True)
+    cached_build(dockerd, CACHE_DIR, stamp, (BASE, BUILD_STAGE, IMAGE), build)
     return IMAGE
-
-
-def run(engine: Dockerd, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_image_metadata(dockerd, image):
@@ -211,123 +143,20 @@ def test_read_only_root_filesystem_as_any_non_root_user(dockerd, image):
 # ------------------------------------------------------------------ the operator, running
 
 
-@contextlib.contextmanager
-def _shared_dir() -> Iterator[Path]:
-    """A directory the container's non-root user can read (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="iu-pack-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class Operator:
-    def __init__(self, engine: Dockerd, container: str, port: int, archive_root: Path) -> None:
-        self.engine, self.container, self.port, self.archive_root = engine, container, port, archive_root
-
-    def logs(self) -> str:
-        res = subprocess.run(
-            ["docker", "-H", self.engine.url, "logs", "--tail", "80", self.container],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return res.stdout + res.stderr
-
-    def healthz(self, timeout: float = 90) -> dict[str, Any]:
-        """Poll kopf's liveness endpoint until it answers 200 (bounded); its JSON body."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            state = json.loads(
-                self.engine.docker("inspect", "--format", "{{json .State}}", self.container, text=True).stdout
-            )
-            if not state["Running"]:
-                pytest.fail(f"operator exited with {state['ExitCode']}:\n{self.logs()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as rsp:
-                    if rsp.status == 200:
-                        return json.loads(rsp.read() or b"{}")
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                last = str(exc)
-            time.sleep(0.5)
-        pytest.fail(f"no 200 from /healthz within {timeout}s ({last}):\n{self.logs()}")
-
-
 @pytest.fixture(scope="module")
 def image_api(archives) -> Iterator[FakeResourceApi]:
     """The resource API for the packaged operator: up before the container starts, since the
     operator only sends credentials to the API its RESOURCE_API_URL names."""
-    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
-    try:
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
-    finally:
-        api.stop()
 
 
 @pytest.fixture(scope="module")
 def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) -> Iterator[Operator]:
-    """The operator container, run the way the Deployment runs it: default (non-root) user,
-    read-only root filesystem (/tmp from the image's VOLUME), no capabilities, the Docker
-    socket through its group (--group-add = supplementalGroups), the archive directory
-    read-only, a read-only kubeconfig for the operator's ServiceAccount (authorized by
-    manifests/rbac.yaml only). Host network: the control plane listens on 127.0.0.1."""
-    plane.ensure_crd()
-    port = free_port()
-    with _shared_dir() as archive_root, _shared_dir() as config_dir:
-        shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
-        os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)
-        (config_dir / "kubeconfig").chmod(0o400)
-        res = subprocess.run(
-            [
-                "docker",
-                "-H",
-                dockerd.url,
-                "run",
-                "-d",
-                "--network",
-                "host",
-                "--read-only",
-                "--cap-drop",
-                "ALL",
-                "--security-opt",
-                "no-new-privileges",
-                "--group-add",
-                str(os.stat(dockerd.socket).st_gid),
-                "-v",
-                f"{dockerd.socket}:/var/run/docker.sock",
-                "-v",
-                f"{archive_root}:{archive_root}:ro",
-                "-v",
-                f"{config_dir}:/etc/imageunlock:ro",
-                "-e",
-                "KUBECONFIG=/etc/imageunlock/kubeconfig",
-                "-e",
-                f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
-                "-e",
-                f"RESOURCE_API_URL={image_api.url}",
-                "-e",
-                f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
-                "-e",
-                f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
-                "-e",
-                "IMAGEUNLOCK_LOG_LEVEL=debug",
-                image,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 0, res.stderr
-        container = res.stdout.strip()
-        try:
-            yield Operator(dockerd, container, port, archive_root)
-        finally:  # stopped and removed by id, with its anonymous /tmp volume
-            subprocess.run(
-                ["docker", "-H", dockerd.url, "stop", "-t", "15", container], capture_output=True, timeout=60
-            )
-            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
+    """The operator container, run the way the Deployment runs it (support.packaged_image)."""
+    env = {"RESOURCE_API_URL": image_api.url, "IMAGEUNLOCK_LOG_LEVEL": "debug"}
+    with operator_container(dockerd, image, plane, env) as running:
+        yield running
 
 
 def test_operator_answers_liveness_against_the_control_plane(operator):

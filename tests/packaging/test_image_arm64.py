@@ -31,19 +31,13 @@ machine's. On an arm64 machine the same test runs natively.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -52,6 +46,20 @@ import imageunlock
 from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
 from ..support.net import free_port
+from ..support.packaged_image import (
+    CACHE_ROOT,
+    DEFAULT_UID,
+    Operator,
+    base_tarball,
+    build_args,
+    cached_build,
+    docker_build,
+    hardened,
+    image_id,
+    operator_container,
+    run,
+    shared_dir,
+)
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from .conftest import MANIFESTS, REPO, find, manifest_objects, rendered_objects
 
@@ -62,9 +70,8 @@ IMAGE = "imageunlock-test:arm64"
 TARGET_STAGE = "imageunlock-test:arm64-target"
 BUILD_STAGE = "imageunlock-test:arm64-build"
 BASE = "imageunlock-test-base:bookworm-arm64"
-DEFAULT_UID = 10001
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imageunlock" / "image-test-arm64"
-BUILD_TIMEOUT = 1500
+CACHE_DIR = CACHE_ROOT / "image-test-arm64"
+EMULATED = 300  # seconds for one `docker run` under QEMU
 BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 VERSION = imageunlock.__version__
 
@@ -86,19 +93,6 @@ def _require_emulation() -> None:
         )
     if not handler.startswith("enabled") or not re.search(r"^flags:.*F", handler, re.M):
         unavailable("QEMU user emulation for arm64", f"{BINFMT} is not enabled with flag F:\n{handler}")
-
-
-def _base_tarball(arch: str) -> Path:
-    env = {**os.environ, "BASE_ARCH": arch}
-    try:
-        res = subprocess.run(
-            ["bash", str(REPO / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=1800, env=env
-        )
-    except subprocess.TimeoutExpired:
-        unavailable(f"{arch} base image", "scripts/base-image.sh timed out")
-    if res.returncode != 0:
-        unavailable(f"{arch} base image", f"scripts/base-image.sh failed:\n{res.stderr[-3000:]}")
-    return Path(res.stdout.strip().splitlines()[-1])
 
 
 def _load_base(engine: Dockerd, tarball: Path, arch: str, tag: str) -> None:
@@ -124,92 +118,28 @@ def _load_base(engine: Dockerd, tarball: Path, arch: str, tag: str) -> None:
         engine.docker("load", "-q", "-i", str(archive))
 
 
-def _build_args(build_base: str) -> list[str]:
-    args = ["--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", f"BUILD_IMAGE={build_base}"]
-    # A TLS-intercepting proxy between this machine and PyPI: trust what the machine trusts
-    # beyond the standard CAs (Debian keeps local CAs in /usr/local/share/ca-certificates).
-    local_cas = sorted(Path("/usr/local/share/ca-certificates").rglob("*.crt"))
-    if local_cas:
-        pem = "\n".join(p.read_text().strip() for p in local_cas)
-        args += ["--build-arg", f"EXTRA_CA_CERTS={pem}"]
-    if os.environ.get("PIP_INDEX_URL"):
-        args += ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"]
-    return args
-
-
-def _image_id(engine: Dockerd, ref: str) -> str | None:
-    res = engine.docker("image", "inspect", "--format", "{{.Id}}", ref, check=False, text=True)
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def _docker_build(engine: Dockerd, build_base: str, *extra: str) -> None:
-    cmd = [
-        "docker",
-        "-H",
-        engine.url,
-        "build",
-        *_build_args(build_base),
-        "--cache-from",
-        TARGET_STAGE,
-        "--cache-from",
-        BUILD_STAGE,
-        "--cache-from",
-        IMAGE,
-        *extra,
-        str(REPO),
-    ]
-    try:
-        res = subprocess.run(
-            cmd,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"},
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"docker build took more than {BUILD_TIMEOUT}s")
-    if res.returncode != 0:
-        pytest.fail(f"docker build {' '.join(extra)} failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def arm64_image(dockerd: Dockerd) -> str:
     _require_emulation()
     native = _native_arch()
     build_base = f"imageunlock-test-base:bookworm-{native}"
-    tarballs = {ARCH: _base_tarball(ARCH), native: _base_tarball(native)}
-    stamp = {arch: [path.name, path.stat().st_size] for arch, path in sorted(tarballs.items())}
-    cache, meta = CACHE_DIR / "images.tar", CACHE_DIR / "images.json"
-    use_cache = os.environ.get("IMAGEUNLOCK_TEST_IMAGE_CACHE", "1") != "0"
-    cached = use_cache and cache.exists() and meta.exists() and json.loads(meta.read_text()) == stamp
-    if cached and dockerd.docker("load", "-q", "-i", str(cache), check=False).returncode != 0:
-        cache.unlink(missing_ok=True)
-    for arch, tag in ((ARCH, BASE), (native, build_base)):
-        if _image_id(dockerd, tag) is None:
-            _load_base(dockerd, tarballs[arch], arch, tag)
+    tarballs = {ARCH: base_tarball(ARCH), native: base_tarball(native)}
     tags = (TARGET_STAGE, BUILD_STAGE, IMAGE)
-    before = [_image_id(dockerd, tag) for tag in tags]
-    _docker_build(dockerd, build_base, "--target", "target", "-t", TARGET_STAGE)
-    _docker_build(dockerd, build_base, "--target", "build", "-t", BUILD_STAGE)
-    _docker_build(dockerd, build_base, "-t", IMAGE)
-    after = [_image_id(dockerd, tag) for tag in tags]
-    if use_cache and after != before:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        partial = CACHE_DIR / f".images.{os.getpid()}.tar"
-        saved = dockerd.docker("save", "-o", str(partial), BASE, build_base, *tags, check=False)
-        if saved.returncode == 0:
-            os.replace(partial, cache)
-            meta.write_text(json.dumps(stamp))
-        else:
-            partial.unlink(missing_ok=True)
+
+    def build() -> None:
+        for arch, tag in ((ARCH, BASE), (native, build_base)):
+            if image_id(dockerd, tag) is None:
+                _load_base(dockerd, tarballs[arch], arch, tag)
+        for extra in (
+            ("--target", "target", "-t", TARGET_STAGE),
+            ("--target", "build", "-t", BUILD_STAGE),
+            ("-t", IMAGE),
+        ):
+            docker_build(dockerd, build_args(BASE, build_base), tags, *extra)
+
+    stamp = {arch: [path.name, path.stat().st_size] for arch, path in sorted(tarballs.items())}
+    cached_build(dockerd, CACHE_DIR, stamp, (BASE, build_base, *tags), build)
     return IMAGE
-
-
-def run(engine: Dockerd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", "-H", engine.url, "run", "--rm", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 # ------------------------------------------------------------------ the image
@@ -243,7 +173,7 @@ python -c 'import imageunlock as i, platform as p, sysconfig as s; print(i.__ver
 
 
 def test_arm64_image_runs_as_aarch64_and_reports_its_version(dockerd, arm64_image):
-    res = run(dockerd, "--network", "none", "--entrypoint", "sh", arm64_image, "-c", IDENTITY)
+    res = run(dockerd, "--network", "none", "--entrypoint", "sh", arm64_image, "-c", IDENTITY, timeout=EMULATED)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:3] == ["aarch64", f"imageunlock {VERSION}", f"{VERSION} aarch64 linux-aarch64"], (
         res.stdout
@@ -301,6 +231,7 @@ def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_i
         arm64_image,
         "-c",
         ARM64_CHECK,
+        timeout=EMULATED,
     )
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
@@ -323,24 +254,10 @@ def test_one_image_name_serves_both_architectures():
 # ------------------------------------------------------------------ unlocking, running
 
 
-@contextlib.contextmanager
-def _shared_dir() -> Iterator[Path]:
-    """A directory the container's non-root user can read (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="iu-arm64-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def arm64_api(archives) -> Iterator[FakeResourceApi]:
-    api = FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment).start()
-    try:
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
-    finally:
-        api.stop()
 
 
 def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, archives, arm64_api):
@@ -348,23 +265,13 @@ def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, arch
     fetch the key fragment, decrypt AES-256-CBC with cryptography's aarch64 code, stream the
     tar into the Engine through the socket's group, verify every image (exit 0)."""
     dockerd.docker("rmi", "-f", *archives.refs, check=False)  # a real load, not the fast path
-    with _shared_dir() as archive_root:
+    with shared_dir() as archive_root:
         archive = archive_root / "images.enc"
         shutil.copyfile(archives.own_archive, archive)
         archive.chmod(0o644)
         res = run(
             dockerd,
-            "--network",
-            "host",
-            "--read-only",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
-            "--group-add",
-            str(os.stat(dockerd.socket).st_gid),
-            "-v",
-            f"{dockerd.socket}:/var/run/docker.sock",
+            *hardened(dockerd),
             "-v",
             f"{archive_root}:{archive_root}:ro",
             "-e",
@@ -387,94 +294,18 @@ def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, arch
     assert TEST_PASSWORD not in res.stdout + res.stderr
 
 
-def _logs(engine: Dockerd, container: str) -> str:
-    res = subprocess.run(
-        ["docker", "-H", engine.url, "logs", "--tail", "80", container], capture_output=True, text=True, timeout=30
-    )
-    return res.stdout + res.stderr
-
-
 @pytest.fixture(scope="module")
-def arm64_operator(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[tuple[str, int]]:
-    """The arm64 operator container, run as the Deployment runs it (see test_image.py's
-    ``operator``): default non-root user, read-only root filesystem, no capabilities, the
-    Docker socket through its group, the ServiceAccount's kubeconfig. Host network: the
-    control plane listens on 127.0.0.1. The resource API is only named (nothing is unlocked)."""
-    plane.ensure_crd()
-    port = free_port()
-    with _shared_dir() as archive_root, _shared_dir() as config_dir:
-        shutil.copyfile(plane.sa_kubeconfig, config_dir / "kubeconfig")
-        os.chown(config_dir / "kubeconfig", DEFAULT_UID, DEFAULT_UID)
-        (config_dir / "kubeconfig").chmod(0o400)
-        res = subprocess.run(
-            [
-                "docker",
-                "-H",
-                dockerd.url,
-                "run",
-                "-d",
-                "--network",
-                "host",
-                "--read-only",
-                "--cap-drop",
-                "ALL",
-                "--security-opt",
-                "no-new-privileges",
-                "--group-add",
-                str(os.stat(dockerd.socket).st_gid),
-                "-v",
-                f"{dockerd.socket}:/var/run/docker.sock",
-                "-v",
-                f"{archive_root}:{archive_root}:ro",
-                "-v",
-                f"{config_dir}:/etc/imageunlock:ro",
-                "-e",
-                "KUBECONFIG=/etc/imageunlock/kubeconfig",
-                "-e",
-                f"IMAGEUNLOCK_ARCHIVE_ROOT={archive_root}",
-                "-e",
-                f"RESOURCE_API_URL=http://127.0.0.1:{free_port()}",
-                "-e",
-                f"IMAGEUNLOCK_LIVENESS=http://127.0.0.1:{port}/healthz",
-                "-e",
-                f"IMAGEUNLOCK_METRICS_ADDRESS=127.0.0.1:{free_port()}",  # host network: not 8081
-                arm64_image,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 0, res.stderr
-        container = res.stdout.strip()
-        try:
-            yield container, port
-        finally:  # stopped and removed by id, with its anonymous /tmp volume
-            subprocess.run(
-                ["docker", "-H", dockerd.url, "stop", "-t", "15", container], capture_output=True, timeout=60
-            )
-            subprocess.run(["docker", "-H", dockerd.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
+def arm64_operator(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[Operator]:
+    """The arm64 operator container, run as the Deployment runs it (support.packaged_image).
+    The resource API is only named (nothing is unlocked)."""
+    with operator_container(dockerd, arm64_image, plane, {"RESOURCE_API_URL": f"http://127.0.0.1:{free_port()}"}) as op:
+        yield op
 
 
 def test_arm64_operator_answers_liveness_against_the_control_plane(dockerd, arm64_operator):
-    container, port = arm64_operator
-    deadline = time.monotonic() + 240  # kopf's start under emulation: tens of seconds
-    body: dict[str, Any] | None = None
-    last = ""
-    while body is None and time.monotonic() < deadline:
-        state = json.loads(dockerd.docker("inspect", "--format", "{{json .State}}", container, text=True).stdout)
-        if not state["Running"]:
-            pytest.fail(f"operator exited with {state['ExitCode']}:\n{_logs(dockerd, container)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as rsp:
-                if rsp.status == 200:
-                    body = json.loads(rsp.read() or b"{}")
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            last = str(exc)
-            time.sleep(1)
-    if body is None:
-        pytest.fail(f"no 200 from /healthz within 240s ({last}):\n{_logs(dockerd, container)}")
+    body = arm64_operator.healthz(timeout=240, interval=1)  # kopf's start under emulation: tens of seconds
     # kopf's probe results: the runtime answers, through the socket's group.
     assert body.get("runtime") == "reachable", body
-    inside = dockerd.docker("exec", container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
+    inside = dockerd.docker("exec", arm64_operator.container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
     assert inside == [str(DEFAULT_UID), "aarch64"]
-    assert "Traceback" not in _logs(dockerd, container)
+    assert "Traceback" not in arm64_operator.logs()
