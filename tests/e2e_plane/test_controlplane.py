@@ -117,7 +117,14 @@ def kubectl(cp, *args, stdin=None, kubeconfig=None, check=True):
 
 def test_api_resources(plane):
     out = kubectl(plane, "api-resources", "-o", "name").stdout.split()
-    for name in ("namespaces", "secrets", "events", "configmaps", "customresourcedefinitions.apiextensions.k8s.io"):
+    for name in (
+        "namespaces",
+        "secrets",
+        "events",
+        "configmaps",
+        "nodes",
+        "customresourcedefinitions.apiextensions.k8s.io",
+    ):
         assert name in out
     namespaces = kubectl(plane, "get", "ns", "-o", "name").stdout.split()
     for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
@@ -219,3 +226,122 @@ def test_second_identity_and_audit(plane):
     assert ("secrets", "list", 403) in seen
     # Discovery (/api, /apis, /version) is open to every authenticated user, as in kube.
     assert {code for resource, _, code in seen if resource != "secrets"} == {200}
+
+
+def node(name, labels, runtime, address, taints=()):
+    """A Node as a test would create it (there is no kubelet): labels, taints and status."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"taints": list(taints)},
+        "status": {
+            "capacity": {"cpu": "4", "memory": "8Gi"},
+            "addresses": [{"type": "InternalIP", "address": address}],
+            "nodeInfo": {"containerRuntimeVersion": runtime, "kubeletVersion": "v1.30.0"},
+        },
+    }
+
+
+def names(res):
+    return sorted(res.stdout.split())
+
+
+def test_nodes_status_selectors_relabel_delete(plane):
+    taint = {"key": "dedicated", "value": "edge", "effect": "NoSchedule"}
+    nodes = [
+        node("edge-1.example.com", {"role": "edge"}, "containerd://1.7.3", "10.0.0.11", [taint]),
+        node("core-1", {"role": "core"}, "docker://24.0.7", "10.0.0.12"),
+    ]
+    kubectl(plane, "create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}))
+
+    got = json.loads(kubectl(plane, "get", "node", "edge-1.example.com", "-o", "json").stdout)
+    assert got["status"]["nodeInfo"]["containerRuntimeVersion"] == "containerd://1.7.3"
+    assert got["status"]["addresses"] == [{"type": "InternalIP", "address": "10.0.0.11"}]
+    assert got["status"]["capacity"] == {"cpu": "4", "memory": "8Gi"}
+    assert got["spec"]["taints"] == [taint]
+
+    table = kubectl(plane, "get", "nodes", "core-1").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "VERSION", "RUNTIME", "AGE"]
+    assert table[1].split()[:3] == ["core-1", "v1.30.0", "docker://24.0.7"]
+    assert "10.0.0.12" in kubectl(plane, "get", "no", "core-1", "-o", "wide").stdout
+
+    assert names(kubectl(plane, "get", "nodes", "-l", "role=edge", "-o", "name")) == ["node/edge-1.example.com"]
+    by_name = kubectl(plane, "get", "nodes", "--field-selector", "metadata.name=core-1", "-o", "name")
+    assert names(by_name) == ["node/core-1"]
+
+    kubectl(plane, "label", "node", "core-1", "role=edge", "--overwrite")
+    assert names(kubectl(plane, "get", "nodes", "-l", "role=edge", "-o", "name")) == [
+        "node/core-1",
+        "node/edge-1.example.com",
+    ]
+    relabelled = json.loads(kubectl(plane, "get", "node", "core-1", "-o", "json").stdout)
+    assert relabelled["status"]["nodeInfo"]["containerRuntimeVersion"] == "docker://24.0.7"  # a patch keeps status
+
+    kubectl(plane, "delete", "node", "core-1", "edge-1.example.com")
+    gone = kubectl(plane, "get", "node", "core-1", check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+    bad = kubectl(plane, "create", "-f", "-", check=False, stdin=json.dumps(node("Bad_Name", {}, "x://1", "10.0.0.1")))
+    assert bad.returncode != 0 and "RFC 1123 subdomain" in bad.stderr
+
+
+def test_node_server_side_apply(plane):
+    kubectl(
+        plane,
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps(node("ssa-1", {"role": "edge"}, "containerd://1.7.3", "10.0.0.21")),
+    )
+    # A second manager owns another label; a conflicting runtime version is refused.
+    other = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "ssa-1", "labels": {"zone": "a"}}}
+    kubectl(plane, "apply", "--server-side", "--field-manager=other", "-f", "-", stdin=json.dumps(other))
+    clash = dict(other, status={"nodeInfo": {"containerRuntimeVersion": "docker://24.0.7"}})
+    conflict = kubectl(
+        plane, "apply", "--server-side", "--field-manager=other", "-f", "-", check=False, stdin=json.dumps(clash)
+    )
+    assert conflict.returncode != 0 and "conflict" in conflict.stderr.lower()
+
+    got = json.loads(kubectl(plane, "get", "node", "ssa-1", "-o", "json", "--show-managed-fields").stdout)
+    assert got["metadata"]["labels"] == {"role": "edge", "zone": "a"}
+    assert got["status"]["nodeInfo"]["containerRuntimeVersion"] == "containerd://1.7.3"
+    managers = {m["manager"]: m["fieldsV1"] for m in got["metadata"]["managedFields"]}
+    assert "f:containerRuntimeVersion" in managers["kubectl"]["f:status"]["f:nodeInfo"]
+    assert managers["other"] == {"f:metadata": {"f:labels": {"f:zone": {}}}}
+    kubectl(plane, "delete", "node", "ssa-1")
+
+
+def test_nodes_python_client_read_list_watch(plane):
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig)))
+    body = node("py-1", {"role": "py"}, "docker://24.0.7", "10.0.0.31")
+    # The client (v37, pydantic) refuses a body whose nodeInfo lacks any of its ten
+    # required fields; the server accepts a partial one and returns them all ("" if unset).
+    unset = ["architecture", "bootID", "kernelVersion", "kubeProxyVersion", "machineID", "operatingSystem"]
+    body["status"]["nodeInfo"].update(dict.fromkeys([*unset, "osImage", "systemUUID"], ""))
+    api.create_node(body)
+    try:
+        got = api.read_node("py-1")
+        assert got.status.node_info.container_runtime_version == "docker://24.0.7"
+        assert [(a.type, a.address) for a in got.status.addresses] == [("InternalIP", "10.0.0.31")]
+        listed = api.list_node(label_selector="role=py")
+        assert [n.status.node_info.container_runtime_version for n in listed.items] == ["docker://24.0.7"]
+
+        api.patch_node("py-1", {"metadata": {"labels": {"extra": "1"}}})
+        api.delete_node("py-1")
+        events = []
+        stream = kubernetes.watch.Watch().stream(
+            api.list_node,
+            label_selector="role=py",
+            resource_version=listed.metadata.resource_version,
+            timeout_seconds=10,
+        )
+        for event in stream:
+            events.append((event["type"], event["object"].metadata.name))
+            if event["type"] == "DELETED":
+                break
+        assert events == [("MODIFIED", "py-1"), ("DELETED", "py-1")]
+    finally:
+        api.api_client.close()

@@ -1,16 +1,24 @@
 package main
 
-// A minimal core/v1 API group ("/api/v1"): namespaces, events, secrets and configmaps,
-// stored in etcd with the apiserver's generic registry store.
+// A minimal core/v1 API group ("/api/v1"): namespaces, events, secrets, configmaps and
+// nodes, stored in etcd with the apiserver's generic registry store.
 //
 // Workaround: kopf waits forever (silently) for v1/namespaces in discovery, and operators
 // need secrets/events. The real registry code lives in k8s.io/kubernetes/pkg, which
 // Debian does not ship, so this file provides the few pieces the generic store needs:
-// a scheme, one small strategy, field selectors for events and OpenAPI definitions.
+// a scheme, one small strategy, field selectors for events and nodes and OpenAPI
+// definitions.
+//
+// Nodes: there is no kubelet and no node controller. Tests create Node objects directly;
+// the whole object, status included, is written on create/update/patch (no status
+// subresource, no defaulting of conditions, capacity or nodeInfo, no taint validation).
+// Names are DNS subdomains, as in kube-apiserver. Field selectors: metadata.name and
+// spec.unschedulable.
 
 import (
 	"context"
 	"reflect"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -50,6 +58,7 @@ var (
 		&corev1.Event{}, &corev1.EventList{},
 		&corev1.Secret{}, &corev1.SecretList{},
 		&corev1.ConfigMap{}, &corev1.ConfigMapList{},
+		&corev1.Node{}, &corev1.NodeList{},
 	}
 	eventFields = []string{"involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
 		"involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion",
@@ -81,6 +90,16 @@ func init() {
 	if err != nil {
 		panic(err)
 	}
+	err = coreScheme.AddFieldLabelConversionFunc(corev1.SchemeGroupVersion.WithKind("Node"),
+		func(label, value string) (string, string, error) {
+			if label == "spec.unschedulable" {
+				return label, value, nil
+			}
+			return runtime.DefaultMetaV1FieldSelectorConversion(label, value)
+		})
+	if err != nil {
+		panic(err)
+	}
 }
 
 // newCoreAPIGroupInfo builds the storage for /api/v1, in the same etcd as the CRDs.
@@ -97,35 +116,52 @@ func newCoreAPIGroupInfo(etcd *genericoptions.EtcdOptions, transformers storagev
 		newObj, newList  func() runtime.Object
 		prepare          func(runtime.Object)
 		attrs            storage.AttrFunc
-		columns          []string // kubectl get columns: "Name:type:jsonpath"
+		nameFn           apivalidation.ValidateNameFunc
+		columns          []string // kubectl get columns: "Name:type:jsonpath"; Age is appended
+		wide             []string // the same, shown only with -o wide
 	}{
 		{"namespaces", "namespace", []string{"ns"}, false,
 			func() runtime.Object { return &corev1.Namespace{} }, func() runtime.Object { return &corev1.NamespaceList{} },
-			prepareNamespace, nil, []string{"Status:string:.status.phase"}},
+			prepareNamespace, nil, apivalidation.ValidateNamespaceName, []string{"Status:string:.status.phase"}, nil},
 		{"events", "event", []string{"ev"}, true,
 			func() runtime.Object { return &corev1.Event{} }, func() runtime.Object { return &corev1.EventList{} },
-			nil, eventAttrs, []string{"Type:string:.type", "Reason:string:.reason", "Kind:string:.involvedObject.kind",
-				"Object:string:.involvedObject.name", "Message:string:.message", "Last Seen:date:.lastTimestamp"}},
+			nil, eventAttrs, apivalidation.NameIsDNSSubdomain, []string{"Type:string:.type", "Reason:string:.reason", "Kind:string:.involvedObject.kind",
+				"Object:string:.involvedObject.name", "Message:string:.message", "Last Seen:date:.lastTimestamp"}, nil},
 		{"secrets", "secret", nil, true,
 			func() runtime.Object { return &corev1.Secret{} }, func() runtime.Object { return &corev1.SecretList{} },
-			prepareSecret, nil, []string{"Type:string:.type"}},
+			prepareSecret, nil, apivalidation.NameIsDNSSubdomain, []string{"Type:string:.type"}, nil},
 		{"configmaps", "configmap", []string{"cm"}, true,
 			func() runtime.Object { return &corev1.ConfigMap{} }, func() runtime.Object { return &corev1.ConfigMapList{} },
-			nil, nil, nil},
+			nil, nil, apivalidation.NameIsDNSSubdomain, nil, nil},
+		// Like kubectl's node columns, as far as JSONPath allows: "Ready" is the Ready
+		// condition's status (kubectl derives "Ready"/"NotReady" from it; empty here
+		// unless a test sets conditions).
+		{"nodes", "node", []string{"no"}, false,
+			func() runtime.Object { return &corev1.Node{} }, func() runtime.Object { return &corev1.NodeList{} },
+			nil, nodeAttrs, apivalidation.NameIsDNSSubdomain,
+			[]string{`Ready:string:.status.conditions[?(@.type=="Ready")].status`, "Version:string:.status.nodeInfo.kubeletVersion",
+				"Runtime:string:.status.nodeInfo.containerRuntimeVersion"},
+			[]string{`Internal-IP:string:.status.addresses[?(@.type=="InternalIP")].address`,
+				`External-IP:string:.status.addresses[?(@.type=="ExternalIP")].address`,
+				"OS-Image:string:.status.nodeInfo.osImage", "Kernel-Version:string:.status.nodeInfo.kernelVersion"}},
 	}
 	v1storage := map[string]rest.Storage{}
 	for _, r := range resources {
 		// Printer columns the same way as a CRD's additionalPrinterColumns.
 		var columns []apiextensionsv1.CustomResourceColumnDefinition
-		for _, c := range append(r.columns, "Age:date:.metadata.creationTimestamp") {
+		for i, c := range append(append(r.columns, "Age:date:.metadata.creationTimestamp"), r.wide...) {
 			parts := strings.SplitN(c, ":", 3)
-			columns = append(columns, apiextensionsv1.CustomResourceColumnDefinition{Name: parts[0], Type: parts[1], JSONPath: parts[2]})
+			column := apiextensionsv1.CustomResourceColumnDefinition{Name: parts[0], Type: parts[1], JSONPath: parts[2]}
+			if i > len(r.columns) { // r.wide
+				column.Priority = 1
+			}
+			columns = append(columns, column)
 		}
 		table, err := tableconvertor.New(columns)
 		if err != nil {
 			return nil, err
 		}
-		strategy := coreStrategy{ObjectTyper: coreScheme, NameGenerator: names.SimpleNameGenerator, namespaced: r.namespaced, prepare: r.prepare}
+		strategy := coreStrategy{ObjectTyper: coreScheme, NameGenerator: names.SimpleNameGenerator, namespaced: r.namespaced, nameFn: r.nameFn, prepare: r.prepare}
 		store := &genericregistry.Store{
 			NewFunc:                   r.newObj,
 			NewListFunc:               r.newList,
@@ -158,11 +194,13 @@ type coreREST struct {
 func (r *coreREST) ShortNames() []string { return r.shortNames }
 
 // coreStrategy is the create/update/delete strategy shared by all core resources:
-// object-name validation plus an optional per-resource normalisation.
+// object-name validation (per resource: namespaces are DNS labels, the rest DNS
+// subdomains) plus an optional per-resource normalisation.
 type coreStrategy struct {
 	runtime.ObjectTyper
 	names.NameGenerator
 	namespaced bool
+	nameFn     apivalidation.ValidateNameFunc
 	prepare    func(runtime.Object)
 }
 
@@ -178,11 +216,7 @@ func (s coreStrategy) PrepareForUpdate(_ context.Context, obj, _ runtime.Object)
 	}
 }
 func (s coreStrategy) Validate(_ context.Context, obj runtime.Object) field.ErrorList {
-	nameFn := apivalidation.NameIsDNSSubdomain
-	if !s.namespaced {
-		nameFn = apivalidation.ValidateNamespaceName
-	}
-	return apivalidation.ValidateObjectMetaAccessor(mustMeta(obj), s.namespaced, nameFn, field.NewPath("metadata"))
+	return apivalidation.ValidateObjectMetaAccessor(mustMeta(obj), s.namespaced, s.nameFn, field.NewPath("metadata"))
 }
 func (s coreStrategy) ValidateUpdate(ctx context.Context, obj, _ runtime.Object) field.ErrorList {
 	return s.Validate(ctx, obj)
@@ -240,6 +274,15 @@ func eventAttrs(obj runtime.Object) (labels.Set, fields.Set, error) {
 		"reportingComponent":             e.ReportingController,
 		"source":                         e.Source.Component,
 		"type":                           e.Type,
+	}, nil
+}
+
+// nodeAttrs: the field selectors kube-apiserver offers for nodes.
+func nodeAttrs(obj runtime.Object) (labels.Set, fields.Set, error) {
+	n := obj.(*corev1.Node)
+	return labels.Set(n.Labels), fields.Set{
+		"metadata.name":      n.Name,
+		"spec.unschedulable": strconv.FormatBool(n.Spec.Unschedulable),
 	}, nil
 }
 

@@ -1,7 +1,7 @@
 // Command controlplane-apiserver is a small, real Kubernetes API server for local
 // end-to-end tests. It runs k8s.io/apiextensions-apiserver standalone (CRDs, custom
 // resources, status subresources, server-side apply, watch) and adds a minimal core/v1
-// (namespaces, events, secrets, configmaps) stored in etcd; see core.go.
+// (namespaces, events, secrets, configmaps, nodes) stored in etcd; see core.go.
 //
 // The stock apiextensions-apiserver main expects to sit behind a full kube-apiserver.
 // Each workaround below is marked "Workaround:" with the reason.
