@@ -12,8 +12,9 @@ otherwise it is plain ``imageunlock: <Phase>: <message>`` lines that scripts can
 ``--output json`` adds one JSON object on stdout at the end (the schema is in README.md);
 without it stdout stays empty. ``imageunlock --version`` prints the program's version.
 
-``imageunlock encrypt`` makes an archive in the same format (the publishing side), and
-``imageunlock operator`` runs the Kubernetes operator.
+``imageunlock encrypt`` makes an archive in the same format (the publishing side);
+``imageunlock agent`` runs the node agent (the DaemonSet) and ``imageunlock controller`` the
+controller that writes each ImageUnlock's cluster summary.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     encrypt.add_argument("--output", required=True, help="encrypted archive to write")
     encrypt.add_argument("--fragment-file", required=True, help="file holding the key fragment")
 
-    sub.add_parser("operator", help="run the Kubernetes operator (kopf), settings from the environment")
+    sub.add_parser("agent", help="run the node agent (kopf; one per node), settings from the environment")
+    sub.add_parser("controller", help="run the controller (kopf; one replica): cluster summaries")
     return parser
 
 
@@ -337,9 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _unlock(args)
         if args.command == "encrypt":
             return _encrypt(args)
-        from .operator_main import run_operator
+        from . import operator_main
 
-        return run_operator()
+        return operator_main.run_agent() if args.command == "agent" else operator_main.run_controller()
     except UnlockError as exc:
         code = EXIT_TEMPFAIL if exc.transient else EXIT_FAILED
         return _fail(args, code, exc.reason, exc.message, exc.transient)

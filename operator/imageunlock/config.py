@@ -5,9 +5,10 @@ or the resource API client's :class:`~imageunlock.resource_api.ApiClientConfig`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,7 +28,9 @@ def _env(name: str, *more: str) -> Any:
     return AliasChoices(name, *more)
 
 
-class OperatorConfig(BaseSettings):
+class _Settings(BaseSettings):
+    """What every role reads: where it serves probes and metrics, what it watches, how it logs."""
+
     model_config = SettingsConfigDict(
         frozen=True,
         case_sensitive=True,
@@ -37,9 +40,71 @@ class OperatorConfig(BaseSettings):
         extra="ignore",
     )
 
+    liveness_endpoint: str = Field("http://0.0.0.0:8080/healthz", validation_alias=_env("IMAGEUNLOCK_LIVENESS"))
+    # host:port of the Prometheus /metrics endpoint; empty disables it
+    metrics_address: str = Field("0.0.0.0:8081", validation_alias=_env("IMAGEUNLOCK_METRICS_ADDRESS"))
+    namespaces: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_NAMESPACES"))  # empty: every namespace
+    log_level: Literal["debug", "info", "warning"] = Field("info", validation_alias=_env("IMAGEUNLOCK_LOG_LEVEL"))
+    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("IMAGEUNLOCK_LOG_FORMAT"))
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _namespaces(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if value and not (sep and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("must be host:port (e.g. 0.0.0.0:8081) or empty to disable")
+        return value
+
+    @classmethod
+    def _more_problems(cls, values: Mapping[str, str], problems: list[str]) -> list[str]:
+        """Cross-field problems to report even when a field's error skipped the check."""
+        return []
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        """Read the configuration from ``env`` (default: the process environment); any problem
+        is one ConfigurationError that names every offending variable."""
+        env = os.environ if env is None else env
+        names = {alias for field in cls.model_fields.values() for alias in _aliases(field.validation_alias)}
+        # An empty variable means "not set", except where empty is a value of its own.
+        keep_empty = {"IMAGEUNLOCK_LIVENESS", "IMAGEUNLOCK_METRICS_ADDRESS"}
+        values = {name: value for name, value in env.items() if name in names and (value != "" or name in keep_empty)}
+        if "IMAGEUNLOCK_DOCKER_HOST" in values:
+            values.pop("DOCKER_HOST", None)  # ours wins over the Docker CLI's variable
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = [_describe(e, env) for e in exc.errors()]
+            problems += cls._more_problems(values, problems)
+            raise ConfigurationError(f"invalid {cls._what} settings: {'; '.join(problems)}") from None
+
+    _what: ClassVar[str] = "operator"
+
+
+def _split_commas(value: object) -> object:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+
+class OperatorConfig(_Settings):
+    """The node agent's settings (one agent per node: the DaemonSet)."""
+
+    _what: ClassVar[str] = "agent"
+    # The node this agent runs on (the DaemonSet sets it from spec.nodeName).
+    node_name: str | None = Field(None, validation_alias=_env("NODE_NAME", "IMAGEUNLOCK_NODE_NAME"))
     archive_roots: Listed = Field(("/var/lib/imageunlock",), validation_alias=_env("IMAGEUNLOCK_ARCHIVE_ROOT"))
-    # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means.
-    runtime: Literal["docker", "containerd"] = Field("docker", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
+    # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means;
+    # auto: the one the Node reports (status.nodeInfo.containerRuntimeVersion).
+    runtime: Literal["docker", "containerd", "auto"] = Field("auto", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
     docker_host: str = Field(
         "unix:///var/run/docker.sock", validation_alias=_env("IMAGEUNLOCK_DOCKER_HOST", "DOCKER_HOST")
     )
@@ -60,13 +125,7 @@ class OperatorConfig(BaseSettings):
     # one whole resource API call: connect, answer and retries
     api_deadline: Seconds = Field(60.0, ge=1, validation_alias=_env("IMAGEUNLOCK_API_DEADLINE"))
     runtime_timeout: Seconds = Field(900.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RUNTIME_TIMEOUT"))
-    liveness_endpoint: str = Field("http://0.0.0.0:8080/healthz", validation_alias=_env("IMAGEUNLOCK_LIVENESS"))
-    # host:port of the Prometheus /metrics endpoint; empty disables it
-    metrics_address: str = Field("0.0.0.0:8081", validation_alias=_env("IMAGEUNLOCK_METRICS_ADDRESS"))
-    namespaces: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_NAMESPACES"))  # empty: every namespace
     workers: int = Field(4, ge=1, validation_alias=_env("IMAGEUNLOCK_WORKERS"))
-    log_level: Literal["debug", "info", "warning"] = Field("info", validation_alias=_env("IMAGEUNLOCK_LOG_LEVEL"))
-    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("IMAGEUNLOCK_LOG_FORMAT"))
 
     @field_validator("archive_roots", mode="before")
     @classmethod
@@ -79,23 +138,15 @@ class OperatorConfig(BaseSettings):
                 raise ValueError(f"entries must be absolute paths: {', '.join(bad)}")
         return roots
 
-    @field_validator("api_url_allowlist", "namespaces", mode="before")
+    @field_validator("api_url_allowlist", mode="before")
     @classmethod
     def _commas(cls, value: object) -> object:
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+        return _split_commas(value)
 
-    @field_validator("log_level", "log_format", "runtime", mode="before")
+    @field_validator("runtime", mode="before")
     @classmethod
-    def _lower(cls, value: object) -> object:
+    def _runtime_lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
-
-    @field_validator("metrics_address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if value and not (sep and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError("must be host:port (e.g. 0.0.0.0:8081) or empty to disable")
-        return value
 
     @model_validator(mode="after")
     def _trusted_apis(self) -> OperatorConfig:
@@ -122,24 +173,35 @@ class OperatorConfig(BaseSettings):
         return self
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
-        """Read the configuration from ``env`` (default: the process environment); any problem
-        is one ConfigurationError that names every offending variable."""
-        env = os.environ if env is None else env
-        names = {alias for field in cls.model_fields.values() for alias in _aliases(field.validation_alias)}
-        # An empty variable means "not set", except where empty is a value of its own.
-        keep_empty = {"IMAGEUNLOCK_LIVENESS", "IMAGEUNLOCK_METRICS_ADDRESS"}
-        values = {name: value for name, value in env.items() if name in names and (value != "" or name in keep_empty)}
-        if "IMAGEUNLOCK_DOCKER_HOST" in values:
-            values.pop("DOCKER_HOST", None)  # ours wins over the Docker CLI's variable
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = [_describe(e, env) for e in exc.errors()]
-            # A field's error skips the cross-field check: still say every problem at once.
-            if not values.get("RESOURCE_API_URL") and not values.get("IMAGEUNLOCK_API_URL_ALLOWLIST"):
-                problems += [] if any(NO_TRUSTED_API in p for p in problems) else [NO_TRUSTED_API]
-            raise ConfigurationError(f"invalid operator settings: {'; '.join(problems)}") from None
+    def _more_problems(cls, values: Mapping[str, str], problems: list[str]) -> list[str]:
+        if values.get("RESOURCE_API_URL") or values.get("IMAGEUNLOCK_API_URL_ALLOWLIST"):
+            return []
+        return [] if any(NO_TRUSTED_API in p for p in problems) else [NO_TRUSTED_API]
+
+
+class ControllerConfig(_Settings):
+    """The controller's settings: one replica computes every ImageUnlock's cluster summary.
+    It must know where the agent DaemonSet runs (the chart passes the DaemonSet's
+    nodeSelector and tolerations) to tell which nodes an ImageUnlock waits for."""
+
+    _what: ClassVar[str] = "controller"
+    agent_node_selector: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, validation_alias=_env("IMAGEUNLOCK_AGENT_NODE_SELECTOR")
+    )
+    agent_tolerations: Annotated[tuple[dict[str, Any], ...], NoDecode] = Field(
+        (), validation_alias=_env("IMAGEUNLOCK_AGENT_TOLERATIONS")
+    )
+
+    @field_validator("agent_node_selector", "agent_tolerations", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        """JSON, as the chart renders it (toJson)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"is not JSON ({exc})") from None
+        return value
 
 
 def _aliases(alias: object) -> list[str]:

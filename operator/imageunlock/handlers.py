@@ -1,30 +1,32 @@
-"""kopf handlers: thin. Parse, reconcile in a worker thread, classify the outcome.
+"""The node agent's kopf layer: thin. It watches ImageUnlocks and hands the ones that select
+its node to :class:`~imageunlock.resync.Resync`, which decides what is due (a new
+generation at once, re-verification every ``IMAGEUNLOCK_VERIFY_INTERVAL``, retries with
+backoff, Stalled ones when their inputs change); the reconciles run on worker threads, so
+requests, runtime and file I/O never block the event loop.
 
-* create / resume / spec update → :meth:`Reconciler.reconcile` (sync handler: kopf runs it
-  in its thread pool, so requests, docker and file I/O never block the event loop);
-* an ``on.event`` handler keeps a snapshot of every ImageUnlock, and a background task hands
-  them to :class:`~imageunlock.resync.Resync`, which re-verifies Ready ones every
-  ``IMAGEUNLOCK_VERIFY_INTERVAL`` seconds, retries its own transient failures when due and
-  re-checks Stalled ones when their inputs change. Not a ``kopf.timer``: timers force a
-  finalizer, and a finalizer makes deletion hang whenever the operator is down. With no
-  finalizer, deleting an ImageUnlock never waits for us (the loaded images stay in the runtime);
-* a liveness probe reports whether the container runtime answers.
+Level-triggered on purpose: no kopf change handlers, so kopf keeps no per-handler state in
+the object's annotations (hundreds of agents would overwrite each other's) and adds no
+finalizer (deleting an ImageUnlock never waits for an agent; loaded images stay). A liveness
+probe reports whether the container runtime answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from typing import Any
 
 import kopf
 
 from . import metrics
+from .agent import NodeAgent, resolve_runtime
 from .config import OperatorConfig
-from .errors import UnlockError
+from .errors import ConfigurationError, UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
-from .reconciler import Reconciler, Verdict
+from .nodes import NodeInfo
+from .reconciler import Reconciler
 from .resync import Resync
 from .runtimes import make_runtime
 
@@ -32,61 +34,82 @@ log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
-@kopf.on.startup()
+registry = kopf.OperatorRegistry()
+
+
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's own login from the kubeconfig or the pod's ServiceAccount (a registry of our
+    own does not carry kopf's default login handler)."""
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config = OperatorConfig.from_env()
-    # kopf's bookkeeping goes to annotations under our group; status stays ours alone.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    # Our own events mark transitions; kopf would post a second one per failure (type Error,
-    # reason Logging) from its handler-failure log lines, whatever the posting level.
+    config = OperatorConfig.from_env()  # checked before kopf started (operator_main.py)
+    node = str(config.node_name)
+    # Events are ours alone: kopf would post a second one per failure (type Error, reason
+    # Logging) from its handler-failure log lines, whatever the posting level.
     settings.posting.enabled = False
-    settings.execution.max_workers = config.workers
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
+    memo.kube = await asyncio.to_thread(KubernetesApi)  # reads kubeconfig / service-account files
+    raw = await asyncio.to_thread(memo.kube.read_node, config.node_name)
+    try:
+        runtime = resolve_runtime(config.runtime, NodeInfo.from_object(raw) if raw else None, node)
+    except ConfigurationError as exc:  # e.g. the Node is not registered yet: try again
+        raise kopf.TemporaryError(exc.message, delay=5) from None
+    config = config.model_copy(update={"runtime": runtime})
     memo.settings = config
     memo.runtime = make_runtime(
-        config.runtime,
+        runtime,
         docker_host=config.docker_host,
         containerd_address=config.containerd_address,
         containerd_namespace=config.containerd_namespace,
         timeout=config.runtime_timeout,
     )
-    memo.kube = await asyncio.to_thread(KubernetesApi)  # reads kubeconfig / service-account files
+    memo.agent = NodeAgent(memo.kube, node, runtime)
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
     # while the event loop updates the dict.
-    memo.reconciler = Reconciler(config, memo.runtime, memo.kube, others=lambda: list(memo.objects.values()))
+    memo.reconciler = Reconciler(
+        config,
+        memo.runtime,
+        memo.kube,
+        others=lambda: [memo.agent.view(b) for b in list(memo.objects.values())],
+        write_status=memo.agent.write,
+        node=node,
+    )
     memo.resync = Resync(memo.reconciler)
-    memo.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reverify")
-    memo.reverify_task = asyncio.create_task(_reverify_loop(memo))
+    memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
+    memo.wake = asyncio.Event()
+    memo.loop_task = asyncio.create_task(_work_loop(memo))
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
     )
     where = (
         config.docker_host
-        if config.runtime == "docker"
+        if runtime == "docker"
         else f"{config.containerd_address}, namespace {config.containerd_namespace}"
     )
     log.info(
-        "operator settings: archive roots %s, runtime %s at %s, verify every %ss",
+        "agent on node %s: archive roots %s, runtime %s at %s, verify every %ss",
+        config.node_name,
         ":".join(config.archive_roots),
-        config.runtime,
+        runtime,
         where,
         config.verify_interval,
     )
 
 
-@kopf.on.cleanup()
+@kopf.on.cleanup(registry=registry)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = getattr(memo, "reverify_task", None)
+    task = getattr(memo, "loop_task", None)
     if task is not None:
         task.cancel()
-    if getattr(memo, "verifier", None) is not None:
-        memo.verifier.shutdown(wait=False, cancel_futures=True)
+    if getattr(memo, "workers", None) is not None:
+        memo.workers.shutdown(wait=False, cancel_futures=True)
     if getattr(memo, "runtime", None) is not None:
         await asyncio.to_thread(memo.runtime.close)
     if getattr(memo, "kube", None) is not None:
@@ -95,7 +118,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await asyncio.to_thread(memo.metrics_server.shutdown)
 
 
-@kopf.on.probe(id="runtime")
+@kopf.on.probe(id="runtime", registry=registry)
 def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
     error = _check_runtime(memo)
     return "reachable" if error is None else f"unreachable: {error.message}"
@@ -112,25 +135,9 @@ def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
     return None
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
-def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    plain = _snapshot(body)
-    key = (body.metadata.namespace, body.metadata.name)
-    inputs = memo.resync.inputs(plain)
-    with memo.resync.lock(key):
-        outcome = memo.reconciler.reconcile(plain, attempt=retry)
-    memo.resync.record(key, outcome, retry, inputs, by_handler=True)
-    if outcome.verdict is Verdict.STALLED:
-        raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
-    if outcome.verdict is Verdict.RETRY:
-        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.delay)
-
-
-@kopf.on.event(*RESOURCE)
+@kopf.on.event(*RESOURCE, registry=registry)
 async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep a snapshot per ImageUnlock for the re-verification loop. Async on purpose: it
+    """Keep a snapshot per ImageUnlock for the work loop, and wake it. Async on purpose: it
     only touches a dict, and running it on the event loop keeps every mutation of
     ``memo.objects`` on the thread that iterates it."""
     meta = body.get("metadata", {})
@@ -138,29 +145,55 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
         memo.resync.forget(key)
+        memo.agent.forget(key)
         metrics.forget(*key)
     else:
         memo.objects[key] = _snapshot(body)
-        metrics.observe_status(*key, body.get("status"))
+        metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
+    memo.wake.set()
 
 
 def _snapshot(body: Any) -> dict[str, Any]:
     return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
 
 
-async def _reverify_loop(memo: kopf.Memo) -> None:
-    """Offer every known ImageUnlock to :class:`Resync` about once a second; it decides what
-    is due (see resync.py), on one worker thread so blocking calls stay off the event loop."""
+async def _work_loop(memo: kopf.Memo) -> None:
+    """About once a second (at once after a watch event): offer every ImageUnlock that
+    selects this node to :class:`Resync`, on the worker threads, one step per object at a
+    time; remove this node's entry from those that no longer select it."""
     loop = asyncio.get_running_loop()
     tick = min(1.0, memo.settings.verify_interval)
     next_ping = 0.0
+    running: dict[Any, asyncio.Future[Any]] = {}
     while True:
-        await asyncio.sleep(tick)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(memo.wake.wait(), timeout=tick)
+        memo.wake.clear()
         if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
-            await loop.run_in_executor(memo.verifier, _check_runtime, memo)
+            await loop.run_in_executor(memo.workers, _check_runtime, memo)
             next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
+        await loop.run_in_executor(memo.workers, memo.agent.node_info)  # re-read now and then
         for key, body in list(memo.objects.items()):
-            try:
-                await loop.run_in_executor(memo.verifier, memo.resync.step, key, body)
-            except Exception:  # one object's trouble never stops the loop
-                log.exception("re-verification of %s/%s failed", *key)
+            if key in running and not running[key].done():
+                continue
+            running[key] = loop.run_in_executor(memo.workers, _step, memo, key, body)
+        for key in [k for k, f in running.items() if f.done()]:
+            running.pop(key)
+
+
+def _step(memo: Any, key: tuple[str, str], body: dict[str, Any]) -> None:
+    """One object on a worker thread: reconcile what is due, or leave it."""
+    agent: NodeAgent = memo.agent
+    try:
+        if not agent.selected(body):
+            if agent.has_entry(key, body):
+                log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
+                agent.leave(*key)
+                memo.resync.forget(key)
+            return
+        agent.seed(key, body)
+        memo.resync.step(key, agent.view(body))
+    except UnlockError as exc:
+        log.info("%s/%s not handled now: %s", *key, exc.message)
+    except Exception:  # one object's trouble never stops the loop
+        log.exception("handling %s/%s failed", *key)

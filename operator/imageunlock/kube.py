@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import secrets
 import threading
@@ -90,7 +91,8 @@ class KubernetesApi:
             ) from None
         return secret.metadata.resource_version if secret.metadata else None
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None) -> None:
+        extra: dict[str, Any] = {"field_manager": manager} if manager else {}
         try:
             self.custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -100,6 +102,7 @@ class KubernetesApi:
                 name,
                 {"status": dict(status)},
                 _content_type="application/merge-patch+json",
+                **extra,
             )
         except ApiException as exc:
             if exc.status == 404:  # deleted meanwhile: nothing left to report on
@@ -108,6 +111,59 @@ class KubernetesApi:
             raise KubernetesUnavailableError(f"writing status failed (HTTP {exc.status})") from None
         except (HTTPError, OSError) as exc:
             raise KubernetesUnavailableError(f"writing status failed ({type(exc).__name__})") from None
+
+    def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None:
+        """Write this node's entry in ``status.nodes`` (None: remove it) by server-side apply
+        under the node's own field manager: the API server merges the list by ``name``, so
+        concurrent agents never overwrite each other, and applying an empty list removes only
+        the entry this manager owns."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"nodes": [dict(entry)] if entry else []},
+        }
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                body,
+                field_manager=node_manager(node),
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                log.info("ImageUnlock %s/%s is gone; node %s's status not written", namespace, name, node)
+                return
+            raise KubernetesUnavailableError(f"writing node {node}'s status failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"writing node {node}'s status failed ({type(exc).__name__})") from None
+
+    def read_node(self, name: str) -> dict[str, Any] | None:
+        """The Node object (as JSON-style dicts), or None when there is no such Node."""
+        try:
+            node = self.core.read_node(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubernetesUnavailableError(f"reading Node {name} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"reading Node {name} failed ({type(exc).__name__})") from None
+        result: dict[str, Any] = self.api_client.sanitize_for_serialization(node)
+        return result
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        try:
+            nodes = self.core.list_node()
+        except ApiException as exc:
+            raise KubernetesUnavailableError(f"listing Nodes failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"listing Nodes failed ({type(exc).__name__})") from None
+        return [self.api_client.sanitize_for_serialization(n) for n in nodes.items]
 
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event on an ImageUnlock, as client-go's recorder does: a repeat of the same
@@ -170,6 +226,12 @@ class KubernetesApi:
             reporting_component=COMPONENT,
             reporting_instance=COMPONENT,
         )
+
+
+def node_manager(node: str) -> str:
+    """The field manager of one node's agent (at most 128 characters, as the API requires)."""
+    manager = f"imageunlock-agent/{node}"
+    return manager if len(manager) <= 128 else f"imageunlock-agent/{hashlib.sha256(node.encode()).hexdigest()}"
 
 
 def _decode(where: str, key: str, value: str, limit: int) -> str:

@@ -1,4 +1,11 @@
-"""``imageunlock operator``: run the kopf operator with settings from the environment."""
+"""``imageunlock agent`` and ``imageunlock controller``: run one role's kopf operator with
+settings from the environment.
+
+* the **agent** (a DaemonSet: one per node) unlocks the images on its node and writes its
+  node's entry of every selecting ImageUnlock's status (handlers.py);
+* the **controller** (one replica) writes each ImageUnlock's cluster summary: conditions,
+  phase, NODES (controller.py).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +14,53 @@ import sys
 
 import kopf
 
-from .config import OperatorConfig
+from .config import ControllerConfig, OperatorConfig
 from .errors import ConfigurationError
 
+NO_NODE_NAME = "NODE_NAME is not set: an agent serves one node (the DaemonSet sets it from spec.nodeName)"
 
-def run_operator() -> int:
+
+def run_agent() -> int:
     try:
         config = OperatorConfig.from_env()
+        if not config.node_name:
+            raise ConfigurationError(NO_NODE_NAME)
     except ConfigurationError as exc:
         print(f"imageunlock: error: {exc.message}", file=sys.stderr)
         return 1
     configure_logging(config.log_level, config.log_format)
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from .handlers import registry
 
-    kopf.run(
-        standalone=True,  # one replica (Deployment strategy Recreate): no peering objects
-        clusterwide=not config.namespaces,
-        namespaces=config.namespaces,
-        liveness_endpoint=config.liveness_endpoint or None,
-    )
+    _run(registry, config.namespaces, config.liveness_endpoint)
     return 0
+
+
+def run_controller() -> int:
+    try:
+        config = ControllerConfig.from_env()
+    except ConfigurationError as exc:
+        print(f"imageunlock: error: {exc.message}", file=sys.stderr)
+        return 1
+    configure_logging(config.log_level, config.log_format)
+
+    from .controller import registry
+
+    _run(registry, config.namespaces, config.liveness_endpoint)
+    return 0
+
+
+def _run(registry: kopf.OperatorRegistry, namespaces: tuple[str, ...], liveness: str) -> None:
+    kopf.run(
+        registry=registry,
+        # No kopf peering: agents keep no kopf state in objects (every agent watches every
+        # ImageUnlock and writes only its own entry), and the controller is one replica
+        # (Deployment strategy Recreate).
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness or None,
+    )
 
 
 def configure_logging(level: str, log_format: str) -> None:

@@ -105,11 +105,16 @@ class Reconciler:
         runtime: Any,
         kube: KubernetesApi,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+        write_status: Callable[[str, str, dict[str, Any]], None] | None = None,
+        node: str = "",
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.kube = kube
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
+        # where status goes: an agent writes its node's entry (agent.py), never the summary
+        self._write_status = write_status
+        self.node = node  # named in events: many nodes post on one ImageUnlock
         self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.api_settings = ApiClientConfig(
@@ -119,11 +124,13 @@ class Reconciler:
             deadline=settings.api_deadline,
         )
 
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        (self._write_status or self.kube.patch_status)(namespace, name, status)
+
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
         settings = self.settings
-        return parse_spec(
-            body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, settings.runtime
-        )
+        runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
+        return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
 
     def service(self, spec: UnlockSpec) -> UnlockService:
         return UnlockService(
@@ -193,7 +200,7 @@ class Reconciler:
     def verified(self, body: Mapping[str, Any]) -> None:
         """Record a re-verification that found everything in place (no reconcile needed)."""
         meta = body.get("metadata") or {}
-        self.kube.patch_status(meta.get("namespace", ""), meta.get("name", ""), _handled(body))
+        self.write_status(meta.get("namespace", ""), meta.get("name", ""), _handled(body))
 
     def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
         started = time.monotonic()
@@ -257,11 +264,12 @@ class _Reconciliation:
         self.decrypted = 0  # bytes counted in imageunlock_bytes_decrypted_total
 
     def write(self, status: dict[str, Any]) -> None:
-        self.owner.kube.patch_status(self.namespace, self.name, status)
+        self.owner.write_status(self.namespace, self.name, status)
         self.conditions = status.get("conditions", self.conditions)
 
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.owner.kube.post_event(self.body, type_, reason, message)
+        where = f"node {self.owner.node}: " if self.owner.node else ""
+        self.owner.kube.post_event(self.body, type_, reason, where + message)
 
     def report(self, phase: Phase, message: str, done: int, total: int) -> None:
         self.phase = phase

@@ -1,19 +1,17 @@
-"""Re-verification of settled ImageUnlocks (framework-free; the kopf layer calls ``step``
-from one worker thread for every known object, about once a second).
+"""When an agent reconciles an ImageUnlock on its node (framework-free; the agent's loop
+calls ``step`` for every selected object about once a second, from worker threads, with the
+object as this node sees it: its status is the node's entry, see nodes.view).
 
-Who acts on an object:
+Level-triggered, like a controller's work queue: a generation this node has not finished
+(its entry's ``observedGeneration`` differs) is reconciled at once; a Ready object is
+re-verified every verify interval (and unlocked again when an image went missing, changed
+or became contested); transient failures are retried exactly when the status says
+("retrying in Ns"), with growing backoff; and a Stalled object is re-checked only when
+something the failure depended on changed — generation, the Secret, the archive file, a
+competing claim, or the ``loader.azaion.com/requested-at`` annotation — never on a timer, so
+known-bad credentials are not replayed until the account locks.
 
-* kopf's handler, until it has finished the current generation (``status.observedGeneration
-  == metadata.generation``): kopf retries its transient failures itself;
-* this module, from then on. It re-verifies a Ready object every verify interval (and
-  unlocks again when an image went missing, changed or became contested); it retries its own
-  transient failures exactly when the status it wrote says ("retrying in Ns"), with growing
-  backoff; and it re-checks a Stalled object only when something the failure depended on
-  changed — generation, the Secret, the archive file, a competing claim, or the
-  ``loader.azaion.com/requested-at`` annotation — never on a timer, so known-bad credentials
-  are not replayed until the account locks.
-
-A per-object lock keeps the handler and this module from reconciling one object at once.
+A per-object lock keeps two workers from reconciling one object at once.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ class Due:
     at: float = 0.0  # monotonic time of the next look
     attempt: int = 0  # transient failures in a row (the backoff exponent)
     inputs: Inputs | None = None  # what a Stalled outcome depended on
+    generation: Any = None  # the generation the last reconcile was for
 
 
 class Resync:
@@ -62,27 +61,26 @@ class Resync:
             self._locks.pop(key, None)
             self.due.pop(key, None)
 
-    def record(
-        self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, by_handler: bool = False
-    ) -> None:
-        """Schedule the next look after a reconcile (by the handler or by ``step``)."""
+    def record(self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, generation: Any) -> None:
+        """Schedule the next look after a reconcile."""
         now = self.clock()
-        if outcome.verdict is Verdict.RETRY and by_handler:
-            self.due[key] = Due(float("inf"))  # kopf retries it; its final outcome is recorded here
-        elif outcome.verdict is Verdict.RETRY:
-            self.due[key] = Due(now + outcome.delay, attempt + 1)
+        if outcome.verdict is Verdict.RETRY:
+            self.due[key] = Due(now + outcome.delay, attempt + 1, None, generation)
         elif outcome.verdict is Verdict.STALLED:
-            self.due[key] = Due(now + self.interval, 0, inputs)
+            self.due[key] = Due(now + self.interval, 0, inputs, generation)
         else:
-            self.due[key] = Due(now + self.interval)
+            self.due[key] = Due(now + self.interval, 0, None, generation)
 
     def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
         due = self.due.get(key, Due())
-        if self.clock() < due.at and not _requested(body):
+        generation = (body.get("metadata") or {}).get("generation")
+        if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
+            due = Due(generation=generation)  # a new generation: now, whatever was scheduled
+        elif self.clock() < due.at and not _requested(body):
             return
         lock = self.lock(key)
         if not lock.acquire(blocking=False):
-            return  # the handler is reconciling it right now
+            return  # another worker is reconciling it right now
         try:
             self._step(key, body, due)
         finally:
@@ -90,36 +88,26 @@ class Resync:
 
     def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
         status = body.get("status") or {}
-        meta = body.get("metadata") or {}
-        if status.get("observedGeneration") != meta.get("generation"):
-            return  # kopf's handler owns a generation it has not finished
-        phase = status.get("phase")
+        generation = (body.get("metadata") or {}).get("generation")
+        phase = status.get("phase") if status.get("observedGeneration") == generation else None
         try:
             if phase == Phase.READY.value and self.reconciler.still_ready(body):
                 self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
-                self.due[key] = Due(self.clock() + self.interval)
+                self.due[key] = Due(self.clock() + self.interval, 0, None, generation)
                 return
             inputs = self.reconciler.inputs(body)  # read before the reconcile, so a change during it counts
         except UnlockError as exc:  # the runtime or the API server is down: look again later
             log.info("re-verification of %s/%s postponed: %s", *key, exc.message)
-            self.due[key] = Due(self.clock() + self.interval, due.attempt, due.inputs)
+            self.due[key] = Due(self.clock() + min(self.interval, 30.0), due.attempt, due.inputs, due.generation)
             return
         if phase == Phase.FAILED.value and not inputs.changed(due.inputs, _stalled_reason(status)):
-            self.due[key] = Due(self.clock() + self.interval, 0, due.inputs)
+            self.due[key] = Due(self.clock() + self.interval, 0, due.inputs, generation)
             return  # nothing it depends on changed: a re-check would fail the same way
         if phase == Phase.READY.value:
             log.info("images of %s/%s changed, went missing or are contested: unlocking again", *key)
-        # Ready but no longer true, Stalled with changed inputs, or our own retry fell due.
+        # A new generation, Ready but no longer true, Stalled with changed inputs, or a retry fell due.
         outcome = self.reconciler.reconcile(body, attempt=due.attempt)
-        self.record(key, outcome, due.attempt, inputs)
-
-    def inputs(self, body: Mapping[str, Any]) -> Inputs | None:
-        """``Reconciler.inputs``, or None when they cannot be read now (then the next look
-        re-checks once)."""
-        try:
-            return self.reconciler.inputs(body)
-        except UnlockError:
-            return None
+        self.record(key, outcome, due.attempt, inputs, generation)
 
 
 def _requested(body: Mapping[str, Any]) -> bool:

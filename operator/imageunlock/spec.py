@@ -21,7 +21,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-# spec.runtime: a runtime by name, or "auto" for the operator's own (IMAGEUNLOCK_RUNTIME).
+# spec.runtime: a runtime by name, or "auto" for the node's own.
 RUNTIMES = ("docker", "containerd", "auto")
 
 
@@ -128,8 +128,9 @@ def parse_spec(
         problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(RUNTIMES)}")
     elif wanted not in ("auto", runtime):
         problems.append(
-            f"spec.runtime {wanted!r} is not the runtime this operator loads into ({runtime}, operator "
-            f"setting IMAGEUNLOCK_RUNTIME): use auto, or an operator configured for {wanted}"
+            f"spec.runtime {wanted!r} is not this node's runtime ({runtime}: the Node's "
+            f"containerRuntimeVersion, or the agent setting IMAGEUNLOCK_RUNTIME): use auto, or select "
+            f"{wanted} nodes with spec.nodeSelector"
         )
 
     digest = spec.get("archiveSha256")

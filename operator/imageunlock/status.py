@@ -23,7 +23,7 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _conditions(
+def conditions(
     previous: Sequence[Mapping[str, Any]] | None,
     states: Mapping[str, tuple[bool, str, str]],
     generation: int,
@@ -68,7 +68,7 @@ def working(
         "phase": phase.value,
         "message": message,
         "progress": progress(done, total),
-        "conditions": _conditions(
+        "conditions": conditions(
             previous,
             {
                 READY: (False, "Reconciling", message),
@@ -99,7 +99,7 @@ def ready(
         "observedGeneration": generation,
         "images": [{"name": ref, "id": image_id, "present": True} for ref, image_id in images.items()],
         "progress": progress(bytes_total, bytes_total) if bytes_total else progress(1, 1),
-        "conditions": _conditions(
+        "conditions": conditions(
             previous,
             {
                 READY: (True, "AlreadyPresent" if fast_path else "Unlocked", message),
@@ -129,7 +129,7 @@ def stalled(
         "phase": Phase.FAILED.value,
         "message": message,
         "observedGeneration": generation,
-        "conditions": _conditions(
+        "conditions": conditions(
             previous,
             {READY: (False, reason, message), RECONCILING: (False, reason, ""), STALLED: (True, reason, message)},
             generation,
@@ -163,7 +163,7 @@ def retrying(
     return {
         "phase": phase,
         "message": text,
-        "conditions": _conditions(
+        "conditions": conditions(
             previous,
             {READY: (False, reason, text), RECONCILING: (True, reason, text), STALLED: (False, reason, "")},
             generation,

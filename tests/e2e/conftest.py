@@ -1,10 +1,13 @@
-"""End-to-end harness: a real Kubernetes API server, the real operator process, dockerd.
+"""End-to-end harness: a real Kubernetes API server, the real agent and controller
+processes, dockerd (and containerd).
 
 The API server is the project's local control plane (tools/controlplane), or any cluster
-whose kubeconfig is in ``IMAGEUNLOCK_TEST_KUBECONFIG`` (kind, k3d, k3s). The operator runs
-as its own process (``imageunlock operator``), cluster-wide as deployed, one per test, so a
-test can SIGKILL it mid-load and start it again. These are the fixtures; the helpers a test
-calls are in tests/support (cluster.py, operator_process.py, wait.py).
+whose kubeconfig is in ``IMAGEUNLOCK_TEST_KUBECONFIG`` (kind, k3d, k3s). There is no kubelet:
+a test's nodes are Node objects (``node-1`` for the single-node tests), each served by an
+agent process (``imageunlock agent`` with NODE_NAME), beside one controller process
+(``imageunlock controller``), all cluster-wide as deployed and one set per test, so a test
+can SIGKILL an agent mid-load and start it again. These are the fixtures; the helpers a
+test calls are in tests/support (cluster.py, operator_process.py, wait.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ import pytest
 import controlplane
 
 from ..support.ci import unavailable
-from ..support.cluster import CLUSTER_WIDE_SECRETS_FILE, CRD_FILE, CRD_NAME, OPERATOR_USER, RBAC_FILE, Cluster
+from ..support.cluster import (
+    AGENT_USER,
+    CLUSTER_WIDE_SECRETS_FILE,
+    CONTROLLER_USER,
+    CRD_FILE,
+    CRD_NAME,
+    NODE,
+    RBAC_FILE,
+    Cluster,
+)
 from ..support.dockerd import Dockerd
 from ..support.images import build_archive_set
 from ..support.net import free_port
@@ -35,7 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         kubectl_bin = controlplane.kubectl_path()
         audit_log = None
         if given:
-            kubeconfig = operator_kubeconfig = given
+            kubeconfig = agent_kubeconfig = controller_kubeconfig = given
         else:
             workdir = tmp_path_factory.mktemp("plane")
             audit_log = workdir / "audit.log"
@@ -44,13 +56,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             plane = controlplane.ControlPlane(workdir, audit_log=audit_log, authorization_policy=policy)
             plane.start()
             kubeconfig = plane.kubeconfig
-            operator_kubeconfig = plane.add_user(OPERATOR_USER)
+            agent_kubeconfig = plane.add_user(AGENT_USER)
+            controller_kubeconfig = plane.add_user(CONTROLLER_USER)
     except Exception as exc:
         if plane is not None:
             plane.stop()
         unavailable("Kubernetes API server", f"{type(exc).__name__}: {exc}")
     try:
-        yield Cluster(kubeconfig, kubectl_bin, operator_kubeconfig, audit_log)
+        yield Cluster(kubeconfig, kubectl_bin, agent_kubeconfig, controller_kubeconfig, audit_log)
     finally:
         if plane is not None:
             plane.stop()
@@ -91,36 +104,34 @@ def archive_root(tmp_path: Path) -> Path:
     return root
 
 
+def _role_env(kubeconfig: str, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG", "NODE_NAME"))}
+    env.update(
+        {
+            "KUBECONFIG": kubeconfig,
+            # cluster-wide, as deployed (a namespace-restricted kopf also lists and watches
+            # Namespaces, which manifests/rbac.yaml rightly does not grant); each test's
+            # objects live in its own namespace and are gone before the next test starts
+            "IMAGEUNLOCK_NAMESPACES": "",
+            "IMAGEUNLOCK_LOG_LEVEL": "debug",
+            # not the default 0.0.0.0:8081, which anything else on the host may hold
+            "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            **settings,
+        }
+    )
+    return env
+
+
 @pytest.fixture
-def start_operator(
-    cluster: Cluster, clean_docker: Dockerd, resource_api, archive_root: Path, namespace: str, tmp_path: Path
-) -> Iterator[Callable[..., OperatorProcess]]:
+def start_controller(cluster: Cluster, crd: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    """The controller (cluster summaries); one per test, started on first use."""
     started: list[OperatorProcess] = []
 
     def start(**overrides: str) -> OperatorProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG"))}
-        env.update(
-            {
-                "KUBECONFIG": cluster.operator_kubeconfig,
-                # cluster-wide, as deployed (a namespace-restricted kopf also lists and watches
-                # Namespaces, which manifests/rbac.yaml rightly does not grant); each test's
-                # objects live in its own namespace and are gone before the next test starts
-                "IMAGEUNLOCK_NAMESPACES": "",
-                "IMAGEUNLOCK_DOCKER_HOST": clean_docker.url,
-                "IMAGEUNLOCK_ARCHIVE_ROOT": str(archive_root),
-                "RESOURCE_API_URL": resource_api.url,
-                "IMAGEUNLOCK_VERIFY_INTERVAL": "2",
-                "IMAGEUNLOCK_PROGRESS_INTERVAL": "0.2",
-                "IMAGEUNLOCK_RETRY_BASE": "0.5",
-                "IMAGEUNLOCK_RETRY_MAX": "2",
-                "IMAGEUNLOCK_API_RETRIES": "0",  # operator-level retries are what these tests watch
-                "IMAGEUNLOCK_LOG_LEVEL": "debug",
-                # not the default 0.0.0.0:8081, which anything else on the host may hold
-                "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-            }
-        )
-        env.update(overrides)
-        proc = OperatorProcess(tmp_path / f"operator-{len(started)}", env).start()
+        if started and started[-1].proc is not None:
+            return started[-1]
+        env = _role_env(cluster.controller_kubeconfig, **overrides)
+        proc = OperatorProcess(tmp_path / f"controller-{len(started)}", env, role="controller").start()
         started.append(proc)
         return proc
 
@@ -129,6 +140,55 @@ def start_operator(
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture
+def start_agent(
+    cluster: Cluster, resource_api, start_controller, tmp_path: Path
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """``start_agent(node, archive_root, disk=None, **settings)``: an agent for ``node`` (its
+    Node must exist), and the controller if it is not running yet. With ``disk``, the agent
+    sees that directory at ``archive_root`` (the node's own disk)."""
+    started: list[OperatorProcess] = []
+
+    def start(node: str, archive_root: Path, disk: Path | None = None, **overrides: str) -> OperatorProcess:
+        start_controller()
+        env = _role_env(
+            cluster.agent_kubeconfig,
+            NODE_NAME=node,
+            IMAGEUNLOCK_ARCHIVE_ROOT=str(archive_root),
+            RESOURCE_API_URL=resource_api.url,
+            IMAGEUNLOCK_VERIFY_INTERVAL="2",
+            IMAGEUNLOCK_PROGRESS_INTERVAL="0.2",
+            IMAGEUNLOCK_RETRY_BASE="0.5",
+            IMAGEUNLOCK_RETRY_MAX="2",
+            IMAGEUNLOCK_API_RETRIES="0",  # agent-level retries are what these tests watch
+        )
+        env.update(overrides)
+        own = (disk, archive_root) if disk is not None else None
+        proc = OperatorProcess(tmp_path / f"agent-{node}-{len(started)}", env, disk=own).start()
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+def start_operator(
+    cluster: Cluster, clean_docker: Dockerd, archive_root: Path, namespace: str, start_agent
+) -> Callable[..., OperatorProcess]:
+    """The single-node setup most tests use: Node ``node-1`` on the test's dockerd, its agent
+    (returned: a test may stop and restart it) and the controller."""
+    cluster.ensure_node(NODE)
+
+    def start(**overrides: str) -> OperatorProcess:
+        return start_agent(NODE, archive_root, **{"IMAGEUNLOCK_DOCKER_HOST": clean_docker.url, **overrides})
+
+    return start
 
 
 @pytest.fixture(scope="session")

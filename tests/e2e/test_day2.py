@@ -50,15 +50,15 @@ def test_each_log_line_once_with_time_and_level(cluster, namespace, secret, star
         namespace, "logged", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
     )
     wait_for(lambda: is_ready(cluster, namespace, "logged"), 60, "Ready")
-    lines = [line for line in operator.log().splitlines() if "operator settings:" in line]
+    lines = [line for line in operator.log().splitlines() if "agent on node" in line]
     assert len(lines) == 1, lines
-    assert re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \S+ +\[INFO +\] operator settings:", lines[0])
+    assert re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \S+ +\[INFO +\] agent on node node-1:", lines[0])
 
 
 def test_json_log_format(cluster, namespace, secret, start_operator):
     operator = start_operator(IMAGEUNLOCK_LOG_FORMAT="json")
     records = [json.loads(line) for line in operator.log().splitlines() if line.startswith("{")]
-    assert any("operator settings" in r.get("message", "") for r in records)
+    assert any("agent on node" in r.get("message", "") for r in records)
     assert all({"timestamp", "severity", "message"} <= set(r) for r in records)
 
 

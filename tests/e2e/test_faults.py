@@ -17,7 +17,7 @@ from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.broken import broken_archives
-from ..support.cluster import is_ready, is_stalled, spec_for, stalled_with
+from ..support.cluster import is_ready, is_stalled, on_node, spec_for, stalled_with
 from ..support.dockerd import Dockerd, load_events, loaded
 from ..support.images import build_archive_set
 from ..support.operator_process import place
@@ -174,7 +174,7 @@ def test_broken_archives_all_stall_with_one_message_and_load_nothing(
             namespace, names[case], spec_for(place(path, archive_root, f"{i}.enc"), archives.version, secret)
         )
     messages = {case: stalled_with(cluster, namespace, name, "ArchiveInvalid", 90) for case, name in names.items()}
-    assert set(messages.values()) == {ARCHIVE_ERROR_MESSAGE}, messages
+    assert set(messages.values()) == {on_node(ARCHIVE_ERROR_MESSAGE)}, messages
     assert loaded(clean_docker) == {}
 
 
@@ -186,7 +186,7 @@ def test_wrong_fragment_stalls_and_loads_nothing(
     cluster.create_unlock(
         namespace, "wrongkey", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
     )
-    assert stalled_with(cluster, namespace, "wrongkey", "ArchiveInvalid") == ARCHIVE_ERROR_MESSAGE
+    assert stalled_with(cluster, namespace, "wrongkey", "ArchiveInvalid") == on_node(ARCHIVE_ERROR_MESSAGE)
     assert loaded(clean_docker) == {}
 
 

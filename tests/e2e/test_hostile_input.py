@@ -15,7 +15,7 @@ from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
 from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support import audit, tamper
-from ..support.cluster import OPERATOR_USER, spec_for, stalled_with
+from ..support.cluster import AGENT_USER, spec_for, stalled_with
 from ..support.dockerd import loaded
 from ..support.operator_process import place
 from ..support.resource_api import TEST_EMAIL
@@ -116,7 +116,7 @@ def test_archive_content_failures_stall_instead_of_retrying(
         since = audit.end(cluster.audit_log)
 
         def passes() -> int:
-            return audit.reads(audit.entries(cluster.audit_log, OPERATOR_USER, since), "secrets", namespace, secret)
+            return audit.reads(audit.entries(cluster.audit_log, AGENT_USER, since), "secrets", namespace, secret)
 
         wait_for(
             lambda: passes() >= 3, 30, "three passes of the re-verification loop over the Stalled object", interval=0.5

@@ -40,8 +40,11 @@ def test_secret_and_imageunlock_become_ready(
     reasons = {e.reason for e in cluster.events(namespace, "images")}
     assert {"Unlocking", "Unlocked"} <= reasons
     table = cluster.kubectl("get", "iu", "-n", namespace).stdout
-    assert table.split("\n")[0].split() == ["NAME", "PHASE", "VERSION", "READY", "PROGRESS", "AGE"]
-    assert "Ready" in table and "100%" in table and archives.version in table
+    assert table.split("\n")[0].split() == ["NAME", "PHASE", "VERSION", "READY", "NODES", "PROGRESS", "AGE"]
+    assert "Ready" in table and "1/1" in table and "100%" in table and archives.version in table
+    [entry] = status["nodes"]
+    assert entry["name"] == "node-1" and entry["runtime"] == "docker" and entry["phase"] == "Ready"
+    assert {i["name"]: i["id"] for i in entry["images"]} == archives.ids and entry["lastUnlockTime"]
     assert operator.probe().get("runtime") == "reachable"
     obj = cluster.get(namespace, "images")
     assert not obj["metadata"].get("finalizers"), "no finalizer: deletion must never wait for the operator"
@@ -111,12 +114,13 @@ def test_reapplying_the_same_spec_loads_nothing_again(
     generation = cluster.get(namespace, "same")["metadata"]["generation"]
     cluster.kubectl("apply", "-f", "-", input=manifest)  # unchanged: kubectl sends no change
     cluster.kubectl("label", "imageunlock/same", "-n", namespace, "touched=yes")
-    # A change that is no spec change: kopf runs an update cycle with no handler to call and
-    # then records the labels it handled. A wrong reconcile would have loaded before that.
+    # A change that is no spec change, then a re-check request: once the node has answered the
+    # request it has seen the label change too. A wrong reconcile would have loaded before that.
+    cluster.request_check(namespace, "same", "after-label")
     wait_for(
-        lambda: cluster.last_handled(namespace, "same").get("metadata", {}).get("labels") == {"touched": "yes"},
+        lambda: cluster.status(namespace, "same").get("lastHandledRequestedAt") == "after-label",
         30,
-        "the operator to have handled the label change",
+        "the agent to have handled the label change",
     )
     assert cluster.get(namespace, "same")["metadata"]["generation"] == generation
     assert load_events(clean_docker, since) == len(archives.refs)

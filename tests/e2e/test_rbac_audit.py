@@ -1,10 +1,10 @@
-"""Least privilege from facts: every request the operator made, per the API server's audit
-log, is allowed by the RBAC rules in manifests/ (evaluated here in Python); rules it never
-used are reported.
+"""Least privilege from facts: every request an agent or the controller made, per the API
+server's audit log, is allowed by the RBAC rules in manifests/ for its own ServiceAccount
+(evaluated here in Python); rules never used are reported.
 
-All e2e tests run the operator under its ServiceAccount identity with the plane enforcing
-manifests/rbac.yaml, cluster-wide as deployed, so by the time this module runs the audit log
-holds the whole suite's traffic; this module adds a lifecycle of its own.
+All e2e tests run agents and the controller under their ServiceAccount identities with the
+plane enforcing manifests/rbac.yaml, cluster-wide as deployed, so by the time this module
+runs the audit log holds the whole suite's traffic; this module adds a lifecycle of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 
 from ..support import audit
 from ..support.audit import Request
-from ..support.cluster import OPERATOR_USER, RBAC_FILE, is_ready, is_stalled, spec_for
+from ..support.cluster import AGENT_USER, CONTROLLER_USER, RBAC_FILE, is_ready, is_stalled, spec_for
 from ..support.operator_process import place
 from ..support.wait import wait_for
 
@@ -68,13 +68,33 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
     cluster.patch_spec(namespace, "audited", {"images": archives.names[:3]})
     wait_for(lambda: cluster.status(namespace, "audited").get("observedGeneration") == 2, 60, "generation 2")
 
-    events = audit.entries(cluster.audit_log, OPERATOR_USER)
+    needed = {
+        AGENT_USER: [
+            Request("patch", "loader.azaion.com", "imageunlocks/status", True),
+            Request("get", "", "secrets", True),
+            Request("create", "", "events", True),
+            Request("get", "", "nodes", False),
+            Request("watch", "loader.azaion.com", "imageunlocks", False),
+        ],
+        CONTROLLER_USER: [
+            Request("patch", "loader.azaion.com", "imageunlocks/status", True),
+            Request("list", "", "nodes", False),
+            Request("watch", "", "nodes", False),
+            Request("watch", "loader.azaion.com", "imageunlocks", False),
+        ],
+    }
+    for user, load_bearing in needed.items():
+        check_identity(cluster.audit_log, user, load_bearing)
+
+
+def check_identity(audit_log: Path, user: str, load_bearing: list[Request]) -> None:
+    events = audit.entries(audit_log, user)
     made, refused = audit.requests(events), audit.refused(events)
-    rules = bound_rules(manifest_docs(RBAC_FILE), OPERATOR_USER)
-    assert rules, "manifests/rbac.yaml binds no rules to the operator's ServiceAccount"
-    assert made, "the audit log holds no request of the operator"
+    rules = bound_rules(manifest_docs(RBAC_FILE), user)
+    assert rules, f"manifests/rbac.yaml binds no rules to {user}"
+    assert made, f"the audit log holds no request of {user}"
     denied = [r for r in made if not any(allows(rule, r) for rule in rules)]
-    assert denied == [] and refused == [], f"not allowed by manifests/rbac.yaml: {denied or refused[:3]}"
+    assert denied == [] and refused == [], f"{user}: not allowed by manifests/rbac.yaml: {denied or refused[:3]}"
 
     used = {
         (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb)
@@ -89,15 +109,10 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
         for verb in rule["verbs"]
         if (tuple(rule["apiGroups"]), tuple(rule["resources"]), verb) not in used
     ]
-    print("\nRBAC: requests the operator made (from the audit log):")
+    print(f"\nRBAC: requests {user} made (from the audit log):")
     for request, count in sorted(made.items(), key=lambda kv: (kv[0].group, kv[0].resource, kv[0].verb)):
         print(f"  {count:6d}  {request.verb:6s} {request.group or 'core'}/{request.resource}")
     print("RBAC: granted but never used:", unused or "none")
     # The load-bearing grants must all have been exercised by the suite.
-    for needed in [
-        Request("patch", "loader.azaion.com", "imageunlocks/status", True),
-        Request("get", "", "secrets", True),
-        Request("create", "", "events", True),
-        Request("watch", "loader.azaion.com", "imageunlocks", False),
-    ]:
-        assert needed in made, f"the suite never exercised {needed}"
+    for request in load_bearing:
+        assert request in made, f"the suite never exercised {request} as {user}"

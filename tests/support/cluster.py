@@ -6,7 +6,6 @@ The fixtures that bring the API server and the operator up are in tests/e2e/conf
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,11 @@ RBAC_FILE = ROOT / "manifests" / "rbac.yaml"
 # Test namespaces are random (iu-xxxxxxxx), so the plane enforces manifests/rbac.yaml plus
 # the cluster-wide Secrets opt-in (by default Secrets are readable per namespace only).
 CLUSTER_WIDE_SECRETS_FILE = ROOT / "manifests" / "cluster-wide-secrets" / "clusterrolebinding.yaml"
-# The identity the Deployment gives the operator (manifests/rbac.yaml's ServiceAccount).
-OPERATOR_USER = "system:serviceaccount:imageunlock-system:imageunlock-operator"
-# kopf's diff base: the object as the operator last handled it (handlers.py stores it here).
-LAST_HANDLED = f"{GROUP}/last-handled-configuration"
+# The identities the DaemonSet and the controller Deployment run as (manifests/rbac.yaml).
+AGENT_USER = "system:serviceaccount:imageunlock-system:imageunlock-agent"
+CONTROLLER_USER = "system:serviceaccount:imageunlock-system:imageunlock-controller"
+# The node the single-agent tests run their agent for (a Node object: there is no kubelet).
+NODE = "node-1"
 
 
 def unlock_object(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -50,10 +50,11 @@ def spec_for(path: str, version: str, secret: str, **extra: Any) -> dict[str, An
 class Cluster:
     kubeconfig: str
     kubectl_bin: str
-    # The operator's own identity, held to manifests/rbac.yaml by the local plane, and the
-    # audit log of everything it did. On a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG the
-    # operator runs with that kubeconfig instead, and there is no audit log.
-    operator_kubeconfig: str = ""
+    # The agents' and the controller's own identities, held to manifests/rbac.yaml by the
+    # local plane, and the audit log of everything they did. On a cluster given by
+    # IMAGEUNLOCK_TEST_KUBECONFIG both run with that kubeconfig instead, and there is no audit log.
+    agent_kubeconfig: str = ""
+    controller_kubeconfig: str = ""
     audit_log: Path | None = None
 
     def __post_init__(self) -> None:
@@ -97,14 +98,68 @@ class Cluster:
     def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
 
-    def last_handled(self, namespace: str, name: str) -> dict[str, Any]:
-        """The object (spec, labels, annotations) as kopf recorded it at the end of its last
-        handling cycle: it changes once the operator is done with a change, handlers and all."""
-        annotations = self.get(namespace, name)["metadata"].get("annotations") or {}
-        return json.loads(annotations.get(LAST_HANDLED) or "{}")
+    def request_check(self, namespace: str, name: str, value: str) -> None:
+        """Set the requested-at annotation: every selected node verifies now and records it."""
+        patch = {"metadata": {"annotations": {f"{GROUP}/requested-at": value}}}
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+
+    def entries(self, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+        """status.nodes by node name."""
+        return {e["name"]: e for e in self.status(namespace, name).get("nodes") or []}
+
+    def ensure_node(self, name: str, runtime: str = "docker://24.0.9", labels: dict[str, str] | None = None) -> None:
+        """A Node object as kubelet would register it (labels, the runtime it reports)."""
+        body = node_object(name, runtime, labels)
+        try:
+            self.core.create_node(body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_node(name, {"metadata": {"labels": body["metadata"]["labels"]}})
+
+    def delete_node(self, name: str) -> None:
+        try:
+            self.core.delete_node(name)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def label_node(self, name: str, labels: dict[str, str | None]) -> None:
+        self.core.patch_node(name, {"metadata": {"labels": labels}})
 
     def events(self, namespace: str, name: str) -> list[Any]:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
+
+
+NODE_INFO_FIELDS = (
+    "architecture",
+    "bootID",
+    "containerRuntimeVersion",
+    "kernelVersion",
+    "kubeProxyVersion",
+    "kubeletVersion",
+    "machineID",
+    "operatingSystem",
+    "osImage",
+    "systemUUID",
+)
+
+
+def node_object(name: str, runtime: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Node manifest (every nodeInfo field: the Python client insists on all of them)."""
+    info = dict.fromkeys(NODE_INFO_FIELDS, "")
+    info.update(containerRuntimeVersion=runtime, operatingSystem="linux", architecture="amd64")
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "status": {"nodeInfo": info},
+    }
+
+
+def on_node(message: str, node: str = NODE) -> str:
+    """A node's message as the summary shows it (the Stalled condition names the node)."""
+    return f"node {node}: {message}"
 
 
 def is_ready(cluster: Cluster, namespace: str, name: str) -> bool:

@@ -179,6 +179,8 @@ class FakeKubernetesApi:
         self.events: list[Event] = []
         self.credential_reads: list[ObjectKey] = []
         self.patch_error: Exception | None = None
+        self.nodes: dict[str, dict[str, Any]] = {}  # Node objects by name
+        self.entry_writes: list[tuple[ObjectKey, str, dict[str, Any] | None]] = []
 
     def add_secret(self, namespace: str, name: str, value: Credentials | Exception, version: str = "1") -> None:
         self.secrets[(namespace, name)] = value
@@ -202,11 +204,23 @@ class FakeKubernetesApi:
     def secret_version(self, namespace: str, name: str) -> str | None:
         return self.secret_versions.get((namespace, name))
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None) -> None:
         if self.patch_error is not None:
             raise self.patch_error
         self.writes.append(((namespace, name), copy.deepcopy(dict(status))))
         merge_patch(self.statuses.setdefault((namespace, name), {}), status)
+
+    def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None:
+        """Server-side apply of one node's entry: the list merges by name; None removes it."""
+        if self.patch_error is not None:
+            raise self.patch_error
+        status = self.statuses.setdefault((namespace, name), {})
+        others = [e for e in status.get("nodes") or [] if e.get("name") != node]
+        status["nodes"] = others + ([copy.deepcopy(dict(entry))] if entry else [])
+        self.entry_writes.append(((namespace, name), node, copy.deepcopy(dict(entry)) if entry else None))
+
+    def read_node(self, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.nodes.get(name))
 
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}

@@ -1,8 +1,9 @@
-"""``imageunlock operator`` as a child process of the test, as the e2e tests run it (one per
-test, so a test can SIGKILL it mid-load and start it again), and the archives it may read.
+"""``imageunlock agent`` and ``imageunlock controller`` as child processes of the test, as the
+e2e tests run them (one agent per simulated node, per test, so a test can SIGKILL it mid-load
+and start it again), and the archives an agent may read.
 
-The fixture that starts it with the test's cluster, Engine and resource API is
-``start_operator`` in tests/e2e/conftest.py.
+The fixtures that start them with the test's cluster, runtime and resource API are
+``start_operator`` (the controller and one agent) and ``start_agent`` in tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from .wait import wait_for
 
 
 class OperatorProcess:
-    """``imageunlock operator`` with the environment ``env``; its log in ``workdir``."""
+    """``imageunlock ROLE`` (agent or controller) with the environment ``env``; its log in ``workdir``."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], role: str = "agent", disk: tuple[Path, Path] | None = None
+    ) -> None:
         self.workdir = workdir
         self.env = env
-        self.log_path = workdir / "operator.log"
+        self.role = role
+        # (own, seen_at): the process sees directory ``own`` at ``seen_at`` (a private mount
+        # namespace): a simulated node with a disk of its own at the shared archive path
+        self.disk = disk
+        self.log_path = workdir / f"{role}.log"
         self.tmpdir = workdir / "tmp"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -37,18 +44,29 @@ class OperatorProcess:
         script = Path(sys.executable).with_name("imageunlock")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(script), "operator"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [*self._own_disk(), str(script), self.role],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         try:
-            wait_for(self.healthy, timeout, "the operator's liveness endpoint")
+            wait_for(self.healthy, timeout, f"the {self.role}'s liveness endpoint")
         except BaseException:
             self.stop()  # not left running (and holding its ports) when it never came up
             raise
         return self
 
+    def _own_disk(self) -> list[str]:
+        if self.disk is None:
+            return []
+        own, seen_at = self.disk
+        mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "own-disk", str(own), str(seen_at)]
+
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise AssertionError(f"operator exited:\n{self.log()[-3000:]}")
+            raise AssertionError(f"{self.role} exited:\n{self.log()[-3000:]}")
         return healthz(self.port) is not None
 
     def probe(self) -> dict[str, Any]:

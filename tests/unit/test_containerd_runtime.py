@@ -119,7 +119,7 @@ def test_make_runtime_builds_by_name_and_refuses_others():
 def test_operator_settings_for_the_runtime():
     default = OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test"})
     assert (default.runtime, default.containerd_address, default.containerd_namespace) == (
-        "docker",
+        "auto",
         "/run/containerd/containerd.sock",
         "k8s.io",
     )

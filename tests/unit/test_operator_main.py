@@ -1,20 +1,35 @@
-"""Starting the operator: bad settings stop it with one line; logging has one handler."""
+"""Starting an agent or the controller: bad settings stop it with one line; logging has one handler."""
 
 from __future__ import annotations
 
 import logging
 
-from imageunlock.operator_main import configure_logging, run_operator
+from imageunlock.operator_main import NO_NODE_NAME, configure_logging, run_agent, run_controller
 
 
-def test_bad_settings_stop_the_operator_with_one_line(monkeypatch, capsys):
+def test_bad_settings_stop_the_agent_with_one_line(monkeypatch, capsys):
     for name in ("RESOURCE_API_URL", "IMAGEUNLOCK_API_URL_ALLOWLIST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("IMAGEUNLOCK_VERIFY_INTERVAL", "soon")
-    assert run_operator() == 1
+    assert run_agent() == 1
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("imageunlock: error: invalid operator settings:")
+    assert line.startswith("imageunlock: error: invalid agent settings:")
     assert "IMAGEUNLOCK_VERIFY_INTERVAL='soon'" in line and "RESOURCE_API_URL" in line
+
+
+def test_an_agent_without_a_node_name_stops_with_one_line(monkeypatch, capsys):
+    for name in ("NODE_NAME", "IMAGEUNLOCK_NODE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RESOURCE_API_URL", "https://api.example.com")
+    assert run_agent() == 1
+    assert capsys.readouterr().err.splitlines() == [f"imageunlock: error: {NO_NODE_NAME}"]
+
+
+def test_bad_controller_settings_stop_it_with_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("IMAGEUNLOCK_AGENT_TOLERATIONS", "[{not json")
+    assert run_controller() == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("imageunlock: error: invalid controller settings:") and "is not JSON" in line
 
 
 def test_logging_has_one_handler_whatever_was_there(monkeypatch):

@@ -1,5 +1,5 @@
-"""Re-verification ownership, retries and Stalled re-checks (issue 8, items 5 and 11), with a
-fake reconciler and a fake clock: which calls happen, and when."""
+"""What an agent does when (issue 8, items 5 and 11; issue 11): new generations at once,
+re-verification, retries and Stalled re-checks, with a fake reconciler and a fake clock."""
 
 from __future__ import annotations
 
@@ -96,15 +96,21 @@ def test_a_transient_failure_is_retried_when_the_status_says_with_growing_attemp
     assert fake.calls == [0, 1, 2] and resync.due[KEY].attempt == 0
 
 
-def test_a_generation_the_handler_has_not_finished_is_left_to_it():
-    resync, fake, _clock = make()
-    fake.ready = False
-    resync.step(KEY, body("Loading", observed=1, generation=2))
-    resync.step(KEY, body("Ready", observed=1, generation=2))
-    assert fake.calls == []
+def test_a_new_generation_is_reconciled_at_once_and_its_retries_wait_for_the_backoff():
+    resync, fake, clock = make(Outcome(Verdict.RETRY, delay=5), Outcome(Verdict.READY))
+    resync.step(KEY, body("Ready"))  # generation 1 verified: next look in 300 s
+    resync.step(KEY, body("Ready", observed=1, generation=2))  # the spec changed: at once
+    assert fake.calls == [0]
+    # the retry's status still shows generation 1 as observed: no new generation, so it waits
+    clock.now += 4.9
+    resync.step(KEY, body("Pending", observed=1, generation=2))
+    assert fake.calls == [0]
+    clock.now += 0.1
+    resync.step(KEY, body("Pending", observed=1, generation=2))
+    assert fake.calls == [0, 1]
 
 
-def test_the_handler_holding_the_lock_keeps_the_loop_out():
+def test_another_worker_holding_the_lock_keeps_a_step_out():
     resync, fake, _clock = make(Outcome(Verdict.READY))
     fake.ready = False
     with resync.lock(KEY):
@@ -114,20 +120,9 @@ def test_the_handler_holding_the_lock_keeps_the_loop_out():
     assert fake.calls == [0]
 
 
-def test_a_handler_retry_is_left_to_kopf_until_its_final_outcome():
-    resync, fake, clock = make()
-    resync.record(KEY, Outcome(Verdict.RETRY, delay=5), 0, None, by_handler=True)
-    clock.now += 10_000
-    fake.ready = False
-    resync.step(KEY, body("Loading"))
-    assert fake.calls == []
-    resync.record(KEY, Outcome(Verdict.READY), 3, None, by_handler=True)
-    assert resync.due[KEY].at == clock.now + 300  # back on the verify interval
-
-
 def test_stalled_is_rechecked_only_when_an_input_changed():
     resync, fake, clock = make(Outcome(Verdict.STALLED, "bad credentials", "AuthenticationFailed"))
-    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, by_handler=True)
+    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, 1)
     for _ in range(5):  # five verify intervals: no re-login with the same credentials
         clock.now += 300
         resync.step(KEY, body("Failed"))
@@ -145,7 +140,7 @@ def test_runtime_down_during_a_check_postpones_it_without_reconciling():
     resync, fake, clock = make()
     fake.ready = RuntimeUnavailableError("docker down")
     resync.step(KEY, body("Ready"))
-    assert fake.calls == [] and resync.due[KEY].at == clock.now + 300
+    assert fake.calls == [] and resync.due[KEY].at == clock.now + 30  # soon, not a whole interval
 
 
 def test_forget_drops_state():
@@ -157,7 +152,7 @@ def test_forget_drops_state():
 
 def test_rejected_credentials_are_not_retried_because_the_archive_was_touched():
     resync, fake, clock = make(Outcome(Verdict.STALLED))
-    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, by_handler=True)
+    resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, 1)
     stalled = body("Failed")
     stalled["status"]["conditions"] = [{"type": "Stalled", "status": "True", "reason": "AuthenticationFailed"}]
     fake.current_inputs = Inputs(1, None, "secret-v1", "archive-touched")

@@ -62,7 +62,7 @@ def test_a_runtime_the_operator_does_not_load_into_is_refused_not_silently_swapp
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME") as info:
         parse_spec({**GOOD, "runtime": "containerd"}, None, runtime="docker")
     assert "use auto" in info.value.message
-    with pytest.raises(ConfigurationError, match="not the runtime this operator loads into"):
+    with pytest.raises(ConfigurationError, match=r"is not this node's runtime"):
         parse_spec({**GOOD, "runtime": "docker"}, None, runtime="containerd")
 
 

@@ -1,0 +1,139 @@
+"""The controller: one replica writes every ImageUnlock's cluster summary.
+
+Agents write only their own node's entry of ``status.nodes``; this role turns the entries and
+the Nodes an ImageUnlock selects into the top-level kstatus conditions, phase and ``NODES``
+(summary.py), and removes the entries of nodes that left the selection or were deleted (an
+agent on a deleted node is gone with it). One writer for the summary, so no agent ever
+races another over it, and no heartbeat writes: it acts on watch events of ImageUnlocks and
+Nodes. Needs no host access: it runs as a "restricted" pod with read-only Node access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from .config import ControllerConfig
+from .errors import UnlockError
+from .kube import GROUP, PLURAL, VERSION, KubernetesApi
+from .nodes import NodeInfo, Placement
+from .summary import summarize
+
+log = logging.getLogger(__name__)
+RESOURCE = (GROUP, VERSION, PLURAL)
+MANAGER = "imageunlock-controller"
+registry = kopf.OperatorRegistry()
+
+
+class SummaryWriter:
+    """Blocking: computes and writes one summary (run on a worker thread)."""
+
+    def __init__(self, kube: KubernetesApi, placement: Placement) -> None:
+        self.kube, self.placement = kube, placement
+
+    def sync(self, body: Mapping[str, Any], nodes: list[NodeInfo]) -> bool:
+        """Write what changed; True when something was written."""
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        result = summarize(body, nodes, self.placement)
+        for node in result.prune:
+            log.info("%s/%s: removing the entry of node %s (not selected, or deleted)", namespace, name, node)
+            self.kube.apply_node_entry(namespace, name, node, None)
+        changed = {k: v for k, v in result.status.items() if status.get(k) != v}
+        if changed:
+            self.kube.patch_status(namespace, name, result.status, manager=MANAGER)
+        return bool(changed or result.prune)
+
+
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's own login from the kubeconfig or the pod's ServiceAccount (a registry of our
+    own does not carry kopf's default login handler)."""
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup(registry=registry)
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = ControllerConfig.from_env()
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    memo.kube = await asyncio.to_thread(KubernetesApi)
+    # Every Node before the first summary: an entry is never pruned for a Node not seen yet.
+    memo.nodes = {n.name: n for n in map(NodeInfo.from_object, await asyncio.to_thread(memo.kube.list_nodes))}
+    memo.objects = {}
+    memo.dirty = set()
+    memo.wake = asyncio.Event()
+    memo.writer = SummaryWriter(memo.kube, Placement(config.agent_node_selector, config.agent_tolerations))
+    memo.loop_task = asyncio.create_task(_summary_loop(memo))
+    log.info(
+        "controller: %d node(s); agents run on nodes matching %s", len(memo.nodes), config.agent_node_selector or "all"
+    )
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "loop_task", None) is not None:
+        memo.loop_task.cancel()
+    if getattr(memo, "kube", None) is not None:
+        await asyncio.to_thread(memo.kube.close)
+
+
+@kopf.on.event("", "v1", "nodes", registry=registry)
+async def track_nodes(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A Node came, went or changed labels, taints or runtime: every summary may change."""
+    name = body.get("metadata", {}).get("name")
+    if event.get("type") == "DELETED":
+        memo.nodes.pop(name, None)
+    else:
+        info = NodeInfo.from_object(dict(body))
+        if memo.nodes.get(name) == info:
+            return  # a heartbeat or condition update: nothing the summaries depend on
+        memo.nodes[name] = info
+    memo.dirty.update(memo.objects)
+    memo.wake.set()
+
+
+@kopf.on.event(*RESOURCE, registry=registry)
+async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body.get("metadata", {})
+    key = (meta.get("namespace"), meta.get("name"))
+    if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
+        memo.objects.pop(key, None)
+        memo.dirty.discard(key)
+        return
+    memo.objects[key] = {k: body.get(k) for k in ("metadata", "spec", "status")}
+    memo.dirty.add(key)
+    memo.wake.set()
+
+
+async def _summary_loop(memo: kopf.Memo) -> None:
+    """Summarise the objects that changed, coalescing bursts (many agents reporting at once
+    make one summary write per pass, not one per entry)."""
+    while True:
+        await memo.wake.wait()
+        await asyncio.sleep(0.2)  # let a burst of watch events land first
+        memo.wake.clear()
+        # mutated, never rebound: kopf hands each object's handlers a shallow copy of the memo
+        keys = set(memo.dirty)
+        memo.dirty.clear()
+        nodes = list(memo.nodes.values())
+        for key in keys:
+            body = memo.objects.get(key)
+            if body is None:
+                continue
+            try:
+                await asyncio.to_thread(memo.writer.sync, body, nodes)
+            except UnlockError as exc:  # the API server is away: try again shortly
+                log.warning("summary of %s/%s not written: %s", *key, exc.message)
+                memo.dirty.add(key)
+            except Exception:
+                log.exception("summary of %s/%s failed", *key)
+        if memo.dirty:
+            await asyncio.sleep(1.0)
+            memo.wake.set()

@@ -1,0 +1,101 @@
+"""One node's agent (issue 11): the runtime it loads into, how it reads its Node, and how it
+writes only its own entry (merged, applied whole, removed when deselected)."""
+
+from __future__ import annotations
+
+import pytest
+
+from imageunlock.agent import NodeAgent, resolve_runtime
+from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
+from imageunlock.models import Phase
+from imageunlock.nodes import DETAILED_NODES, MAX_NODES, NodeInfo
+from imageunlock.status import ready, working
+
+from ..support.fakes import FakeKubernetesApi
+
+KEY = ("ns", "iu")
+
+
+def test_auto_is_the_runtime_the_node_reports_and_a_setting_wins():
+    assert resolve_runtime("auto", NodeInfo("n", runtime="containerd"), "n") == "containerd"
+    assert resolve_runtime("docker", NodeInfo("n", runtime="containerd"), "n") == "docker"
+    assert resolve_runtime("containerd", None, "n") == "containerd"
+
+
+@pytest.mark.parametrize(("node", "expected"), [(None, "not found"), (NodeInfo("n"), "reports no runtime")])
+def test_auto_without_an_answer_says_what_to_set(node, expected):
+    with pytest.raises(ConfigurationError, match=expected) as info:
+        resolve_runtime("auto", node, "n")
+    assert "IMAGEUNLOCK_RUNTIME" in info.value.message
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_node_is_reread_after_the_refresh_interval_and_an_outage_keeps_the_last_answer():
+    kube, clock = FakeKubernetesApi(), Clock()
+    kube.nodes["n"] = {"metadata": {"name": "n", "labels": {"role": "edge"}}}
+    agent = NodeAgent(kube, "n", "docker", refresh=5, clock=clock)
+    assert agent.node_info() == NodeInfo("n", {"role": "edge"})
+    kube.nodes["n"]["metadata"]["labels"] = {"role": "spare"}
+    assert agent.node_info().labels == {"role": "edge"}  # cached
+    clock.now += 5
+    assert agent.node_info().labels == {"role": "spare"}
+
+    def down(name):
+        raise KubernetesUnavailableError("reading Node n failed (HTTP 503)")
+
+    kube.read_node = down
+    clock.now += 5
+    assert agent.node_info().labels == {"role": "spare"}
+
+
+def test_writes_merge_into_this_nodes_entry_and_leave_the_others():
+    kube = FakeKubernetesApi()
+    kube.statuses[KEY] = {"nodes": [{"name": "other", "phase": "Ready"}]}
+    agent = NodeAgent(kube, "n", "containerd")
+    body = {"status": {"nodes": [{"name": "n", "phase": "Ready", "lastUnlockTime": "T0", "observedGeneration": 1}]}}
+    agent.seed(KEY, body)  # an agent restarted: it keeps what its entry said
+    agent.write(*KEY, working(Phase.LOADING, "decrypting", 2, None, 1, 4))
+    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 2, None, 4, unlocked_at="T1"))
+    nodes = {e["name"]: e for e in kube.statuses[KEY]["nodes"]}
+    assert nodes["other"] == {"name": "other", "phase": "Ready"}
+    mine = nodes["n"]
+    assert mine["runtime"] == "containerd" and mine["phase"] == "Ready" and mine["observedGeneration"] == 2
+    assert mine["lastUnlockTime"] == "T1" and mine["images"] == [{"name": "a/b:1", "id": "sha256:1"}]
+    # every apply carries the whole entry (a field left out of an apply is dropped by the server)
+    assert all(written is not None and written["name"] == "n" for _, _, written in kube.entry_writes)
+    assert kube.entry_writes[0][2]["lastUnlockTime"] == "T0"
+
+
+def test_leaving_removes_only_this_nodes_entry():
+    kube = FakeKubernetesApi()
+    kube.statuses[KEY] = {"nodes": [{"name": "other"}, {"name": "n"}]}
+    agent = NodeAgent(kube, "n", "docker")
+    assert agent.has_entry(KEY, {"status": kube.statuses[KEY]})
+    agent.leave(*KEY)
+    assert kube.statuses[KEY]["nodes"] == [{"name": "other"}]
+    assert not agent.has_entry(KEY, {"status": kube.statuses[KEY]})
+
+
+def test_past_the_node_limit_an_agent_writes_no_entry():
+    kube = FakeKubernetesApi()
+    kube.nodes["n"] = {"metadata": {"name": "n"}}
+    agent = NodeAgent(kube, "n", "docker")
+    assert agent.selected({"spec": {}, "status": {"nodesDesired": MAX_NODES}})
+    assert not agent.selected({"spec": {}, "status": {"nodesDesired": MAX_NODES + 1}})
+
+
+def test_on_a_large_fleet_the_agent_writes_a_compact_ready_entry():
+    kube = FakeKubernetesApi()
+    agent = NodeAgent(kube, "n", "docker")
+    images = [{"name": "a/b:1", "id": "sha256:1", "present": True}]
+    top = {"observedGeneration": 2, "nodesDesired": DETAILED_NODES + 1, "images": images}
+    agent.seed(KEY, {"metadata": {"generation": 2}, "status": top})
+    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 2, None))
+    [mine] = kube.statuses[KEY]["nodes"]
+    assert mine["imagesAsSummary"] is True and "images" not in mine
