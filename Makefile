@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lint bench demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
+.PHONY: setup test unit lint bench bench-nodes demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,11 @@ BENCH_ARGS ?=
 bench:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
 	$(PY) benchmarks/bench_unlock.py $(BENCH_ARGS)
+
+# Per-node status at scale against the real API server: object size, write latency, watch
+# events for 50, 200 and 1000 nodes (IU_BENCH_NODES=50,200 for others); README, "Scale".
+bench-nodes: setup
+	$(PY) benchmarks/bench_nodes.py
 
 demo: setup
 	$(PY) scripts/demo.py up

@@ -6,13 +6,15 @@
 For each node count N: a fresh ImageUnlock (the real CRD) on the local control plane
 (tools/controlplane: etcd + API server), then N simulated agents write their entry of
 ``status.nodes`` exactly as the agent does (``KubernetesApi.apply_node_entry``: server-side
-apply, one field manager per node), 8 at a time — a Ready entry with 7 images, as after an
-unlock. Then every node changes its entry once more (a re-verification's lastVerifiedTime),
-one at a time, while a watch counts the events it receives. Reported per N:
+apply, one field manager per node), ``--writers`` (4) at a time — a Ready entry with 7 images, as after an
+unlock. Then nodes change their entry once more (a re-verification's lastVerifiedTime), one
+at a time — every node up to 100, an even sample of 100 beyond — while a watch counts the
+events it receives. Reported per N:
 
 * the object's size (JSON, as a GET returns it), and how much of it is managedFields;
-* status-write latency, p50 and p99 (wall, the client's view), for the concurrent first
-  writes and the serial second ones, and the writer's CPU per write (rusage of this process);
+* status-write latency, p50 and p99 (wall, the client's view, retries included), for the
+  concurrent first writes and the serial second ones; CPU per write of the writer (rusage of
+  this process) and of the API server (/proc), and how many writes needed a retry;
 * watch events per entry change (every watcher of ImageUnlocks receives them);
 * whether all N entries are there (none lost to concurrent writers).
 
@@ -27,6 +29,7 @@ import concurrent.futures
 import json
 import os
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -42,6 +45,8 @@ if str(REPO) not in sys.path:
 import kubernetes  # noqa: E402
 
 import controlplane  # noqa: E402
+from benchmarks.measure import proc_cpu  # noqa: E402
+from imageunlock.errors import KubernetesUnavailableError  # noqa: E402
 from imageunlock.kube import GROUP, KIND, PLURAL, VERSION, KubernetesApi  # noqa: E402
 from imageunlock.models import DEFAULT_IMAGES  # noqa: E402
 from imageunlock.nodes import DETAILED_NODES  # noqa: E402
@@ -49,6 +54,7 @@ from imageunlock.nodes import DETAILED_NODES  # noqa: E402
 CRD = REPO / "crds" / f"{GROUP}_{PLURAL}.yaml"
 NAMESPACE = "bench"
 LIMIT = int(1.5 * 1024 * 1024)  # etcd's request limit: an object must stay well below it
+SAMPLE = 100  # second-pass writes per node count
 
 
 IMAGE_IDS = {image: "sha256:" + os.urandom(32).hex() for image in DEFAULT_IMAGES}  # one archive, every node
@@ -85,7 +91,7 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(kube: KubernetesApi, custom: Any, nodes: int) -> dict[str, Any]:
+def measure(kube: KubernetesApi, custom: Any, nodes: int, server_pid: int | None, writers: int) -> dict[str, Any]:
     name = f"n{nodes}"
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -100,17 +106,30 @@ def measure(kube: KubernetesApi, custom: Any, nodes: int) -> dict[str, Any]:
     custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
     names = [f"edge-{i:04d}" for i in range(nodes)]
 
+    retried = 0
+
     def write(node: str, verified: str) -> float:
+        """One agent's write, retried as the agent retries a transient failure (the API
+        server times out a request that keeps conflicting with concurrent applies)."""
+        nonlocal retried
         started = time.perf_counter()
-        kube.apply_node_entry(NAMESPACE, name, node, entry(node, 1, verified, nodes > DETAILED_NODES))
+        for attempt in range(5):
+            try:
+                kube.apply_node_entry(NAMESPACE, name, node, entry(node, 1, verified, nodes > DETAILED_NODES))
+                break
+            except KubernetesUnavailableError:
+                retried += 1
+                time.sleep(0.5 * 2**attempt)
         return time.perf_counter() - started
 
-    cpu_before = cpu()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+    cpu_before, server_before = cpu(), proc_cpu(server_pid)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=writers) as pool:
         first = list(pool.map(lambda n: write(n, "2026-11-22T04:00:00Z"), names))
     cpu_first = cpu() - cpu_before
 
-    # the watch: count what a watcher of ImageUnlocks receives while each node changes once
+    # the watch: count what a watcher of ImageUnlocks receives while nodes change once each
+    # (every node up to SAMPLE, then an even sample: each write costs O(N) on the server)
+    sample = names[:: max(1, nodes // SAMPLE)][:SAMPLE]
     obj = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
     events: list[str] = []
     stop = threading.Event()
@@ -127,19 +146,21 @@ def measure(kube: KubernetesApi, custom: Any, nodes: int) -> dict[str, Any]:
             resource_version=obj["metadata"]["resourceVersion"],
             timeout_seconds=600,
         ):
-            events.append(event["type"])
-            if stop.is_set() and len(events) >= nodes:
+            if event["type"] == "MODIFIED":
+                events.append(event["type"])
+            if stop.is_set() and len(events) >= len(sample):
                 w.stop()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     time.sleep(0.5)
     cpu_before = cpu()
-    second = [write(n, "2026-11-22T04:05:00Z") for n in names]
+    second = [write(n, "2026-11-22T04:05:00Z") for n in sample]
     cpu_second = cpu() - cpu_before
+    server_cpu = (proc_cpu(server_pid) or 0.0) - (server_before or 0.0)
     stop.set()
     deadline = time.monotonic() + 30
-    while len(events) < nodes and time.monotonic() < deadline:
+    while len(events) < len(sample) and time.monotonic() < deadline:
         time.sleep(0.1)
 
     final = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
@@ -150,6 +171,7 @@ def measure(kube: KubernetesApi, custom: Any, nodes: int) -> dict[str, Any]:
     return {
         "nodes": nodes,
         "compact": nodes > DETAILED_NODES,
+        "writers": writers,
         "entries_kept": len(kept),
         "lost": sorted(set(names) - kept),
         "object_bytes": size,
@@ -166,22 +188,27 @@ def measure(kube: KubernetesApi, custom: Any, nodes: int) -> dict[str, Any]:
             "p99": percentile(second, 0.99),
             "mean": statistics.mean(second),
         },
-        "client_cpu_ms_per_write": round(1000 * (cpu_first + cpu_second) / (2 * nodes), 2),
+        "client_cpu_ms_per_write": round(1000 * (cpu_first + cpu_second) / (nodes + len(sample)), 2),
+        "server_cpu_ms_per_write": round(1000 * server_cpu / (nodes + len(sample)), 2),
+        "sampled_changes": len(sample),
+        "retried_writes": retried,
         "watch_events": len(events),
-        "watch_events_per_change": round(len(events) / nodes, 2),
+        "watch_events_per_change": round(len(events) / len(sample), 2),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default=os.environ.get("IU_BENCH_NODES", "50,200,1000"))
+    parser.add_argument("--writers", type=int, default=4, help="agents writing at once in the first pass (default 4)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.nodes.split(",") if n.strip()]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the plane (finally)
     with tempfile.TemporaryDirectory(prefix="iu-bench-nodes-") as work:
         plane = controlplane.ControlPlane(Path(work) / "plane").start()
         try:
-            results = run(plane.kubeconfig, counts)
+            results = run(plane.kubeconfig, counts, _pid(Path(work) / "plane" / "apiserver.pid"), args.writers)
         finally:
             plane.stop()
     report(results)
@@ -190,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r["lost"] for r in results) else 0
 
 
-def run(kubeconfig: str, counts: list[int]) -> list[dict[str, Any]]:
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run(kubeconfig: str, counts: list[int], server_pid: int | None, writers: int) -> list[dict[str, Any]]:
     import subprocess
 
     kubectl = controlplane.kubectl_path()
@@ -216,7 +250,7 @@ def run(kubeconfig: str, counts: list[int]) -> list[dict[str, Any]]:
     kube = KubernetesApi(client)
     custom = kubernetes.client.CustomObjectsApi(client)
     try:
-        return [measure(kube, custom, n) for n in counts]
+        return [measure(kube, custom, n, server_pid, writers) for n in counts]
     finally:
         kube.close()
 
@@ -227,7 +261,7 @@ def report(results: list[dict[str, Any]]) -> None:
         f"or imagesAsSummary past {DETAILED_NODES} nodes: *)"
     )
     header = ("nodes", "kept", "object", "managedF", "of 1.5MiB", "1st p50", "1st p99", "2nd p50", "2nd p99")
-    print(" ".join(f"{h:>9}" for h in (*header, "cpu/write", "ev/change")))
+    print(" ".join(f"{h:>9}" for h in (*header, "cpu/write", "srv/write", "retried", "ev/change")))
     for r in results:
         first, second = r["first_write_s"], r["second_write_s"]
         cells = (
@@ -238,6 +272,8 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{r['of_limit_pct']:.1f}%",
             *(f"{1000 * t:.1f}ms" for t in (first["p50"], first["p99"], second["p50"], second["p99"])),
             f"{r['client_cpu_ms_per_write']:.1f}ms",
+            f"{r['server_cpu_ms_per_write']:.1f}ms",
+            str(r["retried_writes"]),
             f"{r['watch_events_per_change']:.2f}",
         )
         print(" ".join(f"{c:>9}" for c in cells))

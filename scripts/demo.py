@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""``make demo``: the operator's main job, end to end, on this machine.
+"""``make demo``: the operator's main job, end to end, on this machine, on two nodes.
 
-``up`` brings up a local Kubernetes control plane, a private dockerd and a demo resource API
-(all on 127.0.0.1), makes a demo archive (7 small images, encrypted with ``openssl``),
-applies the CRD and the samples from ``manifests/`` (namespace, Secret, ImageUnlock),
-starts the operator in the background, waits for Ready and prints
-``kubectl get imageunlocks``. Everything stays running; state lives in ``.demo/``
-(kubeconfig at ``.demo/kubeconfig``, operator log at ``.demo/operator.log``).
-``down`` stops everything it started, by PID, and removes ``.demo/``.
+``up`` brings up a local Kubernetes control plane, a private dockerd, a private containerd
+and a demo resource API (all on 127.0.0.1), registers two Node objects (there is no kubelet:
+``edge-docker`` reports docker, ``edge-containerd`` containerd), makes a demo archive (7 small
+images, encrypted with ``openssl``), applies the CRD and the samples from ``manifests/``
+(namespace, Secret, ImageUnlock), starts the controller and one agent per node in the
+background, waits for Ready and prints ``kubectl get imageunlocks`` (NODES 2/2) and each
+node's entry. Everything stays running; state lives in ``.demo/`` (kubeconfig at
+``.demo/kubeconfig``, logs at ``.demo/*.log``). ``down`` stops everything it started, by
+PID, and removes ``.demo/``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import yaml  # noqa: E402
 
 import controlplane  # noqa: E402
 from imageunlock.models import DEFAULT_IMAGES  # noqa: E402
+from tests.support.cluster import node_object  # noqa: E402
+from tests.support.containerd import Containerd, ContainerdError, bookworm_build, sid_build  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
 from tests.support.images import import_images, openssl_encrypt, save  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
@@ -36,6 +40,8 @@ DEMO = ROOT / ".demo"
 VENV_BIN = Path(sys.executable).parent
 VERSION = "1.0.0"
 NAMESPACE = "imageunlock-demo"
+NODES = {"edge-docker": "docker://24.0.9", "edge-containerd": "containerd://2.1.4"}
+PROCESSES = ("controller", *(f"agent-{node}" for node in NODES), "resource-api", "containerd", "dockerd")
 
 
 def say(message: str) -> None:
@@ -118,6 +124,17 @@ def up() -> int:
     _pid_file("dockerd").write_text(str(engine.proc.pid))
     (DEMO / "docker-host").write_text(engine.url)
 
+    say("starting a private containerd")
+    try:
+        build = sid_build()  # 2.x: its CRI honours the pinned label
+    except ContainerdError:
+        build = bookworm_build()
+    containerd = Containerd(DEMO / "containerd", build)
+    containerd.sock_dir = engine.sock_dir / "containerd"
+    containerd.socket = containerd.sock_dir / "containerd.sock"
+    containerd.start()
+    _pid_file("containerd").write_text(str(containerd.proc.pid))
+
     say("making a demo archive: 7 images, encrypted with openssl")
     fragment = secrets.token_bytes(32)
     (DEMO / "fragment.bin").write_bytes(fragment)
@@ -149,47 +166,92 @@ def up() -> int:
     )
     api_url = _wait_file(DEMO / "api-url", 20, "the demo resource API")
 
+    named = ", ".join(f"{node} ({runtime.split('://')[0]})" for node, runtime in NODES.items())
+    say(f"registering the nodes {named}")
+    for node, runtime in NODES.items():
+        _kubectl("apply", "-f", "-", input=yaml.safe_dump(node_object(node, runtime, {"role": "edge"})))
+
     say("applying the CRD and the samples (namespace, Secret, ImageUnlock)")
     _kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     _kubectl("wait", "--for=condition=Established", "crd/imageunlocks.loader.azaion.com", "--timeout=60s")
     _kubectl("create", "namespace", NAMESPACE)
     _kubectl("apply", "-f", "-", input=_samples(archive, api_url))
 
-    say("starting the operator (log: .demo/operator.log)")
-    metrics_port = free_port()
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(DEMO / "kubeconfig"),
-        "IMAGEUNLOCK_DOCKER_HOST": engine.url,
-        "IMAGEUNLOCK_ARCHIVE_ROOT": str(archives),
-        "RESOURCE_API_URL": api_url,
-        "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz",
-        "IMAGEUNLOCK_VERIFY_INTERVAL": "60",
-        "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
-    }
-    env.pop("DEMO_API_PASSWORD", None)
-    _spawn("operator", [str(VENV_BIN / "imageunlock"), "operator"], env)
+    say("starting the controller and one agent per node (logs: .demo/controller.log, .demo/agent-*.log)")
+    base = {k: v for k, v in os.environ.items() if k != "DEMO_API_PASSWORD"}
+    base.update(KUBECONFIG=str(DEMO / "kubeconfig"), IMAGEUNLOCK_METRICS_ADDRESS="")
+    _spawn("controller", [str(VENV_BIN / "imageunlock"), "controller"], _role(base))
+    metrics_ports = {}
+    for node in NODES:
+        metrics_ports[node] = free_port()
+        env = _role(
+            base,
+            NODE_NAME=node,  # the runtime comes from the Node (containerRuntimeVersion)
+            IMAGEUNLOCK_DOCKER_HOST=engine.url,
+            IMAGEUNLOCK_CONTAINERD_ADDRESS=str(containerd.socket),
+            IMAGEUNLOCK_ARCHIVE_ROOT=str(archives),
+            RESOURCE_API_URL=api_url,
+            IMAGEUNLOCK_VERIFY_INTERVAL="60",
+            IMAGEUNLOCK_METRICS_ADDRESS=f"127.0.0.1:{metrics_ports[node]}",
+            PATH=containerd.env()["PATH"],  # its ctr first, as the agent image ships one
+        )
+        _spawn(f"agent-{node}", [*_own_disk(node, archive, archives), str(VENV_BIN / "imageunlock"), "agent"], env)
 
-    say("waiting for the ImageUnlock to become Ready")
+    say("waiting for the ImageUnlock to become Ready on every node")
     wait = _kubectl(
         "wait", "--for=condition=Ready", "imageunlocks", "--all", "-n", NAMESPACE, "--timeout=180s", check=False
     )
     print(_kubectl("get", "imageunlocks", "-A", "-o", "wide").stdout)
     if wait.returncode:
-        say(f"not Ready: {wait.stderr.strip()}; see .demo/operator.log")
+        say(f"not Ready: {wait.stderr.strip()}; see .demo/controller.log and .demo/agent-*.log")
         return 1
-    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
+    print(_entries() + "\n")
+    first = next(iter(NODES))
+    print(f"metrics: http://127.0.0.1:{metrics_ports[first]}/metrics")
     say(f"Ready in {time.monotonic() - started:.0f}s. Try:")
     for line in (
         "kubectl --kubeconfig .demo/kubeconfig get iu -A",
         f"kubectl --kubeconfig .demo/kubeconfig describe iu -n {NAMESPACE}",
         "kubectl --kubeconfig .demo/kubeconfig wait --for=condition=Ready iu --all -A",
+        f"kubectl --kubeconfig .demo/kubeconfig get iu -n {NAMESPACE} -o yaml   # status.nodes: one entry per node",
         f"docker -H {engine.url} images",
-        f"curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^imageunlock_",
+        f"{build.ctr} -a {containerd.socket} -n k8s.io images ls",
+        f"curl -s http://127.0.0.1:{metrics_ports[first]}/metrics | grep ^imageunlock_",
         "make demo-down",
     ):
         print(f"  {line}", file=sys.stderr)
     return 0
+
+
+def _own_disk(node: str, archive: Path, archives: Path) -> list[str]:
+    """Real nodes each have their own disk; here they share one, where two agents would take
+    turns on the same file (ArchiveBusy). As root, every node but the first sees a copy of its
+    own at the same path (a private mount namespace), as on a real fleet."""
+    if node == next(iter(NODES)) or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return []
+    disk = DEMO / "nodes" / node
+    disk.mkdir(parents=True)
+    shutil.copyfile(archive, disk / archive.name)
+    mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "own-disk", str(disk), str(archives)]
+
+
+def _role(base: dict[str, str], **settings: str) -> dict[str, str]:
+    return {**base, "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", **settings}
+
+
+def _entries() -> str:
+    """One line per node entry of every ImageUnlock: what ``kubectl get -o yaml`` shows at length."""
+    items = yaml.safe_load(_kubectl("get", "imageunlocks", "-n", NAMESPACE, "-o", "yaml").stdout)["items"]
+    lines = ["NODE ENTRIES (status.nodes)"]
+    for item in items:
+        for entry in (item.get("status") or {}).get("nodes") or []:
+            images = len(entry.get("images") or [])
+            lines.append(
+                f"  {item['metadata']['name']}  {entry['name']:<16} {entry.get('runtime', ''):<11} "
+                f"{entry.get('phase', ''):<7} {images} image(s)"
+            )
+    return "\n".join(lines)
 
 
 def _stop_pid(name: str) -> None:
@@ -215,7 +277,7 @@ def down() -> int:
     if not DEMO.exists():
         say("nothing to stop")
         return 0
-    for name in ("operator", "resource-api", "dockerd"):
+    for name in PROCESSES:
         _stop_pid(name)
         say(f"stopped {name}")
     controlplane.ControlPlane(DEMO / "plane").stop()

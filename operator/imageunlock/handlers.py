@@ -54,7 +54,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
-    memo.kube = await asyncio.to_thread(KubernetesApi)  # reads kubeconfig / service-account files
+    # reads kubeconfig / service-account files; events name the node as their source
+    memo.kube = await asyncio.to_thread(KubernetesApi, None, node)
     raw = await asyncio.to_thread(memo.kube.read_node, config.node_name)
     try:
         runtime = resolve_runtime(config.runtime, NodeInfo.from_object(raw) if raw else None, node)

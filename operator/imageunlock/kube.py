@@ -44,8 +44,9 @@ def _client() -> kubernetes.client.ApiClient:
 
 
 class KubernetesApi:
-    def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None, instance: str = COMPONENT) -> None:
         self.api_client = api_client or _client()
+        self.instance = instance  # the event source's host: an agent's node
         self.core = kubernetes.client.CoreV1Api(self.api_client)
         self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
         self._events: OrderedDict[tuple[Any, ...], tuple[str, int]] = OrderedDict()  # what post_event sent
@@ -191,7 +192,8 @@ class KubernetesApi:
                     if exc.status != 404:  # expired (events live an hour): post it anew
                         raise
             name = f"{meta.get('name')}.{secrets.token_hex(8)}"  # like kubectl's ("x." is no valid generateName)
-            self.core.create_namespaced_event(namespace, self._event(meta, name, type_, reason, message, now))
+            event = self._event(meta, name, type_, reason, message, now, self.instance)
+            self.core.create_namespaced_event(namespace, event)
             self._remember(key, name, 1)
         except (ApiException, HTTPError, OSError) as exc:
             log.warning("could not post event %s on %s: %s", reason, meta.get("name"), type(exc).__name__)
@@ -205,7 +207,7 @@ class KubernetesApi:
 
     @staticmethod
     def _event(
-        meta: Mapping[str, Any], name: str, type_: str, reason: str, message: str, now: datetime
+        meta: Mapping[str, Any], name: str, type_: str, reason: str, message: str, now: datetime, instance: str
     ) -> kubernetes.client.CoreV1Event:
         return kubernetes.client.CoreV1Event(
             metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=meta.get("namespace")),
@@ -222,9 +224,9 @@ class KubernetesApi:
             count=1,
             first_timestamp=now,
             last_timestamp=now,
-            source=kubernetes.client.V1EventSource(component=COMPONENT),
+            source=kubernetes.client.V1EventSource(component=COMPONENT, host=instance),
             reporting_component=COMPONENT,
-            reporting_instance=COMPONENT,
+            reporting_instance=instance,
         )
 
 

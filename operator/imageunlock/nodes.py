@@ -166,7 +166,7 @@ class Placement:
 # (imagesAsSummary) instead of repeating them. One ImageUnlock selects at most MAX_NODES
 # nodes: past that the controller stalls it (TooManyNodes) and agents write no entry, so the
 # object never nears the ~1.5 MiB limit.
-DETAILED_NODES = 250
+DETAILED_NODES = 200
 MAX_NODES = 1000
 
 ENTRY_FIELDS = (

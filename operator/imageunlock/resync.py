@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import UnlockError
@@ -30,6 +31,10 @@ from .reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict
 log = logging.getLogger(__name__)
 
 ObjectKey = tuple[str, str]  # (namespace, name)
+# A check that found everything in place is recorded (lastVerifiedTime) at most this often,
+# or at once when asked (requested-at): every status write goes to every watcher of every
+# ImageUnlock, and on a fleet each node's write carries the whole object.
+RECORD_VERIFIED = 3600.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class Resync:
         phase = status.get("phase") if status.get("observedGeneration") == generation else None
         try:
             if phase == Phase.READY.value and self.reconciler.still_ready(body):
-                self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
+                if _requested(body) or _older_than(status.get("lastVerifiedTime"), RECORD_VERIFIED):
+                    self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
                 self.due[key] = Due(self.clock() + self.interval, 0, None, generation)
                 return
             inputs = self.reconciler.inputs(body)  # read before the reconcile, so a change during it counts
@@ -108,6 +114,15 @@ class Resync:
         # A new generation, Ready but no longer true, Stalled with changed inputs, or a retry fell due.
         outcome = self.reconciler.reconcile(body, attempt=due.attempt)
         self.record(key, outcome, due.attempt, inputs, generation)
+
+
+def _older_than(timestamp: Any, seconds: float) -> bool:
+    """Whether an RFC 3339 time is missing, unreadable or more than ``seconds`` old."""
+    try:
+        then = datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return (datetime.now(UTC) - then).total_seconds() > seconds
 
 
 def _requested(body: Mapping[str, Any]) -> bool:

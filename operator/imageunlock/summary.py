@@ -109,8 +109,8 @@ def summarize(
         phase = min((Phase(e["phase"]) for e in busy.values()), key=_ORDER.index, default=Phase.PENDING)
         if len(busy) < len(working):
             phase = Phase.PENDING  # a node that has not started is furthest behind
-        first = busy.get(working[0])
-        reason = str(first.get("reason") or first["phase"]) if first else phase.value
+        leading = busy.get(working[0])
+        reason = str(leading.get("reason") or leading["phase"]) if leading else phase.value
         waits = [_waiting(n, busy.get(n), n in entries) for n in working]
         message = f"{len(ready)}/{len(desired)} node(s) ready; waiting for {'; '.join(waits[:NAMED])}"
         if len(waits) > NAMED:

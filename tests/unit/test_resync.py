@@ -3,6 +3,7 @@ re-verification, retries and Stalled re-checks, with a fake reconciler and a fak
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 from imageunlock.errors import RuntimeUnavailableError
@@ -163,3 +164,20 @@ def test_rejected_credentials_are_not_retried_because_the_archive_was_touched():
     clock.now += 300
     resync.step(KEY, stalled)
     assert fake.calls == [0]  # for an archive problem, a new archive is worth a look
+
+
+def test_a_check_that_finds_everything_in_place_is_recorded_hourly_or_on_request():
+    """Every status write reaches every watcher: a steady fleet must not write on each check."""
+    resync, fake, clock = make()
+    recent = body("Ready")
+    recent["status"]["lastVerifiedTime"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    resync.step(KEY, recent)
+    assert fake.verifications == 0 and resync.due[KEY].at == clock.now + 300  # checked, not recorded
+    recent["metadata"]["annotations"] = {"loader.azaion.com/requested-at": "now"}
+    resync.step(KEY, recent)
+    assert fake.verifications == 1
+    old = body("Ready")
+    old["status"]["lastVerifiedTime"] = "2026-01-01T00:00:00Z"
+    clock.now += 300
+    resync.step(KEY, old)
+    assert fake.verifications == 2
