@@ -15,7 +15,7 @@ from imageunlock.models import DEFAULT_IMAGES
 
 from .support.ci import unavailable
 from .support.containerd import Containerd, ContainerdError, bookworm_build, sid_build
-from .support.dockerd import Dockerd, DockerdError, remove_images
+from .support.dockerd import Dockerd, remove_images, running
 from .support.images import TEST_VERSION, ArchiveSet, build_archive_set
 from .support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
@@ -31,15 +31,7 @@ signal.signal(signal.SIGTERM, _interrupt)
 
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
-    engine = Dockerd(tmp_path_factory.mktemp("dockerd"))
-    try:
-        engine.start()
-    except DockerdError as exc:
-        unavailable("dockerd", str(exc))
-    try:
-        yield engine
-    finally:
-        engine.stop()
+    yield from running(tmp_path_factory.mktemp("dockerd"))
 
 
 @pytest.fixture

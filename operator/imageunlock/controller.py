@@ -21,12 +21,13 @@ from .config import ControllerConfig
 from .errors import UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
 from .nodes import NodeInfo, Placement
+from .operator_main import new_registry, tune
 from .summary import summarize
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 MANAGER = "imageunlock-controller"
-registry = kopf.OperatorRegistry()
+registry = new_registry()
 
 
 class SummaryWriter:
@@ -49,20 +50,10 @@ class SummaryWriter:
         return bool(changed or result.prune)
 
 
-@kopf.on.login(registry=registry)
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """kopf's own login from the kubeconfig or the pod's ServiceAccount (a registry of our
-    own does not carry kopf's default login handler)."""
-    return kopf.login_via_client(**kwargs)
-
-
 @kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config = ControllerConfig.from_env()
-    settings.posting.enabled = False
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.watching.connect_timeout = 10
+    tune(settings)
     memo.kube = await asyncio.to_thread(KubernetesApi)
     # Every Node before the first summary: an entry is never pruned for a Node not seen yet.
     memo.nodes = {n.name: n for n in map(NodeInfo.from_object, await asyncio.to_thread(memo.kube.list_nodes))}

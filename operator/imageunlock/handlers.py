@@ -26,6 +26,7 @@ from .config import OperatorConfig
 from .errors import ConfigurationError, UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
 from .nodes import NodeInfo
+from .operator_main import new_registry, tune
 from .reconciler import Reconciler
 from .resync import Resync
 from .runtimes import make_runtime
@@ -34,26 +35,14 @@ log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
-registry = kopf.OperatorRegistry()
-
-
-@kopf.on.login(registry=registry)
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """kopf's own login from the kubeconfig or the pod's ServiceAccount (a registry of our
-    own does not carry kopf's default login handler)."""
-    return kopf.login_via_client(**kwargs)
+registry = new_registry()
 
 
 @kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config = OperatorConfig.from_env()  # checked before kopf started (operator_main.py)
     node = str(config.node_name)
-    # Events are ours alone: kopf would post a second one per failure (type Error, reason
-    # Logging) from its handler-failure log lines, whatever the posting level.
-    settings.posting.enabled = False
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.watching.connect_timeout = 10
+    tune(settings)
     # reads kubeconfig / service-account files; events name the node as their source
     memo.kube = await asyncio.to_thread(KubernetesApi, None, node)
     raw = await asyncio.to_thread(memo.kube.read_node, config.node_name)

@@ -94,24 +94,9 @@ class KubernetesApi:
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None) -> None:
         extra: dict[str, Any] = {"field_manager": manager} if manager else {}
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                {"status": dict(status)},
-                _content_type="application/merge-patch+json",
-                **extra,
-            )
-        except ApiException as exc:
-            if exc.status == 404:  # deleted meanwhile: nothing left to report on
-                log.info("ImageUnlock %s/%s is gone; status not written", namespace, name)
-                return
-            raise KubernetesUnavailableError(f"writing status failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"writing status failed ({type(exc).__name__})") from None
+        self._write_status(
+            "status", namespace, name, {"status": dict(status)}, _content_type="application/merge-patch+json", **extra
+        )
 
     def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None:
         """Write this node's entry in ``status.nodes`` (None: remove it) by server-side apply
@@ -124,25 +109,26 @@ class KubernetesApi:
             "metadata": {"name": name, "namespace": namespace},
             "status": {"nodes": [dict(entry)] if entry else []},
         }
+        self._write_status(
+            f"node {node}'s status",
+            namespace,
+            name,
+            body,
+            field_manager=node_manager(node),
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    def _write_status(self, what: str, namespace: str, name: str, body: dict[str, Any], **options: Any) -> None:
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                body,
-                field_manager=node_manager(node),
-                force=True,
-                _content_type="application/apply-patch+yaml",
-            )
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body, **options)
         except ApiException as exc:
-            if exc.status == 404:
-                log.info("ImageUnlock %s/%s is gone; node %s's status not written", namespace, name, node)
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                log.info("ImageUnlock %s/%s is gone; %s not written", namespace, name, what)
                 return
-            raise KubernetesUnavailableError(f"writing node {node}'s status failed (HTTP {exc.status})") from None
+            raise KubernetesUnavailableError(f"writing {what} failed (HTTP {exc.status})") from None
         except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"writing node {node}'s status failed ({type(exc).__name__})") from None
+            raise KubernetesUnavailableError(f"writing {what} failed ({type(exc).__name__})") from None
 
     def read_node(self, name: str) -> dict[str, Any] | None:
         """The Node object (as JSON-style dicts), or None when there is no such Node."""

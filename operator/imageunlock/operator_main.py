@@ -21,33 +21,50 @@ NO_NODE_NAME = "NODE_NAME is not set: an agent serves one node (the DaemonSet se
 
 
 def run_agent() -> int:
-    try:
-        config = OperatorConfig.from_env()
-        if not config.node_name:
-            raise ConfigurationError(NO_NODE_NAME)
-    except ConfigurationError as exc:
-        print(f"imageunlock: error: {exc.message}", file=sys.stderr)
-        return 1
-    configure_logging(config.log_level, config.log_format)
-
-    from .handlers import registry
-
-    _run(registry, config.namespaces, config.liveness_endpoint)
-    return 0
+    return _start("agent")
 
 
 def run_controller() -> int:
+    return _start("controller")
+
+
+def _start(role: str) -> int:
+    """Read the role's settings (a bad one: one line, exit 1), then run its kopf registry."""
     try:
-        config = ControllerConfig.from_env()
+        config: OperatorConfig | ControllerConfig
+        if role == "agent":
+            config = OperatorConfig.from_env()
+            if not config.node_name:
+                raise ConfigurationError(NO_NODE_NAME)
+        else:
+            config = ControllerConfig.from_env()
     except ConfigurationError as exc:
         print(f"imageunlock: error: {exc.message}", file=sys.stderr)
         return 1
     configure_logging(config.log_level, config.log_format)
-
-    from .controller import registry
-
+    if role == "agent":
+        from .handlers import registry
+    else:
+        from .controller import registry
     _run(registry, config.namespaces, config.liveness_endpoint)
     return 0
+
+
+def new_registry() -> kopf.OperatorRegistry:
+    """A role's own handler registry, with kopf's login from the kubeconfig or the pod's
+    ServiceAccount (a registry of our own does not carry kopf's default login handler)."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    return registry
+
+
+def tune(settings: kopf.OperatorSettings) -> None:
+    """kopf settings both roles share. Events are ours alone: kopf would post a second one
+    per failure (type Error, reason Logging) from its handler-failure log lines."""
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
 
 
 def _run(registry: kopf.OperatorRegistry, namespaces: tuple[str, ...], liveness: str) -> None:

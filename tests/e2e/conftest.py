@@ -12,6 +12,7 @@ test calls are in tests/support (cluster.py, operator_process.py, wait.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -122,24 +123,31 @@ def _role_env(kubeconfig: str, **settings: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def start_controller(cluster: Cluster, crd: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
-    """The controller (cluster summaries); one per test, started on first use."""
+@contextlib.contextmanager
+def _stopped_at_exit() -> Iterator[list[OperatorProcess]]:
+    """A list to put started processes in; every one is stopped at the end."""
     started: list[OperatorProcess] = []
-
-    def start(**overrides: str) -> OperatorProcess:
-        if started and started[-1].proc is not None:
-            return started[-1]
-        env = _role_env(cluster.controller_kubeconfig, **overrides)
-        proc = OperatorProcess(tmp_path / f"controller-{len(started)}", env, role="controller").start()
-        started.append(proc)
-        return proc
-
     try:
-        yield start
+        yield started
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture
+def start_controller(cluster: Cluster, crd: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    """The controller (cluster summaries); one per test, started on first use."""
+    with _stopped_at_exit() as started:
+
+        def start(**overrides: str) -> OperatorProcess:
+            if started and started[-1].proc is not None:
+                return started[-1]
+            env = _role_env(cluster.controller_kubeconfig, **overrides)
+            proc = OperatorProcess(tmp_path / f"controller-{len(started)}", env, role="controller").start()
+            started.append(proc)
+            return proc
+
+        yield start
 
 
 @pytest.fixture
@@ -149,32 +157,28 @@ def start_agent(
     """``start_agent(node, archive_root, disk=None, **settings)``: an agent for ``node`` (its
     Node must exist), and the controller if it is not running yet. With ``disk``, the agent
     sees that directory at ``archive_root`` (the node's own disk)."""
-    started: list[OperatorProcess] = []
+    with _stopped_at_exit() as started:
 
-    def start(node: str, archive_root: Path, disk: Path | None = None, **overrides: str) -> OperatorProcess:
-        start_controller()
-        env = _role_env(
-            cluster.agent_kubeconfig,
-            NODE_NAME=node,
-            IMAGEUNLOCK_ARCHIVE_ROOT=str(archive_root),
-            RESOURCE_API_URL=resource_api.url,
-            IMAGEUNLOCK_VERIFY_INTERVAL="2",
-            IMAGEUNLOCK_PROGRESS_INTERVAL="0.2",
-            IMAGEUNLOCK_RETRY_BASE="0.5",
-            IMAGEUNLOCK_RETRY_MAX="2",
-            IMAGEUNLOCK_API_RETRIES="0",  # agent-level retries are what these tests watch
-        )
-        env.update(overrides)
-        own = (disk, archive_root) if disk is not None else None
-        proc = OperatorProcess(tmp_path / f"agent-{node}-{len(started)}", env, disk=own).start()
-        started.append(proc)
-        return proc
+        def start(node: str, archive_root: Path, disk: Path | None = None, **overrides: str) -> OperatorProcess:
+            start_controller()
+            env = _role_env(
+                cluster.agent_kubeconfig,
+                NODE_NAME=node,
+                IMAGEUNLOCK_ARCHIVE_ROOT=str(archive_root),
+                RESOURCE_API_URL=resource_api.url,
+                IMAGEUNLOCK_VERIFY_INTERVAL="2",
+                IMAGEUNLOCK_PROGRESS_INTERVAL="0.2",
+                IMAGEUNLOCK_RETRY_BASE="0.5",
+                IMAGEUNLOCK_RETRY_MAX="2",
+                IMAGEUNLOCK_API_RETRIES="0",  # agent-level retries are what these tests watch
+            )
+            env.update(overrides)
+            own = (disk, archive_root) if disk is not None else None
+            proc = OperatorProcess(tmp_path / f"agent-{node}-{len(started)}", env, disk=own).start()
+            started.append(proc)
+            return proc
 
-    try:
         yield start
-    finally:
-        for proc in started:
-            proc.stop()
 
 
 @pytest.fixture

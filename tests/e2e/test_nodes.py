@@ -15,9 +15,8 @@ import pytest
 
 from imageunlock.resource_api import KEY_FRAGMENT_PATH
 
-from ..support.ci import unavailable
 from ..support.cluster import Cluster, is_ready, is_stalled, spec_for
-from ..support.dockerd import Dockerd, DockerdError, load_events, loaded, remove_images
+from ..support.dockerd import Dockerd, load_events, loaded, remove_images, running
 from ..support.operator_process import place
 from ..support.wait import wait_for
 
@@ -29,15 +28,7 @@ DOCKER_A, DOCKER_B, CONTAINERD = "edge-docker-a", "edge-docker-b", "edge-contain
 @pytest.fixture(scope="module")
 def second_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
     """A second node's own Docker Engine."""
-    engine = Dockerd(tmp_path_factory.mktemp("dockerd-b"))
-    try:
-        engine.start()
-    except DockerdError as exc:
-        unavailable("dockerd", str(exc))
-    try:
-        yield engine
-    finally:
-        engine.stop()
+    yield from running(tmp_path_factory.mktemp("dockerd-b"))
 
 
 @pytest.fixture
@@ -127,7 +118,7 @@ def test_three_agents_one_imageunlock_the_whole_cluster(
 
     # a node relabelled out of the selection leaves the list and the count
     cluster.label_node(DOCKER_A, {"imageunlock-test": None})
-    wait_for(lambda: set(cluster.entries(namespace, "fleet")) == {DOCKER_B, CONTAINERD}, 60, "node a's entry gone")
+    wait_for(lambda: set(cluster.entries(namespace, "fleet")) == {DOCKER_B, CONTAINERD}, 120, "node a's entry gone")
     wait_for(lambda: cluster.status(namespace, "fleet").get("readyNodes") == "2/2", 30, "NODES 2/2")
     assert is_ready(cluster, namespace, "fleet")
 
@@ -136,7 +127,7 @@ def test_three_agents_one_imageunlock_the_whole_cluster(
     only_here = place(archives_v2.openssl_archive, root, "not-on-every-node.enc")  # not on the third node's disk
     partial = spec_for(only_here, archives_v2.version, secret, nodeSelector=selector)
     cluster.create_unlock(namespace, "partial", partial)
-    wait_for(lambda: is_stalled(cluster, namespace, "partial"), 90, "partial Stalled")
+    wait_for(lambda: is_stalled(cluster, namespace, "partial"), 120, "partial Stalled")
     stalled = cluster.condition(namespace, "partial", "Stalled")
     assert stalled["reason"] == "ArchiveNotFound"
     assert stalled["message"].startswith(f"node {CONTAINERD}:") and DOCKER_B not in stalled["message"]
@@ -147,6 +138,6 @@ def test_three_agents_one_imageunlock_the_whole_cluster(
     # a deleted Node (its agent gone with it) leaves the list: the controller removes the entry
     agents[DOCKER_B].stop(signal.SIGKILL)
     cluster.delete_node(DOCKER_B)
-    wait_for(lambda: set(cluster.entries(namespace, "fleet")) == {CONTAINERD}, 60, "node b's entry gone")
+    wait_for(lambda: set(cluster.entries(namespace, "fleet")) == {CONTAINERD}, 120, "node b's entry gone")
     wait_for(lambda: cluster.status(namespace, "fleet").get("readyNodes") == "1/1", 30, "NODES 1/1")
     assert DOCKER_B not in cluster.entries(namespace, "partial")

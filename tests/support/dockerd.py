@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .processes import await_answer, log_tail, stop_group, unmount_below
@@ -81,6 +82,22 @@ class Dockerd:
         stop_group(proc, timeout=timeout)
         unmount_below(self.sock_dir)  # dockerd leaves its netns bind mount (exec-root/netns/default)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def running(root: Path) -> Iterator[Dockerd]:
+    """A fixture's body: a private Engine in ``root``, stopped at the end; when it cannot
+    start, the test is skipped, or fails under CI=true (tests/support/ci.py)."""
+    from .ci import unavailable
+
+    engine = Dockerd(root)
+    try:
+        engine.start()
+    except DockerdError as exc:
+        unavailable("dockerd", str(exc))
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 def loaded(engine: Dockerd) -> dict[str, str]:
