@@ -37,9 +37,10 @@
 #   * read-only root filesystem: nothing is written outside /tmp (TMPDIR and HOME point
 #     there). /tmp is declared a VOLUME, so `docker run --read-only` works as is; in
 #     Kubernetes mount an emptyDir at /tmp (manifests/ and the chart do).
-#   * ENTRYPOINT `imageunlock`, CMD `operator`: the kopf operator, settings from IMAGEUNLOCK_*
-#     environment variables, liveness probe on http://0.0.0.0:8080/healthz
-#     (IMAGEUNLOCK_LIVENESS). `docker run IMAGE unlock ...` runs a one-shot unlock instead.
+#   * ENTRYPOINT `imageunlock`, CMD `agent`: the node agent (kopf; NODE_NAME names its node),
+#     settings from IMAGEUNLOCK_* environment variables, liveness probe on
+#     http://0.0.0.0:8080/healthz (IMAGEUNLOCK_LIVENESS). `controller` runs the controller
+#     instead; `docker run IMAGE unlock ...` a one-shot unlock.
 #
 # Build args:
 #   BASE_IMAGE  a slim Python >= 3.11 image with the venv module, glibc-based, of the target
@@ -149,7 +150,7 @@ VOLUME ["/tmp"]
 EXPOSE 8080
 USER ${UID}:${GID}
 ENTRYPOINT ["imageunlock"]
-CMD ["operator"]
+CMD ["agent"]
 
 # Last, so that only these layers change when the code does. Owned by root: the operator
 # cannot modify its own code. Then the installed program must start here, on the image's own

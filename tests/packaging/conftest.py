@@ -1,10 +1,11 @@
 """Fixtures for the packaging tests: the rendered chart, the manifests, the local control plane.
 
 The control plane is started with the operator's RBAC (manifests/rbac.yaml, exactly as
-installed: Secrets readable only in the namespaces it binds) as its authorization policy and
-with an audit log, so a test can act as the operator's ServiceAccount and prove the granted
-rules are enough. A test grants Secret access in its own namespace the way a user would
-(``Plane.bind_secrets``: a copy of the manifests' RoleBinding). If the plane cannot be
+installed: two identities, the agents' and the controller's; Secrets readable by the agents
+only in the namespaces it binds) as its authorization policy and with an audit log, so a test
+can act as either ServiceAccount and prove the granted rules are enough. A test grants
+Secret access in its own namespace the way a user would (``Plane.bind_secrets``: a copy of
+the manifests' RoleBinding). If the plane cannot be
 brought up, its tests skip on a developer machine and FAIL under CI=true (see ``unavailable``).
 """
 
@@ -35,8 +36,17 @@ CLUSTER_WIDE_SECRETS = MANIFESTS / "cluster-wide-secrets"
 CRD_FILE = REPO / "crds" / "loader.azaion.com_imageunlocks.yaml"
 GITOPS = REPO / "gitops"
 OPERATOR_NAMESPACE = "imageunlock-system"
-OPERATOR_SA = "imageunlock-operator"
-SA_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}"
+AGENT_SA = "imageunlock-agent"
+CONTROLLER_SA = "imageunlock-controller"
+AGENT_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{AGENT_SA}"
+CONTROLLER_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{CONTROLLER_SA}"
+# The Secret-reading ClusterRole (manifests/rbac.yaml; the default release's name too).
+SECRETS_ROLE = "imageunlock-agent-secrets"
+# The placement the chart's agent values below give the DaemonSet (and the controller).
+EDGE_TOLERATIONS = [
+    {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "azaion.com/edge", "operator": "Equal", "value": "true", "effect": "NoExecute"},
+]
 
 # Values that switch on every optional branch of the chart.
 NON_DEFAULT_VALUES: dict[str, Any] = {
@@ -44,28 +54,49 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "imagePullSecrets": [{"name": "regcred"}],
     "fullnameOverride": "iu",
     "namespace": {"create": True},
-    "serviceAccount": {"create": True, "name": "iu-operator", "annotations": {"example.com/owner": "edge"}},
+    "serviceAccount": {
+        "create": True,
+        "agentName": "iu-agent-sa",
+        "controllerName": "iu-controller-sa",
+        "annotations": {"example.com/owner": "edge"},
+    },
     "rbac": {"create": True, "secretNamespaces": ["edge-a", "edge-b"]},
-    "runtime": {"socketPath": "/run/docker.sock", "socketGroupId": 988},
+    "agent": {
+        "runtime": "docker",
+        "containerd": {
+            "socketDir": "/run/k3s/containerd",
+            "address": "/run/k3s/containerd/containerd.sock",
+            "namespace": "edge.io",
+        },
+        "docker": {"enabled": True, "socketPath": "/run/docker.sock", "socketGroupId": 988},
+        "supplementalGroups": [0, 1001],
+        "nodeSelector": {"azaion.com/edge": "true", "kubernetes.io/os": "linux"},
+        "tolerations": EDGE_TOLERATIONS,
+        "priorityClassName": "system-node-critical",
+        "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "2", "memory": "256Mi"}},
+    },
+    "controller": {
+        "enabled": True,
+        "nodeSelector": {"kubernetes.io/hostname": "core-1"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "azaion.com/edge", "operator": "NotIn", "values": ["true"]}]}
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "system-cluster-critical",
+        "resources": {"requests": {"cpu": "20m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+    },
     "archiveDir": "/srv/azaion/archives",
     "resourceApiUrl": "https://resources.example.com",
     "logLevel": "debug",
     "verifyInterval": 60,
     "healthPort": 9090,
     "extraEnv": [{"name": "IMAGEUNLOCK_WORKERS", "value": "2"}],
-    "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"cpu": "2", "memory": "256Mi"}},
-    "nodeSelector": {"kubernetes.io/hostname": "edge-node-1"},
-    "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
-    "affinity": {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "azaion.com/edge", "operator": "In", "values": ["true"]}]}
-                ]
-            }
-        }
-    },
-    "priorityClassName": "system-node-critical",
     "podAnnotations": {"example.com/scrape": "false"},
     "podLabels": {"example.com/team": "edge"},
     "runAsUser": 20001,
@@ -138,6 +169,7 @@ class Plane:
     def __init__(self, cp: Any, kubectl: str, policy: Path, audit_log: Path) -> None:
         self.cp, self.kubectl_bin, self.policy, self.audit_log = cp, kubectl, policy, audit_log
         self._sa_kubeconfig: str | None = None
+        self._kubeconfigs: dict[str, str] = {}
 
     @property
     def kubeconfig(self) -> str:
@@ -145,10 +177,16 @@ class Plane:
 
     @property
     def sa_kubeconfig(self) -> str:
-        """A kubeconfig for the operator's ServiceAccount identity (authorized by the policy)."""
+        """A kubeconfig for the agents' ServiceAccount identity (authorized by the policy)."""
         if self._sa_kubeconfig is None:
-            self._sa_kubeconfig = str(self.cp.add_user(SA_USER))
+            self._sa_kubeconfig = self.kubeconfig_for(AGENT_USER)
         return self._sa_kubeconfig
+
+    def kubeconfig_for(self, user: str) -> str:
+        """A kubeconfig for ``user`` (e.g. CONTROLLER_USER), authorized by the policy."""
+        if user not in self._kubeconfigs:
+            self._kubeconfigs[user] = str(self.cp.add_user(user))
+        return self._kubeconfigs[user]
 
     def kubectl(
         self,
@@ -191,9 +229,9 @@ class Plane:
             self.write_policy(original)
 
     def bind_secrets(self, namespace: str) -> None:
-        """Let the operator read Secrets in ``namespace`` as a user would: a copy of
+        """Let the agents read Secrets in ``namespace`` as a user would: a copy of
         manifests/rbac.yaml's Secrets RoleBinding with only metadata.namespace changed."""
-        (binding,) = find(manifest_objects(), "RoleBinding", "imageunlock-operator-secrets")
+        (binding,) = find(manifest_objects(), "RoleBinding", SECRETS_ROLE)
         binding = copy.deepcopy(binding)
         binding["metadata"]["namespace"] = namespace
         self.write_policy(f"{self.policy.read_text()}\n---\n{yaml.safe_dump(binding)}")
@@ -205,8 +243,8 @@ class Plane:
 
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
-    """A local control plane authorizing the operator's ServiceAccount by manifests/rbac.yaml
-    (a copy: tests may add bindings to it)."""
+    """A local control plane authorizing the agents' and the controller's ServiceAccounts by
+    manifests/rbac.yaml (a copy: tests may add bindings to it)."""
     try:
         controlplane = importlib.import_module("controlplane")
     except ImportError as exc:
@@ -245,3 +283,109 @@ METRICS_ALL: dict[str, Any] = {
     },
 }
 METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}
+
+
+def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Deployment or DaemonSet."""
+    return workload["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any], node: str | None = None) -> dict[str, Any]:
+    """A container's environment: {name: value}; a downward-API variable as its valueFrom,
+    or as ``node`` when given (what the kubelet would set for spec.nodeName)."""
+    env: dict[str, Any] = {}
+    for e in container.get("env") or ():
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif node is not None and e["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}:
+            env[e["name"]] = node
+        else:
+            env[e["name"]] = e["valueFrom"]
+    return env
+
+
+# The volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What keeps a pod spec from the "restricted" Pod Security Standard (the checks of
+    Kubernetes' pod-security-admission at the latest version, baseline's included), as
+    short messages; [] when it meets it."""
+    found: list[str] = []
+    psc = pod.get("securityContext") or {}
+    if psc.get("runAsUser") == 0:
+        found.append("pod: runAsUser 0")
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            found.append(host)
+    for volume in pod.get("volumes") or ():
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {', '.join(sorted(kinds))}")
+    for sysctl in psc.get("sysctls") or ():
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']}")
+    if (psc.get("windowsOptions") or {}).get("hostProcess"):
+        found.append("hostProcess")
+    containers = [*(pod.get("initContainers") or ()), *pod["containers"], *(pod.get("ephemeralContainers") or ())]
+    for c in containers:
+        sc, name = c.get("securityContext") or {}, c["name"]
+
+        def setting(key: str, sc: dict[str, Any] = sc) -> Any:
+            return sc[key] if key in sc else psc.get(key)
+
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if setting("runAsNonRoot") is not True:
+            found.append(f"{name}: runAsNonRoot is not true")
+        if setting("runAsUser") == 0:
+            found.append(f"{name}: runAsUser 0")
+        if (setting("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile is not RuntimeDefault or Localhost")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or ()):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add") or ()) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities add {caps['add']}")
+        if any(p.get("hostPort") for p in c.get("ports") or ()):
+            found.append(f"{name}: hostPort")
+        if sc.get("procMount", "Default") != "Default":
+            found.append(f"{name}: procMount")
+        selinux = setting("seLinuxOptions") or {}
+        if selinux.get("user") or selinux.get("role"):
+            found.append(f"{name}: seLinuxOptions user/role")
+        if selinux.get("type", "") not in (
+            "",
+            "container_t",
+            "container_init_t",
+            "container_kvm_t",
+            "container_engine_t",
+        ):
+            found.append(f"{name}: seLinuxOptions type")
+        if (setting("appArmorProfile") or {}).get("type") == "Unconfined":
+            found.append(f"{name}: appArmorProfile Unconfined")
+    return found

@@ -1,37 +1,54 @@
 """The Helm chart: strict lint, rendering with default and non-default values, its values
-schema, that it cannot drift from crds/ and manifests/ (CRD bytes, RBAC rules, pod spec,
-metrics Service), and the metrics objects (Service, ServiceMonitor, NetworkPolicy) wired to
-each other by labels and port names. Offline: helm-python-sdk (Helm's Go SDK through
+schema, that it cannot drift from crds/ and manifests/ (CRD bytes, RBAC rules, the agent
+DaemonSet and the controller Deployment, metrics Service), that the controller is told
+exactly where the DaemonSet places agents, that the controller pod meets Pod Security
+"restricted", and the metrics objects (Service, ServiceMonitor, NetworkPolicy) wired to the
+agent pods by labels and port names. Offline: helm-python-sdk (Helm's Go SDK through
 libhelm_c), no cluster, no helm binary.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 from typing import Any
 
 import pytest
+import yaml
 
 from .conftest import (
     CHART,
     CRD_FILE,
+    EDGE_TOLERATIONS,
+    MANIFESTS,
     METRICS_ALL,
     METRICS_OFF,
     NON_DEFAULT_VALUES,
+    SECRETS_ROLE,
     cluster_wide_objects,
+    env_of,
     find,
     manifest_objects,
+    pod_of,
     render_chart,
     rendered_objects,
     require,
+    restricted_violations,
 )
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
 NOTES = "imageunlock-operator/templates/NOTES.txt"
-SECRETS_ROLE = "imageunlock-operator-secrets"  # the default release's Secret-reading ClusterRole
 STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
-# Every optional metrics branch on, with non-default settings (NON_DEFAULT_VALUES leaves
-# metrics at its defaults).
+# A k3s cluster whose edge nodes are tainted: containerd's socket in k3s' directory.
+K3S_EDGE: dict[str, Any] = {
+    "agent": {
+        "runtime": "containerd",
+        "containerd": {"socketDir": "/run/k3s/containerd", "address": "/run/k3s/containerd/containerd.sock"},
+        "nodeSelector": {"azaion.com/edge": "true"},
+        "tolerations": EDGE_TOLERATIONS,
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +56,16 @@ def helm():
     return require("helm_python")
 
 
+def _workloads(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (daemonset,) = find(objects, "DaemonSet")
+    (deployment,) = find(objects, "Deployment")
+    return daemonset, deployment
+
+
 @pytest.mark.parametrize(
     "values",
-    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF],
-    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"],
+    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF, K3S_EDGE],
+    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off", "k3s-edge"],
 )
 def test_lint_strict(helm, values):
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
@@ -56,34 +79,89 @@ def test_lint_strict(helm, values):
 def test_renders(values):
     manifests = render_chart(values)
     kinds = sorted(o["kind"] for o in rendered_objects(values))
-    # Secrets: no binding by default; non-default: one RoleBinding per rbac.secretNamespaces.
-    # metrics.enabled is on by default: its Service.
-    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    # Two roles, each with its ServiceAccount, ClusterRole and ClusterRoleBinding, plus the
+    # agents' Secret-reading ClusterRole: no binding of it by default; non-default: one
+    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service.
+    expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
+    expected += ["DaemonSet", "Deployment", "Service"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
     assert NOTES in manifests
 
 
+def test_notes_show_both_roles_and_how_to_follow_nodes():
+    notes = render_chart()[NOTES]
+    assert "rollout status daemonset/imageunlock-agent" in notes
+    assert "rollout status deployment/imageunlock-controller" in notes
+    assert "kubectl -n <ns> get iu" in notes and "NODES shows ready/desired" in notes
+    assert "--for=condition=Ready" in notes
+
+
+def _comparable(workload: dict[str, Any]) -> dict[str, Any]:
+    """A workload without what the chart adds on purpose (Helm's labels, the release's
+    instance label in the selector)."""
+    workload = copy.deepcopy(workload)
+    spec = workload["spec"]
+    spec.pop("selector")
+    spec["template"].pop("metadata")
+    return {"name": workload["metadata"]["name"], "namespace": workload["metadata"]["namespace"], "spec": spec}
+
+
 def test_default_values_match_the_manifests():
-    """The chart's defaults render the same operator as manifests/deployment.yaml."""
-    chart = find(rendered_objects(), "Deployment")[0]["spec"]
-    plain = find(manifest_objects(), "Deployment")[0]["spec"]
-    for spec in (chart, plain):
-        spec.pop("selector")
-        spec["template"].pop("metadata")
-        pod = spec["template"]["spec"]
-        pod.pop("serviceAccountName")
-        pod["containers"][0].pop("image")
-    assert chart == plain
+    """The chart's defaults render the same agent DaemonSet as manifests/daemonset.yaml and
+    the same controller Deployment as manifests/controller.yaml (names, image, service
+    accounts and all)."""
+    chart, plain = _workloads(rendered_objects()), _workloads(manifest_objects())
+    for rendered, written in zip(chart, plain, strict=True):
+        assert _comparable(rendered) == _comparable(written)
+        labels = rendered["spec"]["selector"]["matchLabels"]
+        assert written["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_non_default_values_reach_the_deployment():
+def _uncomment_docker(text: str) -> str:
+    """manifests/daemonset.yaml with its commented Docker Engine lines switched on, as its
+    header tells a user to (the gid goes to supplementalGroups by hand)."""
+    lines, out, block = text.splitlines(), [], None
+    for line in lines:
+        start = re.match(r"^(\s*)# (- name: (?:IMAGEUNLOCK_DOCKER_HOST|docker-socket))$", line)
+        if start:
+            block = start.group(1)
+            out.append(block + start.group(2))
+            continue
+        if block is not None and line.startswith(block + "#   "):
+            out.append(block + line[len(block) + 2 :])
+            continue
+        block = None
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_docker_enabled_matches_the_manifests_commented_docker_lines():
+    """agent.docker.enabled=true renders what uncommenting daemonset.yaml's Docker lines
+    gives: the socket (hostPath type Socket) at /var/run/docker.sock and
+    IMAGEUNLOCK_DOCKER_HOST; the chart also adds the socket's group."""
+    (written,) = [d for d in yaml.safe_load_all(_uncomment_docker((MANIFESTS / "daemonset.yaml").read_text())) if d]
+    daemonset, _ = _workloads(rendered_objects({"agent": {"docker": {"enabled": True}}}))
+    assert pod_of(daemonset)["securityContext"].pop("supplementalGroups") == [0, 999]
+    pod_of(written)["securityContext"].pop("supplementalGroups")  # [0]: the gid is the user's to add
+    assert _comparable(daemonset) == _comparable(written)
+    pod = pod_of(daemonset)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["docker-socket"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
+    assert mounts["docker-socket"]["mountPath"] == "/var/run/docker.sock"
+    config = _agent_config(daemonset)
+    assert config.docker_host == "unix:///var/run/docker.sock" and config.runtime == "auto"
+
+
+def test_non_default_values_reach_the_workloads():
     objects = rendered_objects(NON_DEFAULT_VALUES)
-    (deployment,) = find(objects, "Deployment", "iu")
-    pod = deployment["spec"]["template"]["spec"]
+    daemonset, deployment = _workloads(objects)
+    assert daemonset["metadata"]["name"] == "iu-agent" and deployment["metadata"]["name"] == "iu-controller"
+    pod = pod_of(daemonset)
     container = pod["containers"][0]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = env_of(container)
     assert container["image"] == "registry.example.com/azaion/imageunlock:0.1.0-rc1"
     assert container["imagePullPolicy"] == "Always"
     assert env["IMAGEUNLOCK_ARCHIVE_ROOT"] == "/srv/azaion/archives"
@@ -92,102 +170,221 @@ def test_non_default_values_reach_the_deployment():
     assert env["IMAGEUNLOCK_VERIFY_INTERVAL"] == "60"
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["IMAGEUNLOCK_WORKERS"] == "2"
+    assert env["IMAGEUNLOCK_RUNTIME"] == "docker"
+    assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/k3s/containerd/containerd.sock"
+    assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "edge.io"
     assert container["ports"] == [
         {"name": "health", "containerPort": 9090, "protocol": "TCP"},
         {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
     ]
-    assert container["resources"] == NON_DEFAULT_VALUES["resources"]
+    assert container["resources"] == NON_DEFAULT_VALUES["agent"]["resources"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "Directory"}
-    assert volumes["runtime-socket"]["hostPath"] == {"path": "/run/docker.sock", "type": "Socket"}
+    assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "DirectoryOrCreate"}
+    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
+    assert volumes["docker-socket"]["hostPath"] == {"path": "/run/docker.sock", "type": "Socket"}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "128Mi"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["archives"] == {"name": "archives", "mountPath": "/srv/azaion/archives", "readOnly": True}
-    assert mounts["runtime-socket"]["mountPath"] == "/var/run/docker.sock"
-    assert pod["securityContext"]["supplementalGroups"] == [988]
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert mounts["docker-socket"]["mountPath"] == "/var/run/docker.sock"
+    assert pod["securityContext"]["supplementalGroups"] == [0, 1001, 988]
     assert pod["securityContext"]["runAsUser"] == 20001
-    assert pod["nodeSelector"] == NON_DEFAULT_VALUES["nodeSelector"]
-    assert pod["tolerations"] == NON_DEFAULT_VALUES["tolerations"]
-    assert pod["affinity"] == NON_DEFAULT_VALUES["affinity"]
+    assert pod["nodeSelector"] == NON_DEFAULT_VALUES["agent"]["nodeSelector"]
+    assert pod["tolerations"] == EDGE_TOLERATIONS
+    assert "affinity" not in pod  # the controller could not follow it: not a value
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert pod["serviceAccountName"] == "iu-operator"
+    assert pod["serviceAccountName"] == "iu-agent-sa"
+    assert daemonset["spec"]["template"]["metadata"]["labels"]["example.com/team"] == "edge"
+    assert daemonset["spec"]["template"]["metadata"]["annotations"] == {"example.com/scrape": "false"}
+    # The controller: its own placement and resources, the shared settings.
+    cpod = pod_of(deployment)
+    (ccontainer,) = cpod["containers"]
+    cenv = env_of(ccontainer)
+    controller = NON_DEFAULT_VALUES["controller"]
+    assert ccontainer["image"] == container["image"] and ccontainer["args"] == ["controller"]
+    assert ccontainer["resources"] == controller["resources"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        assert cpod[key] == controller[key], key
+    assert cpod["serviceAccountName"] == "iu-controller-sa"
+    assert cpod["securityContext"]["runAsUser"] == 20001
+    assert cpod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert (cenv["IMAGEUNLOCK_LOG_LEVEL"], cenv["IMAGEUNLOCK_LIVENESS"]) == ("debug", "http://0.0.0.0:9090/healthz")
+    assert ccontainer["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
     (namespace,) = find(objects, "Namespace")
     assert namespace["metadata"]["name"] == "imageunlock-system"
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/warn"] == "restricted"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/audit"] == "restricted"
+    accounts = {sa["metadata"]["name"]: sa for sa in find(objects, "ServiceAccount")}
+    assert sorted(accounts) == ["iu-agent-sa", "iu-controller-sa"]
+    assert all(sa["metadata"]["annotations"] == {"example.com/owner": "edge"} for sa in accounts.values())
     bindings = find(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["edge-a", "edge-b"]
     for binding in bindings:
-        assert binding["roleRef"]["name"] == "iu-secrets"
+        assert binding["roleRef"]["name"] == "iu-agent-secrets"
         assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "iu-operator", "namespace": "imageunlock-system"}
+            {"kind": "ServiceAccount", "name": "iu-agent-sa", "namespace": "imageunlock-system"}
         ]
-    assert not find(objects, "ClusterRoleBinding", "iu-secrets")
+    assert not find(objects, "ClusterRoleBinding", "iu-agent-secrets")
 
 
 def test_optional_parts_can_be_switched_off():
     values = {
-        "serviceAccount": {"create": False, "name": "existing"},
+        "serviceAccount": {"create": False, "agentName": "existing-agent", "controllerName": "existing-controller"},
         "rbac": {"create": False},
-        "runtime": {"socketPath": "/var/run/docker.sock", "socketGroupId": None},
+        "agent": {"supplementalGroups": []},
         "resourceApiUrl": "",
         "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
         "metrics": {"enabled": False},
     }
     objects = rendered_objects(values)
-    assert sorted(o["kind"] for o in objects) == ["Deployment"]
-    pod = objects[0]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == "existing"
+    assert sorted(o["kind"] for o in objects) == ["DaemonSet", "Deployment"]
+    daemonset, deployment = _workloads(objects)
+    pod = pod_of(daemonset)
+    assert pod["serviceAccountName"] == "existing-agent"
+    assert pod_of(deployment)["serviceAccountName"] == "existing-controller"
     assert "supplementalGroups" not in pod["securityContext"]
-    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    env = env_of(pod["containers"][0])
     assert "RESOURCE_API_URL" not in env
     assert env["IMAGEUNLOCK_API_URL_ALLOWLIST"] == "https://a.example.com,https://b.example.com/v2"
+    # Without the controller: no Deployment, and no identity or rules for it either.
+    objects = rendered_objects({"controller": {"enabled": False}})
+    assert not find(objects, "Deployment")
+    names = {o["metadata"]["name"] for o in objects}
+    assert not any("controller" in name for name in names), names
+    assert find(objects, "DaemonSet") and find(objects, "ClusterRoleBinding", "imageunlock-agent")
+    assert "controller.enabled=false" in render_chart({"controller": {"enabled": False}})[NOTES]
 
 
-def test_containerd_runtime_mounts_its_socket_where_the_operator_looks():
-    """runtime.name containerd (a k3s node): the node's socket at the operator's default
-    address, and settings the operator starts with."""
-    objects = rendered_objects(
-        {"runtime": {"name": "containerd", "socketGroupId": 0, "socketPath": "/run/k3s/containerd/containerd.sock"}}
-    )
-    (deployment,) = find(objects, "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+def test_service_accounts_are_required_when_not_created(helm):
+    with pytest.raises(helm.HelmError, match=r"serviceAccount\.agentName is required"):
+        render_chart({"serviceAccount": {"create": False}})
+
+
+def test_k3s_containerd_socket_is_mounted_where_the_agent_looks():
+    """agent.containerd for k3s: its socket directory mounted at the same path, the address
+    inside it, settings the agent starts with."""
+    daemonset, _ = _workloads(rendered_objects(K3S_EDGE))
+    pod = pod_of(daemonset)
     (container,) = pod["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "containerd" and "IMAGEUNLOCK_DOCKER_HOST" not in env
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["runtime-socket"]["hostPath"] == {"path": "/run/k3s/containerd/containerd.sock", "type": "Socket"}
+    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert mounts["runtime-socket"]["mountPath"] == "/run/containerd/containerd.sock"
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert "docker-socket" not in volumes
     assert pod["securityContext"]["supplementalGroups"] == [0]
-    config = _operator_config(deployment)
-    assert config.runtime == "containerd" and config.containerd_address == "/run/containerd/containerd.sock"
+    config = _agent_config(daemonset)
+    assert config.runtime == "containerd"
+    assert config.containerd_address == "/run/k3s/containerd/containerd.sock"
+    assert config.containerd_address.startswith(mounts["containerd"]["mountPath"] + "/")
+    assert config.containerd_namespace == "k8s.io"
+
+
+def test_containerd_address_must_be_inside_the_mounted_directory(helm):
+    with pytest.raises(helm.HelmError, match=r"agent\.containerd\.address must lie under"):
+        render_chart({"agent": {"containerd": {"socketDir": "/run/containerd", "address": "/run/k3s/c.sock"}}})
+
+
+def test_agents_learn_their_node_from_the_downward_api():
+    for values in (None, NON_DEFAULT_VALUES, K3S_EDGE):
+        daemonset, _ = _workloads(rendered_objects(values))
+        (container,) = pod_of(daemonset)["containers"]
+        (node_name,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
+        assert node_name == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+        assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+        assert _agent_config(daemonset, node="edge-7").node_name == "edge-7"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        None,
+        NON_DEFAULT_VALUES,
+        K3S_EDGE,
+        {"agent": {"nodeSelector": {"kubernetes.io/os": "linux"}, "tolerations": []}},
+        {"agent": {"tolerations": [{"operator": "Exists"}]}},  # every taint: every node
+    ],
+    ids=["default", "non-default", "k3s-edge", "selector-only", "tolerate-all"],
+)
+def test_controller_is_told_where_the_agents_run(values):
+    """IMAGEUNLOCK_AGENT_NODE_SELECTOR and IMAGEUNLOCK_AGENT_TOLERATIONS are the DaemonSet's
+    own nodeSelector and tolerations, read back by the controller's settings parser."""
+    daemonset, deployment = _workloads(rendered_objects(values))
+    agent_pod = pod_of(daemonset)
+    env = env_of(pod_of(deployment)["containers"][0])
+    selector, tolerations = agent_pod.get("nodeSelector", {}), agent_pod.get("tolerations", [])
+    assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == selector
+    assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == tolerations
+    config = pytest.importorskip("imageunlock.config")
+    controller = config.ControllerConfig.from_env(env)
+    assert controller.agent_node_selector == selector
+    assert [dict(t) for t in controller.agent_tolerations] == tolerations
+    if values:
+        agent = values["agent"]
+        assert selector == agent.get("nodeSelector", {})
+        assert tolerations == agent.get(
+            "tolerations", yaml.safe_load((CHART / "values.yaml").read_text())["agent"]["tolerations"]
+        )
+
+
+@pytest.mark.parametrize(
+    "values", [None, NON_DEFAULT_VALUES, METRICS_OFF], ids=["default", "non-default", "metrics-off"]
+)
+def test_controller_pod_meets_pod_security_restricted(values):
+    """The controller would be admitted where "restricted" is enforced: no hostPath (only
+    its /tmp emptyDir), non-root, drop ALL, RuntimeDefault seccomp, no privilege escalation,
+    no socket group; the agent falls short only by its hostPath volumes."""
+    daemonset, deployment = _workloads(rendered_objects(values))
+    pod = pod_of(deployment)
+    assert restricted_violations(pod) == []
+    assert [set(v) - {"name"} for v in pod["volumes"]] == [{"emptyDir"}]
+    assert "supplementalGroups" not in pod["securityContext"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert all(v.endswith("hostPath") for v in restricted_violations(pod_of(daemonset)))
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        {"runtime": {"name": "podman", "socketPath": "/run/podman/podman.sock"}},
+        {"agent": {"runtime": "podman"}},
+        {"agent": {"runtime": "docker"}},  # without agent.docker.enabled: no socket to reach
+        {"agent": {"containerd": {"socketDir": "run/containerd"}}},
+        {"agent": {"containerd": {"address": "/run/containerd"}}},  # not a socket path
+        {"agent": {"docker": {"enabled": "true"}}},
+        {"agent": {"docker": {"socketPath": "docker.sock"}}},
+        {"agent": {"supplementalGroups": [-1]}},
+        {"agent": {"nodeSelector": {"azaion.com/edge": True}}},
+        {"agent": {"tolerations": [{"key": "edge", "operator": "Maybe"}]}},
+        {"agent": {"tolerations": [{"key": "edge", "effect": "NoRun"}]}},
+        {"agent": {"affinity": {}}},  # not a value: the controller could not follow it
+        {"controller": {"enabled": "yes"}},
+        {"controller": {"replicas": 2}},  # not a value: one replica only
+        {"nodeSelector": {"kubernetes.io/hostname": "edge-1"}},  # gone: agent.nodeSelector
+        {"runtime": {"name": "docker", "socketPath": "/var/run/docker.sock"}},  # gone: agent.*
+        {"serviceAccount": {"name": "operator"}},  # gone: agentName, controllerName
         {"logLevel": "verbose"},
         {"verifyInterval": 0},
         {"runAsUser": 0},
         {"archiveDir": "relative/path"},
-        {"runtime": {"socketPath": "docker.sock"}},
         {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
         {"resourceApiUrl": "ftp://example.com"},
-        {"resourceApiUrl": ""},  # and no resourceApiAllowlist: the operator would refuse to start
+        {"resourceApiUrl": ""},  # and no resourceApiAllowlist: the agents would refuse to start
         {"rbac": {"secretNamespaces": ["Not_A_Namespace"]}},
         {"rbac": {"clusterWideSecrets": "true"}},
         # contradictory: cluster-wide AND a namespace list
         {"rbac": {"clusterWideSecrets": True, "secretNamespaces": ["edge"]}},
-        {"replicas": 2},  # not a value: one replica only
+        {"replicas": 2},
         {"logFormat": "logfmt"},
         {"apiDeadline": 0},
         {"metrics": {"enabled": "true"}},
         {"metrics": {"port": 0}},
         {"metrics": {"port": 65536}},
         {"metrics": {"port": "8081"}},
-        {"metrics": {"path": "/metrics"}},  # not a value: the operator serves /metrics only
+        {"metrics": {"path": "/metrics"}},  # not a value: the agents serve /metrics only
         {"metrics": {"serviceMonitor": {"interval": "30 seconds"}}},
         {"metrics": {"serviceMonitor": {"interval": "1.5m"}}},
         {"metrics": {"serviceMonitor": {"labels": {"release": 1}}}},
@@ -196,13 +393,23 @@ def test_containerd_runtime_mounts_its_socket_where_the_operator_looks():
         {"metrics": {"networkPolicy": {"namespaceSelector": {"matchNames": ["monitoring"]}}}},
         {"metrics": {"service": {"type": "NodePort"}}},  # ClusterIP only
     ],
-    ids=lambda v: next(iter(v)),
+    ids=lambda v: _value_path(v),
 )
 def test_schema_rejects_bad_values(helm, bad):
     with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmValuesError):
         chart.validate_schema(bad)
     report = helm.lint(str(CHART), bad, strict=True)
     assert report["errors"] or any(m["severity"] >= WARNING for m in report["messages"])
+
+
+def _value_path(value: Any) -> str:
+    """agent.runtime for {"agent": {"runtime": ...}}: a readable test id."""
+    path = []
+    while isinstance(value, dict) and len(value) >= 1:
+        key = next(iter(value))
+        path.append(key)
+        value = value[key]
+    return ".".join(path)
 
 
 def test_chart_crds_are_identical_to_crds_dir(helm):
@@ -218,17 +425,25 @@ def test_chart_crds_are_identical_to_crds_dir(helm):
     assert loaded == top
 
 
+ROLE_SUFFIXES = ("-agent-secrets", "-agent", "-controller")
+
+
 def _rules(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """ClusterRole rules keyed by the role's suffix after the base name (''/'-secrets')."""
-    roles = find(objects, "ClusterRole")
-    base = min((r["metadata"]["name"] for r in roles), key=len)
-    return {r["metadata"]["name"][len(base) :]: r["rules"] for r in roles}
+    """ClusterRole rules keyed by the role's suffix after the name prefix ("imageunlock",
+    or e.g. "iu" with fullnameOverride)."""
+    rules = {}
+    for role in find(objects, "ClusterRole"):
+        name = role["metadata"]["name"]
+        (suffix,) = [s for s in ROLE_SUFFIXES if name.endswith(s)][:1]
+        rules[suffix] = role["rules"]
+    return rules
 
 
 def test_chart_rbac_equals_manifest_rbac():
+    """The same rules, rule for rule and in the same order, for every role."""
     plain = _rules(manifest_objects())
-    assert set(plain) == {"", "-secrets"}
-    for values in (None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}):
+    assert set(plain) == set(ROLE_SUFFIXES)
+    for values in (None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, K3S_EDGE):
         assert _rules(rendered_objects(values)) == plain
 
 
@@ -256,16 +471,27 @@ def test_chart_bindings_equal_the_manifests():
     ids=["default", "non-default", "cluster-wide"],
 )
 def test_chart_bindings_point_at_the_roles(values):
+    """Each role's bindings name its own ServiceAccount, the one its workload runs as: the
+    controller's rules go to the controller, the agents' and the Secrets to the agents."""
     objects = rendered_objects(values)
-    (sa,) = find(objects, "ServiceAccount")
-    roles = {r["metadata"]["name"] for r in find(objects, "ClusterRole")}
+    daemonset, deployment = _workloads(objects)
+    accounts = {sa["metadata"]["name"]: sa for sa in find(objects, "ServiceAccount")}
+    runs_as = {
+        "agent": pod_of(daemonset)["serviceAccountName"],
+        "controller": pod_of(deployment)["serviceAccountName"],
+    }
+    assert set(runs_as.values()) == set(accounts)
+    roles = {r["metadata"]["name"]: r for r in find(objects, "ClusterRole")}
     bindings = find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")
-    assert bindings
+    assert len(bindings) >= 2
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "ClusterRole" and binding["roleRef"]["name"] in roles
+        component = roles[binding["roleRef"]["name"]]["metadata"]["labels"]["app.kubernetes.io/component"]
+        sa = accounts[runs_as[component]]
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
         ]
+        assert binding["roleRef"]["name"].endswith("-controller") == (component == "controller")
 
 
 def _secrets_bindings(objects: list[dict[str, Any]], role: str = SECRETS_ROLE) -> dict[str, list[dict[str, Any]]]:
@@ -281,8 +507,11 @@ def test_default_reads_secrets_in_no_namespace_and_warns():
     objects = rendered_objects()
     assert find(objects, "ClusterRole", SECRETS_ROLE), "the role itself is still installed"
     assert _secrets_bindings(objects) == {"ClusterRoleBinding": [], "RoleBinding": []}
-    (operator_binding,) = find(objects, "ClusterRoleBinding")
-    assert operator_binding["roleRef"]["name"] == "imageunlock-operator"  # not the Secrets role
+    # the roles' own rules only, not the Secrets role
+    assert sorted(b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding")) == [
+        "imageunlock-agent",
+        "imageunlock-controller",
+    ]
     notes = render_chart()[NOTES]
     assert "WARNING" in notes and STALL_MESSAGE in notes
     assert "rbac.secretNamespaces" in notes and "rbac.clusterWideSecrets" in notes
@@ -317,14 +546,14 @@ def test_cluster_wide_secrets_is_an_opt_in(helm):
     assert secrets["RoleBinding"] == []
     (binding,) = secrets["ClusterRoleBinding"]
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": "imageunlock-system"}
+        {"kind": "ServiceAccount", "name": "imageunlock-agent", "namespace": "imageunlock-system"}
     ]
     notes = render_chart(values)[NOTES]
     assert "WARNING" not in notes and "EVERY" in notes
     # with another release name, the binding follows the role's name
     renamed = rendered_objects({**values, "fullnameOverride": "iu"})
-    assert [b["metadata"]["name"] for b in _secrets_bindings(renamed, "iu-secrets")["ClusterRoleBinding"]] == [
-        "iu-secrets"
+    assert [b["metadata"]["name"] for b in _secrets_bindings(renamed, "iu-agent-secrets")["ClusterRoleBinding"]] == [
+        "iu-agent-secrets"
     ]
 
 
@@ -341,67 +570,69 @@ def test_values_file_is_fully_described_by_the_schema(helm):
 # ------------------------------------------------------------------ metrics
 
 
-def _operator_config(deployment: dict[str, Any]) -> Any:
-    """The operator's own settings parser run on the Deployment's environment: what the pod
-    would start with (or its ConfigurationError)."""
+def _agent_config(daemonset: dict[str, Any], node: str = "edge-1") -> Any:
+    """The agent's own settings parser run on the DaemonSet's environment (NODE_NAME as the
+    kubelet would set it): what the pod would start with (or its ConfigurationError)."""
     config = pytest.importorskip("imageunlock.config")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return config.OperatorConfig.from_env({e["name"]: e["value"] for e in container["env"]})
+    (container,) = pod_of(daemonset)["containers"]
+    return config.OperatorConfig.from_env(env_of(container, node=node))
 
 
 def _metrics_wiring(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The Deployment and the metrics Service, after checking the Service reaches the pod's
-    "metrics" port: its selector picks the pod template (and the Deployment's selector), and
-    its targetPort names the container port the operator listens on."""
-    (deployment,) = find(objects, "Deployment")
+    """The agent DaemonSet and the metrics Service, after checking the Service reaches the
+    agent pods' "metrics" port: its selector picks the agent pod template (and the
+    DaemonSet's selector) but not the controller's pods, and its targetPort names the
+    container port the agent listens on."""
+    daemonset, deployment = (find(objects, kind)[0] for kind in ("DaemonSet", "Deployment"))
     (service,) = find(objects, "Service")
-    pod = deployment["spec"]["template"]
+    pod = daemonset["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert service["spec"]["type"] == "ClusterIP"
-    assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert service["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
     selector = service["spec"]["selector"]
     assert selector.items() <= pod["metadata"]["labels"].items()
-    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selector == daemonset["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     (port,) = service["spec"]["ports"]
     container_ports = {p["name"]: p for p in container["ports"]}
     assert port["name"] == port["targetPort"] == "metrics"
     assert container_ports["metrics"]["containerPort"] == port["port"]
     assert port["protocol"] == container_ports["metrics"]["protocol"] == "TCP"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = env_of(container)
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == f"0.0.0.0:{port['port']}"
-    return deployment, service
+    return daemonset, service
 
 
 def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
     objects = rendered_objects()
-    deployment, service = _metrics_wiring(objects)
-    assert service["metadata"]["name"] == "imageunlock-operator-metrics"
+    daemonset, service = _metrics_wiring(objects)
+    assert service["metadata"]["name"] == "imageunlock-agent-metrics"
     assert service["spec"]["ports"][0]["port"] == 8081
     # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs), no
     # NetworkPolicy, and no prometheus.io/* annotations (a sample-config convention that
     # would have any annotation-driven Prometheus scrape the endpoint unasked).
     assert not find(objects, "ServiceMonitor") and not find(objects, "NetworkPolicy")
-    for obj in (service, deployment, deployment["spec"]["template"]):
+    for obj in (service, daemonset, daemonset["spec"]["template"]):
         assert not any(k.startswith("prometheus.io/") for k in obj["metadata"].get("annotations", {}))
-    config = _operator_config(deployment)
+    config = _agent_config(daemonset)
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:8081", "text", 60)
     notes = render_chart()[NOTES]
-    assert "http://imageunlock-operator-metrics.imageunlock-system.svc:8081/metrics" in notes
+    assert "http://imageunlock-agent-metrics.imageunlock-system.svc:8081/metrics" in notes
     assert "unauthenticated" in notes and "metrics.networkPolicy.enabled=true" in notes
 
 
-def test_metrics_values_reach_the_deployment_and_service():
+def test_metrics_values_reach_the_agents_and_service():
     objects = rendered_objects(METRICS_ALL)
-    deployment, service = _metrics_wiring(objects)
+    daemonset, service = _metrics_wiring(objects)
     assert service["spec"]["ports"][0]["port"] == 9102
     assert service["metadata"]["annotations"] == METRICS_ALL["metrics"]["service"]["annotations"]
-    config = _operator_config(deployment)
+    config = _agent_config(daemonset)
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:9102", "json", 90)
 
 
 def test_service_monitor_selects_the_metrics_service():
     objects = rendered_objects(METRICS_ALL)
-    _deployment, service = _metrics_wiring(objects)
+    _daemonset, service = _metrics_wiring(objects)
     (monitor,) = find(objects, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
@@ -426,15 +657,17 @@ def test_service_monitor_selects_the_metrics_service():
     values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": ""}}}
     (monitor,) = find(rendered_objects(values), "ServiceMonitor")
     assert "interval" not in monitor["spec"]["endpoints"][0]
-    assert "ServiceMonitor imageunlock-operator" in render_chart(values)[NOTES]
+    assert "ServiceMonitor imageunlock-agent" in render_chart(values)[NOTES]
 
 
 def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
     objects = rendered_objects(METRICS_ALL)
-    deployment, _service = _metrics_wiring(objects)
+    daemonset, _service = _metrics_wiring(objects)
     (policy,) = find(objects, "NetworkPolicy")
     spec = policy["spec"]
-    assert spec["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert spec["podSelector"]["matchLabels"].items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
+    controller_labels = find(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not spec["podSelector"]["matchLabels"].items() <= controller_labels.items()  # agents only
     assert spec["policyTypes"] == ["Ingress"]  # egress (Kubernetes API, resource API) untouched
     (rule,) = spec["ingress"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
@@ -453,13 +686,13 @@ def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
 
 def test_metrics_off_leaves_no_endpoint():
     objects = rendered_objects(METRICS_OFF)
-    (deployment,) = find(objects, "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    (daemonset,) = find(objects, "DaemonSet")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # set and empty: the operator serves no /metrics
     assert [p["name"] for p in container["ports"]] == ["health"]
     assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
-    assert _operator_config(deployment).metrics_address == ""
+    assert _agent_config(daemonset).metrics_address == ""
     # networkPolicy.enabled alone renders nothing: it is about the metrics port
     assert not find(
         rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}), "NetworkPolicy"
@@ -476,7 +709,7 @@ def test_metrics_port_must_differ_from_the_health_port(helm):
 
 def test_chart_metrics_service_equals_the_manifests():
     """manifests/service.yaml is the chart's default metrics Service (same name, namespace,
-    ports), each selecting its own Deployment's pods."""
+    ports), each selecting its own agent pods."""
     chart = _metrics_wiring(rendered_objects())[1]
     plain = _metrics_wiring(manifest_objects())[1]
     for service in (chart, plain):

@@ -11,19 +11,26 @@ ${XDG_CACHE_HOME:-~/.cache}/imageunlock/image-test/; the next session loads them
 with --cache-from: the Dockerfile still runs, and every unchanged step is a cache hit.
 IMAGEUNLOCK_TEST_IMAGE_CACHE=0 builds from scratch.
 
-Then the image is run: --help; a read-only root filesystem as an arbitrary non-root user
-with no capabilities; and the operator itself (one container for the module, run the way the
-Deployment runs it) against the local control plane, as the operator's ServiceAccount
-authorized by manifests/rbac.yaml alone (plus its Secrets RoleBinding copied into the test's
-namespace, as the manifests tell a user to), with the Docker socket reached through its group
-(--group-add, i.e. supplementalGroups): its liveness probe answers, then it unlocks the
-sample ImageUnlock for real, and the audit log shows no denied request.
+Then the image is run: --help of the program and of both roles, its default command (the
+agent); a read-only root filesystem as an arbitrary non-root user with no capabilities; and
+both roles themselves against the local control plane (one container each for the module),
+each as its own ServiceAccount authorized by manifests/rbac.yaml alone (plus the agents'
+Secrets RoleBinding copied into the test's namespace, as the manifests tell a user to): the
+agent run the way the DaemonSet runs it, for a Node the test registers (NODE_NAME, its
+runtime from the Node: docker), with the Docker socket reached through its group
+(--group-add, i.e. supplementalGroups); the controller the way its Deployment runs it (no
+socket, no host path, read-only, no capabilities, told the DaemonSet's placement). Both
+liveness probes answer, the agent unlocks the sample ImageUnlock for real, the controller
+summarises it (Ready, NODES 1/1), and the audit log shows no denied request of either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +40,7 @@ import pytest
 
 from ..support.dockerd import Dockerd
 from ..support.images import TEST_VERSION
+from ..support.net import free_port
 from ..support.packaged_image import (
     CACHE_ROOT,
     DEFAULT_UID,
@@ -44,9 +52,10 @@ from ..support.packaged_image import (
     image_id,
     operator_container,
     run,
+    shared_dir,
 )
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
-from .conftest import SA_USER, find, sample_objects
+from .conftest import AGENT_USER, CONTROLLER_USER, env_of, find, manifest_objects, pod_of, sample_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -72,11 +81,11 @@ def image(dockerd: Dockerd) -> str:
 
 
 def test_image_metadata(dockerd, image):
-    """Non-root by default, `imageunlock operator`, /tmp a volume, liveness port declared."""
+    """Non-root by default, `imageunlock agent`, /tmp a volume, liveness port declared."""
     config = json.loads(dockerd.docker("image", "inspect", image, text=True).stdout)[0]["Config"]
     assert config["User"] == f"{DEFAULT_UID}:{DEFAULT_UID}"
     assert config["Entrypoint"] == ["imageunlock"]
-    assert config["Cmd"] == ["operator"]
+    assert config["Cmd"] == ["agent"]
     assert "/tmp" in config["Volumes"]
     assert "8080/tcp" in config["ExposedPorts"]
     env = dict(e.split("=", 1) for e in config["Env"])
@@ -88,13 +97,30 @@ def test_image_metadata(dockerd, image):
 def test_help(dockerd, image):
     res = run(dockerd, "--network", "none", image, "--help")
     assert res.returncode == 0, res.stderr
-    for command in ("unlock", "encrypt", "operator"):
+    for command in ("unlock", "encrypt", "agent", "controller"):
         assert command in res.stdout
+    assert "operator" not in res.stdout.split("{", 1)[-1].split("}", 1)[0].split(",")  # the old role is gone
+
+
+@pytest.mark.parametrize("role", ["agent", "controller"])
+def test_role_help(dockerd, image, role):
+    """`imageunlock agent --help` and `imageunlock controller --help` work in the image."""
+    res = run(dockerd, "--network", "none", image, role, "--help")
+    assert res.returncode == 0, res.stderr
+    assert f"imageunlock {role}" in res.stdout
+
+
+def test_default_command_is_the_agent(dockerd, image):
+    """With no arguments the image runs `imageunlock agent`, which needs its node's name."""
+    res = run(dockerd, "--network", "none", "-e", "RESOURCE_API_URL=https://api.example.com", image)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "NODE_NAME is not set" in res.stderr
 
 
 READ_ONLY_CHECK = """
 import errno, os, subprocess, sys, tempfile
-import imageunlock.handlers, imageunlock.operator_main, imageunlock.cli  # kopf, kubernetes, docker
+import imageunlock.handlers, imageunlock.controller  # kopf, kubernetes, docker
+import imageunlock.operator_main, imageunlock.cli
 assert os.getuid() == 4242, os.getuid()
 with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
     f.write(b"x"); f.flush()
@@ -140,32 +166,116 @@ def test_read_only_root_filesystem_as_any_non_root_user(dockerd, image):
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
-# ------------------------------------------------------------------ the operator, running
+# ------------------------------------------------------------------ the two roles, running
+
+NODE = "iu-pack-node"  # the Node the packaged agent serves (no kubelet: the test registers it)
 
 
 @pytest.fixture(scope="module")
 def image_api(archives) -> Iterator[FakeResourceApi]:
-    """The resource API for the packaged operator: up before the container starts, since the
-    operator only sends credentials to the API its RESOURCE_API_URL names."""
+    """The resource API for the packaged agent: up before the container starts, since the
+    agent only sends credentials to the API its RESOURCE_API_URL names."""
     with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
 
 
 @pytest.fixture(scope="module")
-def operator(dockerd: Dockerd, image: str, plane, image_api: FakeResourceApi) -> Iterator[Operator]:
-    """The operator container, run the way the Deployment runs it (support.packaged_image)."""
-    env = {"RESOURCE_API_URL": image_api.url, "IMAGEUNLOCK_LOG_LEVEL": "debug"}
+def node(plane) -> Iterator[str]:
+    """A Node as kubelet would register it, running the Docker Engine: the agent's
+    IMAGEUNLOCK_RUNTIME=auto resolves to docker from it, and the controller counts it."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux"}},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "docker://20.10.24", "kubeletVersion": "v1.30.0"}},
+    }
+    plane.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+    try:
+        yield NODE
+    finally:
+        plane.kubectl("delete", "node", NODE, "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="module")
+def agent(dockerd: Dockerd, image: str, plane, node: str, image_api: FakeResourceApi) -> Iterator[Operator]:
+    """The agent container, run the way the DaemonSet runs it (support.packaged_image: the
+    image's default command, the agents' ServiceAccount), for the registered Node."""
+    env = {"NODE_NAME": node, "RESOURCE_API_URL": image_api.url, "IMAGEUNLOCK_LOG_LEVEL": "debug"}
     with operator_container(dockerd, image, plane, env) as running:
         yield running
 
 
-def test_operator_answers_liveness_against_the_control_plane(operator):
-    body = operator.healthz()
-    # kopf's probe results: the runtime answers, through the socket's group.
+@contextlib.contextmanager
+def controller_container(engine: Dockerd, image: str, plane) -> Iterator[Operator]:
+    """The controller as manifests/controller.yaml runs it: `imageunlock controller` as the
+    controller's ServiceAccount, the image's non-root user, read-only root filesystem, no
+    capabilities, no privilege escalation, and no socket, host path or group at all; the
+    agents' placement from the manifest's environment. Liveness on a free loopback port
+    (host network: the control plane listens on 127.0.0.1)."""
+    plane.ensure_crd()
+    (deployment,) = find(manifest_objects(), "Deployment")
+    written = env_of(pod_of(deployment)["containers"][0])
+    port = free_port()
+    env = {
+        **{k: v for k, v in written.items() if k.startswith("IMAGEUNLOCK_AGENT_")},
+        "KUBECONFIG": "/etc/imageunlock/kubeconfig",
+        "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{port}/healthz",
+        "IMAGEUNLOCK_METRICS_ADDRESS": written["IMAGEUNLOCK_METRICS_ADDRESS"],
+        "IMAGEUNLOCK_LOG_LEVEL": "debug",
+    }
+    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""
+    with shared_dir() as config_dir:
+        kubeconfig = config_dir / "kubeconfig"
+        shutil.copyfile(plane.kubeconfig_for(CONTROLLER_USER), kubeconfig)
+        os.chown(kubeconfig, DEFAULT_UID, DEFAULT_UID)
+        kubeconfig.chmod(0o400)
+        options = ["--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        options += ["-v", f"{config_dir}:/etc/imageunlock:ro"]
+        for name, value in env.items():
+            options += ["-e", f"{name}={value}"]
+        res = subprocess.run(
+            ["docker", "-H", engine.url, "run", "-d", *options, image, "controller"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        container = res.stdout.strip()
+        try:
+            yield Operator(engine, container, port, config_dir)
+        finally:
+            subprocess.run(["docker", "-H", engine.url, "stop", "-t", "15", container], capture_output=True, timeout=60)
+            subprocess.run(["docker", "-H", engine.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def controller(dockerd: Dockerd, image: str, plane, node: str) -> Iterator[Operator]:
+    with controller_container(dockerd, image, plane) as running:
+        yield running
+
+
+def test_agent_answers_liveness_against_the_control_plane(agent):
+    body = agent.healthz()
+    # kopf's probe results: the runtime the Node reports answers, through the socket's group.
     assert body.get("runtime") == "reachable", body
-    user = operator.engine.docker("exec", operator.container, "id", "-u", text=True).stdout.strip()
+    user = agent.engine.docker("exec", agent.container, "id", "-u", text=True).stdout.strip()
     assert user == str(DEFAULT_UID)
-    assert "Traceback" not in operator.logs()
+    logs = agent.logs()
+    assert "Traceback" not in logs
+    assert f"agent on node {NODE}" in logs and "runtime docker" in logs, logs
+
+
+def test_controller_answers_liveness_without_host_access(controller):
+    controller.healthz()
+    inspect = json.loads(
+        controller.engine.docker("inspect", "--format", "{{json .}}", controller.container, text=True).stdout
+    )
+    assert inspect["Config"]["Cmd"] == ["controller"]
+    assert inspect["Config"]["User"] == f"{DEFAULT_UID}:{DEFAULT_UID}"
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True and inspect["HostConfig"]["CapDrop"] == ["ALL"]
+    assert not inspect["HostConfig"].get("GroupAdd")
+    assert not any(m["Source"].endswith(".sock") for m in inspect["Mounts"])
+    assert "Traceback" not in controller.logs()
 
 
 def _audit(audit_log: Path, user: str) -> tuple[list[dict[str, Any]], set[tuple[str, str, str]]]:
@@ -192,14 +302,16 @@ def _audit(audit_log: Path, user: str) -> tuple[list[dict[str, Any]], set[tuple[
     return denied, requests
 
 
-def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, archives, image_api):
-    """The packaged operator, with exactly the manifests' RBAC, unlocks manifests/samples/."""
-    engine, namespace = operator.engine, "iu-pack"
-    operator.healthz()
+def test_roles_unlock_the_sample_as_their_service_accounts(agent, controller, plane, archives, image_api):
+    """The packaged agent and controller, with exactly the manifests' RBAC, unlock
+    manifests/samples/ on the node and report it Ready, NODES 1/1."""
+    engine, namespace = agent.engine, "iu-pack"
+    agent.healthz()
+    controller.healthz()
     plane.kubectl("create", "namespace", namespace, check=False)
     plane.bind_secrets(namespace)  # Secrets are readable per namespace: as a user would, copy the RoleBinding
     engine.docker("rmi", "-f", *archives.refs, check=False)  # a real unlock, not the fast path
-    archive = operator.archive_root / "images.enc"
+    archive = agent.archive_root / "images.enc"
     shutil.copyfile(archives.own_archive, archive)
     archive.chmod(0o644)
     # The samples with the fields `make demo` patches: credentials, URL, archive path.
@@ -231,28 +343,44 @@ def test_operator_unlocks_the_sample_as_its_service_account(operator, plane, arc
         ):
             break
         if conditions.get("Stalled", {}).get("status") == "True":
-            pytest.fail(f"Stalled: {status.get('message')}\n{operator.logs()}")
+            pytest.fail(f"Stalled: {status.get('message')}\n{agent.logs()}\n{controller.logs()}")
         time.sleep(1)
     else:
-        pytest.fail(f"not Ready within 240s: {status}\n{operator.logs()}")
-    logs = operator.logs()
+        pytest.fail(f"not Ready within 240s: {status}\n{agent.logs()}\n{controller.logs()}")
+    logs = agent.logs()
     assert status["phase"] == "Ready"
+    assert status["readyNodes"] == "1/1"
     assert sorted(i["name"] for i in status["images"]) == sorted(archives.refs)
+    (entry,) = status["nodes"]
+    assert (entry["name"], entry["runtime"], entry["phase"]) == (NODE, "docker", "Ready")
     for ref in archives.refs:
         assert engine.docker("image", "inspect", ref, check=False).returncode == 0, ref
     events = json.loads(plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     assert any(e.get("reason") == "Unlocked" and e["involvedObject"]["name"] == name for e in events), events
-    # manifests/rbac.yaml was enough: no request of the ServiceAccount was denied ...
-    denied, requests = _audit(plane.audit_log, SA_USER)
-    assert not denied, f"denied requests: {denied}\n{logs}"
-    # ... and it used what it is granted for (the audit log saw these requests).
-    for needed in [
-        ("imageunlocks", "watch", "loader.azaion.com"),
-        ("imageunlocks", "patch", "loader.azaion.com"),
-        ("imageunlocks/status", "patch", "loader.azaion.com"),
-        ("secrets", "get", ""),
-        ("events", "create", ""),
-        ("customresourcedefinitions", "watch", "apiextensions.k8s.io"),
-    ]:
-        assert needed in requests, (needed, sorted(requests))
-    assert TEST_PASSWORD not in logs
+    # manifests/rbac.yaml was enough: no request of either ServiceAccount was denied ...
+    for user, role_logs in ((AGENT_USER, logs), (CONTROLLER_USER, controller.logs())):
+        denied, _ = _audit(plane.audit_log, user)
+        assert not denied, f"denied requests of {user}: {denied}\n{role_logs}"
+    # ... and each used what it is granted for (the audit log saw these requests).
+    needed = {
+        AGENT_USER: [
+            ("imageunlocks", "watch", "loader.azaion.com"),
+            ("imageunlocks/status", "patch", "loader.azaion.com"),
+            ("nodes", "get", ""),
+            ("secrets", "get", ""),
+            ("events", "create", ""),
+            ("customresourcedefinitions", "watch", "apiextensions.k8s.io"),
+        ],
+        CONTROLLER_USER: [
+            ("imageunlocks", "watch", "loader.azaion.com"),
+            ("imageunlocks/status", "patch", "loader.azaion.com"),
+            ("nodes", "list", ""),
+            ("nodes", "watch", ""),
+            ("customresourcedefinitions", "watch", "apiextensions.k8s.io"),
+        ],
+    }
+    for user, requests_needed in needed.items():
+        _, requests = _audit(plane.audit_log, user)
+        for request in requests_needed:
+            assert request in requests, (user, request, sorted(requests))
+    assert TEST_PASSWORD not in logs + controller.logs()

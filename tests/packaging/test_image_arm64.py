@@ -20,9 +20,10 @@ IMAGEUNLOCK_TEST_IMAGE_CACHE=0 builds from scratch.
 Then the arm64 image runs: its config says arm64; inside, `uname -m` is aarch64 and it
 reports its version; its native extensions (cryptography's AES, the C parsers) work, as an
 arbitrary non-root user on a read-only root filesystem; `imageunlock unlock` loads and
-verifies a real archive into the test's Docker Engine; and the operator itself, run the way
-the Deployment runs it, answers its liveness probe against the local control plane as the
-operator's ServiceAccount, reaching the Docker Engine through the socket's group.
+verifies a real archive into the test's Docker Engine; `agent --help` and `controller --help`
+work; and the node agent itself, run the way the DaemonSet runs it for a Node the test
+registers, answers its liveness probe against the local control plane as the agents'
+ServiceAccount, reaching the Docker Engine through the socket's group.
 
 What this cannot prove: Jetson hardware (no GPU, no L4T kernel, no real Cortex-A78AE timing:
 QEMU emulates the instruction set, not the board), and the kernel seen inside is this
@@ -61,7 +62,7 @@ from ..support.packaged_image import (
     shared_dir,
 )
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
-from .conftest import MANIFESTS, REPO, find, manifest_objects, rendered_objects
+from .conftest import MANIFESTS, REPO, manifest_objects, pod_of, rendered_objects
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2700)]
 
@@ -156,7 +157,7 @@ def test_arm64_image_config_records_arm64(dockerd, arm64_image):
     config = inspected["Config"]
     assert config["User"] == f"{DEFAULT_UID}:{DEFAULT_UID}"
     assert config["Entrypoint"] == ["imageunlock"]
-    assert config["Cmd"] == ["operator"]
+    assert config["Cmd"] == ["agent"]
     assert "/tmp" in config["Volumes"]
     assert "8080/tcp" in config["ExposedPorts"]
     env = dict(e.split("=", 1) for e in config["Env"])
@@ -195,7 +196,7 @@ import yaml, multidict, pydantic_core
 assert yaml.__with_libyaml__
 for module in (yaml._yaml, multidict._multidict, pydantic_core._pydantic_core):
     assert "aarch64" in module.__file__, module.__file__
-import imageunlock.cli, kopf, kubernetes, docker  # what the operator imports
+import imageunlock.cli, imageunlock.handlers, imageunlock.controller, kopf, kubernetes, docker  # what the roles import
 with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
     f.write(b"x"); f.flush()
 for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
@@ -238,17 +239,18 @@ def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_i
 
 def test_one_image_name_serves_both_architectures():
     """The chart and the manifests name the image without an architecture: the manifest list
-    that `make push-images` pushes under that name serves amd64 and arm64 nodes alike."""
-    (deployment,) = find(manifest_objects(), "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    (rendered,) = find(rendered_objects(), "Deployment")
-    (chart_container,) = rendered["spec"]["template"]["spec"]["containers"]
+    that `make push-images` pushes under that name serves amd64 and arm64 nodes alike, agents
+    and controller."""
+    workloads = [o for o in manifest_objects() + rendered_objects() if o["kind"] in ("DaemonSet", "Deployment")]
+    assert sorted(o["kind"] for o in workloads) == ["DaemonSet", "DaemonSet", "Deployment", "Deployment"]
     make = subprocess.run(["make", "-s", "-C", str(REPO), "print-image"], capture_output=True, text=True, timeout=60)
     assert make.returncode == 0, make.stderr
-    assert container["image"] == chart_container["image"] == make.stdout.strip() == f"azaion/imageunlock:{VERSION}"
-    # ... and nothing pins the pod to one architecture.
-    assert "kubernetes.io/arch" not in json.dumps(deployment) + json.dumps(rendered)
-    assert "kubernetes.io/arch" not in (MANIFESTS / "deployment.yaml").read_text()
+    images = {c["image"] for o in workloads for c in pod_of(o)["containers"]}
+    assert images == {make.stdout.strip()} == {f"azaion/imageunlock:{VERSION}"}
+    # ... and nothing pins a pod to one architecture.
+    assert "kubernetes.io/arch" not in json.dumps(workloads)
+    for name in ("daemonset.yaml", "controller.yaml"):
+        assert "kubernetes.io/arch" not in (MANIFESTS / name).read_text(), name
 
 
 # ------------------------------------------------------------------ unlocking, running
@@ -294,18 +296,41 @@ def test_arm64_cli_unlocks_an_archive_into_the_engine(dockerd, arm64_image, arch
     assert TEST_PASSWORD not in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("role", ["agent", "controller"])
+def test_arm64_role_help(dockerd, arm64_image, role):
+    res = run(dockerd, "--network", "none", arm64_image, role, "--help", timeout=EMULATED)
+    assert res.returncode == 0, res.stderr
+    assert f"imageunlock {role}" in res.stdout
+
+
+ARM64_NODE = "iu-arm64-node"
+
+
 @pytest.fixture(scope="module")
-def arm64_operator(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[Operator]:
-    """The arm64 operator container, run as the Deployment runs it (support.packaged_image).
-    The resource API is only named (nothing is unlocked)."""
-    with operator_container(dockerd, arm64_image, plane, {"RESOURCE_API_URL": f"http://127.0.0.1:{free_port()}"}) as op:
-        yield op
+def arm64_agent(dockerd: Dockerd, arm64_image: str, plane) -> Iterator[Operator]:
+    """The arm64 agent container, run as the DaemonSet runs it (support.packaged_image: the
+    image's default command), for a Node the test registers with the Docker Engine as its
+    runtime. The resource API is only named (nothing is unlocked)."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": ARM64_NODE, "labels": {"kubernetes.io/arch": ARCH}},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "docker://20.10.24", "architecture": ARCH}},
+    }
+    plane.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+    env = {"NODE_NAME": ARM64_NODE, "RESOURCE_API_URL": f"http://127.0.0.1:{free_port()}"}
+    try:
+        with operator_container(dockerd, arm64_image, plane, env) as op:
+            yield op
+    finally:
+        plane.kubectl("delete", "node", ARM64_NODE, "--ignore-not-found", check=False)
 
 
-def test_arm64_operator_answers_liveness_against_the_control_plane(dockerd, arm64_operator):
-    body = arm64_operator.healthz(timeout=240, interval=1)  # kopf's start under emulation: tens of seconds
-    # kopf's probe results: the runtime answers, through the socket's group.
+def test_arm64_agent_answers_liveness_against_the_control_plane(dockerd, arm64_agent):
+    body = arm64_agent.healthz(timeout=240, interval=1)  # kopf's start under emulation: tens of seconds
+    # kopf's probe results: the runtime the Node reports answers, through the socket's group.
     assert body.get("runtime") == "reachable", body
-    inside = dockerd.docker("exec", arm64_operator.container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
+    inside = dockerd.docker("exec", arm64_agent.container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
     assert inside == [str(DEFAULT_UID), "aarch64"]
-    assert "Traceback" not in arm64_operator.logs()
+    logs = arm64_agent.logs()
+    assert "Traceback" not in logs and f"agent on node {ARM64_NODE}" in logs, logs

@@ -1,11 +1,13 @@
 """manifests/ and the rendered chart against Kubernetes' schemas (kubernetes-validate, strict:
 unknown fields are errors; the chart's ServiceMonitor, a Prometheus Operator CRD kind that
 kubernetes-validate has no schema for, against the subset of monitoring.coreos.com/v1 it
-uses), the samples against the CRD, the security and RBAC promises
-(Secrets readable per namespace by default, cluster-wide only by the opt-in in
-manifests/cluster-wide-secrets/), and, for the kinds the local control plane serves
-(Namespace, Secret, CRD, ImageUnlock), a server-side dry run; the plane also enforces
-manifests/rbac.yaml on the operator's ServiceAccount.
+uses), the samples against the CRD, the security and RBAC promises of the two roles (the
+agent DaemonSet: non-root, its node's name from the downward API, hostPath only where it
+must; the controller Deployment: Pod Security "restricted", told where the agents run;
+least-privilege rules per role, Secrets readable by the agents per namespace by default,
+cluster-wide only by the opt-in in manifests/cluster-wide-secrets/), and, for the kinds the
+local control plane serves (Namespace, Secret, CRD, ImageUnlock), a server-side dry run; the
+plane also enforces manifests/rbac.yaml on both ServiceAccounts.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import yaml
 
 from ..support.ci import unavailable
 from .conftest import (
+    AGENT_SA,
     CHART,
     CLUSTER_WIDE_SECRETS,
+    CONTROLLER_SA,
+    CONTROLLER_USER,
     CRD_FILE,
     MANIFESTS,
     METRICS_ALL,
@@ -32,12 +37,16 @@ from .conftest import (
     NON_DEFAULT_VALUES,
     OPERATOR_NAMESPACE,
     REPO,
+    SECRETS_ROLE,
     cluster_wide_objects,
+    env_of,
     find,
     load_docs,
     manifest_objects,
+    pod_of,
     rendered_objects,
     require,
+    restricted_violations,
     sample_objects,
 )
 
@@ -104,8 +113,8 @@ SERVICE_MONITOR_SHAPE: dict[str, Any] = {
         },
     },
 }
-SECRETS_ROLE = "imageunlock-operator-secrets"
-OPERATOR_SUBJECT = {"kind": "ServiceAccount", "name": "imageunlock-operator", "namespace": OPERATOR_NAMESPACE}
+AGENT_SUBJECT = {"kind": "ServiceAccount", "name": AGENT_SA, "namespace": OPERATOR_NAMESPACE}
+CONTROLLER_SUBJECT = {"kind": "ServiceAccount", "name": CONTROLLER_SA, "namespace": OPERATOR_NAMESPACE}
 
 
 def _label(obj: dict[str, Any]) -> str:
@@ -168,7 +177,7 @@ def test_service_monitor_shape_rejects(bad):
     """The ServiceMonitor check is not a formality: a broken endpoint fails it."""
     (monitor,) = find(rendered_objects(METRICS_ALL), "ServiceMonitor")
     monitor["spec"]["endpoints"][0].update(bad)
-    with pytest.raises(AssertionError, match=r"ServiceMonitor/imageunlock-operator: spec\.endpoints\.0"):
+    with pytest.raises(AssertionError, match=r"ServiceMonitor/imageunlock-agent: spec\.endpoints\.0"):
         _validate([monitor], "latest")
 
 
@@ -198,12 +207,17 @@ def test_manifests_bind_secrets_per_namespace():
     )
     assert binding["metadata"]["namespace"] == readme_namespace == "edge"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
-    assert binding["subjects"] == [OPERATOR_SUBJECT]
+    assert binding["subjects"] == [AGENT_SUBJECT]
     assert len(find(objects, "RoleBinding")) == 1
-    # The operator's own role (ImageUnlocks, status, Events, CRDs) stays cluster-wide: kopf
-    # watches ImageUnlocks in every namespace.
-    (operator_binding,) = find(objects, "ClusterRoleBinding")
-    assert operator_binding["roleRef"]["name"] == "imageunlock-operator"
+    # Each role's own ClusterRole (ImageUnlocks, status, Nodes, CRDs; Events for the agents)
+    # stays cluster-wide: kopf watches ImageUnlocks in every namespace.
+    assert sorted(
+        (b["metadata"]["name"], b["roleRef"]["name"], b["subjects"][0]["name"])
+        for b in find(objects, "ClusterRoleBinding")
+    ) == [
+        ("imageunlock-agent", "imageunlock-agent", AGENT_SA),
+        ("imageunlock-controller", "imageunlock-controller", CONTROLLER_SA),
+    ]
     # The RoleBinding says how to extend it (per namespace) and where the opt-in is.
     text = (MANIFESTS / "rbac.yaml").read_text()
     comment = text[: text.index("kind: RoleBinding")].rsplit("---", 1)[1]
@@ -219,7 +233,7 @@ def test_cluster_wide_secrets_is_a_documented_opt_in():
     (binding,) = objects
     assert binding["kind"] == "ClusterRoleBinding"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
-    assert binding["subjects"] == [OPERATOR_SUBJECT]
+    assert binding["subjects"] == [AGENT_SUBJECT]  # the agents read Secrets, never the controller
     (role,) = find(manifest_objects(), "ClusterRole", SECRETS_ROLE)  # binds the installed role
     assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     for path in sorted(CLUSTER_WIDE_SECRETS.glob("*.yaml")):
@@ -273,22 +287,25 @@ def test_sample_imageunlock_matches_the_crd_schema():
     assert sorted(secret["stringData"]) == ["email", "password"]
     # Applied with -n: no namespace pinned in the samples.
     assert all("namespace" not in o["metadata"] for o in samples)
-    # The sample archive lies under the operator's default archive root.
-    (deployment,) = find(manifest_objects(), "Deployment")
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # The sample archive lies under the agents' default archive root.
+    (daemonset,) = find(manifest_objects(), "DaemonSet")
+    env = env_of(pod_of(daemonset)["containers"][0])
     assert unlock["spec"]["archivePath"].startswith(env["IMAGEUNLOCK_ARCHIVE_ROOT"] + "/")
 
 
-def test_deployment_keeps_its_promises():
-    (deployment,) = find(manifest_objects(), "Deployment")
-    spec = deployment["spec"]
-    pod = spec["template"]["spec"]
-    (container,) = pod["containers"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+def _workloads() -> tuple[dict[str, Any], dict[str, Any]]:
+    objects = manifest_objects()
+    (daemonset,) = find(objects, "DaemonSet")
+    (deployment,) = find(objects, "Deployment")
+    return daemonset, deployment
+
+
+def _common_promises(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """What both roles promise: non-root, no capabilities, no escalation, read-only root,
+    /tmp an emptyDir, kopf's /healthz as liveness and readiness probes."""
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["securityContext"]["supplementalGroups"], "the Docker socket's group"
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
@@ -298,49 +315,158 @@ def test_deployment_keeps_its_promises():
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
-    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert volumes["archives"]["hostPath"] == {"path": "/var/lib/imageunlock", "type": "Directory"}
-    assert mounts["archives"]["readOnly"] is True
-    assert volumes["runtime-socket"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
-    assert mounts["runtime-socket"]["mountPath"] == "/var/run/docker.sock"
     assert "emptyDir" in volumes["tmp"] and mounts["tmp"]["mountPath"] == "/tmp"
-    assert pod["serviceAccountName"] == "imageunlock-operator"
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert pod["terminationGracePeriodSeconds"] == 60
+    env = env_of(container)
     assert env["IMAGEUNLOCK_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+
+
+def test_daemonset_keeps_its_promises():
+    daemonset, _ = _workloads()
+    spec = daemonset["spec"]
+    pod = pod_of(daemonset)
+    (container,) = pod["containers"]
+    assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert container["args"] == ["agent"]
+    _common_promises(pod, container)
+    assert pod["securityContext"]["supplementalGroups"] == [0], "containerd's socket group"
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    assert container["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "1", "memory": "512Mi"},
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["archives"]["hostPath"] == {"path": "/var/lib/imageunlock", "type": "DirectoryOrCreate"}
+    assert mounts["archives"] == {"name": "archives", "mountPath": "/var/lib/imageunlock", "readOnly": True}
+    assert volumes["containerd"]["hostPath"] == {"path": "/run/containerd", "type": "DirectoryOrCreate"}
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/containerd", "readOnly": True}
+    assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp"}  # Docker's socket: commented out
+    assert pod["serviceAccountName"] == AGENT_SA
+    env = env_of(container)
+    assert env["IMAGEUNLOCK_RUNTIME"] == "auto"
+    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/containerd/containerd.sock"
+    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"].startswith(mounts["containerd"]["mountPath"] + "/")
+    assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "k8s.io"
+    assert "IMAGEUNLOCK_DOCKER_HOST" not in env
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
+    # Agents run on control-plane nodes too (a single-node cluster), on every node otherwise.
+    assert pod["nodeSelector"] == {}
+    assert pod["tolerations"] == [
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    # The Docker Engine lines are there to uncomment, with their instructions.
+    text = (MANIFESTS / "daemonset.yaml").read_text()
+    for line in ("# - name: docker-socket", "#     type: Socket", "#   value: unix:///var/run/docker.sock"):
+        assert line in text, line
+    assert "stat -c %g /var/run/docker.sock" in text and "/run/k3s/containerd" in text
     assert {
         o["metadata"].get("namespace")
         for o in manifest_objects()
-        if o["kind"] in ("Deployment", "ServiceAccount", "Service")
+        if o["kind"] in ("DaemonSet", "Deployment", "ServiceAccount", "Service")
     } == {OPERATOR_NAMESPACE}
 
 
+def test_daemonset_tells_each_agent_its_node():
+    """NODE_NAME comes from the downward API: the node the pod was scheduled to."""
+    daemonset, _ = _workloads()
+    (container,) = pod_of(daemonset)["containers"]
+    (node_name,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
+    assert node_name == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    config = pytest.importorskip("imageunlock.config")
+    agent = config.OperatorConfig.from_env(env_of(container, node="edge-1"))
+    assert (agent.node_name, agent.runtime, agent.archive_roots) == ("edge-1", "auto", ("/var/lib/imageunlock",))
+
+
+def test_agent_falls_short_of_restricted_only_by_its_host_paths():
+    daemonset, _ = _workloads()
+    assert restricted_violations(pod_of(daemonset)) == [
+        "volume archives: hostPath",
+        "volume containerd: hostPath",
+    ]
+
+
+def test_controller_keeps_its_promises():
+    _, deployment = _workloads()
+    spec = deployment["spec"]
+    pod = pod_of(deployment)
+    (container,) = pod["containers"]
+    # kopf standalone: one replica, never two at once.
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert container["args"] == ["controller"]
+    assert container["image"] == pod_of(_workloads()[0])["containers"][0]["image"]
+    _common_promises(pod, container)
+    assert pod["serviceAccountName"] == CONTROLLER_SA
+    assert [p["name"] for p in container["ports"]] == ["health"]
+    env = env_of(container)
+    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # no metrics of its own
+    config = pytest.importorskip("imageunlock.config")
+    controller = config.ControllerConfig.from_env(env)
+    assert controller.metrics_address == "" and controller.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+
+
+def test_controller_pod_meets_pod_security_restricted():
+    """No hostPath (no volume but its /tmp emptyDir), non-root, drop ALL, RuntimeDefault
+    seccomp, no privilege escalation: it would be admitted by an enforcing "restricted"."""
+    _, deployment = _workloads()
+    pod = pod_of(deployment)
+    assert restricted_violations(pod) == []
+    assert [set(v) - {"name"} for v in pod["volumes"]] == [{"emptyDir"}]
+    assert "supplementalGroups" not in pod["securityContext"]  # no runtime socket, no socket group
+
+
+def test_controller_knows_where_the_agents_run():
+    """IMAGEUNLOCK_AGENT_NODE_SELECTOR/_TOLERATIONS are the DaemonSet's own placement."""
+    daemonset, deployment = _workloads()
+    agent_pod = pod_of(daemonset)
+    env = env_of(pod_of(deployment)["containers"][0])
+    assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == agent_pod.get("nodeSelector", {})
+    assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == agent_pod.get("tolerations", [])
+    config = pytest.importorskip("imageunlock.config")
+    controller = config.ControllerConfig.from_env(env)
+    assert controller.agent_node_selector == agent_pod["nodeSelector"]
+    assert list(controller.agent_tolerations) == agent_pod["tolerations"]
+
+
+def test_namespace_admits_the_agents_and_audits_restricted():
+    (namespace,) = find(manifest_objects(), "Namespace")
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
+    header = (MANIFESTS / "namespace.yaml").read_text().split("\napiVersion:", 1)[0]
+    assert "hostPath" in header and "restricted" in header
+
+
 def test_metrics_service_reaches_the_metrics_port_and_warns():
-    """manifests/service.yaml selects the Deployment's pods on the container port named
-    "metrics", ClusterIP only, and its header says the endpoint is open and how to close it."""
+    """manifests/service.yaml selects the agent pods (not the controller) on the container
+    port named "metrics", ClusterIP only, and its header says the endpoint is open and how to
+    close it."""
     objects = manifest_objects()
-    (deployment,) = find(objects, "Deployment")
+    daemonset, deployment = _workloads()
     (service,) = find(objects, "Service")
-    pod = deployment["spec"]["template"]
+    pod = daemonset["spec"]["template"]
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
     (port,) = service["spec"]["ports"]
     (container,) = pod["spec"]["containers"]
     (metrics,) = [p for p in container["ports"] if p["name"] == port["targetPort"] == "metrics"]
     assert metrics["containerPort"] == port["port"]
     header = (MANIFESTS / "service.yaml").read_text().split("\napiVersion:", 1)[0]
     assert "unauthenticated" in header and "kind: NetworkPolicy" in header
+    assert "app.kubernetes.io/component: agent" in header  # the sample policy selects the agents
 
 
 RULE_START = re.compile(r"^(\s*)- apiGroups:")
 
 
 def _rule_comments(text: str) -> list[tuple[str, list[str]]]:
-    """(rule's first line, its comment lines) for every rule under a `rules:` key."""
+    """(rule's text: its apiGroups, resources and verbs lines; its comment lines) for every
+    rule under a `rules:` key."""
     lines = text.splitlines()
     found = []
     for i, line in enumerate(lines):
@@ -350,8 +476,14 @@ def _rule_comments(text: str) -> list[tuple[str, list[str]]]:
             while j >= 0 and lines[j].strip().startswith("#"):
                 comments.insert(0, lines[j].strip())
                 j -= 1
-            found.append((line.strip(), comments))
+            found.append((" ".join(x.strip() for x in lines[i : i + 3]), comments))
     return found
+
+
+JUSTIFIED = 40  # characters of comment a rule needs at least
+# A short comment may refer to the same grant's justification in the other role ("as for
+# the agent"): allowed only when that rule is the same grant and is justified in full.
+REFERS_BACK = re.compile(r"\bas for the (agents?|controller)\b")
 
 
 @pytest.mark.parametrize(
@@ -361,25 +493,51 @@ def test_every_rbac_rule_is_justified(path: Path):
     rules = _rule_comments(path.read_text())
     parsed = sum(len(o["rules"]) for o in manifest_objects() if o["kind"] == "ClusterRole")
     assert len(rules) == parsed, "every rule must start with '- apiGroups:'"
-    for first, comments in rules:
-        assert comments and sum(len(c) for c in comments) > 40, f"rule without a justifying comment: {first}"
+    length = {rule: max(sum(len(c) for c in comments) for r, comments in rules if r == rule) for rule, _ in rules}
+    for rule, comments in rules:
+        assert comments, f"rule without a justifying comment: {rule}"
+        if sum(len(c) for c in comments) > JUSTIFIED:
+            continue
+        assert REFERS_BACK.search(" ".join(comments)), f"rule without a justifying comment: {rule}"
+        assert length[rule] > JUSTIFIED, f"rule refers to a justification that is not there: {rule}"
+
+
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+
+
+CRDS_READ = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+IMAGEUNLOCKS_READ = {("loader.azaion.com", "imageunlocks", "list"), ("loader.azaion.com", "imageunlocks", "watch")}
+STATUS_PATCH = {("loader.azaion.com", "imageunlocks/status", "patch")}
 
 
 def test_rbac_is_least_privilege():
-    rules = [r for o in manifest_objects() if o["kind"] == "ClusterRole" for r in o["rules"]]
-    granted = {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
-    assert granted == {
-        ("loader.azaion.com", "imageunlocks", "list"),
-        ("loader.azaion.com", "imageunlocks", "watch"),
-        ("loader.azaion.com", "imageunlocks", "patch"),
-        ("loader.azaion.com", "imageunlocks/status", "patch"),
-        ("", "events", "create"),
-        ("", "events", "patch"),  # aggregating a repeated Event (count, lastTimestamp)
-        ("", "secrets", "get"),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    """Exactly these grants, per role: nobody patches ImageUnlocks themselves (no kopf state,
+    no finalizers), nobody writes Nodes, only the agents post Events and read Secrets (get
+    by name, bound per namespace), the agents get their one Node, the controller lists and
+    watches Nodes."""
+    roles = {o["metadata"]["name"]: o["rules"] for o in manifest_objects() if o["kind"] == "ClusterRole"}
+    assert {name: _granted(rules) for name, rules in roles.items()} == {
+        "imageunlock-agent": IMAGEUNLOCKS_READ
+        | STATUS_PATCH
+        | CRDS_READ
+        | {
+            ("", "events", "create"),
+            ("", "events", "patch"),  # aggregating a repeated Event (count, lastTimestamp)
+            ("", "nodes", "get"),
+        },
+        "imageunlock-controller": IMAGEUNLOCKS_READ
+        | STATUS_PATCH
+        | CRDS_READ
+        | {("", "nodes", "list"), ("", "nodes", "watch")},
+        SECRETS_ROLE: {("", "secrets", "get")},
     }
+    rules = [r for rs in roles.values() for r in rs]
     assert not any("resourceNames" in r or "nonResourceURLs" in r for r in rules)
+    assert not any("*" in r["verbs"] or "*" in r["resources"] or "*" in r["apiGroups"] for r in rules)
 
 
 # ------------------------------------------------------------------ server-side dry run
@@ -439,13 +597,14 @@ def test_server_rejects_an_invalid_sample(plane):
 
 @pytest.mark.e2e
 def test_plane_enforces_namespaced_secret_access(plane):
-    """Enforced, as installed: the operator's ServiceAccount may get a Secret in the bound
-    namespace only (never list), elsewhere only once the cluster-wide opt-in is applied."""
+    """Enforced, as installed: the agents' ServiceAccount may get a Secret in the bound
+    namespace only (never list), elsewhere only once the cluster-wide opt-in is applied; the
+    controller's may read no Secret at all."""
     for namespace in ("edge", "iu-elsewhere"):
         plane.kubectl("create", "namespace", namespace, check=False)
 
-    def kubectl_as_operator(*args: str) -> str:
-        res = plane.kubectl(*args, kubeconfig=plane.sa_kubeconfig, check=False)
+    def kubectl_as_operator(*args: str, kubeconfig: str | None = None) -> str:
+        res = plane.kubectl(*args, kubeconfig=kubeconfig or plane.sa_kubeconfig, check=False)
         assert res.returncode != 0, res.stdout
         return res.stderr
 
@@ -455,7 +614,36 @@ def test_plane_enforces_namespaced_secret_access(plane):
     assert "(NotFound)" in get_secret("edge"), "allowed there: only the Secret is missing"
     assert "(Forbidden)" in get_secret("iu-elsewhere")
     assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "edge")  # no list
+    controller = plane.kubeconfig_for(CONTROLLER_USER)
+    assert "(Forbidden)" in kubectl_as_operator("get", "secret", "no-such-secret", "-n", "edge", kubeconfig=controller)
     with plane.policy_added((CLUSTER_WIDE_SECRETS / "clusterrolebinding.yaml").read_text()):
         assert "(NotFound)" in get_secret("iu-elsewhere")
         assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "iu-elsewhere")
+        assert "(Forbidden)" in kubectl_as_operator(
+            "get", "secret", "no-such-secret", "-n", "iu-elsewhere", kubeconfig=controller
+        )
     assert "(Forbidden)" in get_secret("iu-elsewhere")
+
+
+@pytest.mark.e2e
+def test_plane_enforces_each_roles_node_access(plane):
+    """Enforced, as installed: an agent gets a Node by name (its own) but cannot list or
+    change Nodes; the controller lists them but cannot change them either."""
+    agent, controller = plane.sa_kubeconfig, plane.kubeconfig_for(CONTROLLER_USER)
+    name = "iu-rbac-node"
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"role": "edge"}}}
+    plane.kubectl("apply", "-f", "-", stdin=json.dumps(node))
+    try:
+
+        def as_(kubeconfig: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return plane.kubectl(*args, kubeconfig=kubeconfig, check=False)
+
+        assert as_(agent, "get", "node", name, "-o", "name").returncode == 0
+        assert "(Forbidden)" in as_(agent, "get", "nodes").stderr
+        assert as_(controller, "get", "nodes", "-o", "name").returncode == 0
+        assert "(Forbidden)" in as_(controller, "get", "node", name).stderr  # list/watch, no get
+        for kubeconfig in (agent, controller):
+            assert "(Forbidden)" in as_(kubeconfig, "label", "node", name, "role=core", "--overwrite").stderr
+            assert "(Forbidden)" in as_(kubeconfig, "delete", "node", name).stderr
+    finally:
+        plane.kubectl("delete", "node", name, "--ignore-not-found")

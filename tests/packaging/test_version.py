@@ -25,11 +25,12 @@ def test_chart_and_manifests_ship_this_version_under_one_image_name():
     assert chart["appVersion"] == imageunlock.__version__
     values = yaml.safe_load((REPO / "chart" / "imageunlock-operator" / "values.yaml").read_text())
     assert values["image"]["repository"] == IMAGE
-    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "deployment.yaml").read_text()) if d]
-    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == f"{IMAGE}:{imageunlock.__version__}"
-    assert deployment["metadata"]["labels"]["app.kubernetes.io/version"] == imageunlock.__version__
+    for name, kind in (("daemonset.yaml", "DaemonSet"), ("controller.yaml", "Deployment")):
+        docs = [d for d in yaml.safe_load_all((REPO / "manifests" / name).read_text()) if d]
+        [workload] = [d for d in docs if d["kind"] == kind]
+        [container] = workload["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == f"{IMAGE}:{imageunlock.__version__}", name
+        assert workload["metadata"]["labels"]["app.kubernetes.io/version"] == imageunlock.__version__, name
 
 
 def test_dockerfile_labels_this_version():

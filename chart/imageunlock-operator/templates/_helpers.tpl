@@ -30,19 +30,85 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: imageunlock
 {{- end }}
 
-{{/* Selector labels: stable across upgrades (a Deployment's selector is immutable). */}}
+{{/* Name prefix of the two roles' objects: the release's full name without the chart's
+"-operator" suffix, so the default release "imageunlock-operator" names them
+imageunlock-agent and imageunlock-controller, as manifests/ does. Short enough for the
+longest suffix ("-agent-metrics") to keep a Service name within 63 characters. */}}
+{{- define "imageunlock.prefix" -}}
+{{- include "imageunlock.fullname" . | trimSuffix "-operator" | trunc 48 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "imageunlock.agentName" -}}
+{{- printf "%s-agent" (include "imageunlock.prefix" .) }}
+{{- end }}
+
+{{- define "imageunlock.controllerName" -}}
+{{- printf "%s-controller" (include "imageunlock.prefix" .) }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades (a workload's selector is immutable). Each
+object adds app.kubernetes.io/component: agent or controller. */}}
 {{- define "imageunlock.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "imageunlock.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: operator
 {{- end }}
 
-{{- define "imageunlock.serviceAccountName" -}}
+{{/* ServiceAccount names: the roles' names unless set; with serviceAccount.create=false
+they must name existing ones. */}}
+{{- define "imageunlock.agentServiceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
-{{- default (include "imageunlock.fullname" .) .Values.serviceAccount.name }}
+{{- default (include "imageunlock.agentName" .) .Values.serviceAccount.agentName }}
 {{- else }}
-{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- required "serviceAccount.agentName is required when serviceAccount.create is false" .Values.serviceAccount.agentName }}
 {{- end }}
+{{- end }}
+
+{{- define "imageunlock.controllerServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "imageunlock.controllerName" .) .Values.serviceAccount.controllerName }}
+{{- else }}
+{{- required "serviceAccount.controllerName is required when serviceAccount.create is false" .Values.serviceAccount.controllerName }}
+{{- end }}
+{{- end }}
+
+{{/* The pod securityContext both roles share; the agent adds its supplementalGroups. */}}
+{{- define "imageunlock.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The container securityContext both roles share (Pod Security "restricted"). */}}
+{{- define "imageunlock.containerSecurity" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* kopf's liveness endpoint as the liveness and readiness probes of both roles. */}}
+{{- define "imageunlock.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: health
+  initialDelaySeconds: 10
+  periodSeconds: 20
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  httpGet:
+    path: /healthz
+    port: health
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
 {{- end }}
 
 {{- define "imageunlock.image" -}}
