@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .agent import NodeAgent, resolve_runtime
+from .agent import NodeAgent, counted, resolve_runtime
 from .config import OperatorConfig
 from .errors import ConfigurationError, UnlockError
 from .kube import GROUP, PLURAL, VERSION, KubernetesApi
@@ -59,7 +59,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         containerd_namespace=config.containerd_namespace,
         timeout=config.runtime_timeout,
     )
-    memo.agent = NodeAgent(memo.kube, node, runtime)
+    memo.agent = NodeAgent(memo.kube, node, runtime, NodeInfo.from_object(raw) if raw else None)
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
     # while the event loop updates the dict.
@@ -159,10 +159,11 @@ async def _work_loop(memo: kopf.Memo) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(memo.wake.wait(), timeout=tick)
         memo.wake.clear()
+        # Not on the workers: a long unlock on each of them must not hold these up.
         if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
-            await loop.run_in_executor(memo.workers, _check_runtime, memo)
+            await asyncio.to_thread(_check_runtime, memo)
             next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
-        await loop.run_in_executor(memo.workers, memo.agent.node_info)  # re-read now and then
+        await asyncio.to_thread(memo.agent.node_info)  # re-read now and then
         for key, body in list(memo.objects.items()):
             if key in running and not running[key].done():
                 continue
@@ -175,14 +176,21 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any]) -> None:
     """One object on a worker thread: reconcile what is due, or leave it."""
     agent: NodeAgent = memo.agent
     try:
-        if not agent.selected(body):
+        selected = agent.selected(body)
+        if selected is None:
+            return  # this node was never read: nothing is known, nothing is removed
+        if not selected:
             if agent.has_entry(key, body):
                 log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
                 agent.leave(*key)
                 memo.resync.forget(key)
             return
         agent.seed(key, body)
-        memo.resync.step(key, agent.view(body))
+        seen = agent.view(body)
+        new = (seen.get("status") or {}).get("observedGeneration") != (body.get("metadata") or {}).get("generation")
+        if new and not counted(body):
+            return  # the controller has not counted this generation's nodes yet (at most MAX_NODES)
+        memo.resync.step(key, seen)
     except UnlockError as exc:
         log.info("%s/%s not handled now: %s", *key, exc.message)
     except Exception:  # one object's trouble never stops the loop

@@ -10,6 +10,7 @@ stay far below the ~1.5 MiB object limit (README, "Scale").
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,21 @@ def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]
     return False
 
 
+# What the DaemonSet controller adds to every DaemonSet's pods (so an agent stays on a node
+# that is not ready, unreachable, cordoned or under pressure).
+DAEMONSET_TOLERATIONS: tuple[Mapping[str, Any], ...] = tuple(
+    {"key": f"node.kubernetes.io/{key}", "operator": "Exists", "effect": effect}
+    for key, effect in (
+        ("not-ready", "NoExecute"),
+        ("unreachable", "NoExecute"),
+        ("disk-pressure", "NoSchedule"),
+        ("memory-pressure", "NoSchedule"),
+        ("pid-pressure", "NoSchedule"),
+        ("unschedulable", "NoSchedule"),
+    )
+)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the agent DaemonSet runs: its nodeSelector and tolerations (the chart passes the
@@ -156,16 +172,17 @@ class Placement:
         if any(node.labels.get(k) != v for k, v in self.node_selector.items()):
             return False
         blocking = [t for t in node.taints if t.get("effect") in ("NoSchedule", "NoExecute")]
-        return all(tolerates(self.tolerations, t) for t in blocking)
+        return all(tolerates((*self.tolerations, *DAEMONSET_TOLERATIONS), t) for t in blocking)
 
 
 # --- the per-node entry -------------------------------------------------------------------
 
 # Scale (README, "Scale"): up to DETAILED_NODES selected nodes every Ready entry lists its
-# images; beyond, a Ready entry whose images are exactly the summary's says so
-# (imagesAsSummary) instead of repeating them. One ImageUnlock selects at most MAX_NODES
-# nodes: past that the controller stalls it (TooManyNodes) and agents write no entry, so the
-# object never nears the ~1.5 MiB limit.
+# images; beyond, a Ready entry writes only the digest of the list it verified (imagesDigest).
+# A node trusts a list for its fast path only when that list's digest is the one its own
+# entry holds: its own memory of what it verified, or the summary's list when the digests
+# match. One ImageUnlock selects at most MAX_NODES nodes: past that the controller stalls it
+# (TooManyNodes) and agents start nothing, so the object never nears the ~1.5 MiB limit.
 DETAILED_NODES = 200
 MAX_NODES = 1000
 
@@ -181,7 +198,7 @@ ENTRY_FIELDS = (
     "lastUnlockTime",
     "lastVerifiedTime",
     "lastHandledRequestedAt",
-    "imagesAsSummary",
+    "imagesDigest",
 )
 
 
@@ -202,23 +219,26 @@ def _reason(conditions: Any) -> str | None:
     return None
 
 
+def images_digest(images: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 over the sorted ``name=id`` lines of an image list."""
+    lines = sorted(f"{i.get('name')}={i.get('id')}" for i in images)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def merge_entry(
-    entry: Mapping[str, Any] | None,
-    node: str,
-    runtime: str,
-    status: Mapping[str, Any],
-    summary_images: list[dict[str, str]] | None = None,
+    entry: Mapping[str, Any] | None, node: str, runtime: str, status: Mapping[str, Any], compact: bool = False
 ) -> dict[str, Any]:
     """Fold a status update as the reconciler writes it (see status.py: phase, message,
     conditions, images, progress, …; a None value removes a field) into this node's entry.
-    With ``summary_images`` (many nodes: see DETAILED_NODES), a Ready entry whose images are
-    exactly those says ``imagesAsSummary`` instead of listing them."""
+    ``compact`` (more than DETAILED_NODES selected nodes): a Ready entry keeps only the
+    digest of its verified images."""
     merged: dict[str, Any] = {k: v for k, v in (entry or {}).items() if k in ENTRY_FIELDS}
     for key, value in status.items():
         if key == "conditions":
             if (reason := _reason(value)) is not None:
                 merged["reason"] = reason
         elif key == "images":
+            merged["imagesDigest"] = None  # a new verdict on the images
             merged["images"] = (
                 None
                 if value is None
@@ -230,29 +250,24 @@ def merge_entry(
             )
         elif key in ENTRY_FIELDS:
             merged[key] = value
-    if merged.get("imagesAsSummary") and "images" in status:
-        merged["imagesAsSummary"] = None  # a new verdict on the images: said anew below
     if merged.get("phase") == Phase.READY.value:
         merged["progress"] = None  # done: the summary says 100%
-        if summary_images and merged.get("images") == summary_images:
-            merged.update(images=None, imagesAsSummary=True)
+        if compact and merged.get("images"):
+            merged.update(imagesDigest=images_digest(merged["images"]), images=None)
     merged.update(name=node, runtime=runtime)
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def summary_images(status: Mapping[str, Any] | None, generation: int) -> list[dict[str, str]] | None:
-    """The summary's verified images when this ImageUnlock selects so many nodes that Ready
-    entries should not repeat them (and the summary is of this generation); else None."""
-    status = status or {}
-    if int(status.get("nodesDesired") or 0) <= DETAILED_NODES or status.get("observedGeneration") != generation:
-        return None
-    images = [{"name": i["name"], "id": i["id"]} for i in status.get("images") or [] if i.get("name") and i.get("id")]
-    return images or None
+def compact(status: Mapping[str, Any] | None) -> bool:
+    """Whether Ready entries keep only a digest: the ImageUnlock selects many nodes."""
+    return int((status or {}).get("nodesDesired") or 0) > DETAILED_NODES
 
 
-def view(body: Mapping[str, Any], node: str) -> dict[str, Any]:
+def view(body: Mapping[str, Any], node: str, remembered: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """``body`` as an agent reconciles it: its status is this node's entry, shown the way the
-    reconciler and the re-verification loop read a status (conditions, images with present)."""
+    reconciler and the re-verification loop read a status (conditions, images with present).
+    An entry with only a digest gets the list whose digest it is: ``remembered`` (what this
+    agent verified) or else the summary's, never a list this node did not verify."""
     entry = find_entry(body.get("status"), node) or {}
     phase = entry.get("phase")
     reason = entry.get("reason", "")
@@ -269,9 +284,10 @@ def view(body: Mapping[str, Any], node: str) -> dict[str, Any]:
         if k in entry
     }
     images = entry.get("images")
-    top = body.get("status") or {}
-    if entry.get("imagesAsSummary") and top.get("observedGeneration") == entry.get("observedGeneration"):
-        images = [{"name": i["name"], "id": i["id"]} for i in top.get("images") or [] if i.get("id")]
+    if not images and (digest := entry.get("imagesDigest")):
+        summary = (body.get("status") or {}).get("images") or []
+        candidates = [remembered or [], [{"name": i.get("name"), "id": i.get("id")} for i in summary]]
+        images = next((c for c in candidates if c and images_digest(c) == digest), None)
     if images:
         status["images"] = [{**i, "present": True} for i in images]
     if entry:

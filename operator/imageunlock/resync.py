@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +43,8 @@ class Due:
     attempt: int = 0  # transient failures in a row (the backoff exponent)
     inputs: Inputs | None = None  # what a Stalled outcome depended on
     generation: Any = None  # the generation the last reconcile was for
+    uid: Any = None  # of the object it was for: one created anew under the same name starts afresh
+    requested: Any = None  # the requested-at value already acted on (acted on once, not every tick)
 
 
 class Resync:
@@ -77,12 +79,16 @@ class Resync:
             self.due[key] = Due(now + self.interval, 0, None, generation)
 
     def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        generation, uid = meta.get("generation"), meta.get("uid")
         due = self.due.get(key, Due())
-        generation = (body.get("metadata") or {}).get("generation")
+        if due.uid is not None and due.uid != uid:
+            due = Due()  # another object of the same name: nothing of the old one applies
+        request = _requested(body)
         if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
             due = Due(generation=generation)  # a new generation: now, whatever was scheduled
-        elif self.clock() < due.at and not _requested(body):
-            return
+        elif self.clock() < due.at and (request is None or request == due.requested):
+            return  # not due; a pending request is acted on once, then the schedule holds
         lock = self.lock(key)
         if not lock.acquire(blocking=False):
             return  # another worker is reconciling it right now
@@ -90,6 +96,8 @@ class Resync:
             self._step(key, body, due)
         finally:
             lock.release()
+        if key in self.due:
+            self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested)
 
     def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
         status = body.get("status") or {}
@@ -97,7 +105,7 @@ class Resync:
         phase = status.get("phase") if status.get("observedGeneration") == generation else None
         try:
             if phase == Phase.READY.value and self.reconciler.still_ready(body):
-                if _requested(body) or _older_than(status.get("lastVerifiedTime"), RECORD_VERIFIED):
+                if _requested(body) is not None or _older_than(status.get("lastVerifiedTime"), RECORD_VERIFIED):
                     self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
                 self.due[key] = Due(self.clock() + self.interval, 0, None, generation)
                 return
@@ -125,10 +133,12 @@ def _older_than(timestamp: Any, seconds: float) -> bool:
     return (datetime.now(UTC) - then).total_seconds() > seconds
 
 
-def _requested(body: Mapping[str, Any]) -> bool:
-    """A re-check was asked for (the requested-at annotation has a value not yet handled)."""
+def _requested(body: Mapping[str, Any]) -> str | None:
+    """The requested-at value of a re-check asked for and not yet recorded as handled."""
     requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
-    return requested is not None and requested != (body.get("status") or {}).get("lastHandledRequestedAt")
+    if requested is None or requested == (body.get("status") or {}).get("lastHandledRequestedAt"):
+        return None
+    return str(requested)
 
 
 def _stalled_reason(status: Mapping[str, Any]) -> str | None:

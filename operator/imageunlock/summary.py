@@ -17,7 +17,7 @@ from typing import Any
 from . import status as st
 from .errors import ConfigurationError
 from .models import Phase
-from .nodes import MAX_NODES, NodeInfo, Placement, parse_selector
+from .nodes import MAX_NODES, NodeInfo, Placement, images_digest, parse_selector
 
 # Least advanced first: the summary of nodes still working shows the one furthest behind.
 _ORDER = [Phase.PENDING, Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING]
@@ -55,8 +55,11 @@ def summarize(
     generation = int(meta.get("generation") or 0)
     previous = status.get("conditions")
     entries = {e["name"]: e for e in status.get("nodes") or () if isinstance(e, Mapping) and e.get("name")}
+    # An agent beyond the placement counts while it reports on this generation or works on it
+    # (its entry at an older generation, not working, is a leftover: pruned).
+    reporting = {n for n, e in entries.items() if e.get("observedGeneration") == generation or e.get("phase") in _ORDER}
     try:
-        desired = desired_nodes(spec, nodes, placement, set(entries))
+        desired = desired_nodes(spec, nodes, placement, reporting)
     except ConfigurationError as exc:  # a bad spec.nodeSelector: the agents select nothing either
         return Summary(_stalled(exc.reason, exc.message, generation, previous, now), tuple(sorted(entries)))
     wanted = set(desired)
@@ -115,14 +118,19 @@ def summarize(
         message = f"{len(ready)}/{len(desired)} node(s) ready; waiting for {'; '.join(waits[:NAMED])}"
         if len(waits) > NAMED:
             message += f" and {len(waits) - NAMED} more"
-        return Summary({**_working(phase, reason, message, generation, previous, now), **aggregate, **counts}, prune)
+        result = _working(phase, reason, message, generation, previous, now)
+        if status.get("observedGeneration") != generation:
+            result["images"] = None  # the last generation's: not this one's (kept while this one's)
+        return Summary({**result, **aggregate, **counts}, prune)
 
     reasons = {current[n].get("reason") for n in ready}
     reason = "AlreadyPresent" if reasons == {"AlreadyPresent"} else "Unlocked"
     listed = [current[n]["images"] for n in ready if current[n].get("images")]
-    # on a large fleet Ready entries say imagesAsSummary: the summary's list stands
-    kept = status.get("images") if status.get("observedGeneration") == generation else None
-    images = listed[0] if listed else [{"name": i["name"], "id": i["id"]} for i in kept or []]
+    # On a large fleet Ready entries hold only the digest of their list: the summary's list
+    # stands while it is that list (an agent trusts it only then, see nodes.view).
+    kept = [{"name": i.get("name"), "id": i.get("id")} for i in status.get("images") or []]
+    digests = {current[n].get("imagesDigest") for n in ready} - {None}
+    images = listed[0] if listed else (kept if kept and digests == {images_digest(kept)} else [])
     message = f"{len(images)} image(s) ready and verified on {len(ready)}/{len(desired)} node(s)"
     result = {
         "phase": Phase.READY.value,
@@ -183,7 +191,6 @@ def _working(phase: Phase, reason: str, message: str, generation: int, previous:
         "phase": phase.value,
         "message": message,
         "observedGeneration": generation,
-        "images": None,
         "conditions": _conditions(
             previous,
             generation,

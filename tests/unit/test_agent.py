@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.agent import NodeAgent, resolve_runtime
+from imageunlock.agent import NodeAgent, counted, resolve_runtime
 from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
 from imageunlock.models import Phase
 from imageunlock.nodes import DETAILED_NODES, MAX_NODES, NodeInfo
@@ -90,12 +90,57 @@ def test_past_the_node_limit_an_agent_writes_no_entry():
     assert not agent.selected({"spec": {}, "status": {"nodesDesired": MAX_NODES + 1}})
 
 
-def test_on_a_large_fleet_the_agent_writes_a_compact_ready_entry():
+def test_on_a_large_fleet_the_agent_writes_a_digest_and_remembers_what_it_verified():
     kube = FakeKubernetesApi()
-    agent = NodeAgent(kube, "n", "docker")
-    images = [{"name": "a/b:1", "id": "sha256:1", "present": True}]
-    top = {"observedGeneration": 2, "nodesDesired": DETAILED_NODES + 1, "images": images}
-    agent.seed(KEY, {"metadata": {"generation": 2}, "status": top})
+    agent = NodeAgent(kube, "n", "docker", NodeInfo("n"))
+    body = {
+        "metadata": {"namespace": "ns", "name": "iu", "uid": "u1", "generation": 2},
+        "status": {"nodesDesired": DETAILED_NODES + 1},
+    }
+    agent.seed(KEY, body)
     agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 2, None))
     [mine] = kube.statuses[KEY]["nodes"]
-    assert mine["imagesAsSummary"] is True and "images" not in mine
+    assert "images" not in mine and mine["imagesDigest"].startswith("sha256:")
+    seen = agent.view({**body, "status": {**body["status"], "nodes": [mine]}})  # no list in the summary
+    assert seen["status"]["images"] == [{"name": "a/b:1", "id": "sha256:1", "present": True}]
+
+
+def test_an_object_created_anew_under_the_same_name_starts_afresh():
+    """Review finding 4: nothing of the deleted object's entry or verified images carries over."""
+    kube = FakeKubernetesApi()
+    agent = NodeAgent(kube, "n", "docker", NodeInfo("n"))
+    old = {"metadata": {"namespace": "ns", "name": "iu", "uid": "old", "generation": 1}, "status": {}}
+    agent.seed(KEY, old)
+    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 1, None, unlocked_at="T0"))
+    agent.forget(KEY)
+    agent.write(*KEY, working(Phase.LOADING, "late write of the old unlock", 1, None))  # after forget
+    new = {"metadata": {"namespace": "ns", "name": "iu", "uid": "new", "generation": 1}, "status": {}}
+    agent.seed(KEY, new)
+    assert "images" not in agent.view(new)["status"]
+    agent.write(*KEY, working(Phase.PENDING, "starting", 1, None))
+    [mine] = kube.statuses[KEY]["nodes"]
+    assert "lastUnlockTime" not in mine and "observedGeneration" not in mine
+
+
+def test_a_failed_first_read_of_the_node_says_nothing_and_a_deleted_node_selects_nothing():
+    """Review finding 5: an agent must not drop its entries because one Node read failed."""
+    kube = FakeKubernetesApi()
+
+    def down(name):
+        raise KubernetesUnavailableError("reading Node n failed (HTTP 429)")
+
+    kube.read_node = down
+    agent = NodeAgent(kube, "n", "docker")
+    assert agent.selected({"spec": {}}) is None
+    kube.read_node = lambda name: None  # 404: deleted
+    agent.refresh = 0
+    assert agent.selected({"spec": {}}) is False
+
+
+def test_a_generation_starts_only_once_the_controller_counted_its_nodes():
+    """Review finding 12: past MAX_NODES no agent may start, not even before the summary lands."""
+    meta = {"generation": 3}
+    assert not counted({"metadata": meta, "status": {}})
+    assert not counted({"metadata": meta, "status": {"observedGeneration": 2, "nodesDesired": 5}})
+    assert counted({"metadata": meta, "status": {"observedGeneration": 3, "nodesDesired": 5}})
+    assert not counted({"metadata": meta, "status": {"observedGeneration": 3, "nodesDesired": MAX_NODES + 1}})

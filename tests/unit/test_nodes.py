@@ -10,10 +10,11 @@ from imageunlock.nodes import (
     DETAILED_NODES,
     NodeInfo,
     Placement,
+    compact,
+    images_digest,
     merge_entry,
     parse_selector,
     runtime_of,
-    summary_images,
     view,
 )
 from imageunlock.status import ready, retrying, stalled, working
@@ -144,23 +145,31 @@ def test_the_view_shows_this_nodes_entry_as_the_reconciler_reads_a_status():
     assert view(body, "new-node")["status"] == {}  # nothing reported yet: a new generation for this node
 
 
-def test_on_a_large_fleet_a_ready_entry_points_at_the_summarys_images_instead_of_repeating_them():
+def test_on_a_large_fleet_a_ready_entry_keeps_the_digest_and_trusts_only_a_list_with_that_digest():
     images = [{"name": "a/b:1", "id": "sha256:1"}]
     done = ready({"a/b:1": "sha256:1"}, False, 3, None)
-    compact = merge_entry(None, "n", "docker", done, summary_images=images)
-    assert compact["imagesAsSummary"] is True and "images" not in compact
-    other = merge_entry(None, "n", "docker", done, summary_images=[{"name": "a/b:1", "id": "sha256:2"}])
-    assert other["images"] == images and "imagesAsSummary" not in other  # it verified something else
-    failed = merge_entry(compact, "n", "docker", stalled("ArchiveInvalid", "bad", 3, None), summary_images=images)
-    assert "imagesAsSummary" not in failed and "images" not in failed
-    body = {"status": {"observedGeneration": 3, "images": [{**images[0], "present": True}], "nodes": [compact]}}
-    assert view(body, "n")["status"]["images"] == [{**images[0], "present": True}]
-    stale = {"status": {**body["status"], "observedGeneration": 4}}  # the summary moved on: not vouched for
-    assert "images" not in view(stale, "n")["status"]
+    small = merge_entry(None, "n", "docker", done, compact=True)
+    assert small["imagesDigest"] == images_digest(images) and "images" not in small
+    failed = merge_entry(small, "n", "docker", stalled("ArchiveInvalid", "bad", 3, None), compact=True)
+    assert "imagesDigest" not in failed and "images" not in failed
+    top = {"observedGeneration": 3, "images": [{**images[0], "present": True}], "nodes": [small]}
+    assert view({"status": top}, "n")["status"]["images"] == [{**images[0], "present": True}]
+    # Review finding 2: a summary listing another node's IDs is not taken for this node's
+    other = {**top, "images": [{"name": "a/b:1", "id": "sha256:arm", "present": True}]}
+    assert "images" not in view({"status": other}, "n")["status"]
+    # Review finding 1: with the summary's list gone, the agent's own memory still counts
+    assert view({"status": {**top, "images": None}}, "n", remembered=images)["status"]["images"][0]["id"] == "sha256:1"
+    assert (
+        "images" not in view({"status": {**top, "images": None}}, "n", remembered=[{"name": "x", "id": "y"}])["status"]
+    )
 
 
-def test_only_a_large_fleets_summary_of_this_generation_is_offered():
-    top = {"nodesDesired": DETAILED_NODES + 1, "observedGeneration": 2, "images": [{"name": "a:1", "id": "sha256:1"}]}
-    assert summary_images(top, 2) == [{"name": "a:1", "id": "sha256:1"}]
-    assert summary_images({**top, "nodesDesired": DETAILED_NODES}, 2) is None
-    assert summary_images(top, 3) is None
+def test_only_a_large_fleet_compacts():
+    assert compact({"nodesDesired": DETAILED_NODES + 1}) and not compact({"nodesDesired": DETAILED_NODES})
+    assert not compact(None)
+
+
+def test_the_daemonsets_own_tolerations_count_for_the_placement():
+    """Review finding 11: a cordoned or not-ready node still runs its agent."""
+    cordoned = NodeInfo("c", {}, ({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},))
+    assert Placement().runs_agent(cordoned)

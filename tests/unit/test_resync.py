@@ -3,6 +3,7 @@ re-verification, retries and Stalled re-checks, with a fake reconciler and a fak
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -181,3 +182,27 @@ def test_a_check_that_finds_everything_in_place_is_recorded_hourly_or_on_request
     clock.now += 300
     resync.step(KEY, old)
     assert fake.verifications == 2
+
+
+def test_a_pending_request_is_acted_on_once_then_the_retry_backoff_holds():
+    """Review finding 3: a retry's status does not record the request, so it stayed pending
+    and every tick reconciled again (one login per second while the API was failing)."""
+    resync, fake, clock = make(*[Outcome(Verdict.RETRY, delay=300)] * 5)
+    fake.ready = False
+    asked = body("Ready")
+    asked["metadata"]["annotations"] = {"loader.azaion.com/requested-at": "now"}
+    for _ in range(5):
+        resync.step(KEY, asked)
+        clock.now += 1
+    assert fake.calls == [0]
+
+
+def test_an_object_created_anew_under_the_same_name_is_not_held_to_the_old_schedule():
+    """Review finding 4: a late record of the deleted object must not delay the new one."""
+    resync, fake, _clock = make(Outcome(Verdict.READY))
+    resync.record(KEY, Outcome(Verdict.READY), 0, None, 1)
+    resync.due[KEY] = replace(resync.due[KEY], uid="old")
+    fresh = body("Pending", observed=0)
+    fresh["metadata"]["uid"] = "new"
+    resync.step(KEY, fresh)
+    assert fake.calls == [0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageunlock.nodes import MAX_NODES, NodeInfo, Placement
+from imageunlock.nodes import MAX_NODES, NodeInfo, Placement, images_digest
 from imageunlock.summary import summarize
 
 EVERYWHERE = Placement()
@@ -143,12 +143,34 @@ def test_more_nodes_than_one_imageunlock_serves_stalls_it_with_advice():
     assert status["nodesDesired"] == MAX_NODES + 1
 
 
-def test_ready_entries_that_point_at_the_summary_keep_its_images():
-    compact = {"name": "a", "phase": "Ready", "observedGeneration": 1, "imagesAsSummary": True}
-    previous = body({**compact}, {**compact, "name": "b"}, selector=EDGE)
+def test_digest_entries_keep_the_summarys_list_only_while_it_is_theirs():
+    digest = images_digest(IMAGES)
+    small = {"name": "a", "phase": "Ready", "observedGeneration": 1, "imagesDigest": digest}
+    previous = body({**small}, {**small, "name": "b"}, selector=EDGE)
     previous["status"].update(observedGeneration=1, images=[{**IMAGES[0], "present": True}])
     status = summarize(previous, NODES, EVERYWHERE).status
     assert status["phase"] == "Ready" and status["images"] == [{**IMAGES[0], "present": True}]
+    previous["status"]["images"] = [{"name": "azaion/x:1", "id": "sha256:other", "present": True}]
+    assert summarize(previous, NODES, EVERYWHERE).status["images"] == []  # not theirs: not vouched for
+
+
+def test_a_node_at_work_in_the_same_generation_leaves_the_verified_list_alone():
+    """Review finding 1: a reload on one node must not wipe the list every other node relies on."""
+    previous = body(entry("a"), entry("b", "Loading"), selector=EDGE)
+    previous["status"].update(observedGeneration=1, images=[{**IMAGES[0], "present": True}])
+    assert "images" not in summarize(previous, NODES, EVERYWHERE).status  # merge patch: kept
+    newer = body(entry("a"), entry("b", "Loading"), generation=2, selector=EDGE)
+    newer["status"].update(observedGeneration=1, images=[{**IMAGES[0], "present": True}])
+    assert summarize(newer, NODES, EVERYWHERE).status["images"] is None  # the last generation's: cleared
+
+
+def test_a_leftover_entry_beyond_the_placement_is_pruned_not_waited_for():
+    """Review finding 6: after the agents' placement narrows, an old entry must not hold a new
+    generation back forever."""
+    placement = Placement({"role": "edge"})
+    old = entry("c", generation=1)
+    result = summarize(body(entry("a", generation=2), entry("b", generation=2), old, generation=2), NODES, placement)
+    assert result.prune == ("c",) and result.status["readyNodes"] == "2/2"
 
 
 def test_a_node_still_working_on_a_new_generation_shows_its_phase_and_reason():
