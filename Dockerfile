@@ -29,10 +29,10 @@
 #     Kubernetes: securityContext.supplementalGroups: [<gid of /var/run/docker.sock>];
 #     docker run / compose: --group-add <gid> / group_add: ["<gid>"]
 #     (the gid on the node: `stat -c %g /var/run/docker.sock`).
-#   * the containerd runtime (IMAGEUNLOCK_RUNTIME=containerd: k3s, RKE2, kubeadm nodes) runs
-#     containerd's `ctr` command, which this image does not contain: an image for that
-#     runtime needs `ctr` on PATH (the one binary from Debian's containerd package) and the
-#     node's containerd socket mounted at /run/containerd/containerd.sock
+#   * the containerd runtime (k3s, RKE2, kubeadm nodes: IMAGEUNLOCK_RUNTIME auto or
+#     containerd) runs containerd's `ctr` (/usr/local/bin/ctr: the one binary, taken from
+#     the base release's Debian `containerd` package for the target architecture) against
+#     the node's containerd socket mounted at /run/containerd/containerd.sock
 #     (IMAGEUNLOCK_CONTAINERD_ADDRESS), reached through its group like Docker's.
 #   * read-only root filesystem: nothing is written outside /tmp (TMPDIR and HOME point
 #     there). /tmp is declared a VOLUME, so `docker run --read-only` works as is; in
@@ -105,6 +105,19 @@ RUN python3 -m venv /opt/build \
         --requirement /src/runtime-requirements.txt --dest /wheels \
  && python3 /src/image-target.py check-pinned /src/requirements.lock /wheels
 
+# containerd's `ctr` for the target architecture: the one file from the base release's
+# Debian `containerd` package (apt-get download + dpkg-deb: nothing is installed or run, so a
+# cross build needs no emulation here), checked to be for the target's machine.
+RUN arch="$(python3 /src/image-target.py debian-arch /src/target.json)" \
+ && { [ "$arch" = "$(dpkg --print-architecture)" ] || dpkg --add-architecture "$arch"; } \
+ && apt-get update -qq \
+ && mkdir -p /tmp/ctr && cd /tmp/ctr \
+ && apt-get download -qq "containerd:$arch" \
+ && dpkg-deb --fsys-tarfile containerd_*.deb | tar -x ./usr/bin/ctr \
+ && install -D -m 0755 usr/bin/ctr /opt/ctr/ctr \
+ && python3 /src/image-target.py check-binaries /opt/ctr /src/target.json \
+ && cd / && rm -rf /tmp/ctr /var/lib/apt/lists/*
+
 # The project's own wheel (pure Python: built here, for any architecture), then the runtime
 # virtualenv from the wheels alone (--no-index, nothing else can get in). The virtualenv's
 # python is a link to the build Python's path, which the runtime base has too (checked
@@ -135,7 +148,7 @@ RUN groupadd --system --gid "${GID}" imageunlock \
         --home-dir /nonexistent --shell /usr/sbin/nologin imageunlock
 
 LABEL org.opencontainers.image.title="imageunlock" \
-      org.opencontainers.image.description="Kubernetes operator that unlocks encrypted Docker image archives into the node's Docker Engine" \
+      org.opencontainers.image.description="Kubernetes operator that unlocks encrypted Docker image archives into each node's container runtime (containerd or Docker)" \
       org.opencontainers.image.version="0.1.0"
 ENV PATH=/opt/imageunlock/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -156,5 +169,6 @@ CMD ["agent"]
 # cannot modify its own code. Then the installed program must start here, on the image's own
 # architecture and base, as its own user (for a foreign architecture under emulation: a few
 # seconds; it writes nothing).
+COPY --from=build /opt/ctr/ctr /usr/local/bin/ctr
 COPY --from=build /opt/imageunlock /opt/imageunlock
-RUN imageunlock --help >/dev/null
+RUN imageunlock --help >/dev/null && ctr --version >/dev/null

@@ -8,6 +8,7 @@ what must.
     pip-args TARGET.json      (build stage) check the build Python can install for that
                               target; print the pip options that select its wheels
     host-platform TARGET.json the target's sysconfig platform (for _PYTHON_HOST_PLATFORM)
+    debian-arch TARGET.json   the target's Debian architecture name (amd64, arm64)
     check-pinned LOCK DIR     every wheel in DIR is at a version LOCK pins
     check-binaries DIR TARGET.json
                               every ELF file below DIR is for the target's machine
@@ -25,6 +26,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+# Debian's names of the architectures the image is built for (uname -m names).
+DEBIAN_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 # ELF e_machine of the architectures the image is built for (uname -m names).
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
 OLDEST_MANYLINUX = 17  # manylinux2014 = manylinux_2_17: the oldest tag aarch64 wheels carry
@@ -126,6 +129,8 @@ def main(argv: list[str]) -> None:
             print(" ".join(pip_args(load(target))))
         case ["host-platform", target]:
             print(load(target)["platform"])
+        case ["debian-arch", target]:
+            print(DEBIAN_ARCHES[load(target)["machine"]])
         case ["check-pinned", lock, directory]:
             check_pinned(lock, directory)
         case ["check-binaries", directory, target]:

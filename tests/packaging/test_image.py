@@ -117,6 +117,33 @@ def test_default_command_is_the_agent(dockerd, image):
     assert "NODE_NAME is not set" in res.stderr
 
 
+@pytest.mark.containerd
+def test_the_images_ctr_talks_to_the_nodes_containerd(dockerd, image, containerd):
+    """Issue 10: the containerd runtime drives `ctr`, so the image ships it (the base release's
+    Debian build, for the image's architecture); against a real containerd (sid's 2.x, as the
+    node's), mounted the way the DaemonSet mounts /run/containerd."""
+    res = run(
+        dockerd,
+        "--network",
+        "none",
+        "--read-only",
+        "--group-add",
+        "0",  # the socket is root:root 0660, as on a node (the chart's agent.supplementalGroups)
+        "-v",
+        f"{containerd.socket.parent}:/run/containerd:ro",
+        "--entrypoint",
+        "ctr",
+        image,
+        "-a",
+        f"/run/containerd/{containerd.socket.name}",
+        "version",
+    )
+    assert res.returncode == 0, res.stderr
+    client, _, server = res.stdout.partition("Server:")
+    assert "Version:" in client and "Version:" in server
+    assert ".".join(map(str, containerd.build.version)) in server
+
+
 READ_ONLY_CHECK = """
 import errno, os, subprocess, sys, tempfile
 import imageunlock.handlers, imageunlock.controller  # kopf, kubernetes, docker

@@ -303,6 +303,13 @@ def test_arm64_role_help(dockerd, arm64_image, role):
     assert f"imageunlock {role}" in res.stdout
 
 
+def test_arm64_image_ships_an_arm64_ctr(dockerd, arm64_image):
+    """The containerd runtime's `ctr` is the arm64 build (runs under emulation as aarch64)."""
+    res = run(dockerd, "--network", "none", "--entrypoint", "ctr", arm64_image, "--version", timeout=EMULATED)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ctr ")
+
+
 ARM64_NODE = "iu-arm64-node"
 
 
