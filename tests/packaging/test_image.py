@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ from ..support.packaged_image import (
     image_id,
     operator_container,
     run,
+    running_container,
     shared_dir,
 )
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
@@ -258,21 +258,8 @@ def controller_container(engine: Dockerd, image: str, plane) -> Iterator[Operato
         kubeconfig.chmod(0o400)
         options = ["--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
         options += ["-v", f"{config_dir}:/etc/imageunlock:ro"]
-        for name, value in env.items():
-            options += ["-e", f"{name}={value}"]
-        res = subprocess.run(
-            ["docker", "-H", engine.url, "run", "-d", *options, image, "controller"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 0, res.stderr
-        container = res.stdout.strip()
-        try:
+        with running_container(engine, options, env, image, "controller") as container:
             yield Operator(engine, container, port, config_dir)
-        finally:
-            subprocess.run(["docker", "-H", engine.url, "stop", "-t", "15", container], capture_output=True, timeout=60)
-            subprocess.run(["docker", "-H", engine.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ class Operator:
 
 @contextlib.contextmanager
 def operator_container(engine: Dockerd, image: str, plane, env: dict[str, str]) -> Iterator[Operator]:
-    """The operator container as the Deployment runs it (:func:`hardened`, default non-root
+    """The agent container as the DaemonSet runs it (:func:`hardened`, default non-root
     user), with the archive directory read-only and a read-only kubeconfig for the operator's
     ServiceAccount (authorized by manifests/rbac.yaml only); liveness and metrics on free
     loopback ports. Yields an :class:`Operator`; the container is
@@ -200,15 +200,26 @@ def operator_container(engine: Dockerd, image: str, plane, env: dict[str, str]) 
             "-v",
             f"{config_dir}:/etc/imageunlock:ro",
         ]
-        for name, value in env.items():
-            options += ["-e", f"{name}={value}"]
-        res = subprocess.run(
-            ["docker", "-H", engine.url, "run", "-d", *options, image], capture_output=True, text=True, timeout=120
-        )
-        assert res.returncode == 0, res.stderr
-        container = res.stdout.strip()
-        try:
+        with running_container(engine, options, env, image) as container:
             yield Operator(engine, container, port, archive_root)
-        finally:
-            subprocess.run(["docker", "-H", engine.url, "stop", "-t", "15", container], capture_output=True, timeout=60)
-            subprocess.run(["docker", "-H", engine.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def running_container(engine: Dockerd, options: list[str], env: dict[str, str], *image_and_args: str) -> Iterator[str]:
+    """``docker run -d`` with ``env``; yields the container id; stopped and removed by id,
+    with its anonymous volumes, at the end."""
+    for name, value in env.items():
+        options = [*options, "-e", f"{name}={value}"]
+    res = subprocess.run(
+        ["docker", "-H", engine.url, "run", "-d", *options, *image_and_args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    container = res.stdout.strip()
+    try:
+        yield container
+    finally:
+        subprocess.run(["docker", "-H", engine.url, "stop", "-t", "15", container], capture_output=True, timeout=60)
+        subprocess.run(["docker", "-H", engine.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
