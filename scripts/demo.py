@@ -35,6 +35,7 @@ from tests.support.containerd import Containerd, ContainerdError, bookworm_build
 from tests.support.dockerd import Dockerd  # noqa: E402
 from tests.support.images import import_images, openssl_encrypt, save  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.processes import with_own_disk  # noqa: E402
 
 DEMO = ROOT / ".demo"
 VENV_BIN = Path(sys.executable).parent
@@ -232,8 +233,7 @@ def _own_disk(node: str, archive: Path, archives: Path) -> list[str]:
     disk = DEMO / "nodes" / node
     disk.mkdir(parents=True)
     shutil.copyfile(archive, disk / archive.name)
-    mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "own-disk", str(disk), str(archives)]
+    return with_own_disk(disk, archives)
 
 
 def _role(base: dict[str, str], **settings: str) -> dict[str, str]:

@@ -41,13 +41,16 @@ from ..support.dockerd import Dockerd
 from ..support.images import TEST_VERSION
 from ..support.net import free_port
 from ..support.packaged_image import (
+    ANY_USER_LOCKED_DOWN,
     CACHE_ROOT,
     DEFAULT_UID,
+    WRITE_PROBE,
     Operator,
     base_tarball,
     build_args,
     cached_build,
     docker_build,
+    hardened,
     image_id,
     operator_container,
     run,
@@ -144,22 +147,16 @@ def test_the_images_ctr_talks_to_the_nodes_containerd(dockerd, image, containerd
     assert ".".join(map(str, containerd.build.version)) in server
 
 
-READ_ONLY_CHECK = """
+READ_ONLY_CHECK = (
+    """
 import errno, os, subprocess, sys, tempfile
 import imageunlock.handlers, imageunlock.controller  # kopf, kubernetes, docker
 import imageunlock.operator_main, imageunlock.cli
 assert os.getuid() == 4242, os.getuid()
-with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
-    f.write(b"x"); f.flush()
-for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
-    try:
-        open(path, "w")
-    except OSError as exc:
-        assert exc.errno in (errno.EROFS, errno.EACCES), exc
-    else:
-        raise AssertionError(path + " is writable")
-# Nothing of the build stage came along: no wheels, sources, build venv, pip, test tools.
-leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/pip") if os.path.exists(p)]
+"""
+    + WRITE_PROBE
+    + """
+# ... and no test tools.
 site = next(p for p in sys.path if p.endswith("site-packages"))
 tools = ("pytest", "hypothesis", "setuptools", "wheel", "pip")
 leftovers += [n for n in os.listdir(site) if n.lower().startswith(tools)]
@@ -167,29 +164,12 @@ assert not leftovers, leftovers
 assert subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0
 print("ok")
 """
+)
 
 
 def test_read_only_root_filesystem_as_any_non_root_user(dockerd, image):
     """--read-only --tmpfs /tmp as an arbitrary UID with no capabilities; lean final image."""
-    res = run(
-        dockerd,
-        "--network",
-        "none",
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "--user",
-        "4242:4242",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
-        "--entrypoint",
-        "python",
-        image,
-        "-c",
-        READ_ONLY_CHECK,
-    )
+    res = run(dockerd, *ANY_USER_LOCKED_DOWN, "--entrypoint", "python", image, "-c", READ_ONLY_CHECK)
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
@@ -256,7 +236,7 @@ def controller_container(engine: Dockerd, image: str, plane) -> Iterator[Operato
         shutil.copyfile(plane.kubeconfig_for(CONTROLLER_USER), kubeconfig)
         os.chown(kubeconfig, DEFAULT_UID, DEFAULT_UID)
         kubeconfig.chmod(0o400)
-        options = ["--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        options = hardened()
         options += ["-v", f"{config_dir}:/etc/imageunlock:ro"]
         with running_container(engine, options, env, image, "controller") as container:
             yield Operator(engine, container, port, config_dir)

@@ -48,8 +48,10 @@ from ..support.ci import unavailable
 from ..support.dockerd import Dockerd
 from ..support.net import free_port
 from ..support.packaged_image import (
+    ANY_USER_LOCKED_DOWN,
     CACHE_ROOT,
     DEFAULT_UID,
+    WRITE_PROBE,
     Operator,
     base_tarball,
     build_args,
@@ -181,7 +183,8 @@ def test_arm64_image_runs_as_aarch64_and_reports_its_version(dockerd, arm64_imag
     )
 
 
-ARM64_CHECK = """
+ARM64_CHECK = (
+    """
 import errno, os, subprocess, sys, tempfile
 assert os.getuid() == 4242, os.getuid()
 # The compiled dependencies are aarch64 wheels, and they work: cryptography (Rust), the
@@ -197,36 +200,20 @@ assert yaml.__with_libyaml__
 for module in (yaml._yaml, multidict._multidict, pydantic_core._pydantic_core):
     assert "aarch64" in module.__file__, module.__file__
 import imageunlock.cli, imageunlock.handlers, imageunlock.controller, kopf, kubernetes, docker  # what the roles import
-with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
-    f.write(b"x"); f.flush()
-for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
-    try:
-        open(path, "w")
-    except OSError as exc:
-        assert exc.errno in (errno.EROFS, errno.EACCES), exc
-    else:
-        raise AssertionError(path + " is writable")
-leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/pip") if os.path.exists(p)]
+"""
+    + WRITE_PROBE
+    + """
 assert not leftovers, leftovers
 print("ok")
 """
+)
 
 
 def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_image):
     """--read-only --tmpfs /tmp as an arbitrary UID with no capabilities, as for amd64."""
     res = run(
         dockerd,
-        "--network",
-        "none",
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "--user",
-        "4242:4242",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
+        *ANY_USER_LOCKED_DOWN,
         "--entrypoint",
         "python",
         arm64_image,

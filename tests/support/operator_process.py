@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .net import free_port, healthz
-from .processes import stop_group
+from .processes import stop_group, with_own_disk
 from .wait import wait_for
 
 
@@ -44,7 +44,7 @@ class OperatorProcess:
         script = Path(sys.executable).with_name("imageunlock")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self._own_disk(), str(script), self.role],
+                [*(with_own_disk(*self.disk) if self.disk else []), str(script), self.role],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -56,13 +56,6 @@ class OperatorProcess:
             self.stop()  # not left running (and holding its ports) when it never came up
             raise
         return self
-
-    def _own_disk(self) -> list[str]:
-        if self.disk is None:
-            return []
-        own, seen_at = self.disk
-        mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "own-disk", str(own), str(seen_at)]
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

@@ -136,11 +136,34 @@ def shared_dir() -> Iterator[Path]:
 # How the Deployment runs the operator: read-only root filesystem (/tmp from the image's
 # VOLUME), no capabilities, no privilege escalation, the Docker socket through its group
 # (--group-add = supplementalGroups). Host network: the control plane listens on 127.0.0.1.
-def hardened(engine: Dockerd) -> list[str]:
-    return [
-        "--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--group-add", str(os.stat(engine.socket).st_gid), "-v", f"{engine.socket}:/var/run/docker.sock",
-    ]  # fmt: skip
+def hardened(engine: Dockerd | None = None) -> list[str]:
+    """A role's container as the pod runs it: host network (the control plane listens on
+    127.0.0.1), read-only, no capabilities; with ``engine``, its socket as the node's."""
+    options = ["--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    if engine is not None:
+        options += ["--group-add", str(os.stat(engine.socket).st_gid), "-v", f"{engine.socket}:/var/run/docker.sock"]
+    return options
+
+
+# The image as any non-root user with no network, no capabilities and a read-only root, and
+# what a Python script run so checks of it: /tmp writable, nothing else, no build leftovers.
+ANY_USER_LOCKED_DOWN = (
+    "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "4242:4242",
+    "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+)  # fmt: skip
+WRITE_PROBE = """
+with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
+    f.write(b"x"); f.flush()
+for path in ("/opt/imageunlock/x", "/x", "/etc/x"):
+    try:
+        open(path, "w")
+    except OSError as exc:
+        assert exc.errno in (errno.EROFS, errno.EACCES), exc
+    else:
+        raise AssertionError(path + " is writable")
+# Nothing of the build stage came along: no wheels, sources, build venv, pip.
+leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/pip") if os.path.exists(p)]
+"""
 
 
 class Operator:

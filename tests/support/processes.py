@@ -63,3 +63,11 @@ def unmount_below(directory: Path) -> None:
     for point in sorted(points, key=lambda p: p.count("/"), reverse=True):
         if subprocess.run(["umount", point], capture_output=True, timeout=30).returncode:
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+
+
+def with_own_disk(own: Path, seen_at: Path) -> list[str]:
+    """A command prefix: the command then sees directory ``own`` at ``seen_at`` (a bind mount
+    in a private mount namespace; needs root) — a simulated node's disk of its own at a path
+    every node shares. ``exec`` keeps the PID, so stopping by PID still stops the command."""
+    mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "own-disk", str(own), str(seen_at)]
