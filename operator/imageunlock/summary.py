@@ -84,25 +84,26 @@ def summarize(
             if nodes
             else "no node runs an ImageUnlock agent yet"
         )
-        result = _stalled("NoNodesSelected", message, generation, previous, now) if nodes else None
-        if result is None:
+        if nodes:
+            result = _stalled("NoNodesSelected", message, generation, previous, now)
+        else:
             result = _working(Phase.PENDING, "NoNodes", message, generation, previous, now)
         return Summary({**result, **counts}, prune)
 
     aggregate = _aggregate([entries[n] for n in desired if n in entries], len(desired), bool(working or stalled))
     if stalled:
-        first = current[stalled[0]]
+        reason = current[stalled[0]].get("reason") or "UnlockFailed"
         details = "; ".join(f"node {n}: {current[n].get('message', '')}" for n in stalled[:NAMED])
         more = f" (and {len(stalled) - NAMED} more node(s))" if len(stalled) > NAMED else ""
-        result = _stalled(first.get("reason") or "UnlockFailed", details + more, generation, previous, now)
+        result = _stalled(reason, details + more, generation, previous, now)
         if working:  # kstatus: both may hold while other nodes still work
             result["conditions"] = _conditions(
                 previous,
                 generation,
                 now,
-                ready=(False, first.get("reason") or "UnlockFailed", result["message"]),
+                ready=(False, reason, result["message"]),
                 reconciling=(True, "NodesWorking", f"still working on {_names(working)}"),
-                stalled=(True, first.get("reason") or "UnlockFailed", result["message"]),
+                stalled=(True, reason, result["message"]),
             )
         return Summary({**result, **aggregate, **counts}, prune)
     if working:
