@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from imageunlock.importlock import LOCK_DIR_ENV
 from imageunlock.models import DEFAULT_IMAGES
 
 from .support.ci import unavailable
@@ -27,6 +28,15 @@ def _interrupt(signum: int, frame: object) -> None:
 # A SIGTERM (a CI time-out, a `kill`) becomes an interrupt, so pytest still runs the fixture
 # teardowns that stop dockerd, the control plane and operators by PID.
 signal.signal(signal.SIGTERM, _interrupt)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def import_lock_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The node-wide import locks (importlock.py) of this session, inherited by every CLI
+    and operator process a test starts: never the machine's /run/imageunlock."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LOCK_DIR_ENV, str(tmp_path_factory.mktemp("import-locks")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,12 @@ class BusyError(TransientError):
     reason = "ArchiveBusy"
 
 
+class RuntimeBusyError(TransientError):
+    """Another import into the same runtime on this node holds the import lock."""
+
+    reason = "RuntimeBusy"
+
+
 class AuthenticationError(UnlockError):
     reason = "AuthenticationFailed"
 

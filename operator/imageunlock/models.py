@@ -44,9 +44,11 @@ class Runtime(Protocol):
         """``{ref: image ID (config digest) or None when absent}``."""
         ...
 
-    def load(self, chunks: Iterable[bytes]) -> list[str]:
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
         """Import an image archive streamed as ``chunks``; all or nothing when ``chunks``
-        raises. Returns what the runtime says it loaded."""
+        raises. ``refs`` are the only names the archive may create (the stream checks hold
+        it to them): a failed import undoes those, never another image. Returns what the
+        runtime says it loaded."""
         ...
 
     def ping(self) -> None: ...

@@ -96,13 +96,13 @@ def _complete_then_padding_then_failure(data: bytes):
 def test_a_stream_that_raises_imports_nothing(daemon, cri, archives, stream):
     data = archives.plaintext.read_bytes()
     with pytest.raises(Cut):
-        runtime_for(daemon).load(stream(data))
+        runtime_for(daemon).load(stream(data), archives.refs)
     assert daemon.images() == {}
     assert [i for i in cri.list_images() if any("azaion" in t for t in i.repo_tags)] == []
     # and nothing is wedged: the same runtime then loads the archive
     runtime = runtime_for(daemon)
     with open(archives.plaintext, "rb") as f:
-        assert sorted(runtime.load(read_chunks(f))) == sorted(normalize_ref(r) for r in archives.refs)
+        assert sorted(runtime.load(read_chunks(f), archives.refs)) == sorted(normalize_ref(r) for r in archives.refs)
     assert runtime.image_ids(archives.refs) == archives.ids
 
 
@@ -123,7 +123,9 @@ def _slow_failure_after_padding(data: bytes, daemon: Containerd, seen: list):
 def test_ctr_never_sees_the_end_marker_before_the_stream_has_passed_its_checks(daemon, archives):
     seen: list = []
     with pytest.raises(Cut):
-        runtime_for(daemon).load(_slow_failure_after_padding(archives.plaintext.read_bytes(), daemon, seen))
+        runtime_for(daemon).load(
+            _slow_failure_after_padding(archives.plaintext.read_bytes(), daemon, seen), archives.refs
+        )
     assert seen and not any(seen), "ctr imported while the stream was still being checked"
     assert daemon.images() == {}
 
@@ -137,7 +139,9 @@ def test_should_ctr_finish_early_all_the_same_a_failing_stream_removes_what_it_i
     monkeypatch.setattr(adapter._Pipe, "feed", lambda self, chunk: self._write(chunk))
     seen: list = []
     with pytest.raises(Cut):
-        runtime_for(daemon).load(_slow_failure_after_padding(archives.plaintext.read_bytes(), daemon, seen))
+        runtime_for(daemon).load(
+            _slow_failure_after_padding(archives.plaintext.read_bytes(), daemon, seen), archives.refs
+        )
     assert any(seen), "the premise: without the hold-back, ctr imports before the stream fails"
     assert daemon.images() == {}
 
@@ -160,7 +164,7 @@ def test_an_interrupted_import_leaves_only_leased_blobs_that_gc_removes(daemon, 
 
     started = datetime.now(UTC)
     with pytest.raises(Cut):
-        runtime_for(daemon).load(half_then_fail())
+        runtime_for(daemon).load(half_then_fail(), archives.refs)
     assert daemon.images() == {}
     assert daemon.ctr("snapshots", "ls").stdout.splitlines()[1:] == []
     left = daemon.content()
@@ -176,7 +180,7 @@ def test_an_interrupted_import_leaves_only_leased_blobs_that_gc_removes(daemon, 
 def test_load_pins_every_image_and_ids_are_the_archives(daemon, cri, archives):
     runtime = runtime_for(daemon)
     with open(archives.plaintext, "rb") as f:
-        names = runtime.load(read_chunks(f))
+        names = runtime.load(read_chunks(f), archives.refs)
     assert sorted(names) == sorted(normalize_ref(r) for r in archives.refs)
     assert runtime.image_ids(archives.refs) == archives.ids
     assert all(PINNED_LABEL in daemon.images()[name]["labels"] for name in names)
@@ -201,14 +205,18 @@ def test_refused_layer_is_permanent_and_leaves_no_pinned_record(daemon, archives
     with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
         broken = normalize_ref(json.load(tar.extractfile("manifest.json"))[0]["RepoTags"][0])
     with pytest.raises(ArchiveRejectedError, match="rebuild it"):
-        runtime_for(daemon).load(chunks(plain))
+        runtime_for(daemon).load(chunks(plain), archives.refs)
     left = daemon.images()
     assert broken not in left and not any(PINNED_LABEL in image["labels"] for image in left.values()), left
 
 
 def test_unreachable_containerd_is_transient(containerd, tmp_path):
     absent = ContainerdRuntime(str(tmp_path / "nope.sock"), ctr=containerd.build.ctr)
-    for call in (absent.ping, lambda: absent.image_ids(["azaion/x:1"]), lambda: absent.load(iter([b"x"]))):
+    for call in (
+        absent.ping,
+        lambda: absent.image_ids(["azaion/x:1"]),
+        lambda: absent.load(iter([b"x"]), ["azaion/x:1"]),
+    ):
         with pytest.raises(RuntimeUnavailableError, match="not reachable"):
             call()
     refused = tmp_path / "refused.sock"

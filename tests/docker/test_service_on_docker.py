@@ -22,8 +22,8 @@ class RacingRuntime(DockerRuntime):
 
     victim = ""
 
-    def load(self, chunks):
-        names = super().load(chunks)
+    def load(self, chunks, refs=()):
+        names = super().load(chunks, refs)
         self.remove_image(self.victim)
         return names
 

@@ -62,7 +62,7 @@ class FakeRuntime:
         self._check()
         return {ref: self._images.get(normalize_ref(ref)) for ref in refs}
 
-    def load(self, chunks: Iterable[bytes]) -> list[str]:
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str] = ()) -> list[str]:
         self._check()
         if self.load_error is not None:
             raise self.load_error

@@ -19,21 +19,28 @@ Members = dict[str, bytes]
 
 def rewrite(plaintext: Path, out: Path, fragment: bytes, edit: Callable[[Members], Members]) -> Path:
     """Read the tar's regular files (in order), let ``edit`` change them, write and encrypt."""
+    plain = out.with_suffix(".tar")
+    plain.write_bytes(rewrite_plain(plaintext.read_bytes(), edit))
+    own_encrypt(plain, out, fragment)
+    plain.unlink()
+    return out
+
+
+def rewrite_plain(data: bytes, edit: Callable[[Members], Members]) -> bytes:
+    """The same, in memory and unencrypted: the tar's regular files, edited, as a new tar."""
     members: Members = {}
-    with tarfile.open(plaintext) as tar:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for info in tar:
             if info.isfile():
                 members[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
     members = edit(members)
-    plain = out.with_suffix(".tar")
-    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members.items():
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in members.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
-    own_encrypt(plain, out, fragment)
-    plain.unlink()
-    return out
+            info.size, info.mode, info.mtime = len(body), 0o644, 1_700_000_000
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue()
 
 
 def add_tags(extra: list[str]) -> Callable[[Members], Members]:

@@ -18,6 +18,7 @@ TRANSIENT = {
     "ApiUnavailableError",
     "RuntimeUnavailableError",
     "BusyError",
+    "RuntimeBusyError",
     "LoadError",
     "KubernetesUnavailableError",
     "InternalError",

@@ -22,8 +22,13 @@ that is not the node's ("image might be filtered out"). Two facts about ctr shap
   by ctr's own lease (24 hours, then containerd's garbage collector deletes them); no image
   record, no snapshot.
 * ctr creates every image record before it unpacks any: when the unpack fails (a layer that
-  is no tar, a full disk) the records exist. Those this import created or changed and that
-  are ours (pinned, or named by ctr) are removed again, so no broken image stays pinned.
+  is no tar, a full disk) the records exist. Those this import created or changed are
+  removed again, so no broken image stays pinned — and only those: a record counts as this
+  import's only if its name is one the import may create (a requested ref: the stream
+  checks refuse an archive that names anything else) or one ctr reported for it. Another
+  import's images are never touched, and no other import runs meanwhile: every import
+  into one containerd on a node (agent workers and CLI runs alike) holds that socket's
+  import lock (importlock.py).
 
 After the import every image ctr reports is labelled ``io.cri-containerd.pinned=pinned``
 (ctr ≥ 2.0 also sets it during the import): the CRI reports such an image as pinned, and
@@ -55,6 +60,7 @@ from ..errors import (
     RuntimeUnavailableError,
     UnlockError,
 )
+from ..importlock import exclusive_import
 from ..refs import normalize_ref
 
 log = logging.getLogger(__name__)
@@ -321,16 +327,20 @@ class ContainerdRuntime:
         records = self._records()
         return {ref: self._config_digest(records.get(normalize_ref(ref))) for ref in refs}
 
-    def load(self, chunks: Iterable[bytes]) -> list[str]:
-        """Import the archive streamed as ``chunks``; pin and return what ctr imported."""
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
+        """Import the archive streamed as ``chunks`` (which may create only ``refs``); pin and
+        return what ctr imported. One import at a time per containerd on this node."""
         binary = self._binary()
         self._check_socket()
         client, _server = self._versions()
+        with exclusive_import(self.name, self.address, self.timeout):
+            return self._load(binary, client, iter(chunks), {normalize_ref(ref) for ref in refs})
+
+    def _load(self, binary: str, client: tuple[int, int, int], stream: Iterator[bytes], refs: set[str]) -> list[str]:
         args = [binary, "-a", self.address, "-n", self.namespace, "images", "import", "--all-platforms"]
         if client >= (2, 0, 0):  # client-side import (as ctr 1.x does); pinned from the start
             args += ["--local", "--label", PINNED_LABEL]
         args.append("-")
-        stream = iter(chunks)
         before = self._records()
         running = _Import(args, self.timeout)
         try:
@@ -350,7 +360,7 @@ class ContainerdRuntime:
         if code != 0:
             _close(stream)
             if ended:  # ctr had the whole archive: it may have created records before failing
-                self._undo(before, running.out.names)
+                self._undo(before, refs | set(running.out.names))
             raise self._failure(running.message, load=True)
         names = running.out.names
         if not ended:
@@ -360,7 +370,7 @@ class ContainerdRuntime:
                 for _ in stream:
                     pass
             except BaseException:
-                self._remove(names)
+                self._undo(before, set(names))
                 raise
         self._pin(names)
         return names
@@ -385,19 +395,19 @@ class ContainerdRuntime:
             with contextlib.suppress(UnlockError):
                 self._run("images", "rm", *names, check=False)
 
-    def _undo(self, before: dict[str, tuple[str, str, str]], reported: Sequence[str]) -> None:
+    def _undo(self, before: dict[str, tuple[str, str, str]], ours: set[str]) -> None:
         """After a refused import (a layer that does not unpack, a full disk): ctr creates every
         image record first and unpacks after, so records of this archive may exist, pinned
-        (ctr >= 2 labels them at creation) and never to be collected. Remove those this
-        import created or changed that are ours: pinned, or named in ctr's output."""
+        (ctr >= 2 labels them at creation) and never to be collected. Remove those this import
+        created or changed — among the names it may create (``ours``), never another's."""
         with contextlib.suppress(UnlockError):
-            ours = [
-                name
-                for name, (_kind, digest, labels) in self._records().items()
-                if before.get(name, ("", "", ""))[1] != digest
-                and (PINNED_LABEL in labels.split(",") or name in reported)
-            ]
-            self._remove(ours)
+            self._remove(
+                [
+                    name
+                    for name, (_kind, digest, _labels) in self._records().items()
+                    if name in ours and before.get(name, ("", "", ""))[1] != digest
+                ]
+            )
 
     def _records(self) -> dict[str, tuple[str, str, str]]:
         """``{image name: (target media type, target digest, labels)}`` from ``ctr images ls``."""

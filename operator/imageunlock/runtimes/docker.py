@@ -13,13 +13,14 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import docker
 import docker.errors
 import requests
 
 from ..errors import ArchiveRejectedError, LoadError, RuntimeUnavailableError, UnlockError
+from ..importlock import exclusive_import
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,14 @@ class DockerRuntime:
                 raise self._unavailable(exc) from None
         return result
 
-    def load(self, chunks: Iterable[bytes]) -> list[str]:
-        """Upload an image archive; return what the Engine said it loaded."""
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str] = ()) -> list[str]:
+        """Upload an image archive; return what the Engine said it loaded. One load at a time
+        per Engine on this node (importlock.py): the Engine copies each load body to its temp
+        directory first, so loads one after another bound that copy to one archive."""
+        with exclusive_import(self.name, self.base_url, self.timeout):
+            return self._load(chunks)
+
+    def _load(self, chunks: Iterable[bytes]) -> list[str]:
         failure: list[BaseException] = []
 
         def guarded() -> Iterator[bytes]:
