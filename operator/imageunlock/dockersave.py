@@ -43,6 +43,7 @@ from .tarstream import BLOCK, TarReader, norm_name
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
 _NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+CTR_BASE_NAME = "import-YYYY-MM-DD"  # how ctr images import prefixes a bare ref.name (shown as such)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,10 @@ class ImageTarVerifier:
                     raise ArchiveError()
                 if name and (key == _NAME_ANNOTATIONS[0] or ":" in name or "/" in name):
                     tags.append(name)
+                elif name and not annotations.get(_NAME_ANNOTATIONS[0]):
+                    # A bare tag with no full name beside it: ctr names the image
+                    # ``import-<date>:<tag>`` (its default --base-name): never a requested ref.
+                    tags.append(f"{CTR_BASE_NAME}:{name}")
         return tags
 
     def _json_if_present(self, name: str) -> object:

@@ -255,6 +255,19 @@ def test_untagged_images_and_relative_ref_names_are_fine():
     assert streamed(data) == data
 
 
+def test_a_bare_ref_name_alone_is_a_name_ctr_would_invent_and_is_refused():
+    """Issue 18, item 4: with no io.containerd.image.name beside it, ctr turns a bare
+    ``org.opencontainers.image.ref.name`` into ``import-<date>:<tag>`` (and pinned it)."""
+
+    def bare(index):
+        index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "1.0"}
+        return index
+
+    data = edit_json(savetar.build(TAGS, layout="oci"), "index.json", bare)
+    error = refused(data, ForeignTagsError)
+    assert "import-YYYY-MM-DD:1.0" in str(error)
+
+
 def test_a_missing_ref_is_reported_before_foreign_ones():
     data = edit_json(savetar.build(TAGS), "manifest.json", add_repo_tag)
     error = refused(data, ImagesNotInArchiveError, [*TAGS, "azaion/detections:2.0"])
