@@ -12,11 +12,16 @@ and is opened by its real path.
 Consequence: **symbolic links below the archive root are not followed**, not even ones
 that stay inside it. The provisioning process must write the archive file itself.
 
-The file must be a regular file and is opened without blocking on a FIFO — all before a
-single byte is read. The open file is also the per-archive lock: an exclusive ``flock`` on
-it, so the same archive is never unlocked twice at once, by two resources or two processes.
-With no roots at all (the command-line tool, run by the archive's owner) the path is
-opened as given.
+The walk never crosses a mount point below the root (``RESOLVE_NO_XDEV``; the fallback
+compares devices), and the file must be a regular file with a single link (a hard link
+would give a file from elsewhere on the same file system a name under the root) opened
+without blocking on a FIFO — all before a single byte is read. The open file is also the
+per-archive lock (:func:`lock_archive`): an exclusive ``flock`` on it, so the same archive
+is never unlocked twice at once, by two resources or two processes. Opening and hashing
+take no lock, so checking ``archiveSha256`` never holds up an unlock; a file's digest is
+remembered by its identity (device, inode, size, mtime, ctime), so a repeated check of an
+unchanged file reads nothing. With no roots at all (the command-line tool, run by the
+archive's owner) the path is opened as given.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import os
 import platform
 import stat
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -42,6 +49,7 @@ HASH_CHUNK = 1 << 20
 USE_OPENAT2 = True
 
 _SYS_OPENAT2 = 437  # the same on x86_64 and aarch64
+_RESOLVE_NO_XDEV = 0x01
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -81,7 +89,7 @@ def _openat2(dir_fd: int, parts: list[str]) -> int | None:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    how = _OpenHow(_FILE_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    how = _OpenHow(_FILE_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_XDEV)
     name = os.fsencode("/".join(parts) or ".")
     fd = libc.syscall(
         ctypes.c_long(_SYS_OPENAT2),
@@ -99,7 +107,9 @@ def _openat2(dir_fd: int, parts: list[str]) -> int | None:
 
 
 def _walk(dir_fd: int, parts: list[str]) -> int:
-    """The same as ``_openat2``, portably: one ``O_NOFOLLOW`` open per component."""
+    """The same as ``_openat2``, portably: one ``O_NOFOLLOW`` open per component, each on
+    the root's device."""
+    device = os.fstat(dir_fd).st_dev
     fd = dir_fd
     try:
         for name in parts[:-1]:
@@ -112,10 +122,22 @@ def _walk(dir_fd: int, parts: list[str]) -> int:
             if fd != dir_fd:
                 os.close(fd)
             fd = next_fd
-        return os.open(parts[-1] if parts else ".", _FILE_FLAGS, dir_fd=fd)
+            _same_device(fd, device)
+        found = os.open(parts[-1] if parts else ".", _FILE_FLAGS, dir_fd=fd)
+        try:
+            _same_device(found, device)
+        except OSError:
+            os.close(found)
+            raise
+        return found
     finally:
         if fd != dir_fd:
             os.close(fd)
+
+
+def _same_device(fd: int, device: int) -> None:
+    if os.fstat(fd).st_dev != device:  # a mount point below the root
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
 
 def _open_beneath(root: str, parts: list[str]) -> int:
@@ -127,19 +149,32 @@ def _open_beneath(root: str, parts: list[str]) -> int:
         os.close(root_fd)
 
 
-def _open(path: str, roots: Sequence[str]) -> int:
-    """The archive's descriptor, opened beneath its root; errors name only ``path`` and roots."""
+def check_path(path: str, roots: Sequence[str]) -> tuple[str, list[str]] | None:
+    """Refuse a path no open would accept, reading nothing: ``(root, components below it)``,
+    or None with no roots (the path is taken as given)."""
     if not os.path.isabs(path):
         raise ConfigurationError(f"archive path must be absolute, got {path!r}")
     if "\0" in path:
         raise ConfigurationError("archive path contains a NUL byte")
-    if not roots:
+    return _pick_root(path, roots) if roots else None
+
+
+def _open(path: str, roots: Sequence[str]) -> int:
+    """The archive's descriptor, opened beneath its root; errors name only ``path`` and roots."""
+    picked = check_path(path, roots)
+    if picked is None:
         return os.open(path, _FILE_FLAGS & ~os.O_NOFOLLOW)
-    root, parts = _pick_root(path, roots)
+    root, parts = picked
     try:
         return _open_beneath(root, parts)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EXDEV):
+        if exc.errno == errno.EXDEV:
+            raise ConfigurationError(
+                f"archive path {path!r} is refused: it crosses a mount point below the archive root "
+                f"{root} (operator setting IMAGEUNLOCK_ARCHIVE_ROOT); put the archive on the root's "
+                "own file system"
+            ) from None
+        if exc.errno == errno.ELOOP:
             raise ConfigurationError(
                 f"archive path {path!r} is refused: symlinks below the archive root are not "
                 f"followed, as they could lead outside the allowed archive roots {', '.join(roots)} "
@@ -150,8 +185,8 @@ def _open(path: str, roots: Sequence[str]) -> int:
 
 
 @contextmanager
-def open_archive(path: str, roots: Sequence[str], *, lock_timeout: float = 0.0) -> Iterator[tuple[BinaryIO, int]]:
-    """Open, check and lock the archive; yield ``(file, size)``."""
+def open_archive(path: str, roots: Sequence[str]) -> Iterator[tuple[BinaryIO, int]]:
+    """Open and check the archive (no lock: :func:`lock_archive`); yield ``(file, size)``."""
     try:
         fd = _open(path, roots)
     except FileNotFoundError:
@@ -166,18 +201,34 @@ def open_archive(path: str, roots: Sequence[str], *, lock_timeout: float = 0.0) 
             raise ConfigurationError(f"archive path {path!r} is a directory, not a file")
         if not stat.S_ISREG(info.st_mode):
             raise ConfigurationError(f"archive path {path!r} is not a regular file")
+        if roots and info.st_nlink > 1:
+            raise ConfigurationError(
+                f"archive {path!r} is refused: it has {info.st_nlink} hard links, and a hard link can "
+                "give a file from elsewhere a name below the archive root; write the archive file "
+                "itself (no hard links)"
+            )
         os.set_blocking(fd, True)
-        _lock(fd, path, lock_timeout)
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as handle:
             yield handle, info.st_size
     finally:
-        os.close(fd)  # also releases the flock
+        os.close(fd)  # also releases a flock taken by lock_archive
+
+
+@contextmanager
+def lock_archive(handle: BinaryIO, path: str, timeout: float = 0.0) -> Iterator[None]:
+    """Hold the per-archive lock (an exclusive ``flock`` on the open file) for an unlock."""
+    fd = handle.fileno()
+    _lock(fd, path, timeout)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def signature(path: str, roots: Sequence[str]) -> tuple[object, ...]:
     """What identifies the archive file's content without reading it (device, inode, size,
-    mtime), looked up beneath the roots like an open; a new file, a rewrite or a removal
-    changes it. Any failure is part of the signature, never an error."""
+    mtime, ctime, links), looked up beneath the roots like an open; a new file, a rewrite or
+    a removal changes it. Any failure is part of the signature, never an error."""
     try:
         fd = _open(path, roots)
     except (OSError, ConfigurationError) as exc:
@@ -186,7 +237,7 @@ def signature(path: str, roots: Sequence[str]) -> tuple[object, ...]:
         info = os.fstat(fd)
     finally:
         os.close(fd)
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return (*_identity(info), info.st_nlink)
 
 
 def _lock(fd: int, path: str, timeout: float) -> None:
@@ -201,18 +252,41 @@ def _lock(fd: int, path: str, timeout: float) -> None:
             time.sleep(0.2)
 
 
+# A file's SHA-256 by its identity: a repeated check of an unchanged file reads nothing.
+# A cached digest only decides whether to go on; the decrypting pass hashes what it reads
+# again (HashingReader), so a file changed behind an unchanged identity still loads nothing.
+_DIGESTS: OrderedDict[tuple[int, ...], str] = OrderedDict()
+_DIGESTS_KEPT = 64
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def check_sha256(handle: BinaryIO, expected: str, on_progress: Callable[[int], None] | None = None) -> None:
-    """Hash the whole archive and compare with ``spec.archiveSha256``; rewinds afterwards."""
-    digest = hashlib.sha256()
-    done = 0
-    handle.seek(0)
-    while block := handle.read(HASH_CHUNK):
-        digest.update(block)
-        done += len(block)
-        if on_progress is not None:
-            on_progress(done)
-    handle.seek(0)
-    _compare(digest.hexdigest(), expected)
+    """Compare the whole archive's SHA-256 with ``spec.archiveSha256``; rewinds afterwards.
+    Takes no lock (other readers go on), and hashes an unchanged file only once."""
+    before = _identity(os.fstat(handle.fileno()))
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(before)
+    if known is None:
+        digest = hashlib.sha256()
+        done = 0
+        handle.seek(0)
+        while block := handle.read(HASH_CHUNK):
+            digest.update(block)
+            done += len(block)
+            if on_progress is not None:
+                on_progress(done)
+        handle.seek(0)
+        known = digest.hexdigest()
+        if _identity(os.fstat(handle.fileno())) == before:  # not written to while we read
+            with _DIGESTS_LOCK:
+                _DIGESTS[before] = known
+                while len(_DIGESTS) > _DIGESTS_KEPT:
+                    _DIGESTS.popitem(last=False)
+    _compare(known, expected)
 
 
 class HashingReader:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from .archive import HashingReader, check_sha256, open_archive
+from .archive import HashingReader, check_path, check_sha256, lock_archive, open_archive
 from .crypto import CHUNK_SIZE, decrypt_stream
 from .dockersave import ImageTarVerifier, verified_stream
 from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
@@ -57,18 +57,20 @@ class UnlockService:
         credentials: Callable[[], Credentials],
         report: Report = _noop,
     ) -> UnlockResult:
+        """The order is the point. Nothing costly happens before the Secret has been read
+        (a missing Secret stalls at once); nothing about the archive beyond its existence —
+        not its size, not a progress figure, not a digest verdict — is published before the
+        resource API accepted the credentials; the archive's SHA-256 is checked without a
+        lock (other unlocks go on); the archive lock is held from the key request to the end
+        of the load."""
         report(Phase.PENDING, "checking for images already loaded", 0, 0)
         if (ids := self.present(request)) is not None:
             return UnlockResult(images=ids, fast_path=True)
+        check_path(request.archive_path, self.archive_roots)  # a path no open accepts reads no Secret
+        creds = credentials()
         try:
-            with open_archive(request.archive_path, self.archive_roots, lock_timeout=self.lock_timeout) as (
-                handle,
-                size,
-            ):
-                # Someone may have loaded the images while we waited for the lock.
-                if (ids := self.present(request)) is not None:
-                    return UnlockResult(images=ids, fast_path=True)
-                return self._unlock_locked(request, credentials, report, handle, size)
+            with open_archive(request.archive_path, self.archive_roots) as (handle, size):
+                return self._unlock_open(request, creds, report, handle, size)
         except ArchiveNotFoundError:
             found = self.runtime.image_ids(request.refs)
             absent = [r for r, i in found.items() if i is None]
@@ -83,32 +85,48 @@ class UnlockService:
                 "put the archive on the node or correct spec.archivePath"
             ) from None
 
-    def _unlock_locked(
+    def _unlock_open(
         self,
         request: UnlockRequest,
-        credentials: Callable[[], Credentials],
+        creds: Credentials,
         report: Report,
         handle: BinaryIO,
         size: int,
     ) -> UnlockResult:
-        if request.archive_sha256:
-
-            def hashed(done: int) -> None:
-                report(Phase.PENDING, "checking the archive's SHA-256", done, size)
-
-            hashed(0)
-            check_sha256(handle, request.archive_sha256, hashed)
-
         self.runtime.ping()  # a runtime that is down costs no login and no key request
-        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, size)
-        client = self.open_key_client(credentials())
+        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
+        client = self.open_key_client(creds)
+        closed = False
         try:
             client.login()
-            report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
-            fragment = client.key_fragment()
-        finally:
-            client.close()
+            if request.archive_sha256:
 
+                def hashed(done: int) -> None:
+                    report(Phase.PENDING, "checking the archive's SHA-256", done, size)
+
+                hashed(0)
+                check_sha256(handle, request.archive_sha256, hashed)
+            with lock_archive(handle, request.archive_path, self.lock_timeout):
+                # Someone may have loaded the images while we logged in or waited for the lock.
+                if (ids := self.present(request)) is not None:
+                    return UnlockResult(images=ids, fast_path=True)
+                report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
+                fragment = client.key_fragment()
+                client.close()  # the session ends before the archive is read
+                closed = True
+                return self._load(request, report, handle, size, fragment)
+        finally:
+            if not closed:
+                client.close()
+
+    def _load(
+        self,
+        request: UnlockRequest,
+        report: Report,
+        handle: BinaryIO,
+        size: int,
+        fragment: bytes,
+    ) -> UnlockResult:
         def decrypted(done: int) -> None:
             report(Phase.LOADING, "decrypting into the container runtime", done, size)
 
@@ -121,7 +139,7 @@ class UnlockService:
         plaintext = decrypt_stream(source, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
         del fragment
         final_check = (lambda: source.check(digest)) if isinstance(source, HashingReader) and digest else None
-        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check))
+        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check), request.refs)
         log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)
 
         report(Phase.VERIFYING, "verifying loaded images", size, size)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 
 import pytest
 
 from imageunlock import archive
-from imageunlock.archive import check_sha256, open_archive
+from imageunlock.archive import check_sha256, lock_archive, open_archive
 from imageunlock.errors import ArchiveNotFoundError, BusyError, ConfigurationError, DigestMismatchError
+
+from ..support.ci import unavailable
 
 NO_SYMLINKS = "symlinks below the archive root are not followed"
 
@@ -186,14 +189,88 @@ def test_missing_archive(root):
             open_archive(str(path), [str(root)]).__enter__()
 
 
-def test_same_archive_is_never_opened_for_unlock_twice(root):
+def test_same_archive_is_never_unlocked_twice(root):
     path = str(root / "images.enc")
-    with open_archive(path, [str(root)]):
-        with pytest.raises(BusyError) as info:
-            open_archive(path, [str(root)], lock_timeout=0.3).__enter__()
+    with (
+        open_archive(path, [str(root)]) as (first, _),
+        lock_archive(first, path),
+        open_archive(path, [str(root)]) as (second, _),
+    ):
+        with pytest.raises(BusyError) as info, lock_archive(second, path, timeout=0.3):
+            pass
         assert info.value.transient
-    with open_archive(path, [str(root)]):  # released afterwards
-        pass
+    with open_archive(path, [str(root)]) as (handle, _), lock_archive(handle, path):
+        pass  # released afterwards
+
+
+def test_checking_the_digest_takes_no_lock(root):
+    """Issue 18, item 2: a wrong archiveSha256 on someone else's archive must not hold up
+    their unlock: hashing runs beside a held archive lock, and holds none itself."""
+    path = str(root / "images.enc")
+    good = hashlib.sha256(b"x" * 100).hexdigest()
+    with (
+        open_archive(path, [str(root)]) as (victim, _),
+        lock_archive(victim, path),
+        open_archive(path, [str(root)]) as (handle, _),
+    ):
+        with pytest.raises(DigestMismatchError):
+            check_sha256(handle, "0" * 64)
+        check_sha256(handle, good)
+
+
+def test_an_unchanged_file_is_hashed_once(root, monkeypatch):
+    path = root / "images.enc"
+    path.write_bytes(b"y" * 5000)
+    good = hashlib.sha256(b"y" * 5000).hexdigest()
+    reads: list[int] = []
+    with open_archive(str(path), [str(root)]) as (handle, _):
+        real = handle.read
+        monkeypatch.setattr(handle, "read", lambda n=-1: reads.append(n) or real(n), raising=False)
+        with pytest.raises(DigestMismatchError):
+            check_sha256(handle, "1" * 64)
+        first = len(reads)
+        assert first > 0
+        for _ in range(3):  # a repeated wrong guess (a re-check request) reads nothing
+            with pytest.raises(DigestMismatchError):
+                check_sha256(handle, "1" * 64)
+        check_sha256(handle, good)
+        assert len(reads) == first
+    path.write_bytes(b"z" * 5000)  # a rewrite changes the identity: hashed again
+    with open_archive(str(path), [str(root)]) as (handle, _), pytest.raises(DigestMismatchError):
+        check_sha256(handle, good)
+
+
+def test_a_file_with_another_hard_link_is_refused(root, tmp_path):
+    """Issue 18, item 5: a hard link gives a file from elsewhere on the file system a name
+    below the root (symlinks are refused; a hard link must be too)."""
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"s" * 10)
+    os.link(outside, root / "linked.enc")
+    message = refused(str(root / "linked.enc"), [str(root)])
+    assert "2 hard links" in message
+    os.link(root / "images.enc", tmp_path / "second-name")  # the root's own file, given a second name
+    assert "hard links" in refused(str(root / "images.enc"), [str(root)])
+
+
+def test_a_mount_point_below_the_root_is_not_crossed(root, tmp_path):
+    """Issue 18, item 5: another file system mounted below the root (a bind mount of a
+    directory from elsewhere) is refused, by openat2's RESOLVE_NO_XDEV and by the fallback."""
+    if os.geteuid() != 0:
+        unavailable("a mount below the archive root", "needs root")
+    (root / "mnt").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "images.enc").write_bytes(b"e" * 10)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root / "mnt")], capture_output=True)
+    if done.returncode != 0:
+        unavailable("a tmpfs mount below the archive root", done.stderr.decode())
+    try:
+        (root / "mnt" / "images.enc").write_bytes(b"m" * 10)
+        assert "crosses a mount point" in refused(str(root / "mnt" / "images.enc"), [str(root)])
+    finally:
+        subprocess.run(["umount", str(root / "mnt")], check=True)
+    with open_archive(str(root / "images.enc"), [str(root)]):
+        pass  # the root's own file still opens
 
 
 def test_sha256_check(root):

@@ -15,6 +15,7 @@ from imageunlock.errors import (
     ArchiveError,
     ArchiveNotFoundError,
     AuthenticationError,
+    ConfigurationError,
     DigestMismatchError,
     ImagesNotInArchiveError,
     ImagesNotVerifiedError,
@@ -123,28 +124,50 @@ def test_phases_are_reported_in_order_with_loading_progress_up_to_the_archive_si
     assert phases.calls[-1] == (Phase.VERIFYING, size, size)
 
 
-def test_a_digest_check_comes_before_authentication(archive, tmp_path, runtime, key):
+def test_the_digest_is_checked_after_the_login_and_before_the_key_request(archive, tmp_path, runtime, key):
+    """Issue 18, items 2 and 6: no one learns a file's size or a digest verdict without
+    credentials the resource API accepts; the key is requested only for a matching file."""
     phases = Phases()
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     result = service(runtime, key, tmp_path).unlock(request(archive, archive_sha256=digest), lambda: CREDS, phases)
     assert not result.fast_path
-    first_login = [phase for phase, _, _ in phases.calls].index(Phase.AUTHENTICATING)
-    hashed = [done for phase, done, total in phases.calls[:first_login] if phase is Phase.PENDING and total]
-    assert hashed and hashed[-1] == archive.stat().st_size  # the whole file, before the login
+    seen = [phase for phase, _, _ in phases.calls]
+    first_login, key_request = seen.index(Phase.AUTHENTICATING), seen.index(Phase.FETCHING_KEY)
+    assert all(total == 0 for _, _, total in phases.calls[: first_login + 1])  # no size before the login
+    hashed = [done for phase, done, total in phases.calls[first_login:key_request] if phase is Phase.PENDING and total]
+    assert hashed and hashed[-1] == archive.stat().st_size
 
 
-def test_digest_mismatch_fails_before_any_credential_or_key_request(archive, tmp_path, runtime, key):
-    asked: list[str] = []
-
-    def credentials() -> Credentials:
-        asked.append("credentials")
-        return CREDS
-
+def test_digest_mismatch_fails_after_the_login_and_before_any_key_request(archive, tmp_path, runtime, key):
     with pytest.raises(DigestMismatchError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), credentials)
+        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), lambda: CREDS)
     assert not caught.value.transient and "0" * 64 in caught.value.message
-    assert asked == [] and key.opened == [] and key.fragments == 0
+    assert key.logins == 1 and key.fragments == 0 and key.closes == 1
     assert runtime.loads == [] and runtime.images == {}
+
+
+def test_without_accepted_credentials_nothing_about_the_archive_is_read_or_shown(archive, tmp_path, runtime):
+    """A tenant with no valid credentials names another's archive and a digest guess: no
+    hashing, no size, no verdict on the guess — only the login failure."""
+    phases = Phases()
+    key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    with pytest.raises(AuthenticationError):
+        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), lambda: CREDS, phases)
+    assert all(total == 0 for _, _, total in phases.calls)
+    assert key.fragments == 0 and runtime.loads == []
+
+
+def test_a_missing_secret_costs_no_file_read(archive, tmp_path, runtime, key, monkeypatch):
+    from imageunlock import service as module
+
+    monkeypatch.setattr(module, "open_archive", lambda *a: pytest.fail("the archive was opened"))
+
+    def no_secret() -> Credentials:
+        raise ConfigurationError("Secret ns/creds not found")
+
+    with pytest.raises(ConfigurationError):
+        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), no_secret)
+    assert key.opened == []
 
 
 def test_a_wrong_key_is_the_uniform_archive_error_and_loads_nothing(archive, tmp_path, runtime):
