@@ -262,6 +262,17 @@ class _Reconciliation:
         self.phase: Phase | None = None
         self.started = False  # the Unlocking event is posted
         self.decrypted = 0  # bytes counted in imageunlock_bytes_decrypted_total
+        # A re-check of this generation's Stalled outcome stays quiet (no status write, no
+        # event) until the resource API has accepted the credentials: a re-check that fails
+        # the same way again costs one write (lastHandledRequestedAt) and no event on each
+        # node, whatever the number of nodes and requests.
+        status = body.get("status") or {}
+        self.stalled = (
+            (status.get("phase"), status.get("observedGeneration")) == (Phase.FAILED.value, generation),
+            _condition_reason(self.conditions, "Stalled"),
+            status.get("message"),
+        )
+        self.quiet = self.stalled[0]
 
     def write(self, status: dict[str, Any]) -> None:
         self.owner.write_status(self.namespace, self.name, status)
@@ -275,6 +286,9 @@ class _Reconciliation:
         self.phase = phase
         if phase == Phase.PENDING and not total:
             return  # the fast-path check: not worth a status write or an event on its own
+        if self.quiet and phase in (Phase.PENDING, Phase.AUTHENTICATING):
+            return
+        self.quiet = False
         if not self.started:  # the first step of a real unlock (hashing the archive, or logging in)
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
@@ -294,6 +308,14 @@ class _Reconciliation:
             )
             self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
+        if self.quiet and self.stalled[1:] == (exc.reason, exc.message):
+            # The same Stalled outcome again: record only the request it answered, if any.
+            handled = _handled(self.body)
+            if "lastHandledRequestedAt" in handled and self.write_or_log(
+                {"lastHandledRequestedAt": handled["lastHandledRequestedAt"]}
+            ):
+                log.debug("%s/%s re-checked: unchanged (%s)", self.namespace, self.name, exc.reason)
+            return Outcome(Verdict.STALLED, exc.message, exc.reason)
         images = None
         if isinstance(exc, ImagesNotVerifiedError):
             images = {ref: None for ref in exc.missing}
@@ -314,6 +336,10 @@ class _Reconciliation:
             log.warning("status of %s/%s not written: %s", self.namespace, self.name, exc.message)
             return False
         return True
+
+
+def _condition_reason(conditions: list[Any], kind: str) -> Any:
+    return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == kind), None)
 
 
 def _handled(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,10 @@ ObjectKey = tuple[str, str]  # (namespace, name)
 # or at once when asked (requested-at): every status write goes to every watcher of every
 # ImageUnlock, and on a fleet each node's write carries the whole object.
 RECORD_VERIFIED = 3600.0
+# Requested re-checks (requested-at) of one object are handled at most this often on a node:
+# a later request waits for the rest of the interval (deferred, never dropped), so a script
+# bumping the annotation cannot turn into a stream of unlock attempts on every node.
+REQUEST_INTERVAL = 30.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Due:
     generation: Any = None  # the generation the last reconcile was for
     uid: Any = None  # of the object it was for: one created anew under the same name starts afresh
     requested: Any = None  # the requested-at value already acted on (acted on once, not every tick)
+    asked: float = float("-inf")  # monotonic time a requested re-check was last acted on
 
 
 class Resync:
@@ -85,10 +90,14 @@ class Resync:
         if due.uid is not None and due.uid != uid:
             due = Due()  # another object of the same name: nothing of the old one applies
         request = _requested(body)
+        now = self.clock()
         if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
-            due = Due(generation=generation)  # a new generation: now, whatever was scheduled
-        elif self.clock() < due.at and (request is None or request == due.requested):
-            return  # not due; a pending request is acted on once, then the schedule holds
+            due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
+        elif now < due.at:
+            if request is None or request == due.requested:
+                return  # not due; a pending request is acted on once, then the schedule holds
+            if now < due.asked + REQUEST_INTERVAL:
+                return  # a request too soon after the last one: deferred to the interval's end
         lock = self.lock(key)
         if not lock.acquire(blocking=False):
             return  # another worker is reconciling it right now
@@ -97,7 +106,8 @@ class Resync:
         finally:
             lock.release()
         if key in self.due:
-            self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested)
+            asked = now if request is not None and request != due.requested else due.asked
+            self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
 
     def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
         status = body.get("status") or {}

@@ -18,7 +18,7 @@ from imageunlock.config import OperatorConfig
 from imageunlock.crypto import encrypt_stream
 from imageunlock.errors import ApiUnavailableError, AuthenticationError, KubernetesUnavailableError
 from imageunlock.models import Credentials
-from imageunlock.reconciler import Reconciler, Verdict
+from imageunlock.reconciler import REQUESTED_AT, Reconciler, Verdict
 
 from ..support.fakes import FakeKeyClient, FakeKubernetesApi, FakeRuntime
 from ..support.savetar import build, config_ids
@@ -351,3 +351,36 @@ def test_a_status_write_refused_by_the_api_server_is_a_retry_not_a_crash(world):
     world.kube.patch_error = KubernetesUnavailableError("writing status failed (HTTP 403)")
     outcome = world.reconcile()
     assert outcome.verdict is Verdict.RETRY and outcome.delay > 0
+
+
+def _recheck(world: World, requested: str):
+    body = world.body()
+    body["metadata"]["annotations"] = {REQUESTED_AT: requested}
+    return world.reconciler.reconcile(body)
+
+
+def test_a_recheck_that_fails_the_same_way_writes_only_the_request_and_posts_no_event(world):
+    """Issue 18, item 3: a requested re-check of a Stalled object that cannot succeed costs
+    one write (lastHandledRequestedAt) and no event per node — not a round of progress
+    writes, a Stalled write and a Warning each time."""
+    world.key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    assert world.reconcile().verdict is Verdict.STALLED
+    writes, events, stalled = len(world.kube.writes), list(world.events), dict(world.status)
+    for n in range(3):
+        outcome = _recheck(world, f"req-{n}")
+        assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "AuthenticationFailed")
+        assert world.kube.writes[-1][1] == {"lastHandledRequestedAt": f"req-{n}"}
+    assert len(world.kube.writes) == writes + 3 and world.events == events
+    assert world.key.logins == 4
+    assert {k: v for k, v in world.status.items() if k != "lastHandledRequestedAt"} == {
+        k: v for k, v in stalled.items() if k != "lastHandledRequestedAt"
+    }
+
+
+def test_a_recheck_with_another_outcome_is_written_and_announced(world):
+    world.key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    world.reconcile()
+    world.key = FakeKeyClient(FRAGMENT)  # the credentials were fixed
+    assert _recheck(world, "req-1").verdict is Verdict.READY
+    assert world.status["phase"] == "Ready" and world.status["lastHandledRequestedAt"] == "req-1"
+    assert ("Normal", "Unlocked") in world.events

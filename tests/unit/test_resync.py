@@ -206,3 +206,32 @@ def test_an_object_created_anew_under_the_same_name_is_not_held_to_the_old_sched
     fresh["metadata"]["uid"] = "new"
     resync.step(KEY, fresh)
     assert fake.calls == [0]
+
+
+def _requested(phase: str, value: str) -> dict:
+    found = body(phase)
+    found["metadata"]["annotations"] = {"loader.azaion.com/requested-at": value}
+    return found
+
+
+def test_requested_rechecks_are_handled_at_most_every_30_s_and_never_dropped():
+    """Issue 18, item 3: a script bumping requested-at on an ImageUnlock that can never
+    succeed costs at most one re-check per node per 30 s; the latest request still counts."""
+    stalled = Outcome(Verdict.STALLED, "Secret ns/creds not found", "InvalidConfiguration")
+    resync, fake, clock = make(*[stalled] * 10)
+    resync.step(KEY, body("Failed"))
+    assert fake.calls == [0]
+    for n in range(1, 11):  # ten requests, one a second
+        fake.current_inputs = replace(fake.current_inputs, requested=f"r{n}")
+        resync.step(KEY, _requested("Failed", f"r{n}"))
+        clock.now += 1
+    assert len(fake.calls) == 2  # the first request at once, the rest deferred
+    clock.now += 19  # 29 s after the first request was handled: still deferred
+    resync.step(KEY, _requested("Failed", "r10"))
+    assert len(fake.calls) == 2
+    clock.now += 1.5
+    resync.step(KEY, _requested("Failed", "r10"))
+    assert len(fake.calls) == 3  # the latest request, at the interval's end
+    clock.now += 5
+    resync.step(KEY, _requested("Failed", "r10"))
+    assert len(fake.calls) == 3  # acted on once
