@@ -133,6 +133,12 @@ def summarize(
     digests = {current[n].get("imagesDigest") for n in ready} - {None}
     images = listed[0] if listed else (kept if kept and digests == {images_digest(kept)} else [])
     message = f"{len(images)} image(s) ready and verified on {len(ready)}/{len(desired)} node(s)"
+    if differ := _disagreement({n: current[n] for n in ready}):
+        # Every node verified its own archive, so each is usable; but no one list is the
+        # cluster's truth: say which nodes differ, and list only the IDs all nodes share.
+        reason, text, shared = differ
+        message = f"{message}; {text}"
+        images = [i for i in images if i.get("name") in shared]
     result = {
         "phase": Phase.READY.value,
         "message": message,
@@ -148,6 +154,36 @@ def summarize(
         ),
     }
     return Summary({**result, **aggregate, **counts}, prune)
+
+
+def _disagreement(ready: Mapping[str, Mapping[str, Any]]) -> tuple[str, str, set[str]] | None:
+    """``(reason, message, refs every node verified alike)`` when Ready nodes verified
+    different image IDs for one ref (different archives under one version), else None."""
+    seen: dict[str, dict[str, list[str]]] = {}  # ref -> id -> nodes
+    for node, entry in ready.items():
+        for image in entry.get("images") or ():
+            seen.setdefault(str(image.get("name")), {}).setdefault(str(image.get("id")), []).append(node)
+    split = {ref: ids for ref, ids in seen.items() if len(ids) > 1}
+    # Entries that keep only the digest of their list (a large fleet) are compared by digest.
+    groups: dict[str, list[str]] = {}
+    for node, entry in ready.items():
+        digest = entry.get("imagesDigest") or (images_digest(entry["images"]) if entry.get("images") else None)
+        if digest:
+            groups.setdefault(str(digest), []).append(node)
+    if not split and len(groups) <= 1:
+        return None
+    if split:
+        parts = [
+            f"{ref}: " + ", ".join(f"{image_id[:19]}… on {_names(sorted(nodes))}" for image_id, nodes in ids.items())
+            for ref, ids in sorted(split.items())
+        ]
+        text = "nodes verified different image IDs for " + "; ".join(parts[:NAMED])
+        text += f" (and {len(parts) - NAMED} more ref(s))" if len(parts) > NAMED else ""
+    else:
+        text = "nodes verified different image lists: " + "; ".join(
+            f"{_names(sorted(nodes))}" for nodes in list(groups.values())[:NAMED]
+        )
+    return "ImagesDiffer", text + ": check that every node has the same archive", set(seen) - set(split)
 
 
 def _waiting(name: str, busy: Mapping[str, Any] | None, reported: bool) -> str:

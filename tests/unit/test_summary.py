@@ -180,3 +180,31 @@ def test_a_node_still_working_on_a_new_generation_shows_its_phase_and_reason():
     reconciling = condition(status, "Reconciling")
     assert reconciling["reason"] == "ResourceApiUnavailable" and "attempt 2 failed: 503" in status["message"]
     assert status["observedGeneration"] == 2 and status["readyNodes"] == "0/1"
+
+
+def test_nodes_that_verified_different_ids_are_named_not_one_taken_as_the_truth():
+    """Issue 18, item 8: two nodes' archives under one version hold different images: each
+    node is usable, but the summary names the difference and lists only shared IDs."""
+    other = [{"name": "azaion/x:1", "id": "sha256:2"}]
+    both = [*IMAGES, {"name": "azaion/y:1", "id": "sha256:9"}]
+    status = summarize(
+        body(
+            entry("a", images=both),
+            entry("b", images=[*other, {"name": "azaion/y:1", "id": "sha256:9"}]),
+            selector=EDGE,
+        ),
+        NODES,
+        EVERYWHERE,
+    ).status
+    ready = condition(status, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "ImagesDiffer"
+    assert "azaion/x:1: sha256:1… on a, sha256:2… on b" in ready["message"]
+    assert status["images"] == [{"name": "azaion/y:1", "id": "sha256:9", "present": True}]
+
+
+def test_digest_entries_that_differ_are_named_too():
+    a = entry("a", images=None, imagesDigest=images_digest(IMAGES))
+    b = entry("b", images=None, imagesDigest=images_digest([{"name": "azaion/x:1", "id": "sha256:2"}]))
+    ready = condition(summarize(body(a, b, selector=EDGE), NODES, EVERYWHERE).status, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "ImagesDiffer"
+    assert "different image lists" in ready["message"] and "a" in ready["message"]
