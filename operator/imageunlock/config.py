@@ -102,6 +102,8 @@ class OperatorConfig(_Settings):
     # The node this agent runs on (the DaemonSet sets it from spec.nodeName).
     node_name: str | None = Field(None, validation_alias=_env("NODE_NAME", "IMAGEUNLOCK_NODE_NAME"))
     archive_roots: Listed = Field(("/var/lib/imageunlock",), validation_alias=_env("IMAGEUNLOCK_ARCHIVE_ROOT"))
+    # Multi-tenant nodes: an ImageUnlock may name only files under <root>/<its namespace>/.
+    archive_per_namespace: bool = Field(False, validation_alias=_env("IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"))
     # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means;
     # auto: the one the Node reports (status.nodeInfo.containerRuntimeVersion).
     runtime: Literal["docker", "containerd", "auto"] = Field("auto", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
@@ -126,6 +128,14 @@ class OperatorConfig(_Settings):
     api_deadline: Seconds = Field(60.0, ge=1, validation_alias=_env("IMAGEUNLOCK_API_DEADLINE"))
     runtime_timeout: Seconds = Field(900.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RUNTIME_TIMEOUT"))
     workers: int = Field(4, ge=1, validation_alias=_env("IMAGEUNLOCK_WORKERS"))
+
+    def roots_for(self, namespace: str) -> tuple[str, ...]:
+        """The archive roots an ImageUnlock in ``namespace`` may name files under."""
+        if not self.archive_per_namespace:
+            return tuple(self.archive_roots)
+        if not namespace or "/" in namespace or namespace in (".", ".."):
+            return ()
+        return tuple(f"{root.rstrip('/')}/{namespace}" for root in self.archive_roots)
 
     @field_validator("archive_roots", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from . import archive, metrics
 from . import status as st
 from .claims import Claim, find_conflict
 from .config import OperatorConfig
-from .errors import ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
+from .errors import ConfigurationError, ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
 from .kube import KubernetesApi
 from .models import Credentials, KeyClient, Phase
 from .refs import normalize_ref
@@ -132,12 +132,18 @@ class Reconciler:
         runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
         return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
 
-    def service(self, spec: UnlockSpec) -> UnlockService:
+    def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
         return UnlockService(
             self.runtime,
             lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
-            archive_roots=self.settings.archive_roots,
+            archive_roots=self.roots(namespace),
         )
+
+    def roots(self, namespace: str) -> tuple[str, ...]:
+        roots = self.settings.roots_for(namespace)
+        if not roots:  # never "no roots" (which means any path) for an object
+            raise ConfigurationError(f"namespace {namespace!r} cannot have an archive directory")
+        return roots
 
     def conflict(self, body: Mapping[str, Any], spec: UnlockSpec) -> RefConflictError | None:
         """Only an ImageUnlock that holds its refs counts as a claim: Ready at its generation,
@@ -180,7 +186,7 @@ class Reconciler:
             meta.get("generation"),
             requested,
             self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
-            archive.signature(spec.archive_path, self.settings.archive_roots),
+            archive.signature(spec.archive_path, self.roots(str(meta.get("namespace") or ""))),
             conflict.message if conflict else None,
         )
 
@@ -195,7 +201,7 @@ class Reconciler:
             return False
         meta = body.get("metadata") or {}
         known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
-        return self.service(spec).present(spec.to_request(known)) is not None
+        return self.service(spec, str(meta.get("namespace") or "")).present(spec.to_request(known)) is not None
 
     def verified(self, body: Mapping[str, Any]) -> None:
         """Record a re-verification that found everything in place (no reconcile needed)."""
@@ -217,7 +223,7 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(status, generation)
-            result = self.service(spec).unlock(
+            result = self.service(spec, namespace).unlock(
                 spec.to_request(known),
                 lambda: self.kube.read_credentials(namespace, spec.secret_name),
                 run.report,

@@ -384,3 +384,22 @@ def test_a_recheck_with_another_outcome_is_written_and_announced(world):
     assert _recheck(world, "req-1").verdict is Verdict.READY
     assert world.status["phase"] == "Ready" and world.status["lastHandledRequestedAt"] == "req-1"
     assert ("Normal", "Unlocked") in world.events
+
+
+def test_per_namespace_archive_directories_confine_a_namespace_to_its_own(world):
+    """Issue 18, item 6: with IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE an ImageUnlock can name only
+    files under <root>/<its namespace>/: another namespace's archive (or the root's own)
+    is refused before its existence, size or digest can be learnt, and no Secret is read."""
+    world.configure(archive_per_namespace=True)
+    (world.root / "other-team").mkdir()
+    theirs = world.root / "other-team" / "images.enc"
+    theirs.write_bytes(world.archive.read_bytes())
+    for path in (theirs, world.archive, world.root / NS / ".." / "other-team" / "images.enc"):
+        outcome = world.reconcile(archivePath=str(path))
+        assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration"), path
+        assert str(world.root / NS) in outcome.message
+    assert world.kube.credential_reads == [] and world.key.opened == []
+    (world.root / NS).mkdir()
+    ours = world.root / NS / "images.enc"
+    ours.write_bytes(world.archive.read_bytes())
+    assert world.reconcile(archivePath=str(ours)).verdict is Verdict.READY
