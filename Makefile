@@ -23,9 +23,9 @@ lint:
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
-# Own CPU of the unlock against the hardware floor, and wall time, per pipeline. Environment:
-# IU_BENCH_SIZE_MIB (1050), IU_BENCH_ROUNDS (7), IU_BENCH_TMPFS=1 (Engine data root on tmpfs),
-# IU_BENCH_SMOKE=1 (tiny, < 1 min); BENCH_ARGS passes flags (benchmarks/bench_unlock.py --help).
+# Own CPU of the unlock against the hardware floor, wall time, and disk writes system-wide, per
+# pipeline. Environment: IU_BENCH_SIZE_MIB (1050), IU_BENCH_ROUNDS (7), IU_BENCH_TMPFS=1 (Engine
+# data roots on tmpfs), IU_BENCH_ENGINE_TMP_TMPFS=1 (only Docker's DOCKER_TMPDIR), IU_BENCH_SMOKE=1 (tiny, < 1 min); BENCH_ARGS passes flags (benchmarks/bench_unlock.py --help).
 BENCH_ARGS ?=
 bench:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh

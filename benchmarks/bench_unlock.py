@@ -3,6 +3,7 @@
     make bench                                        # 1050 MiB archive, 7 rounds: ~10 min
     IU_BENCH_SIZE_MIB=256 IU_BENCH_ROUNDS=9 make bench
     IU_BENCH_TMPFS=1 make bench                       # the Engine's data root on tmpfs
+    IU_BENCH_ENGINE_TMP_TMPFS=1 make bench            # only Docker's DOCKER_TMPDIR on tmpfs
     .venv/bin/python benchmarks/bench_unlock.py --smoke --json report.json   # < 1 min
 
 Brings up real parts only (``workload``): a private dockerd, a ``docker save`` archive of the
@@ -26,14 +27,17 @@ real), and checked to have loaded the archive's image IDs (containerd: the confi
 ``measure`` takes each command's figures from the kernel (rusage); ``report``
 prints them: own CPU (steady) and the ratio own CPU / floor, wall median and spread (noisy),
 peak RSS, disk writes, the Engine's share apart, and whether the CPU has AES and SHA
-instructions. It never asserts timings: the exit status is non-zero only when something failed.
+instructions; and disk system-wide (``measure_one``): own and runtime writes, what reached the
+block device, the peak bytes in the runtime's temp dir (Docker's docker-import-* copy of the
+whole load body, containerd's ingest dir) and in the pipeline's scratch dir, the image store
+after. It never asserts timings: the exit status is non-zero only when something failed.
 
 A runtime joins by adding its Engine to ``ENGINES`` (start, url, pid, reset, image_ids, stop:
 see ``workload.Engine`` and ``workload.ContainerdEngine``) and its pair to ``PIPELINES``: a
 SEND step (its own CLI importing the plaintext: its floor's last part) and an UNLOCK step.
 
 Options also come from the environment: IU_BENCH_SIZE_MIB, IU_BENCH_ROUNDS, IU_BENCH_TMPFS=1,
-IU_BENCH_SMOKE=1, IU_BENCH_PIPELINES=a,b, IU_BENCH_JSON=path, IU_BENCH_TMP=dir.
+IU_BENCH_ENGINE_TMP_TMPFS=1, IU_BENCH_SMOKE=1, IU_BENCH_PIPELINES=a,b, IU_BENCH_JSON=path, IU_BENCH_TMP=dir.
 """
 
 from __future__ import annotations
@@ -60,11 +64,14 @@ from benchmarks import seeds  # noqa: E402
 from benchmarks.measure import cpu_info, proc_cpu, proc_write_bytes, rss_floor, run_measured  # noqa: E402
 from benchmarks.report import BASELINE, FLOOR, SEND, UNLOCK, Run, Step, render, summarize  # noqa: E402
 from benchmarks.workload import MIB, Archive, ContainerdEngine, Engine, build_archive, human  # noqa: E402
+from tests.support.disk import DirInfo, DirWatch, block_device, device_write_bytes, tree_bytes  # noqa: E402
 
 VERSION = "9.9.9-bench"
 EMAIL = "bench@example.test"
 DEFAULTS = {"size_mib": 1050, "rounds": 7}  # 7 x 150 MiB: a 1.03 GiB archive
 SMOKE = {"size_mib": 7, "rounds": 2}  # tiny: proves the benchmark runs, in well under a minute
+SCRATCH = "scratch"  # below the work dir: where a pipeline writes its own files (the seeds' tar)
+POLL_INTERVAL = 0.05  # s between two looks at the runtime's temp dir and the scratch dir
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,7 @@ def _ctr_import(ctx: Context) -> list[str]:
 
 
 def _seeds(ctx: Context) -> list[str]:
-    out = str(ctx.workdir / "seeds-decrypted.tar")
+    out = str(ctx.workdir / SCRATCH / "seeds-decrypted.tar")
     url = ctx.engines["docker"].url
     return seeds.command(ctx.python, str(ctx.archive.archive), ctx.api_url, url, VERSION, out, ctx.names)
 
@@ -142,9 +149,9 @@ PIPELINES: tuple[Pipeline, ...] = (
     Pipeline(Step("e", "imageunlock unlock --runtime containerd", UNLOCK, "containerd"), _unlock_containerd),
 )
 
-ENGINES: dict[str, Callable[[Path, bool], Engine | ContainerdEngine]] = {
-    "docker": lambda root, tmpfs: Engine(root, tmpfs=tmpfs),
-    "containerd": lambda root, tmpfs: ContainerdEngine(root, tmpfs=tmpfs),
+ENGINES: dict[str, Callable[[Path, argparse.Namespace], Engine | ContainerdEngine]] = {
+    "docker": lambda root, args: Engine(root, tmpfs=args.tmpfs, tmpdir_tmpfs=args.engine_tmp_tmpfs),
+    "containerd": lambda root, args: ContainerdEngine(root, tmpfs=args.tmpfs),
 }
 
 
@@ -171,6 +178,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--tmpfs", action="store_true", default=_env_flag("IU_BENCH_TMPFS"),
         help="put the private Engine's data root on a tmpfs (needs root), so disk noise drops out ($IU_BENCH_TMPFS=1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine-tmp-tmpfs", action="store_true", default=_env_flag("IU_BENCH_ENGINE_TMP_TMPFS"),
+        help="only the Docker Engine's temp dir (DOCKER_TMPDIR, where it unpacks every load) on a tmpfs, "
+        "its data root on disk unless --tmpfs (needs root) ($IU_BENCH_ENGINE_TMP_TMPFS=1)",
     )  # fmt: skip
     parser.add_argument(
         "--smoke", action="store_true", default=_env_flag("IU_BENCH_SMOKE"),
@@ -236,7 +248,7 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         engine_info: dict[str, dict[str, str]] = {}
         for runtime in sorted(runtimes | {"docker"}):  # docker builds the archive
-            engine = engines[runtime] = ENGINES[runtime](workdir / runtime, args.tmpfs).start()
+            engine = engines[runtime] = ENGINES[runtime](workdir / runtime, args).start()
             engine_info[runtime] = engine.describe()
             print(f"bench: private {runtime} {engine_info[runtime]} (pid {engine.pid}) at {engine.url}", flush=True)
         fragment = secrets.token_bytes(32)
@@ -255,6 +267,7 @@ def main(argv: list[str]) -> int:
             bin_dir = engines["containerd"].bin_dir
             env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
         cli = str(Path(sys.executable).with_name("imageunlock"))
+        (workdir / SCRATCH).mkdir()
         ctx = Context(archive, engines, api.url, names, workdir, sys.executable, cli)
         order = [*FLOOR_PARTS, *args.selected]
         floor_rss = rss_floor(env, workdir)
@@ -268,6 +281,9 @@ def main(argv: list[str]) -> int:
                     f"bench: round {rnd} {pipeline.step.key:>5}  cpu {run.usage.cpu:6.2f}s "
                     f"(user {run.usage.user:5.2f} sys {run.usage.sys:5.2f})  wall {run.usage.wall:7.2f}s  "
                     f"rss {run.usage.rss_mib:6.1f} MiB  wrote {human(run.usage.write_bytes)}  "
+                    f"engine wrote {'-' if run.engine_write_bytes is None else human(run.engine_write_bytes)}  "
+                    f"device {'-' if run.device_write_bytes is None else human(run.device_write_bytes)}  "
+                    f"temp peak {'-' if run.temp_peak_bytes is None else human(run.temp_peak_bytes)}  "
                     f"{'ok' if run.ok else f'FAILED (exit {run.usage.returncode})'}",
                     flush=True,
                 )
@@ -313,17 +329,42 @@ def main(argv: list[str]) -> int:
 def measure_one(
     pipeline: Pipeline, rnd: int, ctx: Context, env: dict[str, str], refs: list[str], timeout: float
 ) -> Run:
-    """One measured run: the Engine emptied first, its share read apart, the load checked after."""
+    """One measured run: the Engine emptied first, its share read apart, the load checked after.
+
+    Disk, system-wide: the command's own writes (rusage), the runtime daemon's (/proc/<pid>/io
+    write_bytes: pages it and its reaped children dirtied on a file system with a block
+    device, files deleted since included; tmpfs pages are not counted), what reached the
+    block devices holding the work dir, the data root and the temp dir (/proc/diskstats, a
+    sync before and after: every process on the host, so an upper bound; none on tmpfs), and,
+    polled every POLL_INTERVAL s, the peak bytes present in the runtime's temp dir (Docker:
+    the docker-import-* copy of the load body; containerd: the content store's ingest dir)
+    and in the pipeline's own scratch dir (the seeds' plaintext tar), and the image store's
+    bytes after the run (the data root without the temp dir)."""
     step = pipeline.step
     engine = ctx.engines[step.runtime] if step.runtime else None
     if engine is not None:
         engine.reset()
+    scratch = ctx.workdir / SCRATCH
+    watched = [scratch] + ([engine.temp_dir] if engine is not None else [])
+    paths = [ctx.workdir, *([engine.data_root, engine.temp_dir] if engine is not None else [])]
+    devices = frozenset(d for d in (block_device(p) for p in paths) if d is not None)
     os.sync()  # earlier runs' write-back must not land inside this measurement
     pid = engine.pid if engine is not None else None
     cpu_before, writes_before = proc_cpu(pid), proc_write_bytes(pid)
+    device_before = device_write_bytes(devices)
     log = ctx.workdir / f"run-{rnd}-{step.key}.log"
-    usage = run_measured(pipeline.argv(ctx), env=env, log=log, timeout=timeout)
+    with DirWatch(watched, interval=POLL_INTERVAL) as watch:
+        usage = run_measured(pipeline.argv(ctx), env=env, log=log, timeout=timeout)
     cpu_after, writes_after = proc_cpu(pid), proc_write_bytes(pid)
+    os.sync()  # this run's write-back lands inside its measurement
+    device_after = device_write_bytes(devices)
+    device_writes = sum(device_after[d] - device_before[d] for d in device_before if d in device_after)
+    temp = watch[engine.temp_dir] if engine is not None else None
+    store = None
+    if engine is not None:
+        store = tree_bytes(engine.data_root)
+        if engine.temp_dir.is_relative_to(engine.data_root):
+            store -= tree_bytes(engine.temp_dir)
     ok = usage.returncode == 0
     if ok and engine is not None:
         present = engine.image_ids(refs)
@@ -339,7 +380,25 @@ def measure_one(
         engine_write_bytes=None if writes_before is None or writes_after is None else writes_after - writes_before,
         ok=ok,
         log=log,
+        devices=tuple(sorted(devices)),
+        device_write_bytes=device_writes if devices else None,
+        temp_peak_bytes=None if temp is None else temp.peak_bytes,
+        temp_dirs=()
+        if temp is None
+        else tuple(dict.fromkeys(_generic(info, temp.path) for info in temp.dirs.values())),
+        scratch_peak_bytes=watch[scratch].peak_bytes,
+        store_bytes=store,
     )
+
+
+def _generic(info: DirInfo, temp_dir: Path) -> str:
+    """``path mode uid gid`` of the temp dir or of what the runtime made in it, named by kind
+    (``docker-import-*``, ``<blob being written>``) so every load reads the same."""
+    path = Path(info.path)
+    if path != temp_dir:
+        name = "docker-import-*" if path.name.startswith("docker-import-") else "<blob being written>"
+        path = temp_dir / name
+    return f"{path} {info.mode:04o} uid {info.uid} gid {info.gid}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ rounds), the Engine's CPU and writes (medians, shown apart: never part of "own")
 the floor: ``openssl enc -d`` of the archive body + ``openssl dgst -sha256`` of the plaintext
 + that runtime's own CLI sending the plaintext (its "send" pipeline), summed round by round;
 and each other pipeline's own CPU over that floor, round by round.
+
+Disk, system-wide, per step (``disk``): the command's own writes and the runtime daemon's
+(max over rounds, and their sum per round), what reached the block devices (median, min,
+max; none when every path is on tmpfs), the peak bytes polled in the runtime's temp dir and
+in the pipeline's scratch dir, the image store's bytes after the run, and the mode and owner
+of the temp dir and what the runtime made in it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class Run:
     engine_write_bytes: int | None
     ok: bool
     log: Path
+    devices: tuple[str, ...] = ()  # block devices of the work dir, data root and temp dir
+    device_write_bytes: int | None = None  # /proc/diskstats delta; None: all on tmpfs
+    temp_peak_bytes: int | None = None  # polled peak in the runtime's temp dir
+    temp_dirs: tuple[str, ...] = ()  # "path mode uid gid" of the temp dir and what was made in it
+    scratch_peak_bytes: int = 0  # polled peak in the pipeline's own scratch dir
+    store_bytes: int | None = None  # the runtime's data root, without its temp dir, after the run
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -90,6 +102,7 @@ def summarize(
             "disk_write_pct": round(100.0 * max(run.usage.write_bytes for run in mine) / archive_bytes, 4),
             "engine_cpu_s": None if engine_cpu is None else round(engine_cpu, 3),
             "engine_write_bytes": None if engine_writes is None else int(engine_writes),
+            "disk": _disk(mine, archive_bytes),
         }
 
     # The floor, per runtime and per round: every part measured in that round.
@@ -155,6 +168,38 @@ def summarize(
     }
 
 
+def _max(values: list[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _spread_bytes(values: list[int]) -> dict[str, int] | None:
+    return {"median": int(statistics.median(values)), "min": min(values), "max": max(values)} if values else None
+
+
+def _disk(runs: list[Run], archive_bytes: int) -> dict[str, Any]:
+    """Where the bytes went, system-wide, over the rounds of one step."""
+    engine = [run.engine_write_bytes for run in runs]
+    system = [None if e is None else run.usage.write_bytes + e for run, e in zip(runs, engine, strict=True)]
+    device = [run.device_write_bytes for run in runs if run.device_write_bytes is not None]
+    temp_dirs: dict[str, None] = {}
+    for run in runs:
+        temp_dirs.update(dict.fromkeys(run.temp_dirs))
+    most = _max(system)
+    return {
+        "own_write_bytes": max(run.usage.write_bytes for run in runs),
+        "engine_write_bytes": _max(engine),
+        "system_write_bytes": most,  # own + the runtime daemon's, per round, max over rounds
+        "system_write_pct": None if most is None else round(100.0 * most / archive_bytes, 2),
+        "devices": sorted({d for run in runs for d in run.devices}),
+        "device_write_bytes": _spread_bytes(device),
+        "temp_peak_bytes": _max([run.temp_peak_bytes for run in runs]),
+        "temp_dirs": list(temp_dirs),
+        "scratch_peak_bytes": max(run.scratch_peak_bytes for run in runs),
+        "store_bytes": _max([run.store_bytes for run in runs]),
+    }
+
+
 def _target(name: str, value: float | None, limit: float) -> dict[str, Any]:
     return {"target": name, "value": value, "limit": limit, "met": value is not None and value <= limit}
 
@@ -216,6 +261,40 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
             if "wall_over_send" in figures:
                 line += f"; wall / ({floor['parts'][-1]}) wall: {figures['wall_over_send']:.3f} (noisy)"
             lines.append(line)
+    lines += [
+        "",
+        "Disk, system-wide (max over rounds; device writes: median (min-max) of what reached the block",
+        "device, every process on the host included, '-' when all is on tmpfs):",
+        f"{'step':<44} {'own writes':>11} {'runtime writes':>14} {'own+runtime':>12} {'% archive':>9} | "
+        f"{'device writes (median, min-max)':>36} | {'temp dir peak':>13} {'scratch peak':>12} {'store after':>11}",
+    ]
+    for step in steps:
+        figures = summary["steps"][step.key]
+        if not figures["runs"]:
+            continue
+        disk = figures["disk"]
+        label = f"floor: {step.title}" if step.role == FLOOR else f"({step.key}) {step.title}"
+
+        def size(n: int | None) -> str:
+            return "-" if n is None else human(n)
+
+        device = disk["device_write_bytes"]
+        device_text = "-" if device is None else (
+            f"{human(device['median'])} ({human(device['min'])}-{human(device['max'])})"
+        )  # fmt: skip
+        pct = "-" if disk["system_write_pct"] is None else f"{disk['system_write_pct']:.2f} %"
+        lines.append(
+            f"{label:<44} {human(disk['own_write_bytes']):>11} {size(disk['engine_write_bytes']):>14} "
+            f"{size(disk['system_write_bytes']):>12} {pct:>9} | {device_text:>36} | "
+            f"{size(disk['temp_peak_bytes']):>13} {human(disk['scratch_peak_bytes']):>12} "
+            f"{size(disk['store_bytes']):>11}"
+        )
+    shown: set[str] = set()
+    for step in steps:
+        for entry in summary["steps"][step.key].get("disk", {}).get("temp_dirs", []):
+            if entry not in shown and step.runtime:
+                shown.add(entry)
+                lines.append(f"  {step.runtime} temp dir (mode, owner): {entry}")
     lines += ["", "targets:"]
     for target in summary["targets"]:
         value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
@@ -227,6 +306,13 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
         f"launcher alone shows {summary['rss_floor_mib']:.1f} MiB); own disk writes = ru_oublock x 512 (bytes it",
         "dirtied for storage, deleted files included; max over rounds). Engine CPU / writes = deltas of the Engine's",
         "/proc/<pid>/stat and /proc/<pid>/io over the run (medians). Every load starts with no images in the",
-        "Engine and after os.sync(); inputs are read from the page cache.",
+        "Engine and after os.sync(); inputs are read from the page cache. Runtime writes = the daemon's",
+        "/proc/<pid>/io write_bytes delta (it and its reaped children; pages dirtied on a file system with a",
+        "block device, deleted files included; nothing on tmpfs). Device writes = /proc/diskstats sectors",
+        "written to the devices of the work dir, data root and temp dir, os.sync() before and after. Temp dir",
+        "peak = the most bytes seen, polling every 50 ms, in Docker's temp dir (the docker-import-* copy of",
+        "the whole load body) or containerd's content ingest dir; scratch peak = the pipeline's own files",
+        "(the seeds' decrypted tar); store after = the data root without its temp dir (the images: Docker's",
+        "layers in its storage driver, containerd's content blobs and snapshots).",
     ]
     return "\n".join(lines)

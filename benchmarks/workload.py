@@ -63,10 +63,14 @@ class Engine:
     """A private dockerd, its data root on disk or (``tmpfs=True``) on a tmpfs mounted for it,
     so the layers it writes cost memory, not disk I/O, and disk noise drops out of the figures."""
 
-    def __init__(self, root: Path, *, tmpfs: bool) -> None:
-        self.dockerd = Dockerd(root)
+    def __init__(self, root: Path, *, tmpfs: bool, tmpdir_tmpfs: bool = False) -> None:
+        # tmpdir_tmpfs: only the Engine's temp dir (DOCKER_TMPDIR, where it unpacks every
+        # ``docker load`` body before importing it) on a tmpfs, the data root where ``tmpfs`` says.
+        self.tmpdir_tmpfs = tmpdir_tmpfs
+        env = {"DOCKER_TMPDIR": str(Path(root) / "engine-tmp")} if tmpdir_tmpfs else {}
+        self.dockerd = Dockerd(root, env=env)
         self.tmpfs = tmpfs
-        self._mounted: Path | None = None
+        self._mounted: list[Path] = []
 
     @property
     def url(self) -> str:
@@ -76,25 +80,42 @@ class Engine:
     def pid(self) -> int | None:
         return self.dockerd.proc.pid if self.dockerd.proc is not None else None
 
+    @property
+    def data_root(self) -> Path:
+        return self.dockerd.data_root
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where the Engine unpacks the whole ``docker load`` body before importing it."""
+        return self.dockerd.temp_dir
+
     def start(self) -> Engine:
-        if self.tmpfs:
-            # Dockerd's --data-root
-            self._mounted = mount_tmpfs(self.dockerd.root / "data", "0710", "dockerd's data root")
+        if self.tmpfs:  # dockerd's --data-root
+            self._mounted.append(mount_tmpfs(self.dockerd.data_root, "0710", "dockerd's data root"))
+        if self.tmpdir_tmpfs:  # DOCKER_TMPDIR
+            self._mounted.append(mount_tmpfs(self.dockerd.temp_dir, "0700", "dockerd's DOCKER_TMPDIR"))
         self.dockerd.start()
         return self
 
     def describe(self) -> dict[str, str]:
         version = self.docker("version", "--format", "{{.Server.Version}}").stdout.strip()
-        return {"engine": f"dockerd {version}", "storage": "vfs", "data root": "tmpfs" if self.tmpfs else "disk"}
+        on_tmpfs = self.tmpfs or self.tmpdir_tmpfs
+        temp = "DOCKER_TMPDIR" if self.tmpdir_tmpfs else "<data-root>/tmp"
+        return {
+            "engine": f"dockerd {version}",
+            "storage": "vfs",
+            "data root": "tmpfs" if self.tmpfs else "disk",
+            "temp dir": f"{temp} on {'tmpfs' if on_tmpfs else 'disk'}",
+        }
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.dockerd.docker(*args, check=check, text=True)  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         self.dockerd.stop()  # by PID (its process group), then its socket dir
-        if self._mounted is not None:
-            subprocess.run(["umount", "-l", str(self._mounted)], capture_output=True, check=False, timeout=60)
-            self._mounted = None
+        for mounted in reversed(self._mounted):
+            subprocess.run(["umount", "-l", str(mounted)], capture_output=True, check=False, timeout=60)
+        self._mounted = []
 
     def tail(self) -> str:
         return self.dockerd.tail()
@@ -222,6 +243,15 @@ class ContainerdEngine:
     def pid(self) -> int | None:
         return self.containerd.proc.pid if self.containerd.proc is not None else None
 
+    @property
+    def data_root(self) -> Path:
+        return self.containerd.workdir / "root"
+
+    @property
+    def temp_dir(self) -> Path:
+        """The content store's ingest dir: a blob being written, before it is committed."""
+        return self.containerd.ingest_dir
+
     def start(self) -> ContainerdEngine:
         if self.tmpfs:
             # the config's root: content and snapshots
@@ -235,6 +265,7 @@ class ContainerdEngine:
             "engine": f"containerd {version} ({self.containerd.build.name})",
             "snapshotter": "overlayfs",
             "data root": "tmpfs" if self.tmpfs else "disk",
+            "temp dir": f"content ingest dir on {'tmpfs' if self.tmpfs else 'disk'}",
         }
 
     def stop(self) -> None:

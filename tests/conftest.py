@@ -100,3 +100,24 @@ def resource_api(archives: ArchiveSet) -> Iterator[FakeResourceApi]:
     """The resource API (loopback HTTP) that serves the session's archives' key fragment."""
     with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def big_archives(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> ArchiveSet:
+    """The same 7 services with 8 MiB of payload each (a ~56 MiB archive): large enough that
+    polling sees a runtime's temp files grow and that an unlock can be stopped mid-load."""
+    return build_archive_set(
+        dockerd,
+        tmp_path_factory.mktemp("big-archives"),
+        list(DEFAULT_IMAGES),
+        TEST_VERSION,
+        fragment=secrets.token_bytes(32),
+        payload_bytes=8 << 20,
+    )
+
+
+@pytest.fixture
+def big_api(big_archives: ArchiveSet) -> Iterator[FakeResourceApi]:
+    """The resource API serving ``big_archives``' key fragment."""
+    with FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, big_archives.fragment) as api:
+        yield api

@@ -72,6 +72,18 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
     for key in PIPELINES:  # the Engine's share, apart
         assert summary["steps"][key]["engine_cpu_s"] is not None
         assert summary["steps"][key]["engine_write_bytes"] is not None
+    for key in PIPELINES:  # disk, system-wide: ours, the runtime's, the device's, what sat in temp dirs
+        disk = summary["steps"][key]["disk"]
+        assert disk["own_write_bytes"] >= 0 and disk["engine_write_bytes"] is not None, key
+        assert disk["system_write_bytes"] >= disk["own_write_bytes"] and disk["system_write_pct"] >= 0, key
+        if disk["devices"]:  # the work dir is on disk; with --tmpfs the data roots are not
+            device = disk["device_write_bytes"]
+            assert 0 <= device["min"] <= device["median"] <= device["max"], key
+        assert disk["temp_peak_bytes"] > 0, f"({key}): nothing seen in the runtime's temp dir"
+        assert disk["temp_dirs"] and all(" uid " in entry for entry in disk["temp_dirs"]), key
+        assert disk["store_bytes"] > 0, key
+    assert summary["steps"]["c"]["disk"]["scratch_peak_bytes"] > 0  # the seeds' decrypted tar
+    assert summary["steps"]["b"]["disk"]["scratch_peak_bytes"] == 0
 
     for runtime, send in (("docker", "a"), ("containerd", "d")):  # each runtime's floor ends in its own CLI
         floor = summary["floor"][runtime]
@@ -90,6 +102,7 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
 
     text = proc.stdout
     phrases = ("AES instructions", "SHA-256 instructions", "floor (docker) =", "floor (containerd) =")
+    phrases += ("Disk, system-wide", "docker temp dir (mode, owner)", "containerd temp dir (mode, owner)")
     for phrase in (*phrases, "own CPU / floor", "(e) imageunlock unlock --runtime containerd", "targets:"):
         assert phrase in text, phrase
     assert not list(tmp_path.glob("iu-bench-*")), "the work dir is removed"

@@ -156,6 +156,15 @@ class Containerd:
     def log_path(self) -> Path:
         return self.workdir / "containerd.log"
 
+    @property
+    def content_dir(self) -> Path:
+        """The content store: ``blobs/sha256/<digest>`` (committed) and ``ingest/`` (being written)."""
+        return self.workdir / "root" / "io.containerd.content.v1.content"
+
+    @property
+    def ingest_dir(self) -> Path:
+        return self.content_dir / "ingest"
+
     def config(self) -> str:
         root, state = self.workdir / "root", self.workdir / "state"
         cni = self.workdir / "cni"

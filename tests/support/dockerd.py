@@ -22,9 +22,13 @@ class DockerdError(RuntimeError):
 
 
 class Dockerd:
-    def __init__(self, root: Path) -> None:
+    """``env``: extra environment of dockerd, e.g. ``DOCKER_TMPDIR`` (the directory the Engine
+    unpacks every ``docker load`` body into before importing; default ``<data-root>/tmp``)."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         # unix socket paths are limited to 108 bytes: keep the socket in a short dir.
         self.root = Path(root)
+        self.env = dict(env or {})
         self.sock_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"iu-dockerd-{os.getpid()}-{id(self) & 0xFFFF:x}"
         self.socket = self.sock_dir / "docker.sock"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -37,6 +41,15 @@ class Dockerd:
     def log_path(self) -> Path:
         return self.root / "dockerd.log"
 
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where the Engine unpacks a ``docker load`` body (``docker-import-*``) before importing it."""
+        return Path(self.env["DOCKER_TMPDIR"]) if self.env.get("DOCKER_TMPDIR") else self.data_root / "tmp"
+
     def start(self, timeout: float = 60.0) -> Dockerd:
         binary = shutil.which("dockerd")
         if binary is None:
@@ -45,7 +58,7 @@ class Dockerd:
         self.sock_dir.mkdir(parents=True, exist_ok=True)
         args = [
             binary,
-            f"--data-root={self.root / 'data'}",
+            f"--data-root={self.data_root}",
             f"--exec-root={self.sock_dir / 'exec'}",
             f"--pidfile={self.root / 'dockerd.pid'}",
             f"--host={self.url}",
@@ -56,7 +69,9 @@ class Dockerd:
             "--bridge=none",
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
+            )
         try:
             await_answer(
                 self.proc,
