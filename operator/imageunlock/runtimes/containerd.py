@@ -72,6 +72,7 @@ PINNED_LABEL = "io.cri-containerd.pinned=pinned"
 PINNING_FROM = (1, 7, 3)  # the first containerd whose CRI honours the pinned label
 COMMAND_TIMEOUT = 60.0  # ctr calls other than the import
 _ZEROS = bytes(64 * 1024)
+BLOCK = 512  # the tar block
 _OUTPUT_LIMIT = 64 * 1024  # bytes of ctr's stderr kept for an error message
 _MAX_NAMES = 10_000
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -138,17 +139,23 @@ class _Collector(threading.Thread):
 
 
 class _Pipe:
-    """ctr's standard input: writes whole chunks, holding back trailing zero bytes."""
+    """ctr's standard input: writes whole chunks, holding back trailing zero bytes and one or
+    two last bytes, so that what ctr has read never ends on a 512-byte tar block boundary
+    until the stream has passed its checks. Should this process die mid-stream (the OOM
+    killer, SIGKILL) and the kernel close ctr's input, ctr meets a truncated block — an
+    error — never what Go's tar reader takes for a clean end of the archive."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.zeros = 0  # zero bytes received and not yet passed on
+        self.pending = b""  # the last one or two bytes received, not yet passed on
+        self.sent = 0  # bytes ctr has been given
 
     def feed(self, chunk: bytes) -> bool:
         """False once ctr has stopped reading."""
         if not chunk:
             return True
-        if chunk[-1]:  # the usual case: nothing to hold back
+        if chunk[-1]:  # the usual case: no zeros to hold back
             return self.flush() and self._write(chunk)
         body = chunk.rstrip(b"\0")
         if not body:
@@ -167,11 +174,30 @@ class _Pipe:
             self.zeros -= n
         return True
 
+    def close(self) -> bool:
+        """The stream has passed its checks: everything held back goes to ctr."""
+        if not self.flush():
+            return False
+        pending, self.pending = self.pending, b""
+        return self._send(pending)
+
     def _write(self, data: bytes) -> bool:
+        if not data:
+            return True
+        available = len(self.pending) + len(data)
+        keep = min(available, 1 if (self.sent + available - 1) % BLOCK else 2)
+        pending, count = self.pending, available - keep
+        from_pending = min(count, len(pending))
+        self.pending = (pending[from_pending:] + data[-keep:])[-keep:]
+        return self._send(pending[:from_pending]) and self._send(memoryview(data)[: count - from_pending])
+
+    def _send(self, data: bytes | memoryview) -> bool:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self.fd, view) :]
+                written = os.write(self.fd, view)
+                self.sent += written
+                view = view[written:]
         except BrokenPipeError:
             return False
         return True
@@ -346,7 +372,7 @@ class ContainerdRuntime:
         try:
             ended = all(running.pipe.feed(chunk) for chunk in stream)
             if ended:
-                running.pipe.flush()  # ctr may stop reading at the end marker: that is fine
+                running.pipe.close()  # ctr may stop reading at the end marker: that is fine
         except BaseException:  # the stream failed (or we were interrupted): nothing may load
             running.kill()
             raise
