@@ -259,22 +259,28 @@ def test_dockerd_stopped_then_restarted_ends_ready(
 
 
 def test_operator_killed_mid_load_recovers_cleanly(
-    cluster, namespace, secret, start_operator, big_archives, archive_root, clean_docker
+    cluster, namespace, secret, start_operator, big_archives, archive_root, clean_docker, resource_api
 ):
     path = place(big_archives.openssl_archive, archive_root)
     before = sorted(os.listdir(archive_root))
     operator = start_operator(IMAGEUNLOCK_PROGRESS_INTERVAL="0.05")
-    cluster.create_unlock(namespace, "big", spec_for(path, big_archives.version, secret, images=big_archives.names))
-    wait_for(
-        lambda: (
-            cluster.status(namespace, "big").get("phase") == "Loading"
-            and 0 < cluster.status(namespace, "big")["progress"]["percent"] < 90
-        ),
-        60,
-        "mid-load",
-        interval=0.02,
-    )
-    operator.stop(signal.SIGKILL)
+    # The moment is gated, not caught by polling (a fast machine finished the load between
+    # two polls): the key answer waits until the Engine is paused, so the load starts and
+    # stalls in its first megabytes; the operator is killed there.
+    key_sent = resource_api.hold(KEY_FRAGMENT_PATH)
+    engine = clean_docker.proc
+    assert engine is not None
+    try:
+        cluster.create_unlock(namespace, "big", spec_for(path, big_archives.version, secret, images=big_archives.names))
+        wait_for(lambda: resource_api.calls[KEY_FRAGMENT_PATH] > 0, 60, "the key request")
+        engine.send_signal(signal.SIGSTOP)
+        key_sent.set()
+        # Loading: the key arrived and the stream started; it cannot end while the Engine is paused
+        wait_for(lambda: cluster.status(namespace, "big").get("phase") == "Loading", 60, "mid-load")
+        operator.stop(signal.SIGKILL)
+    finally:
+        key_sent.set()
+        engine.send_signal(signal.SIGCONT)
     assert sorted(os.listdir(archive_root)) == before
     assert unlock_leftovers(operator.tmpdir) == []
     restarted = start_operator()

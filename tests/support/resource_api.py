@@ -45,6 +45,7 @@ class FakeResourceApi:
         self.issued: list[str] = []  # every token ever handed out (for secret-hygiene checks)
         self.calls: Counter[str] = Counter()
         self.delay = 0.0
+        self._gates: dict[str, threading.Event] = {}
         self._faults: dict[str, deque[int]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._server = _QuietServer((host, 0), self._handler())
@@ -55,6 +56,14 @@ class FakeResourceApi:
         """The next ``times`` requests to ``path`` answer ``status``."""
         with self._lock:
             self._faults[path].extend([status] * times)
+
+    def hold(self, path: str) -> threading.Event:
+        """Requests to ``path`` wait (after being counted) until the returned event is set:
+        a test gates the moment it needs instead of polling for it. ``reset`` releases."""
+        gate = threading.Event()
+        with self._lock:
+            self._gates[path] = gate
+        return gate
 
     def expire_tokens(self) -> None:
         with self._lock:
@@ -87,6 +96,9 @@ class FakeResourceApi:
             self._faults.clear()
             self.tokens.clear()
             self.delay = 0.0
+            gates, self._gates = list(self._gates.values()), {}
+        for gate in gates:
+            gate.set()
 
     def _next_fault(self, path: str) -> int | None:
         with self._lock:
@@ -114,6 +126,9 @@ class FakeResourceApi:
                     api.calls[path] += 1
                 if api.delay:
                     time.sleep(api.delay)
+                gate = api._gates.get(path)
+                if gate is not None:
+                    gate.wait(120)  # bounded: a forgotten gate never hangs the suite
                 fault = api._next_fault(path)
                 if fault is not None:
                     self._answer(fault, json.dumps({"error": f"injected {fault}"}).encode())
