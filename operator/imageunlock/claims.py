@@ -2,8 +2,11 @@
 
 Two ImageUnlocks that load the same ``NAME:VERSION`` into the same runtime from different
 archives would overwrite each other's tag on every re-verification, each "repairing" what
-the other just loaded. The earlier one (by creation time, then namespace/name) keeps the
-ref; the later one is stalled with a message naming the owner, until one of them changes.
+the other just loaded. The one that holds the ref (Ready with its verified ID) keeps it,
+whatever the other's age: an old object edited to name a held ref must not take it over
+(creation time never changes with an edit). Only when both hold it (e.g. both became Ready
+at once) does the earlier one (by creation time, then namespace/name) keep it. The other is
+stalled with a message naming the owner, until one of them changes.
 The same ref from the same archive path is no conflict: it is the same content, and the
 archive lock serialises the loads.
 """
@@ -31,17 +34,18 @@ class Claim:
         return (self.created, self.namespace, self.name)
 
 
-def find_conflict(mine: Claim, others: Iterable[Claim]) -> RefConflictError | None:
-    """The error to stall ``mine`` with, if an earlier claim loads one of its refs from
-    another archive into the same runtime; else None."""
+def find_conflict(mine: Claim, others: Iterable[Claim], held: frozenset[str] = frozenset()) -> RefConflictError | None:
+    """The error to stall ``mine`` with, if another object holds one of its refs (``others``:
+    held claims) loaded from another archive into the same runtime, and ``mine`` does not
+    hold it too (``held``) or is the later one; else None."""
     archive = posixpath.normpath(mine.archive_path)
     for other in sorted(others, key=lambda c: c.key):
-        if other.key >= mine.key or (other.namespace, other.name) == (mine.namespace, mine.name):
+        if (other.namespace, other.name) == (mine.namespace, mine.name):
             continue
         if other.runtime != mine.runtime or posixpath.normpath(other.archive_path) == archive:
             continue
         shared = sorted(mine.refs & other.refs)
-        if shared:
+        if shared and (other.key < mine.key or not set(shared) <= held):
             # Another namespace's objects and paths are not ours to show.
             owner = (
                 f"ImageUnlock {other.name} (archive {other.archive_path!r})"

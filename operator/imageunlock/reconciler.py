@@ -150,12 +150,13 @@ class Reconciler:
         with the IDs it verified. A Stalled or invalid one (say, a squatter naming a path that
         does not exist) claims nothing, so it cannot block anyone else's unlock."""
         claims = [claim for other in self.others() if (claim := self._held_claim(other)) is not None]
-        return find_conflict(_claim(body, spec), claims)
+        own = self._held_claim(body)
+        return find_conflict(_claim(body, spec), claims, own.refs if own is not None else frozenset())
 
     def _held_claim(self, body: Mapping[str, Any]) -> Claim | None:
         meta, status = body.get("metadata") or {}, body.get("status") or {}
         key = (meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
-        if key in self._claims:  # parsed once per version of each object, not once per look
+        if key[2] is not None and key in self._claims:  # parsed once per version of each object
             return self._claims[key]
         claim = None
         verified = known_ids(status, int(meta.get("generation") or 0))

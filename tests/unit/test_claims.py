@@ -15,7 +15,8 @@ def test_the_later_claim_from_another_archive_is_refused_and_names_the_owner():
     error = find_conflict(second, [first, second])
     assert error is not None and error.reason == "RefConflict" and not error.transient
     assert "first" in error.message and "azaion/x:1" in error.message and "/a/one.enc" in error.message
-    assert find_conflict(first, [first, second]) is None  # the earlier one keeps the ref
+    # when both hold it (both Ready at once), the earlier one keeps the ref
+    assert find_conflict(first, [first, second], held=frozenset({"azaion/x:1"})) is None
 
 
 def test_no_conflict_for_the_same_archive_other_refs_or_another_runtime():
@@ -28,7 +29,20 @@ def test_no_conflict_for_the_same_archive_other_refs_or_another_runtime():
 def test_equal_creation_times_are_ordered_by_namespace_and_name():
     a = claim("a", "2026-01-01T00:00:00Z", "/a.enc")
     b = claim("b", "2026-01-01T00:00:00Z", "/b.enc")
-    assert find_conflict(a, [b]) is None and find_conflict(b, [a]) is not None
+    held = frozenset({"azaion/x:1"})
+    assert find_conflict(a, [b], held) is None and find_conflict(b, [a], held) is not None
+
+
+def test_an_older_object_edited_to_name_a_held_ref_does_not_take_it_over():
+    """Review of issue 18 (high): creation time never changes with an edit, so a placeholder
+    created long ago in another namespace, edited to request a ref another tenant holds,
+    won the ref and loaded over it; the holder, repairing, was the one stalled."""
+    holder = claim("app", "2026-06-01T00:00:00Z", "/a/team-a.enc", refs=("team-a/app:1.0",), namespace="team-a")
+    placeholder = claim("old", "2026-01-01T00:00:00Z", "/a/team-b.enc", refs=("team-a/app:1.0",), namespace="team-b")
+    error = find_conflict(placeholder, [holder])
+    assert error is not None and error.reason == "RefConflict"
+    # and the holder, re-verifying, is not stalled by the newcomer (which holds nothing)
+    assert find_conflict(holder, [], held=frozenset({"team-a/app:1.0"})) is None
 
 
 def test_an_owner_in_another_namespace_is_not_named():

@@ -62,3 +62,13 @@ def test_ready_at_an_older_generation_is_no_claim():
     stale = body("team-a", "owner", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/one.enc", "Ready", generation=2)
     stale["status"]["observedGeneration"] = 1
     assert conflict_for(MINE, stale) is None
+
+
+def test_an_old_object_in_another_namespace_cannot_take_a_held_ref():
+    """Review of issue 18 (high), through the reconciler: the requester is older but holds
+    nothing; the Ready holder keeps its ref."""
+    holder = body("team-a", "owner", "2026-06-01T00:00:00Z", "/var/lib/imageunlock/one.enc", "Ready")
+    old = body("team-b", "old", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/two.enc", "Pending", verified=False)
+    error = conflict_for(old, holder)
+    assert error is not None and error.reason == "RefConflict"
+    assert conflict_for(holder, old) is None

@@ -328,16 +328,21 @@ def test_an_earlier_imageunlock_of_the_same_ref_from_another_archive_is_a_ref_co
     assert world.kube.credential_reads == [] and world.runtime.loads == []
 
 
-@pytest.mark.parametrize(
-    "name, created, archive",
-    [
-        ("later", "2026-01-03T00:00:00Z", "other.enc"),  # we were first
-        ("same-archive", "2026-01-01T00:00:00Z", "images.enc"),  # the same content
-    ],
-)
-def test_no_conflict_with_a_later_claim_or_one_from_the_same_archive(world, tmp_path, name, created, archive):
-    world.others.append(holder(tmp_path / archive, name, created))
+def test_no_conflict_with_a_claim_from_the_same_archive(world, tmp_path):
+    world.others.append(holder(tmp_path / "images.enc", "same-archive", "2026-01-01T00:00:00Z"))
     assert world.reconcile().verdict is Verdict.READY
+
+
+def test_a_later_holder_conflicts_only_with_an_earlier_object_that_does_not_hold_the_ref(world, tmp_path):
+    """The holder keeps its refs whatever the requester's age (review of issue 18); when both
+    hold them, the earlier one keeps them."""
+    later = holder(tmp_path / "other.enc", "later", "2026-01-03T00:00:00Z")
+    world.others.append(later)
+    assert world.reconcile().reason == "RefConflict"  # we hold nothing yet: the holder keeps it
+    world.others.clear()
+    assert world.reconcile(generation=2).verdict is Verdict.READY  # now we hold them
+    world.others.append(later)
+    assert world.reconcile(generation=2).verdict is Verdict.READY  # both hold: we were first
 
 
 def test_an_invalid_other_imageunlock_claims_nothing(world, tmp_path):
