@@ -42,6 +42,7 @@ from .tarstream import BLOCK, TarReader, norm_name
 
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 CTR_BASE_NAME = "import-YYYY-MM-DD"  # how ctr images import prefixes a bare ref.name (shown as such)
 
@@ -133,14 +134,57 @@ class ImageTarVerifier:
             raise ArchiveError()
         images: dict[str, str] = {}
         addressed: set[str] = set()
+        configs: set[str] = set()
         for entry in manifest:
             image_id, tags = self._check_entry(entry, addressed)
+            configs.add(image_id)
             for tag in tags:  # a later entry moves the tag, as in docker load
                 images.pop(tag, None)
                 images[tag] = image_id
         self._check_unaddressed(addressed)
-        self.contents = ArchiveContents(images=images, tags=(*images, *self._other_tags()))
-        return self.contents
+        contents = ArchiveContents(images=images, tags=(*images, *self._other_tags()))
+        self._check_index(contents, configs)
+        self.contents = contents
+        return contents
+
+    def _check_index(self, contents: ArchiveContents, configs: set[str]) -> None:
+        """containerd imports an OCI-layout archive from ``index.json`` alone, never reading
+        ``manifest.json``: every manifest the index names must be a blob of this archive
+        (never content already in the runtime's store), whose config is one ``manifest.json``
+        names and the checks verified — the one ``manifest.json`` gives its name — and whose
+        layers are blobs of this archive. So what ctr loads is what was checked."""
+        index = self._json_if_present("index.json")
+        for descriptor in (_field(index, "manifests", list) if index is not None else None) or []:
+            annotations = _field(descriptor, "annotations", dict) or {}
+            name = annotations.get(_NAME_ANNOTATIONS[0])
+            wanted = contents.image_id(name) if isinstance(name, str) and name else None
+            for config in self._manifest_configs(_field(descriptor, "digest", str), depth=0):
+                if config not in configs or (wanted is not None and config != wanted):
+                    raise ArchiveError()
+
+    def _manifest_configs(self, digest: str | None, depth: int) -> list[str]:
+        """The config digests of the manifest (or, one level down, the index) a descriptor
+        names, each checked to be a blob of this archive along with its layers."""
+        blob = self._blob(digest)
+        document = self._json(blob)
+        children = _field(document, "manifests", list)
+        if children is not None:  # an image index (several platforms)
+            if depth:
+                raise ArchiveError()
+            return [c for child in children for c in self._manifest_configs(_field(child, "digest", str), depth + 1)]
+        config = _field(_field(document, "config", dict), "digest", str)
+        self._blob(config)
+        for layer in _field(document, "layers", list) or []:
+            self._blob(_field(layer, "digest", str))
+        return [str(config)]
+
+    def _blob(self, digest: str | None) -> str:
+        """The member that holds the blob ``digest`` names; it must be in this archive."""
+        found = _DIGEST_RE.match(digest or "")
+        name = f"blobs/sha256/{found.group(1)}" if found else ""
+        if not found or self.tar.resolve(name) not in self.tar.digests:
+            raise ArchiveError()
+        return name
 
     def _other_tags(self) -> list[str]:
         """Refs other loaders take: the legacy ``repositories`` file (``{repo: {tag: id}}``) and

@@ -268,6 +268,34 @@ def test_a_bare_ref_name_alone_is_a_name_ctr_would_invent_and_is_refused():
     assert "import-YYYY-MM-DD:1.0" in str(error)
 
 
+def _index_points_at(digest_of):
+    def edit(index):
+        index["manifests"][0]["digest"] = digest_of(index)
+        return index
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "digest_of",
+    [
+        lambda index: "sha256:" + "7" * 64,  # content not in this archive (another tenant's, in the store)
+        lambda index: index["manifests"][1]["digest"],  # another image's manifest than its name's
+    ],
+    ids=["manifest-not-in-the-archive", "manifest-of-another-image"],
+)
+def test_index_json_must_name_the_manifests_the_checks_verified(digest_of):
+    """Review of issue 18 (medium): ctr imports an OCI-layout archive from index.json alone;
+    an index naming content outside the archive, or another manifest than manifest.json's for
+    that name, loaded unverified content and left it pinned."""
+    data = edit_json(savetar.build(TAGS, layout="oci"), "index.json", _index_points_at(digest_of))
+    assert isinstance(refused(data), ArchiveError)
+
+
+def test_an_index_with_its_own_manifests_in_the_archive_passes():
+    assert streamed(savetar.build(TAGS, layout="oci")) == savetar.build(TAGS, layout="oci")
+
+
 def test_a_missing_ref_is_reported_before_foreign_ones():
     data = edit_json(savetar.build(TAGS), "manifest.json", add_repo_tag)
     error = refused(data, ImagesNotInArchiveError, [*TAGS, "azaion/detections:2.0"])
