@@ -7,8 +7,11 @@ alike — first takes an exclusive ``flock`` on a lock file named after the runt
 *identity* (device and inode: the same socket reached by two paths, e.g. the host's and a
 container's bind mount, is one lock). The lock files live in ``IMAGEUNLOCK_LOCK_DIR``
 (default ``/run/imageunlock``: a tmpfs, so a reboot leaves no stale file; a lock held by a
-process dies with it, even after SIGKILL). The DaemonSet mounts the same host directory, so
-an agent and a CLI run on the host see one lock.
+process dies with it, even after SIGKILL). The DaemonSet mounts that host directory, so an
+agent and a CLI run on the host see one lock; the agent's user must be able to create files
+there (``systemd-tmpfiles``: ``d /run/imageunlock 0755 10001 10001 -``) or the lock files
+must exist. Where the directory cannot be used, imports still take turns within this process
+(a warning says the lock is not shared with other processes): never a stall.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,30 +78,56 @@ def _open(directory: str, name: str) -> int:
         os.close(dir_fd)
 
 
+_local: dict[str, threading.Lock] = {}  # lock name -> this process's lock (the fallback)
+_local_guard = threading.Lock()
+_warned: set[str] = set()
+
+
 @contextmanager
 def exclusive_import(runtime: str, endpoint: str, timeout: float, directory: str | None = None) -> Iterator[None]:
     """Hold the node-wide import lock of this runtime; wait at most ``timeout`` seconds for
     it (then a transient RuntimeBusyError: the caller retries later)."""
     where = directory or lock_dir()
     name = lock_name(runtime, endpoint)
-    fd = _open(where, name)
+    with _local_guard:
+        local = _local.setdefault(name, threading.Lock())
+    deadline = time.monotonic() + timeout
+    if not local.acquire(timeout=max(timeout, 0.0)):  # this process's own importers first
+        raise _busy(runtime, endpoint, timeout)
     try:
-        deadline = time.monotonic() + timeout
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    waited = True
-                    log.info("another import into %s at %s is running: waiting for it", runtime, endpoint)
-                if time.monotonic() >= deadline:
-                    raise RuntimeBusyError(
-                        f"another import into {runtime} at {endpoint} is still running after {timeout:.0f}s; "
-                        "retrying later"
-                    ) from None
-                time.sleep(_POLL)
-        yield
+        try:
+            fd = _open(where, name)
+        except ConfigurationError as exc:
+            if where not in _warned:
+                _warned.add(where)
+                log.warning("%s; imports take turns within this process only", exc.message)
+            yield
+            return
+        try:
+            _flock(fd, deadline, runtime, endpoint, timeout)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
     finally:
-        os.close(fd)  # releases the lock
+        local.release()
+
+
+def _flock(fd: int, deadline: float, runtime: str, endpoint: str, timeout: float) -> None:
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not waited:
+                waited = True
+                log.info("another import into %s at %s is running: waiting for it", runtime, endpoint)
+            if time.monotonic() >= deadline:
+                raise _busy(runtime, endpoint, timeout) from None
+            time.sleep(_POLL)
+
+
+def _busy(runtime: str, endpoint: str, timeout: float) -> RuntimeBusyError:
+    return RuntimeBusyError(
+        f"another import into {runtime} at {endpoint} is still running after {timeout:.0f}s; retrying later"
+    )
