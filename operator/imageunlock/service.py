@@ -58,8 +58,8 @@ class UnlockService:
         report: Report = _noop,
     ) -> UnlockResult:
         """The order is the point. Nothing costly happens before the Secret has been read
-        (a missing Secret stalls at once); nothing about the archive beyond its existence —
-        not its size, not a progress figure, not a digest verdict — is published before the
+        (a missing Secret stalls at once); nothing about the archive — not whether it exists,
+        not its size, not a progress figure, not a digest verdict — is looked at before the
         resource API accepted the credentials; the archive's SHA-256 is checked without a
         lock (other unlocks go on); the archive lock is held from the key request to the end
         of the load."""
@@ -68,9 +68,42 @@ class UnlockService:
             return UnlockResult(images=ids, fast_path=True)
         check_path(request.archive_path, self.archive_roots)  # a path no open accepts reads no Secret
         creds = credentials()
+        self.runtime.ping()  # a runtime that is down costs no login and no key request
+        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
+        client = self.open_key_client(creds)
+        closed: list[bool] = []
+
+        def close() -> None:  # once: after the key request (before the archive is read), or on the way out
+            if not closed:
+                closed.append(True)
+                client.close()
+
+        try:
+            client.login()
+            return self._unlock_logged_in(request, report, client, close)
+        finally:
+            close()
+
+    def _unlock_logged_in(
+        self, request: UnlockRequest, report: Report, client: KeyClient, close: Callable[[], None]
+    ) -> UnlockResult:
         try:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):
-                return self._unlock_open(request, creds, report, handle, size)
+                if request.archive_sha256:
+
+                    def hashed(done: int) -> None:
+                        report(Phase.PENDING, "checking the archive's SHA-256", done, size)
+
+                    hashed(0)
+                    check_sha256(handle, request.archive_sha256, hashed)
+                with lock_archive(handle, request.archive_path, self.lock_timeout):
+                    # Someone may have loaded the images while we logged in or waited for the lock.
+                    if (ids := self.present(request)) is not None:
+                        return UnlockResult(images=ids, fast_path=True)
+                    report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
+                    fragment = client.key_fragment()
+                    close()
+                    return self._load(request, report, handle, size, fragment)
         except ArchiveNotFoundError:
             found = self.runtime.image_ids(request.refs)
             absent = [r for r, i in found.items() if i is None]
@@ -84,40 +117,6 @@ class UnlockService:
                 f"archive {request.archive_path!r} does not exist and {what}; "
                 "put the archive on the node or correct spec.archivePath"
             ) from None
-
-    def _unlock_open(
-        self,
-        request: UnlockRequest,
-        creds: Credentials,
-        report: Report,
-        handle: BinaryIO,
-        size: int,
-    ) -> UnlockResult:
-        self.runtime.ping()  # a runtime that is down costs no login and no key request
-        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
-        client = self.open_key_client(creds)
-        closed = False
-        try:
-            client.login()
-            if request.archive_sha256:
-
-                def hashed(done: int) -> None:
-                    report(Phase.PENDING, "checking the archive's SHA-256", done, size)
-
-                hashed(0)
-                check_sha256(handle, request.archive_sha256, hashed)
-            with lock_archive(handle, request.archive_path, self.lock_timeout):
-                # Someone may have loaded the images while we logged in or waited for the lock.
-                if (ids := self.present(request)) is not None:
-                    return UnlockResult(images=ids, fast_path=True)
-                report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
-                fragment = client.key_fragment()
-                client.close()  # the session ends before the archive is read
-                closed = True
-                return self._load(request, report, handle, size, fragment)
-        finally:
-            if not closed:
-                client.close()
 
     def _load(
         self,

@@ -236,7 +236,17 @@ def test_a_missing_archive_names_the_images_that_are_not_loaded(tmp_path, runtim
     message = caught.value.message
     assert str(missing) in message and "not loaded" in message
     assert all(ref in message for ref in REFS)
-    assert key.opened == []
+    assert key.logins == 1 and key.fragments == 0  # told only once the credentials are accepted
+
+
+def test_without_accepted_credentials_a_missing_archive_and_the_images_are_not_told(tmp_path, runtime):
+    """Review of issue 18 (low): the ArchiveNotFound message said which images each node
+    holds, to anyone with a Secret of junk credentials. The login comes first now."""
+    runtime = FakeRuntime({REFS[0]: "sha256:" + "b" * 64})
+    key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    with pytest.raises(AuthenticationError) as caught:
+        service(runtime, key, tmp_path).unlock(request(tmp_path / "missing.enc"), lambda: CREDS)
+    assert "missing.enc" not in caught.value.message and REFS[0] not in caught.value.message
 
 
 def test_a_missing_archive_with_unverified_images_present_names_them(tmp_path, key):
@@ -246,7 +256,7 @@ def test_a_missing_archive_with_unverified_images_present_names_them(tmp_path, k
         service(runtime, key, tmp_path).unlock(request(tmp_path / "missing.enc", known_ids=known), lambda: CREDS)
     message = caught.value.message
     assert "not verified" in message and REFS[1] in message and REFS[0] not in message
-    assert not caught.value.transient and key.opened == []
+    assert not caught.value.transient and key.fragments == 0
 
 
 def test_a_runtime_that_is_down_costs_no_login_and_no_key(archive, tmp_path, runtime, key):
