@@ -235,3 +235,20 @@ def test_requested_rechecks_are_handled_at_most_every_30_s_and_never_dropped():
     clock.now += 5
     resync.step(KEY, _requested("Failed", "r10"))
     assert len(fake.calls) == 3  # acted on once
+
+
+def test_spec_edits_in_a_loop_cost_one_reconcile_per_interval_and_the_latest_counts():
+    """Review of issue 18 (medium): each new generation bypassed every schedule, so ten edits
+    a second cost each node ten logins, thirty status writes and twenty events."""
+    stalled = Outcome(Verdict.STALLED, "rejected", "AuthenticationFailed")
+    resync, fake, clock = make(*[stalled] * 10)
+    for generation in range(1, 11):  # ten edits, 0.1 s apart
+        resync.step(KEY, body("Failed", observed=generation - 1, generation=generation))
+        clock.now += 0.1
+    assert len(fake.calls) == 1
+    clock.now += 9.0  # 10 s after the first reconcile began
+    resync.step(KEY, body("Failed", observed=1, generation=10))
+    assert len(fake.calls) == 2 and resync.due[KEY].generation == 10
+    clock.now += 1
+    resync.step(KEY, body("Failed", observed=10, generation=10))
+    assert len(fake.calls) == 2  # and only once
