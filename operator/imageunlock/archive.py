@@ -225,6 +225,12 @@ def lock_archive(handle: BinaryIO, path: str, timeout: float = 0.0) -> Iterator[
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def identity(handle: BinaryIO) -> tuple[object, ...]:
+    """The open file's identity, in :func:`signature`'s form."""
+    info = os.fstat(handle.fileno())
+    return (*_identity(info), info.st_nlink)
+
+
 def signature(path: str, roots: Sequence[str]) -> tuple[object, ...]:
     """What identifies the archive file's content without reading it (device, inode, size,
     mtime, ctime, links), looked up beneath the roots like an open; a new file, a rewrite or

@@ -24,7 +24,7 @@ from .kube import KubernetesApi
 from .models import Credentials, KeyClient, Phase
 from .refs import normalize_ref
 from .resource_api import ApiClientConfig, ResourceApiClient
-from .service import UnlockService
+from .service import UnlockService, VerifiedArchives
 from .spec import UnlockSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Reconciler:
         self.node = node  # named in events: many nodes post on one ImageUnlock
         self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
+        self.verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
         self.api_settings = ApiClientConfig(
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
@@ -137,6 +138,10 @@ class Reconciler:
             self.runtime,
             lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
             archive_roots=self.roots(namespace),
+            # Another unlock of the same archive is waited for, not failed and retried: it
+            # is one import, and this one then finds its images verified (self.verified).
+            lock_timeout=self.settings.runtime_timeout,
+            verified=self.verified,
         )
 
     def roots(self, namespace: str) -> tuple[str, ...]:
@@ -216,11 +221,10 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         status = dict(body.get("status") or {})
         run = _Reconciliation(self, body, namespace, name, generation, status.get("conditions"))
-        previously_ready = status.get("phase") == Phase.READY.value
         try:
             spec = self.parse(body)
-            if status.get("observedGeneration") != generation:
-                run.write(st.working(Phase.PENDING, "reconciling a new generation", generation, run.conditions))
+            # No "reconciling" write of its own: a fast path ends in one write (Ready), and an
+            # unlock's first step writes its phase anyway.
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(status, generation)
@@ -246,7 +250,7 @@ class Reconciler:
             run.write({**ready, **_handled(body)})
         except UnlockError as exc:  # the images are fine; the record of it is not yet
             return run.failed(exc, attempt)
-        if not result.fast_path or not previously_ready:
+        if not result.fast_path or status.get("phase") not in (None, Phase.READY.value):
             how = "loaded and verified" if not result.fast_path else "already present"
             run.event(
                 "Normal",

@@ -7,10 +7,14 @@ learn what happens through a ``report(phase, message, done, total)`` callback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import posixpath
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import BinaryIO
 
-from .archive import HashingReader, check_path, check_sha256, lock_archive, open_archive
+from .archive import HashingReader, check_path, check_sha256, identity, lock_archive, open_archive, signature
 from .crypto import CHUNK_SIZE, decrypt_stream
 from .dockersave import ImageTarVerifier, verified_stream
 from .errors import ArchiveNotFoundError, ImagesNotVerifiedError
@@ -23,6 +27,37 @@ def _noop(phase: Phase, message: str, done: int, total: int) -> None:
     return None
 
 
+class VerifiedArchives:
+    """What this node verified itself: for an archive file (its path and identity: device,
+    inode, size, mtime, ctime, links), the image IDs an unlock of it loaded and verified, and
+    its SHA-256 when that was checked. Another request naming the very same file may take
+    those IDs as known (no key request): they are what that file holds. Never IDs the node
+    did not verify, never for a file that changed since (its identity changes with it)."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, tuple[object, ...]], tuple[str | None, dict[str, str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, path: str, identity: tuple[object, ...], digest: str | None, ids: Mapping[str, str]) -> None:
+        key = (posixpath.normpath(path), identity)
+        with self._lock:
+            checked, known = self._entries.pop(key, (None, {}))
+            self._entries[key] = (digest.lower() if digest else checked, {**known, **ids})
+            while len(self._entries) > self.LIMIT:
+                self._entries.popitem(last=False)
+
+    def known(self, path: str, identity: tuple[object, ...], digest: str | None) -> dict[str, str]:
+        """IDs verified from this very file; none when the request names a digest the node
+        did not check it against."""
+        with self._lock:
+            found = self._entries.get((posixpath.normpath(path), identity))
+        if found is None or (digest and found[0] != digest.lower()):
+            return {}
+        return dict(found[1])
+
+
 class UnlockService:
     def __init__(
         self,
@@ -32,12 +67,23 @@ class UnlockService:
         archive_roots: Sequence[str] = (),
         lock_timeout: float = 0.0,
         chunk_size: int = CHUNK_SIZE,
+        verified: VerifiedArchives | None = None,
     ) -> None:
         self.runtime = runtime
         self.open_key_client = open_key_client
         self.archive_roots = tuple(archive_roots)
         self.lock_timeout = lock_timeout
         self.chunk_size = chunk_size
+        self.verified = verified
+
+    def _node_known(self, request: UnlockRequest, identity: tuple[object, ...]) -> UnlockRequest | None:
+        """``request`` with the IDs this node verified from the file of that identity added,
+        if that adds any; else None."""
+        if self.verified is None:
+            return None
+        known = self.verified.known(request.archive_path, identity, request.archive_sha256)
+        merged = {**known, **request.known_ids}
+        return replace(request, known_ids=merged) if merged != dict(request.known_ids) else None
 
     def present(self, request: UnlockRequest) -> dict[str, str] | None:
         """All requested images with their IDs, if each holds the ID an earlier unlock
@@ -67,6 +113,10 @@ class UnlockService:
         if (ids := self.present(request)) is not None:
             return UnlockResult(images=ids, fast_path=True)
         check_path(request.archive_path, self.archive_roots)  # a path no open accepts reads no Secret
+        if self.verified is not None:  # another request had this very file unlocked here
+            here = signature(request.archive_path, self.archive_roots)
+            if (trusted := self._node_known(request, here)) is not None and (ids := self.present(trusted)):
+                return UnlockResult(images=ids, fast_path=True)
         creds = credentials()
         self.runtime.ping()  # a runtime that is down costs no login and no key request
         report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
@@ -89,6 +139,7 @@ class UnlockService:
     ) -> UnlockResult:
         try:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):
+                opened = identity(handle)  # before a byte is read: what this unlock verifies
                 if request.archive_sha256:
 
                     def hashed(done: int) -> None:
@@ -97,13 +148,18 @@ class UnlockService:
                     hashed(0)
                     check_sha256(handle, request.archive_sha256, hashed)
                 with lock_archive(handle, request.archive_path, self.lock_timeout):
-                    # Someone may have loaded the images while we logged in or waited for the lock.
-                    if (ids := self.present(request)) is not None:
+                    # Someone may have loaded the images while we logged in or waited for the
+                    # lock: another unlock of this very file on this node, say.
+                    trusted = self._node_known(request, opened) or request
+                    if (ids := self.present(trusted)) is not None:
                         return UnlockResult(images=ids, fast_path=True)
                     report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
                     fragment = client.key_fragment()
                     close()
-                    return self._load(request, report, handle, size, fragment)
+                    result = self._load(request, report, handle, size, fragment)
+                    if self.verified is not None:
+                        self.verified.remember(request.archive_path, opened, request.archive_sha256, result.images)
+                    return result
         except ArchiveNotFoundError:
             found = self.runtime.image_ids(request.refs)
             absent = [r for r, i in found.items() if i is None]

@@ -149,7 +149,7 @@ def test_a_first_reconcile_unlocks_and_leaves_a_complete_ready_status(world):
 def test_progress_is_written_while_unlocking(world):
     world.reconcile()
     phases = [status.get("phase") for _, status in world.kube.writes]
-    assert phases[0] == "Pending" and phases[-1] == "Ready"
+    assert phases[0] == "Authenticating" and phases[-1] == "Ready"  # no write before the work starts
     assert {"Authenticating", "FetchingKey", "Loading", "Verifying"} <= set(phases)
     assert all("observedGeneration" not in status for _, status in world.kube.writes[:-1])
 
@@ -188,11 +188,39 @@ def test_recovering_by_the_fast_path_posts_one_already_present_event(world):
     assert world.status["phase"] == "Ready" and len(world.runtime.loads) == 1
 
 
-def test_a_new_generation_is_not_served_from_the_last_ones_verified_ids(world):
+def test_a_new_generation_of_the_same_archive_file_is_served_from_what_this_node_verified(world):
+    """Issue 22, item 3: the node trusts IDs it verified itself from the very same file."""
     world.reconcile(generation=1)
     assert world.reconcile(generation=2).verdict is Verdict.READY
-    assert len(world.runtime.loads) == 2  # unlocked again: IDs are vouched for per generation
+    assert len(world.runtime.loads) == 1 and world.key.fragments == 1
     assert world.status["observedGeneration"] == 2 and generations(world.status) == {2}
+
+
+def test_a_rewritten_archive_file_is_not_served_from_what_was_verified_before(world):
+    world.reconcile(generation=1)
+    world.archive.write_bytes(world.archive.read_bytes())  # same bytes, a new write: a new identity
+    assert world.reconcile(generation=2).verdict is Verdict.READY
+    assert len(world.runtime.loads) == 2  # unlocked again
+
+
+def test_another_imageunlock_naming_the_same_file_needs_no_key_request_nor_event(world):
+    world.reconcile()
+    writes, events = len(world.kube.writes), len(world.kube.events)
+    other = make_body(world.archive, name="another", status={})
+    assert world.reconciler.reconcile(other).verdict is Verdict.READY
+    assert world.key.fragments == 1 and len(world.runtime.loads) == 1
+    assert len(world.kube.writes) == writes + 1 and len(world.kube.events) == events  # one write: Ready
+
+
+def test_what_the_node_verified_is_not_trusted_against_a_digest_it_never_checked(world):
+    world.reconcile()
+    digest = hashlib.sha256(world.archive.read_bytes()).hexdigest()
+    other = make_body(world.archive, name="another", status={}, archiveSha256=digest)
+    assert world.reconciler.reconcile(other).verdict is Verdict.READY
+    assert world.key.fragments == 2  # checked and unlocked: the first unlock had no digest to vouch for
+    third = make_body(world.archive, name="third", status={}, archiveSha256=digest)
+    assert world.reconciler.reconcile(third).verdict is Verdict.READY
+    assert world.key.fragments == 2  # now the node knows the file's digest
 
 
 # -- Stalled -------------------------------------------------------------------------------
@@ -200,6 +228,7 @@ def test_a_new_generation_is_not_served_from_the_last_ones_verified_ids(world):
 
 def test_a_wrong_key_stalls_with_images_and_progress_removed(world):
     world.reconcile(generation=1)  # Ready, with images and progress
+    world.archive.write_bytes(world.archive.read_bytes())  # a new file: not served from what was verified
     world.key.fragment = b"some-other-fragment"
     outcome = world.reconcile(generation=2)
     assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "ArchiveInvalid")
@@ -408,3 +437,35 @@ def test_per_namespace_archive_directories_confine_a_namespace_to_its_own(world)
     ours = world.root / NS / "images.enc"
     ours.write_bytes(world.archive.read_bytes())
     assert world.reconcile(archivePath=str(ours)).verdict is Verdict.READY
+
+
+def test_waiting_for_another_unlock_of_the_same_archive_is_no_failure(world):
+    """Issue 22, item 3: a second ImageUnlock naming an archive another is unlocking waits for
+    it (no ArchiveBusy, no back-off, no event) and then finds its images verified."""
+    import threading
+
+    loading, release = threading.Event(), threading.Event()
+    original = world.runtime.load
+
+    def slow_load(chunks, refs=()):
+        loading.set()
+        assert release.wait(10)
+        return original(chunks, refs)
+
+    world.runtime.load = slow_load
+    first = threading.Thread(target=world.reconcile)
+    first.start()
+    assert loading.wait(10)
+    outcomes = []
+    second = threading.Thread(
+        target=lambda: outcomes.append(world.reconciler.reconcile(make_body(world.archive, name="second", status={})))
+    )
+    second.start()
+    second.join(1.0)
+    assert second.is_alive()  # waiting for the archive, not failed
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert [o.verdict for o in outcomes] == [Verdict.READY]
+    assert len(world.runtime.loads) == 1 and world.key.fragments == 1
+    assert not any(kind == "Warning" for kind, _ in world.events)
