@@ -117,7 +117,7 @@ class Reconciler:
         self.node = node  # named in events: many nodes post on one ImageUnlock
         self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
-        self.verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
+        self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
         self.api_settings = ApiClientConfig(
             connect_timeout=settings.api_connect_timeout,
             read_timeout=settings.api_read_timeout,
@@ -139,9 +139,9 @@ class Reconciler:
             lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
             archive_roots=self.roots(namespace),
             # Another unlock of the same archive is waited for, not failed and retried: it
-            # is one import, and this one then finds its images verified (self.verified).
+            # is one import, and this one then finds its images verified (node_verified).
             lock_timeout=self.settings.runtime_timeout,
-            verified=self.verified,
+            verified=self.node_verified,
         )
 
     def roots(self, namespace: str) -> tuple[str, ...]:
