@@ -1,6 +1,6 @@
 """One node's agent (framework-free, blocking: called from worker threads).
 
-It knows its node (``NODE_NAME``, from the downward API) and reads that Node now and then:
+It knows its node (``NODE_NAME``, from the downward API) and follows that Node with a watch:
 its labels decide which ImageUnlocks select it (``spec.nodeSelector``), its
 ``status.nodeInfo.containerRuntimeVersion`` which runtime kubelet uses. For every
 ImageUnlock it writes one entry of ``status.nodes`` (its own, keyed by the node name, by
@@ -76,15 +76,26 @@ class NodeAgent:
         self.refresh, self.clock = refresh, clock
         self._info = info
         self.known = info is not None  # the Node has been read at least once (or found deleted)
+        self.watched = False  # a watch reports the Node: no reads
         self._read_at = clock() if info is not None else float("-inf")
         self._entries: dict[ObjectKey, tuple[str, dict[str, Any]]] = {}  # uid, what this agent last applied
         self._verified: dict[ObjectKey, tuple[str, int, list[dict[str, Any]]]] = {}  # uid, generation, images
         self._compact: dict[ObjectKey, bool] = {}
         self._lock = threading.Lock()
 
+    def observe(self, raw: Mapping[str, Any] | None) -> None:
+        """This node as a watch (KubernetesApi.follow_node) reports it; None: deleted. From the
+        first report on, the node is never read again: the watch keeps it current."""
+        with self._lock:
+            self._info = NodeInfo.from_object(dict(raw)) if raw is not None else None
+            self.known = self.watched = True
+
     def node_info(self) -> NodeInfo | None:
-        """This node as last read (at most ``refresh`` seconds old); None once it is deleted.
-        When the API server cannot be reached the last answer stands."""
+        """This node as last seen: as the watch reports it, or else as last read (at most
+        ``refresh`` seconds old); None once it is deleted. When the API server cannot be
+        reached the last answer stands."""
+        if self.watched:
+            return self._info
         if self.clock() - self._read_at >= self.refresh:
             try:
                 raw = self.kube.read_node(self.node)

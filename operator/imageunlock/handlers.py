@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -63,6 +64,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
     # while the event loop updates the dict.
+    # The Node through a watch (a field selector on its name): an idle agent reads nothing.
+    memo.stop = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def node_changed(raw: dict[str, Any] | None) -> None:
+        memo.agent.observe(raw)
+        loop.call_soon_threadsafe(memo.wake.set)
+
+    memo.wake = asyncio.Event()
+    memo.node_watch = threading.Thread(
+        target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
+    )
+    memo.node_watch.start()
     memo.reconciler = Reconciler(
         config,
         memo.runtime,
@@ -73,7 +87,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
-    memo.wake = asyncio.Event()
     memo.loop_task = asyncio.create_task(_work_loop(memo))
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
@@ -95,6 +108,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup(registry=registry)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "stop", None) is not None:
+        memo.stop.set()
     task = getattr(memo, "loop_task", None)
     if task is not None:
         task.cancel()
@@ -163,7 +178,6 @@ async def _work_loop(memo: kopf.Memo) -> None:
         if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
             await asyncio.to_thread(_check_runtime, memo)
             next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
-        await asyncio.to_thread(memo.agent.node_info)  # re-read now and then
         for key, body in list(memo.objects.items()):
             if key in running and not running[key].done():
                 continue

@@ -15,11 +15,12 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
+import kubernetes.watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
@@ -33,6 +34,7 @@ MAX_EMAIL_BYTES = 1024
 MAX_PASSWORD_BYTES = 4096
 COMPONENT = "imageunlock-operator"
 MAX_REMEMBERED_EVENTS = 4096
+WATCH_SECONDS = 300  # the server ends a watch after this; it is resumed from the last version
 
 
 def _client() -> kubernetes.client.ApiClient:
@@ -142,6 +144,55 @@ class KubernetesApi:
             raise KubernetesUnavailableError(f"reading Node {name} failed ({type(exc).__name__})") from None
         result: dict[str, Any] = self.api_client.sanitize_for_serialization(node)
         return result
+
+    def follow_node(self, name: str, on_change: Callable[[dict[str, Any] | None], None], stop: threading.Event) -> None:
+        """Follow one Node until ``stop`` is set: one list (a field selector on its name), then
+        a watch from that list's resourceVersion, resumed from the last version seen when the
+        server ends it; listed again only when the version has expired (410) or the watch
+        failed. ``on_change`` gets the Node as JSON-style dicts, or None when there is none.
+        An idle node costs no request but the open watch."""
+        selector = f"metadata.name={name}"
+        version: str | None = None
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                if version is None:
+                    listed = self.core.list_node(field_selector=selector)
+                    items = [self.api_client.sanitize_for_serialization(n) for n in listed.items]
+                    on_change(items[0] if items else None)
+                    version = (listed.metadata.resource_version if listed.metadata else None) or "0"
+                watch = kubernetes.watch.Watch()
+                for event in watch.stream(
+                    self.core.list_node,
+                    field_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=WATCH_SECONDS,
+                    allow_watch_bookmarks=True,
+                ):
+                    if stop.is_set():
+                        watch.stop()
+                        break
+                    raw = event.get("raw_object") or {}
+                    if event.get("type") == "ERROR":
+                        version = None  # e.g. 410 Gone: the version expired; list again
+                        break
+                    version = (raw.get("metadata") or {}).get("resourceVersion") or version
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        on_change(raw)
+                    elif event.get("type") == "DELETED":
+                        on_change(None)
+                delay = 1.0
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                log.info("watching Node %s failed (HTTP %s); again in %.0fs", name, exc.status, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+            except (HTTPError, OSError, ValueError) as exc:
+                log.info("watching Node %s failed (%s); again in %.0fs", name, type(exc).__name__, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         try:

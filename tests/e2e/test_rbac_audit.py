@@ -9,6 +9,7 @@ runs the audit log holds the whole suite's traffic; this module adds a lifecycle
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
             Request("get", "", "secrets", True),
             Request("create", "", "events", True),
             Request("get", "", "nodes", False),
+            Request("list", "", "nodes", False),  # its own Node, field-selected, then watched
+            Request("watch", "", "nodes", False),
             Request("watch", "loader.azaion.com", "imageunlocks", False),
         ],
         CONTROLLER_USER: [
@@ -116,3 +119,23 @@ def check_identity(audit_log: Path, user: str, load_bearing: list[Request]) -> N
     # The load-bearing grants must all have been exercised by the suite.
     for request in load_bearing:
         assert request in made, f"the suite never exercised {request} as {user}"
+
+
+def test_an_idle_agent_makes_no_request_but_its_open_watches(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker
+):
+    """Issue 22, item 1: the agent read its Node every 10 s (24 GETs in 2 minutes for two
+    agents); it now follows it with a watch. Over an idle window longer than that period it
+    makes no request at all: a watch still open is no new request."""
+    if cluster.audit_log is None:
+        pytest.skip("a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG has no audit log here")
+    start_operator()
+    cluster.create_unlock(
+        namespace, "idle", spec_for(place(archives.own_archive, archive_root), archives.version, secret)
+    )
+    wait_for(lambda: is_ready(cluster, namespace, "idle"), 60, "Ready")
+    time.sleep(3)  # the Ready write's echoes settle
+    mark = audit.end(cluster.audit_log)
+    time.sleep(12)  # an idle window longer than the old 10 s Node re-read
+    made = audit.requests(audit.entries(cluster.audit_log, AGENT_USER, since=mark))
+    assert {r: n for r, n in made.items() if r.verb != "watch"} == {}, made

@@ -143,3 +143,22 @@ def test_a_generation_starts_only_once_the_controller_counted_its_nodes():
     assert not counted({"metadata": meta, "status": {"observedGeneration": 2, "nodesDesired": 5}})
     assert counted({"metadata": meta, "status": {"observedGeneration": 3, "nodesDesired": 5}})
     assert not counted({"metadata": meta, "status": {"observedGeneration": 3, "nodesDesired": MAX_NODES + 1}})
+
+
+def test_a_watched_node_is_never_read_again_and_follows_what_the_watch_reports():
+    """Issue 22, item 1: the watch keeps the Node current; an idle agent reads nothing."""
+    kube, clock = FakeKubernetesApi(), Clock()
+    kube.nodes["n"] = {"metadata": {"name": "n", "labels": {"role": "edge"}}}
+
+    def no_read(name):
+        raise AssertionError("the Node was read although a watch reports it")
+
+    agent = NodeAgent(kube, "n", "docker", refresh=5, clock=clock)
+    agent.observe({"metadata": {"name": "n", "labels": {"role": "edge"}}})
+    kube.read_node = no_read
+    clock.now += 3600
+    assert agent.node_info() == NodeInfo("n", {"role": "edge"})
+    agent.observe({"metadata": {"name": "n", "labels": {"role": "spare"}}})
+    assert agent.selected({"spec": {"nodeSelector": {"matchLabels": {"role": "edge"}}}}) is False
+    agent.observe(None)  # deleted
+    assert agent.node_info() is None and agent.selected({"spec": {}}) is False
