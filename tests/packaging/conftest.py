@@ -63,13 +63,14 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "rbac": {"create": True, "secretNamespaces": ["edge-a", "edge-b"]},
     "agent": {
         "runtime": "docker",
+        # runtime docker: nothing of containerd's is mounted, its group is not added
         "containerd": {
-            "socketDir": "/run/k3s/containerd",
-            "address": "/run/k3s/containerd/containerd.sock",
+            "socketPath": "/run/k3s/containerd/containerd.sock",
+            "socketGroupId": 1002,
             "namespace": "edge.io",
         },
         "docker": {"enabled": True, "socketPath": "/run/docker.sock", "socketGroupId": 988},
-        "supplementalGroups": [0, 1001],
+        "supplementalGroups": [1001],
         "nodeSelector": {"azaion.com/edge": "true", "kubernetes.io/os": "linux"},
         "tolerations": EDGE_TOLERATIONS,
         "priorityClassName": "system-node-critical",

@@ -44,7 +44,7 @@ STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (im
 K3S_EDGE: dict[str, Any] = {
     "agent": {
         "runtime": "containerd",
-        "containerd": {"socketDir": "/run/k3s/containerd", "address": "/run/k3s/containerd/containerd.sock"},
+        "containerd": {"socketPath": "/run/k3s/containerd/containerd.sock"},
         "nodeSelector": {"azaion.com/edge": "true"},
         "tolerations": EDGE_TOLERATIONS,
     }
@@ -172,8 +172,8 @@ def test_non_default_values_reach_the_workloads():
     assert env["IMAGEUNLOCK_WORKERS"] == "2"
     assert env["IMAGEUNLOCK_RUNTIME"] == "docker"
     assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/k3s/containerd/containerd.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "edge.io"
+    # runtime docker: containerd is neither mounted nor named
+    assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env and "IMAGEUNLOCK_CONTAINERD_NAMESPACE" not in env
     assert container["ports"] == [
         {"name": "health", "containerPort": 9090, "protocol": "TCP"},
         {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
@@ -181,14 +181,14 @@ def test_non_default_values_reach_the_workloads():
     assert container["resources"] == NON_DEFAULT_VALUES["agent"]["resources"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "DirectoryOrCreate"}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
+    assert "containerd" not in volumes
     assert volumes["docker-socket"]["hostPath"] == {"path": "/run/docker.sock", "type": "Socket"}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "128Mi"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["archives"] == {"name": "archives", "mountPath": "/srv/azaion/archives", "readOnly": True}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert "containerd" not in mounts
     assert mounts["docker-socket"]["mountPath"] == "/var/run/docker.sock"
-    assert pod["securityContext"]["supplementalGroups"] == [0, 1001, 988]
+    assert pod["securityContext"]["supplementalGroups"] == [1001, 988]  # not containerd's 1002
     assert pod["securityContext"]["runAsUser"] == 20001
     assert pod["nodeSelector"] == NON_DEFAULT_VALUES["agent"]["nodeSelector"]
     assert pod["tolerations"] == EDGE_TOLERATIONS
@@ -234,7 +234,7 @@ def test_optional_parts_can_be_switched_off():
     values = {
         "serviceAccount": {"create": False, "agentName": "existing-agent", "controllerName": "existing-controller"},
         "rbac": {"create": False},
-        "agent": {"supplementalGroups": []},
+        "agent": {"containerd": {"socketGroupId": None}},
         "resourceApiUrl": "",
         "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
         "metrics": {"enabled": False},
@@ -264,29 +264,60 @@ def test_service_accounts_are_required_when_not_created(helm):
 
 
 def test_k3s_containerd_socket_is_mounted_where_the_agent_looks():
-    """agent.containerd for k3s: its socket directory mounted at the same path, the address
-    inside it, settings the agent starts with."""
+    """agent.containerd for k3s: its socket mounted at the same path, the address the agent
+    dials, settings the agent starts with."""
     daemonset, _ = _workloads(rendered_objects(K3S_EDGE))
     pod = pod_of(daemonset)
     (container,) = pod["containers"]
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "containerd" and "IMAGEUNLOCK_DOCKER_HOST" not in env
+    socket = "/run/k3s/containerd/containerd.sock"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
+    assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
     assert "docker-socket" not in volumes
     assert pod["securityContext"]["supplementalGroups"] == [0]
     config = _agent_config(daemonset)
     assert config.runtime == "containerd"
-    assert config.containerd_address == "/run/k3s/containerd/containerd.sock"
-    assert config.containerd_address.startswith(mounts["containerd"]["mountPath"] + "/")
+    assert config.containerd_address == socket
     assert config.containerd_namespace == "k8s.io"
 
 
-def test_containerd_address_must_be_inside_the_mounted_directory(helm):
-    with pytest.raises(helm.HelmError, match=r"agent\.containerd\.address must lie under"):
-        render_chart({"agent": {"containerd": {"socketDir": "/run/containerd", "address": "/run/k3s/c.sock"}}})
+def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
+    """Issue 18: the agent pod mounts containerd's socket FILE (hostPath type Socket) at the
+    path IMAGEUNLOCK_CONTAINERD_ADDRESS names, not the /run/containerd directory (its other
+    sockets and the tasks' files stay out of the pod); agent.supplementalGroups is empty by
+    default, and the only group the pod gets is the socket's (agent.containerd.socketGroupId,
+    0: the non-root agent needs it for containerd's root:root 0660 socket), which null
+    removes; with runtime docker nothing of containerd's is mounted and its group is not
+    added."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["agent"]["supplementalGroups"] == []
+        assert chart.values["agent"]["containerd"]["socketGroupId"] == 0
+    daemonset, _ = _workloads(rendered_objects())
+    pod = pod_of(daemonset)
+    (container,) = pod["containers"]
+    socket = "/run/containerd/containerd.sock"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "containerd"]
+    assert volume["hostPath"] == {"path": socket, "type": "Socket"}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "containerd"]
+    assert mount == {"name": "containerd", "mountPath": socket, "readOnly": True}
+    assert not any(v.get("hostPath", {}).get("path") == "/run/containerd" for v in pod["volumes"])
+    assert _agent_config(daemonset).containerd_address == socket
+    assert pod["securityContext"]["supplementalGroups"] == [0]
+    assert pod["securityContext"]["runAsNonRoot"] is True  # why the group: the agent is not root
+    # A socket whose group the agent does not need (or gets otherwise): no group at all.
+    daemonset, _ = _workloads(rendered_objects({"agent": {"containerd": {"socketGroupId": None}}}))
+    assert "supplementalGroups" not in pod_of(daemonset)["securityContext"]
+    daemonset, _ = _workloads(rendered_objects({"agent": {"containerd": {"socketGroupId": 1500}}}))
+    assert pod_of(daemonset)["securityContext"]["supplementalGroups"] == [1500]
+    # Docker only: containerd's socket is neither required on the nodes nor reachable.
+    daemonset, _ = _workloads(rendered_objects({"agent": {"runtime": "docker", "docker": {"enabled": True}}}))
+    pod = pod_of(daemonset)
+    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket"]
+    assert pod["securityContext"]["supplementalGroups"] == [999]
+    assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env_of(pod["containers"][0])
 
 
 def test_agents_learn_their_node_from_the_downward_api():
@@ -352,8 +383,11 @@ def test_controller_pod_meets_pod_security_restricted(values):
     [
         {"agent": {"runtime": "podman"}},
         {"agent": {"runtime": "docker"}},  # without agent.docker.enabled: no socket to reach
-        {"agent": {"containerd": {"socketDir": "run/containerd"}}},
-        {"agent": {"containerd": {"address": "/run/containerd"}}},  # not a socket path
+        {"agent": {"containerd": {"socketPath": "run/containerd/containerd.sock"}}},
+        {"agent": {"containerd": {"socketPath": "/run/containerd"}}},  # not a socket path
+        {"agent": {"containerd": {"socketGroupId": -1}}},
+        {"agent": {"containerd": {"socketDir": "/run/containerd"}}},  # gone: the socket is mounted
+        {"agent": {"containerd": {"address": "/run/containerd/containerd.sock"}}},  # gone: socketPath
         {"agent": {"docker": {"enabled": "true"}}},
         {"agent": {"docker": {"socketPath": "docker.sock"}}},
         {"agent": {"supplementalGroups": [-1]}},

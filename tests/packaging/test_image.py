@@ -124,21 +124,26 @@ def test_default_command_is_the_agent(dockerd, image):
 def test_the_images_ctr_talks_to_the_nodes_containerd(dockerd, image, containerd):
     """Issue 10: the containerd runtime drives `ctr`, so the image ships it (the base release's
     Debian build, for the image's architecture); against a real containerd (sid's 2.x, as the
-    node's), mounted the way the DaemonSet mounts /run/containerd."""
+    node's), mounted the way the DaemonSet mounts it: the socket file alone, read-only, at
+    /run/containerd/containerd.sock, reached as the image's non-root user through the socket's
+    group (issue 18: no directory mount, the only group containerd.socketGroupId's)."""
+    socket = "/run/containerd/containerd.sock"
     res = run(
         dockerd,
         "--network",
         "none",
         "--read-only",
         "--group-add",
-        "0",  # the socket is root:root 0660, as on a node (the chart's agent.supplementalGroups)
+        str(os.stat(containerd.socket).st_gid),  # root:root 0660 as on a node: 0 (socketGroupId)
         "-v",
-        f"{containerd.socket.parent}:/run/containerd:ro",
+        "--cap-drop",
+        "ALL",
+        f"{containerd.socket}:{socket}:ro",
         "--entrypoint",
         "ctr",
         image,
         "-a",
-        f"/run/containerd/{containerd.socket.name}",
+        socket,
         "version",
     )
     assert res.returncode == 0, res.stderr

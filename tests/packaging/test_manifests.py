@@ -342,14 +342,15 @@ def test_daemonset_keeps_its_promises():
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert volumes["archives"]["hostPath"] == {"path": "/var/lib/imageunlock", "type": "DirectoryOrCreate"}
     assert mounts["archives"] == {"name": "archives", "mountPath": "/var/lib/imageunlock", "readOnly": True}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/containerd", "type": "DirectoryOrCreate"}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/containerd", "readOnly": True}
+    # containerd's socket itself (issue 18), not its directory, at the path the agent dials.
+    socket = "/run/containerd/containerd.sock"
+    assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
     assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp"}  # Docker's socket: commented out
     assert pod["serviceAccountName"] == AGENT_SA
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "auto"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/containerd/containerd.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"].startswith(mounts["containerd"]["mountPath"] + "/")
+    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == mounts["containerd"]["mountPath"] == socket
     assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "k8s.io"
     assert "IMAGEUNLOCK_DOCKER_HOST" not in env
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
@@ -362,7 +363,8 @@ def test_daemonset_keeps_its_promises():
     text = (MANIFESTS / "daemonset.yaml").read_text()
     for line in ("# - name: docker-socket", "#     type: Socket", "#   value: unix:///var/run/docker.sock"):
         assert line in text, line
-    assert "stat -c %g /var/run/docker.sock" in text and "/run/k3s/containerd" in text
+    assert "stat -c %g /var/run/docker.sock" in text and "/run/k3s/containerd/containerd.sock" in text
+    assert "rollout restart" in text  # what a containerd restart asks of a socket mount
     assert {
         o["metadata"].get("namespace")
         for o in manifest_objects()
