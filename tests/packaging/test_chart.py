@@ -20,15 +20,18 @@ import yaml
 from .conftest import (
     CHART,
     CRD_FILE,
+    DEFAULT_SCRAPERS,
     EDGE_TOLERATIONS,
     MANIFESTS,
     METRICS_ALL,
     METRICS_OFF,
     NON_DEFAULT_VALUES,
     SECRETS_ROLE,
+    admitted,
     cluster_wide_objects,
     env_of,
     find,
+    isolating_policies,
     manifest_objects,
     pod_of,
     render_chart,
@@ -81,9 +84,10 @@ def test_renders(values):
     kinds = sorted(o["kind"] for o in rendered_objects(values))
     # Two roles, each with its ServiceAccount, ClusterRole and ClusterRoleBinding, plus the
     # agents' Secret-reading ClusterRole: no binding of it by default; non-default: one
-    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service.
+    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service;
+    # so is metrics.networkPolicy: one NetworkPolicy per role.
     expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
-    expected += ["DaemonSet", "Deployment", "Service"]
+    expected += ["DaemonSet", "Deployment", "Service", "NetworkPolicy", "NetworkPolicy"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
@@ -237,7 +241,7 @@ def test_optional_parts_can_be_switched_off():
         "agent": {"containerd": {"socketGroupId": None}},
         "resourceApiUrl": "",
         "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": False, "networkPolicy": {"enabled": False}},
     }
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["DaemonSet", "Deployment"]
@@ -642,17 +646,18 @@ def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
     daemonset, service = _metrics_wiring(objects)
     assert service["metadata"]["name"] == "imageunlock-agent-metrics"
     assert service["spec"]["ports"][0]["port"] == 8081
-    # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs), no
-    # NetworkPolicy, and no prometheus.io/* annotations (a sample-config convention that
-    # would have any annotation-driven Prometheus scrape the endpoint unasked).
-    assert not find(objects, "ServiceMonitor") and not find(objects, "NetworkPolicy")
+    # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs) and no
+    # prometheus.io/* annotations (a sample-config convention that would have any
+    # annotation-driven Prometheus scrape the endpoint unasked). The NetworkPolicies are on.
+    assert not find(objects, "ServiceMonitor")
     for obj in (service, daemonset, daemonset["spec"]["template"]):
         assert not any(k.startswith("prometheus.io/") for k in obj["metadata"].get("annotations", {}))
     config = _agent_config(daemonset)
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:8081", "text", 60)
     notes = render_chart()[NOTES]
     assert "http://imageunlock-agent-metrics.imageunlock-system.svc:8081/metrics" in notes
-    assert "unauthenticated" in notes and "metrics.networkPolicy.enabled=true" in notes
+    assert "Only pods that metrics.networkPolicy selects may scrape it" in notes
+    assert '{"kubernetes.io/metadata.name":"monitoring"}' in notes
 
 
 def test_metrics_values_reach_the_agents_and_service():
@@ -696,26 +701,71 @@ def test_service_monitor_selects_the_metrics_service():
 
 def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
     objects = rendered_objects(METRICS_ALL)
-    daemonset, _service = _metrics_wiring(objects)
-    (policy,) = find(objects, "NetworkPolicy")
-    spec = policy["spec"]
-    assert spec["podSelector"]["matchLabels"].items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
-    controller_labels = find(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
-    assert not spec["podSelector"]["matchLabels"].items() <= controller_labels.items()  # agents only
-    assert spec["policyTypes"] == ["Ingress"]  # egress (Kubernetes API, resource API) untouched
-    (rule,) = spec["ingress"]
-    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert rule["from"] == [
-        {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
-        }
+    _metrics_wiring(objects)
+    policies = isolating_policies(objects)
+    assert admitted(policies["agent"]) == [
+        (
+            "metrics",
+            [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        )
     ]
-    # Default selectors: every pod of the namespace named "monitoring".
-    (policy,) = find(rendered_objects({"metrics": {"networkPolicy": {"enabled": True}}}), "NetworkPolicy")
-    assert policy["spec"]["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
-    ]
+    assert policies["agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert admitted(policies["controller"]) == []
+
+
+def test_network_policies_isolate_both_roles_by_default(helm):
+    """Issue 18: on by default, one NetworkPolicy per role. The agent pods admit only their
+    "metrics" port, only from every pod of the namespace named "monitoring"; their "health"
+    port is admitted to no pod (the kubelet's probes come from the node, which Kubernetes
+    always allows). The controller pod admits nothing. With metrics off the agents admit
+    nothing either; off (metrics.networkPolicy.enabled=false) no policy, and the notes warn."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["metrics"]["networkPolicy"]["enabled"] is True
+    objects = rendered_objects()
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert policies["agent"]["metadata"]["name"] == "imageunlock-agent"
+    assert policies["controller"]["metadata"]["name"] == "imageunlock-controller"
+    assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
+    assert admitted(policies["controller"]) == []
+    daemonset, _ = _workloads(objects)
+    ports = {p["name"]: p for p in pod_of(daemonset)["containers"][0]["ports"]}
+    assert not {"health", ports["health"]["containerPort"]} & {port for port, _ in admitted(policies["agent"])}
+    notes = render_chart()[NOTES]
+    assert "NetworkPolicies imageunlock-agent and imageunlock-controller isolate" in notes
+    # The health endpoints stay closed when metrics are off: the agents admit nothing.
+    policies = isolating_policies(rendered_objects(METRICS_OFF))
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == admitted(policies["controller"]) == []
+    # Without the controller, only the agents' policy.
+    assert sorted(isolating_policies(rendered_objects({"controller": {"enabled": False}}))) == ["agent"]
+    # Opting out leaves no policy and says what that exposes.
+    values = {"metrics": {"networkPolicy": {"enabled": False}}}
+    assert not find(rendered_objects(values), "NetworkPolicy")
+    notes = render_chart(values)[NOTES]
+    assert "WARNING: metrics.networkPolicy.enabled=false" in notes and "unauthenticated /metrics" in notes
+
+
+def test_chart_network_policies_equal_the_manifests():
+    """manifests/networkpolicy.yaml is what the chart renders by default (same names,
+    namespace, rules); only the chart's selectors add app.kubernetes.io/instance."""
+
+    def comparable(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for role, policy in isolating_policies(objects).items():
+            spec = copy.deepcopy(policy["spec"])
+            spec["podSelector"]["matchLabels"].pop("app.kubernetes.io/instance", None)
+            out[role] = (policy["metadata"]["name"], policy["metadata"]["namespace"], spec)
+        return out
+
+    plain = comparable(manifest_objects())
+    assert sorted(plain) == ["agent", "controller"]
+    assert comparable(rendered_objects()) == plain
 
 
 def test_metrics_off_leaves_no_endpoint():
@@ -727,10 +777,8 @@ def test_metrics_off_leaves_no_endpoint():
     assert [p["name"] for p in container["ports"]] == ["health"]
     assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
     assert _agent_config(daemonset).metrics_address == ""
-    # networkPolicy.enabled alone renders nothing: it is about the metrics port
-    assert not find(
-        rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}), "NetworkPolicy"
-    )
+    # The NetworkPolicies stay (the health ports are closed too), with no ingress rule.
+    assert all(admitted(p) == [] for p in isolating_policies(objects).values())
     notes = render_chart(METRICS_OFF)[NOTES]
     assert "Metrics are off" in notes and "/metrics\n" not in notes
 
@@ -753,3 +801,4 @@ def test_chart_metrics_service_equals_the_manifests():
         plain["metadata"]["namespace"],
         plain["spec"],
     )
+

@@ -31,6 +31,7 @@ from .conftest import (
     CONTROLLER_SA,
     CONTROLLER_USER,
     CRD_FILE,
+    DEFAULT_SCRAPERS,
     MANIFESTS,
     METRICS_ALL,
     METRICS_OFF,
@@ -38,9 +39,11 @@ from .conftest import (
     OPERATOR_NAMESPACE,
     REPO,
     SECRETS_ROLE,
+    admitted,
     cluster_wide_objects,
     env_of,
     find,
+    isolating_policies,
     load_docs,
     manifest_objects,
     pod_of,
@@ -461,6 +464,23 @@ def test_metrics_service_reaches_the_metrics_port_and_warns():
     header = (MANIFESTS / "service.yaml").read_text().split("\napiVersion:", 1)[0]
     assert "unauthenticated" in header and "kind: NetworkPolicy" in header
     assert "app.kubernetes.io/component: agent" in header  # the sample policy selects the agents
+
+
+def test_network_policies_isolate_both_roles():
+    """Issue 18: the installation isolates the operator's pods for ingress
+    (networkpolicy.yaml, in the kustomization): the agent pods admit only their "metrics"
+    port, from every pod of the "monitoring" namespace, and not their "health" port (the
+    kubelet's probes come from the node, always allowed); the controller pod admits nothing."""
+    objects = manifest_objects()
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
+    assert admitted(policies["controller"]) == []
+    daemonset, _ = _workloads()
+    (container,) = pod_of(daemonset)["containers"]
+    assert {p["name"] for p in container["ports"]} == {"health", "metrics"}  # the named port exists
+    header = (MANIFESTS / "networkpolicy.yaml").read_text().split("\napiVersion:", 1)[0]
+    assert "monitoring" in header and "kubelet" in header
 
 
 RULE_START = re.compile(r"^(\s*)- apiGroups:")
