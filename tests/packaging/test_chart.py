@@ -41,6 +41,8 @@ from .conftest import (
 )
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
+# The example values for a cluster shared by several tenants (referenced by the chart README).
+MULTI_TENANT = CHART / "examples" / "multi-tenant-values.yaml"
 NOTES = "imageunlock-operator/templates/NOTES.txt"
 STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
 # A k3s cluster whose edge nodes are tainted: containerd's socket in k3s' directory.
@@ -395,6 +397,7 @@ def test_controller_pod_meets_pod_security_restricted(values):
         {"agent": {"docker": {"enabled": "true"}}},
         {"agent": {"docker": {"socketPath": "docker.sock"}}},
         {"agent": {"supplementalGroups": [-1]}},
+        {"agent": {"archivePerNamespace": "true"}},  # a boolean, rendered as "true"/"false"
         {"agent": {"nodeSelector": {"azaion.com/edge": True}}},
         {"agent": {"tolerations": [{"key": "edge", "operator": "Maybe"}]}},
         {"agent": {"tolerations": [{"key": "edge", "effect": "NoRun"}]}},
@@ -802,3 +805,52 @@ def test_chart_metrics_service_equals_the_manifests():
         plain["spec"],
     )
 
+
+# ------------------------------------------------------------------ tenants
+
+
+def test_archive_per_namespace_reaches_the_agents(helm):
+    """agent.archivePerNamespace (default false) is the agents' IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE,
+    always set, "true" or "false"; the controller opens no archive and is not told."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["agent"]["archivePerNamespace"] is False
+    for values, expected in ((None, "false"), ({"agent": {"archivePerNamespace": True}}, "true")):
+        daemonset, deployment = _workloads(rendered_objects(values))
+        assert env_of(pod_of(daemonset)["containers"][0])["IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"] == expected
+        assert "IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE" not in env_of(pod_of(deployment)["containers"][0])
+
+
+def test_multi_tenant_example_values(helm):
+    """examples/multi-tenant-values.yaml (linted strictly, rendered with helm-python-sdk):
+    per-namespace archives on the agents, Secrets readable only in the tenants' namespaces
+    (no cluster-wide binding), credentials only to the one resource API, and the
+    NetworkPolicies on: only Prometheus in "monitoring" reaches the agents' metrics port,
+    nothing reaches the controller. The chart README points to it."""
+    values = yaml.safe_load(MULTI_TENANT.read_text())
+    report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= WARNING], report
+    objects = rendered_objects(values)
+    daemonset, _ = _workloads(objects)
+    env = env_of(pod_of(daemonset)["containers"][0])
+    assert env["IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"] == "true"
+    assert env["IMAGEUNLOCK_ARCHIVE_ROOT"] == "/var/lib/imageunlock"
+    assert env["IMAGEUNLOCK_API_URL_ALLOWLIST"] == "https://api.azaion.com"
+    _agent_config(daemonset)  # the agent starts with these settings
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == [
+        (
+            "metrics",
+            [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        )
+    ]
+    assert admitted(policies["controller"]) == []
+    secrets = _secrets_bindings(objects)
+    assert secrets["ClusterRoleBinding"] == []
+    assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == ["tenant-a", "tenant-b"]
+    assert "examples/multi-tenant-values.yaml" in (CHART / "README.md").read_text()
