@@ -32,8 +32,15 @@
 #   * the containerd runtime (k3s, RKE2, kubeadm nodes: IMAGEUNLOCK_RUNTIME auto or
 #     containerd) runs containerd's `ctr` (/usr/local/bin/ctr: the one binary, taken from
 #     the base release's Debian `containerd` package for the target architecture) against
-#     the node's containerd socket mounted at /run/containerd/containerd.sock
-#     (IMAGEUNLOCK_CONTAINERD_ADDRESS), reached through its group like Docker's.
+#     the node's containerd socket (the socket file alone) mounted at
+#     /run/containerd/containerd.sock (IMAGEUNLOCK_CONTAINERD_ADDRESS), reached through its
+#     group like Docker's (containerd's: usually 0).
+#   * no shell and no setuid/setgid file: the operator runs Python and `ctr` directly (no
+#     shell=True, no os.system/popen), so the runtime stage removes sh/dash/bash once its
+#     own RUN steps are done and clears every setuid/setgid bit (su, passwd, mount, ...).
+#     Nothing can be installed into the image afterwards (dpkg's scripts need a shell):
+#     change the base instead. `docker exec` into a container needs a program of the image
+#     (python, imageunlock, ctr).
 #   * read-only root filesystem: nothing is written outside /tmp (TMPDIR and HOME point
 #     there). /tmp is declared a VOLUME, so `docker run --read-only` works as is; in
 #     Kubernetes mount an emptyDir at /tmp (manifests/ and the chart do).
@@ -142,10 +149,17 @@ ARG UID=10001
 ARG GID=10001
 
 # A named account for the numeric IDs (tools that look the user up find it); no home,
-# no login shell, no password.
+# no login shell, no password. Then the hardening, last of the steps that need a shell:
+# no file keeps a setuid or setgid bit (nothing in the image may gain privileges: su,
+# passwd, chfn, mount, unix_chkpwd, ...), and the shells go (the product needs none, and a
+# shell is what an attacker who gets code execution reaches for first). The RUN steps
+# after this one use the exec form. -xdev: the image's own filesystem, not /proc or /sys.
 RUN groupadd --system --gid "${GID}" imageunlock \
  && useradd --system --uid "${UID}" --gid "${GID}" --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin imageunlock
+        --home-dir /nonexistent --shell /usr/sbin/nologin imageunlock \
+ && find / -xdev -perm /6000 -exec chmod ug-s {} + \
+ && rm -f /bin/sh /bin/dash /bin/bash /bin/rbash /usr/bin/sh /usr/bin/dash /usr/bin/bash \
+        /usr/bin/rbash /bin/busybox /usr/bin/busybox
 
 LABEL org.opencontainers.image.title="imageunlock" \
       org.opencontainers.image.description="Kubernetes operator that unlocks encrypted Docker image archives into each node's container runtime (containerd or Docker)" \
@@ -168,7 +182,8 @@ CMD ["agent"]
 # Last, so that only these layers change when the code does. Owned by root: the operator
 # cannot modify its own code. Then the installed program must start here, on the image's own
 # architecture and base, as its own user (for a foreign architecture under emulation: a few
-# seconds; it writes nothing).
+# seconds; it writes nothing). Exec form: there is no shell any more.
 COPY --from=build /opt/ctr/ctr /usr/local/bin/ctr
 COPY --from=build /opt/imageunlock /opt/imageunlock
-RUN imageunlock --help >/dev/null && ctr --version >/dev/null
+RUN ["imageunlock", "--version"]
+RUN ["ctr", "--version"]

@@ -63,13 +63,14 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "rbac": {"create": True, "secretNamespaces": ["edge-a", "edge-b"]},
     "agent": {
         "runtime": "docker",
+        # runtime docker: nothing of containerd's is mounted, its group is not added
         "containerd": {
-            "socketDir": "/run/k3s/containerd",
-            "address": "/run/k3s/containerd/containerd.sock",
+            "socketPath": "/run/k3s/containerd/containerd.sock",
+            "socketGroupId": 1002,
             "namespace": "edge.io",
         },
         "docker": {"enabled": True, "socketPath": "/run/docker.sock", "socketGroupId": 988},
-        "supplementalGroups": [0, 1001],
+        "supplementalGroups": [1001],
         "nodeSelector": {"azaion.com/edge": "true", "kubernetes.io/os": "linux"},
         "tolerations": EDGE_TOLERATIONS,
         "priorityClassName": "system-node-critical",
@@ -283,6 +284,42 @@ METRICS_ALL: dict[str, Any] = {
     },
 }
 METRICS_OFF: dict[str, Any] = {"metrics": {"enabled": False}}
+# Who may scrape the agents by default (chart and manifests): every pod of "monitoring".
+DEFAULT_SCRAPERS = [
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
+]
+
+
+def isolating_policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The NetworkPolicies of ``objects`` by the role whose pods each selects ("agent": the
+    DaemonSet's pod template, "controller": the Deployment's), after checking that each
+    selects exactly one role's pods, in that workload's namespace, by matchLabels only, and
+    isolates them for ingress only (egress: the Kubernetes API, the resource API)."""
+    workloads = {"agent": find(objects, "DaemonSet"), "controller": find(objects, "Deployment")}
+    found: dict[str, dict[str, Any]] = {}
+    for policy in find(objects, "NetworkPolicy"):
+        spec = policy["spec"]
+        assert list(spec["podSelector"]) == ["matchLabels"] and spec["podSelector"]["matchLabels"]
+        selector = spec["podSelector"]["matchLabels"].items()
+        picked = [
+            (role, w)
+            for role, ws in workloads.items()
+            for w in ws
+            if selector <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(picked) == 1, (policy["metadata"]["name"], [role for role, _ in picked])
+        ((role, workload),) = picked
+        assert policy["metadata"]["namespace"] == workload["metadata"]["namespace"]
+        assert spec["policyTypes"] == ["Ingress"]
+        assert role not in found, f"two policies for the {role}"
+        found[role] = policy
+    return found
+
+
+def admitted(policy: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(port, from) of every ingress rule of a policy; [] when it admits nothing."""
+    rules = policy["spec"].get("ingress") or ()
+    return [(p["port"], rule.get("from")) for rule in rules for p in rule.get("ports") or [{"port": "ANY"}]]
 
 
 def pod_of(workload: dict[str, Any]) -> dict[str, Any]:

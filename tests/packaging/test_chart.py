@@ -20,15 +20,18 @@ import yaml
 from .conftest import (
     CHART,
     CRD_FILE,
+    DEFAULT_SCRAPERS,
     EDGE_TOLERATIONS,
     MANIFESTS,
     METRICS_ALL,
     METRICS_OFF,
     NON_DEFAULT_VALUES,
     SECRETS_ROLE,
+    admitted,
     cluster_wide_objects,
     env_of,
     find,
+    isolating_policies,
     manifest_objects,
     pod_of,
     render_chart,
@@ -38,13 +41,15 @@ from .conftest import (
 )
 
 WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
+# The example values for a cluster shared by several tenants (referenced by the chart README).
+MULTI_TENANT = CHART / "examples" / "multi-tenant-values.yaml"
 NOTES = "imageunlock-operator/templates/NOTES.txt"
 STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
 # A k3s cluster whose edge nodes are tainted: containerd's socket in k3s' directory.
 K3S_EDGE: dict[str, Any] = {
     "agent": {
         "runtime": "containerd",
-        "containerd": {"socketDir": "/run/k3s/containerd", "address": "/run/k3s/containerd/containerd.sock"},
+        "containerd": {"socketPath": "/run/k3s/containerd/containerd.sock"},
         "nodeSelector": {"azaion.com/edge": "true"},
         "tolerations": EDGE_TOLERATIONS,
     }
@@ -81,9 +86,10 @@ def test_renders(values):
     kinds = sorted(o["kind"] for o in rendered_objects(values))
     # Two roles, each with its ServiceAccount, ClusterRole and ClusterRoleBinding, plus the
     # agents' Secret-reading ClusterRole: no binding of it by default; non-default: one
-    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service.
+    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service;
+    # so is metrics.networkPolicy: one NetworkPolicy per role.
     expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
-    expected += ["DaemonSet", "Deployment", "Service"]
+    expected += ["DaemonSet", "Deployment", "Service", "NetworkPolicy", "NetworkPolicy"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
@@ -172,8 +178,8 @@ def test_non_default_values_reach_the_workloads():
     assert env["IMAGEUNLOCK_WORKERS"] == "2"
     assert env["IMAGEUNLOCK_RUNTIME"] == "docker"
     assert env["IMAGEUNLOCK_DOCKER_HOST"] == "unix:///var/run/docker.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/k3s/containerd/containerd.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "edge.io"
+    # runtime docker: containerd is neither mounted nor named
+    assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env and "IMAGEUNLOCK_CONTAINERD_NAMESPACE" not in env
     assert container["ports"] == [
         {"name": "health", "containerPort": 9090, "protocol": "TCP"},
         {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
@@ -181,14 +187,14 @@ def test_non_default_values_reach_the_workloads():
     assert container["resources"] == NON_DEFAULT_VALUES["agent"]["resources"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["archives"]["hostPath"] == {"path": "/srv/azaion/archives", "type": "DirectoryOrCreate"}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
+    assert "containerd" not in volumes
     assert volumes["docker-socket"]["hostPath"] == {"path": "/run/docker.sock", "type": "Socket"}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "128Mi"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["archives"] == {"name": "archives", "mountPath": "/srv/azaion/archives", "readOnly": True}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert "containerd" not in mounts
     assert mounts["docker-socket"]["mountPath"] == "/var/run/docker.sock"
-    assert pod["securityContext"]["supplementalGroups"] == [0, 1001, 988]
+    assert pod["securityContext"]["supplementalGroups"] == [1001, 988]  # not containerd's 1002
     assert pod["securityContext"]["runAsUser"] == 20001
     assert pod["nodeSelector"] == NON_DEFAULT_VALUES["agent"]["nodeSelector"]
     assert pod["tolerations"] == EDGE_TOLERATIONS
@@ -234,10 +240,10 @@ def test_optional_parts_can_be_switched_off():
     values = {
         "serviceAccount": {"create": False, "agentName": "existing-agent", "controllerName": "existing-controller"},
         "rbac": {"create": False},
-        "agent": {"supplementalGroups": []},
+        "agent": {"containerd": {"socketGroupId": None}},
         "resourceApiUrl": "",
         "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": False, "networkPolicy": {"enabled": False}},
     }
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["DaemonSet", "Deployment"]
@@ -264,29 +270,60 @@ def test_service_accounts_are_required_when_not_created(helm):
 
 
 def test_k3s_containerd_socket_is_mounted_where_the_agent_looks():
-    """agent.containerd for k3s: its socket directory mounted at the same path, the address
-    inside it, settings the agent starts with."""
+    """agent.containerd for k3s: its socket mounted at the same path, the address the agent
+    dials, settings the agent starts with."""
     daemonset, _ = _workloads(rendered_objects(K3S_EDGE))
     pod = pod_of(daemonset)
     (container,) = pod["containers"]
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "containerd" and "IMAGEUNLOCK_DOCKER_HOST" not in env
+    socket = "/run/k3s/containerd/containerd.sock"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/k3s/containerd", "type": "DirectoryOrCreate"}
+    assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/k3s/containerd", "readOnly": True}
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
     assert "docker-socket" not in volumes
     assert pod["securityContext"]["supplementalGroups"] == [0]
     config = _agent_config(daemonset)
     assert config.runtime == "containerd"
-    assert config.containerd_address == "/run/k3s/containerd/containerd.sock"
-    assert config.containerd_address.startswith(mounts["containerd"]["mountPath"] + "/")
+    assert config.containerd_address == socket
     assert config.containerd_namespace == "k8s.io"
 
 
-def test_containerd_address_must_be_inside_the_mounted_directory(helm):
-    with pytest.raises(helm.HelmError, match=r"agent\.containerd\.address must lie under"):
-        render_chart({"agent": {"containerd": {"socketDir": "/run/containerd", "address": "/run/k3s/c.sock"}}})
+def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
+    """Issue 18: the agent pod mounts containerd's socket FILE (hostPath type Socket) at the
+    path IMAGEUNLOCK_CONTAINERD_ADDRESS names, not the /run/containerd directory (its other
+    sockets and the tasks' files stay out of the pod); agent.supplementalGroups is empty by
+    default, and the only group the pod gets is the socket's (agent.containerd.socketGroupId,
+    0: the non-root agent needs it for containerd's root:root 0660 socket), which null
+    removes; with runtime docker nothing of containerd's is mounted and its group is not
+    added."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["agent"]["supplementalGroups"] == []
+        assert chart.values["agent"]["containerd"]["socketGroupId"] == 0
+    daemonset, _ = _workloads(rendered_objects())
+    pod = pod_of(daemonset)
+    (container,) = pod["containers"]
+    socket = "/run/containerd/containerd.sock"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "containerd"]
+    assert volume["hostPath"] == {"path": socket, "type": "Socket"}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "containerd"]
+    assert mount == {"name": "containerd", "mountPath": socket, "readOnly": True}
+    assert not any(v.get("hostPath", {}).get("path") == "/run/containerd" for v in pod["volumes"])
+    assert _agent_config(daemonset).containerd_address == socket
+    assert pod["securityContext"]["supplementalGroups"] == [0]
+    assert pod["securityContext"]["runAsNonRoot"] is True  # why the group: the agent is not root
+    # A socket whose group the agent does not need (or gets otherwise): no group at all.
+    daemonset, _ = _workloads(rendered_objects({"agent": {"containerd": {"socketGroupId": None}}}))
+    assert "supplementalGroups" not in pod_of(daemonset)["securityContext"]
+    daemonset, _ = _workloads(rendered_objects({"agent": {"containerd": {"socketGroupId": 1500}}}))
+    assert pod_of(daemonset)["securityContext"]["supplementalGroups"] == [1500]
+    # Docker only: containerd's socket is neither required on the nodes nor reachable.
+    daemonset, _ = _workloads(rendered_objects({"agent": {"runtime": "docker", "docker": {"enabled": True}}}))
+    pod = pod_of(daemonset)
+    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket"]
+    assert pod["securityContext"]["supplementalGroups"] == [999]
+    assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env_of(pod["containers"][0])
 
 
 def test_agents_learn_their_node_from_the_downward_api():
@@ -352,11 +389,15 @@ def test_controller_pod_meets_pod_security_restricted(values):
     [
         {"agent": {"runtime": "podman"}},
         {"agent": {"runtime": "docker"}},  # without agent.docker.enabled: no socket to reach
-        {"agent": {"containerd": {"socketDir": "run/containerd"}}},
-        {"agent": {"containerd": {"address": "/run/containerd"}}},  # not a socket path
+        {"agent": {"containerd": {"socketPath": "run/containerd/containerd.sock"}}},
+        {"agent": {"containerd": {"socketPath": "/run/containerd"}}},  # not a socket path
+        {"agent": {"containerd": {"socketGroupId": -1}}},
+        {"agent": {"containerd": {"socketDir": "/run/containerd"}}},  # gone: the socket is mounted
+        {"agent": {"containerd": {"address": "/run/containerd/containerd.sock"}}},  # gone: socketPath
         {"agent": {"docker": {"enabled": "true"}}},
         {"agent": {"docker": {"socketPath": "docker.sock"}}},
         {"agent": {"supplementalGroups": [-1]}},
+        {"agent": {"archivePerNamespace": "true"}},  # a boolean, rendered as "true"/"false"
         {"agent": {"nodeSelector": {"azaion.com/edge": True}}},
         {"agent": {"tolerations": [{"key": "edge", "operator": "Maybe"}]}},
         {"agent": {"tolerations": [{"key": "edge", "effect": "NoRun"}]}},
@@ -608,17 +649,18 @@ def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
     daemonset, service = _metrics_wiring(objects)
     assert service["metadata"]["name"] == "imageunlock-agent-metrics"
     assert service["spec"]["ports"][0]["port"] == 8081
-    # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs), no
-    # NetworkPolicy, and no prometheus.io/* annotations (a sample-config convention that
-    # would have any annotation-driven Prometheus scrape the endpoint unasked).
-    assert not find(objects, "ServiceMonitor") and not find(objects, "NetworkPolicy")
+    # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs) and no
+    # prometheus.io/* annotations (a sample-config convention that would have any
+    # annotation-driven Prometheus scrape the endpoint unasked). The NetworkPolicies are on.
+    assert not find(objects, "ServiceMonitor")
     for obj in (service, daemonset, daemonset["spec"]["template"]):
         assert not any(k.startswith("prometheus.io/") for k in obj["metadata"].get("annotations", {}))
     config = _agent_config(daemonset)
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:8081", "text", 60)
     notes = render_chart()[NOTES]
     assert "http://imageunlock-agent-metrics.imageunlock-system.svc:8081/metrics" in notes
-    assert "unauthenticated" in notes and "metrics.networkPolicy.enabled=true" in notes
+    assert "Only pods that metrics.networkPolicy selects may scrape it" in notes
+    assert '{"kubernetes.io/metadata.name":"monitoring"}' in notes
 
 
 def test_metrics_values_reach_the_agents_and_service():
@@ -662,26 +704,71 @@ def test_service_monitor_selects_the_metrics_service():
 
 def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
     objects = rendered_objects(METRICS_ALL)
-    daemonset, _service = _metrics_wiring(objects)
-    (policy,) = find(objects, "NetworkPolicy")
-    spec = policy["spec"]
-    assert spec["podSelector"]["matchLabels"].items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
-    controller_labels = find(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
-    assert not spec["podSelector"]["matchLabels"].items() <= controller_labels.items()  # agents only
-    assert spec["policyTypes"] == ["Ingress"]  # egress (Kubernetes API, resource API) untouched
-    (rule,) = spec["ingress"]
-    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert rule["from"] == [
-        {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
-        }
+    _metrics_wiring(objects)
+    policies = isolating_policies(objects)
+    assert admitted(policies["agent"]) == [
+        (
+            "metrics",
+            [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        )
     ]
-    # Default selectors: every pod of the namespace named "monitoring".
-    (policy,) = find(rendered_objects({"metrics": {"networkPolicy": {"enabled": True}}}), "NetworkPolicy")
-    assert policy["spec"]["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
-    ]
+    assert policies["agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert admitted(policies["controller"]) == []
+
+
+def test_network_policies_isolate_both_roles_by_default(helm):
+    """Issue 18: on by default, one NetworkPolicy per role. The agent pods admit only their
+    "metrics" port, only from every pod of the namespace named "monitoring"; their "health"
+    port is admitted to no pod (the kubelet's probes come from the node, which Kubernetes
+    always allows). The controller pod admits nothing. With metrics off the agents admit
+    nothing either; off (metrics.networkPolicy.enabled=false) no policy, and the notes warn."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["metrics"]["networkPolicy"]["enabled"] is True
+    objects = rendered_objects()
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert policies["agent"]["metadata"]["name"] == "imageunlock-agent"
+    assert policies["controller"]["metadata"]["name"] == "imageunlock-controller"
+    assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
+    assert admitted(policies["controller"]) == []
+    daemonset, _ = _workloads(objects)
+    ports = {p["name"]: p for p in pod_of(daemonset)["containers"][0]["ports"]}
+    assert not {"health", ports["health"]["containerPort"]} & {port for port, _ in admitted(policies["agent"])}
+    notes = render_chart()[NOTES]
+    assert "NetworkPolicies imageunlock-agent and imageunlock-controller isolate" in notes
+    # The health endpoints stay closed when metrics are off: the agents admit nothing.
+    policies = isolating_policies(rendered_objects(METRICS_OFF))
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == admitted(policies["controller"]) == []
+    # Without the controller, only the agents' policy.
+    assert sorted(isolating_policies(rendered_objects({"controller": {"enabled": False}}))) == ["agent"]
+    # Opting out leaves no policy and says what that exposes.
+    values = {"metrics": {"networkPolicy": {"enabled": False}}}
+    assert not find(rendered_objects(values), "NetworkPolicy")
+    notes = render_chart(values)[NOTES]
+    assert "WARNING: metrics.networkPolicy.enabled=false" in notes and "unauthenticated /metrics" in notes
+
+
+def test_chart_network_policies_equal_the_manifests():
+    """manifests/networkpolicy.yaml is what the chart renders by default (same names,
+    namespace, rules); only the chart's selectors add app.kubernetes.io/instance."""
+
+    def comparable(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for role, policy in isolating_policies(objects).items():
+            spec = copy.deepcopy(policy["spec"])
+            spec["podSelector"]["matchLabels"].pop("app.kubernetes.io/instance", None)
+            out[role] = (policy["metadata"]["name"], policy["metadata"]["namespace"], spec)
+        return out
+
+    plain = comparable(manifest_objects())
+    assert sorted(plain) == ["agent", "controller"]
+    assert comparable(rendered_objects()) == plain
 
 
 def test_metrics_off_leaves_no_endpoint():
@@ -693,10 +780,8 @@ def test_metrics_off_leaves_no_endpoint():
     assert [p["name"] for p in container["ports"]] == ["health"]
     assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
     assert _agent_config(daemonset).metrics_address == ""
-    # networkPolicy.enabled alone renders nothing: it is about the metrics port
-    assert not find(
-        rendered_objects({"metrics": {"enabled": False, "networkPolicy": {"enabled": True}}}), "NetworkPolicy"
-    )
+    # The NetworkPolicies stay (the health ports are closed too), with no ingress rule.
+    assert all(admitted(p) == [] for p in isolating_policies(objects).values())
     notes = render_chart(METRICS_OFF)[NOTES]
     assert "Metrics are off" in notes and "/metrics\n" not in notes
 
@@ -719,3 +804,53 @@ def test_chart_metrics_service_equals_the_manifests():
         plain["metadata"]["namespace"],
         plain["spec"],
     )
+
+
+# ------------------------------------------------------------------ tenants
+
+
+def test_archive_per_namespace_reaches_the_agents(helm):
+    """agent.archivePerNamespace (default false) is the agents' IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE,
+    always set, "true" or "false"; the controller opens no archive and is not told."""
+    with helm.Chart.load(str(CHART)) as chart:
+        assert chart.values["agent"]["archivePerNamespace"] is False
+    for values, expected in ((None, "false"), ({"agent": {"archivePerNamespace": True}}, "true")):
+        daemonset, deployment = _workloads(rendered_objects(values))
+        assert env_of(pod_of(daemonset)["containers"][0])["IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"] == expected
+        assert "IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE" not in env_of(pod_of(deployment)["containers"][0])
+
+
+def test_multi_tenant_example_values(helm):
+    """examples/multi-tenant-values.yaml (linted strictly, rendered with helm-python-sdk):
+    per-namespace archives on the agents, Secrets readable only in the tenants' namespaces
+    (no cluster-wide binding), credentials only to the one resource API, and the
+    NetworkPolicies on: only Prometheus in "monitoring" reaches the agents' metrics port,
+    nothing reaches the controller. The chart README points to it."""
+    values = yaml.safe_load(MULTI_TENANT.read_text())
+    report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= WARNING], report
+    objects = rendered_objects(values)
+    daemonset, _ = _workloads(objects)
+    env = env_of(pod_of(daemonset)["containers"][0])
+    assert env["IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"] == "true"
+    assert env["IMAGEUNLOCK_ARCHIVE_ROOT"] == "/var/lib/imageunlock"
+    assert env["IMAGEUNLOCK_API_URL_ALLOWLIST"] == "https://api.azaion.com"
+    _agent_config(daemonset)  # the agent starts with these settings
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == [
+        (
+            "metrics",
+            [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        )
+    ]
+    assert admitted(policies["controller"]) == []
+    secrets = _secrets_bindings(objects)
+    assert secrets["ClusterRoleBinding"] == []
+    assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == ["tenant-a", "tenant-b"]
+    assert "examples/multi-tenant-values.yaml" in (CHART / "README.md").read_text()

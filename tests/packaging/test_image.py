@@ -51,11 +51,14 @@ from ..support.packaged_image import (
     cached_build,
     docker_build,
     hardened,
+    image_files,
     image_id,
     operator_container,
     run,
     running_container,
+    setid_files,
     shared_dir,
+    shells,
 )
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from .conftest import AGENT_USER, CONTROLLER_USER, env_of, find, manifest_objects, pod_of, sample_objects
@@ -124,27 +127,46 @@ def test_default_command_is_the_agent(dockerd, image):
 def test_the_images_ctr_talks_to_the_nodes_containerd(dockerd, image, containerd):
     """Issue 10: the containerd runtime drives `ctr`, so the image ships it (the base release's
     Debian build, for the image's architecture); against a real containerd (sid's 2.x, as the
-    node's), mounted the way the DaemonSet mounts /run/containerd."""
+    node's), mounted the way the DaemonSet mounts it: the socket file alone, read-only, at
+    /run/containerd/containerd.sock, reached as the image's non-root user through the socket's
+    group (issue 18: no directory mount, the only group containerd.socketGroupId's)."""
+    socket = "/run/containerd/containerd.sock"
     res = run(
         dockerd,
         "--network",
         "none",
         "--read-only",
+        "--cap-drop",
+        "ALL",
         "--group-add",
-        "0",  # the socket is root:root 0660, as on a node (the chart's agent.supplementalGroups)
+        str(os.stat(containerd.socket).st_gid),  # root:root 0660 as on a node: 0 (socketGroupId)
         "-v",
-        f"{containerd.socket.parent}:/run/containerd:ro",
+        f"{containerd.socket}:{socket}:ro",
         "--entrypoint",
         "ctr",
         image,
         "-a",
-        f"/run/containerd/{containerd.socket.name}",
+        socket,
         "version",
     )
     assert res.returncode == 0, res.stderr
     client, _, server = res.stdout.partition("Server:")
     assert "Version:" in client and "Version:" in server
     assert ".".join(map(str, containerd.build.version)) in server
+
+
+def test_image_has_no_shell_and_no_setuid_or_setgid_file(dockerd, image):
+    """Issue 18: the built image's filesystem (docker export) holds no file with a setuid or
+    setgid bit (nothing in it can gain privileges) and no shell (sh, dash, bash, busybox,
+    ...: the product runs Python and ctr directly), while the program, its Python and ctr are
+    there; `sh` cannot be run in it."""
+    files = image_files(dockerd, image)
+    for path in ("opt/imageunlock/bin/imageunlock", "opt/imageunlock/bin/python", "usr/local/bin/ctr", "etc/passwd"):
+        assert path in files, path
+    assert setid_files(files) == []
+    assert shells(files) == []
+    res = run(dockerd, "--network", "none", "--entrypoint", "sh", image, "-c", "true")
+    assert res.returncode != 0 and "not found" in res.stderr, (res.returncode, res.stderr)
 
 
 READ_ONLY_CHECK = (

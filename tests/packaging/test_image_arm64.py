@@ -58,10 +58,13 @@ from ..support.packaged_image import (
     cached_build,
     docker_build,
     hardened,
+    image_files,
     image_id,
     operator_container,
     run,
+    setid_files,
     shared_dir,
+    shells,
 )
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from .conftest import MANIFESTS, REPO, manifest_objects, pod_of, rendered_objects
@@ -167,16 +170,20 @@ def test_arm64_image_config_records_arm64(dockerd, arm64_image):
     assert env["TMPDIR"] == "/tmp"
 
 
+# Run by the image's python (there is no shell in the image): the machine `uname` (a C
+# program of the base) reports, the program's version, and Python's own view.
 IDENTITY = """
-set -e
-uname -m
-imageunlock --version
-python -c 'import imageunlock as i, platform as p, sysconfig as s; print(i.__version__, p.machine(), s.get_platform())'
+import subprocess, sys
+import imageunlock as i, platform as p, sysconfig as s
+for argv in (["uname", "-m"], ["imageunlock", "--version"]):
+    sys.stdout.flush()
+    subprocess.run(argv, check=True)
+print(i.__version__, p.machine(), s.get_platform())
 """
 
 
 def test_arm64_image_runs_as_aarch64_and_reports_its_version(dockerd, arm64_image):
-    res = run(dockerd, "--network", "none", "--entrypoint", "sh", arm64_image, "-c", IDENTITY, timeout=EMULATED)
+    res = run(dockerd, "--network", "none", "--entrypoint", "python", arm64_image, "-c", IDENTITY, timeout=EMULATED)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:3] == ["aarch64", f"imageunlock {VERSION}", f"{VERSION} aarch64 linux-aarch64"], (
         res.stdout
@@ -222,6 +229,14 @@ def test_arm64_native_code_works_read_only_as_any_non_root_user(dockerd, arm64_i
         timeout=EMULATED,
     )
     assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
+
+
+def test_arm64_image_has_no_shell_and_no_setuid_or_setgid_file(dockerd, arm64_image):
+    """Issue 18, as for amd64: the same Dockerfile's hardening holds for the arm64 image."""
+    files = image_files(dockerd, arm64_image)
+    assert "usr/local/bin/ctr" in files and "opt/imageunlock/bin/imageunlock" in files
+    assert setid_files(files) == []
+    assert shells(files) == []
 
 
 def test_one_image_name_serves_both_architectures():
@@ -324,7 +339,10 @@ def test_arm64_agent_answers_liveness_against_the_control_plane(dockerd, arm64_a
     body = arm64_agent.healthz(timeout=240, interval=1)  # kopf's start under emulation: tens of seconds
     # kopf's probe results: the runtime the Node reports answers, through the socket's group.
     assert body.get("runtime") == "reachable", body
-    inside = dockerd.docker("exec", arm64_agent.container, "sh", "-c", "id -u; uname -m", text=True).stdout.split()
+    inside = [
+        dockerd.docker("exec", arm64_agent.container, *argv, text=True).stdout.strip()
+        for argv in (("id", "-u"), ("uname", "-m"))
+    ]
     assert inside == [str(DEFAULT_UID), "aarch64"]
     logs = arm64_agent.logs()
     assert "Traceback" not in logs and f"agent on node {ARM64_NODE}" in logs, logs

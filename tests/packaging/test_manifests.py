@@ -31,6 +31,7 @@ from .conftest import (
     CONTROLLER_SA,
     CONTROLLER_USER,
     CRD_FILE,
+    DEFAULT_SCRAPERS,
     MANIFESTS,
     METRICS_ALL,
     METRICS_OFF,
@@ -38,9 +39,11 @@ from .conftest import (
     OPERATOR_NAMESPACE,
     REPO,
     SECRETS_ROLE,
+    admitted,
     cluster_wide_objects,
     env_of,
     find,
+    isolating_policies,
     load_docs,
     manifest_objects,
     pod_of,
@@ -342,14 +345,15 @@ def test_daemonset_keeps_its_promises():
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert volumes["archives"]["hostPath"] == {"path": "/var/lib/imageunlock", "type": "DirectoryOrCreate"}
     assert mounts["archives"] == {"name": "archives", "mountPath": "/var/lib/imageunlock", "readOnly": True}
-    assert volumes["containerd"]["hostPath"] == {"path": "/run/containerd", "type": "DirectoryOrCreate"}
-    assert mounts["containerd"] == {"name": "containerd", "mountPath": "/run/containerd", "readOnly": True}
+    # containerd's socket itself (issue 18), not its directory, at the path the agent dials.
+    socket = "/run/containerd/containerd.sock"
+    assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
+    assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
     assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp"}  # Docker's socket: commented out
     assert pod["serviceAccountName"] == AGENT_SA
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "auto"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == "/run/containerd/containerd.sock"
-    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"].startswith(mounts["containerd"]["mountPath"] + "/")
+    assert env["IMAGEUNLOCK_CONTAINERD_ADDRESS"] == mounts["containerd"]["mountPath"] == socket
     assert env["IMAGEUNLOCK_CONTAINERD_NAMESPACE"] == "k8s.io"
     assert "IMAGEUNLOCK_DOCKER_HOST" not in env
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
@@ -362,7 +366,8 @@ def test_daemonset_keeps_its_promises():
     text = (MANIFESTS / "daemonset.yaml").read_text()
     for line in ("# - name: docker-socket", "#     type: Socket", "#   value: unix:///var/run/docker.sock"):
         assert line in text, line
-    assert "stat -c %g /var/run/docker.sock" in text and "/run/k3s/containerd" in text
+    assert "stat -c %g /var/run/docker.sock" in text and "/run/k3s/containerd/containerd.sock" in text
+    assert "rollout restart" in text  # what a containerd restart asks of a socket mount
     assert {
         o["metadata"].get("namespace")
         for o in manifest_objects()
@@ -459,6 +464,23 @@ def test_metrics_service_reaches_the_metrics_port_and_warns():
     header = (MANIFESTS / "service.yaml").read_text().split("\napiVersion:", 1)[0]
     assert "unauthenticated" in header and "kind: NetworkPolicy" in header
     assert "app.kubernetes.io/component: agent" in header  # the sample policy selects the agents
+
+
+def test_network_policies_isolate_both_roles():
+    """Issue 18: the installation isolates the operator's pods for ingress
+    (networkpolicy.yaml, in the kustomization): the agent pods admit only their "metrics"
+    port, from every pod of the "monitoring" namespace, and not their "health" port (the
+    kubelet's probes come from the node, always allowed); the controller pod admits nothing."""
+    objects = manifest_objects()
+    policies = isolating_policies(objects)
+    assert sorted(policies) == ["agent", "controller"]
+    assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
+    assert admitted(policies["controller"]) == []
+    daemonset, _ = _workloads()
+    (container,) = pod_of(daemonset)["containers"]
+    assert {p["name"] for p in container["ports"]} == {"health", "metrics"}  # the named port exists
+    header = (MANIFESTS / "networkpolicy.yaml").read_text().split("\napiVersion:", 1)[0]
+    assert "monitoring" in header and "kubelet" in header
 
 
 RULE_START = re.compile(r"^(\s*)- apiGroups:")

@@ -8,12 +8,13 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -246,3 +247,43 @@ def running_container(engine: Dockerd, options: list[str], env: dict[str, str], 
     finally:
         subprocess.run(["docker", "-H", engine.url, "stop", "-t", "15", container], capture_output=True, timeout=60)
         subprocess.run(["docker", "-H", engine.url, "rm", "-f", "-v", container], capture_output=True, timeout=60)
+
+
+# Programs that are a shell (by file name): none may be in the image (issue 18).
+SHELLS = frozenset({"sh", "ash", "dash", "bash", "rbash", "zsh", "ksh", "mksh", "csh", "tcsh", "busybox", "toybox"})
+
+
+def image_files(engine: Dockerd, image: str) -> dict[str, tarfile.TarInfo]:
+    """The image's root filesystem as ``docker export`` of a created (never started)
+    container gives it: {path without a leading "/" or "./": its tar entry (mode, type, link
+    target)}. The container is removed by id."""
+    created = engine.docker("create", "--network", "none", image, text=True)
+    container = created.stdout.strip()
+    try:
+        export = subprocess.Popen(["docker", "-H", engine.url, "export", container], stdout=subprocess.PIPE)
+        assert export.stdout is not None
+        files: dict[str, tarfile.TarInfo] = {}
+        with tarfile.open(fileobj=export.stdout, mode="r|") as tar:
+            for member in tar:
+                files[member.name.removeprefix("./").rstrip("/")] = member
+        assert export.wait(timeout=300) == 0, f"docker export {image} failed"
+    finally:
+        engine.docker("rm", "-f", container, check=False)
+    return files
+
+
+def setid_files(files: dict[str, tarfile.TarInfo]) -> list[str]:
+    """Every entry with a setuid or setgid bit, as "path mode"."""
+    return sorted(f"{name} {member.mode:o}" for name, member in files.items() if member.mode & 0o6000)
+
+
+def shells(files: dict[str, tarfile.TarInfo]) -> list[str]:
+    """Every program (an executable file, or a link) whose name is a shell's: data files such
+    as /usr/share/menu/dash may stay."""
+    return sorted(
+        name
+        for name, member in files.items()
+        if PurePosixPath(name).name in SHELLS
+        and (member.issym() or member.islnk() or member.mode & 0o111)
+        and not member.isdir()
+    )
