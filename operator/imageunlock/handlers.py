@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 import kopf
@@ -34,6 +35,7 @@ from .runtimes import make_runtime
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
+RUNTIME_DOWN_RESTART = 120.0  # seconds of an unreachable runtime before liveness fails
 
 
 registry = new_registry()
@@ -125,8 +127,17 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="runtime", registry=registry)
 def runtime_probe(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness: the runtime answers. Unreachable for RUNTIME_DOWN_RESTART seconds in a row,
+    the probe fails, so kubelet restarts the agent: a restarted container mounts the runtime
+    socket anew (the DaemonSet mounts the socket file itself, and a restarted containerd
+    creates a new one that an old mount does not see)."""
     error = _check_runtime(memo)
-    return "reachable" if error is None else f"unreachable: {error.message}"
+    if error is None:
+        return "reachable"
+    since = getattr(memo, "runtime_down_since", None)
+    if since is not None and time.monotonic() - since >= RUNTIME_DOWN_RESTART:
+        raise kopf.PermanentError(f"runtime unreachable for {RUNTIME_DOWN_RESTART:.0f}s: {error.message}")
+    return f"unreachable: {error.message}"
 
 
 def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
@@ -135,8 +146,11 @@ def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
         memo.runtime.ping()
     except UnlockError as exc:
         metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(0)
+        if getattr(memo, "runtime_down_since", None) is None:
+            memo.runtime_down_since = time.monotonic()
         return exc
     metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(1)
+    memo.runtime_down_since = None
     return None
 
 

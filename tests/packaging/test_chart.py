@@ -321,7 +321,7 @@ def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
     # Docker only: containerd's socket is neither required on the nodes nor reachable.
     daemonset, _ = _workloads(rendered_objects({"agent": {"runtime": "docker", "docker": {"enabled": True}}}))
     pod = pod_of(daemonset)
-    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket"]
+    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket", "locks"]
     assert pod["securityContext"]["supplementalGroups"] == [999]
     assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env_of(pod["containers"][0])
 
@@ -854,3 +854,19 @@ def test_multi_tenant_example_values(helm):
     assert secrets["ClusterRoleBinding"] == []
     assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == ["tenant-a", "tenant-b"]
     assert "examples/multi-tenant-values.yaml" in (CHART / "README.md").read_text()
+
+
+def test_the_import_lock_directory_is_the_hosts_and_can_be_turned_off():
+    """The node-wide import lock (one import per runtime socket, agents and host CLI runs
+    alike; issue 18) lives in a host directory the agent mounts at the same path."""
+    daemonset, _ = _workloads(rendered_objects())
+    pod = pod_of(daemonset)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["locks"]["hostPath"] == {"path": "/run/imageunlock", "type": "DirectoryOrCreate"}
+    assert mounts["locks"]["mountPath"] == "/run/imageunlock"
+    assert env_of(pod["containers"][0])["IMAGEUNLOCK_LOCK_DIR"] == "/run/imageunlock"
+    daemonset, _ = _workloads(rendered_objects({"agent": {"lockDir": ""}}))
+    pod = pod_of(daemonset)
+    assert "locks" not in {v["name"] for v in pod["volumes"]}
+    assert "IMAGEUNLOCK_LOCK_DIR" not in env_of(pod["containers"][0])

@@ -349,7 +349,9 @@ def test_daemonset_keeps_its_promises():
     socket = "/run/containerd/containerd.sock"
     assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
     assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
-    assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp"}  # Docker's socket: commented out
+    assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp", "locks"}  # Docker's socket: commented out
+    assert volumes["locks"]["hostPath"] == {"path": "/run/imageunlock", "type": "DirectoryOrCreate"}
+    assert mounts["locks"]["mountPath"] == env_of(container)["IMAGEUNLOCK_LOCK_DIR"] == "/run/imageunlock"
     assert pod["serviceAccountName"] == AGENT_SA
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "auto"
@@ -391,6 +393,7 @@ def test_agent_falls_short_of_restricted_only_by_its_host_paths():
     assert restricted_violations(pod_of(daemonset)) == [
         "volume archives: hostPath",
         "volume containerd: hostPath",
+        "volume locks: hostPath",
     ]
 
 
@@ -539,8 +542,8 @@ STATUS_PATCH = {("loader.azaion.com", "imageunlocks/status", "patch")}
 def test_rbac_is_least_privilege():
     """Exactly these grants, per role: nobody patches ImageUnlocks themselves (no kopf state,
     no finalizers), nobody writes Nodes, only the agents post Events and read Secrets (get
-    by name, bound per namespace), the agents get their one Node, the controller lists and
-    watches Nodes."""
+    by name, bound per namespace), the agents get and watch their one Node (RBAC cannot narrow
+    that to one Node), the controller lists and watches Nodes."""
     roles = {o["metadata"]["name"]: o["rules"] for o in manifest_objects() if o["kind"] == "ClusterRole"}
     assert {name: _granted(rules) for name, rules in roles.items()} == {
         "imageunlock-agent": IMAGEUNLOCKS_READ
@@ -550,6 +553,8 @@ def test_rbac_is_least_privilege():
             ("", "events", "create"),
             ("", "events", "patch"),  # aggregating a repeated Event (count, lastTimestamp)
             ("", "nodes", "get"),
+            ("", "nodes", "list"),  # its own Node, field-selected, then watched (issue 22)
+            ("", "nodes", "watch"),
         },
         "imageunlock-controller": IMAGEUNLOCKS_READ
         | STATUS_PATCH
@@ -649,8 +654,8 @@ def test_plane_enforces_namespaced_secret_access(plane):
 
 @pytest.mark.e2e
 def test_plane_enforces_each_roles_node_access(plane):
-    """Enforced, as installed: an agent gets a Node by name (its own) but cannot list or
-    change Nodes; the controller lists them but cannot change them either."""
+    """Enforced, as installed: an agent gets, lists and watches Nodes (its own, by a field
+    selector) but cannot change them; the controller lists them but cannot change them either."""
     agent, controller = plane.sa_kubeconfig, plane.kubeconfig_for(CONTROLLER_USER)
     name = "iu-rbac-node"
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"role": "edge"}}}
@@ -661,7 +666,7 @@ def test_plane_enforces_each_roles_node_access(plane):
             return plane.kubectl(*args, kubeconfig=kubeconfig, check=False)
 
         assert as_(agent, "get", "node", name, "-o", "name").returncode == 0
-        assert "(Forbidden)" in as_(agent, "get", "nodes").stderr
+        assert as_(agent, "get", "nodes", "--field-selector", f"metadata.name={name}", "-o", "name").returncode == 0
         assert as_(controller, "get", "nodes", "-o", "name").returncode == 0
         assert "(Forbidden)" in as_(controller, "get", "node", name).stderr  # list/watch, no get
         for kubeconfig in (agent, controller):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import kopf
+import pytest
 
 from imageunlock import handlers
 from imageunlock.agent import NodeAgent
@@ -135,3 +136,34 @@ def test_deleting_an_unknown_object_is_harmless():
     memo = memo_with()
     track(memo, "DELETED", raw())
     assert memo.objects == {}
+
+
+def test_liveness_fails_once_the_runtime_stayed_unreachable_so_kubelet_remounts_its_socket(monkeypatch):
+    """The DaemonSet mounts containerd's socket file itself (issue 18, item 7); a restarted
+    containerd makes a new socket the old mount does not see. Liveness then fails after
+    RUNTIME_DOWN_RESTART seconds, and the restarted container mounts the new socket."""
+    from imageunlock.errors import RuntimeUnavailableError
+    from imageunlock.handlers import RUNTIME_DOWN_RESTART
+
+    now = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: now[0])
+
+    class Runtime:
+        name = "containerd"
+        up = True
+
+        def ping(self):
+            if not self.up:
+                raise RuntimeUnavailableError("containerd at /run/containerd/containerd.sock is not reachable")
+
+    memo = SimpleNamespace(runtime=Runtime())
+    assert handlers.runtime_probe(memo) == "reachable"
+    memo.runtime.up = False
+    assert handlers.runtime_probe(memo).startswith("unreachable")
+    now[0] += RUNTIME_DOWN_RESTART - 1
+    assert handlers.runtime_probe(memo).startswith("unreachable")  # not yet: a short outage is no reason
+    now[0] += 1
+    with pytest.raises(kopf.PermanentError, match="unreachable for"):
+        handlers.runtime_probe(memo)
+    memo.runtime.up = True
+    assert handlers.runtime_probe(memo) == "reachable" and memo.runtime_down_since is None
