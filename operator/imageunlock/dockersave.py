@@ -156,10 +156,17 @@ class ImageTarVerifier:
         index = self._json_if_present("index.json")
         for descriptor in (_field(index, "manifests", list) if index is not None else None) or []:
             annotations = _field(descriptor, "annotations", dict) or {}
-            name = annotations.get(_NAME_ANNOTATIONS[0])
-            wanted = contents.image_id(name) if isinstance(name, str) and name else None
+            # Every full name either annotation gives (a loader tags with one or the other)
+            # must name, in manifest.json, the image this descriptor's manifest is.
+            names = [annotations.get(key) for key in _NAME_ANNOTATIONS]
+            wanted = {
+                found
+                for n, name in enumerate(names)
+                if isinstance(name, str) and name and (n == 0 or ":" in name or "/" in name)
+                if (found := contents.image_id(name)) is not None
+            }
             for config in self._manifest_configs(_field(descriptor, "digest", str), depth=0):
-                if config not in configs or (wanted is not None and config != wanted):
+                if config not in configs or any(config != want for want in wanted):
                     raise ArchiveError()
 
     def _manifest_configs(self, digest: str | None, depth: int) -> list[str]:
@@ -261,20 +268,38 @@ def verified_stream(
 ) -> Iterator[bytes]:
     """Pass ``chunks`` through ``verifier``, holding the tail back until it all checks out.
 
-    The held-back tail is never shorter than the tar's end-of-archive marker (two zero
-    blocks), so if anything is wrong — a broken archive, or one that lacks an ``expected``
-    ``name:tag`` or would tag anything else (:func:`check_refs`) — the consumer (an HTTP
-    upload) is cut off before it has seen a complete archive, and the generator raises
+    Held back: the last chunk (never shorter than the end-of-archive marker, two zero
+    blocks) and every trailing run of zero bytes (as a count, not in memory) until non-zero
+    data follows. The checks refuse anything but zero blocks after an end marker, so no
+    marker ever reaches the consumer before every check passed, however many zero bytes a
+    crafted plaintext appends (a loader that stops at the marker — the Docker Engine from 23
+    untars in-process and does not drain the body — would otherwise load an archive the
+    checks were about to refuse). If anything is wrong — a broken archive, or one that lacks
+    an ``expected`` ``name:tag`` or would tag anything else (:func:`check_refs`) — the
+    consumer is cut off before it has seen a complete archive, and the generator raises
     instead of yielding the tail.
     """
     expected = list(expected)
     held = b""
+    zeros = 0  # trailing zero bytes received, not yet passed on
+
+    def release(data: bytes) -> Iterator[bytes]:
+        nonlocal zeros
+        if not data:
+            return
+        body = data if data[-1] else data.rstrip(b"\0")
+        if body:
+            if zeros:
+                yield from _zero_bytes(zeros)
+                zeros = 0
+            yield body
+        zeros += len(data) - len(body)
+
     try:
         for chunk in chunks:
             verifier.feed(chunk)
             if len(chunk) >= 2 * BLOCK:
-                if held:
-                    yield held
+                yield from release(held)
                 held = chunk
             else:
                 held += chunk
@@ -283,8 +308,18 @@ def verified_stream(
     check_refs(verifier.close(), expected)
     if before_tail is not None:
         before_tail()  # a last check of the caller's (the archive's digest)
-    if held:
-        yield held
+    yield from release(held)
+    yield from _zero_bytes(zeros)
+
+
+_ZEROS = bytes(64 * 1024)
+
+
+def _zero_bytes(count: int) -> Iterator[bytes]:
+    while count:
+        n = min(count, len(_ZEROS))
+        yield _ZEROS[:n]
+        count -= n
 
 
 def check_refs(contents: ArchiveContents, expected: Iterable[str]) -> None:

@@ -354,3 +354,39 @@ def test_a_member_name_that_is_not_utf8_is_refused():
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block[:512])
     refused(append(savetar.build(TAGS), bytes(block[:512])), ArchiveError)
+
+
+def test_zero_padding_after_the_end_marker_never_releases_the_marker_before_the_checks():
+    """Second review of issue 18 (high): the checks run at the end, and only the last chunk
+    was held back; a plaintext padded with 1 MiB of zeros released the whole tar, end marker
+    included, before the refusal. The Docker Engine from 23 untars in-process, stops at the
+    marker without draining the body, and would have loaded it (foreign tag and all)."""
+    data = edit_json(savetar.build(TAGS), "manifest.json", add_repo_tag) + bytes(1 << 20)
+    released = bytearray()
+    stream = verified_stream((data[i : i + 65536] for i in range(0, len(data), 65536)), ImageTarVerifier(), TAGS)
+    with pytest.raises(ForeignTagsError):
+        for chunk in stream:
+            released += chunk
+    assert len(released) <= len(data.rstrip(b"\0")), "the end marker (zeros) went out before the checks"
+
+
+def test_zeros_held_back_all_go_out_once_the_checks_pass():
+    data = savetar.build(TAGS) + bytes(600 * 512)
+    out = b"".join(verified_stream((data[i : i + 4096] for i in range(0, len(data), 4096)), ImageTarVerifier(), TAGS))
+    assert out == data
+
+
+def test_an_index_cross_wired_through_ref_name_is_refused():
+    """Second review of issue 18 (medium): names given by a full org.opencontainers.image.ref.name
+    (which ctr tags with) were not tied to their manifest: two refs' manifests swapped passed."""
+
+    def swap(index):
+        first, second = index["manifests"][0], index["manifests"][1]
+        for entry in (first, second):
+            name = entry["annotations"].pop("io.containerd.image.name")
+            entry["annotations"]["org.opencontainers.image.ref.name"] = name
+        first["digest"], second["digest"] = second["digest"], first["digest"]
+        return index
+
+    data = edit_json(savetar.build(TAGS, layout="oci"), "index.json", swap)
+    assert isinstance(refused(data), ArchiveError)
