@@ -142,6 +142,7 @@ class Reconciler:
             # is one import, and this one then finds its images verified (node_verified).
             lock_timeout=self.settings.runtime_timeout,
             verified=self.node_verified,
+            scope=namespace,
         )
 
     def roots(self, namespace: str) -> tuple[str, ...]:

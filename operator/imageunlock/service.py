@@ -32,27 +32,33 @@ class VerifiedArchives:
     inode, size, mtime, ctime, links), the image IDs an unlock of it loaded and verified, and
     its SHA-256 when that was checked. Another request naming the very same file may take
     those IDs as known (no key request): they are what that file holds. Never IDs the node
-    did not verify, never for a file that changed since (its identity changes with it)."""
+    did not verify, never for a file that changed since (its identity changes with it), and
+    only within one scope (the operator's: the namespace): a tenant with no credentials must
+    not be made Ready, nor hold refs, on the strength of another tenant's unlock."""
 
     LIMIT = 256
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[tuple[str, tuple[object, ...]], tuple[str | None, dict[str, str]]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, tuple[object, ...]], tuple[str | None, dict[str, str]]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
-    def remember(self, path: str, identity: tuple[object, ...], digest: str | None, ids: Mapping[str, str]) -> None:
-        key = (posixpath.normpath(path), identity)
+    def remember(
+        self, scope: str, path: str, identity: tuple[object, ...], digest: str | None, ids: Mapping[str, str]
+    ) -> None:
+        key = (scope, posixpath.normpath(path), identity)
         with self._lock:
             checked, known = self._entries.pop(key, (None, {}))
             self._entries[key] = (digest.lower() if digest else checked, {**known, **ids})
             while len(self._entries) > self.LIMIT:
                 self._entries.popitem(last=False)
 
-    def known(self, path: str, identity: tuple[object, ...], digest: str | None) -> dict[str, str]:
-        """IDs verified from this very file; none when the request names a digest the node
-        did not check it against."""
+    def known(self, scope: str, path: str, identity: tuple[object, ...], digest: str | None) -> dict[str, str]:
+        """IDs verified from this very file in this scope; none when the request names a
+        digest the node did not check it against."""
         with self._lock:
-            found = self._entries.get((posixpath.normpath(path), identity))
+            found = self._entries.get((scope, posixpath.normpath(path), identity))
         if found is None or (digest and found[0] != digest.lower()):
             return {}
         return dict(found[1])
@@ -68,6 +74,7 @@ class UnlockService:
         lock_timeout: float = 0.0,
         chunk_size: int = CHUNK_SIZE,
         verified: VerifiedArchives | None = None,
+        scope: str = "",
     ) -> None:
         self.runtime = runtime
         self.open_key_client = open_key_client
@@ -75,14 +82,15 @@ class UnlockService:
         self.lock_timeout = lock_timeout
         self.chunk_size = chunk_size
         self.verified = verified
+        self.scope = scope  # whose verifications count (the operator's: the namespace)
 
     def _node_known(self, request: UnlockRequest, identity: tuple[object, ...]) -> UnlockRequest | None:
         """``request`` with the IDs this node verified from the file of that identity added,
         if that adds any; else None."""
         if self.verified is None:
             return None
-        known = self.verified.known(request.archive_path, identity, request.archive_sha256)
-        merged = {**known, **request.known_ids}
+        known = self.verified.known(self.scope, request.archive_path, identity, request.archive_sha256)
+        merged = {**request.known_ids, **known}  # the node's own verification wins over a status
         return replace(request, known_ids=merged) if merged != dict(request.known_ids) else None
 
     def present(self, request: UnlockRequest) -> dict[str, str] | None:
@@ -158,7 +166,9 @@ class UnlockService:
                     close()
                     result = self._load(request, report, handle, size, fragment)
                     if self.verified is not None:
-                        self.verified.remember(request.archive_path, opened, request.archive_sha256, result.images)
+                        self.verified.remember(
+                            self.scope, request.archive_path, opened, request.archive_sha256, result.images
+                        )
                     return result
         except ArchiveNotFoundError:
             found = self.runtime.image_ids(request.refs)

@@ -469,3 +469,14 @@ def test_waiting_for_another_unlock_of_the_same_archive_is_no_failure(world):
     assert [o.verdict for o in outcomes] == [Verdict.READY]
     assert len(world.runtime.loads) == 1 and world.key.fragments == 1
     assert not any(kind == "Warning" for kind, _ in world.events)
+
+
+def test_what_the_node_verified_for_one_namespace_does_not_make_another_ready_without_credentials(world):
+    """Second review of issue 18 (medium): a tenant with no Secret named another tenant's
+    archive and was made Ready from the node's memory, holding that tenant's refs."""
+    world.reconcile()
+    other = make_body(world.archive, name="squatter", status={})
+    other["metadata"]["namespace"] = "team-b"
+    outcome = world.reconciler.reconcile(other)
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")  # no Secret there
+    assert world.key.fragments == 1 and len(world.runtime.loads) == 1
