@@ -12,6 +12,7 @@ Pure but for the clock: tests drive it with their own ``clock``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -68,7 +69,7 @@ class WorkQueue(Generic[K]):
         self._wake.set()
 
     def add_rate_limited(self, key: K) -> float:
-        """Queue ``key`` after its backoff (base × 2^failures, capped, ± jitter); the delay."""
+        """Queue ``key`` after its backoff (base * 2^failures, capped, +- jitter); the delay."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
         delay = float(min(self.cap, self.base * 2.0**failures))
@@ -105,10 +106,8 @@ class WorkQueue(Generic[K]):
                 return key
             self._wake.clear()
             timeout = max(0.0, self._later[0][0] - self.clock()) if self._later else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _promote(self) -> None:
         now = self.clock()
