@@ -104,6 +104,12 @@ class OperatorConfig(_Settings):
     archive_roots: Listed = Field(("/var/lib/imageunlock",), validation_alias=_env("IMAGEUNLOCK_ARCHIVE_ROOT"))
     # Multi-tenant nodes: an ImageUnlock may name only files under <root>/<its namespace>/.
     archive_per_namespace: bool = Field(False, validation_alias=_env("IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"))
+    # Multi-tenant nodes: which image names each namespace may unlock ({namespace: [prefix]},
+    # JSON; a prefix ends in "/" or is one repository). Empty: any name (one tenant). Image
+    # names are node-wide: without this, one tenant could take names another one uses.
+    image_owners: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=dict, validation_alias=_env("IMAGEUNLOCK_IMAGE_OWNERS")
+    )
     # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means;
     # auto: the one the Node reports (status.nodeInfo.containerRuntimeVersion).
     runtime: Literal["docker", "containerd", "auto"] = Field("auto", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
@@ -128,6 +134,22 @@ class OperatorConfig(_Settings):
     api_deadline: Seconds = Field(60.0, ge=1, validation_alias=_env("IMAGEUNLOCK_API_DEADLINE"))
     runtime_timeout: Seconds = Field(900.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RUNTIME_TIMEOUT"))
     workers: int = Field(4, ge=1, validation_alias=_env("IMAGEUNLOCK_WORKERS"))
+
+    @field_validator("image_owners", mode="before")
+    @classmethod
+    def _owners(cls, value: object) -> object:
+        """JSON, as the chart renders it (toJson): {"team-a": ["azaion/", "registry.corp/a/"]}."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"is not JSON ({exc})") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(p, str) and p for p in v)
+            for k, v in value.items()
+        ):
+            raise ValueError('must map namespaces to lists of image name prefixes: {"team-a": ["azaion/"]}')
+        return value
 
     def roots_for(self, namespace: str) -> tuple[str, ...]:
         """The archive roots an ImageUnlock in ``namespace`` may name files under."""

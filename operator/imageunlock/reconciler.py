@@ -22,7 +22,7 @@ from .config import OperatorConfig
 from .errors import ConfigurationError, ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
 from .kube import KubernetesApi
 from .models import Credentials, KeyClient, Phase
-from .refs import normalize_ref
+from .refs import describe, normalize_ref, owned
 from .resource_api import ApiClientConfig, ResourceApiClient
 from .service import UnlockService, VerifiedArchives
 from .spec import UnlockSpec, parse_spec
@@ -145,6 +145,21 @@ class Reconciler:
             scope=namespace,
         )
 
+    def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
+        """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
+        it: names are node-wide, and one tenant must not take a name another one uses."""
+        owners = self.settings.image_owners
+        if not owners:
+            return
+        prefixes = owners.get(namespace, ())
+        if foreign := [image for image in spec.images if not owned(image, prefixes)]:
+            allowed = ", ".join(prefixes) or "none"
+            raise ConfigurationError(
+                f"namespace {namespace!r} may not unlock {describe(foreign)} (its image names: {allowed}; "
+                "operator setting IMAGEUNLOCK_IMAGE_OWNERS): correct spec.images or ask the cluster's "
+                "administrator"
+            )
+
     def roots(self, namespace: str) -> tuple[str, ...]:
         roots = self.settings.roots_for(namespace)
         if not roots:  # never "no roots" (which means any path) for an object
@@ -204,9 +219,13 @@ class Reconciler:
             spec = self.parse(body)
         except UnlockError:
             return False  # e.g. an allow-list narrowed since: reconcile says why
+        meta = body.get("metadata") or {}
+        try:
+            self.check_owner(str(meta.get("namespace") or ""), spec)
+        except ConfigurationError:
+            return False  # the names are no longer this namespace's: reconcile says why
         if self.conflict(body, spec) is not None:
             return False
-        meta = body.get("metadata") or {}
         known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
         return self.service(spec, str(meta.get("namespace") or "")).present(spec.to_request(known)) is not None
 
@@ -224,6 +243,7 @@ class Reconciler:
         run = _Reconciliation(self, body, namespace, name, generation, status.get("conditions"))
         try:
             spec = self.parse(body)
+            self.check_owner(namespace, spec)
             # No "reconciling" write of its own: a fast path ends in one write (Ready), and an
             # unlock's first step writes its phase anyway.
             if (conflict := self.conflict(body, spec)) is not None:

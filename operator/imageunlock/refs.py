@@ -57,3 +57,24 @@ def describe(refs: Sequence[str], limit: int = 5, width: int = 128) -> str:
 
     more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
     return ", ".join(shown(ref) for ref in refs[:limit]) + more
+
+
+def repository(ref: str) -> str:
+    """The fully qualified repository of ``ref`` (no tag, no digest)."""
+    full = normalize_ref(ref).partition("@")[0]
+    colon = full.rfind(":")
+    return full[:colon] if colon > full.rfind("/") else full
+
+
+def owned(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether image ``name`` lies under one of ``prefixes``: a repository prefix ending in
+    ``/`` (``azaion/``, ``registry.corp/team-a/``) or one exact repository
+    (``azaion/flights``), each compared as Docker normalises names."""
+    repo = repository(name)
+    for prefix in prefixes:
+        if prefix.endswith("/"):
+            if repo.startswith(repository(prefix + "x")[:-1]):
+                return True
+        elif repo == repository(prefix):
+            return True
+    return False

@@ -833,6 +833,10 @@ def test_multi_tenant_example_values(helm):
     daemonset, _ = _workloads(objects)
     env = env_of(pod_of(daemonset)["containers"][0])
     assert env["IMAGEUNLOCK_ARCHIVE_PER_NAMESPACE"] == "true"
+    assert json.loads(env["IMAGEUNLOCK_IMAGE_OWNERS"]) == {
+        "tenant-a": ["azaion/"],
+        "tenant-b": ["registry.example.com/tenant-b/"],
+    }
     assert env["IMAGEUNLOCK_ARCHIVE_ROOT"] == "/var/lib/imageunlock"
     assert env["IMAGEUNLOCK_API_URL_ALLOWLIST"] == "https://api.azaion.com"
     _agent_config(daemonset)  # the agent starts with these settings
@@ -870,3 +874,8 @@ def test_the_import_lock_directory_is_the_hosts_and_can_be_turned_off():
     pod = pod_of(daemonset)
     assert "locks" not in {v["name"] for v in pod["volumes"]}
     assert "IMAGEUNLOCK_LOCK_DIR" not in env_of(pod["containers"][0])
+
+
+def test_image_owners_reach_the_agents_only_when_set():
+    daemonset, _ = _workloads(rendered_objects())
+    assert "IMAGEUNLOCK_IMAGE_OWNERS" not in env_of(pod_of(daemonset)["containers"][0])

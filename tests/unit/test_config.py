@@ -31,3 +31,16 @@ def test_operator_settings_require_a_trusted_api():
         {"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"}
     )
     assert both.api_url_allowlist == ("https://b.test", "https://c.test", "https://a.test")
+
+
+def test_image_owners_are_json_from_the_environment_and_checked():
+    from imageunlock.config import OperatorConfig
+    from imageunlock.errors import ConfigurationError
+
+    base = {"RESOURCE_API_URL": "https://api.example.test"}
+    config = OperatorConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": '{"team-a": ["azaion/", "reg.corp/a/"]}'})
+    assert config.image_owners == {"team-a": ("azaion/", "reg.corp/a/")}
+    assert OperatorConfig.from_env(base).image_owners == {}
+    for bad in ('["azaion/"]', '{"team-a": "azaion/"}', "{not json"):
+        with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_IMAGE_OWNERS"):
+            OperatorConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": bad})

@@ -480,3 +480,17 @@ def test_what_the_node_verified_for_one_namespace_does_not_make_another_ready_wi
     outcome = world.reconciler.reconcile(other)
     assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")  # no Secret there
     assert world.key.fragments == 1 and len(world.runtime.loads) == 1
+
+
+def test_with_image_owners_a_namespace_unlocks_only_its_own_names(world):
+    """Second review of issue 18 (high): image names are node-wide; a tenant with an archive
+    of its own could take a name another tenant uses (its next version, say). With
+    IMAGEUNLOCK_IMAGE_OWNERS each namespace may unlock only the names given to it."""
+    world.configure(image_owners={"team-b": ("teamb/",), NS: ("azaion/",)})
+    squat = make_body(world.archive, name="squat", status={})
+    squat["metadata"]["namespace"] = "team-b"
+    outcome = world.reconciler.reconcile(squat)
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "InvalidConfiguration")
+    assert "IMAGEUNLOCK_IMAGE_OWNERS" in outcome.message and "azaion/flights" in outcome.message
+    assert world.kube.credential_reads == [] and world.runtime.loads == []
+    assert world.reconcile().verdict is Verdict.READY  # the owner's own names

@@ -91,3 +91,15 @@ def test_describe_is_short_and_printable():
     assert describe(refs) == "team0/app:1, team1/app:1, team2/app:1, team3/app:1, team4/app:1 and 2 more"
     assert describe(["a\n\x1b[2Jb:1"]) == "a??[2Jb:1"
     assert describe(["x" * 1000]) == "x" * 128 + "..."
+
+
+def test_image_names_are_owned_by_prefix_or_exact_repository_as_docker_normalises_them():
+    from imageunlock.refs import owned
+
+    assert owned("azaion/flights", ["azaion/"]) and owned("docker.io/azaion/flights", ["azaion/"])
+    assert owned("index.docker.io/azaion/flights", ["docker.io/azaion/"])
+    assert not owned("azaion-evil/flights", ["azaion/"]) and not owned("azaionx/flights", ["azaion/"])
+    assert owned("registry.corp/team-a/api", ["registry.corp/team-a/"])
+    assert not owned("registry.corp/team-b/api", ["registry.corp/team-a/"])
+    assert owned("nginx", ["library/nginx"]) and owned("nginx", ["nginx"]) and not owned("nginx-x", ["nginx"])
+    assert not owned("azaion/flights", [])
