@@ -3,8 +3,8 @@
 Smoke mode (a 7 MiB archive, 2 rounds) on the real parts the full run uses: a private dockerd
 and a private containerd (Debian sid's, the tests' harness; their data roots on tmpfs when run
 as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' pairs run: docker
-(a, b, c) and containerd (d: plain ``ctr images import``, e: ``imageunlock unlock --runtime
-containerd``). Timings are never asserted: only that each figure is there.
+(a, b, c) and containerd (d: ``ctr images import --local --all-platforms``, the product's import
+mode; e: ``imageunlock unlock --runtime containerd``). Timings are never asserted: only that each figure is there.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
     for key in UNLOCKS:
         assert summary["steps"][key]["wall_over_send"] > 0, key
     assert summary["steps"]["d"]["role"] == "send" and summary["steps"]["d"]["runtime"] == "containerd"
+    assert "--local --all-platforms" in summary["steps"]["d"]["title"]  # the floor: the product's import mode
     assert summary["steps"]["e"]["role"] == "unlock" and summary["steps"]["e"]["runtime"] == "containerd"
     targets = {t["target"]: t for t in summary["targets"]}
     assert len(targets) == 6, sorted(targets)
