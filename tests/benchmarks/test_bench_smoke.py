@@ -2,9 +2,11 @@
 
 Smoke mode (a 7 MiB archive, 2 rounds) on the real parts the full run uses: a private dockerd
 and a private containerd (Debian sid's, the tests' harness; their data roots on tmpfs when run
-as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' pairs run: docker
-(a, b, c) and containerd (d: ``ctr images import --local --all-platforms``, the product's import
-mode; e: ``imageunlock unlock --runtime containerd``). Timings are never asserted: only that each figure is there.
+as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' steps run: docker
+(a, b, c, f: the naive ``openssl enc -d | docker load``) and containerd (d: ``ctr images import
+--local --all-platforms``, e: ``imageunlock unlock --runtime containerd``, g: the naive
+``openssl enc -d | ctr images import --local``). Timings are never asserted: only that each
+figure is there.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ..support.ci import unavailable
 from ..support.containerd import ContainerdError, sid_build
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("enc-d", "dgst", "a", "b", "c", "d", "e")
-PIPELINES = ("a", "b", "c", "d", "e")
+STEPS = ("enc-d", "dgst", "a", "b", "c", "f", "d", "e", "g")
+PIPELINES = ("a", "b", "c", "f", "d", "e", "g")
 UNLOCKS = ("b", "e")  # held to the targets
+NAIVE = {"b": "f", "e": "g"}  # each unlock's wall-time anchor: the naive pipeline on its runtime
 
 
 @pytest.mark.docker
@@ -89,21 +92,32 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
         floor = summary["floor"][runtime]
         assert floor["parts"] == ["enc-d", "dgst", send], runtime
         assert floor["cpu_s"]["median"] > 0, runtime
-    for key in ("b", "c", "e"):
+    for key in ("b", "c", "e", "f", "g"):
         assert summary["steps"][key]["cpu_over_floor"]["median"] > 0, key
     for key in UNLOCKS:
-        assert summary["steps"][key]["wall_over_send"] > 0, key
+        figures = summary["steps"][key]
+        assert figures["wall_over_send"] > 0, key
+        assert figures["naive"] == NAIVE[key], key  # our wall over theirs, per round of the same run
+        for ratio in ("wall_over_naive", "cpu_over_naive"):
+            assert 0 < figures[ratio]["min"] <= figures[ratio]["median"] <= figures[ratio]["max"], (key, ratio)
     assert summary["steps"]["d"]["role"] == "send" and summary["steps"]["d"]["runtime"] == "containerd"
     assert "--local --all-platforms" in summary["steps"]["d"]["title"]  # the floor: the product's import mode
     assert summary["steps"]["e"]["role"] == "unlock" and summary["steps"]["e"]["runtime"] == "containerd"
+    for key, runtime in (("f", "docker"), ("g", "containerd")):
+        assert summary["steps"][key]["role"] == "naive" and summary["steps"][key]["runtime"] == runtime, key
     targets = {t["target"]: t for t in summary["targets"]}
-    assert len(targets) == 6, sorted(targets)
+    assert len(targets) == 8, sorted(targets)
+    for key in UNLOCKS:
+        assert f"({key}) wall / ({NAIVE[key]}) naive wall <= 1.00" in targets, sorted(targets)
     assert sorted({name[:4] for name in targets}) == ["(b) ", "(e) "]
     assert all(isinstance(t["met"], bool) and t["value"] is not None for t in targets.values())
 
     text = proc.stdout
     phrases = ("AES instructions", "SHA-256 instructions", "floor (docker) =", "floor (containerd) =")
     phrases += ("Disk, system-wide", "docker temp dir (mode, owner)", "containerd temp dir (mode, owner)")
+    phrases += ("(f) naive: openssl enc -d | docker load", "(g) naive: openssl enc -d | ctr import --local")
+    phrases += ("(b) wall / (f) naive wall, same rounds:", "(e) wall / (g) naive wall, same rounds:")
+    phrases += ("own CPU / naive's:",)
     for phrase in (*phrases, "own CPU / floor", "(e) imageunlock unlock --runtime containerd", "targets:"):
         assert phrase in text, phrase
     assert not list(tmp_path.glob("iu-bench-*")), "the work dir is removed"
