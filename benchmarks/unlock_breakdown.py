@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tmpfs", action="store_true", help="the runtimes' data roots on tmpfs (root)")
+    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the large files go")
     args = parser.parse_args(argv)
     if shutil.which("time") is None and not Path("/usr/bin/time").exists():
         print("breakdown: /usr/bin/time is needed (Debian's time package)", file=sys.stderr)
@@ -49,11 +50,13 @@ def main(argv: list[str]) -> int:
     from imageunlock.models import DEFAULT_IMAGES
     from tests.support.resource_api import FakeResourceApi
 
-    workdir = Path(tempfile.mkdtemp(prefix="iu-breakdown-"))
-    docker = containerd = api = None
-    try:
-        docker = Engine(workdir / "docker", tmpfs=args.tmpfs).start()
-        containerd = ContainerdEngine(workdir / "containerd", tmpfs=args.tmpfs).start()
+    workdir = Path(tempfile.mkdtemp(prefix="iu-breakdown-", dir=args.workdir))
+    docker = Engine(workdir / "docker", tmpfs=args.tmpfs)
+    containerd = ContainerdEngine(workdir / "containerd", tmpfs=args.tmpfs)
+    api = None
+    try:  # stopped in `finally` even when a start fails half-way (a tmpfs mounted, no daemon)
+        docker.start()
+        containerd.start()
         names = list(DEFAULT_IMAGES)
         refs = [f"{n}:{VERSION}" for n in names]
         fragment = secrets.token_bytes(32)
@@ -117,8 +120,7 @@ def main(argv: list[str]) -> int:
         if api is not None:
             api.stop()
         for engine in (containerd, docker):
-            if engine is not None:
-                engine.stop()
+            engine.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -121,3 +121,38 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
     for phrase in (*phrases, "own CPU / floor", "(e) imageunlock unlock --runtime containerd", "targets:"):
         assert phrase in text, phrase
     assert not list(tmp_path.glob("iu-bench-*")), "the work dir is removed"
+
+
+@pytest.mark.docker
+@pytest.mark.containerd
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_unlock_breakdown_splits_own_cpu_by_process(tmp_path: Path):
+    """``benchmarks/unlock_breakdown.py`` (README's "where the time goes") still runs and prints
+    each share: the Python process, the ctr import, the other ctr runs. Figures not asserted."""
+    for tool in ("dockerd", "docker", "openssl"):
+        if shutil.which(tool) is None:
+            unavailable(tool, "not installed")
+    if not Path("/usr/bin/time").exists():
+        unavailable("/usr/bin/time", "not installed")
+    try:
+        sid_build()
+    except (ContainerdError, OSError) as exc:
+        unavailable("containerd (sid)", str(exc))
+    argv = [sys.executable, str(REPO / "benchmarks" / "unlock_breakdown.py"), "--size-mib", "7", "--rounds", "1"]
+    argv += ["--workdir", str(tmp_path)]
+    if os.geteuid() == 0:
+        argv.append("--tmpfs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IU_")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for row in (
+        "python start-up (imageunlock --version)",
+        "own CPU, all (the bench's figure)",
+        "python process (own CPU - every ctr)",
+        "ctr images import --local --all-platforms (from our pipe)",
+        "other ctr runs: version, images ls, images label, content get",
+        "number of other ctr runs",
+    ):
+        assert row in proc.stdout, row
+    assert not list(tmp_path.glob("iu-breakdown-*")), "the work dir is removed"
