@@ -15,11 +15,16 @@ the loopback resource API serving the key fragment. Then ``--rounds`` interleave
                floor's last part: floor = enc -d + dgst + (a), the same bytes, the same round)
   (b)          ``imageunlock unlock``: the product (stream decrypt, verify, upload)
   (c)          the seeds' pipeline (``seeds.py``): decrypt to disk, ``docker load -i``, delete
-  (d)          ``ctr -a SOCK -n k8s.io images import - < plaintext.tar``: plain ctr sending the
-               plaintext to a private containerd (the tests' harness, Debian sid's 2.x build):
-               containerd's floor's last part (floor = enc -d + dgst + (d))
+  (f)          naive: ``openssl enc -d ... -in body | docker load``: the stream a user would
+               write instead (no login, no hash, no checks): (b)'s wall-time anchor
+  (d)          ``ctr -a SOCK -n k8s.io images import --local --all-platforms - < plaintext.tar``:
+               ctr's client-side import (the mode the product runs) sending the plaintext to a
+               private containerd (the tests' harness, Debian sid's 2.x build): containerd's
+               floor's last part (floor = enc -d + dgst + (d))
   (e)          ``imageunlock unlock --runtime containerd --containerd-address SOCK
                --containerd-namespace k8s.io``
+  (g)          naive: ``openssl enc -d ... | ctr ... images import --local --all-platforms -``:
+               (e)'s wall-time anchor
 
 each load starting with no images in the Engine (containerd: ``images rm --sync`` of every
 k8s.io record and its leases, so the content is garbage-collected and every round imports for
@@ -33,8 +38,10 @@ whole load body, containerd's ingest dir) and in the pipeline's scratch dir, the
 after. It never asserts timings: the exit status is non-zero only when something failed.
 
 A runtime joins by adding its Engine to ``ENGINES`` (start, url, pid, reset, image_ids, stop:
-see ``workload.Engine`` and ``workload.ContainerdEngine``) and its pair to ``PIPELINES``: a
-SEND step (its own CLI importing the plaintext: its floor's last part) and an UNLOCK step.
+see ``workload.Engine`` and ``workload.ContainerdEngine``) and its steps to ``PIPELINES``: a
+SEND step (its own CLI importing the plaintext: its floor's last part), an UNLOCK step and a
+NAIVE step (``openssl enc -d`` piped into its CLI: the UNLOCK's wall is reported over it,
+round by round).
 
 Options also come from the environment: IU_BENCH_SIZE_MIB, IU_BENCH_ROUNDS, IU_BENCH_TMPFS=1,
 IU_BENCH_ENGINE_TMP_TMPFS=1, IU_BENCH_SMOKE=1, IU_BENCH_PIPELINES=a,b, IU_BENCH_JSON=path, IU_BENCH_TMP=dir.
@@ -62,7 +69,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import seeds  # noqa: E402
 from benchmarks.measure import cpu_info, proc_cpu, proc_write_bytes, rss_floor, run_measured  # noqa: E402
-from benchmarks.report import BASELINE, FLOOR, SEND, UNLOCK, Run, Step, render, summarize  # noqa: E402
+from benchmarks.report import BASELINE, FLOOR, NAIVE, SEND, UNLOCK, Run, Step, render, summarize  # noqa: E402
 from benchmarks.workload import MIB, Archive, ContainerdEngine, Engine, build_archive, human  # noqa: E402
 from tests.support.disk import DirInfo, DirWatch, block_device, device_write_bytes, tree_bytes  # noqa: E402
 
@@ -110,12 +117,35 @@ def _unlock_containerd(ctx: Context) -> list[str]:
 
 
 def _ctr_import(ctx: Context) -> list[str]:
-    """Plain ``ctr -a SOCK -n k8s.io images import -`` reading the plaintext on its stdin. The
-    shell only redirects and ``exec``s: the measured process is ctr (its own CPU, never
+    """``ctr -a SOCK -n k8s.io images import --local --all-platforms -`` reading the plaintext on
+    its stdin: the client-side import, the mode the product runs (plain ``import -`` hands the
+    stream to containerd's transfer service, which costs ctr ~3 x as much CPU: a weak floor).
+    The shell only redirects and ``exec``s: the measured process is ctr (its own CPU, never
     containerd's)."""
     engine = ctx.engines["containerd"]
-    script = 'exec "$0" -a "$1" -n "$2" images import - < "$3"'
+    script = 'exec "$0" -a "$1" -n "$2" images import --local --all-platforms - < "$3"'
     return ["sh", "-c", script, engine.ctr, engine.url, ContainerdEngine.NAMESPACE, str(ctx.archive.plaintext)]
+
+
+# The naive streaming pipelines a user would write instead: ``openssl enc -d`` of the archive
+# body piped into the runtime's CLI. No login, no key fetch, no IV split (the body is given
+# with the IV apart), no hash, no check of what the archive names: the least a stream can do,
+# so a wall-time anchor. bash waits for both ends and fails with either (pipefail); its rusage
+# is openssl's + the CLI's (bash's own is ~1 ms).
+_NAIVE = 'set -o pipefail; openssl enc -d -aes-256-cbc -K "$1" -iv "$2" -in "$3" | '
+
+
+def _naive_docker(ctx: Context) -> list[str]:
+    script = _NAIVE + 'docker -H "$4" load'
+    a = ctx.archive
+    return ["bash", "-c", script, "naive", a.key_hex, a.iv_hex, str(a.body), ctx.engines["docker"].url]
+
+
+def _naive_ctr(ctx: Context) -> list[str]:
+    engine, a = ctx.engines["containerd"], ctx.archive
+    script = _NAIVE + '"$4" -a "$5" -n "$6" images import --local --all-platforms -'
+    args = [a.key_hex, a.iv_hex, str(a.body), engine.ctr, engine.url, ContainerdEngine.NAMESPACE]
+    return ["bash", "-c", script, "naive", *args]
 
 
 def _seeds(ctx: Context) -> list[str]:
@@ -145,8 +175,10 @@ PIPELINES: tuple[Pipeline, ...] = (
     ),
     Pipeline(Step("b", "imageunlock unlock (stream)", UNLOCK, "docker"), _unlock),
     Pipeline(Step("c", "seeds: decrypt to disk + docker load", BASELINE, "docker"), _seeds),
-    Pipeline(Step("d", "ctr images import - < plaintext.tar", SEND, "containerd"), _ctr_import),
+    Pipeline(Step("f", "naive: openssl enc -d | docker load", NAIVE, "docker"), _naive_docker),
+    Pipeline(Step("d", "ctr import --local --all-platforms -", SEND, "containerd"), _ctr_import),
     Pipeline(Step("e", "imageunlock unlock --runtime containerd", UNLOCK, "containerd"), _unlock_containerd),
+    Pipeline(Step("g", "naive: openssl enc -d | ctr import --local", NAIVE, "containerd"), _naive_ctr),
 )
 
 ENGINES: dict[str, Callable[[Path, argparse.Namespace], Engine | ContainerdEngine]] = {

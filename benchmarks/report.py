@@ -5,7 +5,10 @@ user and sys), wall (median, min, max, spread), peak RSS and own disk writes (ma
 rounds), the Engine's CPU and writes (medians, shown apart: never part of "own"). Per runtime,
 the floor: ``openssl enc -d`` of the archive body + ``openssl dgst -sha256`` of the plaintext
 + that runtime's own CLI sending the plaintext (its "send" pipeline), summed round by round;
-and each other pipeline's own CPU over that floor, round by round.
+and each other pipeline's own CPU over that floor, round by round. Per runtime, the naive
+pipeline (``openssl enc -d`` piped into the runtime's CLI: what a user would write instead):
+each unlock's wall over the naive pipeline's wall, and its own CPU over the naive one's, round
+by round (both ran in the same round, a few seconds apart).
 
 Disk, system-wide, per step (``disk``): the command's own writes and the runtime daemon's
 (max over rounds, and their sum per round), what reached the block devices (median, min,
@@ -27,15 +30,17 @@ from .workload import human
 TARGET_CPU_RATIO = 1.10  # own CPU of an unlock over the floor, same archive, same run
 TARGET_RSS_MIB = 150.0
 TARGET_WRITE_PCT = 1.0  # own disk writes, percent of the archive
+TARGET_WALL_RATIO = 1.0  # wall of an unlock over the naive pipeline's, same round
 
-SEND, UNLOCK, BASELINE, FLOOR = "send", "unlock", "baseline", "floor"
+SEND, UNLOCK, BASELINE, NAIVE, FLOOR = "send", "unlock", "baseline", "naive", "floor"
 
 
 @dataclass(frozen=True)
 class Step:
     """One measured command of a round. ``role``: FLOOR (a part of every runtime's floor),
     SEND (the runtime's own CLI loading the plaintext: the floor's last part), UNLOCK (an
-    imageunlock pipeline: held to the targets) or BASELINE (for comparison)."""
+    imageunlock pipeline: held to the targets), BASELINE (for comparison) or NAIVE (the
+    streaming pipeline a user would write instead: the unlock's wall-time anchor)."""
 
     key: str
     title: str
@@ -123,7 +128,7 @@ def summarize(
             continue
         floors[runtime] = {"parts": parts, "cpu_s": Spread.of(list(by_round.values())).as_dict()}
         for step in steps:
-            if step.runtime != runtime or step.role not in (UNLOCK, BASELINE):
+            if step.runtime != runtime or step.role not in (UNLOCK, BASELINE, NAIVE):
                 continue
             ratios = [cpu_of[(step.key, rnd)] / floor for rnd, floor in by_round.items() if (step.key, rnd) in cpu_of]
             if ratios:
@@ -132,6 +137,26 @@ def summarize(
                 per_step[step.key]["wall_over_send"] = round(
                     per_step[step.key]["wall_s"]["median"] / per_step[send]["wall_s"]["median"], 3
                 )
+
+    # The naive pipeline, per runtime: each unlock's wall and own CPU over it, round by round.
+    wall_of = {(run.step.key, run.round): run.usage.wall for run in ok}
+    for runtime in sorted({step.runtime for step in steps if step.runtime}):
+        naive = next((step.key for step in steps if step.role == NAIVE and step.runtime == runtime), None)
+        if naive is None:
+            continue
+        for step in steps:
+            if step.runtime != runtime or step.role != UNLOCK:
+                continue
+            same = [rnd for rnd in range(1, rounds + 1) if (step.key, rnd) in wall_of and (naive, rnd) in wall_of]
+            if not same:
+                continue
+            per_step[step.key]["naive"] = naive
+            per_step[step.key]["wall_over_naive"] = Spread.of(
+                [wall_of[(step.key, rnd)] / wall_of[(naive, rnd)] for rnd in same]
+            ).as_dict()
+            per_step[step.key]["cpu_over_naive"] = Spread.of(
+                [cpu_of[(step.key, rnd)] / cpu_of[(naive, rnd)] for rnd in same]
+            ).as_dict()
 
     targets = []
     for step in steps:
@@ -148,6 +173,14 @@ def summarize(
                 TARGET_WRITE_PCT,
             ),
         ]
+        if "wall_over_naive" in figures:
+            targets.append(
+                _target(
+                    f"({step.key}) wall / ({figures['naive']}) naive wall <= {TARGET_WALL_RATIO:.2f}",
+                    figures["wall_over_naive"]["median"],
+                    TARGET_WALL_RATIO,
+                )
+            )
     return {
         "archive": {"bytes": archive_bytes, "images": images, "payload_per_image_bytes": payload_per_image},
         "rounds": rounds,
@@ -219,7 +252,7 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
         "Own CPU (user+sys of the process and its children, rusage; never the Engine's) is steady from",
         "round to round; wall time is not (a shared machine, and it waits on the Engine).",
         "",
-        f"{'step':<44} {'own CPU s: median':>17} {'min':>6} {'max':>6} {'user':>6} {'sys':>6} "
+        f"{'step':<48} {'own CPU s: median':>17} {'min':>6} {'max':>6} {'user':>6} {'sys':>6} "
         f"{'CPU/floor':>9} | {'wall s: median':>14} {'min':>6} {'max':>6} {'spread':>7} | "
         f"{'peak RSS':>9} {'own disk writes':>15} | {'Engine CPU s':>12} {'Engine writes':>13}",
     ]
@@ -227,13 +260,13 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
         figures = summary["steps"][step.key]
         label = f"floor: {step.title}" if step.role == FLOOR else f"({step.key}) {step.title}"
         if not figures["runs"]:
-            lines.append(f"{label:<44} (no successful run)")
+            lines.append(f"{label:<48} (no successful run)")
             continue
         cpu_s, wall = figures["cpu_s"], figures["wall_s"]
         ratio = figures.get("cpu_over_floor")
         engine_cpu, engine_writes = figures["engine_cpu_s"], figures["engine_write_bytes"]
         lines.append(
-            f"{label:<44} {cpu_s['median']:>17.2f} {cpu_s['min']:>6.2f} {cpu_s['max']:>6.2f} "
+            f"{label:<48} {cpu_s['median']:>17.2f} {cpu_s['min']:>6.2f} {cpu_s['max']:>6.2f} "
             f"{figures['user_s']:>6.2f} {figures['sys_s']:>6.2f} "
             f"{(format(ratio['median'], '.3f') if ratio else '-'):>9} | "
             f"{wall['median']:>14.2f} {wall['min']:>6.2f} {wall['max']:>6.2f} {wall['spread_pct']:>6.0f}% | "
@@ -261,11 +294,21 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
             if "wall_over_send" in figures:
                 line += f"; wall / ({floor['parts'][-1]}) wall: {figures['wall_over_send']:.3f} (noisy)"
             lines.append(line)
+        for step in steps:
+            figures = summary["steps"][step.key]
+            if step.runtime != runtime or "wall_over_naive" not in figures:
+                continue
+            w, c, naive = figures["wall_over_naive"], figures["cpu_over_naive"], figures["naive"]
+            lines.append(
+                f"  ({step.key}) wall / ({naive}) naive wall, same rounds: {w['median']:.3f} "
+                f"(per round {w['min']:.3f}-{w['max']:.3f}); own CPU / naive's: {c['median']:.3f} "
+                f"(per round {c['min']:.3f}-{c['max']:.3f})"
+            )
     lines += [
         "",
         "Disk, system-wide (max over rounds; device writes: median (min-max) of what reached the block",
         "device, every process on the host included, '-' when all is on tmpfs):",
-        f"{'step':<44} {'own writes':>11} {'runtime writes':>14} {'own+runtime':>12} {'% archive':>9} | "
+        f"{'step':<48} {'own writes':>11} {'runtime writes':>14} {'own+runtime':>12} {'% archive':>9} | "
         f"{'device writes (median, min-max)':>36} | {'temp dir peak':>13} {'scratch peak':>12} {'store after':>11}",
     ]
     for step in steps:
@@ -284,7 +327,7 @@ def render(summary: dict[str, Any], steps: list[Step], cpu: CpuInfo) -> str:
         )  # fmt: skip
         pct = "-" if disk["system_write_pct"] is None else f"{disk['system_write_pct']:.2f} %"
         lines.append(
-            f"{label:<44} {human(disk['own_write_bytes']):>11} {size(disk['engine_write_bytes']):>14} "
+            f"{label:<48} {human(disk['own_write_bytes']):>11} {size(disk['engine_write_bytes']):>14} "
             f"{size(disk['system_write_bytes']):>12} {pct:>9} | {device_text:>36} | "
             f"{size(disk['temp_peak_bytes']):>13} {human(disk['scratch_peak_bytes']):>12} "
             f"{size(disk['store_bytes']):>11}"

@@ -2,9 +2,11 @@
 
 Smoke mode (a 7 MiB archive, 2 rounds) on the real parts the full run uses: a private dockerd
 and a private containerd (Debian sid's, the tests' harness; their data roots on tmpfs when run
-as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' pairs run: docker
-(a, b, c) and containerd (d: plain ``ctr images import``, e: ``imageunlock unlock --runtime
-containerd``). Timings are never asserted: only that each figure is there.
+as root, to exercise that option too), openssl, ctr, the CLI. Both runtimes' steps run: docker
+(a, b, c, f: the naive ``openssl enc -d | docker load``) and containerd (d: ``ctr images import
+--local --all-platforms``, e: ``imageunlock unlock --runtime containerd``, g: the naive
+``openssl enc -d | ctr images import --local``). Timings are never asserted: only that each
+figure is there.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ..support.ci import unavailable
 from ..support.containerd import ContainerdError, sid_build
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("enc-d", "dgst", "a", "b", "c", "d", "e")
-PIPELINES = ("a", "b", "c", "d", "e")
+STEPS = ("enc-d", "dgst", "a", "b", "c", "f", "d", "e", "g")
+PIPELINES = ("a", "b", "c", "f", "d", "e", "g")
 UNLOCKS = ("b", "e")  # held to the targets
+NAIVE = {"b": "f", "e": "g"}  # each unlock's wall-time anchor: the naive pipeline on its runtime
 
 
 @pytest.mark.docker
@@ -89,20 +92,67 @@ def test_bench_smoke_reports_every_figure(tmp_path: Path):
         floor = summary["floor"][runtime]
         assert floor["parts"] == ["enc-d", "dgst", send], runtime
         assert floor["cpu_s"]["median"] > 0, runtime
-    for key in ("b", "c", "e"):
+    for key in ("b", "c", "e", "f", "g"):
         assert summary["steps"][key]["cpu_over_floor"]["median"] > 0, key
     for key in UNLOCKS:
-        assert summary["steps"][key]["wall_over_send"] > 0, key
+        figures = summary["steps"][key]
+        assert figures["wall_over_send"] > 0, key
+        assert figures["naive"] == NAIVE[key], key  # our wall over theirs, per round of the same run
+        for ratio in ("wall_over_naive", "cpu_over_naive"):
+            assert 0 < figures[ratio]["min"] <= figures[ratio]["median"] <= figures[ratio]["max"], (key, ratio)
     assert summary["steps"]["d"]["role"] == "send" and summary["steps"]["d"]["runtime"] == "containerd"
+    assert "--local --all-platforms" in summary["steps"]["d"]["title"]  # the floor: the product's import mode
     assert summary["steps"]["e"]["role"] == "unlock" and summary["steps"]["e"]["runtime"] == "containerd"
+    for key, runtime in (("f", "docker"), ("g", "containerd")):
+        assert summary["steps"][key]["role"] == "naive" and summary["steps"][key]["runtime"] == runtime, key
     targets = {t["target"]: t for t in summary["targets"]}
-    assert len(targets) == 6, sorted(targets)
+    assert len(targets) == 8, sorted(targets)
+    for key in UNLOCKS:
+        assert f"({key}) wall / ({NAIVE[key]}) naive wall <= 1.00" in targets, sorted(targets)
     assert sorted({name[:4] for name in targets}) == ["(b) ", "(e) "]
     assert all(isinstance(t["met"], bool) and t["value"] is not None for t in targets.values())
 
     text = proc.stdout
     phrases = ("AES instructions", "SHA-256 instructions", "floor (docker) =", "floor (containerd) =")
     phrases += ("Disk, system-wide", "docker temp dir (mode, owner)", "containerd temp dir (mode, owner)")
+    phrases += ("(f) naive: openssl enc -d | docker load", "(g) naive: openssl enc -d | ctr import --local")
+    phrases += ("(b) wall / (f) naive wall, same rounds:", "(e) wall / (g) naive wall, same rounds:")
+    phrases += ("own CPU / naive's:",)
     for phrase in (*phrases, "own CPU / floor", "(e) imageunlock unlock --runtime containerd", "targets:"):
         assert phrase in text, phrase
     assert not list(tmp_path.glob("iu-bench-*")), "the work dir is removed"
+
+
+@pytest.mark.docker
+@pytest.mark.containerd
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_unlock_breakdown_splits_own_cpu_by_process(tmp_path: Path):
+    """``benchmarks/unlock_breakdown.py`` (README's "where the time goes") still runs and prints
+    each share: the Python process, the ctr import, the other ctr runs. Figures not asserted."""
+    for tool in ("dockerd", "docker", "openssl"):
+        if shutil.which(tool) is None:
+            unavailable(tool, "not installed")
+    if not Path("/usr/bin/time").exists():
+        unavailable("/usr/bin/time", "not installed")
+    try:
+        sid_build()
+    except (ContainerdError, OSError) as exc:
+        unavailable("containerd (sid)", str(exc))
+    argv = [sys.executable, str(REPO / "benchmarks" / "unlock_breakdown.py"), "--size-mib", "7", "--rounds", "1"]
+    argv += ["--workdir", str(tmp_path)]
+    if os.geteuid() == 0:
+        argv.append("--tmpfs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IU_")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for row in (
+        "python start-up (imageunlock --version)",
+        "own CPU, all (the bench's figure)",
+        "python process (own CPU - every ctr)",
+        "ctr images import --local --all-platforms (from our pipe)",
+        "other ctr runs: version, images ls, images label, content get",
+        "number of other ctr runs",
+    ):
+        assert row in proc.stdout, row
+    assert not list(tmp_path.glob("iu-breakdown-*")), "the work dir is removed"
