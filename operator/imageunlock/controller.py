@@ -23,10 +23,12 @@ from .kube import GROUP, PLURAL, VERSION, KubernetesApi
 from .nodes import NodeInfo, Placement
 from .operator_main import new_registry, tune
 from .summary import summarize
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 MANAGER = "imageunlock-controller"
+COALESCE = 0.2  # seconds a changed object waits, so a burst of entry writes is one summary
 registry = new_registry()
 
 
@@ -58,8 +60,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Every Node before the first summary: an entry is never pruned for a Node not seen yet.
     memo.nodes = {n.name: n for n in map(NodeInfo.from_object, await asyncio.to_thread(memo.kube.list_nodes))}
     memo.objects = {}
-    memo.dirty = set()
-    memo.wake = asyncio.Event()
+    memo.queue = WorkQueue(base=1.0, cap=60.0)  # keys (namespace, name) whose summary is due
     memo.writer = SummaryWriter(memo.kube, Placement(config.agent_node_selector, config.agent_tolerations))
     memo.loop_task = asyncio.create_task(_summary_loop(memo))
     log.info(
@@ -86,8 +87,8 @@ async def track_nodes(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
         if memo.nodes.get(name) == info:
             return  # a heartbeat or condition update: nothing the summaries depend on
         memo.nodes[name] = info
-    memo.dirty.update(memo.objects)
-    memo.wake.set()
+    for key in list(memo.objects):
+        memo.queue.add_after(key, COALESCE)
 
 
 @kopf.on.event(*RESOURCE, registry=registry)
@@ -96,35 +97,33 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
-        memo.dirty.discard(key)
         return
     memo.objects[key] = {k: body.get(k) for k in ("metadata", "spec", "status")}
-    memo.dirty.add(key)
-    memo.wake.set()
+    memo.queue.add_after(key, COALESCE)
 
 
 async def _summary_loop(memo: kopf.Memo) -> None:
-    """Summarise the objects that changed, coalescing bursts (many agents reporting at once
-    make one summary write per pass, not one per entry)."""
+    """Summarise the objects that changed, one key at a time from the work queue: a burst of
+    watch events (many agents reporting at once) is one summary write (the key waits
+    COALESCE seconds, and adds meanwhile fold into it), a key is never summarised twice at
+    once, and a failed summary is retried with per-key backoff and jitter, never dropped."""
+    queue: WorkQueue[tuple[str, str]] = memo.queue
     while True:
-        await memo.wake.wait()
-        await asyncio.sleep(0.2)  # let a burst of watch events land first
-        memo.wake.clear()
-        # mutated, never rebound: kopf hands each object's handlers a shallow copy of the memo
-        keys = set(memo.dirty)
-        memo.dirty.clear()
-        nodes = list(memo.nodes.values())
-        for key in keys:
+        key = await queue.get()
+        try:
             body = memo.objects.get(key)
-            if body is None:
+            if body is None:  # deleted meanwhile
+                queue.forget(key)
                 continue
             try:
-                await asyncio.to_thread(memo.writer.sync, body, nodes)
-            except UnlockError as exc:  # the API server is away: try again shortly
-                log.warning("summary of %s/%s not written: %s", *key, exc.message)
-                memo.dirty.add(key)
-            except Exception:
-                log.exception("summary of %s/%s failed", *key)
-        if memo.dirty:
-            await asyncio.sleep(1.0)
-            memo.wake.set()
+                await asyncio.to_thread(memo.writer.sync, body, list(memo.nodes.values()))
+            except UnlockError as exc:  # the API server is away: again, after a backoff
+                delay = queue.add_rate_limited(key)
+                log.warning("summary of %s/%s not written: %s; again in %.1fs", *key, exc.message, delay)
+            except Exception:  # a bug: logged, and retried all the same (never dropped)
+                delay = queue.add_rate_limited(key)
+                log.exception("summary of %s/%s failed; again in %.1fs", *key, delay)
+            else:
+                queue.forget(key)
+        finally:
+            queue.done(key)

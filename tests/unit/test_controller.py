@@ -37,3 +37,45 @@ def test_the_summary_is_written_once_and_stale_entries_are_removed():
     again = {**body, "status": kube.status(*KEY)}
     assert not writer.sync(again, [NodeInfo("a")])  # nothing changed: no write
     assert len(kube.writes) == 1
+
+
+def test_the_summary_loop_retries_a_failed_key_with_backoff_and_never_drops_it():
+    """Issue 19, item 4: the controller dropped a key whose summary raised anything but an
+    UnlockError, and retried the others every second in lock-step. Now every failure is
+    re-queued with per-key backoff; a burst of events is one summary."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from imageunlock import controller
+    from imageunlock.errors import KubernetesUnavailableError
+    from imageunlock.workqueue import WorkQueue
+
+    calls: list[tuple[str, str]] = []
+    failures = {("ns", "a"): [KubernetesUnavailableError("HTTP 503"), RuntimeError("a bug")]}
+
+    class Writer:
+        def sync(self, body, nodes):
+            key = (body["metadata"]["namespace"], body["metadata"]["name"])
+            calls.append(key)
+            if failures.get(key):
+                raise failures[key].pop(0)
+            return True
+
+    async def run() -> None:
+        memo = SimpleNamespace(objects={}, nodes={}, queue=WorkQueue(base=0.01, cap=0.05), writer=Writer())
+        for name in ("a", "b"):
+            memo.objects[("ns", name)] = {"metadata": {"namespace": "ns", "name": name}}
+        for _ in range(5):  # a burst of watch events for b
+            memo.queue.add_after(("ns", "b"), controller.COALESCE)
+        memo.queue.add_after(("ns", "a"), controller.COALESCE)
+        task = asyncio.create_task(controller._summary_loop(memo))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if calls.count(("ns", "a")) >= 3:
+                break
+        task.cancel()
+        assert memo.queue.failures(("ns", "a")) == 0  # forgotten once it succeeded
+
+    asyncio.run(run())
+    assert calls.count(("ns", "a")) == 3  # 503, a bug, then written
+    assert calls.count(("ns", "b")) == 1  # the burst was one summary
