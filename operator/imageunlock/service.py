@@ -112,11 +112,11 @@ class UnlockService:
         report: Report = _noop,
     ) -> UnlockResult:
         """The order is the point. Nothing costly happens before the Secret has been read
-        (a missing Secret stalls at once); nothing about the archive — not whether it exists,
-        not its size, not a progress figure, not a digest verdict — is looked at before the
-        resource API accepted the credentials; the archive's SHA-256 is checked without a
-        lock (other unlocks go on); the archive lock is held from the key request to the end
-        of the load."""
+        (a missing Secret stalls at once); of the archive, only whether the path names a
+        regular file under the roots is learnt before the resource API accepted the
+        credentials — not its size, not a progress figure, not a digest verdict, not which
+        images a node holds; the archive's SHA-256 is checked without a lock (other unlocks
+        go on); the archive lock is held from the key request to the end of the load."""
         report(Phase.PENDING, "checking for images already loaded", 0, 0)
         if (ids := self.present(request)) is not None:
             return UnlockResult(images=ids, fast_path=True)
@@ -126,6 +126,20 @@ class UnlockService:
             if (trusted := self._node_known(request, here)) is not None and (ids := self.present(trusted)):
                 return UnlockResult(images=ids, fast_path=True)
         creds = credentials()
+        try:
+            with open_archive(request.archive_path, self.archive_roots) as (handle, size):
+                return self._unlock_open(request, creds, report, handle, size)
+        except ArchiveNotFoundError:
+            # Which images the node holds is not said: anyone with a Secret could ask.
+            raise ArchiveNotFoundError(
+                f"archive {request.archive_path!r} does not exist on the node and the images are not there "
+                "as verified; put the archive on the node or correct spec.archivePath"
+            ) from None
+
+    def _unlock_open(
+        self, request: UnlockRequest, creds: Credentials, report: Report, handle: BinaryIO, size: int
+    ) -> UnlockResult:
+        opened = identity(handle)  # before a byte is read: what this unlock verifies
         self.runtime.ping()  # a runtime that is down costs no login and no key request
         report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
         client = self.open_key_client(creds)
@@ -138,51 +152,30 @@ class UnlockService:
 
         try:
             client.login()
-            return self._unlock_logged_in(request, report, client, close)
+            if request.archive_sha256:
+
+                def hashed(done: int) -> None:
+                    report(Phase.PENDING, "checking the archive's SHA-256", done, size)
+
+                hashed(0)
+                check_sha256(handle, request.archive_sha256, hashed)
+            with lock_archive(handle, request.archive_path, self.lock_timeout):
+                # Someone may have loaded the images while we logged in or waited for the
+                # lock: another unlock of this very file on this node, say.
+                trusted = self._node_known(request, opened) or request
+                if (ids := self.present(trusted)) is not None:
+                    return UnlockResult(images=ids, fast_path=True)
+                report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
+                fragment = client.key_fragment()
+                close()
+                result = self._load(request, report, handle, size, fragment)
+                if self.verified is not None:
+                    self.verified.remember(
+                        self.scope, request.archive_path, opened, request.archive_sha256, result.images
+                    )
+                return result
         finally:
             close()
-
-    def _unlock_logged_in(
-        self, request: UnlockRequest, report: Report, client: KeyClient, close: Callable[[], None]
-    ) -> UnlockResult:
-        try:
-            with open_archive(request.archive_path, self.archive_roots) as (handle, size):
-                opened = identity(handle)  # before a byte is read: what this unlock verifies
-                if request.archive_sha256:
-
-                    def hashed(done: int) -> None:
-                        report(Phase.PENDING, "checking the archive's SHA-256", done, size)
-
-                    hashed(0)
-                    check_sha256(handle, request.archive_sha256, hashed)
-                with lock_archive(handle, request.archive_path, self.lock_timeout):
-                    # Someone may have loaded the images while we logged in or waited for the
-                    # lock: another unlock of this very file on this node, say.
-                    trusted = self._node_known(request, opened) or request
-                    if (ids := self.present(trusted)) is not None:
-                        return UnlockResult(images=ids, fast_path=True)
-                    report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
-                    fragment = client.key_fragment()
-                    close()
-                    result = self._load(request, report, handle, size, fragment)
-                    if self.verified is not None:
-                        self.verified.remember(
-                            self.scope, request.archive_path, opened, request.archive_sha256, result.images
-                        )
-                    return result
-        except ArchiveNotFoundError:
-            found = self.runtime.image_ids(request.refs)
-            absent = [r for r, i in found.items() if i is None]
-            unverified = [r for r, i in found.items() if i is not None and request.known_ids.get(r) != i]
-            what = (
-                f"images are not loaded ({', '.join(absent)})"
-                if absent
-                else f"images present are not verified ({', '.join(unverified)})"
-            )
-            raise ArchiveNotFoundError(
-                f"archive {request.archive_path!r} does not exist and {what}; "
-                "put the archive on the node or correct spec.archivePath"
-            ) from None
 
     def _load(
         self,

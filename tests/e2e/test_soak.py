@@ -23,7 +23,7 @@ def test_create_delete_cycles_leave_nothing_and_do_not_grow(
     cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
 ):
     # Each cycle's object is new, so nothing vouches for the images: with the archive absent it
-    # stalls (ArchiveNotFound) after a login, no key asked for. Every cycle still exercises what could
+    # stalls (ArchiveNotFound) at once, no key asked for. Every cycle still exercises what could
     # leak: status writes, an event, the resync schedule, metrics series, the claims cache.
     clean_docker.docker("load", "-i", str(archives.plaintext))
     operator = start_operator(IMAGEUNLOCK_VERIFY_INTERVAL="3600", IMAGEUNLOCK_LOG_LEVEL="info")
