@@ -252,7 +252,7 @@ class Fleet:
 
     def seed(self, timeout: float = 180) -> float:
         """One ImageUnlock unlocks the archive on every node (a key request per node); its wall
-        time. Raises Unavailable when it is not Ready in time."""
+        time. Raises RuntimeError when it is not Ready in time."""
         started = time.monotonic()
         self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, self.body(NAMESPACE, "seed"))
         deadline = started + timeout
@@ -261,7 +261,8 @@ class Fleet:
             if is_ready(obj, self.agents):
                 return time.monotonic() - started
             time.sleep(0.2)
-        raise Unavailable(f"the seed ImageUnlock was not Ready on {self.agents} nodes in {timeout:.0f}s: {obj}")
+        # the parts are up: not Ready is a failure of what is measured, never "unavailable"
+        raise RuntimeError(f"the seed ImageUnlock was not Ready on {self.agents} nodes in {timeout:.0f}s: {obj}")
 
     def create_all(self, namespace: str, names: list[str], threads: int = 4) -> dict[str, float]:
         """Create one ImageUnlock per name, ``threads`` at a time; when each create returned."""
