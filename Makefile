@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lint bench bench-nodes bench-many demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
+.PHONY: setup test unit lint bench bench-nodes bench-many bench-idle demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,12 @@ bench-nodes: setup
 IU_BENCH_MANY_COUNTS ?= 100,1000
 bench-many: setup
 	$(PY) benchmarks/bench_many.py --counts $(IU_BENCH_MANY_COUNTS) $(BENCH_ARGS)
+
+# The same fleet left idle once everything is Ready: API requests per idle minute (audit log,
+# watches apart), CPU % of a core and RSS per role, over IU_BENCH_IDLE_SECONDS (120). README, "Scale".
+IU_BENCH_IDLE_SECONDS ?= 120
+bench-idle: setup
+	$(PY) benchmarks/bench_idle.py --seconds $(IU_BENCH_IDLE_SECONDS) $(BENCH_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py up
