@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lint bench bench-nodes demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
+.PHONY: setup test unit lint bench bench-nodes bench-many bench-idle demo demo-down lock clean images image-amd64 image-arm64 push-images print-image
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,19 @@ bench:
 # events for 50, 200 and 1000 nodes (IU_BENCH_NODES=50,200 for others); README, "Scale".
 bench-nodes: setup
 	$(PY) benchmarks/bench_nodes.py
+
+# Many satisfied ImageUnlocks (the fast path) on 2 agent processes + the controller, against
+# the real API server: apply -> all Ready, API requests (audit log) and CPU per resource, per
+# node; IU_BENCH_MANY_COUNTS=100 for one count. README, "Scale".
+IU_BENCH_MANY_COUNTS ?= 100,1000
+bench-many: setup
+	$(PY) benchmarks/bench_many.py --counts $(IU_BENCH_MANY_COUNTS) $(BENCH_ARGS)
+
+# The same fleet left idle once everything is Ready: API requests per idle minute (audit log,
+# watches apart), CPU % of a core and RSS per role, over IU_BENCH_IDLE_SECONDS (120). README, "Scale".
+IU_BENCH_IDLE_SECONDS ?= 120
+bench-idle: setup
+	$(PY) benchmarks/bench_idle.py --seconds $(IU_BENCH_IDLE_SECONDS) $(BENCH_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py up
