@@ -72,9 +72,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
     def node_changed(raw: dict[str, Any] | None) -> None:
         memo.agent.observe(raw)
-        loop.call_soon_threadsafe(memo.wake.set)
+        loop.call_soon_threadsafe(_all_changed, memo)  # labels decide every selection
 
     memo.wake = asyncio.Event()
+    memo.changed = set()  # keys with a watch event not yet offered to a worker
     memo.node_watch = threading.Thread(
         target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
     )
@@ -168,7 +169,13 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         metrics.forget(*key)
     else:
         memo.objects[key] = _snapshot(body)
+        memo.changed.add(key)
         metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
+    memo.wake.set()
+
+
+def _all_changed(memo: Any) -> None:
+    memo.changed.update(memo.objects)
     memo.wake.set()
 
 
@@ -192,8 +199,15 @@ async def _work_loop(memo: kopf.Memo) -> None:
         if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
             await asyncio.to_thread(_check_runtime, memo)
             next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
+        # Only what changed (a watch event, the Node) or is due (a retry, a re-verification):
+        # an idle agent with many ImageUnlocks wakes no worker.
+        changed = set(memo.changed)
+        memo.changed.clear()  # mutated, never rebound: kopf hands handlers a shallow copy of memo
         for key, body in list(memo.objects.items()):
+            if key not in changed and not memo.resync.due_now(key):
+                continue
             if key in running and not running[key].done():
+                memo.changed.add(key)  # busy now: offered again once it is done
                 continue
             running[key] = loop.run_in_executor(memo.workers, _step, memo, key, body)
         for key in [k for k, f in running.items() if f.done()]:

@@ -69,6 +69,12 @@ class Resync:
     def interval(self) -> float:
         return self.reconciler.settings.verify_interval
 
+    def due_now(self, key: ObjectKey) -> bool:
+        """Whether a look at ``key`` is scheduled and due (a retry, a re-verification, a
+        Stalled re-check). An object never scheduled is looked at when it changes."""
+        due = self.due.get(key)
+        return due is not None and self.clock() >= due.at
+
     def lock(self, key: ObjectKey) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
