@@ -184,34 +184,42 @@ def _snapshot(body: Any) -> dict[str, Any]:
 
 
 async def _work_loop(memo: kopf.Memo) -> None:
-    """About once a second (at once after a watch event): offer every ImageUnlock that
-    selects this node to :class:`Resync`, on the worker threads, one step per object at a
-    time; remove this node's entry from those that no longer select it."""
+    """At once after a watch event or a finished step, else when the next look is due (at
+    least a second, at most 30 s apart): offer the ImageUnlocks that changed or are due to
+    :class:`Resync`, on the worker threads, one step per object at a time; remove this
+    node's entry from those that no longer select it."""
     loop = asyncio.get_running_loop()
-    tick = min(1.0, memo.settings.verify_interval)
+    ping_every = min(30.0, memo.settings.verify_interval)
     next_ping = 0.0
     running: dict[Any, asyncio.Future[Any]] = {}
+    offered: dict[Any, float] = {}
     while True:
+        sleep = min(next_ping - loop.time(), memo.resync.next_due_in(), 30.0)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(memo.wake.wait(), timeout=tick)
+            await asyncio.wait_for(memo.wake.wait(), timeout=max(1.0, sleep))
         memo.wake.clear()
         # Not on the workers: a long unlock on each of them must not hold these up.
         if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
             await asyncio.to_thread(_check_runtime, memo)
-            next_ping = loop.time() + min(30.0, memo.settings.verify_interval)
+            next_ping = loop.time() + ping_every
         # Only what changed (a watch event, the Node) or is due (a retry, a re-verification):
         # an idle agent with many ImageUnlocks wakes no worker.
         changed = set(memo.changed)
         memo.changed.clear()  # mutated, never rebound: kopf hands handlers a shallow copy of memo
+        now = loop.time()
         for key, body in list(memo.objects.items()):
-            if key not in changed and not memo.resync.due_now(key):
-                continue
+            if key not in changed and (not memo.resync.due_now(key) or now - offered.get(key, -1e9) < 1.0):
+                continue  # unchanged, and not due (or offered within the second: at most 1 Hz)
             if key in running and not running[key].done():
                 memo.changed.add(key)  # busy now: offered again once it is done
                 continue
+            offered[key] = now
             running[key] = loop.run_in_executor(memo.workers, _step, memo, key, body)
+            running[key].add_done_callback(lambda _: memo.wake.set())  # its next look may be due sooner
         for key in [k for k, f in running.items() if f.done()]:
             running.pop(key)
+        for key in [k for k in offered if k not in memo.objects]:
+            offered.pop(key)  # deleted objects
 
 
 def _step(memo: Any, key: tuple[str, str], body: dict[str, Any]) -> None:

@@ -75,6 +75,12 @@ class Resync:
         due = self.due.get(key)
         return due is not None and self.clock() >= due.at
 
+    def next_due_in(self) -> float:
+        """Seconds until the earliest scheduled look (negative when one is overdue; infinite
+        when none is scheduled)."""
+        soonest = min((due.at for due in list(self.due.values())), default=float("inf"))
+        return soonest - self.clock()
+
     def lock(self, key: ObjectKey) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
