@@ -130,10 +130,22 @@ class UnlockService:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):
                 return self._unlock_open(request, creds, report, handle, size)
         except ArchiveNotFoundError:
-            # Which images the node holds is not said: anyone with a Secret could ask.
+            if (
+                self.archive_roots
+            ):  # the operator: which images a node holds is not said (anyone with a Secret could ask)
+                what = "the images are not there as verified"
+            else:  # the command line, run by the archive's owner: say which
+                found = self.runtime.image_ids(request.refs)
+                absent = [r for r, i in found.items() if i is None]
+                unverified = [r for r, i in found.items() if i is not None and request.known_ids.get(r) != i]
+                what = (
+                    f"images are not loaded ({', '.join(absent)})"
+                    if absent
+                    else f"images present are not verified ({', '.join(unverified)})"
+                )
             raise ArchiveNotFoundError(
-                f"archive {request.archive_path!r} does not exist on the node and the images are not there "
-                "as verified; put the archive on the node or correct spec.archivePath"
+                f"archive {request.archive_path!r} does not exist and {what}; "
+                "put the archive on the node or correct spec.archivePath"
             ) from None
 
     def _unlock_open(

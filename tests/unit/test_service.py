@@ -251,6 +251,13 @@ def test_a_missing_archive_does_not_tell_which_images_a_node_holds(tmp_path, key
     assert messages[0] == messages[1] and not any(ref in messages[0] for ref in REFS)
 
 
+def test_the_command_line_run_by_the_archives_owner_is_told_which_images_are_absent(tmp_path, runtime, key):
+    cli = UnlockService(runtime, key.open)  # no archive roots: the CLI
+    with pytest.raises(ArchiveNotFoundError) as caught:
+        cli.unlock(request(tmp_path / "missing.enc"), lambda: CREDS)
+    assert "not loaded" in caught.value.message and all(ref in caught.value.message for ref in REFS)
+
+
 def test_a_runtime_that_is_down_costs_no_login_and_no_key(archive, tmp_path, runtime, key):
     """Found with containerd: the service logged in and fetched the key before it first
     touched the runtime."""
