@@ -276,11 +276,20 @@ class Fleet:
             list(pool.map(create, names))
         return done
 
-    def delete_all(self, namespace: str, timeout: float = 300) -> None:
-        """Delete every ImageUnlock in ``namespace`` and wait until they are gone."""
-        self.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    def delete_all(self, namespace: str, timeout: float = 300, keep: frozenset[str] = frozenset()) -> None:
+        """Delete every ImageUnlock in ``namespace`` but those named in ``keep``, and wait
+        until they are gone."""
+
+        def left() -> list[str]:
+            return [o["metadata"]["name"] for o in self.list(namespace)["items"] if o["metadata"]["name"] not in keep]
+
+        if not keep:
+            self.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        else:
+            for name in left():
+                self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         deadline = time.monotonic() + timeout
-        while self.list(namespace)["items"] and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.5)
 
     # -- what the roles did ------------------------------------------------------------
