@@ -4,18 +4,11 @@ never asserted; that each figure is there is."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from ..support.ci import unavailable
-
-REPO = Path(__file__).resolve().parents[2]
-UNAVAILABLE = 3  # benchmarks/fleet.py: a part of the fleet did not come up
+from ..support.fleetbench import run_fleet_bench
 
 
 @pytest.mark.docker
@@ -23,15 +16,7 @@ UNAVAILABLE = 3  # benchmarks/fleet.py: a part of the fleet did not come up
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_idle_smoke_reports_every_figure(tmp_path: Path):
-    if shutil.which("dockerd") is None:
-        unavailable("dockerd", "not installed")
-    out = tmp_path / "report.json"
-    argv = [sys.executable, str(REPO / "benchmarks" / "bench_idle.py"), "--seconds", "10", "--count", "2"]
-    proc = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150, cwd=REPO)
-    if proc.returncode == UNAVAILABLE:
-        unavailable("the bench's fleet", proc.stderr[-2000:])
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    r = json.loads(out.read_text())
+    r, printed = run_fleet_bench("bench_idle.py", ["--seconds", "10", "--count", "2"], tmp_path)
 
     assert r["count"] == 2 and r["agents"] == 2 and r["window_s"] >= 10
     assert sorted(r["roles"]) == ["agent edge-1", "agent edge-2", "controller"]
@@ -44,6 +29,6 @@ def test_bench_idle_smoke_reports_every_figure(tmp_path: Path):
     targets = r["targets"]
     assert len(targets) == 9 and all(isinstance(t["met"], bool) for t in targets), targets
 
-    text = proc.stdout
+    text = printed
     for phrase in ("idle fleet", "requests/min", "CPU % core", "RSS MiB", "watches started", "targets:"):
         assert phrase in text, phrase

@@ -4,18 +4,11 @@ never asserted; that every one became Ready, and that each figure is there, are.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from ..support.ci import unavailable
-
-REPO = Path(__file__).resolve().parents[2]
-UNAVAILABLE = 3  # benchmarks/fleet.py: a part of the fleet did not come up
+from ..support.fleetbench import run_fleet_bench
 
 
 @pytest.mark.docker
@@ -23,15 +16,7 @@ UNAVAILABLE = 3  # benchmarks/fleet.py: a part of the fleet did not come up
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_many_smoke_reports_every_figure(tmp_path: Path):
-    if shutil.which("dockerd") is None:
-        unavailable("dockerd", "not installed")
-    out = tmp_path / "report.json"
-    argv = [sys.executable, str(REPO / "benchmarks" / "bench_many.py"), "--counts", "5", "--json", str(out)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=150, cwd=REPO)
-    if proc.returncode == UNAVAILABLE:
-        unavailable("the bench's fleet", proc.stderr[-2000:])
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    summary = json.loads(out.read_text())
+    summary, printed = run_fleet_bench("bench_many.py", ["--counts", "5"], tmp_path)
 
     assert summary["seed_s"] > 0
     [r] = summary["results"]
@@ -49,7 +34,7 @@ def test_bench_many_smoke_reports_every_figure(tmp_path: Path):
     targets = {t["target"]: t for t in r["targets"]}
     assert len(targets) == 2 and all(isinstance(t["met"], bool) for t in targets.values()), targets
 
-    text = proc.stdout
+    text = printed
     for phrase in ("many satisfied ImageUnlocks", "N=5 on 2 agents", "writes/res", "CPU ms/res", "targets:"):
         assert phrase in text, phrase
     assert "requests by verb and resource" in text and "key request(s)" in text
