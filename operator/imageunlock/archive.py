@@ -246,16 +246,26 @@ def signature(path: str, roots: Sequence[str]) -> tuple[object, ...]:
     return (*_identity(info), info.st_nlink)
 
 
-def _lock(fd: int, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def flock_until(fd: int, deadline: float, on_wait: Callable[[], None] | None = None) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (monotonic); False
+    when it was not to be had by then. ``on_wait`` is called once, when it has to wait."""
+    waited = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
             if time.monotonic() >= deadline:
-                raise BusyError(f"archive {path!r} is being unlocked by another task") from None
+                return False
             time.sleep(0.2)
+
+
+def _lock(fd: int, path: str, timeout: float) -> None:
+    if not flock_until(fd, time.monotonic() + timeout):
+        raise BusyError(f"archive {path!r} is being unlocked by another task")
 
 
 # A file's SHA-256 by its identity: a repeated check of an unchanged file reads nothing.

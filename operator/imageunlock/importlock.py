@@ -17,7 +17,6 @@ must exist. Where the directory cannot be used, imports still take turns within 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -27,13 +26,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .archive import flock_until
 from .errors import ConfigurationError, RuntimeBusyError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_DIR = "/run/imageunlock"
 LOCK_DIR_ENV = "IMAGEUNLOCK_LOCK_DIR"
-_POLL = 0.2
 
 
 def lock_dir() -> str:
@@ -104,27 +103,15 @@ def exclusive_import(runtime: str, endpoint: str, timeout: float, directory: str
             yield
             return
         try:
-            _flock(fd, deadline, runtime, endpoint, timeout)
+            if not flock_until(
+                fd, deadline, lambda: log.info("another import into %s at %s is running: waiting", runtime, endpoint)
+            ):
+                raise _busy(runtime, endpoint, timeout)
             yield
         finally:
             os.close(fd)  # releases the lock
     finally:
         local.release()
-
-
-def _flock(fd: int, deadline: float, runtime: str, endpoint: str, timeout: float) -> None:
-    waited = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if not waited:
-                waited = True
-                log.info("another import into %s at %s is running: waiting for it", runtime, endpoint)
-            if time.monotonic() >= deadline:
-                raise _busy(runtime, endpoint, timeout) from None
-            time.sleep(_POLL)
 
 
 def _busy(runtime: str, endpoint: str, timeout: float) -> RuntimeBusyError:

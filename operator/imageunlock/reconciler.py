@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -301,7 +301,7 @@ class _Reconciliation:
         status = body.get("status") or {}
         self.stalled = (
             (status.get("phase"), status.get("observedGeneration")) == (Phase.FAILED.value, generation),
-            _condition_reason(self.conditions, "Stalled"),
+            condition_reason(self.conditions, "Stalled"),
             status.get("message"),
         )
         self.quiet = self.stalled[0]
@@ -370,7 +370,8 @@ class _Reconciliation:
         return True
 
 
-def _condition_reason(conditions: list[Any], kind: str) -> Any:
+def condition_reason(conditions: Sequence[Any], kind: str) -> Any:
+    """The reason of the condition of type ``kind``, if there is one."""
     return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == kind), None)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import UnlockError
 from .models import Phase
-from .reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict
+from .reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict, condition_reason
 
 log = logging.getLogger(__name__)
 
@@ -173,5 +173,5 @@ def _requested(body: Mapping[str, Any]) -> str | None:
 
 
 def _stalled_reason(status: Mapping[str, Any]) -> str | None:
-    conditions = status.get("conditions") or []
-    return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == "Stalled"), None)
+    reason = condition_reason(status.get("conditions") or [], "Stalled")
+    return str(reason) if reason is not None else None

@@ -130,11 +130,11 @@ class UnlockService:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):
                 return self._unlock_open(request, creds, report, handle, size)
         except ArchiveNotFoundError:
-            if (
-                self.archive_roots
-            ):  # the operator: which images a node holds is not said (anyone with a Secret could ask)
+            # The operator (roots set) does not say which images a node holds: anyone with a
+            # Secret could ask. The command line, run by the archive's owner, says which.
+            if self.archive_roots:
                 what = "the images are not there as verified"
-            else:  # the command line, run by the archive's owner: say which
+            else:
                 found = self.runtime.image_ids(request.refs)
                 absent = [r for r, i in found.items() if i is None]
                 unverified = [r for r, i in found.items() if i is not None and request.known_ids.get(r) != i]
