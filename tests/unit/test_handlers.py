@@ -214,7 +214,7 @@ def test_the_work_loop_offers_only_what_changed_or_is_due():
             quiet = len(offered)
             memo.changed.add(KEY)
             memo.wake.set()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.9)  # well under the loop's 1 s floor: only the change wakes it
             after_change = len(offered)
             memo.resync.due = True  # overdue and never rescheduled: offered at most once a second
             await asyncio.sleep(2.6)
