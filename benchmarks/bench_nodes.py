@@ -46,10 +46,10 @@ import kubernetes  # noqa: E402
 
 import controlplane  # noqa: E402
 from benchmarks.measure import proc_cpu  # noqa: E402
+from imageunlock.engine.models import DEFAULT_IMAGES  # noqa: E402
 from imageunlock.errors import KubernetesUnavailableError  # noqa: E402
-from imageunlock.kube import GROUP, KIND, PLURAL, VERSION, KubernetesApi  # noqa: E402
-from imageunlock.models import DEFAULT_IMAGES  # noqa: E402
-from imageunlock.nodes import DETAILED_NODES  # noqa: E402
+from imageunlock.kube.client import GROUP, KIND, PLURAL, VERSION, KubernetesApi  # noqa: E402
+from imageunlock.kube.nodes import DETAILED_NODES  # noqa: E402
 
 CRD = REPO / "crds" / f"{GROUP}_{PLURAL}.yaml"
 NAMESPACE = "bench"
@@ -62,7 +62,7 @@ IMAGE_IDS = {image: "sha256:" + os.urandom(32).hex() for image in DEFAULT_IMAGES
 
 def entry(node: str, generation: int, verified: str, compact: bool) -> dict[str, Any]:
     """A Ready entry as an agent writes it after an unlock: 7 images with their IDs, or on a
-    fleet of more than DETAILED_NODES nodes ``imagesAsSummary`` instead (nodes.py)."""
+    fleet of more than DETAILED_NODES nodes ``imagesAsSummary`` instead (kube/nodes.py)."""
     images = (
         {"imagesAsSummary": True}
         if compact

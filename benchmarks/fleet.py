@@ -36,9 +36,9 @@ import yaml
 
 import controlplane
 from benchmarks.measure import proc_cpu
-from imageunlock.importlock import LOCK_DIR_ENV
-from imageunlock.kube import GROUP, PLURAL, VERSION
-from imageunlock.models import DEFAULT_IMAGES
+from imageunlock.engine.models import DEFAULT_IMAGES
+from imageunlock.engine.runtimes.importlock import LOCK_DIR_ENV
+from imageunlock.kube.client import GROUP, PLURAL, VERSION
 from tests.support import audit
 from tests.support.cluster import (
     CLUSTER_WIDE_SECRETS_FILE,

@@ -186,7 +186,7 @@ def import_streamed(engine: Engine, ref: str, payload_bytes: int, logdir: Path) 
 def build_archive(engine: Engine, workdir: Path, refs: list[str], payload_bytes: int, fragment: bytes) -> Archive:
     """Import one image per ref (``payload_bytes`` each), ``docker save`` them all, remove them
     from the Engine, and encrypt the tar with ``openssl enc`` under ``SHA-256(fragment)``."""
-    from imageunlock.crypto import IV_SIZE, derive_key
+    from imageunlock.engine.crypto import IV_SIZE, derive_key
 
     ids = {}
     for ref in refs:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from imageunlock.importlock import LOCK_DIR_ENV
-from imageunlock.models import DEFAULT_IMAGES
+from imageunlock.engine.models import DEFAULT_IMAGES
+from imageunlock.engine.runtimes.importlock import LOCK_DIR_ENV
 
 from .support.ci import unavailable
 from .support.containerd import Containerd, ContainerdError, bookworm_build, sid_build

@@ -30,13 +30,13 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import __version__
-from .errors import ConfigurationError, UnlockError
-from .models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
-from .resource_api import ApiClientConfig, ResourceApiClient
-from .runtimes import RUNTIMES, make_runtime
-from .runtimes.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
-from .service import UnlockService
+from imageunlock import __version__
+from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
+from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
+from imageunlock.engine.runtimes import RUNTIMES, make_runtime
+from imageunlock.engine.runtimes.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
+from imageunlock.engine.service import UnlockService
+from imageunlock.errors import ConfigurationError, UnlockError
 
 if TYPE_CHECKING:  # rich itself is imported only when a terminal is there to draw on
     from rich.console import Console
@@ -306,7 +306,7 @@ def _unlock(args: argparse.Namespace) -> int:
 
 
 def _encrypt(args: argparse.Namespace) -> int:
-    from .crypto import encrypt_stream, read_chunks
+    from imageunlock.engine.crypto import encrypt_stream, read_chunks
 
     with open(args.fragment_file, "rb") as f:
         fragment = f.read()
@@ -339,9 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _unlock(args)
         if args.command == "encrypt":
             return _encrypt(args)
-        from . import operator_main
-
-        return operator_main.run_agent() if args.command == "agent" else operator_main.run_controller()
+        if args.command == "agent":  # each role's stack is imported only when it runs
+            from imageunlock.agent.handlers import run
+        else:
+            from imageunlock.controller.handlers import run
+        return run()
     except UnlockError as exc:
         code = EXIT_TEMPFAIL if exc.transient else EXIT_FAILED
         return _fail(args, code, exc.reason, exc.message, exc.transient)

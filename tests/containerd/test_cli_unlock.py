@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.crypto import decrypt_stream, encrypt_stream
+from imageunlock.engine.crypto import decrypt_stream, encrypt_stream
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
+from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.runtimes.containerd import PINNED_LABEL
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
-from imageunlock.refs import normalize_ref
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
-from imageunlock.runtimes.containerd import PINNED_LABEL
 
 from ..support import tamper
 from ..support.broken import broken_archives

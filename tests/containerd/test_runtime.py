@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from imageunlock.crypto import read_chunks
+from imageunlock.engine.crypto import read_chunks
+from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.runtimes.containerd import PINNED_LABEL, ContainerdRuntime
 from imageunlock.errors import ArchiveRejectedError, ConfigurationError, RuntimeUnavailableError
-from imageunlock.refs import normalize_ref
-from imageunlock.runtimes.containerd import PINNED_LABEL, ContainerdRuntime
 
 from ..support import tamper
 from ..support.containerd import Containerd, Cri, sid_build
@@ -134,7 +134,7 @@ def test_should_ctr_finish_early_all_the_same_a_failing_stream_removes_what_it_i
     """The second line of defence: without the hold-back (as if the stream's checks and ctr
     disagreed about where the tar ends), ctr imports at the end marker and exits; the rest of
     the stream is still run through its checks, and when they fail the images go again."""
-    from imageunlock.runtimes import containerd as adapter
+    from imageunlock.engine.runtimes import containerd as adapter
 
     monkeypatch.setattr(adapter._Pipe, "feed", lambda self, chunk: self._write(chunk))
     seen: list = []
@@ -197,7 +197,7 @@ def test_load_pins_every_image_and_ids_are_the_archives(daemon, cri, archives):
 def test_refused_layer_is_permanent_and_leaves_no_pinned_record(daemon, archives, tmp_path):
     """ctr creates every image record, then unpacks: a layer that is no tar fails the unpack
     with the records made (and, with ctr 2, pinned). The adapter removes what it created."""
-    from imageunlock.crypto import decrypt_stream
+    from imageunlock.engine.crypto import decrypt_stream
 
     hostile = tamper.rewrite(archives.plaintext, tmp_path / "hostile.enc", archives.fragment, tamper.layer_not_a_tar)
     with open(hostile, "rb") as f:

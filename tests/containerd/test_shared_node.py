@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from imageunlock.crypto import read_chunks
+from imageunlock.engine.crypto import read_chunks
+from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.runtimes.containerd import PINNED_LABEL, ContainerdRuntime
 from imageunlock.errors import ArchiveRejectedError
-from imageunlock.refs import normalize_ref
-from imageunlock.runtimes.containerd import PINNED_LABEL, ContainerdRuntime
 
 from ..support import savetar, tamper
 from ..support.containerd import Containerd

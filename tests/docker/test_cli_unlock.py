@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.broken import broken_archives
 from ..support.cli import CREDENTIALS_ENV, error_lines, run_cli

@@ -1,11 +1,11 @@
-"""The Docker adapter (``imageunlock.runtimes.docker``) against the real Engine."""
+"""The Docker adapter (``imageunlock.engine.runtimes.docker``) against the real Engine."""
 
 from __future__ import annotations
 
 import pytest
 
-from imageunlock.crypto import read_chunks
-from imageunlock.runtimes.docker import DockerRuntime
+from imageunlock.engine.crypto import read_chunks
+from imageunlock.engine.runtimes.docker import DockerRuntime
 
 from ..support.dockerd import loaded
 

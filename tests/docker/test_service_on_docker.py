@@ -1,15 +1,15 @@
-"""The unlock service (``imageunlock.service``) on the real Engine, through the Docker adapter:
+"""The unlock service (``imageunlock.engine.service``) on the real Engine, through the Docker adapter:
 phases, the fast path and what it insists on, and archives that must load nothing."""
 
 from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.keys.resource_api import ResourceApiClient
+from imageunlock.engine.models import Credentials, Phase, UnlockRequest
+from imageunlock.engine.runtimes.docker import DockerRuntime
+from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ImagesNotVerifiedError
-from imageunlock.models import Credentials, Phase, UnlockRequest
-from imageunlock.resource_api import ResourceApiClient
-from imageunlock.runtimes.docker import DockerRuntime
-from imageunlock.service import UnlockService
 
 from ..support.dockerd import loaded
 from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
@@ -109,7 +109,7 @@ class _KeyHolder:
 def test_a_plaintext_the_engine_would_decompress_loads_nothing(clean_docker, tmp_path):
     """Adversarial review (high): an xz/tar polyglot passed the stream checks as the requested
     image alone, while the Engine decompressed it and also tagged nginx:latest."""
-    from imageunlock.crypto import encrypt_stream
+    from imageunlock.engine.crypto import encrypt_stream
     from imageunlock.errors import ArchiveError
 
     from ..support.polyglot import xz_polyglot

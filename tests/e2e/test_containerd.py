@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.refs import normalize_ref
+from imageunlock.engine.refs import normalize_ref
 
 from ..support.cluster import is_ready, spec_for, stalled_with
 from ..support.containerd import Cri

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from imageunlock.resource_api import KEY_FRAGMENT_PATH
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH
 
 from ..support.cluster import is_ready, is_stalled, spec_for
 from ..support.net import free_port

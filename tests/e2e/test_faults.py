@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support.broken import broken_archives
 from ..support.cluster import is_ready, is_stalled, on_node, spec_for, stalled_with

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 
 from ..support import audit, tamper
 from ..support.cluster import AGENT_USER, spec_for, stalled_with

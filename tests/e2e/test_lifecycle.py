@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from imageunlock.resource_api import KEY_FRAGMENT_PATH
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH
 
 from ..support.cluster import is_ready, spec_for, unlock_object
 from ..support.dockerd import load_events, loaded

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.resource_api import KEY_FRAGMENT_PATH
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH
 
 from ..support.cluster import Cluster, is_ready, is_stalled, spec_for
 from ..support.dockerd import Dockerd, load_events, loaded, remove_images, running

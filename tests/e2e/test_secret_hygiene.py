@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from imageunlock.crypto import derive_key
-from imageunlock.kube import VERSION
-from imageunlock.resource_api import LOGIN_PATH
+from imageunlock.engine.crypto import derive_key
+from imageunlock.engine.keys.resource_api import LOGIN_PATH
+from imageunlock.kube.client import VERSION
 
 from ..support.cluster import CRD_FILE, CRD_NAME, is_ready, is_stalled, spec_for, stalled_with, unlock_object
 from ..support.operator_process import place

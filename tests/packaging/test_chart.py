@@ -44,7 +44,7 @@ WARNING = 2  # helm lint severities: 1 info, 2 warning, 3 error
 # The example values for a cluster shared by several tenants (referenced by the chart README).
 MULTI_TENANT = CHART / "examples" / "multi-tenant-values.yaml"
 NOTES = "imageunlock-operator/templates/NOTES.txt"
-STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube.py)
+STALL_MESSAGE = "not allowed to read Secret"  # what ImageUnlocks stall with (imageunlock/kube/client.py)
 # A k3s cluster whose edge nodes are tainted: containerd's socket in k3s' directory.
 K3S_EDGE: dict[str, Any] = {
     "agent": {
@@ -356,7 +356,7 @@ def test_controller_is_told_where_the_agents_run(values):
     selector, tolerations = agent_pod.get("nodeSelector", {}), agent_pod.get("tolerations", [])
     assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == selector
     assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == tolerations
-    config = pytest.importorskip("imageunlock.config")
+    config = pytest.importorskip("imageunlock.app.config")
     controller = config.ControllerConfig.from_env(env)
     assert controller.agent_node_selector == selector
     assert [dict(t) for t in controller.agent_tolerations] == tolerations
@@ -614,9 +614,9 @@ def test_values_file_is_fully_described_by_the_schema(helm):
 def _agent_config(daemonset: dict[str, Any], node: str = "edge-1") -> Any:
     """The agent's own settings parser run on the DaemonSet's environment (NODE_NAME as the
     kubelet would set it): what the pod would start with (or its ConfigurationError)."""
-    config = pytest.importorskip("imageunlock.config")
+    config = pytest.importorskip("imageunlock.app.config")
     (container,) = pod_of(daemonset)["containers"]
-    return config.OperatorConfig.from_env(env_of(container, node=node))
+    return config.AgentConfig.from_env(env_of(container, node=node))
 
 
 def _metrics_wiring(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from imageunlock import status as st
-from imageunlock.models import Phase
+from imageunlock.engine.models import Phase
+from imageunlock.kube import conditions as st
 
 from .conftest import GITOPS, REPO, require
 

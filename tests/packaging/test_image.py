@@ -172,8 +172,8 @@ def test_image_has_no_shell_and_no_setuid_or_setgid_file(dockerd, image):
 READ_ONLY_CHECK = (
     """
 import errno, os, subprocess, sys, tempfile
-import imageunlock.handlers, imageunlock.controller  # kopf, kubernetes, docker
-import imageunlock.operator_main, imageunlock.cli
+import imageunlock.agent.handlers, imageunlock.controller.handlers  # kopf, kubernetes, docker
+import imageunlock.app.kopfrun, imageunlock.cli
 assert os.getuid() == 4242, os.getuid()
 """
     + WRITE_PROBE

@@ -206,7 +206,8 @@ import yaml, multidict, pydantic_core
 assert yaml.__with_libyaml__
 for module in (yaml._yaml, multidict._multidict, pydantic_core._pydantic_core):
     assert "aarch64" in module.__file__, module.__file__
-import imageunlock.cli, imageunlock.handlers, imageunlock.controller, kopf, kubernetes, docker  # what the roles import
+import imageunlock.cli, imageunlock.agent.handlers, imageunlock.controller.handlers  # what the roles import
+import kopf, kubernetes, docker
 """
     + WRITE_PROBE
     + """

@@ -383,8 +383,8 @@ def test_daemonset_tells_each_agent_its_node():
     (container,) = pod_of(daemonset)["containers"]
     (node_name,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
     assert node_name == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
-    config = pytest.importorskip("imageunlock.config")
-    agent = config.OperatorConfig.from_env(env_of(container, node="edge-1"))
+    config = pytest.importorskip("imageunlock.app.config")
+    agent = config.AgentConfig.from_env(env_of(container, node="edge-1"))
     assert (agent.node_name, agent.runtime, agent.archive_roots) == ("edge-1", "auto", ("/var/lib/imageunlock",))
 
 
@@ -411,7 +411,7 @@ def test_controller_keeps_its_promises():
     assert [p["name"] for p in container["ports"]] == ["health"]
     env = env_of(container)
     assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # no metrics of its own
-    config = pytest.importorskip("imageunlock.config")
+    config = pytest.importorskip("imageunlock.app.config")
     controller = config.ControllerConfig.from_env(env)
     assert controller.metrics_address == "" and controller.liveness_endpoint == "http://0.0.0.0:8080/healthz"
 
@@ -433,7 +433,7 @@ def test_controller_knows_where_the_agents_run():
     env = env_of(pod_of(deployment)["containers"][0])
     assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == agent_pod.get("nodeSelector", {})
     assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == agent_pod.get("tolerations", [])
-    config = pytest.importorskip("imageunlock.config")
+    config = pytest.importorskip("imageunlock.app.config")
     controller = config.ControllerConfig.from_env(env)
     assert controller.agent_node_selector == agent_pod["nodeSelector"]
     assert list(controller.agent_tolerations) == agent_pod["tolerations"]

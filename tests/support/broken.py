@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imageunlock.crypto import encrypt_stream
+from imageunlock.engine.crypto import encrypt_stream
 
 from .images import ArchiveSet
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import kubernetes
 
-from imageunlock.kube import GROUP, KIND, PLURAL, VERSION
+from imageunlock.kube.client import GROUP, KIND, PLURAL, VERSION
 
 from .wait import wait_for
 

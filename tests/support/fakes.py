@@ -4,14 +4,14 @@ talk to: a container runtime, the resource API's key client and the Kubernetes A
 Each fake behaves like the real part where the code under test relies on it, and records
 what was done to it so a test can assert on the effect:
 
-* :class:`FakeRuntime` implements :class:`imageunlock.models.Runtime`. ``load`` consumes the
+* :class:`FakeRuntime` implements :class:`imageunlock.engine.models.Runtime`. ``load`` consumes the
   chunk iterator to the end before it stores anything — so the service's in-stream archive
   verification runs and, when it raises, nothing is loaded (the Engine's all-or-nothing) —
   and reads the image IDs from the archive with :mod:`tarfile` (an independent reader);
-* :class:`FakeKeyClient` implements :class:`imageunlock.models.KeyClient`, with scripted
+* :class:`FakeKeyClient` implements :class:`imageunlock.engine.models.KeyClient`, with scripted
   errors and call counts; its :meth:`~FakeKeyClient.open` is the factory the service takes;
 * :class:`FakeKubernetesApi` has the methods the reconciler uses from
-  :class:`imageunlock.kube.KubernetesApi`; every status write is recorded and applied to a
+  :class:`imageunlock.kube.client.KubernetesApi`; every status write is recorded and applied to a
   stored status with JSON merge-patch semantics (RFC 7386), as the API server does.
 """
 
@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imageunlock.engine.models import Credentials
+from imageunlock.engine.refs import normalize_ref
 from imageunlock.errors import ConfigurationError, RuntimeUnavailableError
-from imageunlock.models import Credentials
-from imageunlock.refs import normalize_ref
 
 from .savetar import config_ids
 
@@ -111,7 +111,7 @@ class FakeKeyClient:
         self.closes = 0
 
     def open(self, credentials: Credentials) -> FakeKeyClient:
-        """The ``open_key_client`` factory :class:`~imageunlock.service.UnlockService` takes."""
+        """The ``open_key_client`` factory :class:`~imageunlock.engine.service.UnlockService` takes."""
         self.opened.append(credentials)
         return self
 

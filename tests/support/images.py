@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageunlock.crypto import IV_SIZE, derive_key, encrypt_stream, read_chunks
+from imageunlock.engine.crypto import IV_SIZE, derive_key, encrypt_stream, read_chunks
 
 from .dockerd import Dockerd
 

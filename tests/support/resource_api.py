@@ -1,6 +1,6 @@
 """A real HTTP resource API on 127.0.0.1 for tests and the demo (a fixture, not the product).
 
-Implements the contract in ``imageunlock.resource_api``: ``POST /login`` (JSON email and
+Implements the contract in ``imageunlock.engine.keys.resource_api``: ``POST /login`` (JSON email and
 password → token) and ``GET /binary-split/key-fragment`` (Bearer token → raw fragment), with
 real token checks and fault injection: n answers of a given status, expired tokens, slow
 answers. Counts every call so tests can assert, e.g., that the fast path made no key request.

@@ -1,11 +1,11 @@
-"""The image-archive check (``imageunlock.dockersave``) driven over an in-memory archive the
+"""The image-archive check (``imageunlock.engine.dockersave``) driven over an in-memory archive the
 way the unlock drives it: fed in chunks, or streamed through on the way to the runtime."""
 
 from __future__ import annotations
 
 import pytest
 
-from imageunlock.dockersave import ImageTarVerifier, verified_stream
+from imageunlock.engine.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.errors import UnlockError
 
 from .tarbuild import TAGS

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.agent import NodeAgent, counted, resolve_runtime
+from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
+from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
-from imageunlock.models import Phase
-from imageunlock.nodes import DETAILED_NODES, MAX_NODES, NodeInfo
-from imageunlock.status import ready, working
+from imageunlock.kube.conditions import ready, working
+from imageunlock.kube.nodes import DETAILED_NODES, MAX_NODES, NodeInfo
 
 from ..support.fakes import FakeKubernetesApi
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from urllib3.util import parse_url
 
-from imageunlock.apiurl import URL_PATTERN, parse_api_url
-from imageunlock.config import OperatorConfig
+from imageunlock.app.config import AgentConfig
+from imageunlock.engine.keys.apiurl import URL_PATTERN, parse_api_url
 from imageunlock.errors import ConfigurationError
-from imageunlock.spec import parse_spec, url_allowed
+from imageunlock.kube.spec import parse_spec, url_allowed
 
 SEMANTIC = {"https://api.azaion.com:99999"}
 ALLOWED = ["https://api.azaion.com"]
@@ -140,10 +140,10 @@ def test_allow_list_paths_match_on_segment_boundaries():
 
 def test_settings_refuse_an_allow_list_entry_in_an_ambiguous_form():
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_API_URL_ALLOWLIST entry"):
-        OperatorConfig.from_env({"IMAGEUNLOCK_API_URL_ALLOWLIST": "https://a.test\\@b.test"})
+        AgentConfig.from_env({"IMAGEUNLOCK_API_URL_ALLOWLIST": "https://a.test\\@b.test"})
     with pytest.raises(ConfigurationError, match="RESOURCE_API_URL"):
-        OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test?x=1"})
-    assert OperatorConfig.from_env({"RESOURCE_API_URL": "https://A.test:443/"}).default_api_url == "https://a.test"
+        AgentConfig.from_env({"RESOURCE_API_URL": "https://a.test?x=1"})
+    assert AgentConfig.from_env({"RESOURCE_API_URL": "https://A.test:443/"}).default_api_url == "https://a.test"
 
 
 def test_parse_spec_hands_on_only_the_canonical_url():
@@ -178,5 +178,5 @@ def test_a_password_written_into_the_url_is_never_echoed(url):
         parse_spec(spec, None, ALLOWED)
     assert "hunter2" not in info.value.message
     with pytest.raises(ConfigurationError) as info:
-        OperatorConfig.from_env({"RESOURCE_API_URL": url, "IMAGEUNLOCK_API_URL_ALLOWLIST": url})
+        AgentConfig.from_env({"RESOURCE_API_URL": url, "IMAGEUNLOCK_API_URL_ALLOWLIST": url})
     assert "hunter2" not in info.value.message

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from imageunlock import archive
-from imageunlock.archive import check_sha256, lock_archive, open_archive
+from imageunlock.engine import archive
+from imageunlock.engine.archive import check_sha256, lock_archive, open_archive
 from imageunlock.errors import ArchiveNotFoundError, BusyError, ConfigurationError, DigestMismatchError
 
 from ..support.ci import unavailable

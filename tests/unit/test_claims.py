@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageunlock.claims import Claim, find_conflict
+from imageunlock.agent.claims import Claim, find_conflict
 
 
 def claim(name, created, archive="/a/images.enc", refs=("azaion/x:1",), runtime="docker", namespace="ns"):

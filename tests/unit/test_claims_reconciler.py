@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from imageunlock.config import OperatorConfig
-from imageunlock.reconciler import Reconciler
-from imageunlock.spec import parse_spec
+from imageunlock.agent.reconciler import Reconciler
+from imageunlock.app.config import AgentConfig
+from imageunlock.kube.spec import parse_spec
 
 API = "https://api.example.test"
 
@@ -35,7 +35,7 @@ def body(namespace, name, created, archive, phase, generation=1, verified=True):
 
 
 def reconciler(*others):
-    config = OperatorConfig(archive_roots=("/var/lib/imageunlock",), default_api_url=API)
+    config = AgentConfig(archive_roots=("/var/lib/imageunlock",), default_api_url=API)
     return Reconciler(config, SimpleNamespace(name="docker"), SimpleNamespace(), others=lambda: list(others))
 
 

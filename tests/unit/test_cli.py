@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from imageunlock import __version__, cli
-from imageunlock.models import Phase
+from imageunlock.engine.models import Phase
 
 from ..support.fakes import FakeRuntime
 
@@ -24,7 +24,7 @@ IDS = {ref: "sha256:" + f"{n}" * 64 for n, ref in enumerate(REFS, 1)}
 @pytest.fixture
 def engine(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     runtime = FakeRuntime()
-    monkeypatch.setattr("imageunlock.runtimes.docker.DockerRuntime", lambda base_url=None, **_: runtime)
+    monkeypatch.setattr("imageunlock.engine.runtimes.docker.DockerRuntime", lambda base_url=None, **_: runtime)
     monkeypatch.delenv("IMAGEUNLOCK_EMAIL", raising=False)
     monkeypatch.delenv("IMAGEUNLOCK_PASSWORD", raising=False)
     return runtime

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.config import OperatorConfig
+from imageunlock.app.config import AgentConfig
 from imageunlock.errors import ConfigurationError
 
 
 def test_settings_from_env_and_errors():
-    s = OperatorConfig.from_env(
+    s = AgentConfig.from_env(
         {
             "IMAGEUNLOCK_ARCHIVE_ROOT": "/a:/b",
             "IMAGEUNLOCK_VERIFY_INTERVAL": "30",
@@ -19,28 +19,28 @@ def test_settings_from_env_and_errors():
     )
     assert s.archive_roots == ("/a", "/b") and s.verify_interval == 30 and s.namespaces == ("ns1", "ns2")
     with pytest.raises(ConfigurationError) as info:
-        OperatorConfig.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
+        AgentConfig.from_env({"IMAGEUNLOCK_ARCHIVE_ROOT": "rel", "IMAGEUNLOCK_VERIFY_INTERVAL": "soon"})
     assert "IMAGEUNLOCK_ARCHIVE_ROOT" in info.value.message and "IMAGEUNLOCK_VERIFY_INTERVAL" in info.value.message
 
 
 def test_operator_settings_require_a_trusted_api():
     with pytest.raises(ConfigurationError, match="RESOURCE_API_URL or IMAGEUNLOCK_API_URL_ALLOWLIST"):
-        OperatorConfig.from_env({})
-    assert OperatorConfig.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
-    both = OperatorConfig.from_env(
+        AgentConfig.from_env({})
+    assert AgentConfig.from_env({"RESOURCE_API_URL": "https://a.test"}).api_url_allowlist == ("https://a.test",)
+    both = AgentConfig.from_env(
         {"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_API_URL_ALLOWLIST": "https://b.test, https://c.test"}
     )
     assert both.api_url_allowlist == ("https://b.test", "https://c.test", "https://a.test")
 
 
 def test_image_owners_are_json_from_the_environment_and_checked():
-    from imageunlock.config import OperatorConfig
+    from imageunlock.app.config import AgentConfig
     from imageunlock.errors import ConfigurationError
 
     base = {"RESOURCE_API_URL": "https://api.example.test"}
-    config = OperatorConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": '{"team-a": ["azaion/", "reg.corp/a/"]}'})
+    config = AgentConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": '{"team-a": ["azaion/", "reg.corp/a/"]}'})
     assert config.image_owners == {"team-a": ("azaion/", "reg.corp/a/")}
-    assert OperatorConfig.from_env(base).image_owners == {}
+    assert AgentConfig.from_env(base).image_owners == {}
     for bad in ('["azaion/"]', '{"team-a": "azaion/"}', "{not json"):
         with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_IMAGE_OWNERS"):
-            OperatorConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": bad})
+            AgentConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": bad})

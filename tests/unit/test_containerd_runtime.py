@@ -8,11 +8,11 @@ import platform
 
 import pytest
 
-from imageunlock.config import OperatorConfig
+from imageunlock.app.config import AgentConfig
+from imageunlock.engine.runtimes import make_runtime
+from imageunlock.engine.runtimes.containerd import _ARCH, ContainerdRuntime, _Pipe
+from imageunlock.engine.runtimes.docker import DockerRuntime
 from imageunlock.errors import ArchiveRejectedError, ConfigurationError, LoadError, RuntimeUnavailableError
-from imageunlock.runtimes import make_runtime
-from imageunlock.runtimes.containerd import _ARCH, ContainerdRuntime, _Pipe
-from imageunlock.runtimes.docker import DockerRuntime
 
 
 def _read_all(fd: int) -> bytes:
@@ -117,13 +117,13 @@ def test_make_runtime_builds_by_name_and_refuses_others():
 
 
 def test_operator_settings_for_the_runtime():
-    default = OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test"})
+    default = AgentConfig.from_env({"RESOURCE_API_URL": "https://api.test"})
     assert (default.runtime, default.containerd_address, default.containerd_namespace) == (
         "auto",
         "/run/containerd/containerd.sock",
         "k8s.io",
     )
-    k3s = OperatorConfig.from_env(
+    k3s = AgentConfig.from_env(
         {
             "RESOURCE_API_URL": "https://api.test",
             "IMAGEUNLOCK_RUNTIME": "containerd",
@@ -132,7 +132,7 @@ def test_operator_settings_for_the_runtime():
     )
     assert k3s.runtime == "containerd" and k3s.containerd_address == "/run/k3s/containerd/containerd.sock"
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME='podman'"):
-        OperatorConfig.from_env({"RESOURCE_API_URL": "https://api.test", "IMAGEUNLOCK_RUNTIME": "podman"})
+        AgentConfig.from_env({"RESOURCE_API_URL": "https://api.test", "IMAGEUNLOCK_RUNTIME": "podman"})
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -143,7 +143,7 @@ def test_what_ctr_has_read_never_ends_on_a_tar_block_until_the_stream_passed(tmp
     including a chunk whose last non-zero byte opens a block, its zeros held back."""
     import random
 
-    from imageunlock.runtimes.containerd import BLOCK, _Pipe
+    from imageunlock.engine.runtimes.containerd import BLOCK, _Pipe
 
     rng = random.Random(seed)
     sink = tmp_path / "ctr-stdin"

@@ -3,8 +3,8 @@ the entries of nodes that left the selection by applying as that node's manager.
 
 from __future__ import annotations
 
-from imageunlock.controller import MANAGER, SummaryWriter
-from imageunlock.nodes import NodeInfo, Placement
+from imageunlock.controller.handlers import MANAGER, SummaryWriter
+from imageunlock.kube.nodes import NodeInfo, Placement
 
 from ..support.fakes import FakeKubernetesApi
 
@@ -46,7 +46,7 @@ def test_the_summary_loop_retries_a_failed_key_with_backoff_and_never_drops_it()
     import asyncio
     from types import SimpleNamespace
 
-    from imageunlock import controller
+    from imageunlock.controller import handlers as controller
     from imageunlock.errors import KubernetesUnavailableError
     from imageunlock.workqueue import WorkQueue
 

@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from imageunlock.crypto import (
+from imageunlock.engine.crypto import (
     decrypt_stream,
     decrypt_with_key,
     derive_key,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.runtimes.docker import _refusal
 from imageunlock.errors import ArchiveRejectedError, LoadError
-from imageunlock.runtimes.docker import _refusal
 
 
 @pytest.mark.parametrize(

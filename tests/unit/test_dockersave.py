@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imageunlock.crypto import decrypt_stream, encrypt_stream
-from imageunlock.dockersave import ImageTarVerifier, verified_stream
+from imageunlock.engine.crypto import decrypt_stream, encrypt_stream
+from imageunlock.engine.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.errors import ARCHIVE_ERROR_MESSAGE, ArchiveError, ForeignTagsError, ImagesNotInArchiveError
 
 from ..support import savetar

@@ -12,8 +12,8 @@ from typing import Any
 import kopf
 import pytest
 
-from imageunlock import handlers
-from imageunlock.agent import NodeAgent
+from imageunlock.agent import handlers
+from imageunlock.agent.node import NodeAgent
 from imageunlock.errors import KubernetesUnavailableError
 
 from ..support.fakes import FakeKubernetesApi
@@ -101,7 +101,7 @@ def test_an_invalid_selector_selects_nothing():
 
 
 def test_one_objects_trouble_is_logged_not_raised(caplog):
-    caplog.set_level(logging.INFO, logger="imageunlock.handlers")
+    caplog.set_level(logging.INFO, logger="imageunlock.agent.handlers")
     memo = memo_with()
     memo.resync.error = KubernetesUnavailableError("writing status failed (HTTP 503)")
     handlers._step(memo, KEY, raw("Ready"))
@@ -152,8 +152,8 @@ def test_liveness_fails_once_the_runtime_stayed_unreachable_so_kubelet_remounts_
     """The DaemonSet mounts containerd's socket file itself (issue 18, item 7); a restarted
     containerd makes a new socket the old mount does not see. Liveness then fails after
     RUNTIME_DOWN_RESTART seconds, and the restarted container mounts the new socket."""
+    from imageunlock.agent.handlers import RUNTIME_DOWN_RESTART
     from imageunlock.errors import RuntimeUnavailableError
-    from imageunlock.handlers import RUNTIME_DOWN_RESTART
 
     now = [1000.0]
     monkeypatch.setattr(handlers.time, "monotonic", lambda: now[0])

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from imageunlock import importlock
+from imageunlock.engine.runtimes import importlock
 from imageunlock.errors import RuntimeBusyError
 
 
@@ -58,7 +58,7 @@ def test_another_process_holding_the_lock_is_honoured(sock, tmp_path):
             textwrap.dedent(
                 f"""
                 import sys, time
-                from imageunlock import importlock
+                from imageunlock.engine.runtimes import importlock
                 with importlock.exclusive_import("containerd", {str(sock)!r}, 5, {str(locks)!r}):
                     print("held", flush=True)
                     sys.stdin.readline()

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import MaxRetryError, ProtocolError
 
 from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
-from imageunlock.kube import GROUP, KIND, PLURAL, VERSION, KubernetesApi
+from imageunlock.kube.client import GROUP, KIND, PLURAL, VERSION, KubernetesApi
 
 NS = "ns"
 EMAIL, PASSWORD = "edge@example.test", "s3cret-pw"

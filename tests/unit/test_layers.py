@@ -42,10 +42,15 @@ def test_the_contract_holds_for_the_package():
 @pytest.mark.parametrize(
     "module, line, contract",
     [
-        ("status.py", "from . import kube", "core is pure"),
-        ("spec.py", "import requests", "core is pure"),
-        ("runtimes/docker.py", "from .. import reconciler", "adapters never reach"),
-        ("service.py", "from .runtimes import docker", "the unlock service knows no framework"),
+        ("kube/conditions.py", "from imageunlock.kube import client", "core is pure"),
+        ("kube/spec.py", "import requests", "core is pure"),
+        ("engine/runtimes/docker.py", "from imageunlock.agent import reconciler", "layers by role"),
+        ("kube/nodes.py", "from imageunlock.app import config", "layers by role"),
+        ("agent/node.py", "from imageunlock.controller import summary", "layers by role"),
+        ("engine/archive.py", "from imageunlock.engine import service", "the engine"),
+        ("engine/crypto.py", "from imageunlock.engine import archive", "the engine"),
+        ("engine/service.py", "from imageunlock.engine.runtimes import docker", "the unlock service knows no"),
+        ("engine/runtimes/containerd.py", "import kopf", "adapters know no framework"),
     ],
 )
 def test_the_contract_fails_when_a_layer_is_crossed(copy, module, line, contract):

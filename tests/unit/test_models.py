@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
 from imageunlock.errors import ConfigurationError
-from imageunlock.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
 
 
 def test_a_request_names_every_image_at_its_version():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError
-from imageunlock.models import Phase
-from imageunlock.nodes import (
+from imageunlock.kube.conditions import ready, retrying, stalled, working
+from imageunlock.kube.nodes import (
     DETAILED_NODES,
     NodeInfo,
     Placement,
@@ -17,7 +18,6 @@ from imageunlock.nodes import (
     runtime_of,
     view,
 )
-from imageunlock.status import ready, retrying, stalled, working
 
 LABELS = {"role": "edge", "zone": "north", "kubernetes.io/arch": "arm64"}
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from imageunlock.config import OperatorConfig
-from imageunlock.crypto import encrypt_stream
+from imageunlock.agent.reconciler import REQUESTED_AT, Reconciler, Verdict
+from imageunlock.app.config import AgentConfig
+from imageunlock.engine.crypto import encrypt_stream
+from imageunlock.engine.models import Credentials
 from imageunlock.errors import ApiUnavailableError, AuthenticationError, KubernetesUnavailableError
-from imageunlock.models import Credentials
-from imageunlock.reconciler import REQUESTED_AT, Reconciler, Verdict
 
 from ..support.fakes import FakeKeyClient, FakeKubernetesApi, FakeRuntime
 from ..support.savetar import build, config_ids
@@ -48,7 +48,7 @@ class World:
         self.configure()
 
     def configure(self, **settings: Any) -> None:
-        config = OperatorConfig(
+        config = AgentConfig(
             archive_roots=(str(self.root),), api_url_allowlist=(API,), progress_interval=0.0, **settings
         )
         self.reconciler = Reconciler(config, self.runtime, self.kube, others=lambda: list(self.others))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imageunlock.refs import describe, normalize_ref, unrequested
+from imageunlock.engine.refs import describe, normalize_ref, unrequested
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_describe_is_short_and_printable():
 
 
 def test_image_names_are_owned_by_prefix_or_exact_repository_as_docker_normalises_them():
-    from imageunlock.refs import owned
+    from imageunlock.engine.refs import owned
 
     assert owned("azaion/flights", ["azaion/"]) and owned("docker.io/azaion/flights", ["azaion/"])
     assert owned("index.docker.io/azaion/flights", ["docker.io/azaion/"])

@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import pytest
 
+from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH, ApiClientConfig, ResourceApiClient
+from imageunlock.engine.models import Credentials
 from imageunlock.errors import (
     ApiRejectedError,
     ApiUnavailableError,
@@ -17,8 +19,6 @@ from imageunlock.errors import (
     ConfigurationError,
     UnlockError,
 )
-from imageunlock.models import Credentials
-from imageunlock.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH, ApiClientConfig, ResourceApiClient
 
 from ..support.net import free_port
 from ..support.resource_api import FakeResourceApi

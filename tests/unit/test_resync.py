@@ -7,9 +7,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+from imageunlock.agent.reconciler import Inputs, Outcome, Verdict
+from imageunlock.agent.resync import Resync
 from imageunlock.errors import RuntimeUnavailableError
-from imageunlock.reconciler import Inputs, Outcome, Verdict
-from imageunlock.resync import Resync
 
 KEY = ("ns", "iu")
 

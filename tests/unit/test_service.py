@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imageunlock.crypto import encrypt_stream
+from imageunlock.engine.crypto import encrypt_stream
+from imageunlock.engine.models import Credentials, Phase, UnlockRequest
+from imageunlock.engine.service import UnlockService
 from imageunlock.errors import (
     ARCHIVE_ERROR_MESSAGE,
     ApiUnavailableError,
@@ -21,8 +23,6 @@ from imageunlock.errors import (
     ImagesNotVerifiedError,
     RuntimeUnavailableError,
 )
-from imageunlock.models import Credentials, Phase, UnlockRequest
-from imageunlock.service import UnlockService
 
 from ..support.fakes import FakeKeyClient, FakeRuntime
 from ..support.savetar import build, config_ids
@@ -158,7 +158,7 @@ def test_without_accepted_credentials_nothing_about_the_archive_is_read_or_shown
 
 
 def test_a_missing_secret_costs_no_file_read(archive, tmp_path, runtime, key, monkeypatch):
-    from imageunlock import service as module
+    from imageunlock.engine import service as module
 
     monkeypatch.setattr(module, "open_archive", lambda *a: pytest.fail("the archive was opened"))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.models import DEFAULT_IMAGES
 from imageunlock.errors import ConfigurationError
-from imageunlock.models import DEFAULT_IMAGES
-from imageunlock.spec import parse_spec, url_allowed
+from imageunlock.kube.spec import parse_spec, url_allowed
 
 GOOD = {
     "archivePath": "/var/lib/imageunlock/images.enc",

@@ -3,8 +3,8 @@ backoff and the progress throttle."""
 
 from __future__ import annotations
 
-from imageunlock import status as st
-from imageunlock.models import Phase
+from imageunlock.engine.models import Phase
+from imageunlock.kube import conditions as st
 
 
 def _cond(status, type_):

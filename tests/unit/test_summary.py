@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageunlock.nodes import MAX_NODES, NodeInfo, Placement, images_digest
-from imageunlock.summary import summarize
+from imageunlock.controller.summary import summarize
+from imageunlock.kube.nodes import MAX_NODES, NodeInfo, Placement, images_digest
 
 EVERYWHERE = Placement()
 NODES = [NodeInfo("a", {"role": "edge"}), NodeInfo("b", {"role": "edge"}), NodeInfo("c", {"role": "cloud"})]

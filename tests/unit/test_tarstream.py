@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 
-from imageunlock.dockersave import ImageTarVerifier
+from imageunlock.engine.dockersave import ImageTarVerifier
 from imageunlock.errors import ArchiveError
 
 from ..support import savetar
@@ -224,7 +224,7 @@ def test_a_plaintext_that_is_also_a_compressed_stream_is_refused():
     [b"BZh91AY", b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x50\x2a\x4d\x18", b"\x5f\x2a\x4d\x18"],
 )
 def test_every_compression_magic_the_engine_detects_is_refused(magic):
-    from imageunlock.tarstream import TarReader, looks_compressed
+    from imageunlock.engine.tarstream import TarReader, looks_compressed
 
     assert looks_compressed(magic + bytes(16))
     reader = TarReader()

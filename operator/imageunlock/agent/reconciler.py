@@ -1,0 +1,385 @@
+"""One reconciliation of one ImageUnlock: spec → unlock service → status and events.
+
+Framework-free and blocking: the kopf handlers and the re-verification loop call it from
+worker threads. It returns an :class:`Outcome`; the kopf handler turns that into
+``kopf.PermanentError`` (Stalled: a user mistake) or ``kopf.TemporaryError`` (a transient
+fault, retried with backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from imageunlock import metrics
+from imageunlock.agent.claims import Claim, find_conflict
+from imageunlock.app.config import AgentConfig
+from imageunlock.engine import archive
+from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
+from imageunlock.engine.models import Credentials, KeyClient, Phase
+from imageunlock.engine.refs import describe, normalize_ref, owned
+from imageunlock.engine.service import UnlockService, VerifiedArchives
+from imageunlock.errors import ConfigurationError, ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
+from imageunlock.kube import conditions as st
+from imageunlock.kube.client import KubernetesApi
+from imageunlock.kube.spec import UnlockSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+# Set it to any new value (e.g. a timestamp) to have the operator verify now, and re-check
+# a Stalled ImageUnlock whose inputs did not change.
+REQUESTED_AT = "loader.azaion.com/requested-at"
+
+
+def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
+    """Image IDs a finished reconcile of this generation verified (``status.images``); the
+    fast path insists on them, so a retagged impostor is not taken for the real image."""
+    if status.get("observedGeneration") != generation:
+        return {}
+    return {
+        i["name"]: i["id"]
+        for i in status.get("images") or []
+        if isinstance(i, Mapping) and i.get("name") and i.get("id")
+    }
+
+
+class Verdict(Enum):
+    """How a reconcile ended, for whoever drives it (kopf's handler, the resync loop)."""
+
+    READY = "ready"
+    STALLED = "stalled"  # a user mistake: kopf.PermanentError
+    RETRY = "retry"  # a transient fault: kopf.TemporaryError after ``delay``
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a Stalled outcome depended on (see :meth:`Reconciler.inputs`)."""
+
+    generation: Any
+    requested: Any
+    secret: Any = None
+    archive: Any = None
+    conflict: Any = None
+
+    def changed(self, before: Inputs | None, reason: str | None) -> bool:
+        """Whether a re-check could end differently. Rejected credentials only change with
+        the Secret (or the spec, or a request): touching the archive does not buy a re-login."""
+        if before is None:
+            return True
+        if reason == "AuthenticationFailed":
+            return (self.generation, self.requested, self.secret) != (
+                before.generation,
+                before.requested,
+                before.secret,
+            )
+        return self != before
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    message: str = ""
+    reason: str = ""
+    delay: float = 0.0
+
+
+def _claim(body: Mapping[str, Any], spec: UnlockSpec) -> Claim:
+    meta = body.get("metadata") or {}
+    return Claim(
+        str(meta.get("namespace") or ""),
+        str(meta.get("name") or ""),
+        str(meta.get("creationTimestamp") or ""),
+        spec.runtime,
+        spec.archive_path,
+        frozenset(normalize_ref(ref) for ref in spec.to_request().refs),
+    )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: AgentConfig,
+        runtime: Any,
+        kube: KubernetesApi,
+        others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+        write_status: Callable[[str, str, dict[str, Any]], None] | None = None,
+        node: str = "",
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.kube = kube
+        self.others = others  # every other ImageUnlock the operator knows of (for claims)
+        # where status goes: an agent writes its node's entry (node.py), never the summary
+        self._write_status = write_status
+        self.node = node  # named in events: many nodes post on one ImageUnlock
+        self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
+        self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
+        self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
+        self.api_settings = ApiClientConfig(
+            connect_timeout=settings.api_connect_timeout,
+            read_timeout=settings.api_read_timeout,
+            retries=settings.api_retries,
+            deadline=settings.api_deadline,
+        )
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        (self._write_status or self.kube.patch_status)(namespace, name, status)
+
+    def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
+        settings = self.settings
+        runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
+        return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
+
+    def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
+        return UnlockService(
+            self.runtime,
+            lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
+            archive_roots=self.roots(namespace),
+            # Another unlock of the same archive is waited for, not failed and retried: it
+            # is one import, and this one then finds its images verified (node_verified).
+            lock_timeout=self.settings.runtime_timeout,
+            verified=self.node_verified,
+            scope=namespace,
+        )
+
+    def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
+        """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
+        it: names are node-wide, and one tenant must not take a name another one uses."""
+        owners = self.settings.image_owners
+        if not owners:
+            return
+        prefixes = owners.get(namespace, ())
+        if foreign := [image for image in spec.images if not owned(image, prefixes)]:
+            allowed = ", ".join(prefixes) or "none"
+            raise ConfigurationError(
+                f"namespace {namespace!r} may not unlock {describe(foreign)} (its image names: {allowed}; "
+                "operator setting IMAGEUNLOCK_IMAGE_OWNERS): correct spec.images or ask the cluster's "
+                "administrator"
+            )
+
+    def roots(self, namespace: str) -> tuple[str, ...]:
+        roots = self.settings.roots_for(namespace)
+        if not roots:  # never "no roots" (which means any path) for an object
+            raise ConfigurationError(f"namespace {namespace!r} cannot have an archive directory")
+        return roots
+
+    def conflict(self, body: Mapping[str, Any], spec: UnlockSpec) -> RefConflictError | None:
+        """Only an ImageUnlock that holds its refs counts as a claim: Ready at its generation,
+        with the IDs it verified. A Stalled or invalid one (say, a squatter naming a path that
+        does not exist) claims nothing, so it cannot block anyone else's unlock."""
+        claims = [claim for other in self.others() if (claim := self._held_claim(other)) is not None]
+        own = self._held_claim(body)
+        return find_conflict(_claim(body, spec), claims, own.refs if own is not None else frozenset())
+
+    def _held_claim(self, body: Mapping[str, Any]) -> Claim | None:
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        key = (meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
+        if key[2] is not None and key in self._claims:  # parsed once per version of each object
+            return self._claims[key]
+        claim = None
+        verified = known_ids(status, int(meta.get("generation") or 0))
+        if status.get("phase") == Phase.READY.value and verified:
+            try:
+                spec = self.parse(body)
+            except UnlockError:
+                spec = None
+            if spec is not None:
+                claim = replace(_claim(body, spec), refs=frozenset(normalize_ref(ref) for ref in verified))
+        if len(self._claims) > 10_000:
+            self._claims.clear()  # bounded: entries of old versions go
+        self._claims[key] = claim
+        return claim
+
+    def inputs(self, body: Mapping[str, Any]) -> Inputs:
+        """Everything a Stalled ImageUnlock's outcome depends on: re-checking it is worth a
+        login only when one of these changed (never a timed retry of known-bad credentials,
+        which gets accounts locked)."""
+        meta = body.get("metadata") or {}
+        requested = (meta.get("annotations") or {}).get(REQUESTED_AT)
+        try:
+            spec = self.parse(body)
+        except UnlockError:
+            return Inputs(meta.get("generation"), requested)
+        conflict = self.conflict(body, spec)
+        return Inputs(
+            meta.get("generation"),
+            requested,
+            self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
+            archive.signature(spec.archive_path, self.roots(str(meta.get("namespace") or ""))),
+            conflict.message if conflict else None,
+        )
+
+    def still_ready(self, body: Mapping[str, Any]) -> bool:
+        """Whether a Ready ImageUnlock's images are all still there with their verified IDs
+        and nothing conflicts; raises a transient UnlockError when the runtime is down."""
+        try:
+            spec = self.parse(body)
+        except UnlockError:
+            return False  # e.g. an allow-list narrowed since: reconcile says why
+        meta = body.get("metadata") or {}
+        try:
+            self.check_owner(str(meta.get("namespace") or ""), spec)
+        except ConfigurationError:
+            return False  # the names are no longer this namespace's: reconcile says why
+        if self.conflict(body, spec) is not None:
+            return False
+        known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
+        return self.service(spec, str(meta.get("namespace") or "")).present(spec.to_request(known)) is not None
+
+    def verified(self, body: Mapping[str, Any]) -> None:
+        """Record a re-verification that found everything in place (no reconcile needed)."""
+        meta = body.get("metadata") or {}
+        self.write_status(meta.get("namespace", ""), meta.get("name", ""), _handled(body))
+
+    def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
+        started = time.monotonic()
+        meta = body.get("metadata", {})
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        generation = int(meta.get("generation") or 0)
+        status = dict(body.get("status") or {})
+        run = _Reconciliation(self, body, namespace, name, generation, status.get("conditions"))
+        try:
+            spec = self.parse(body)
+            self.check_owner(namespace, spec)
+            # No "reconciling" write of its own: a fast path ends in one write (Ready), and an
+            # unlock's first step writes its phase anyway.
+            if (conflict := self.conflict(body, spec)) is not None:
+                raise conflict
+            known = known_ids(status, generation)
+            result = self.service(spec, namespace).unlock(
+                spec.to_request(known),
+                lambda: self.kube.read_credentials(namespace, spec.secret_name),
+                run.report,
+            )
+        except UnlockError as exc:
+            return run.failed(exc, attempt)
+        except Exception as exc:  # a bug or an unforeseen library error: retry, say little
+            log.exception("unexpected error reconciling %s/%s", namespace, name)
+            return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
+        unlocked_at = None if result.fast_path else st.now_rfc3339()
+        if not result.fast_path:
+            runtime = getattr(self.runtime, "name", "unknown")
+            metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
+            metrics.BYTES_LOADED.labels(runtime).inc(result.archive_bytes)
+        ready = st.ready(
+            result.images, result.fast_path, generation, run.conditions, result.archive_bytes, unlocked_at=unlocked_at
+        )
+        try:
+            run.write({**ready, **_handled(body)})
+        except UnlockError as exc:  # the images are fine; the record of it is not yet
+            return run.failed(exc, attempt)
+        if not result.fast_path or status.get("phase") not in (None, Phase.READY.value):
+            how = "loaded and verified" if not result.fast_path else "already present"
+            run.event(
+                "Normal",
+                "Unlocked" if not result.fast_path else "AlreadyPresent",
+                f"{len(result.images)} image(s) {how} at version {spec.version}",
+            )
+        return Outcome(Verdict.READY, "ready")
+
+
+class _Reconciliation:
+    """State of one reconciliation: the conditions as last written, and a throttle."""
+
+    def __init__(
+        self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str, generation: int, conditions: Any
+    ) -> None:
+        self.owner, self.body = owner, body
+        self.namespace, self.name, self.generation = namespace, name, generation
+        self.conditions = conditions if isinstance(conditions, list) else []
+        self.throttle = st.Throttle(owner.settings.progress_interval)
+        self.phase: Phase | None = None
+        self.started = False  # the Unlocking event is posted
+        self.decrypted = 0  # bytes counted in imageunlock_bytes_decrypted_total
+        # A re-check of this generation's Stalled outcome stays quiet (no status write, no
+        # event) until the resource API has accepted the credentials: a re-check that fails
+        # the same way again costs one write (lastHandledRequestedAt) and no event on each
+        # node, whatever the number of nodes and requests.
+        status = body.get("status") or {}
+        self.stalled = (
+            (status.get("phase"), status.get("observedGeneration")) == (Phase.FAILED.value, generation),
+            condition_reason(self.conditions, "Stalled"),
+            status.get("message"),
+        )
+        self.quiet = self.stalled[0]
+
+    def write(self, status: dict[str, Any]) -> None:
+        self.owner.write_status(self.namespace, self.name, status)
+        self.conditions = status.get("conditions", self.conditions)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        where = f"node {self.owner.node}: " if self.owner.node else ""
+        self.owner.kube.post_event(self.body, type_, reason, where + message)
+
+    def report(self, phase: Phase, message: str, done: int, total: int) -> None:
+        self.phase = phase
+        if phase == Phase.PENDING and not total:
+            return  # the fast-path check: not worth a status write or an event on its own
+        if self.quiet and phase in (Phase.PENDING, Phase.AUTHENTICATING):
+            return
+        self.quiet = False
+        if not self.started:  # the first step of a real unlock (hashing the archive, or logging in)
+            self.started = True
+            self.event("Normal", "Unlocking", "images not present: unlocking the archive")
+        if phase == Phase.LOADING and done > self.decrypted:
+            metrics.BYTES_DECRYPTED.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            self.decrypted = done
+        if self.throttle.ready(phase, final=bool(total) and done >= total):
+            self.write(st.working(phase, message, self.generation, self.conditions, done, total))
+
+    def failed(self, exc: UnlockError, attempt: int) -> Outcome:
+        metrics.FAILURES.labels(exc.reason).inc()
+        if exc.transient:
+            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            phase = (self.phase or Phase.PENDING).value
+            self.write_or_log(
+                st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase)
+            )
+            self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
+            return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
+        if self.quiet and self.stalled[1:] == (exc.reason, exc.message):
+            # The same Stalled outcome again: record only the request it answered, if any.
+            handled = _handled(self.body)
+            if "lastHandledRequestedAt" in handled and self.write_or_log(
+                {"lastHandledRequestedAt": handled["lastHandledRequestedAt"]}
+            ):
+                log.debug("%s/%s re-checked: unchanged (%s)", self.namespace, self.name, exc.reason)
+            return Outcome(Verdict.STALLED, exc.message, exc.reason)
+        images = None
+        if isinstance(exc, ImagesNotVerifiedError):
+            images = {ref: None for ref in exc.missing}
+        stalled = st.stalled(exc.reason, exc.message, self.generation, self.conditions, images)
+        if not self.write_or_log({**stalled, **_handled(self.body)}):
+            # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
+            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
+        self.event("Warning", exc.reason, exc.message)
+        return Outcome(Verdict.STALLED, exc.message, exc.reason)
+
+    def write_or_log(self, status: dict[str, Any]) -> bool:
+        """Write a failure's status; if the API server refuses that too, log it and go on (the
+        verdict still reaches kopf or the resync loop, which retry with backoff)."""
+        try:
+            self.write(status)
+        except UnlockError as exc:
+            log.warning("status of %s/%s not written: %s", self.namespace, self.name, exc.message)
+            return False
+        return True
+
+
+def condition_reason(conditions: Sequence[Any], kind: str) -> Any:
+    """The reason of the condition of type ``kind``, if there is one."""
+    return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == kind), None)
+
+
+def _handled(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The status fields of a finished check: when, and which re-check request it answered."""
+    requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
+    handled = {"lastVerifiedTime": st.now_rfc3339()}
+    if requested is not None:
+        handled["lastHandledRequestedAt"] = requested
+    return handled

@@ -1,0 +1,177 @@
+"""When an agent reconciles an ImageUnlock on its node (framework-free; the agent's loop
+calls ``step`` for every selected object about once a second, from worker threads, with the
+object as this node sees it: its status is the node's entry, see nodes.view).
+
+Level-triggered, like a controller's work queue: a generation this node has not finished
+(its entry's ``observedGeneration`` differs) is reconciled at once; a Ready object is
+re-verified every verify interval (and unlocked again when an image went missing, changed
+or became contested); transient failures are retried exactly when the status says
+("retrying in Ns"), with growing backoff; and a Stalled object is re-checked only when
+something the failure depended on changed — generation, the Secret, the archive file, a
+competing claim, or the ``loader.azaion.com/requested-at`` annotation — never on a timer, so
+known-bad credentials are not replayed until the account locks.
+
+A per-object lock keeps two workers from reconciling one object at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from imageunlock.agent.reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict, condition_reason
+from imageunlock.engine.models import Phase
+from imageunlock.errors import UnlockError
+
+log = logging.getLogger(__name__)
+
+ObjectKey = tuple[str, str]  # (namespace, name)
+# A check that found everything in place is recorded (lastVerifiedTime) at most this often,
+# or at once when asked (requested-at): every status write goes to every watcher of every
+# ImageUnlock, and on a fleet each node's write carries the whole object.
+RECORD_VERIFIED = 3600.0
+# Requested re-checks (requested-at) of one object are handled at most this often on a node:
+# a later request waits for the rest of the interval (deferred, never dropped), so a script
+# bumping the annotation cannot turn into a stream of unlock attempts on every node.
+REQUEST_INTERVAL = 30.0
+# A new generation is reconciled at once, unless this node started a reconcile of the object
+# less than this long ago: then when the interval is up (the latest generation; none is
+# lost). Edits in a loop then cost each node one unlock attempt per interval, not one each.
+GENERATION_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class Due:
+    at: float = 0.0  # monotonic time of the next look
+    attempt: int = 0  # transient failures in a row (the backoff exponent)
+    inputs: Inputs | None = None  # what a Stalled outcome depended on
+    generation: Any = None  # the generation the last reconcile was for
+    uid: Any = None  # of the object it was for: one created anew under the same name starts afresh
+    requested: Any = None  # the requested-at value already acted on (acted on once, not every tick)
+    asked: float = float("-inf")  # monotonic time a requested re-check was last acted on
+
+
+class Resync:
+    def __init__(self, reconciler: Reconciler, clock: Callable[[], float] = time.monotonic) -> None:
+        self.reconciler = reconciler
+        self.clock = clock
+        self.due: dict[ObjectKey, Due] = {}
+        self._locks: dict[ObjectKey, threading.Lock] = {}
+        self._started: dict[ObjectKey, float] = {}  # when a reconcile of the object last began
+        self._guard = threading.Lock()
+
+    @property
+    def interval(self) -> float:
+        return self.reconciler.settings.verify_interval
+
+    def due_now(self, key: ObjectKey) -> bool:
+        """Whether a look at ``key`` is scheduled and due (a retry, a re-verification, a
+        Stalled re-check). An object never scheduled is looked at when it changes."""
+        due = self.due.get(key)
+        return due is not None and self.clock() >= due.at
+
+    def next_due_in(self) -> float:
+        """Seconds until the earliest scheduled look (negative when one is overdue; infinite
+        when none is scheduled)."""
+        soonest = min((due.at for due in list(self.due.values())), default=float("inf"))
+        return soonest - self.clock()
+
+    def lock(self, key: ObjectKey) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def forget(self, key: ObjectKey) -> None:
+        with self._guard:
+            self._locks.pop(key, None)
+            self.due.pop(key, None)
+            self._started.pop(key, None)
+
+    def record(self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, generation: Any) -> None:
+        """Schedule the next look after a reconcile."""
+        now = self.clock()
+        if outcome.verdict is Verdict.RETRY:
+            self.due[key] = Due(now + outcome.delay, attempt + 1, None, generation)
+        elif outcome.verdict is Verdict.STALLED:
+            self.due[key] = Due(now + self.interval, 0, inputs, generation)
+        else:
+            self.due[key] = Due(now + self.interval, 0, None, generation)
+
+    def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        generation, uid = meta.get("generation"), meta.get("uid")
+        due = self.due.get(key, Due())
+        if due.uid is not None and due.uid != uid:
+            due = Due()  # another object of the same name: nothing of the old one applies
+        request = _requested(body)
+        now = self.clock()
+        if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
+            if now < self._started.get(key, float("-inf")) + GENERATION_INTERVAL:
+                return  # edits in quick succession: the latest one when the interval is up
+            due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
+        elif now < due.at:
+            if request is None or request == due.requested:
+                return  # not due; a pending request is acted on once, then the schedule holds
+            if now < due.asked + REQUEST_INTERVAL:
+                return  # a request too soon after the last one: deferred to the interval's end
+        lock = self.lock(key)
+        if not lock.acquire(blocking=False):
+            return  # another worker is reconciling it right now
+        try:
+            self._step(key, body, due)
+        finally:
+            lock.release()
+        if key in self.due:
+            asked = now if request is not None and request != due.requested else due.asked
+            self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
+
+    def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
+        status = body.get("status") or {}
+        generation = (body.get("metadata") or {}).get("generation")
+        phase = status.get("phase") if status.get("observedGeneration") == generation else None
+        try:
+            if phase == Phase.READY.value and self.reconciler.still_ready(body):
+                if _requested(body) is not None or _older_than(status.get("lastVerifiedTime"), RECORD_VERIFIED):
+                    self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
+                self.due[key] = Due(self.clock() + self.interval, 0, None, generation)
+                return
+            inputs = self.reconciler.inputs(body)  # read before the reconcile, so a change during it counts
+        except UnlockError as exc:  # the runtime or the API server is down: look again later
+            log.info("re-verification of %s/%s postponed: %s", *key, exc.message)
+            self.due[key] = Due(self.clock() + min(self.interval, 30.0), due.attempt, due.inputs, due.generation)
+            return
+        if phase == Phase.FAILED.value and not inputs.changed(due.inputs, _stalled_reason(status)):
+            self.due[key] = Due(self.clock() + self.interval, 0, due.inputs, generation)
+            return  # nothing it depends on changed: a re-check would fail the same way
+        if phase == Phase.READY.value:
+            log.info("images of %s/%s changed, went missing or are contested: unlocking again", *key)
+        # A new generation, Ready but no longer true, Stalled with changed inputs, or a retry fell due.
+        self._started[key] = self.clock()
+        outcome = self.reconciler.reconcile(body, attempt=due.attempt)
+        self.record(key, outcome, due.attempt, inputs, generation)
+
+
+def _older_than(timestamp: Any, seconds: float) -> bool:
+    """Whether an RFC 3339 time is missing, unreadable or more than ``seconds`` old."""
+    try:
+        then = datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return (datetime.now(UTC) - then).total_seconds() > seconds
+
+
+def _requested(body: Mapping[str, Any]) -> str | None:
+    """The requested-at value of a re-check asked for and not yet recorded as handled."""
+    requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
+    if requested is None or requested == (body.get("status") or {}).get("lastHandledRequestedAt"):
+        return None
+    return str(requested)
+
+
+def _stalled_reason(status: Mapping[str, Any]) -> str | None:
+    reason = condition_reason(status.get("conditions") or [], "Stalled")
+    return str(reason) if reason is not None else None

@@ -1,0 +1,95 @@
+"""Shared data of every layer (pure): phases, the unlock request and result, credentials,
+and the two interfaces the unlock service is written against (a runtime, a key client)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from imageunlock.errors import ConfigurationError
+
+# The seeds' API_SERVICES: what an archive holds unless a request says otherwise.
+DEFAULT_IMAGES: tuple[str, ...] = (
+    "azaion/annotations",
+    "azaion/flights",
+    "azaion/detections",
+    "azaion/gps-denied-onboard",
+    "azaion/gps-denied-desktop",
+    "azaion/autopilot",
+    "azaion/ai-training",
+)
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    AUTHENTICATING = "Authenticating"
+    FETCHING_KEY = "FetchingKey"
+    LOADING = "Loading"
+    VERIFYING = "Verifying"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+Report = Callable[[Phase, str, int, int], None]
+
+
+class Runtime(Protocol):
+    """A container runtime's image store (runtimes/): the service never knows which."""
+
+    name: str
+
+    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]:
+        """``{ref: image ID (config digest) or None when absent}``."""
+        ...
+
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
+        """Import an image archive streamed as ``chunks``; all or nothing when ``chunks``
+        raises. ``refs`` are the only names the archive may create (the stream checks hold
+        it to them): a failed import undoes those, never another image. Returns what the
+        runtime says it loaded."""
+        ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KeyClient(Protocol):
+    """A logged-in session with the resource API (resource_api.ResourceApiClient)."""
+
+    def login(self) -> None: ...
+    def key_fragment(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class UnlockRequest:
+    archive_path: str
+    version: str
+    images: tuple[str, ...] = DEFAULT_IMAGES
+    archive_sha256: str | None = None
+    # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
+    known_ids: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def refs(self) -> list[str]:
+        return [f"{name}:{self.version}" for name in self.images]
+
+
+@dataclass(frozen=True)
+class UnlockResult:
+    images: dict[str, str]  # ref -> image ID
+    fast_path: bool
+    archive_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    email: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.email or not self.password:
+            raise ConfigurationError("credentials need a non-empty email and password")

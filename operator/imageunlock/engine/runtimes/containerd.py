@@ -1,0 +1,496 @@
+"""Adapter: containerd, through its ``ctr`` command line (Debian's ``containerd`` package).
+
+On a node where kubelet talks to containerd (k3s, kubeadm, every cluster since dockershim
+left Kubernetes in 1.24) pods run from containerd's ``k8s.io`` namespace, never from a
+Docker Engine: this runtime imports there. It needs ``ctr`` on PATH and containerd's socket.
+
+``load`` streams the plaintext into ``ctr images import --all-platforms -`` through a pipe:
+no file, and memory bounded by one chunk (plus the kernel's pipe buffer). ``--all-platforms``
+because ``docker load`` loads an image whatever its platform; without it ctr refuses one
+that is not the node's ("image might be filtered out"). Two facts about ctr shape the rest:
+
+* ctr imports as soon as its tar reader meets the end-of-archive marker (two zero blocks):
+  it does not wait for the end of its input. So every trailing run of zero bytes is held
+  back (as a count, not in memory) until non-zero data follows it or the stream has ended
+  without error, and if the chunk iterator raises, ctr is killed (SIGKILL) before its input
+  is closed. The stream's checks refuse anything but zero blocks after an end marker, so no
+  marker can hide in the data released before that: ctr never sees a complete archive
+  before the iterator has finished, and a killed ctr creates no image. Should ctr finish
+  early all the same, the rest of the stream is still checked, and what ctr imported is
+  removed if that fails.
+* an interrupted import leaves the blobs it had already written in the content store, held
+  by ctr's own lease (24 hours, then containerd's garbage collector deletes them); no image
+  record, no snapshot.
+* ctr creates every image record before it unpacks any: when the unpack fails (a layer that
+  is no tar, a full disk) the records exist. Those this import created or changed are
+  removed again, so no broken image stays pinned — and only those: a record counts as this
+  import's only if its name is one the import may create (a requested ref: the stream
+  checks refuse an archive that names anything else) or one ctr reported for it. Another
+  import's images are never touched, and no other import runs meanwhile: every import
+  into one containerd on a node (agent workers and CLI runs alike) holds that socket's
+  import lock (importlock.py).
+
+After the import every image ctr reports is labelled ``io.cri-containerd.pinned=pinned``
+(ctr ≥ 2.0 also sets it during the import): the CRI reports such an image as pinned, and
+kubelet's image garbage collection never removes a pinned image. containerd honours the
+label from 1.7.3; an older daemon is logged as such. ``image_ids`` reads each image
+record's manifest (``ctr content get``) for the config digest: the image ID the CRI (and
+Docker) report. Refs are compared as containerd names them (``docker.io/azaion/x:1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import stat
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any
+
+from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.runtimes.importlock import exclusive_import
+from imageunlock.errors import (
+    ArchiveRejectedError,
+    ConfigurationError,
+    LoadError,
+    RuntimeUnavailableError,
+    UnlockError,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_NAMESPACE = "k8s.io"  # the CRI's namespace: the only one kubelet runs pods from
+DEFAULT_TIMEOUT = 900.0
+PINNED_LABEL = "io.cri-containerd.pinned=pinned"
+PINNING_FROM = (1, 7, 3)  # the first containerd whose CRI honours the pinned label
+COMMAND_TIMEOUT = 60.0  # ctr calls other than the import
+_ZEROS = bytes(64 * 1024)
+BLOCK = 512  # the tar block
+_OUTPUT_LIMIT = 64 * 1024  # bytes of ctr's stderr kept for an error message
+_MAX_NAMES = 10_000
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_IMPORTED = re.compile(r"^unpacking (\S+) \((sha256:[0-9a-f]{64})\)")
+_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386"}
+
+# Words in ctr's messages that say containerd cannot be reached (a transient fault) ...
+_UNREACHABLE = (
+    "cannot access socket",
+    "failed to dial",
+    "error while dialing",
+    "connection refused",
+    "code = unavailable",
+    "transport is closing",
+    "connection reset",
+)
+# ... or that the node, not the archive, is in trouble: worth a retry.
+_NODE_TROUBLE = (
+    "no space left",
+    "read-only file system",
+    "too many open files",
+    "cannot allocate memory",
+    "disk quota exceeded",
+    "input-output error",
+    "i-o timeout",
+    "context canceled",
+    "code = resourceexhausted",
+)
+
+
+def _words(text: str) -> str:
+    """ctr's message without anything path-like: its messages quote member names from the
+    archive (``open .../no space left/x``), and only words outside any path may classify it."""
+    text = text.lower().replace("input/output", "input-output").replace("i/o", "i-o")
+    return " ".join(re.sub(r"\S*/\S*", " ", text).split())
+
+
+def _version(text: str | None) -> tuple[int, int, int] | None:
+    found = _VERSION.search(text or "")
+    return (int(found[1]), int(found[2]), int(found[3])) if found else None
+
+
+class _Collector(threading.Thread):
+    """Reads one of ctr's output pipes to its end (so ctr never blocks on a full pipe),
+    keeping the names ctr reports as imported and the last ``_OUTPUT_LIMIT`` bytes."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        super().__init__(name="ctr-output", daemon=True)
+        self.pipe = pipe
+        self.tail = b""
+        self.names: list[str] = []
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.pipe:
+                self.tail = (self.tail + line)[-_OUTPUT_LIMIT:]
+                if (found := _IMPORTED.match(line.decode(errors="replace"))) and len(self.names) < _MAX_NAMES:
+                    self.names.append(found[1])
+
+    @property
+    def text(self) -> str:
+        return self.tail.decode(errors="replace")
+
+
+class _Pipe:
+    """ctr's standard input: writes whole chunks, holding back trailing zero bytes and one or
+    two last bytes, so that what ctr has read never ends on a 512-byte tar block boundary
+    until the stream has passed its checks. Should this process die mid-stream (the OOM
+    killer, SIGKILL) and the kernel close ctr's input, ctr meets a truncated block — an
+    error — never what Go's tar reader takes for a clean end of the archive."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.zeros = 0  # zero bytes received and not yet passed on
+        self.pending = b""  # the last one or two bytes received, not yet passed on
+        self.sent = 0  # bytes ctr has been given
+
+    def feed(self, chunk: bytes) -> bool:
+        """False once ctr has stopped reading."""
+        if not chunk:
+            return True
+        if chunk[-1]:  # the usual case: no zeros to hold back
+            return self.flush() and self._write(chunk)
+        body = chunk.rstrip(b"\0")
+        if not body:
+            self.zeros += len(chunk)
+            return True
+        if not (self.flush() and self._write(body)):
+            return False
+        self.zeros = len(chunk) - len(body)
+        return True
+
+    def flush(self) -> bool:
+        while self.zeros:
+            n = min(self.zeros, len(_ZEROS))
+            if not self._write(_ZEROS[:n]):
+                return False
+            self.zeros -= n
+        return True
+
+    def close(self) -> bool:
+        """The stream has passed its checks: everything held back goes to ctr."""
+        if not self.flush():
+            return False
+        pending, self.pending = self.pending, b""
+        return self._send(pending)
+
+    def _write(self, data: bytes) -> bool:
+        if not data:
+            return True
+        available = len(self.pending) + len(data)
+        keep = min(available, 1 if (self.sent + available - 1) % BLOCK else 2)
+        pending, count = self.pending, available - keep
+        from_pending = min(count, len(pending))
+        self.pending = (pending[from_pending:] + data[-keep:])[-keep:]
+        return self._send(pending[:from_pending]) and self._send(memoryview(data)[: count - from_pending])
+
+    def _send(self, data: bytes | memoryview) -> bool:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                self.sent += written
+                view = view[written:]
+        except BrokenPipeError:
+            return False
+        return True
+
+
+class _Import:
+    """One running ``ctr images import``: the process, its output readers and a watchdog."""
+
+    def __init__(self, args: list[str], timeout: float) -> None:
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdin = self.proc.stdin
+        self.out, self.err = _Collector(self.proc.stdout), _Collector(self.proc.stderr)
+        self.out.start()
+        self.err.start()
+        self.expired = False
+        self.watchdog = threading.Timer(timeout, self._expire)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+        self.pipe = _Pipe(self.stdin.fileno())
+
+    def _expire(self) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            self.proc.kill()  # before its input ends: it imports nothing
+
+    def kill(self) -> None:
+        """SIGKILL first, close its input after: ctr must never see the end of its input."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.finish(close_first=False)
+
+    def finish(self, close_first: bool = True) -> int:
+        """Close ctr's input (after a kill: only then), wait for it, collect its output."""
+        if close_first:
+            with contextlib.suppress(OSError):
+                self.stdin.close()
+        code = self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        self.watchdog.cancel()
+        self.out.join()
+        self.err.join()
+        return code
+
+    @property
+    def message(self) -> str:
+        """ctr's own error line (``ctr: ...``), else its last line, shortened."""
+        lines = [line.strip() for line in self.err.text.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("ctr: ")]
+        return ((errors or lines or ["no error output"])[-1])[:500]
+
+
+class ContainerdRuntime:
+    name = "containerd"
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = DEFAULT_TIMEOUT,
+        ctr: str = "ctr",
+    ) -> None:
+        self.address = address.removeprefix("unix://")
+        self.namespace = namespace
+        self.timeout = timeout
+        self.ctr = ctr
+        self._configs: dict[str, str] = {}  # manifest or index digest -> config digest
+        self._client: tuple[int, int, int] | None = None
+        self._server: tuple[int, int, int] | None = None
+        self._warned = False
+
+    # -- running ctr -------------------------------------------------------------------
+
+    def _binary(self) -> str:
+        found = shutil.which(self.ctr)
+        if found is None:
+            raise ConfigurationError(
+                f"{self.ctr!r} (containerd's command line) is not on PATH: the containerd runtime "
+                "needs it (Debian: apt install containerd; the operator image must include it)"
+            )
+        return found
+
+    def _unreachable(self, detail: str) -> RuntimeUnavailableError:
+        return RuntimeUnavailableError(
+            f"containerd at {self.address} is not reachable ({detail}); "
+            "check that it runs and that its socket is mounted"
+        )
+
+    def _check_socket(self) -> None:
+        """Fail fast: an absent socket makes older ctr wait 10 s before it gives up."""
+        try:
+            info = os.stat(self.address)
+        except FileNotFoundError:
+            raise self._unreachable("no socket") from None
+        except OSError as exc:
+            raise self._unreachable(exc.strerror or type(exc).__name__) from None
+        if not stat.S_ISSOCK(info.st_mode):
+            raise self._unreachable("not a socket")
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = [self._binary(), "-a", self.address, "-n", self.namespace, *args]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise self._unreachable(f"ctr {args[0]} did not answer within {COMMAND_TIMEOUT:.0f}s") from None
+        if check and done.returncode != 0:
+            raise self._failure(_last_line(done.stderr), load=False)
+        return done
+
+    def _failure(self, message: str, load: bool) -> UnlockError:
+        """Classify what ctr said. Our stream checks passed, so a refused import is the
+        archive's own content and permanent; only trouble reaching containerd or on the node
+        is transient."""
+        words = _words(message)
+        if any(marker in words for marker in _UNREACHABLE):
+            return self._unreachable(message)
+        if any(marker in words for marker in _NODE_TROUBLE):
+            return LoadError(f"containerd could not import the archive: {message}")
+        if not load:
+            return self._unreachable(message)  # a listing or label call: containerd is the problem
+        return ArchiveRejectedError(
+            f"containerd refused the archive's content: {message}; it passed the stream checks, so the "
+            "archive itself is malformed: rebuild it (retrying the same archive cannot help)"
+        )
+
+    def _versions(self) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+        """ctr's own version and the daemon's (``ctr version``; raises when unreachable)."""
+        if self._client is None or self._server is None:
+            done = self._run("version", check=False)
+            client = re.search(r"Client:\s*\n\s*Version:\s*(\S+)", done.stdout)
+            server = re.search(r"Server:\s*\n\s*Version:\s*(\S+)", done.stdout)
+            if done.returncode != 0 or server is None:
+                raise self._failure(_last_line(done.stderr) or "no answer", load=False)
+            self._client = _version(client[1] if client else None) or (0, 0, 0)
+            self._server = _version(server[1])
+        return self._client, self._server
+
+    # -- the Runtime protocol --------------------------------------------------------------
+
+    def close(self) -> None:
+        return None  # every call is its own ctr process: nothing is held open
+
+    def ping(self) -> None:
+        self._check_socket()
+        self._client = self._server = None  # ask again: the daemon may have been upgraded
+        self._versions()
+
+    def image_ids(self, refs: Sequence[str]) -> dict[str, str | None]:
+        """``{ref: config digest or None when absent}``, each ref looked up under its
+        CRI-normalised name."""
+        self._check_socket()
+        records = self._records()
+        return {ref: self._config_digest(records.get(normalize_ref(ref))) for ref in refs}
+
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
+        """Import the archive streamed as ``chunks`` (which may create only ``refs``); pin and
+        return what ctr imported. One import at a time per containerd on this node."""
+        binary = self._binary()
+        self._check_socket()
+        client, _server = self._versions()
+        with exclusive_import(self.name, self.address, self.timeout):
+            return self._load(binary, client, iter(chunks), {normalize_ref(ref) for ref in refs})
+
+    def _load(self, binary: str, client: tuple[int, int, int], stream: Iterator[bytes], refs: set[str]) -> list[str]:
+        args = [binary, "-a", self.address, "-n", self.namespace, "images", "import", "--all-platforms"]
+        if client >= (2, 0, 0):  # client-side import (as ctr 1.x does); pinned from the start
+            args += ["--local", "--label", PINNED_LABEL]
+        args.append("-")
+        before = self._records()
+        running = _Import(args, self.timeout)
+        try:
+            ended = all(running.pipe.feed(chunk) for chunk in stream)
+            if ended:
+                running.pipe.close()  # ctr may stop reading at the end marker: that is fine
+        except BaseException:  # the stream failed (or we were interrupted): nothing may load
+            running.kill()
+            raise
+        code = running.finish()
+        if running.expired:
+            _close(stream)
+            raise LoadError(f"ctr did not finish importing within {self.timeout:.0f}s (IMAGEUNLOCK_RUNTIME_TIMEOUT)")
+        if code < 0:
+            _close(stream)
+            raise LoadError(f"ctr was killed by signal {-code} while importing")
+        if code != 0:
+            _close(stream)
+            if ended:  # ctr had the whole archive: it may have created records before failing
+                self._undo(before, refs | set(running.out.names))
+            raise self._failure(running.message, load=True)
+        names = running.out.names
+        if not ended:
+            # ctr finished before the stream did: the rest must still pass its checks, or
+            # what ctr imported goes again.
+            try:
+                for _ in stream:
+                    pass
+            except BaseException:
+                self._undo(before, set(names))
+                raise
+        self._pin(names)
+        return names
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _pin(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._run("images", "label", name, PINNED_LABEL)
+        server = self._server
+        if server is not None and server < PINNING_FROM and not self._warned:
+            self._warned = True
+            log.warning(
+                "containerd %s ignores the %s label (honoured from 1.7.3): kubelet's image garbage "
+                "collection may remove unlocked images when the disk fills",
+                ".".join(map(str, server)),
+                PINNED_LABEL,
+            )
+
+    def _remove(self, names: Sequence[str]) -> None:
+        if names:
+            with contextlib.suppress(UnlockError):
+                self._run("images", "rm", *names, check=False)
+
+    def _undo(self, before: dict[str, tuple[str, str, str]], ours: set[str]) -> None:
+        """After a refused import (a layer that does not unpack, a full disk): ctr creates every
+        image record first and unpacks after, so records of this archive may exist, pinned
+        (ctr >= 2 labels them at creation) and never to be collected. Remove those this import
+        created or changed — among the names it may create (``ours``), never another's."""
+        with contextlib.suppress(UnlockError):
+            self._remove(
+                [
+                    name
+                    for name, (_kind, digest, _labels) in self._records().items()
+                    if name in ours and before.get(name, ("", "", ""))[1] != digest
+                ]
+            )
+
+    def _records(self) -> dict[str, tuple[str, str, str]]:
+        """``{image name: (target media type, target digest, labels)}`` from ``ctr images ls``."""
+        records: dict[str, tuple[str, str, str]] = {}
+        for line in self._run("images", "ls").stdout.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3 and _DIGEST.match(fields[2]):
+                records[fields[0]] = (fields[1], fields[2], fields[-1] if "=" in fields[-1] else "")
+        return records
+
+    def _config_digest(self, record: tuple[str, str, str] | None) -> str | None:
+        if record is None:
+            return None
+        digest = record[1]
+        if digest not in self._configs:  # content-addressed: what a digest names never changes
+            found = self._config_of(digest, depth=0)
+            if found is None:
+                return None  # absent or unreadable now: ask again next time
+            self._configs[digest] = found
+        return self._configs[digest]
+
+    def _config_of(self, digest: str, depth: int) -> str | None:
+        """The config digest of a manifest, or of the node's platform's manifest in an index."""
+        document = self._content(digest)
+        if isinstance(document, dict) and isinstance(config := document.get("config"), dict):
+            found = config.get("digest")
+            return found if isinstance(found, str) and _DIGEST.match(found) else None
+        manifests = document.get("manifests") if isinstance(document, dict) else None
+        if depth or not isinstance(manifests, list):
+            return None
+        wanted = {"os": "linux", "architecture": _ARCH.get(platform.machine(), platform.machine())}
+        for entry in manifests:
+            target = entry.get("platform") if isinstance(entry, dict) else None
+            if isinstance(target, dict) and all(target.get(k) == v for k, v in wanted.items()):
+                child = entry.get("digest")
+                if isinstance(child, str) and _DIGEST.match(child):
+                    return self._config_of(child, depth + 1)
+        return None
+
+    def _content(self, digest: str) -> Any:
+        done = self._run("content", "get", digest, check=False)
+        if done.returncode != 0:
+            if "not found" in done.stderr:
+                return None
+            raise self._failure(_last_line(done.stderr), load=False)
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _close(stream: Iterator[bytes]) -> None:
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,290 @@
+"""Adapter: the Kubernetes API where kopf does not cover it.
+
+Reading the credentials Secret, and writing status and events from worker threads while an
+unlock is under way (kopf only patches when a handler returns). Blocking calls: used from
+threads only. No Secret value ever leaves ``read_credentials`` except inside
+:class:`Credentials`, whose ``repr`` hides the password; no API error body is echoed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+import kubernetes.watch
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from imageunlock.engine.models import Credentials
+from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL, KIND = "loader.azaion.com", "v1alpha1", "imageunlocks", "ImageUnlock"
+MAX_EMAIL_BYTES = 1024
+MAX_PASSWORD_BYTES = 4096
+COMPONENT = "imageunlock-operator"
+MAX_REMEMBERED_EVENTS = 4096
+WATCH_SECONDS = 300  # the server ends a watch after this; it is resumed from the last version
+
+
+def _client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+class KubernetesApi:
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None, instance: str = COMPONENT) -> None:
+        self.api_client = api_client or _client()
+        self.instance = instance  # the event source's host: an agent's node
+        self.core = kubernetes.client.CoreV1Api(self.api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
+        self._events: OrderedDict[tuple[Any, ...], tuple[str, int]] = OrderedDict()  # what post_event sent
+        self._events_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    def read_credentials(self, namespace: str, name: str) -> Credentials:
+        where = f"Secret {namespace}/{name}"
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ConfigurationError(
+                    f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys email and password"
+                ) from None
+            if exc.status == 403:
+                raise ConfigurationError(f"the operator is not allowed to read {where} (RBAC)") from None
+            raise KubernetesUnavailableError(f"reading {where} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"reading {where} failed ({type(exc).__name__})") from None
+        data: dict[str, Any] = secret.data or {}
+        missing = [key for key in ("email", "password") if not data.get(key)]
+        if missing:
+            raise ConfigurationError(f"{where} lacks key(s) {', '.join(missing)}; it needs email and password")
+        email = _decode(where, "email", data["email"], MAX_EMAIL_BYTES)
+        password = _decode(where, "password", data["password"], MAX_PASSWORD_BYTES)
+        return Credentials(email=email, password=password)
+
+    def secret_version(self, namespace: str, name: str) -> str | None:
+        """The Secret's resourceVersion (None when absent or unreadable): tells whether the
+        credentials changed without looking at them."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None
+            raise KubernetesUnavailableError(f"reading Secret {namespace}/{name} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(
+                f"reading Secret {namespace}/{name} failed ({type(exc).__name__})"
+            ) from None
+        return secret.metadata.resource_version if secret.metadata else None
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None) -> None:
+        extra: dict[str, Any] = {"field_manager": manager} if manager else {}
+        self._write_status(
+            "status", namespace, name, {"status": dict(status)}, _content_type="application/merge-patch+json", **extra
+        )
+
+    def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None:
+        """Write this node's entry in ``status.nodes`` (None: remove it) by server-side apply
+        under the node's own field manager: the API server merges the list by ``name``, so
+        concurrent agents never overwrite each other, and applying an empty list removes only
+        the entry this manager owns."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"nodes": [dict(entry)] if entry else []},
+        }
+        self._write_status(
+            f"node {node}'s status",
+            namespace,
+            name,
+            body,
+            field_manager=node_manager(node),
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    def _write_status(self, what: str, namespace: str, name: str, body: dict[str, Any], **options: Any) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body, **options)
+        except ApiException as exc:
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                log.info("ImageUnlock %s/%s is gone; %s not written", namespace, name, what)
+                return
+            raise KubernetesUnavailableError(f"writing {what} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"writing {what} failed ({type(exc).__name__})") from None
+
+    def read_node(self, name: str) -> dict[str, Any] | None:
+        """The Node object (as JSON-style dicts), or None when there is no such Node."""
+        try:
+            node = self.core.read_node(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubernetesUnavailableError(f"reading Node {name} failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"reading Node {name} failed ({type(exc).__name__})") from None
+        result: dict[str, Any] = self.api_client.sanitize_for_serialization(node)
+        return result
+
+    def follow_node(self, name: str, on_change: Callable[[dict[str, Any] | None], None], stop: threading.Event) -> None:
+        """Follow one Node until ``stop`` is set: one list (a field selector on its name), then
+        a watch from that list's resourceVersion, resumed from the last version seen when the
+        server ends it; listed again only when the version has expired (410) or the watch
+        failed. ``on_change`` gets the Node as JSON-style dicts, or None when there is none.
+        An idle node costs no request but the open watch."""
+        selector = f"metadata.name={name}"
+        version: str | None = None
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                if version is None:
+                    listed = self.core.list_node(field_selector=selector)
+                    items = [self.api_client.sanitize_for_serialization(n) for n in listed.items]
+                    on_change(items[0] if items else None)
+                    version = (listed.metadata.resource_version if listed.metadata else None) or "0"
+                watch = kubernetes.watch.Watch()
+                for event in watch.stream(
+                    self.core.list_node,
+                    field_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=WATCH_SECONDS,
+                    allow_watch_bookmarks=True,
+                ):
+                    if stop.is_set():
+                        watch.stop()
+                        break
+                    raw = event.get("raw_object") or {}
+                    if event.get("type") == "ERROR":
+                        version = None  # e.g. 410 Gone: the version expired; list again
+                        break
+                    version = (raw.get("metadata") or {}).get("resourceVersion") or version
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        on_change(raw)
+                    elif event.get("type") == "DELETED":
+                        on_change(None)
+                delay = 1.0
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                log.info("watching Node %s failed (HTTP %s); again in %.0fs", name, exc.status, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+            except (HTTPError, OSError, ValueError) as exc:
+                log.info("watching Node %s failed (%s); again in %.0fs", name, type(exc).__name__, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        try:
+            nodes = self.core.list_node()
+        except ApiException as exc:
+            raise KubernetesUnavailableError(f"listing Nodes failed (HTTP {exc.status})") from None
+        except (HTTPError, OSError) as exc:
+            raise KubernetesUnavailableError(f"listing Nodes failed ({type(exc).__name__})") from None
+        return [self.api_client.sanitize_for_serialization(n) for n in nodes.items]
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record an Event on an ImageUnlock, as client-go's recorder does: a repeat of the same
+        event (object, type, reason, message) bumps ``count`` and ``lastTimestamp`` of the
+        object already posted instead of making a new one, so retries make no storm. Failures
+        are logged, never raised."""
+        meta = obj.get("metadata", {})
+        namespace, now, message = meta.get("namespace"), datetime.now(UTC), message[:1024]
+        key = (meta.get("uid") or meta.get("name"), type_, reason, message)
+        with self._events_lock:
+            seen = self._events.get(key)
+        try:
+            if seen is not None:
+                name, count = seen
+                try:
+                    self.core.patch_namespaced_event(
+                        name,
+                        namespace,
+                        {"count": count + 1, "lastTimestamp": now.isoformat()},
+                        _content_type="application/merge-patch+json",
+                    )
+                    self._remember(key, name, count + 1)
+                    return
+                except ApiException as exc:
+                    if exc.status != 404:  # expired (events live an hour): post it anew
+                        raise
+            name = f"{meta.get('name')}.{secrets.token_hex(8)}"  # like kubectl's ("x." is no valid generateName)
+            event = self._event(meta, name, type_, reason, message, now, self.instance)
+            self.core.create_namespaced_event(namespace, event)
+            self._remember(key, name, 1)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), type(exc).__name__)
+
+    def _remember(self, key: tuple[Any, ...], name: str, count: int) -> None:
+        with self._events_lock:
+            self._events[key] = (name, count)
+            self._events.move_to_end(key)
+            while len(self._events) > MAX_REMEMBERED_EVENTS:
+                self._events.popitem(last=False)
+
+    @staticmethod
+    def _event(
+        meta: Mapping[str, Any], name: str, type_: str, reason: str, message: str, now: datetime, instance: str
+    ) -> kubernetes.client.CoreV1Event:
+        return kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=meta.get("namespace")),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=KIND,
+                name=meta.get("name"),
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message,
+            type=type_,
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
+            source=kubernetes.client.V1EventSource(component=COMPONENT, host=instance),
+            reporting_component=COMPONENT,
+            reporting_instance=instance,
+        )
+
+
+def node_manager(node: str) -> str:
+    """The field manager of one node's agent (at most 128 characters, as the API requires)."""
+    manager = f"imageunlock-agent/{node}"
+    return manager if len(manager) <= 128 else f"imageunlock-agent/{hashlib.sha256(node.encode()).hexdigest()}"
+
+
+def _decode(where: str, key: str, value: str, limit: int) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError(f"{where} key {key!r} is not valid base64") from None
+    if len(raw) > limit:
+        raise ConfigurationError(f"{where} key {key!r} is larger than {limit} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{where} key {key!r} is not UTF-8 text") from None
+    text = text.rstrip("\r\n")  # the usual artefact of `echo ... | base64`
+    if not text:
+        raise ConfigurationError(f"{where} key {key!r} is empty")
+    return text

@@ -1,0 +1,303 @@
+"""Nodes (pure): which nodes an ImageUnlock selects, which run an agent, and what runtime a
+Node reports; the per-node status entry (``status.nodes[]``) and the view of it an agent
+reconciles against.
+
+Every agent owns one entry per ImageUnlock, keyed by its node name, and writes it with
+server-side apply under its own field manager (see kube/client.py), so concurrent agents never
+overwrite each other. An entry is kept small (no conditions): a cluster of 1000 nodes must
+stay far below the ~1.5 MiB object limit (README, "Scale").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from imageunlock.engine.models import Phase
+from imageunlock.errors import ConfigurationError
+
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+# A label key: optional DNS-subdomain prefix, then a name (Kubernetes' qualified name).
+_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$"
+LABEL_VALUE = rf"^(?:{_NAME})?$"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    operator: str
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        return labels.get(self.key) not in self.values  # NotIn: also true when the label is absent
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A metav1.LabelSelector: every requirement must hold; the empty selector selects all."""
+
+    requirements: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+
+def parse_selector(raw: object, path: str = "spec.nodeSelector") -> LabelSelector:
+    """Parse a ``{matchLabels, matchExpressions}`` selector, naming every problem at once."""
+    if raw is None:
+        return LabelSelector()
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{path} must be an object with matchLabels and/or matchExpressions")
+    problems: list[str] = []
+    requirements: list[Requirement] = []
+
+    def key_ok(where: str, key: object) -> bool:
+        if isinstance(key, str) and re.fullmatch(LABEL_KEY, key):
+            return True
+        problems.append(f"{where} {key!r} is not a valid label key")
+        return False
+
+    labels = raw.get("matchLabels") or {}
+    if not isinstance(labels, Mapping):
+        problems.append(f"{path}.matchLabels must map label keys to values")
+        labels = {}
+    for key, value in labels.items():
+        where = f"{path}.matchLabels"
+        if key_ok(where, key):
+            if not isinstance(value, str) or not re.fullmatch(LABEL_VALUE, value):
+                problems.append(f"{where}[{key!r}] {value!r} is not a valid label value")
+            else:
+                requirements.append(Requirement(key, "In", frozenset([value])))
+    expressions = raw.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        problems.append(f"{path}.matchExpressions must be a list")
+        expressions = []
+    for i, expr in enumerate(expressions):
+        where = f"{path}.matchExpressions[{i}]"
+        if not isinstance(expr, Mapping):
+            problems.append(f"{where} must be an object with key, operator and values")
+            continue
+        operator, values = expr.get("operator"), expr.get("values") or []
+        if not key_ok(f"{where}.key", expr.get("key")):
+            continue
+        if operator not in OPERATORS:
+            problems.append(f"{where}.operator {operator!r} is not one of {', '.join(OPERATORS)}")
+        elif not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            problems.append(f"{where}.values must be a list of strings")
+        elif operator in ("In", "NotIn") and not values:
+            problems.append(f"{where}: operator {operator} needs at least one value")
+        elif operator in ("Exists", "DoesNotExist") and values:
+            problems.append(f"{where}: operator {operator} takes no values")
+        else:
+            requirements.append(Requirement(str(expr["key"]), str(operator), frozenset(values)))
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return LabelSelector(tuple(requirements))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the operator needs of a Node object."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Mapping[str, Any], ...] = ()
+    runtime: str | None = None  # docker / containerd, from status.nodeInfo.containerRuntimeVersion
+
+    @classmethod
+    def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
+        meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+        return cls(
+            name=str(meta.get("name") or ""),
+            labels=dict(meta.get("labels") or {}),
+            taints=tuple(t for t in spec.get("taints") or () if isinstance(t, Mapping)),
+            runtime=runtime_of(((status.get("nodeInfo") or {}).get("containerRuntimeVersion")) or ""),
+        )
+
+
+def runtime_of(container_runtime_version: str) -> str | None:
+    """``containerd://1.7.3`` → ``containerd``, ``docker://24.0.7`` → ``docker``; kubelet's
+    value for anything else (``cri-o://…``) → None (not a runtime the agent loads into)."""
+    scheme = container_runtime_version.partition("://")[0].lower()
+    return scheme if scheme in ("docker", "containerd") else None
+
+
+def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    """Kubernetes' toleration matching, for one taint."""
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        if t.get("operator", "Equal") == "Exists":
+            if not t.get("key") or t.get("key") == taint.get("key"):
+                return True
+        elif t.get("key") == taint.get("key") and (t.get("value") or "") == (taint.get("value") or ""):
+            return True
+    return False
+
+
+# What the DaemonSet controller adds to every DaemonSet's pods (so an agent stays on a node
+# that is not ready, unreachable, cordoned or under pressure).
+DAEMONSET_TOLERATIONS: tuple[Mapping[str, Any], ...] = tuple(
+    {"key": f"node.kubernetes.io/{key}", "operator": "Exists", "effect": effect}
+    for key, effect in (
+        ("not-ready", "NoExecute"),
+        ("unreachable", "NoExecute"),
+        ("disk-pressure", "NoSchedule"),
+        ("memory-pressure", "NoSchedule"),
+        ("pid-pressure", "NoSchedule"),
+        ("unschedulable", "NoSchedule"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the agent DaemonSet runs: its nodeSelector and tolerations (the chart passes the
+    same values to the controller), matched the way the DaemonSet controller matches them."""
+
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+
+    def runs_agent(self, node: NodeInfo) -> bool:
+        if any(node.labels.get(k) != v for k, v in self.node_selector.items()):
+            return False
+        blocking = [t for t in node.taints if t.get("effect") in ("NoSchedule", "NoExecute")]
+        return all(tolerates((*self.tolerations, *DAEMONSET_TOLERATIONS), t) for t in blocking)
+
+
+# --- the per-node entry -------------------------------------------------------------------
+
+# Scale (README, "Scale"): up to DETAILED_NODES selected nodes every Ready entry lists its
+# images; beyond, a Ready entry writes only the digest of the list it verified (imagesDigest).
+# A node trusts a list for its fast path only when that list's digest is the one its own
+# entry holds: its own memory of what it verified, or the summary's list when the digests
+# match. One ImageUnlock selects at most MAX_NODES nodes: past that the controller stalls it
+# (TooManyNodes) and agents start nothing, so the object never nears the ~1.5 MiB limit.
+DETAILED_NODES = 200
+MAX_NODES = 1000
+
+ENTRY_FIELDS = (
+    "name",
+    "runtime",
+    "phase",
+    "reason",
+    "message",
+    "observedGeneration",
+    "images",
+    "progress",
+    "lastUnlockTime",
+    "lastVerifiedTime",
+    "lastHandledRequestedAt",
+    "imagesDigest",
+)
+
+
+def find_entry(status: Mapping[str, Any] | None, node: str) -> dict[str, Any] | None:
+    for entry in (status or {}).get("nodes") or ():
+        if isinstance(entry, Mapping) and entry.get("name") == node:
+            return dict(entry)
+    return None
+
+
+def _reason(conditions: Any) -> str | None:
+    """The reason of the condition that holds: Stalled, then Ready, then Reconciling."""
+    by_type = {c.get("type"): c for c in conditions or () if isinstance(c, Mapping)}
+    for type_ in ("Stalled", "Ready", "Reconciling"):
+        c = by_type.get(type_)
+        if c and c.get("status") == "True":
+            return str(c.get("reason") or "")
+    return None
+
+
+def images_digest(images: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 over the sorted ``name=id`` lines of an image list."""
+    lines = sorted(f"{i.get('name')}={i.get('id')}" for i in images)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def merge_entry(
+    entry: Mapping[str, Any] | None, node: str, runtime: str, status: Mapping[str, Any], compact: bool = False
+) -> dict[str, Any]:
+    """Fold a status update as the reconciler writes it (see conditions.py: phase, message,
+    conditions, images, progress, …; a None value removes a field) into this node's entry.
+    ``compact`` (more than DETAILED_NODES selected nodes): a Ready entry keeps only the
+    digest of its verified images."""
+    merged: dict[str, Any] = {k: v for k, v in (entry or {}).items() if k in ENTRY_FIELDS}
+    for key, value in status.items():
+        if key == "conditions":
+            if (reason := _reason(value)) is not None:
+                merged["reason"] = reason
+        elif key == "images":
+            merged["imagesDigest"] = None  # a new verdict on the images
+            merged["images"] = (
+                None
+                if value is None
+                else [{"name": i["name"], "id": i["id"]} for i in value if i.get("present") and i.get("id")]
+            )
+        elif key == "progress":
+            merged["progress"] = (
+                None if not value else {k: value[k] for k in ("bytesDone", "bytesTotal", "percent") if k in value}
+            )
+        elif key in ENTRY_FIELDS:
+            merged[key] = value
+    if merged.get("phase") == Phase.READY.value:
+        merged["progress"] = None  # done: the summary says 100%
+        if compact and merged.get("images"):
+            merged.update(imagesDigest=images_digest(merged["images"]), images=None)
+    merged.update(name=node, runtime=runtime)
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def compact(status: Mapping[str, Any] | None) -> bool:
+    """Whether Ready entries keep only a digest: the ImageUnlock selects many nodes."""
+    return int((status or {}).get("nodesDesired") or 0) > DETAILED_NODES
+
+
+def view(body: Mapping[str, Any], node: str, remembered: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """``body`` as an agent reconciles it: its status is this node's entry, shown the way the
+    reconciler and the re-verification loop read a status (conditions, images with present).
+    An entry with only a digest gets the list whose digest it is: ``remembered`` (what this
+    agent verified) or else the summary's, never a list this node did not verify."""
+    entry = find_entry(body.get("status"), node) or {}
+    phase = entry.get("phase")
+    reason = entry.get("reason", "")
+    status: dict[str, Any] = {
+        k: entry[k]
+        for k in (
+            "phase",
+            "message",
+            "observedGeneration",
+            "lastUnlockTime",
+            "lastVerifiedTime",
+            "lastHandledRequestedAt",
+        )
+        if k in entry
+    }
+    images = entry.get("images")
+    if not images and (digest := entry.get("imagesDigest")):
+        summary = (body.get("status") or {}).get("images") or []
+        candidates = [remembered or [], [{"name": i.get("name"), "id": i.get("id")} for i in summary]]
+        images = next((c for c in candidates if c and images_digest(c) == digest), None)
+    if images:
+        status["images"] = [{**i, "present": True} for i in images]
+    if entry:
+        status["conditions"] = [
+            {"type": "Ready", "status": str(phase == Phase.READY.value), "reason": reason},
+            {"type": "Stalled", "status": str(phase == Phase.FAILED.value), "reason": reason},
+            {
+                "type": "Reconciling",
+                "status": str(phase not in (Phase.READY.value, Phase.FAILED.value)),
+                "reason": reason,
+            },
+        ]
+    return {**body, "status": status}
