@@ -15,9 +15,10 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import kubernetes
 import kubernetes.watch
@@ -35,6 +36,35 @@ MAX_PASSWORD_BYTES = 4096
 COMPONENT = "imageunlock-operator"
 MAX_REMEMBERED_EVENTS = 4096
 WATCH_SECONDS = 300  # the server ends a watch after this; it is resumed from the last version
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An answer of the API server that a caller expects and handles (404, 403, …)."""
+
+    status: int
+
+
+@overload
+def _call(what: str, call: Callable[[], T]) -> T: ...
+@overload
+def _call(what: str, call: Callable[[], T], expected: Collection[int]) -> T | Refused: ...
+def _call(what: str, call: Callable[[], T], expected: Collection[int] = ()) -> T | Refused:
+    """The one translation of the client's errors: an answer whose HTTP status is in
+    ``expected`` comes back as :class:`Refused`; any other failure is a transient
+    KubernetesUnavailableError naming ``what`` and the status or the error's type, never
+    the response body (it may hold a Secret)."""
+    try:
+        return call()
+    except ApiException as exc:
+        if exc.status in expected:
+            return Refused(int(exc.status))
+        raise KubernetesUnavailableError(f"{what} failed (HTTP {exc.status})") from None
+    except (HTTPError, OSError) as exc:
+        raise KubernetesUnavailableError(f"{what} failed ({type(exc).__name__})") from None
 
 
 def _client() -> kubernetes.client.ApiClient:
@@ -59,18 +89,13 @@ class KubernetesApi:
 
     def read_credentials(self, namespace: str, name: str) -> Credentials:
         where = f"Secret {namespace}/{name}"
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                raise ConfigurationError(
-                    f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys email and password"
-                ) from None
-            if exc.status == 403:
-                raise ConfigurationError(f"the operator is not allowed to read {where} (RBAC)") from None
-            raise KubernetesUnavailableError(f"reading {where} failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"reading {where} failed ({type(exc).__name__})") from None
+        secret = _call(f"reading {where}", lambda: self.core.read_namespaced_secret(name, namespace), (403, 404))
+        if secret == Refused(404):
+            raise ConfigurationError(
+                f"{where} (spec.resourceApi.credentialsSecretRef) not found; create it with keys email and password"
+            )
+        if isinstance(secret, Refused):
+            raise ConfigurationError(f"the operator is not allowed to read {where} (RBAC)")
         data: dict[str, Any] = secret.data or {}
         missing = [key for key in ("email", "password") if not data.get(key)]
         if missing:
@@ -82,16 +107,11 @@ class KubernetesApi:
     def secret_version(self, namespace: str, name: str) -> str | None:
         """The Secret's resourceVersion (None when absent or unreadable): tells whether the
         credentials changed without looking at them."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status in (403, 404):
-                return None
-            raise KubernetesUnavailableError(f"reading Secret {namespace}/{name} failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(
-                f"reading Secret {namespace}/{name} failed ({type(exc).__name__})"
-            ) from None
+        secret = _call(
+            f"reading Secret {namespace}/{name}", lambda: self.core.read_namespaced_secret(name, namespace), (403, 404)
+        )
+        if isinstance(secret, Refused):
+            return None
         return secret.metadata.resource_version if secret.metadata else None
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None) -> None:
@@ -122,26 +142,19 @@ class KubernetesApi:
         )
 
     def _write_status(self, what: str, namespace: str, name: str, body: dict[str, Any], **options: Any) -> None:
-        try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body, **options)
-        except ApiException as exc:
-            if exc.status == 404:  # deleted meanwhile: nothing left to report on
-                log.info("ImageUnlock %s/%s is gone; %s not written", namespace, name, what)
-                return
-            raise KubernetesUnavailableError(f"writing {what} failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"writing {what} failed ({type(exc).__name__})") from None
+        def patch() -> object:
+            return self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, **options
+            )
+
+        if isinstance(_call(f"writing {what}", patch, (404,)), Refused):  # deleted meanwhile: nothing to report on
+            log.info("ImageUnlock %s/%s is gone; %s not written", namespace, name, what)
 
     def read_node(self, name: str) -> dict[str, Any] | None:
         """The Node object (as JSON-style dicts), or None when there is no such Node."""
-        try:
-            node = self.core.read_node(name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise KubernetesUnavailableError(f"reading Node {name} failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"reading Node {name} failed ({type(exc).__name__})") from None
+        node = _call(f"reading Node {name}", lambda: self.core.read_node(name), (404,))
+        if isinstance(node, Refused):
+            return None
         result: dict[str, Any] = self.api_client.sanitize_for_serialization(node)
         return result
 
@@ -195,12 +208,7 @@ class KubernetesApi:
                 delay = min(delay * 2, 60.0)
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        try:
-            nodes = self.core.list_node()
-        except ApiException as exc:
-            raise KubernetesUnavailableError(f"listing Nodes failed (HTTP {exc.status})") from None
-        except (HTTPError, OSError) as exc:
-            raise KubernetesUnavailableError(f"listing Nodes failed ({type(exc).__name__})") from None
+        nodes = _call("listing Nodes", self.core.list_node)
         return [self.api_client.sanitize_for_serialization(n) for n in nodes.items]
 
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
