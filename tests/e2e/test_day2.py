@@ -52,7 +52,25 @@ def test_each_log_line_once_with_time_and_level(cluster, namespace, secret, star
     wait_for(lambda: is_ready(cluster, namespace, "logged"), 60, "Ready")
     lines = [line for line in operator.log().splitlines() if "agent on node" in line]
     assert len(lines) == 1, lines
-    assert re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \S+ +\[INFO +\] agent on node node-1:", lines[0])
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # ISO-8601 UTC (issue 21)
+    assert re.match(rf"^{stamp} INFO imageunlock\.agent\.handlers: agent on node node-1:", lines[0]), lines[0]
+    log = operator.log()
+    assert not re.search(r"Handler '\w+' succeeded", log)  # kopf's line per watch event
+    assert re.search(
+        rf"^{stamp} INFO \S+: {namespace}/logged: .* \[{namespace}/logged node=node-1 reason=Unlocked\]$", log, re.M
+    )
+
+
+def test_a_failure_is_logged_at_warning_with_its_object_and_reason(
+    cluster, namespace, secret, start_operator, archive_root
+):
+    """Issue 21: a missing archive or a wrong password was in no log line."""
+    operator = start_operator()
+    cluster.create_unlock(namespace, "nowhere", spec_for(f"{archive_root}/missing.enc", "1.0.0", secret))
+    wait_for(lambda: is_stalled(cluster, namespace, "nowhere"), 60, "Stalled")
+    warnings = [line for line in operator.log().splitlines() if " WARNING " in line and "/nowhere" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].endswith(f"[{namespace}/nowhere node=node-1 reason=ArchiveNotFound]"), warnings[0]
 
 
 def test_json_log_format(cluster, namespace, secret, start_operator):

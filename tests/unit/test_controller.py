@@ -3,6 +3,8 @@ the entries of nodes that left the selection by applying as that node's manager.
 
 from __future__ import annotations
 
+import logging
+
 from imageunlock.controller.handlers import MANAGER, SummaryWriter
 from imageunlock.kube.nodes import NodeInfo, Placement
 
@@ -37,6 +39,38 @@ def test_the_summary_is_written_once_and_stale_entries_are_removed():
     again = {**body, "status": kube.status(*KEY)}
     assert not writer.sync(again, [NodeInfo("a")])  # nothing changed: no write
     assert len(kube.writes) == 1
+
+
+def test_each_change_of_the_cluster_verdict_is_logged_once(caplog):
+    """Issue 21: Stalled at WARNING, Ready at INFO, with the object and the reason; a write
+    that changes neither (progress, times) logs nothing."""
+    caplog.set_level(logging.INFO)
+    kube = RecordingKube()
+    writer = SummaryWriter(kube, Placement())
+
+    def sync(entry: dict[str, object]) -> None:
+        kube.statuses[KEY] = {**kube.statuses.get(KEY, {}), "nodes": [{"name": "a", "observedGeneration": 1, **entry}]}
+        writer.sync(
+            {"metadata": {"namespace": "ns", "name": "iu", "generation": 1}, "status": kube.status(*KEY)},
+            [NodeInfo("a")],
+        )
+
+    sync({"phase": "Failed", "reason": "ArchiveNotFound", "message": "no archive"})
+    sync(
+        {
+            "phase": "Failed",
+            "reason": "ArchiveNotFound",
+            "message": "no archive",
+            "lastVerifiedTime": "2026-12-06T00:00:00Z",
+        }
+    )
+    sync({"phase": "Ready", "reason": "Unlocked", "images": [{"name": "a:1", "id": "sha256:" + "0" * 64}]})
+    lines = [
+        (r.levelno, r.reason, f"{r.k8s_ref['namespace']}/{r.k8s_ref['name']}")
+        for r in caplog.records
+        if r.name == "imageunlock.controller.handlers" and hasattr(r, "reason")
+    ]
+    assert lines == [(logging.WARNING, "ArchiveNotFound", "ns/iu"), (logging.INFO, "Unlocked", "ns/iu")]
 
 
 def test_the_summary_loop_retries_a_failed_key_with_backoff_and_never_drops_it():

@@ -8,6 +8,7 @@ is replaced with a factory that hands out a FakeKeyClient.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,38 @@ def test_rejected_credentials_stall_without_a_key_request(world):
     assert (outcome.verdict, outcome.reason, outcome.delay) == (Verdict.STALLED, "AuthenticationFailed", 0.0)
     assert world.key.logins == 1 and world.key.fragments == 0
     assert conditions(world.status)["Stalled"] == ("True", "AuthenticationFailed")
+
+
+def _records(caplog) -> list[tuple[int, str, str, str | None]]:
+    return [
+        (r.levelno, r.getMessage(), f"{r.k8s_ref['namespace']}/{r.k8s_ref['name']}", getattr(r, "reason", None))
+        for r in caplog.records
+        if r.name == "imageunlock.agent.reconciler" and hasattr(r, "k8s_ref")
+    ]
+
+
+def test_a_failure_is_logged_once_at_warning_with_its_object_and_reason(world, caplog):
+    """Issue 21: a wrong password or a missing archive was in no log line; a quiet re-check
+    that fails the same way again logs nothing more."""
+    caplog.set_level(logging.INFO)
+    world.key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
+    world.reconcile()
+    _recheck(world, "req-1")
+    assert [(level, obj, reason) for level, _, obj, reason in _records(caplog)] == [
+        (logging.INFO, f"{NS}/{NAME}", "Unlocking"),
+        (logging.WARNING, f"{NS}/{NAME}", "AuthenticationFailed"),
+    ]
+
+
+def test_ready_is_logged_once_at_info_and_a_fast_path_that_changes_nothing_not_at_all(world, caplog):
+    caplog.set_level(logging.INFO)
+    world.reconcile()
+    world.reconcile()  # Ready again by the fast path: no state change
+    assert [(level, reason) for level, _, _, reason in _records(caplog)] == [
+        (logging.INFO, "Unlocking"),
+        (logging.INFO, "Unlocked"),
+    ]
+    assert CREDS.password not in caplog.text
 
 
 # -- transient failures --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
+from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
@@ -312,8 +313,13 @@ class _Reconciliation:
         self.conditions = status.get("conditions", self.conditions)
 
     def event(self, type_: str, reason: str, message: str) -> None:
+        """A state change: an Event on the object and one log line (WARNING for a failure)."""
         where = f"node {self.owner.node}: " if self.owner.node else ""
         self.owner.kube.post_event(self.body, type_, reason, where + message)
+        level = logging.WARNING if type_ == "Warning" else logging.INFO
+        log.log(
+            level, "%s/%s: %s", self.namespace, self.name, message, extra=logs.fields(self.namespace, self.name, reason)
+        )
 
     def report(self, phase: Phase, message: str, done: int, total: int) -> None:
         self.phase = phase

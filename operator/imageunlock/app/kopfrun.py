@@ -11,13 +11,13 @@ What both roles share lives here; each role's module has its own ``run()``.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import kopf
 
+from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig, ControllerConfig
 from imageunlock.errors import ConfigurationError
 
@@ -40,7 +40,7 @@ def read_config(load: Callable[[], Config]) -> Config | None:
 
 def serve(config: AgentConfig | ControllerConfig, registry: kopf.OperatorRegistry) -> int:
     """Run a role's kopf registry with its settings, logging configured first."""
-    configure_logging(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, getattr(config, "node_name", None))
     _run(registry, config.namespaces, config.liveness_endpoint)
     return 0
 
@@ -73,26 +73,3 @@ def _run(registry: kopf.OperatorRegistry, namespaces: tuple[str, ...], liveness:
         namespaces=namespaces,
         liveness_endpoint=liveness or None,
     )
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    """One handler (kopf's): every line once, with time and level (``text``) or as JSON
-    objects for log pipelines (``json``, kopf's own format)."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):  # e.g. the CLI's default one: it would print every line twice
-        root.removeHandler(handler)
-    kopf.configure(
-        debug=level == "debug",
-        verbose=level == "debug",
-        quiet=level == "warning",
-        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL,
-        log_prefix=False,
-    )
-    # urllib3 and the docker SDK are chatty at debug level and add nothing we need. The
-    # kubernetes client's loggers ("kubernetes", and its package logger "client") stay at
-    # WARNING whatever our level: some versions log response bodies at DEBUG, and one of
-    # the responses we read is a Secret.
-    for noisy in ("urllib3", "docker"):
-        logging.getLogger(noisy).setLevel(logging.INFO if level == "debug" else logging.WARNING)
-    for kube_logger in ("kubernetes", "client"):
-        logging.getLogger(kube_logger).setLevel(logging.WARNING)

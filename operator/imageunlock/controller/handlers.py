@@ -17,11 +17,14 @@ from typing import Any
 
 import kopf
 
+from imageunlock.app import logs
 from imageunlock.app.config import ControllerConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.controller.summary import summarize
+from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
+from imageunlock.kube.conditions import holding_reason
 from imageunlock.kube.nodes import NodeInfo, Placement
 from imageunlock.workqueue import WorkQueue
 
@@ -55,7 +58,22 @@ class SummaryWriter:
         changed = {k: v for k, v in result.status.items() if status.get(k) != v}
         if changed:
             self.kube.patch_status(namespace, name, result.status, manager=MANAGER)
+            _log_change(namespace, name, status, result.status)
         return bool(changed or result.prune)
+
+
+def _log_change(namespace: str, name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """One line per change of the cluster verdict (phase or reason), never per write: Ready at
+    INFO, Stalled at WARNING, the rest (working) at INFO."""
+    old = (before.get("phase"), holding_reason(before.get("conditions")))
+    new = (after.get("phase"), holding_reason(after.get("conditions")))
+    if old == new:
+        return
+    phase, reason = new
+    level = logging.WARNING if phase == Phase.FAILED.value else logging.INFO
+    ready = after.get("readyNodes") or before.get("readyNodes") or "-"
+    text = f"{phase} ({ready} nodes ready): {after.get('message', '')}"
+    log.log(level, "%s/%s: %s", namespace, name, text, extra=logs.fields(namespace, name, reason))
 
 
 @kopf.on.startup(registry=registry)

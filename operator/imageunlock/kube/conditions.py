@@ -48,6 +48,17 @@ def conditions(
     return result
 
 
+def holding_reason(conditions: object) -> str | None:
+    """The reason of the condition that holds: Stalled, then Ready, then Reconciling."""
+    if not isinstance(conditions, Sequence):
+        return None
+    by_type = {c.get("type"): c for c in conditions if isinstance(c, Mapping)}
+    for kind in (STALLED, READY, RECONCILING):
+        if (c := by_type.get(kind)) and c.get("status") == "True":
+            return str(c.get("reason") or "")
+    return None
+
+
 def progress(done: int, total: int) -> dict[str, int | str]:
     percent = min(100, done * 100 // total) if total else 0
     return {"bytesDone": done, "bytesTotal": total, "percent": percent, "text": f"{percent}%"}
