@@ -1,9 +1,9 @@
-"""One reconciliation of one ImageUnlock: spec → unlock service → status and events.
+"""One reconciliation of one ImageUnlock on this node: spec → unlock service → this node's
+status entry, events and log lines.
 
-Framework-free and blocking: the kopf handlers and the re-verification loop call it from
-worker threads. It returns an :class:`Outcome`; the kopf handler turns that into
-``kopf.PermanentError`` (Stalled: a user mistake) or ``kopf.TemporaryError`` (a transient
-fault, retried with backoff).
+Framework-free and blocking: the agent's scheduler (resync.py) calls it from worker threads
+and gets an :class:`Outcome` back: Ready, Stalled (a user mistake: looked at again when an
+input changes) or Retry (a transient fault: looked at again after ``delay``).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
 
 
 class Verdict(Enum):
-    """How a reconcile ended, for whoever drives it (kopf's handler, the resync loop)."""
+    """How a reconcile ended, for the scheduler that drives it (resync.py)."""
 
     READY = "ready"
-    STALLED = "stalled"  # a user mistake: kopf.PermanentError
-    RETRY = "retry"  # a transient fault: kopf.TemporaryError after ``delay``
+    STALLED = "stalled"  # a user mistake: nothing changes until the spec, Secret or archive does
+    RETRY = "retry"  # a transient fault: again after ``Outcome.delay``
 
 
 @dataclass(frozen=True)

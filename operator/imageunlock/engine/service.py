@@ -1,6 +1,6 @@
 """The unlock workflow: fast path, authenticate, fetch key, stream-decrypt into the runtime, verify.
 
-Framework-free: the CLI and the kopf handlers both drive :meth:`UnlockService.unlock`, and
+Framework-free: the CLI and the agent's reconciler both drive :meth:`UnlockService.unlock`, and
 learn what happens through a ``report(phase, message, done, total)`` callback.
 """
 
