@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from .conftest import (
     env_of,
     find,
     isolating_policies,
+    load_docs,
     manifest_objects,
     pod_of,
     render_chart,
@@ -87,8 +89,9 @@ def test_renders(values):
     # Two roles, each with its ServiceAccount, ClusterRole and ClusterRoleBinding, plus the
     # agents' Secret-reading ClusterRole: no binding of it by default; non-default: one
     # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service;
-    # so is metrics.networkPolicy: one NetworkPolicy per role.
+    # so is metrics.networkPolicy: one NetworkPolicy per role; and crds.enabled: the CRD.
     expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
+    expected += ["CustomResourceDefinition"]
     expected += ["DaemonSet", "Deployment", "Service", "NetworkPolicy", "NetworkPolicy"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
@@ -198,7 +201,7 @@ def test_non_default_values_reach_the_workloads():
     assert pod["securityContext"]["runAsUser"] == 20001
     assert pod["nodeSelector"] == NON_DEFAULT_VALUES["agent"]["nodeSelector"]
     assert pod["tolerations"] == EDGE_TOLERATIONS
-    assert "affinity" not in pod  # the controller could not follow it: not a value
+    assert "affinity" not in pod  # none by default
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["serviceAccountName"] == "iu-agent-sa"
@@ -236,6 +239,117 @@ def test_non_default_values_reach_the_workloads():
     assert not find(objects, "ClusterRoleBinding", "iu-agent-secrets")
 
 
+# Per-role pod values (issue 21, item 6): what each role's pods get, apart from the other's.
+CA_VOLUME = {"name": "ca", "configMap": {"name": "corporate-ca"}}
+CA_MOUNT = {"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True}
+PER_ROLE: dict[str, Any] = {
+    "podLabels": {"example.com/team": "edge", "example.com/tier": "shared"},
+    "podAnnotations": {"example.com/owner": "ops"},
+    "agent": {
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "preference": {"matchExpressions": [{"key": "azaion.com/ssd", "operator": "Exists"}]},
+                    }
+                ]
+            }
+        },
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "20%"}},
+        "podLabels": {"example.com/tier": "node"},
+        "podAnnotations": {"example.com/role": "agent"},
+        "extraVolumes": [CA_VOLUME],
+        "extraVolumeMounts": [CA_MOUNT],
+        "priorityClassName": "system-node-critical",
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+    },
+    "controller": {
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "agent"}},
+                        },
+                    }
+                ]
+            }
+        },
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "podLabels": {"example.com/tier": "cluster"},
+        "podAnnotations": {"example.com/role": "controller", "example.com/owner": "platform"},
+        "extraVolumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}],
+        "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        "priorityClassName": "system-cluster-critical",
+        "resources": {"requests": {"cpu": "5m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+    },
+}
+
+
+def test_per_role_pod_values(helm):
+    """affinity, updateStrategy, podLabels/podAnnotations (over the top-level ones),
+    extraVolumes/extraVolumeMounts, priorityClassName and resources reach each role's pods
+    and only its own; the chart's selector labels stay, so the workloads, the Service and the
+    NetworkPolicies still select the right pods; the controller stays "restricted"."""
+    report = helm.lint(str(CHART), PER_ROLE, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= WARNING], report
+    objects = rendered_objects(PER_ROLE)
+    daemonset, deployment = _workloads(objects)
+    assert daemonset["spec"]["updateStrategy"] == PER_ROLE["agent"]["updateStrategy"]
+    assert deployment["spec"]["strategy"] == PER_ROLE["controller"]["updateStrategy"]
+    for workload, role in ((daemonset, "agent"), (deployment, "controller")):
+        values, pod = PER_ROLE[role], pod_of(workload)
+        (container,) = pod["containers"]
+        metadata = workload["spec"]["template"]["metadata"]
+        assert metadata["labels"]["example.com/tier"] == values["podLabels"]["example.com/tier"]
+        assert metadata["labels"]["example.com/team"] == "edge"
+        assert metadata["labels"]["app.kubernetes.io/component"] == role
+        assert workload["spec"]["selector"]["matchLabels"].items() <= metadata["labels"].items()
+        assert metadata["annotations"] == {**PER_ROLE["podAnnotations"], **values["podAnnotations"]}
+        assert pod["affinity"] == values["affinity"]
+        assert pod["priorityClassName"] == values["priorityClassName"]
+        assert container["resources"] == values["resources"]
+        assert pod["volumes"][-1] == values["extraVolumes"][0]
+        assert container["volumeMounts"][-1] == values["extraVolumeMounts"][0]
+        assert pod["volumes"][:-1] == pod_of(_workloads(rendered_objects())[role == "controller"])["volumes"]
+    assert restricted_violations(pod_of(deployment)) == []
+    _metrics_wiring(objects)  # the Service still reaches the agents
+    assert sorted(isolating_policies(objects)) == ["agent", "controller"]
+    # Defaults: the updateStrategy of before, no affinity, the top-level labels alone.
+    daemonset, deployment = _workloads(rendered_objects({"podLabels": {"example.com/team": "edge"}}))
+    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for workload in (daemonset, deployment):
+        assert "affinity" not in pod_of(workload)
+        assert workload["spec"]["template"]["metadata"]["labels"]["example.com/team"] == "edge"
+    daemonset, _ = _workloads(rendered_objects({"agent": {"updateStrategy": {"type": "OnDelete"}}}))
+    assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+
+
+def test_agent_required_node_affinity_warns_that_the_controller_does_not_follow_it():
+    """The controller counts the nodes an ImageUnlock waits for by agent.nodeSelector and
+    agent.tolerations: a required nodeAffinity of the agents is passed to the DaemonSet, and
+    the notes say what it does to NODES; a preferred one changes where no agent runs, no warning."""
+    required = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "type", "operator": "NotIn", "values": ["virtual"]}]}
+                ]
+            }
+        }
+    }
+    values = {"agent": {"affinity": required}}
+    daemonset, deployment = _workloads(rendered_objects(values))
+    assert pod_of(daemonset)["affinity"] == required
+    assert "affinity" not in pod_of(deployment)
+    assert "WARNING: agent.affinity has a required nodeAffinity" in render_chart(values)[NOTES]
+    assert "agent.affinity" not in render_chart(PER_ROLE)[NOTES]
+
+
 def test_optional_parts_can_be_switched_off():
     values = {
         "serviceAccount": {"create": False, "agentName": "existing-agent", "controllerName": "existing-controller"},
@@ -244,6 +358,7 @@ def test_optional_parts_can_be_switched_off():
         "resourceApiUrl": "",
         "resourceApiAllowlist": ["https://a.example.com", "https://b.example.com/v2"],
         "metrics": {"enabled": False, "networkPolicy": {"enabled": False}},
+        "crds": {"enabled": False},
     }
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["DaemonSet", "Deployment"]
@@ -401,7 +516,23 @@ def test_controller_pod_meets_pod_security_restricted(values):
         {"agent": {"nodeSelector": {"azaion.com/edge": True}}},
         {"agent": {"tolerations": [{"key": "edge", "operator": "Maybe"}]}},
         {"agent": {"tolerations": [{"key": "edge", "effect": "NoRun"}]}},
-        {"agent": {"affinity": {}}},  # not a value: the controller could not follow it
+        {"agent": {"affinity": []}},
+        {"agent": {"updateStrategy": {"type": "Recreate"}}},  # a Deployment's, not a DaemonSet's
+        {"controller": {"updateStrategy": {"type": "OnDelete"}}},  # a DaemonSet's, not a Deployment's
+        {"agent": {"podLabels": {"app.kubernetes.io/component": "x"}}},  # the selectors' label
+        {"controller": {"podLabels": {"app.kubernetes.io/instance": "x"}}},
+        {"podLabels": {"app.kubernetes.io/name": "x"}},
+        {"agent": {"podAnnotations": {"example.com/n": 1}}},
+        {"agent": {"extraVolumes": [{"name": "archives", "emptyDir": {}}]}},  # the chart's own
+        {"agent": {"extraVolumes": [{"emptyDir": {}}]}},  # no name
+        {"controller": {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}},
+        # a hostPath would cost the controller Pod Security "restricted"
+        {"controller": {"extraVolumes": [{"name": "host", "hostPath": {"path": "/etc"}}]}},
+        {"agent": {"extraVolumeMounts": [{"name": "ca"}]}},  # no mountPath
+        {"controller": {"extraVolumeMounts": [{"name": "ca", "mountPath": "etc/ca"}]}},
+        {"crds": {"enabled": "true"}},
+        {"crds": {"keep": "false"}},
+        {"crds": {"install": True}},
         {"controller": {"enabled": "yes"}},
         {"controller": {"replicas": 2}},  # not a value: one replica only
         {"nodeSelector": {"kubernetes.io/hostname": "edge-1"}},  # gone: agent.nodeSelector
@@ -453,17 +584,65 @@ def _value_path(value: Any) -> str:
     return ".".join(path)
 
 
-def test_chart_crds_are_identical_to_crds_dir(helm):
-    """chart/.../crds/ is a byte-for-byte copy of crds/ (Helm installs CRDs from there)."""
-    top = {p.name: p.read_bytes() for p in CRD_FILE.parent.iterdir() if p.suffix in (".yaml", ".yml")}
-    chart_dir = CHART / "crds"
-    copies = {p.name: p.read_bytes() for p in chart_dir.iterdir()}
-    assert sorted(copies) == sorted(top), "chart crds/ and crds/ hold different files"
-    for name, data in top.items():
-        assert copies[name] == data, f"copy crds/{name} into {chart_dir}: they drifted"
+CRD_NAME = "imageunlocks.loader.azaion.com"
+KEEP = "helm.sh/resource-policy"
+
+
+def _crd_docs() -> dict[str, dict[str, Any]]:
+    """The CRDs of the repository's crds/: {file name: object}."""
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted(CRD_FILE.parent.glob("*.yaml"))}
+
+
+def _rendered_crds(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return find(objects, "CustomResourceDefinition")
+
+
+def test_chart_renders_the_crds_dir_itself(helm):
+    """One source of truth: the chart has no crds/ directory (Helm would install it once and
+    never upgrade it) and renders the repository's crds/ through templates/crds.yaml, read
+    through files/crds, a symbolic link to it. The rendered CRD is crds/' document with only
+    the chart's labels and the keep annotation added to its metadata."""
+    assert not (CHART / "crds").exists()
+    assert (CHART / "files" / "crds").resolve() == CRD_FILE.parent.resolve()
     with helm.Chart.load(str(CHART)) as chart:
-        loaded = {c["filename"].rsplit("/", 1)[-1]: c["data"].encode() for c in chart.crds}
-    assert loaded == top
+        assert chart.crds == [], "a chart crds/ directory is installed once and never upgraded"
+        assert chart.values["crds"] == {"enabled": True, "keep": True}
+    (source,) = _crd_docs().values()
+    (crd,) = _rendered_crds(rendered_objects())
+    assert crd["spec"] == source["spec"]
+    assert crd["apiVersion"] == source["apiVersion"] and crd["kind"] == source["kind"]
+    metadata = crd["metadata"]
+    assert metadata["name"] == CRD_NAME == source["metadata"]["name"]
+    assert metadata["annotations"] == {**source["metadata"].get("annotations", {}), KEEP: "keep"}
+    assert metadata["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert metadata["labels"]["app.kubernetes.io/part-of"] == "imageunlock"
+
+
+def test_crds_keep_and_enabled(helm):
+    """crds.keep=false drops only the keep annotation (helm uninstall then deletes the CRD and
+    every ImageUnlock); crds.enabled=false renders no CRD at all (crds/ applied by hand or by
+    GitOps), and the notes say so."""
+    (source,) = _crd_docs().values()
+    (crd,) = _rendered_crds(rendered_objects({"crds": {"keep": False}}))
+    assert KEEP not in crd["metadata"].get("annotations", {})
+    assert crd["metadata"].get("annotations", {}) == source["metadata"].get("annotations", {})
+    assert crd["spec"] == source["spec"]
+    assert _rendered_crds(rendered_objects({"crds": {"enabled": False}})) == []
+    assert "crds.enabled=false" in render_chart({"crds": {"enabled": False}})[NOTES]
+    assert "crds.enabled=false" not in render_chart()[NOTES]
+
+
+def test_packaged_chart_carries_the_crd(helm, tmp_path):
+    """helm package stores the files the link points to: the packaged chart (what the release
+    workflow pushes) renders the same CRD, without the repository beside it."""
+    with helm.Chart.load(str(CHART)) as chart:
+        archive = chart.save(tmp_path)
+    with helm.Chart.load_archive(Path(archive).read_bytes()) as packaged:
+        assert packaged.crds == []
+        rendered = packaged.render({}, name="imageunlock-operator", namespace="imageunlock-system", is_install=True)
+    (crd,) = _rendered_crds(load_docs(rendered["imageunlock-operator/templates/crds.yaml"]))
+    (source,) = _crd_docs().values()
+    assert crd["spec"] == source["spec"] and crd["metadata"]["annotations"][KEEP] == "keep"
 
 
 ROLE_SUFFIXES = ("-agent-secrets", "-agent", "-controller")

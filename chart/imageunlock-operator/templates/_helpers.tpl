@@ -119,3 +119,33 @@ readinessProbe:
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 {{- end }}
+
+{{/* The pod template metadata of one role, called with (list . "agent") or (list .
+"controller"): the chart's labels, which the selectors and NetworkPolicies use, over the
+role's podLabels over the top-level podLabels; the role's podAnnotations over the top-level
+ones. */}}
+{{- define "imageunlock.podMetadata" -}}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $values := index $root.Values $role }}
+{{- $labels := include "imageunlock.labels" $root | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" $role }}
+{{- $labels = merge $labels (deepCopy (default dict $values.podLabels)) (deepCopy (default dict $root.Values.podLabels)) }}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with merge (deepCopy (default dict $values.podAnnotations)) (deepCopy (default dict $root.Values.podAnnotations)) }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A workload's update strategy from a role's updateStrategy value: rollingUpdate only
+with type RollingUpdate (Helm merges the default's rollingUpdate into a value that sets
+type OnDelete or Recreate, which the API server would refuse). */}}
+{{- define "imageunlock.updateStrategy" -}}
+type: {{ .type }}
+{{- if and (eq .type "RollingUpdate") .rollingUpdate }}
+rollingUpdate:
+  {{- toYaml .rollingUpdate | nindent 2 }}
+{{- end }}
+{{- end }}
