@@ -17,10 +17,10 @@ pytestmark = pytest.mark.e2e
 def test_crd_is_served_and_explained(cluster, crd):
     resources = cluster.kubectl("api-resources", "--api-group", GROUP).stdout
     assert "imageunlocks" in resources and "iu" in resources
-    spec = cluster.kubectl("explain", "imageunlock.kube.spec").stdout
+    spec = cluster.kubectl("explain", "imageunlock.spec").stdout
     for field in ("archivePath", "version", "images", "resourceApi", "runtime", "archiveSha256"):
         assert field in spec, field
-    ref = cluster.kubectl("explain", "imageunlock.kube.spec.resourceApi.credentialsSecretRef").stdout
+    ref = cluster.kubectl("explain", "imageunlock.spec.resourceApi.credentialsSecretRef").stdout
     assert "name" in ref and "email" in ref
 
 
