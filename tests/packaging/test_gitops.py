@@ -1,6 +1,7 @@
 """gitops/: the Argo CD health check run by a real Lua 5.1 runtime (Argo CD's gopher-lua
 implements Lua 5.1) against ImageUnlock statuses the operator writes, the argocd-cm snippet
-carrying the same script, and the Flux Kustomization's healthCheckExprs.
+carrying the same script, the Flux Kustomization's healthCheckExprs, and the Argo CD
+Applications that never prune or delete the CRD.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 from imageunlock.engine.models import Phase
 from imageunlock.kube import conditions as st
 
-from .conftest import GITOPS, REPO, require
+from .conftest import CRD_FILE, GITOPS, REPO, find, rendered_objects, require
 
 SCRIPT = (GITOPS / "imageunlock-health.lua").read_text()
 ARGOCD_KEY = "resource.customizations.health.loader.azaion.com_ImageUnlock"
@@ -178,3 +179,34 @@ def test_flux_expressions_agree_with_the_lua_check(name, status, generation, exp
     assert verdict == expected
     lua_state = health(obj)[0]
     assert {"current": "Healthy", "inProgress": "Progressing", "failed": "Degraded"}[verdict] == lua_state
+
+
+def _sync_options(obj: dict[str, Any]) -> set[str]:
+    """An object's argocd.argoproj.io/sync-options annotation, as Argo CD splits it."""
+    value = obj["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-options", "")
+    return {option.strip() for option in value.split(",") if option.strip()}
+
+
+def test_argocd_never_prunes_or_deletes_the_crd():
+    """The CRD (crds/, which every route installs, the chart's template too) tells Argo CD
+    never to prune it nor delete it with its Application; the CRD Application of gitops/
+    applies crds/ with Prune=false; the operator Application leaves the CRD to it (the
+    chart with crds.enabled=false renders none) and its values pass the chart's schema."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    assert {"Prune=false", "Delete=false"} <= _sync_options(crd)
+    (rendered,) = find(rendered_objects(), "CustomResourceDefinition")
+    assert {"Prune=false", "Delete=false"} <= _sync_options(rendered)
+    docs = [d for d in yaml.safe_load_all((GITOPS / "argocd-applications.yaml").read_text()) if d]
+    apps = {d["metadata"]["name"]: d for d in docs}
+    assert set(apps) == {"imageunlock-crds", "imageunlock-operator"}
+    assert all(a["apiVersion"] == "argoproj.io/v1alpha1" and a["kind"] == "Application" for a in apps.values())
+    crds = apps["imageunlock-crds"]["spec"]
+    assert (REPO / crds["source"]["path"]).resolve() == CRD_FILE.parent.resolve()
+    assert "Prune=false" in crds["syncPolicy"]["syncOptions"]
+    assert crds["syncPolicy"]["automated"].get("prune", False) is False
+    operator = apps["imageunlock-operator"]["spec"]["source"]
+    assert (REPO / operator["path"] / "Chart.yaml").is_file()
+    values = operator["helm"]["valuesObject"]
+    assert values["crds"]["enabled"] is False
+    assert not find(rendered_objects(values), "CustomResourceDefinition")
+    assert "argocd-applications.yaml" in (GITOPS / "README.md").read_text()
