@@ -14,7 +14,8 @@ unit:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-# Format, lint, strict types on the package, and the layering contract (pyproject.toml).
+# Format, lint, strict types on the package, the layering contract (pyproject.toml), and the
+# GitHub workflows (actionlint, with shellcheck on their run: scripts; both installed by setup.sh).
 LINT_PATHS := operator tools/controlplane/controlplane scripts benchmarks tests
 lint:
 	SETUP_SKIP_CONTROLPLANE=1 bash scripts/setup.sh
@@ -22,6 +23,7 @@ lint:
 	.venv/bin/ruff check $(LINT_PATHS)
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+	.venv/bin/actionlint
 
 # Own CPU of the unlock against the hardware floor, wall time, and disk writes system-wide, per
 # pipeline. Environment: IU_BENCH_SIZE_MIB (1050), IU_BENCH_ROUNDS (7), IU_BENCH_TMPFS=1 (Engine

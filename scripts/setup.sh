@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything `make test` / `make demo` need on a fresh machine; fast when already done.
 #  - Debian packages: docker.io (dockerd, docker CLI, containerd), openssl, debootstrap,
-#    qemu-user-static (the arm64 image test runs arm64 binaries under QEMU user emulation)
+#    qemu-user-static (the arm64 image test runs arm64 binaries under QEMU user emulation),
+#    shellcheck (make lint: actionlint runs it on the workflows' run: scripts)
 #  - the binfmt_misc handler that hands arm64 binaries to QEMU (the kernel's, machine-wide)
 #  - .venv with the pinned requirements.lock, this package and tools/controlplane (editable)
 #  - the local Kubernetes control plane (built once, cached under ~/.cache)
@@ -13,6 +14,7 @@ command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v ctr >/dev/null 2>&1 || need_apt+=(containerd)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # the image test's local base image
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)  # make lint: actionlint checks the workflows' scripts with it
 native_arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 if [ "$native_arch" != arm64 ]; then  # the arm64 image test, emulated
   [ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)
