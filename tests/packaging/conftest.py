@@ -105,6 +105,55 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "tmpSizeLimit": "128Mi",
 }
 
+# Per-role pod values (issue 21, item 6): what each role's pods get, apart from the other's.
+CA_VOLUME = {"name": "ca", "configMap": {"name": "corporate-ca"}}
+CA_MOUNT = {"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True}
+PER_ROLE: dict[str, Any] = {
+    "podLabels": {"example.com/team": "edge", "example.com/tier": "shared"},
+    "podAnnotations": {"example.com/owner": "ops"},
+    "agent": {
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "preference": {"matchExpressions": [{"key": "azaion.com/ssd", "operator": "Exists"}]},
+                    }
+                ]
+            }
+        },
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "20%"}},
+        "podLabels": {"example.com/tier": "node"},
+        "podAnnotations": {"example.com/role": "agent"},
+        "extraVolumes": [CA_VOLUME],
+        "extraVolumeMounts": [CA_MOUNT],
+        "priorityClassName": "system-node-critical",
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+    },
+    "controller": {
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "agent"}},
+                        },
+                    }
+                ]
+            }
+        },
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "podLabels": {"example.com/tier": "cluster"},
+        "podAnnotations": {"example.com/role": "controller", "example.com/owner": "platform"},
+        "extraVolumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}],
+        "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        "priorityClassName": "system-cluster-critical",
+        "resources": {"requests": {"cpu": "5m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+    },
+}
+
 
 def require(module: str) -> ModuleType:
     """Import a test dependency; missing is 'unavailable' (skip locally, fail under CI)."""

@@ -37,6 +37,7 @@ from .conftest import (
     METRICS_OFF,
     NON_DEFAULT_VALUES,
     OPERATOR_NAMESPACE,
+    PER_ROLE,
     REPO,
     SECRETS_ROLE,
     admitted,
@@ -157,8 +158,8 @@ def test_manifests_validate(version):
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize(
     "values",
-    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF],
-    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off"],
+    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF, PER_ROLE],
+    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off", "per-role"],
 )
 def test_rendered_chart_validates(values, version):
     objects = rendered_objects(values)
