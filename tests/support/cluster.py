@@ -6,10 +6,11 @@ The fixtures that bring the API server and the operator up are in tests/e2e/conf
 
 from __future__ import annotations
 
+import builtins
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 
@@ -58,7 +59,10 @@ class Cluster:
     audit_log: Path | None = None
 
     def __post_init__(self) -> None:
-        self.api = kubernetes.config.new_client_from_config(config_file=self.kubeconfig)
+        # kubernetes.config is not annotated (unlike the generated client it configures).
+        self.api: kubernetes.client.ApiClient = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=self.kubeconfig
+        )
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
@@ -77,10 +81,13 @@ class Cluster:
         return result
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return _json(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
     def list(self, namespace: str) -> list[dict[str, Any]]:
-        return self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        items: list[dict[str, Any]] = _json(
+            self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        )["items"]
+        return items
 
     def delete(self, namespace: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -93,7 +100,7 @@ class Cluster:
 
     def create_unlock(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = unlock_object(namespace, name, spec)
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        return _json(self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body))
 
     def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
@@ -111,7 +118,8 @@ class Cluster:
         """A Node object as kubelet would register it (labels, the runtime it reports)."""
         body = node_object(name, runtime, labels)
         try:
-            self.core.create_node(body)
+            # The client's validate_call makes the V1Node of the manifest its signature names.
+            self.core.create_node(body)  # type: ignore[arg-type]
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
@@ -127,8 +135,13 @@ class Cluster:
     def label_node(self, name: str, labels: dict[str, str | None]) -> None:
         self.core.patch_node(name, {"metadata": {"labels": labels}})
 
-    def events(self, namespace: str, name: str) -> list[Any]:
+    def events(self, namespace: str, name: str) -> builtins.list[kubernetes.client.CoreV1Event]:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
+
+
+def _json(answer: object) -> dict[str, Any]:
+    """A custom-object call's answer: the parsed JSON object (the client types it ``object``)."""
+    return cast(dict[str, Any], answer)
 
 
 NODE_INFO_FIELDS = (
@@ -175,4 +188,5 @@ def stalled_with(cluster: Cluster, namespace: str, name: str, reason: str, timeo
     wait_for(lambda: is_stalled(cluster, namespace, name), timeout, f"{name} Stalled")
     condition = cluster.condition(namespace, name, "Stalled")
     assert condition["reason"] == reason, condition
-    return condition["message"]
+    message: str = condition["message"]
+    return message

@@ -217,7 +217,9 @@ class Containerd:
     def tail(self, lines: int = 30) -> str:
         return log_tail(self.log_path, lines)
 
-    def ctr(self, *args: str, check: bool = True, namespace: str = NAMESPACE, **kw: Any) -> subprocess.CompletedProcess:
+    def ctr(
+        self, *args: str, check: bool = True, namespace: str = NAMESPACE, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [self.build.ctr, "-a", str(self.socket), "-n", namespace, *args],
             capture_output=True,

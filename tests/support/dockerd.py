@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, overload
 
 from .processes import await_answer, log_tail, stop_group, unmount_below
 
@@ -89,8 +90,19 @@ class Dockerd:
     def tail(self, lines: int = 30) -> str:
         return log_tail(self.log_path, lines)
 
-    def docker(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["docker", "-H", self.url, *args], capture_output=True, check=check, timeout=300, **kw)
+    @overload
+    def docker(
+        self, *args: str, check: bool = True, text: Literal[True], **kw: Any
+    ) -> subprocess.CompletedProcess[str]: ...
+    @overload
+    def docker(
+        self, *args: str, check: bool = True, text: Literal[False] = False, **kw: Any
+    ) -> subprocess.CompletedProcess[bytes]: ...
+    def docker(self, *args: str, check: bool = True, text: bool = False, **kw: Any) -> subprocess.CompletedProcess[Any]:
+        """The docker CLI against this daemon; its output as text with ``text=True``, else bytes."""
+        return subprocess.run(
+            ["docker", "-H", self.url, *args], capture_output=True, check=check, timeout=300, text=text, **kw
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imageunlock.engine.models import Credentials
 from imageunlock.engine.refs import normalize_ref
@@ -228,3 +228,34 @@ class FakeKubernetesApi:
 
     def close(self) -> None:
         return None
+
+
+# -- the fakes held to their ports (checked by mypy, never run) -------------------------------
+# A fake that drifts from what it stands in for (a method renamed, a parameter added or
+# retyped) fails `make lint` here instead of passing tests against a port that no longer exists.
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from imageunlock.engine.models import KeyClient, Runtime
+    from imageunlock.kube.client import KubernetesApi
+
+    class _KubernetesUsed(Protocol):
+        """What the agent (reconciler, node view) and the controller call on
+        :class:`~imageunlock.kube.client.KubernetesApi` and :class:`FakeKubernetesApi` stands
+        in for; the real class is held to it too, so a change there fails here until both agree."""
+
+        def read_credentials(self, namespace: str, name: str) -> Credentials: ...
+        def secret_version(self, namespace: str, name: str) -> str | None: ...
+        def patch_status(
+            self, namespace: str, name: str, status: Mapping[str, Any], manager: str | None = None
+        ) -> None: ...
+        def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None: ...
+        def read_node(self, name: str) -> dict[str, Any] | None: ...
+        def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+        def close(self) -> None: ...
+
+    _runtime: Runtime = FakeRuntime()
+    _key_client: KeyClient = FakeKeyClient(b"")
+    _open_key_client: Callable[[Credentials], KeyClient] = FakeKeyClient(b"").open  # UnlockService's factory
+    _kubernetes: _KubernetesUsed = FakeKubernetesApi()
+    _kubernetes_real: _KubernetesUsed = KubernetesApi()

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -196,8 +196,17 @@ class Operator:
         pytest.fail(f"no 200 from /healthz within {timeout}s ({last}):\n{self.logs()}")
 
 
+class OperatorPlane(Protocol):
+    """What :func:`operator_container` needs of a control plane (the packaging tests' ``Plane``)."""
+
+    @property
+    def sa_kubeconfig(self) -> str: ...
+
+    def ensure_crd(self) -> None: ...
+
+
 @contextlib.contextmanager
-def operator_container(engine: Dockerd, image: str, plane, env: dict[str, str]) -> Iterator[Operator]:
+def operator_container(engine: Dockerd, image: str, plane: OperatorPlane, env: dict[str, str]) -> Iterator[Operator]:
     """The agent container as the DaemonSet runs it (:func:`hardened`, default non-root
     user), with the archive directory read-only and a read-only kubeconfig for the operator's
     ServiceAccount (authorized by manifests/rbac.yaml only); liveness and metrics on free

@@ -13,19 +13,20 @@ import tarfile
 import zlib
 
 from . import savetar
+from .savetar import member_bytes
 
 K, BH = 59, 44  # chunk-1 data starts at R[59]; the xz block header is 44 bytes
 
 
-def retag(tar_bytes, extra):
+def retag(tar_bytes: bytes, extra: list[str]) -> bytes:
     """O: the same image, manifest.json/repositories also tagging `extra` (a foreign ref)."""
     src = tarfile.open(fileobj=io.BytesIO(tar_bytes))
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
         for m in src.getmembers():
-            data = src.extractfile(m).read() if m.isfile() else None
+            data = member_bytes(src, m) if m.isfile() else None
             if m.name == "manifest.json":
-                man = json.loads(data)
+                man = json.loads(member_bytes(src, m))
                 man[0]["RepoTags"] += extra
                 data = json.dumps(man).encode()
             if m.name == "repositories":
@@ -39,17 +40,17 @@ def retag(tar_bytes, extra):
     return out.getvalue()
 
 
-def octal(n, width):  # NUL-terminated octal
+def octal(n: int, width: int) -> bytes:  # NUL-terminated octal
     return (b"%0*o" % (width - 1, n)) + b"\0"
 
 
-def chk(block):
+def chk(block: bytes | bytearray) -> int:
     b = bytearray(block)
     b[148:156] = b" " * 8
     return sum(b)
 
 
-def ustar(kind, size, name=b"x"):
+def ustar(kind: bytes, size: int, name: bytes = b"x") -> bytearray:
     h = bytearray(512)
     h[0 : len(name)] = name
     h[100:108] = octal(0o644, 8)
@@ -64,7 +65,7 @@ def ustar(kind, size, name=b"x"):
     return h
 
 
-def vli(n):
+def vli(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -108,7 +109,7 @@ def xz_polyglot(requested: str = "azaion/a:1.0", foreign: str = "nginx:latest") 
     H0[263:265] = b"00"
 
     # O's first header fields live in R's (ignored) linkname: O[j] == R[j + K]
-    def oput(j, data):
+    def oput(j: int, data: bytes) -> None:
         H0[j + K : j + K + len(data)] = data
 
     oput(100, octal(0o644, 8))

@@ -13,6 +13,16 @@ import io
 import json
 import random
 import tarfile
+from typing import Any
+
+
+def member_bytes(tar: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file in ``tar`` (tarfile's ``extractfile`` answers None for
+    any other kind of member)."""
+    file = tar.extractfile(member)
+    if file is None:
+        raise ValueError(f"{member} is not a regular file in the archive")
+    return file.read()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -47,7 +57,9 @@ def build(
     rng = random.Random(seed)
     shared = _layer(rng, layer_bytes)
     buf = io.BytesIO()
-    manifest, repositories, index = [], {}, []
+    manifest: list[dict[str, Any]] = []
+    repositories: dict[str, dict[str, str]] = {}
+    index: list[dict[str, Any]] = []
     written: dict[str, str] = {}  # layer digest -> path already in the archive
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for n, tag in enumerate(tags):
@@ -114,5 +126,5 @@ def build(
 def config_ids(archive: bytes) -> dict[str, str]:
     """``{tag: sha256:<config digest>}`` read back with tarfile (an independent reader)."""
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
-        return {tag: "sha256:" + _sha(tar.extractfile(e["Config"]).read()) for e in manifest for tag in e["RepoTags"]}
+        manifest: list[dict[str, Any]] = json.loads(member_bytes(tar, "manifest.json"))
+        return {tag: "sha256:" + _sha(member_bytes(tar, e["Config"])) for e in manifest for tag in e["RepoTags"]}

@@ -67,6 +67,7 @@ class ScriptedServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an IPv4 server's address (typed to allow the bytes of others)
         return f"http://{host}:{port}"
 
     def start(self) -> ScriptedServer:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .images import own_encrypt
+from .savetar import member_bytes
 
 Members = dict[str, bytes]
 
@@ -32,7 +33,7 @@ def rewrite_plain(data: bytes, edit: Callable[[Members], Members]) -> bytes:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for info in tar:
             if info.isfile():
-                members[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
+                members[info.name] = member_bytes(tar, info)
     members = edit(members)
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -9,15 +9,18 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
+
+from .savetar import member_bytes
 
 TAGS = ["azaion/flights:2.0", "azaion/autopilot:2.0", "azaion/annotations:2.0"]
 EVIL = "nginx:latest"  # the foreign ref a hostile archive tries to create or move
 
 
-def manifest_of(data: bytes) -> list:
+def manifest_of(data: bytes) -> list[dict[str, Any]]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return json.load(tar.extractfile("manifest.json"))
+        manifest: list[dict[str, Any]] = json.loads(member_bytes(tar, "manifest.json"))
+        return manifest
 
 
 def rewrite(data: bytes, name: str, edit: Callable[[bytes | None], bytes | None]) -> bytes:
@@ -26,7 +29,7 @@ def rewrite(data: bytes, name: str, edit: Callable[[bytes | None], bytes | None]
     out = io.BytesIO()
     with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as tar:
         for member in src.getmembers():
-            body = src.extractfile(member).read() if member.isfile() else None
+            body = member_bytes(src, member) if member.isfile() else None
             if member.name == name and (body := edit(body)) is None:
                 continue
             member.size = len(body or b"")
@@ -35,7 +38,12 @@ def rewrite(data: bytes, name: str, edit: Callable[[bytes | None], bytes | None]
 
 
 def edit_json(data: bytes, name: str, edit: Callable[[Any], Any]) -> bytes:
-    return rewrite(data, name, lambda body: json.dumps(edit(json.loads(body))).encode())
+    def apply(body: bytes | None) -> bytes:
+        if body is None:
+            raise ValueError(f"{name} is not a regular file in the archive")
+        return json.dumps(edit(json.loads(body))).encode()
+
+    return rewrite(data, name, apply)
 
 
 def member(
@@ -44,7 +52,7 @@ def member(
     kind: bytes = tarfile.REGTYPE,
     size: int | None = None,
     linkname: str = "",
-    fmt: int = tarfile.USTAR_FORMAT,
+    fmt: Literal[0, 1, 2] = tarfile.USTAR_FORMAT,  # tarfile's USTAR_FORMAT, GNU_FORMAT or PAX_FORMAT
 ) -> bytes:
     """One raw member: its header and its data padded to a whole block."""
     info = tarfile.TarInfo(name)
@@ -55,7 +63,9 @@ def member(
 
 def pax(records: dict[str, str]) -> bytes:
     """A raw pax extended header carrying ``records`` (it applies to the member after it)."""
-    return tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
+    # A private helper of tarfile, absent from its stubs: the one that writes pax headers.
+    header: bytes = tarfile.TarInfo._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")  # type: ignore[attr-defined]
+    return header
 
 
 def append(data: bytes, *members: bytes) -> bytes:
@@ -66,6 +76,6 @@ def append(data: bytes, *members: bytes) -> bytes:
     return data[:end] + b"".join(members) + bytes(1024)
 
 
-def add_repo_tag(manifest: list) -> list:
+def add_repo_tag(manifest: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A manifest.json edit: the first image also tags :data:`EVIL`."""
     return [{**manifest[0], "RepoTags": manifest[0]["RepoTags"] + [EVIL]}, *manifest[1:]]
