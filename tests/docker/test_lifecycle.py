@@ -5,7 +5,6 @@ containers use, and a full data root (a small tmpfs) that loads nothing."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

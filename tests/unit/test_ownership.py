@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,10 @@ def test_the_ownership_file_is_written_whole_private_and_read_back(tmp_path):
     assert stat.S_IMODE(os.stat(owned.path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert os.listdir(directory) == [os.path.basename(owned.path)]  # no temporary file left
-    assert json.loads(open(owned.path).read()) == {"version": 1, "refs": {"azaion/x:1": {"owner": "edge/a", "id": ID}}}
+    assert json.loads(Path(owned.path).read_text()) == {
+        "version": 1,
+        "refs": {"azaion/x:1": {"owner": "edge/a", "id": ID}},
+    }
 
 
 def test_each_engine_has_its_own_file(tmp_path):

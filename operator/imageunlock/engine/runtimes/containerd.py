@@ -39,9 +39,11 @@ Docker) report. Refs are compared as containerd names them (``docker.io/azaion/x
 
 Image lifecycle. ``load(owner=...)`` labels every image it imports
 ``unlock.loader.azaion.com/owner=<namespace>/<name>`` together with the pin (at import time
-with ctr >= 2, right after it with ctr 1.x): the image record itself says which ImageUnlock
-this node loaded it for, so a restarted agent finds it (``owned_refs``) and never takes an
-image it did not load for its own. ``unpin`` removes the pin label (the owner label stays):
+with ctr >= 2, right after it with ctr 1.x), and ``unlock.loader.azaion.com/ref=<its own
+name>`` right after: the image record itself says which ImageUnlock this node loaded it for,
+so a restarted agent finds it (``owned_refs``) and never takes an image it did not load for
+its own — not even a copy someone made with ``ctr images tag``, which copies every label but
+cannot make the ref label name the copy. ``unpin`` removes the pin label (the owner label stays):
 kubelet's image garbage collection may then remove the image under disk pressure.
 ``remove`` deletes image records by name (``ctr images rm``: a record is one name; another
 name of the same image is another record, left alone) unless a container in the namespace —
@@ -91,6 +93,9 @@ DEFAULT_TIMEOUT = 900.0
 PINNED_LABEL = "io.cri-containerd.pinned=pinned"
 PINNED_KEY = PINNED_LABEL.partition("=")[0]
 OWNER_KEY = "unlock.loader.azaion.com/owner"  # value: <namespace>/<name> of the ImageUnlock
+# value: the record's own name. ``ctr images tag`` copies every label to the new name: a
+# record whose name is not this one is someone's copy, not an image this node loaded.
+REF_KEY = "unlock.loader.azaion.com/ref"
 CRI_METADATA = "io.cri-containerd.container.metadata"  # the CRI's record of a container (JSON)
 PINNING_FROM = (1, 7, 3)  # the first containerd whose CRI honours the pinned label
 COMMAND_TIMEOUT = 60.0  # ctr calls other than the import
@@ -452,11 +457,12 @@ class ContainerdRuntime:
         """The image records labelled ``unlock.loader.azaion.com/owner``: what this node loaded,
         and for which ImageUnlock."""
         self._check_socket()
-        return [
-            OwnershipRecord(name, owner)
-            for name, (_kind, _digest, labels) in sorted(self._records().items())
-            if (owner := _labels(labels).get(OWNER_KEY))
-        ]
+        owned = []
+        for name, (_kind, _digest, text) in sorted(self._records().items()):
+            labels = _labels(text)
+            if (owner := labels.get(OWNER_KEY)) and labels.get(REF_KEY) == name:
+                owned.append(OwnershipRecord(name, owner))
+        return owned
 
     def unpin(self, refs: Sequence[str]) -> list[str]:
         """Remove the ``io.cri-containerd.pinned`` label from these refs' image records (the
@@ -538,8 +544,10 @@ class ContainerdRuntime:
     # -- helpers -----------------------------------------------------------------------
 
     def _pin(self, names: Iterable[str], labels: Sequence[str] = (PINNED_LABEL,)) -> None:
+        """Label each imported record: the pin, and with an owner also its own name (REF_KEY)."""
+        owned = any(label.startswith(OWNER_KEY + "=") for label in labels)
         for name in names:
-            self._run("images", "label", name, *labels)
+            self._run("images", "label", name, *labels, *([f"{REF_KEY}={name}"] if owned else []))
         server = self._server
         if server is not None and server < PINNING_FROM and not self._warned:
             self._warned = True
