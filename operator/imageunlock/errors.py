@@ -88,6 +88,36 @@ class LoadError(TransientError):
     reason = "LoadFailed"
 
 
+class InsufficientStorageError(LoadError):
+    """The runtime ran out of disk space while importing (``no space left on device``, a disk
+    quota). Transient: the node fixes it by freeing space (or a reclaim of superseded images
+    does), so it is retried with backoff. Nothing of the import stays (each runtime undoes it).
+
+    Carries the runtime's own words and the archive's size: a runtime needs about twice that
+    free while it imports (Docker: the load body's temp copy, then the layers; containerd: the
+    blobs, then their snapshots)."""
+
+    reason = "InsufficientStorage"
+
+    def __init__(self, runtime: str, words: str, archive_bytes: int) -> None:
+        self.runtime = runtime
+        self.words = words
+        self.archive_bytes = archive_bytes
+        super().__init__(
+            f"not enough disk space on the node for the {_mib(archive_bytes)} archive ({runtime} needs about "
+            f"twice that free while it imports; nothing was loaded): {words}"
+        )
+
+    def for_archive(self, archive_bytes: int) -> InsufficientStorageError:
+        """The same error, naming the archive's full size (a runtime only counts what it was
+        given before it failed)."""
+        return InsufficientStorageError(self.runtime, self.words, max(archive_bytes, self.archive_bytes))
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
 class ForeignTagsError(UnlockError):
     """The archive would create or move image tags other than the requested ``NAME:VERSION``
     refs (e.g. ``nginx:latest``): refused before its tail is released, nothing loaded."""

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,3 +159,31 @@ def device_write_bytes(devices: set[str] | frozenset[str]) -> dict[str, int]:
     except OSError:
         pass
     return found
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``mount -o size=``, e.g. ``8m``) mounted at ``path`` (created if
+    absent; needs root), unmounted at the end: a daemon's data root that fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if done.returncode:
+        raise OSError(f"mount tmpfs at {path}: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        with open("/proc/self/mounts") as mounts:
+            mounted = any(line.split()[1] == str(path) for line in mounts)
+        if mounted and subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def used_bytes(path: Path) -> int:
+    """Bytes in use on the file system holding ``path`` (``statvfs``, as ``df`` counts)."""
+    info = os.statvfs(path)
+    return (info.f_blocks - info.f_bfree) * info.f_frsize

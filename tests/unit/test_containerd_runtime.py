@@ -12,7 +12,13 @@ from imageunlock.app.config import AgentConfig
 from imageunlock.engine.runtimes import make_runtime
 from imageunlock.engine.runtimes.containerd import _ARCH, ContainerdRuntime, _Pipe
 from imageunlock.engine.runtimes.docker import DockerRuntime
-from imageunlock.errors import ArchiveRejectedError, ConfigurationError, LoadError, RuntimeUnavailableError
+from imageunlock.errors import (
+    ArchiveRejectedError,
+    ConfigurationError,
+    InsufficientStorageError,
+    LoadError,
+    RuntimeUnavailableError,
+)
 
 
 def _read_all(fd: int) -> bytes:
@@ -58,7 +64,8 @@ def test_a_closed_pipe_is_reported_not_raised():
             RuntimeUnavailableError,
         ),
         ("ctr: rpc error: code = Unavailable desc = transport is closing", RuntimeUnavailableError),
-        ("ctr: failed to write /var/lib/containerd/ingest/x/data: no space left on device", LoadError),
+        ("ctr: failed to write /var/lib/containerd/ingest/x/data: no space left on device", InsufficientStorageError),
+        ("ctr: write /var/lib/containerd/ingest/x/data: disk quota exceeded: unknown", InsufficientStorageError),
         ("ctr: apply layer: read /a/b: input/output error", LoadError),
         ("ctr: failed to extract layer sha256:ab: archive/tar: invalid tar header: unpack", ArchiveRejectedError),
         # words inside a path come from the archive's member names: they cannot make it transient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imageunlock.engine.runtimes.docker import _refusal
-from imageunlock.errors import ArchiveRejectedError, LoadError
+from imageunlock.errors import ArchiveRejectedError, InsufficientStorageError, LoadError
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,18 @@ from imageunlock.errors import ArchiveRejectedError, LoadError
 def test_node_trouble_is_transient(text):
     error = _refusal(text)
     assert isinstance(error, LoadError) and error.transient
+
+
+def test_a_full_disk_is_insufficient_storage_with_the_engines_words():
+    text = "Error processing tar file(exit status 1): write /d1c8/layer.tar: no space left on device"
+    error = _refusal(text, fed=5 << 20)
+    assert isinstance(error, InsufficientStorageError) and error.transient
+    assert text in error.message and error.archive_bytes == 5 << 20
+
+
+def test_no_space_inside_a_path_from_the_archive_is_not_a_full_disk():
+    error = _refusal("open /tmp/docker-import-1/no space left/x.json: no such file or directory")
+    assert not isinstance(error, InsufficientStorageError)
 
 
 @pytest.mark.parametrize(

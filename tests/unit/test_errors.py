@@ -20,6 +20,7 @@ TRANSIENT = {
     "BusyError",
     "RuntimeBusyError",
     "LoadError",
+    "InsufficientStorageError",  # a node fixes it by freeing space: retried with backoff
     "KubernetesUnavailableError",
     "InternalError",
 }
@@ -46,3 +47,12 @@ def test_image_errors_name_the_refs():
     error = errors.ImagesNotVerifiedError(["a:1"], ["b:1"])
     assert "missing: a:1" in error.message and "unexpected image ID: b:1" in error.message
     assert "a:1, b:1" in errors.ImagesNotInArchiveError(["a:1", "b:1"]).message
+
+
+def test_insufficient_storage_names_the_runtimes_words_and_the_archives_size():
+    error = errors.InsufficientStorageError("containerd", "ctr: write x: no space left on device", 3 << 20)
+    assert error.reason == "InsufficientStorage" and error.transient
+    assert "no space left on device" in error.message and "3.0 MiB" in error.message
+    # the service knows the whole archive's size; the runtime only what it took before failing
+    whole = error.for_archive(64 << 20)
+    assert "64.0 MiB" in whole.message and whole.words == error.words and whole.archive_bytes == 64 << 20

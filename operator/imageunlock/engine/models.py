@@ -3,6 +3,7 @@ and the two interfaces the unlock service is written against (a runtime, a key c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,32 @@ class Phase(StrEnum):
 
 Report = Callable[[Phase, str, int, int], None]
 
+# An ImageUnlock as an owner: "<namespace>/<name>" (a DNS label, a DNS subdomain). Neither
+# part can hold "/", "=" or ",", so the text is safe as a containerd label value.
+_OWNER = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
+
+
+def owner_of(namespace: str, name: str) -> str:
+    """The owner text of the ImageUnlock ``namespace/name`` (what ``load(owner=...)`` records)."""
+    return check_owner(f"{namespace}/{name}")
+
+
+def check_owner(owner: str) -> str:
+    if not _OWNER.match(owner):
+        raise ConfigurationError(f"owner {owner!r} is not <namespace>/<name> of an ImageUnlock")
+    return owner
+
+
+@dataclass(frozen=True)
+class OwnershipRecord:
+    """A ref this node's agent loaded, and for which ImageUnlock (``<namespace>/<name>``):
+    what the runtime recorded at import time, so a restarted agent still knows it. ``ref``
+    is as the runtime names it (containerd: ``docker.io/azaion/x:1``; Docker: as loaded).
+    One owner per ref: the ImageUnlock whose unlock last imported it."""
+
+    ref: str
+    owner: str
+
 
 class Runtime(Protocol):
     """A container runtime's image store (runtimes/): the service never knows which."""
@@ -44,11 +71,29 @@ class Runtime(Protocol):
         """``{ref: image ID (config digest) or None when absent}``."""
         ...
 
-    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str], owner: str | None = None) -> list[str]:
         """Import an image archive streamed as ``chunks``; all or nothing when ``chunks``
         raises. ``refs`` are the only names the archive may create (the stream checks hold
         it to them): a failed import undoes those, never another image. Returns what the
-        runtime says it loaded."""
+        runtime says it loaded. With ``owner`` (``<namespace>/<name>``), the loaded refs are
+        recorded as that ImageUnlock's (:meth:`owned_refs`). A full disk raises
+        :class:`~imageunlock.errors.InsufficientStorageError`, with nothing left behind."""
+        ...
+
+    def owned_refs(self) -> list[OwnershipRecord]:
+        """The refs this node loaded with an owner and that still name what was loaded: the
+        only refs :meth:`unpin` and :meth:`remove` should ever be given."""
+        ...
+
+    def unpin(self, refs: Sequence[str]) -> list[str]:
+        """Let kubelet's image garbage collection take ``refs`` (the runtime's names of those
+        that were pinned and no longer are); a runtime without pinning does nothing."""
+        ...
+
+    def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Remove ``refs`` unless a container (running or stopped) uses the image:
+        ``(removed or already absent, kept because in use)``. Removes the names, never an
+        image another ref still names."""
         ...
 
     def ping(self) -> None: ...

@@ -26,7 +26,7 @@ from imageunlock.engine.archive import (
 from imageunlock.engine.crypto import CHUNK_SIZE, decrypt_stream
 from imageunlock.engine.dockersave import ImageTarVerifier, verified_stream
 from imageunlock.engine.models import Credentials, KeyClient, Phase, Report, Runtime, UnlockRequest, UnlockResult
-from imageunlock.errors import ArchiveNotFoundError, ImagesNotVerifiedError
+from imageunlock.errors import ArchiveNotFoundError, ImagesNotVerifiedError, InsufficientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,10 @@ class UnlockService:
         plaintext = decrypt_stream(source, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
         del fragment
         final_check = (lambda: source.check(digest)) if isinstance(source, HashingReader) and digest else None
-        loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check), request.refs)
+        try:
+            loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check), request.refs)
+        except InsufficientStorageError as exc:  # the runtime counted only what it took before failing
+            raise exc.for_archive(size) from None
         log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)
 
         report(Phase.VERIFYING, "verifying loaded images", size, size)

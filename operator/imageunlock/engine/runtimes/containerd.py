@@ -36,10 +36,30 @@ kubelet's image garbage collection never removes a pinned image. containerd hono
 label from 1.7.3; an older daemon is logged as such. ``image_ids`` reads each image
 record's manifest (``ctr content get``) for the config digest: the image ID the CRI (and
 Docker) report. Refs are compared as containerd names them (``docker.io/azaion/x:1``).
+
+Image lifecycle. ``load(owner=...)`` labels every image it imports
+``unlock.loader.azaion.com/owner=<namespace>/<name>`` together with the pin (at import time
+with ctr >= 2, right after it with ctr 1.x), and ``unlock.loader.azaion.com/ref=<its own
+name>`` right after: the image record itself says which ImageUnlock this node loaded it for,
+so a restarted agent finds it (``owned_refs``) and never takes an image it did not load for
+its own — not even a copy someone made with ``ctr images tag``, which copies every label but
+cannot make the ref label name the copy. ``unpin`` removes the pin label (the owner label stays):
+kubelet's image garbage collection may then remove the image under disk pressure.
+``remove`` deletes image records by name (``ctr images rm``: a record is one name; another
+name of the same image is another record, left alone) unless a container in the namespace —
+running or stopped, the CRI's included: the CRI's containers are containerd containers in
+``k8s.io`` carrying the CRI's own image ID — was made from that image (compared by image ID).
+When no name is left for an image, the CRI's own ``sha256:<id>`` record goes too, or it would
+keep the image's content (and its disk space) alive.
+
+A full disk during an import is :class:`InsufficientStorageError`; besides the undo above, a
+synchronous garbage collection then deletes the blobs and the unfinished ingest ctr left, so
+the space the import took is free again (no other import runs: the import lock is held).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -53,11 +73,13 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
+from imageunlock.engine.models import OwnershipRecord, check_owner
 from imageunlock.engine.refs import normalize_ref
 from imageunlock.engine.runtimes.importlock import exclusive_import
 from imageunlock.errors import (
     ArchiveRejectedError,
     ConfigurationError,
+    InsufficientStorageError,
     LoadError,
     RuntimeUnavailableError,
     UnlockError,
@@ -69,6 +91,12 @@ DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"  # the CRI's namespace: the only one kubelet runs pods from
 DEFAULT_TIMEOUT = 900.0
 PINNED_LABEL = "io.cri-containerd.pinned=pinned"
+PINNED_KEY = PINNED_LABEL.partition("=")[0]
+OWNER_KEY = "unlock.loader.azaion.com/owner"  # value: <namespace>/<name> of the ImageUnlock
+# value: the record's own name. ``ctr images tag`` copies every label to the new name: a
+# record whose name is not this one is someone's copy, not an image this node loaded.
+REF_KEY = "unlock.loader.azaion.com/ref"
+CRI_METADATA = "io.cri-containerd.container.metadata"  # the CRI's record of a container (JSON)
 PINNING_FROM = (1, 7, 3)  # the first containerd whose CRI honours the pinned label
 COMMAND_TIMEOUT = 60.0  # ctr calls other than the import
 _ZEROS = bytes(64 * 1024)
@@ -90,13 +118,13 @@ _UNREACHABLE = (
     "transport is closing",
     "connection reset",
 )
+# ... or that the disk is full: a state of its own (InsufficientStorage) ...
+_NO_SPACE = ("no space left", "disk quota exceeded")
 # ... or that the node, not the archive, is in trouble: worth a retry.
 _NODE_TROUBLE = (
-    "no space left",
     "read-only file system",
     "too many open files",
     "cannot allocate memory",
-    "disk quota exceeded",
     "input-output error",
     "i-o timeout",
     "context canceled",
@@ -308,13 +336,15 @@ class ContainerdRuntime:
             raise self._failure(_last_line(done.stderr), load=False)
         return done
 
-    def _failure(self, message: str, load: bool) -> UnlockError:
-        """Classify what ctr said. Our stream checks passed, so a refused import is the
-        archive's own content and permanent; only trouble reaching containerd or on the node
-        is transient."""
+    def _failure(self, message: str, load: bool, fed: int = 0) -> UnlockError:
+        """Classify what ctr said (``fed``: the bytes the import was given). Our stream checks
+        passed, so a refused import is the archive's own content and permanent; only trouble
+        reaching containerd or on the node is transient, and a full disk says so."""
         words = _words(message)
         if any(marker in words for marker in _UNREACHABLE):
             return self._unreachable(message)
+        if load and any(marker in words for marker in _NO_SPACE):
+            return InsufficientStorageError("containerd", message, fed)
         if any(marker in words for marker in _NODE_TROUBLE):
             return LoadError(f"containerd could not import the archive: {message}")
         if not load:
@@ -353,24 +383,40 @@ class ContainerdRuntime:
         records = self._records()
         return {ref: self._config_digest(records.get(normalize_ref(ref))) for ref in refs}
 
-    def load(self, chunks: Iterable[bytes], refs: Sequence[str]) -> list[str]:
-        """Import the archive streamed as ``chunks`` (which may create only ``refs``); pin and
-        return what ctr imported. One import at a time per containerd on this node."""
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str], owner: str | None = None) -> list[str]:
+        """Import the archive streamed as ``chunks`` (which may create only ``refs``); pin
+        (and, with ``owner``, label as that ImageUnlock's) and return what ctr imported. One
+        import at a time per containerd on this node."""
+        labels = [PINNED_LABEL] + ([f"{OWNER_KEY}={check_owner(owner)}"] if owner is not None else [])
         binary = self._binary()
         self._check_socket()
         client, _server = self._versions()
         with exclusive_import(self.name, self.address, self.timeout):
-            return self._load(binary, client, iter(chunks), {normalize_ref(ref) for ref in refs})
+            return self._load(binary, client, iter(chunks), {normalize_ref(ref) for ref in refs}, labels)
 
-    def _load(self, binary: str, client: tuple[int, int, int], stream: Iterator[bytes], refs: set[str]) -> list[str]:
+    def _load(
+        self,
+        binary: str,
+        client: tuple[int, int, int],
+        stream: Iterator[bytes],
+        refs: set[str],
+        labels: list[str],
+    ) -> list[str]:
         args = [binary, "-a", self.address, "-n", self.namespace, "images", "import", "--all-platforms"]
-        if client >= (2, 0, 0):  # client-side import (as ctr 1.x does); pinned from the start
-            args += ["--local", "--label", PINNED_LABEL]
+        if client >= (2, 0, 0):  # client-side import (as ctr 1.x does); labelled from the start
+            args += ["--local", *(arg for label in labels for arg in ("--label", label))]
         args.append("-")
         before = self._records()
         running = _Import(args, self.timeout)
+        fed = 0
         try:
-            ended = all(running.pipe.feed(chunk) for chunk in stream)
+            for chunk in stream:
+                fed += len(chunk)
+                if not running.pipe.feed(chunk):
+                    ended = False
+                    break
+            else:
+                ended = True
             if ended:
                 running.pipe.close()  # ctr may stop reading at the end marker: that is fine
         except BaseException:  # the stream failed (or we were interrupted): nothing may load
@@ -385,9 +431,13 @@ class ContainerdRuntime:
             raise LoadError(f"ctr was killed by signal {-code} while importing")
         if code != 0:
             _close(stream)
-            if ended:  # ctr had the whole archive: it may have created records before failing
+            failure = self._failure(running.message, load=True, fed=fed)
+            full = isinstance(failure, InsufficientStorageError)
+            if ended or full:  # ctr may have created records before failing
                 self._undo(before, refs | set(running.out.names))
-            raise self._failure(running.message, load=True)
+            if full:  # and free the space its blobs and ingest hold
+                self._collect_garbage()
+            raise failure
         names = running.out.names
         if not ended:
             # ctr finished before the stream did: the rest must still pass its checks, or
@@ -398,14 +448,106 @@ class ContainerdRuntime:
             except BaseException:
                 self._undo(before, set(names))
                 raise
-        self._pin(names)
+        self._pin(names, labels)
         return names
+
+    # -- image lifecycle ---------------------------------------------------------------------
+
+    def owned_refs(self) -> list[OwnershipRecord]:
+        """The image records labelled ``unlock.loader.azaion.com/owner``: what this node loaded,
+        and for which ImageUnlock."""
+        self._check_socket()
+        owned = []
+        for name, (_kind, _digest, text) in sorted(self._records().items()):
+            labels = _labels(text)
+            if (owner := labels.get(OWNER_KEY)) and labels.get(REF_KEY) == name:
+                owned.append(OwnershipRecord(name, owner))
+        return owned
+
+    def unpin(self, refs: Sequence[str]) -> list[str]:
+        """Remove the ``io.cri-containerd.pinned`` label from these refs' image records (the
+        owner label stays): kubelet's image garbage collection may then remove them. Returns
+        the names that were pinned and are not any more."""
+        self._check_socket()
+        records = self._records()
+        unpinned = []
+        for name in dict.fromkeys(normalize_ref(ref) for ref in refs):
+            if name in records and PINNED_KEY in _labels(records[name][2]):
+                self._run("images", "label", name, f"{PINNED_KEY}=")  # an empty value removes it
+                unpinned.append(name)
+        return unpinned
+
+    def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Delete these refs' image records unless a container in the namespace, running or
+        stopped (the CRI's too), was made from the image: ``(removed or already absent, kept
+        because in use)``, as given. By name: an image another name still holds stays; the
+        CRI's ``sha256:<id>`` record goes with the last name. Holds the import lock."""
+        self._check_socket()
+        with exclusive_import(self.name, self.address, self.timeout):
+            records = self._records()
+            used = self._images_in_use(records)
+            removed: list[str] = []
+            kept: list[str] = []
+            gone: list[str] = []
+            for ref in refs:
+                name = normalize_ref(ref)
+                if name not in records:
+                    removed.append(ref)
+                elif (config := self._config_digest(records[name])) is None or config in used:
+                    kept.append(ref)  # in use, or its image ID cannot be told: keep it
+                else:
+                    removed.append(ref)
+                    gone.append(name)
+            if gone:
+                self._run("images", "rm", "--sync", *gone)
+                left = self._records()
+                orphans = {self._config_digest(records[name]) for name in gone} - {
+                    self._config_digest(record) for n, record in left.items() if not n.startswith("sha256:")
+                }
+                cri_records = [digest for digest in orphans if digest and digest in left]
+                if cri_records:
+                    self._run("images", "rm", "--sync", *cri_records)
+            return removed, kept
+
+    def _images_in_use(self, records: dict[str, tuple[str, str, str]]) -> set[str]:
+        """Image IDs (config digests) of every container in the namespace: the image it names
+        (``ctr containers info``) and, for the CRI's, the image ID the CRI recorded for it —
+        what CRI ListContainers reports as its image ref."""
+        used: set[str] = set()
+        for container in self._run("containers", "ls", "-q").stdout.split():
+            done = self._run("containers", "info", container, check=False)
+            if done.returncode != 0:
+                continue  # deleted meanwhile
+            try:
+                info = json.loads(done.stdout)
+            except ValueError:
+                continue
+            image = info.get("Image") if isinstance(info, dict) else None
+            if isinstance(image, str) and image:
+                if _DIGEST.match(image):
+                    used.add(image)
+                if (config := self._config_digest(records.get(image))) is not None:
+                    used.add(config)
+            cri_ref = _cri_image_ref(info)
+            if cri_ref is not None:
+                used.add(cri_ref)
+        return used
+
+    def _collect_garbage(self) -> None:
+        """A synchronous garbage collection (containerd runs one when a lease is removed with
+        ``--sync``): deletes the blobs and the unfinished ingest a failed import left."""
+        with contextlib.suppress(UnlockError):
+            lease = self._run("leases", "create", "--expires", "1m").stdout.split()
+            if lease:
+                self._run("leases", "rm", "--sync", lease[0])
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _pin(self, names: Iterable[str]) -> None:
+    def _pin(self, names: Iterable[str], labels: Sequence[str] = (PINNED_LABEL,)) -> None:
+        """Label each imported record: the pin, and with an owner also its own name (REF_KEY)."""
+        owned = any(label.startswith(OWNER_KEY + "=") for label in labels)
         for name in names:
-            self._run("images", "label", name, PINNED_LABEL)
+            self._run("images", "label", name, *labels, *([f"{REF_KEY}={name}"] if owned else []))
         server = self._server
         if server is not None and server < PINNING_FROM and not self._warned:
             self._warned = True
@@ -483,6 +625,28 @@ class ContainerdRuntime:
             return json.loads(done.stdout)
         except ValueError:
             return None
+
+
+def _labels(text: str) -> dict[str, str]:
+    """``ctr images ls``'s labels column (``k=v,k2=v2``) as a dict."""
+    return dict(item.partition("=")[::2] for item in text.split(",") if "=" in item)
+
+
+def _cri_image_ref(info: Any) -> str | None:
+    """The image ID the CRI recorded for one of its containers (``ctr containers info``: the
+    extension ``io.cri-containerd.container.metadata``, a JSON document, base64 in ctr's output)."""
+    extensions = info.get("Extensions") if isinstance(info, dict) else None
+    extension = extensions.get(CRI_METADATA) if isinstance(extensions, dict) else None
+    value = extension.get("value") if isinstance(extension, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        document = json.loads(base64.b64decode(value))
+    except ValueError:
+        return None
+    metadata = document.get("Metadata") if isinstance(document, dict) else None
+    ref = metadata.get("ImageRef") if isinstance(metadata, dict) else None
+    return ref if isinstance(ref, str) and _DIGEST.match(ref) else None
 
 
 def _last_line(text: str) -> str:
