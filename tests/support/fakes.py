@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from imageunlock.engine.models import Credentials
+from imageunlock.engine.models import Credentials, OwnershipRecord
 from imageunlock.engine.refs import normalize_ref
 from imageunlock.errors import ConfigurationError, RuntimeUnavailableError
 
@@ -36,7 +36,9 @@ class FakeRuntime:
 
     Switches: ``unreachable`` (every call raises RuntimeUnavailableError), ``load_error`` (an
     exception ``load`` raises instead of loading), ``drop_after_load`` (refs that vanish right
-    after a load) and ``alter_after_load`` (``{ref: image ID}`` a load ends up with instead).
+    after a load), ``alter_after_load`` (``{ref: image ID}`` a load ends up with instead) and
+    ``in_use`` (image IDs a container uses: :meth:`remove` keeps their refs). A load with an
+    owner records it (:meth:`owned_refs`); ``pinned`` holds the refs not yet unpinned.
     """
 
     name = "fake"
@@ -49,6 +51,9 @@ class FakeRuntime:
         self.alter_after_load: dict[str, str] = {}
         self.loads: list[dict[str, str]] = []  # per completed load: {tag: image ID}
         self.pings = 0
+        self.owners: dict[str, tuple[str, str]] = {}  # ref -> (owner, image ID loaded)
+        self.pinned: set[str] = set()
+        self.in_use: set[str] = set()
 
     def add(self, images: Mapping[str, str]) -> None:
         """Images present before the test (``{ref: image ID}``), as if loaded earlier."""
@@ -62,7 +67,7 @@ class FakeRuntime:
         self._check()
         return {ref: self._images.get(normalize_ref(ref)) for ref in refs}
 
-    def load(self, chunks: Iterable[bytes], refs: Sequence[str] = ()) -> list[str]:
+    def load(self, chunks: Iterable[bytes], refs: Sequence[str] = (), owner: str | None = None) -> list[str]:
         self._check()
         if self.load_error is not None:
             raise self.load_error
@@ -75,7 +80,36 @@ class FakeRuntime:
             self._images.pop(normalize_ref(ref), None)
         for ref, image_id in self.alter_after_load.items():
             self._images[normalize_ref(ref)] = image_id
+        for tag, image_id in loaded.items():
+            self.pinned.add(normalize_ref(tag))
+            if owner is not None:
+                self.owners[normalize_ref(tag)] = (owner, image_id)
         return list(loaded)
+
+    def owned_refs(self) -> list[OwnershipRecord]:
+        return [
+            OwnershipRecord(ref, owner)
+            for ref, (owner, image_id) in sorted(self.owners.items())
+            if self._images.get(ref) == image_id
+        ]
+
+    def unpin(self, refs: Sequence[str]) -> list[str]:
+        self._check()
+        done = [ref for ref in refs if normalize_ref(ref) in self.pinned]
+        self.pinned -= {normalize_ref(ref) for ref in done}
+        return done
+
+    def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
+        self._check()
+        removed, kept = [], []
+        for ref in refs:
+            if self._images.get(normalize_ref(ref)) in self.in_use:
+                kept.append(ref)
+            else:
+                self._images.pop(normalize_ref(ref), None)
+                self.pinned.discard(normalize_ref(ref))
+                removed.append(ref)
+        return removed, kept
 
     def ping(self) -> None:
         self.pings += 1
