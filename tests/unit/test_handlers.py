@@ -1,10 +1,11 @@
-"""The agent's kopf layer without a running kopf: the snapshots track_objects keeps, and what
-one step of the work loop does with an object (reconcile it through Resync when it selects
-this node, remove this node's entry when it no longer does)."""
+"""The agent's kopf layer without a running kopf: the snapshots and keys track_objects queues,
+what one step does with an object (reconcile it through Resync when it selects this node,
+remove this node's entry when it no longer does), and how the workers queue its next look."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from imageunlock.agent import handlers
 from imageunlock.agent.node import NodeAgent
 from imageunlock.errors import KubernetesUnavailableError
+from imageunlock.workqueue import WorkQueue
 
 from ..support.fakes import FakeKubernetesApi
 
@@ -27,22 +29,24 @@ class FakeResync:
         self.steps: list[tuple[tuple[str, str], dict[str, Any]]] = []
         self.forgotten: list[tuple[str, str]] = []
         self.error: Exception | None = None
+        self.next_look = 300.0
 
-    def step(self, key: tuple[str, str], body: dict[str, Any]) -> None:
+    def step(self, key: tuple[str, str], body: dict[str, Any]) -> float:
         if self.error is not None:
             raise self.error
         self.steps.append((key, body))
+        return self.next_look
 
     def forget(self, key: tuple[str, str]) -> None:
         self.forgotten.append(key)
 
-    due = False
 
-    def due_now(self, key: tuple[str, str]) -> bool:
-        return self.due
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
 
-    def next_due_in(self) -> float:
-        return 0.0 if self.due else float("inf")
+    def __call__(self) -> float:
+        return self.now
 
 
 def raw(phase: str | None = None, selector: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
@@ -59,11 +63,15 @@ def raw(phase: str | None = None, selector: dict[str, Any] | None = None, **meta
 def memo_with(labels: dict[str, str] | None = None) -> SimpleNamespace:
     kube = FakeKubernetesApi()
     kube.nodes[NODE] = {"metadata": {"name": NODE, "labels": labels or {"role": "edge"}}}
-    memo = SimpleNamespace(
-        kube=kube, agent=NodeAgent(kube, NODE, "docker"), resync=FakeResync(), objects={}, changed=set()
+    clock = Clock()
+    return SimpleNamespace(
+        kube=kube,
+        agent=NodeAgent(kube, NODE, "docker"),
+        resync=FakeResync(),
+        objects={},
+        clock=clock,
+        queue=WorkQueue(clock=clock),
     )
-    memo.wake = asyncio.Event()
-    return memo
 
 
 def test_a_selecting_object_goes_to_resync_as_this_node_sees_it():
@@ -100,16 +108,6 @@ def test_an_invalid_selector_selects_nothing():
     assert memo.resync.steps == []
 
 
-def test_one_objects_trouble_is_logged_not_raised(caplog):
-    caplog.set_level(logging.INFO, logger="imageunlock.agent.handlers")
-    memo = memo_with()
-    memo.resync.error = KubernetesUnavailableError("writing status failed (HTTP 503)")
-    handlers._step(memo, KEY, raw("Ready"))
-    memo.resync.error = RuntimeError("a bug")
-    handlers._step(memo, KEY, raw("Ready"))
-    assert "not handled now: writing status failed" in caplog.text and "handling ns/iu failed" in caplog.text
-
-
 # -- track_objects -------------------------------------------------------------------------
 
 
@@ -117,7 +115,7 @@ def track(memo: SimpleNamespace, event_type: str, body: dict[str, Any]) -> None:
     asyncio.run(handlers.track_objects(event={"type": event_type, "object": body}, body=kopf.Body(body), memo=memo))
 
 
-def test_track_objects_keeps_the_latest_snapshot_of_each_object_and_wakes_the_loop():
+def test_track_objects_keeps_the_latest_snapshot_of_each_object_and_queues_its_key_once():
     memo = memo_with()
     track(memo, "ADDED", raw("Loading"))
     track(memo, "MODIFIED", raw("Ready"))
@@ -125,14 +123,16 @@ def test_track_objects_keeps_the_latest_snapshot_of_each_object_and_wakes_the_lo
     assert set(memo.objects) == {KEY, ("ns", "other")}
     assert memo.objects[KEY]["status"]["nodes"][0]["phase"] == "Ready"
     assert set(memo.objects[KEY]) == {"apiVersion", "kind", "metadata", "spec", "status"}
-    assert memo.wake.is_set()
+    assert [memo.queue.ready(), memo.queue.ready(), memo.queue.ready()] == [KEY, ("ns", "other"), None]
 
 
-def test_track_objects_drops_a_deleted_object_and_its_schedule():
+def test_a_deleted_object_is_dropped_and_its_step_forgets_its_schedule():
     memo = memo_with()
     track(memo, "ADDED", raw("Ready"))
     track(memo, "DELETED", raw("Ready"))
-    assert KEY not in memo.objects and memo.resync.forgotten == [KEY]
+    assert KEY not in memo.objects and memo.resync.forgotten == []  # not while a step of it may run
+    handle(memo)
+    assert memo.resync.forgotten == [KEY] and memo.resync.steps == []
 
 
 def test_track_objects_drops_an_object_that_is_being_deleted():
@@ -179,51 +179,79 @@ def test_liveness_fails_once_the_runtime_stayed_unreachable_so_kubelet_remounts_
     assert handlers.runtime_probe(memo) == "reachable" and memo.runtime_down_since is None
 
 
-def test_the_work_loop_offers_only_what_changed_or_is_due():
-    """Issue 22, item 1: the loop handed every ImageUnlock to a worker every second (1.7 % of a
-    core for 100 idle resources). Now an object goes to a worker when a watch event or the
-    Node changed it, or when Resync has a look due."""
-    import concurrent.futures
+# -- the workers ----------------------------------------------------------------------------
 
-    class Runtime:
-        name = "docker"
 
-        def ping(self) -> None:
-            return None
+def handle(memo: SimpleNamespace) -> None:
+    """What a worker does with the next key the queue hands out."""
 
-    async def run() -> list[int]:
+    async def run() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as memo.workers:
+            await handlers._handle(memo, memo.queue.ready())
+
+    asyncio.run(run())
+
+
+def test_the_next_look_resync_asks_for_is_queued_after_that_delay():
+    memo = memo_with()
+    memo.objects[KEY] = raw("Ready")
+    memo.queue.add(KEY)
+    handle(memo)
+    assert len(memo.resync.steps) == 1
+    memo.clock.now += 299.9
+    assert memo.queue.ready() is None  # an idle object: nothing until its next look
+    memo.clock.now += 0.1
+    assert memo.queue.ready() == KEY
+
+
+def test_an_object_left_alone_is_queued_again_only_when_it_changes():
+    memo = memo_with({"role": "spare"})
+    memo.objects[KEY] = raw(selector={"matchLabels": {"role": "edge"}})  # not this node's
+    memo.queue.add(KEY)
+    handle(memo)
+    memo.clock.now += 3600
+    assert memo.queue.ready() is None
+    track(memo, "MODIFIED", raw("Ready", selector={"matchLabels": {"role": "spare"}}))
+    handle(memo)
+    assert len(memo.resync.steps) == 1
+
+
+def test_a_failed_step_is_logged_and_tried_again_after_a_growing_backoff_until_it_succeeds(caplog):
+    caplog.set_level(logging.INFO, logger="imageunlock.agent.handlers")
+    memo = memo_with()
+    memo.objects[KEY] = raw("Ready")
+    memo.resync.error = KubernetesUnavailableError("writing status failed (HTTP 503)")
+    memo.queue.add(KEY)
+    handle(memo)
+    assert "not handled now: writing status failed" in caplog.text
+    memo.resync.error = RuntimeError("a bug")
+    memo.clock.now += 1.2  # the first backoff: 1 s +- 20 %
+    handle(memo)
+    assert "handling ns/iu failed" in caplog.text and memo.queue.failures(KEY) == 2
+    memo.clock.now += 1.5
+    assert memo.queue.ready() is None  # the second: 2 s +- 20 %
+    memo.clock.now += 1.0
+    memo.resync.error = None
+    memo.queue.add(KEY)
+    handle(memo)
+    assert len(memo.resync.steps) == 1 and memo.queue.failures(KEY) == 0  # forgotten on success
+
+
+def test_the_workers_step_each_key_as_it_is_queued():
+    """The running pieces together: worker tasks, the queue and the worker threads."""
+
+    async def run() -> list[tuple[str, str]]:
         memo = memo_with()
-        memo.settings = SimpleNamespace(verify_interval=0.2)
-        memo.runtime = Runtime()
-        memo.workers = concurrent.futures.ThreadPoolExecutor(1)
-        memo.objects[KEY] = raw(selector={"matchLabels": {"role": "elsewhere"}})  # not this node's
-        memo.changed.add(KEY)
-        memo.wake.set()  # as track_objects does
-        task = asyncio.create_task(handlers._work_loop(memo))
-        await asyncio.sleep(0.7)  # several ticks: offered once (it changed), then left alone
-        offered = []
-        original = handlers._step
+        memo.queue = WorkQueue()
+        memo.objects[KEY] = raw("Ready")
+        memo.objects[("ns", "other")] = raw("Ready", name="other")
+        with concurrent.futures.ThreadPoolExecutor(2) as memo.workers:
+            workers = [asyncio.create_task(handlers._worker(memo)) for _ in range(2)]
+            handlers._all_changed(memo)  # as the Node watch does
+            while len(memo.resync.steps) < 2:
+                await asyncio.sleep(0.01)
+            for worker in workers:
+                worker.cancel()
+        return sorted(key for key, _ in memo.resync.steps)
 
-        def counting(m, key, body):
-            offered.append(key)
-            return original(m, key, body)
-
-        handlers._step = counting
-        try:
-            await asyncio.sleep(0.7)
-            quiet = len(offered)
-            memo.changed.add(KEY)
-            memo.wake.set()
-            await asyncio.sleep(0.9)  # well under the loop's 1 s floor: only the change wakes it
-            after_change = len(offered)
-            memo.resync.due = True  # overdue and never rescheduled: offered at most once a second
-            await asyncio.sleep(2.6)
-            due = len(offered) - after_change
-        finally:
-            handlers._step = original
-            task.cancel()
-            memo.workers.shutdown()
-        return [quiet, after_change, due]
-
-    quiet, after_change, due = asyncio.run(run())
-    assert quiet == 0 and after_change == 1 and 1 <= due <= 4
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == [KEY, ("ns", "other")]

@@ -61,9 +61,9 @@ def make(*outcomes: Outcome):
 
 def test_ready_and_still_true_is_only_looked_at_every_interval():
     resync, fake, clock = make()
-    resync.step(KEY, body("Ready"))
+    assert resync.step(KEY, body("Ready")) == 300  # the next look, for the agent's work queue
     clock.now += 299
-    resync.step(KEY, body("Ready"))
+    assert resync.step(KEY, body("Ready")) == 1
     assert fake.calls == [] and resync.due[KEY].at == 1300.0 and fake.verifications == 1
 
 
@@ -110,16 +110,6 @@ def test_a_new_generation_is_reconciled_at_once_and_its_retries_wait_for_the_bac
     clock.now += 0.1
     resync.step(KEY, body("Pending", observed=1, generation=2))
     assert fake.calls == [0, 1]
-
-
-def test_another_worker_holding_the_lock_keeps_a_step_out():
-    resync, fake, _clock = make(Outcome(Verdict.READY))
-    fake.ready = False
-    with resync.lock(KEY):
-        resync.step(KEY, body("Ready"))
-    assert fake.calls == []
-    resync.step(KEY, body("Ready"))
-    assert fake.calls == [0]
 
 
 def test_stalled_is_rechecked_only_when_an_input_changed():
@@ -223,9 +213,10 @@ def test_requested_rechecks_are_handled_at_most_every_30_s_and_never_dropped():
     assert fake.calls == [0]
     for n in range(1, 11):  # ten requests, one a second
         fake.current_inputs = replace(fake.current_inputs, requested=f"r{n}")
-        resync.step(KEY, _requested("Failed", f"r{n}"))
+        next_look = resync.step(KEY, _requested("Failed", f"r{n}"))
         clock.now += 1
     assert len(fake.calls) == 2  # the first request at once, the rest deferred
+    assert next_look == 30 - 9  # to the interval's end, not to the next verification
     clock.now += 19  # 29 s after the first request was handled: still deferred
     resync.step(KEY, _requested("Failed", "r10"))
     assert len(fake.calls) == 2
@@ -243,9 +234,10 @@ def test_spec_edits_in_a_loop_cost_one_reconcile_per_interval_and_the_latest_cou
     stalled = Outcome(Verdict.STALLED, "rejected", "AuthenticationFailed")
     resync, fake, clock = make(*[stalled] * 10)
     for generation in range(1, 11):  # ten edits, 0.1 s apart
-        resync.step(KEY, body("Failed", observed=generation - 1, generation=generation))
+        next_look = resync.step(KEY, body("Failed", observed=generation - 1, generation=generation))
         clock.now += 0.1
     assert len(fake.calls) == 1
+    assert round(next_look, 6) == 10 - 0.9  # looked at again when the interval is up
     clock.now += 9.0  # 10 s after the first reconcile began
     resync.step(KEY, body("Failed", observed=1, generation=10))
     assert len(fake.calls) == 2 and resync.due[KEY].generation == 10

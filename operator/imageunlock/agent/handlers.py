@@ -1,8 +1,11 @@
-"""The node agent's kopf layer: thin. It watches ImageUnlocks and hands the ones that select
-its node to :class:`~imageunlock.agent.resync.Resync`, which decides what is due (a new
-generation at once, re-verification every ``IMAGEUNLOCK_VERIFY_INTERVAL``, retries with
-backoff, Stalled ones when their inputs change); the reconciles run on worker threads, so
-requests, runtime and file I/O never block the event loop.
+"""The node agent's kopf layer: thin. Watch events (and changes of its Node) add an
+ImageUnlock's key to a :class:`~imageunlock.workqueue.WorkQueue`; ``IMAGEUNLOCK_WORKERS``
+workers take keys from it and step each on a worker thread (requests, runtime and file I/O
+never block the event loop) through :class:`~imageunlock.agent.resync.Resync`, which decides
+what is due (a new generation at once, re-verification every ``IMAGEUNLOCK_VERIFY_INTERVAL``,
+retries with backoff, Stalled ones when their inputs change) and when to look next: the key
+is added again after that delay. The queue hands a key to one worker at a time; a step that
+fails is tried again after the queue's per-key backoff with jitter.
 
 Level-triggered on purpose: no kopf change handlers, so kopf keeps no per-handler state in
 the object's annotations (hundreds of agents would overwrite each other's) and adds no
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -32,6 +34,7 @@ from imageunlock.engine.runtimes import make_runtime
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.nodes import NodeInfo
+from imageunlock.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -72,6 +75,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
     # while the event loop updates the dict.
+    # Keys (namespace, name) due a step; touched on the event loop only (not thread-safe).
+    memo.queue = WorkQueue(base=1.0, cap=60.0)
     # The Node through a watch (a field selector on its name): an idle agent reads nothing.
     memo.stop = threading.Event()
     loop = asyncio.get_running_loop()
@@ -80,8 +85,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         memo.agent.observe(raw)
         loop.call_soon_threadsafe(_all_changed, memo)  # labels decide every selection
 
-    memo.wake = asyncio.Event()
-    memo.changed = set()  # keys with a watch event not yet offered to a worker
     memo.node_watch = threading.Thread(
         target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
     )
@@ -96,7 +99,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
-    memo.loop_task = asyncio.create_task(_work_loop(memo))
+    memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
+    memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
     )
@@ -119,8 +123,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "stop", None) is not None:
         memo.stop.set()
-    task = getattr(memo, "loop_task", None)
-    if task is not None:
+    for task in getattr(memo, "tasks", []):
         task.cancel()
     if getattr(memo, "workers", None) is not None:
         memo.workers.shutdown(wait=False, cancel_futures=True)
@@ -163,91 +166,84 @@ def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
 
 @kopf.on.event(*RESOURCE, registry=registry)
 async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep a snapshot per ImageUnlock for the work loop, and wake it. Async on purpose: it
-    only touches a dict, and running it on the event loop keeps every mutation of
-    ``memo.objects`` on the thread that iterates it."""
+    """Keep a snapshot per ImageUnlock and queue its key (a deleted one's too: its step drops
+    what is kept for it). Async on purpose: it only touches a dict and the queue, and running
+    it on the event loop keeps every mutation of both on the thread that reads them."""
     meta = body.get("metadata", {})
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
-        memo.resync.forget(key)
-        memo.agent.forget(key)
-        metrics.forget(*key)
     else:
         memo.objects[key] = _snapshot(body)
-        memo.changed.add(key)
         metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
-    memo.wake.set()
+    memo.queue.add(key)
 
 
 def _all_changed(memo: Any) -> None:
-    memo.changed.update(memo.objects)
-    memo.wake.set()
+    for key in memo.objects:
+        memo.queue.add(key)
 
 
 def _snapshot(body: Any) -> dict[str, Any]:
     return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
 
 
-async def _work_loop(memo: kopf.Memo) -> None:
-    """At once after a watch event or a finished step, else when the next look is due (at
-    least a second, at most 30 s apart): offer the ImageUnlocks that changed or are due to
-    :class:`Resync`, on the worker threads, one step per object at a time; remove this
-    node's entry from those that no longer select it."""
-    loop = asyncio.get_running_loop()
-    ping_every = min(30.0, memo.settings.verify_interval)
-    next_ping = 0.0
-    running: dict[Any, asyncio.Future[Any]] = {}
-    offered: dict[Any, float] = {}
+async def _ping_loop(memo: kopf.Memo) -> None:
+    """Keeps imageunlock_runtime_reachable current; not on the workers, so a long unlock on
+    each of them does not hold it up."""
     while True:
-        sleep = min(next_ping - loop.time(), memo.resync.next_due_in(), 30.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(memo.wake.wait(), timeout=max(1.0, sleep))
-        memo.wake.clear()
-        # Not on the workers: a long unlock on each of them must not hold these up.
-        if loop.time() >= next_ping:  # keeps imageunlock_runtime_reachable current
-            await asyncio.to_thread(_check_runtime, memo)
-            next_ping = loop.time() + ping_every
-        # Only what changed (a watch event, the Node) or is due (a retry, a re-verification):
-        # an idle agent with many ImageUnlocks wakes no worker.
-        changed = set(memo.changed)
-        memo.changed.clear()  # mutated, never rebound: kopf hands handlers a shallow copy of memo
-        now = loop.time()
-        for key, body in list(memo.objects.items()):
-            if key not in changed and (not memo.resync.due_now(key) or now - offered.get(key, -1e9) < 1.0):
-                continue  # unchanged, and not due (or offered within the second: at most 1 Hz)
-            if key in running and not running[key].done():
-                memo.changed.add(key)  # busy now: offered again once it is done
-                continue
-            offered[key] = now
-            running[key] = loop.run_in_executor(memo.workers, _step, memo, key, body)
-            running[key].add_done_callback(lambda _: memo.wake.set())  # its next look may be due sooner
-        for key in [k for k, f in running.items() if f.done()]:
-            running.pop(key)
-        for key in [k for k in offered if k not in memo.objects]:
-            offered.pop(key)  # deleted objects
+        await asyncio.to_thread(_check_runtime, memo)
+        await asyncio.sleep(min(30.0, memo.settings.verify_interval))
 
 
-def _step(memo: Any, key: tuple[str, str], body: dict[str, Any]) -> None:
-    """One object on a worker thread: reconcile what is due, or leave it."""
-    agent: NodeAgent = memo.agent
+async def _worker(memo: kopf.Memo) -> None:
+    queue: WorkQueue[tuple[str, str]] = memo.queue
+    while True:
+        await _handle(memo, await queue.get())
+
+
+async def _handle(memo: kopf.Memo, key: tuple[str, str]) -> None:
+    """One step of a key the queue handed out, on a worker thread; then its next look is
+    queued (a step that failed: after the key's backoff, which a success resets)."""
+    queue: WorkQueue[tuple[str, str]] = memo.queue
+    loop = asyncio.get_running_loop()
     try:
-        selected = agent.selected(body)
-        if selected is None:
-            return  # this node was never read: nothing is known, nothing is removed
-        if not selected:
-            if agent.has_entry(key, body):
-                log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
-                agent.leave(*key)
-                memo.resync.forget(key)
-            return
-        agent.seed(key, body)
-        seen = agent.view(body)
-        new = (seen.get("status") or {}).get("observedGeneration") != (body.get("metadata") or {}).get("generation")
-        if new and not counted(body):
-            return  # the controller has not counted this generation's nodes yet (at most MAX_NODES)
-        memo.resync.step(key, seen)
-    except UnlockError as exc:
-        log.info("%s/%s not handled now: %s", *key, exc.message)
-    except Exception:  # one object's trouble never stops the loop
-        log.exception("handling %s/%s failed", *key)
+        next_look = await loop.run_in_executor(memo.workers, _step, memo, key, memo.objects.get(key))
+    except UnlockError as exc:  # e.g. the API server is away
+        log.info("%s/%s not handled now: %s; again in %.1fs", *key, exc.message, queue.add_rate_limited(key))
+    except Exception:  # a bug: logged, and tried again all the same
+        log.exception("handling %s/%s failed; again in %.1fs", *key, queue.add_rate_limited(key))
+    else:
+        queue.forget(key)
+        if next_look is not None:
+            queue.add_after(key, next_look)
+    finally:
+        queue.done(key)
+
+
+def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float | None:
+    """One object on a worker thread: reconcile what is due, or leave it; the seconds until
+    its next look (None: when it or the Node changes). A deleted object (None): drop what is
+    kept for it, here, where no step of it can run at the same time."""
+    agent: NodeAgent = memo.agent
+    resync: Resync = memo.resync
+    if body is None:
+        resync.forget(key)
+        agent.forget(key)
+        metrics.forget(*key)
+        return None
+    selected = agent.selected(body)
+    if selected is None:
+        return None  # this node was never read: nothing is known, nothing is removed
+    if not selected:
+        if agent.has_entry(key, body):
+            log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
+            agent.leave(*key)
+            resync.forget(key)
+        return None
+    agent.seed(key, body)
+    seen = agent.view(body)
+    new = (seen.get("status") or {}).get("observedGeneration") != (body.get("metadata") or {}).get("generation")
+    if new and not counted(body):
+        return None  # the controller has not counted this generation's nodes yet (at most MAX_NODES)
+    return resync.step(key, seen)

@@ -1,6 +1,7 @@
-"""When an agent reconciles an ImageUnlock on its node (framework-free; the agent's loop
-calls ``step`` for every selected object about once a second, from worker threads, with the
-object as this node sees it: its status is the node's entry, see nodes.view).
+"""When an agent reconciles an ImageUnlock on its node (framework-free; the agent's workers
+call ``step`` from worker threads when the object changed or its next look is due, with the
+object as this node sees it: its status is the node's entry, see nodes.view; ``step``
+answers when to look next).
 
 Level-triggered, like a controller's work queue: a generation this node has not finished
 (its entry's ``observedGeneration`` differs) is reconciled at once; a Ready object is
@@ -11,13 +12,13 @@ something the failure depended on changed — generation, the Secret, the archiv
 competing claim, or the ``loader.azaion.com/requested-at`` annotation — never on a timer, so
 known-bad credentials are not replayed until the account locks.
 
-A per-object lock keeps two workers from reconciling one object at once.
+No locks: the agent's work queue never hands one key to two workers at once, so the state
+of a key is only touched by the one step (or ``forget``) running for it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -61,35 +62,15 @@ class Resync:
         self.reconciler = reconciler
         self.clock = clock
         self.due: dict[ObjectKey, Due] = {}
-        self._locks: dict[ObjectKey, threading.Lock] = {}
         self._started: dict[ObjectKey, float] = {}  # when a reconcile of the object last began
-        self._guard = threading.Lock()
 
     @property
     def interval(self) -> float:
         return self.reconciler.settings.verify_interval
 
-    def due_now(self, key: ObjectKey) -> bool:
-        """Whether a look at ``key`` is scheduled and due (a retry, a re-verification, a
-        Stalled re-check). An object never scheduled is looked at when it changes."""
-        due = self.due.get(key)
-        return due is not None and self.clock() >= due.at
-
-    def next_due_in(self) -> float:
-        """Seconds until the earliest scheduled look (negative when one is overdue; infinite
-        when none is scheduled)."""
-        soonest = min((due.at for due in list(self.due.values())), default=float("inf"))
-        return soonest - self.clock()
-
-    def lock(self, key: ObjectKey) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
-
     def forget(self, key: ObjectKey) -> None:
-        with self._guard:
-            self._locks.pop(key, None)
-            self.due.pop(key, None)
-            self._started.pop(key, None)
+        self.due.pop(key, None)
+        self._started.pop(key, None)
 
     def record(self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, generation: Any) -> None:
         """Schedule the next look after a reconcile."""
@@ -101,7 +82,8 @@ class Resync:
         else:
             self.due[key] = Due(now + self.interval, 0, None, generation)
 
-    def step(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
+    def step(self, key: ObjectKey, body: Mapping[str, Any]) -> float:
+        """Reconcile or re-check ``key`` if that is due; the seconds until its next look."""
         meta = body.get("metadata") or {}
         generation, uid = meta.get("generation"), meta.get("uid")
         due = self.due.get(key, Due())
@@ -110,24 +92,19 @@ class Resync:
         request = _requested(body)
         now = self.clock()
         if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
-            if now < self._started.get(key, float("-inf")) + GENERATION_INTERVAL:
-                return  # edits in quick succession: the latest one when the interval is up
+            if now < (started := self._started.get(key, float("-inf"))) + GENERATION_INTERVAL:
+                return started + GENERATION_INTERVAL - now  # edits in quick succession: the latest then
             due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
         elif now < due.at:
             if request is None or request == due.requested:
-                return  # not due; a pending request is acted on once, then the schedule holds
+                return due.at - now  # not due; a pending request is acted on once, then the schedule holds
             if now < due.asked + REQUEST_INTERVAL:
-                return  # a request too soon after the last one: deferred to the interval's end
-        lock = self.lock(key)
-        if not lock.acquire(blocking=False):
-            return  # another worker is reconciling it right now
-        try:
-            self._step(key, body, due)
-        finally:
-            lock.release()
-        if key in self.due:
-            asked = now if request is not None and request != due.requested else due.asked
-            self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
+                # a request too soon after the last one: deferred to the interval's end
+                return min(due.at, due.asked + REQUEST_INTERVAL) - now
+        self._step(key, body, due)
+        asked = now if request is not None and request != due.requested else due.asked
+        self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
+        return self.due[key].at - self.clock()
 
     def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
         status = body.get("status") or {}
