@@ -37,7 +37,7 @@ from ..support.dockerd import Dockerd
 from ..support.images import build_archive_set
 from ..support.net import free_port
 from ..support.operator_process import OperatorProcess
-from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +77,9 @@ def crd(cluster: Cluster) -> str:
     return CRD_NAME
 
 
-@pytest.fixture
-def namespace(cluster: Cluster, crd: str) -> Iterator[str]:
+@contextlib.contextmanager
+def new_namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace of its own, emptied of ImageUnlocks and deleted at the end."""
     name = "iu-" + uuid.uuid4().hex[:8]
     cluster.core.create_namespace({"metadata": {"name": name}})
     try:
@@ -89,13 +90,24 @@ def namespace(cluster: Cluster, crd: str) -> Iterator[str]:
         cluster.core.delete_namespace(name)
 
 
-@pytest.fixture
-def secret(cluster: Cluster, namespace: str) -> str:
+def create_secret(cluster: Cluster, namespace: str) -> str:
+    """The resource API's credentials, as the Secret ``loader-creds``."""
     cluster.core.create_namespaced_secret(
         namespace,
         {"metadata": {"name": "loader-creds"}, "stringData": {"email": TEST_EMAIL, "password": TEST_PASSWORD}},
     )
     return "loader-creds"
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, crd: str) -> Iterator[str]:
+    with new_namespace(cluster) as name:
+        yield name
+
+
+@pytest.fixture
+def secret(cluster: Cluster, namespace: str) -> str:
+    return create_secret(cluster, namespace)
 
 
 @pytest.fixture
@@ -134,29 +146,29 @@ def _stopped_at_exit() -> Iterator[list[OperatorProcess]]:
             proc.stop()
 
 
-@pytest.fixture
-def start_controller(cluster: Cluster, crd: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
-    """The controller (cluster summaries); one per test, started on first use."""
+@contextlib.contextmanager
+def controller_starter(cluster: Cluster, workdir: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    """``start(**settings)``: the controller (cluster summaries), started on first use."""
     with _stopped_at_exit() as started:
 
         def start(**overrides: str) -> OperatorProcess:
             if started and started[-1].proc is not None:
                 return started[-1]
             env = _role_env(cluster.controller_kubeconfig, **overrides)
-            proc = OperatorProcess(tmp_path / f"controller-{len(started)}", env, role="controller").start()
+            proc = OperatorProcess(workdir / f"controller-{len(started)}", env, role="controller").start()
             started.append(proc)
             return proc
 
         yield start
 
 
-@pytest.fixture
-def start_agent(
-    cluster: Cluster, resource_api, start_controller, tmp_path: Path
+@contextlib.contextmanager
+def agent_starter(
+    cluster: Cluster, resource_api: FakeResourceApi, start_controller: Callable[..., OperatorProcess], workdir: Path
 ) -> Iterator[Callable[..., OperatorProcess]]:
-    """``start_agent(node, archive_root, disk=None, **settings)``: an agent for ``node`` (its
-    Node must exist), and the controller if it is not running yet. With ``disk``, the agent
-    sees that directory at ``archive_root`` (the node's own disk)."""
+    """``start(node, archive_root, disk=None, **settings)``: an agent for ``node`` (its Node
+    must exist), and the controller if it is not running yet. With ``disk``, the agent sees
+    that directory at ``archive_root`` (the node's own disk)."""
     with _stopped_at_exit() as started:
 
         def start(node: str, archive_root: Path, disk: Path | None = None, **overrides: str) -> OperatorProcess:
@@ -174,10 +186,26 @@ def start_agent(
             )
             env.update(overrides)
             own = (disk, archive_root) if disk is not None else None
-            proc = OperatorProcess(tmp_path / f"agent-{node}-{len(started)}", env, disk=own).start()
+            proc = OperatorProcess(workdir / f"agent-{node}-{len(started)}", env, disk=own).start()
             started.append(proc)
             return proc
 
+        yield start
+
+
+@pytest.fixture
+def start_controller(cluster: Cluster, crd: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    """The controller; one per test, started on first use."""
+    with controller_starter(cluster, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def start_agent(
+    cluster: Cluster, resource_api, start_controller, tmp_path: Path
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """Agents for this test (agent_starter), beside its controller."""
+    with agent_starter(cluster, resource_api, start_controller, tmp_path) as start:
         yield start
 
 
