@@ -44,9 +44,11 @@ class FakeResourceApi:
         self.tokens: set[str] = set()
         self.issued: list[str] = []  # every token ever handed out (for secret-hygiene checks)
         self.calls: Counter[str] = Counter()
+        self.faulted: Counter[str] = Counter()  # requests answered with an injected fault
         self.delay = 0.0
         self._gates: dict[str, threading.Event] = {}
         self._faults: dict[str, deque[int]] = defaultdict(deque)
+        self._failing: dict[str, int] = {}  # path -> status, until stop_failing
         self._lock = threading.Lock()
         self._server = _QuietServer((host, 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -56,6 +58,16 @@ class FakeResourceApi:
         """The next ``times`` requests to ``path`` answer ``status``."""
         with self._lock:
             self._faults[path].extend([status] * times)
+
+    def fail_until_stopped(self, path: str, status: int) -> None:
+        """Every request to ``path`` answers ``status`` until :meth:`stop_failing`: a state
+        that lasts until the test has seen what it waits for, not a window it may miss."""
+        with self._lock:
+            self._failing[path] = status
+
+    def stop_failing(self, path: str) -> None:
+        with self._lock:
+            self._failing.pop(path, None)
 
     def hold(self, path: str) -> threading.Event:
         """Requests to ``path`` wait (after being counted) until the returned event is set:
@@ -94,7 +106,9 @@ class FakeResourceApi:
     def reset(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.faulted.clear()
             self._faults.clear()
+            self._failing.clear()
             self.tokens.clear()
             self.delay = 0.0
             gates, self._gates = list(self._gates.values()), {}
@@ -104,7 +118,10 @@ class FakeResourceApi:
     def _next_fault(self, path: str) -> int | None:
         with self._lock:
             queue = self._faults.get(path)
-            return queue.popleft() if queue else None
+            fault = queue.popleft() if queue else self._failing.get(path)
+            if fault is not None:
+                self.faulted[path] += 1
+            return fault
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
