@@ -7,47 +7,93 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH
 
-from ..support.cluster import is_ready, spec_for, unlock_object
-from ..support.dockerd import load_events, loaded
-from ..support.operator_process import place
+from ..support.cluster import NODE, Cluster, is_ready, spec_for, unlock_object
+from ..support.dockerd import Dockerd, load_events, loaded, remove_images
+from ..support.images import ArchiveSet
+from ..support.operator_process import OperatorProcess, place
+from ..support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
 from ..support.wait import wait_for
+from .conftest import agent_starter, controller_starter, create_secret, new_namespace
 
 pytestmark = pytest.mark.e2e
 
 
-def test_secret_and_imageunlock_become_ready(
-    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api
-):
-    path = place(archives.openssl_archive, archive_root)
-    operator = start_operator()
-    cluster.create_unlock(namespace, "images", spec_for(path, archives.version, secret))
-    cluster.kubectl(
-        "wait", "--for=condition=Ready", "imageunlock/images", "-n", namespace, "--timeout=120s", timeout=150
-    )
-    status = cluster.status(namespace, "images")
-    assert status["phase"] == "Ready" and status["observedGeneration"] == 1
-    assert {i["name"]: i["id"] for i in status["images"]} == archives.ids
-    assert status["progress"]["text"] == "100%" and status["lastUnlockTime"]
-    assert cluster.condition(namespace, "images", "Reconciling")["status"] == "False"
-    assert cluster.condition(namespace, "images", "Stalled")["status"] == "False"
-    assert loaded(clean_docker) == archives.ids
-    assert resource_api.calls[KEY_FRAGMENT_PATH] == 1
-    reasons = {e.reason for e in cluster.events(namespace, "images")}
-    assert {"Unlocking", "Unlocked"} <= reasons
-    table = cluster.kubectl("get", "iu", "-n", namespace).stdout
-    assert table.split("\n")[0].split() == ["NAME", "PHASE", "VERSION", "READY", "NODES", "PROGRESS", "AGE"]
-    assert "Ready" in table and "1/1" in table and "100%" in table and archives.version in table
-    [entry] = status["nodes"]
-    assert entry["name"] == "node-1" and entry["runtime"] == "docker" and entry["phase"] == "Ready"
-    assert {i["name"]: i["id"] for i in entry["images"]} == archives.ids and entry["lastUnlockTime"]
-    assert operator.probe().get("runtime") == "reachable"
-    obj = cluster.get(namespace, "images")
-    assert not obj["metadata"].get("finalizers"), "no finalizer: deletion must never wait for the operator"
+@dataclass
+class Unlocked:
+    cluster: Cluster
+    namespace: str
+    operator: OperatorProcess
+    engine: Dockerd
+    resource_api: FakeResourceApi
+
+
+class TestANewImageUnlock:
+    """A Secret and an ImageUnlock applied on node-1: what a user then sees, one test each,
+    of one unlock (started once for the class: class scope ends before the next test starts
+    its own agent for node-1)."""
+
+    @pytest.fixture(scope="class")
+    def unlocked(
+        self, cluster: Cluster, crd: str, archives: ArchiveSet, dockerd: Dockerd, tmp_path_factory
+    ) -> Iterator[Unlocked]:
+        workdir = tmp_path_factory.mktemp("unlocked")
+        root = workdir / "archives"
+        root.mkdir()
+        remove_images(dockerd)
+        cluster.ensure_node(NODE)
+        with (
+            new_namespace(cluster) as namespace,
+            FakeResourceApi(TEST_EMAIL, TEST_PASSWORD, archives.fragment) as resource_api,
+            controller_starter(cluster, workdir) as start_controller,
+            agent_starter(cluster, resource_api, start_controller, workdir) as start_agent,
+        ):
+            operator = start_agent(NODE, root, IMAGEUNLOCK_DOCKER_HOST=dockerd.url)
+            spec = spec_for(place(archives.openssl_archive, root), archives.version, create_secret(cluster, namespace))
+            cluster.create_unlock(namespace, "images", spec)
+            cluster.kubectl(
+                "wait", "--for=condition=Ready", "imageunlock/images", "-n", namespace, "--timeout=120s", timeout=150
+            )
+            yield Unlocked(cluster, namespace, operator, dockerd, resource_api)
+
+    def test_it_becomes_ready_with_every_image_loaded_and_verified_with_one_key_request(
+        self, unlocked: Unlocked, archives: ArchiveSet
+    ):
+        status = unlocked.cluster.status(unlocked.namespace, "images")
+        assert status["phase"] == "Ready" and status["observedGeneration"] == 1
+        assert {i["name"]: i["id"] for i in status["images"]} == archives.ids
+        assert status["progress"]["text"] == "100%" and status["lastUnlockTime"]
+        assert unlocked.cluster.condition(unlocked.namespace, "images", "Reconciling")["status"] == "False"
+        assert unlocked.cluster.condition(unlocked.namespace, "images", "Stalled")["status"] == "False"
+        assert loaded(unlocked.engine) == archives.ids
+        assert unlocked.resource_api.calls[KEY_FRAGMENT_PATH] == 1
+
+    def test_its_node_entry_names_the_node_its_runtime_and_the_verified_images(
+        self, unlocked: Unlocked, archives: ArchiveSet
+    ):
+        [entry] = unlocked.cluster.status(unlocked.namespace, "images")["nodes"]
+        assert entry["name"] == NODE and entry["runtime"] == "docker" and entry["phase"] == "Ready"
+        assert {i["name"]: i["id"] for i in entry["images"]} == archives.ids and entry["lastUnlockTime"]
+
+    def test_unlocking_and_unlocked_events_are_recorded(self, unlocked: Unlocked):
+        assert {"Unlocking", "Unlocked"} <= {e.reason for e in unlocked.cluster.events(unlocked.namespace, "images")}
+
+    def test_kubectl_get_prints_phase_version_ready_nodes_and_progress(self, unlocked: Unlocked, archives: ArchiveSet):
+        table = unlocked.cluster.kubectl("get", "iu", "-n", unlocked.namespace).stdout
+        assert table.split("\n")[0].split() == ["NAME", "PHASE", "VERSION", "READY", "NODES", "PROGRESS", "AGE"]
+        assert "Ready" in table and "1/1" in table and "100%" in table and archives.version in table
+
+    def test_the_liveness_probe_reports_the_runtime_reachable(self, unlocked: Unlocked):
+        assert unlocked.operator.probe().get("runtime") == "reachable"
+
+    def test_it_has_no_finalizer_so_deletion_never_waits_for_the_operator(self, unlocked: Unlocked):
+        assert not unlocked.cluster.get(unlocked.namespace, "images")["metadata"].get("finalizers")
 
 
 def test_images_present_before_the_first_unlock_are_not_vouched_for(
