@@ -6,7 +6,8 @@
 * :meth:`add_after` queues a key later; :meth:`add_rate_limited` later still after each
   failure of that key (exponential backoff with jitter, capped); :meth:`forget` resets it.
 
-Pure but for the clock: tests drive it with their own ``clock``.
+Pure but for the clock: tests drive it with their own ``clock``. Not thread-safe: the
+agent's workers and the controller's summary loop use theirs from the event loop only.
 """
 
 from __future__ import annotations
