@@ -31,6 +31,7 @@ from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine.runtimes import make_runtime
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
+from imageunlock.kube.conditions import condition_states
 from imageunlock.kube.nodes import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.node_watch.start()
     memo.reconciler = Reconciler(
-        config,
-        memo.runtime,
-        memo.kube,
-        others=lambda: [memo.agent.view(b) for b in list(memo.objects.values())],
-        write_status=memo.agent.write,
-        node=node,
+        config, memo.runtime, memo.kube, memo.agent, others=lambda: list(memo.objects.values())
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
@@ -176,7 +172,7 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     else:
         memo.objects[key] = _snapshot(body)
         memo.changed.add(key)
-        metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
+        metrics.observe_conditions(*key, condition_states(memo.agent.entry(memo.objects[key])))
     memo.wake.set()
 
 
@@ -241,12 +237,10 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any]) -> None:
                 agent.leave(*key)
                 memo.resync.forget(key)
             return
-        agent.seed(key, body)
-        seen = agent.view(body)
-        new = (seen.get("status") or {}).get("observedGeneration") != (body.get("metadata") or {}).get("generation")
+        new = agent.entry(body).observed_generation != (body.get("metadata") or {}).get("generation")
         if new and not counted(body):
             return  # the controller has not counted this generation's nodes yet (at most MAX_NODES)
-        memo.resync.step(key, seen)
+        memo.resync.step(key, body)
     except UnlockError as exc:
         log.info("%s/%s not handled now: %s", *key, exc.message)
     except Exception:  # one object's trouble never stops the loop
