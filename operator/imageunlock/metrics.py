@@ -44,11 +44,11 @@ RUNTIME_REACHABLE = Gauge(
 )
 
 
-def observe_status(namespace: str, name: str, status: Mapping[str, Any] | None) -> None:
-    """Set the condition gauges from an ImageUnlock's status (as seen on the watch stream)."""
-    current = {c.get("type"): c.get("status") for c in (status or {}).get("conditions") or [] if isinstance(c, Mapping)}
+def observe_conditions(namespace: str, name: str, conditions: Mapping[str, str]) -> None:
+    """Set the condition gauges of an ImageUnlock (``{condition type: status}``; a type not
+    given is Unknown)."""
     for condition in CONDITIONS:
-        state = current.get(condition, "Unknown")
+        state = conditions.get(condition, "Unknown")
         for value in STATUSES:
             CONDITION.labels(namespace, name, condition, value).set(1 if value == state else 0)
 

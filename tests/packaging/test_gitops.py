@@ -1,7 +1,7 @@
 """gitops/: the Argo CD health check run by a real Lua 5.1 runtime (Argo CD's gopher-lua
-implements Lua 5.1) against ImageUnlock statuses the operator writes, the argocd-cm snippet
-carrying the same script, the Flux Kustomization's healthCheckExprs, and the Argo CD
-Applications that never prune or delete the CRD.
+implements Lua 5.1) against ImageUnlock statuses the operator writes (the controller's summary,
+marked by kube/conditions.py), the argocd-cm snippet carrying the same script, the Flux
+Kustomization's healthCheckExprs, and the Argo CD Applications that never prune or delete the CRD.
 """
 
 from __future__ import annotations
@@ -13,12 +13,21 @@ import yaml
 
 from imageunlock.engine.models import Phase
 from imageunlock.kube import conditions as st
+from imageunlock.kube.models import ImageUnlockStatus, SummaryProgress
 
 from .conftest import CRD_FILE, GITOPS, REPO, find, rendered_objects, require
 
 SCRIPT = (GITOPS / "imageunlock-health.lua").read_text()
 ARGOCD_KEY = "resource.customizations.health.loader.azaion.com_ImageUnlock"
-IMAGES = {"azaion/flights:1.4.2": "sha256:" + "a" * 64, "azaion/annotations:1.4.2": "sha256:" + "b" * 64}
+NONE = ImageUnlockStatus()
+
+
+def ready(generation: int, message: str = "2 image(s) ready and verified on 1/1 node(s)") -> ImageUnlockStatus:
+    return st.mark_ready(NONE, "Unlocked", message, generation)
+
+
+def stalled(reason: str, message: str, generation: int) -> dict[str, Any]:
+    return st.mark_stalled(NONE, reason, message, generation).dump()
 
 
 def _lua_value(lua: Any, value: Any) -> Any:
@@ -59,51 +68,43 @@ def test_no_status_yet_is_progressing():
 
 
 def test_ready_is_healthy():
-    status = st.ready(IMAGES, fast_path=False, generation=3, previous=None, bytes_total=1000)
-    state, message = health(unlock(3, status))
-    assert (state, message) == ("Healthy", "2 image(s) loaded and verified")
+    state, message = health(unlock(3, ready(3).dump()))
+    assert (state, message) == ("Healthy", "2 image(s) ready and verified on 1/1 node(s)")
 
 
 def test_working_is_progressing_with_phase_and_progress():
-    ready = st.ready(IMAGES, fast_path=True, generation=1, previous=None)
-    status = {
-        **ready,
-        **st.working(
-            Phase.LOADING, "streaming the archive into the runtime", 2, ready["conditions"], done=420, total=1000
-        ),
-    }
-    # working() leaves observedGeneration at the last finished generation (1) on purpose.
-    assert status["observedGeneration"] == 1
-    state, message = health(unlock(2, status))
+    text = "streaming the archive into the runtime"
+    status = st.mark_reconciling(ready(1), Phase.LOADING, "Loading", text, 2)
+    status = status.model_copy(update={"progress": SummaryProgress(percent=42, text="42%")})
+    state, message = health(unlock(2, status.dump()))
     assert state == "Progressing"
     assert message == "Loading 42%: streaming the archive into the runtime"
 
 
 def test_first_unlock_in_progress_is_progressing():
-    status = st.working(Phase.AUTHENTICATING, "signing in to the resource API", 1, None)
-    assert "observedGeneration" not in status
-    state, message = health(unlock(1, status))
+    status = st.mark_reconciling(NONE, Phase.AUTHENTICATING, "Authenticating", "signing in to the resource API", 1)
+    state, message = health(unlock(1, status.dump()))
     assert state == "Progressing"
     assert message.startswith("Authenticating")
 
 
 def test_transient_retry_is_progressing():
-    status = st.retrying("ResourceApiUnavailable", "HTTP 503", attempt=2, delay=20, generation=1, previous=None)
-    state, message = health(unlock(1, {**status, "observedGeneration": 1}))
+    text = "0/1 node(s) ready; waiting for edge-1 (Pending: attempt 2 failed: HTTP 503; retrying in 20s)"
+    status = st.mark_reconciling(NONE, Phase.PENDING, "ResourceApiUnavailable", text, 1)
+    state, message = health(unlock(1, status.dump()))
     assert state == "Progressing"
     assert "retrying in 20s" in message
 
 
 def test_stale_observed_generation_is_progressing():
     """Ready, but for an older spec the operator has not picked up yet."""
-    status = st.ready(IMAGES, fast_path=True, generation=4, previous=None)
-    state, message = health(unlock(5, status))
+    state, message = health(unlock(5, ready(4).dump()))
     assert state == "Progressing"
     assert message == "Waiting for the operator to observe generation 5 (status is for generation 4)"
 
 
 def test_stalled_is_degraded():
-    status = st.stalled("ArchiveNotFound", "archive '/var/lib/imageunlock/images.enc' does not exist", 2, None)
+    status = stalled("ArchiveNotFound", "archive '/var/lib/imageunlock/images.enc' does not exist", 2)
     state, message = health(unlock(2, status))
     assert state == "Degraded"
     assert message == "ArchiveNotFound: archive '/var/lib/imageunlock/images.enc' does not exist"
@@ -111,7 +112,7 @@ def test_stalled_is_degraded():
 
 def test_stalled_for_an_older_generation_is_progressing():
     """The user fixed the spec: no longer Degraded while the operator catches up."""
-    status = st.stalled("CredentialsRejected", "the resource API rejected the account", 1, None)
+    status = stalled("CredentialsRejected", "the resource API rejected the account", 1)
     state, _ = health(unlock(2, status))
     assert state == "Progressing"
 
@@ -154,9 +155,9 @@ def test_flux_kustomizations():
 @pytest.mark.parametrize(
     "name, status, generation, expected",
     [
-        ("ready", st.ready(IMAGES, True, 1, None), 1, "current"),
-        ("working", st.working(Phase.LOADING, "loading", 1, None, 1, 2), 1, "inProgress"),
-        ("stalled", st.stalled("ArchiveNotFound", "missing", 1, None), 1, "failed"),
+        ("ready", ready(1).dump(), 1, "current"),
+        ("working", st.mark_reconciling(NONE, Phase.LOADING, "Loading", "loading", 1).dump(), 1, "inProgress"),
+        ("stalled", stalled("ArchiveNotFound", "missing", 1), 1, "failed"),
     ],
 )
 def test_flux_expressions_agree_with_the_lua_check(name, status, generation, expected):

@@ -12,7 +12,8 @@ what was done to it so a test can assert on the effect:
   errors and call counts; its :meth:`~FakeKeyClient.open` is the factory the service takes;
 * :class:`FakeKubernetesApi` has the methods the reconciler uses from
   :class:`imageunlock.kube.client.KubernetesApi`; every status write is recorded and applied to a
-  stored status with JSON merge-patch semantics (RFC 7386), as the API server does.
+  stored status as the API server does: a merge patch (RFC 7386) or one node's server-side apply,
+  then pruned by the CRD's schema (a field the CRD does not declare is dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from imageunlock.engine.models import Credentials, OwnershipRecord
 from imageunlock.engine.refs import normalize_ref
 from imageunlock.errors import ConfigurationError, RuntimeUnavailableError
 
+from .crd import prune_status
 from .savetar import config_ids
 
 ObjectKey = tuple[str, str]  # (namespace, name)
@@ -242,15 +244,17 @@ class FakeKubernetesApi:
         if self.patch_error is not None:
             raise self.patch_error
         self.writes.append(((namespace, name), copy.deepcopy(dict(status))))
-        merge_patch(self.statuses.setdefault((namespace, name), {}), status)
+        key = (namespace, name)
+        self.statuses[key] = prune_status(merge_patch(self.statuses.get(key, {}), status))
 
     def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None:
         """Server-side apply of one node's entry: the list merges by name; None removes it."""
         if self.patch_error is not None:
             raise self.patch_error
-        status = self.statuses.setdefault((namespace, name), {})
+        status = self.statuses.get((namespace, name), {})
         others = [e for e in status.get("nodes") or [] if e.get("name") != node]
         status["nodes"] = others + ([copy.deepcopy(dict(entry))] if entry else [])
+        self.statuses[(namespace, name)] = prune_status(status)
         self.entry_writes.append(((namespace, name), node, copy.deepcopy(dict(entry)) if entry else None))
 
     def read_node(self, name: str) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
 """One node's agent (issue 11): the runtime it loads into, how it reads its Node, and how it
-writes only its own entry (merged, applied whole, removed when deselected)."""
+writes only its own entry (applied whole, the start of the next, removed when deselected)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,24 @@ import pytest
 from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
 from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
-from imageunlock.kube.conditions import ready, working
+from imageunlock.kube.conditions import mark_ready, mark_reconciling
+from imageunlock.kube.models import Image, NodeEntry
 from imageunlock.kube.nodes import DETAILED_NODES, MAX_NODES, NodeInfo
 
 from ..support.fakes import FakeKubernetesApi
 
 KEY = ("ns", "iu")
+IMAGES = [Image(name="a/b:1", id="sha256:1")]
+
+
+def unlocked(entry: NodeEntry, generation: int, **fields: object) -> NodeEntry:
+    """``entry`` as a reconcile that verified IMAGES leaves it."""
+    done = mark_ready(entry, "Unlocked", "1 image(s) loaded and verified", generation)
+    return done.model_copy(update={"images": IMAGES, **fields})
+
+
+def body(uid: str = "u1", generation: int = 2, **status: object) -> dict:
+    return {"metadata": {"namespace": "ns", "name": "iu", "uid": uid, "generation": generation}, "status": status}
 
 
 def test_auto_is_the_runtime_the_node_reports_and_a_setting_wins():
@@ -54,22 +66,30 @@ def test_the_node_is_reread_after_the_refresh_interval_and_an_outage_keeps_the_l
     assert agent.node_info().labels == {"role": "spare"}
 
 
-def test_writes_merge_into_this_nodes_entry_and_leave_the_others():
+def test_an_entry_starts_from_the_objects_and_is_applied_whole_leaving_the_others():
     kube = FakeKubernetesApi()
     kube.statuses[KEY] = {"nodes": [{"name": "other", "phase": "Ready"}]}
     agent = NodeAgent(kube, "n", "containerd")
-    body = {"status": {"nodes": [{"name": "n", "phase": "Ready", "lastUnlockTime": "T0", "observedGeneration": 1}]}}
-    agent.seed(KEY, body)  # an agent restarted: it keeps what its entry said
-    agent.write(*KEY, working(Phase.LOADING, "decrypting", 2, None, 1, 4))
-    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 2, None, 4, unlocked_at="T1"))
+    seen = body(nodes=[{"name": "n", "phase": "Ready", "lastUnlockTime": "T0", "observedGeneration": 1}])
+    restarted = agent.entry(seen)  # an agent restarted: it goes on from what its entry says
+    assert (restarted.last_unlock_time, restarted.runtime) == ("T0", "containerd")
+    agent.apply(seen, mark_reconciling(restarted, Phase.LOADING, "Loading", "decrypting", 2))
+    agent.apply(seen, unlocked(agent.entry(seen), 2, last_unlock_time="T1"))
     nodes = {e["name"]: e for e in kube.statuses[KEY]["nodes"]}
     assert nodes["other"] == {"name": "other", "phase": "Ready"}
-    mine = nodes["n"]
-    assert mine["runtime"] == "containerd" and mine["phase"] == "Ready" and mine["observedGeneration"] == 2
-    assert mine["lastUnlockTime"] == "T1" and mine["images"] == [{"name": "a/b:1", "id": "sha256:1"}]
+    assert nodes["n"] == {
+        "name": "n",
+        "runtime": "containerd",
+        "phase": "Ready",
+        "reason": "Unlocked",
+        "message": "1 image(s) loaded and verified",
+        "observedGeneration": 2,
+        "images": [{"name": "a/b:1", "id": "sha256:1"}],
+        "lastUnlockTime": "T1",
+    }
     # every apply carries the whole entry (a field left out of an apply is dropped by the server)
-    assert all(written is not None and written["name"] == "n" for _, _, written in kube.entry_writes)
-    assert kube.entry_writes[0][2]["lastUnlockTime"] == "T0"
+    assert [written["lastUnlockTime"] for _, _, written in kube.entry_writes] == ["T0", "T1"]
+    assert agent.entry(seen).phase is Phase.READY  # what it applied, before the watch shows it
 
 
 def test_leaving_removes_only_this_nodes_entry():
@@ -93,30 +113,25 @@ def test_past_the_node_limit_an_agent_writes_no_entry():
 def test_on_a_large_fleet_the_agent_writes_a_digest_and_remembers_what_it_verified():
     kube = FakeKubernetesApi()
     agent = NodeAgent(kube, "n", "docker", NodeInfo("n"))
-    body = {
-        "metadata": {"namespace": "ns", "name": "iu", "uid": "u1", "generation": 2},
-        "status": {"nodesDesired": DETAILED_NODES + 1},
-    }
-    agent.seed(KEY, body)
-    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 2, None))
+    large = body(nodesDesired=DETAILED_NODES + 1)
+    agent.apply(large, unlocked(agent.entry(large), 2))
     [mine] = kube.statuses[KEY]["nodes"]
     assert "images" not in mine and mine["imagesDigest"].startswith("sha256:")
-    seen = agent.view({**body, "status": {**body["status"], "nodes": [mine]}})  # no list in the summary
-    assert seen["status"]["images"] == [{"name": "a/b:1", "id": "sha256:1", "present": True}]
+    # Review finding 1: with no list in the summary, the agent's own memory still counts
+    assert agent.entry(body(nodesDesired=DETAILED_NODES + 1, nodes=[mine])).images == IMAGES
+    assert agent.entry(large).images == IMAGES
 
 
 def test_an_object_created_anew_under_the_same_name_starts_afresh():
     """Review finding 4: nothing of the deleted object's entry or verified images carries over."""
     kube = FakeKubernetesApi()
     agent = NodeAgent(kube, "n", "docker", NodeInfo("n"))
-    old = {"metadata": {"namespace": "ns", "name": "iu", "uid": "old", "generation": 1}, "status": {}}
-    agent.seed(KEY, old)
-    agent.write(*KEY, ready({"a/b:1": "sha256:1"}, False, 1, None, unlocked_at="T0"))
+    old = body(uid="old", generation=1)
+    agent.apply(old, unlocked(agent.entry(old), 1, last_unlock_time="T0"))
     # no DELETED seen (a watch that reconnected past it): only the uid tells the objects apart
-    new = {"metadata": {"namespace": "ns", "name": "iu", "uid": "new", "generation": 1}, "status": {}}
-    agent.seed(KEY, new)
-    assert "images" not in agent.view(new)["status"]
-    agent.write(*KEY, working(Phase.PENDING, "starting", 1, None))
+    new = body(uid="new", generation=1)
+    assert agent.entry(new) == NodeEntry(name="n", runtime="docker")
+    agent.apply(new, mark_reconciling(agent.entry(new), Phase.PENDING, "Pending", "starting", 1))
     [mine] = kube.statuses[KEY]["nodes"]
     assert "lastUnlockTime" not in mine and "observedGeneration" not in mine and "images" not in mine
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from imageunlock.agent.node import NodeAgent
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.app.config import AgentConfig
 from imageunlock.kube.spec import parse_spec
@@ -13,9 +14,10 @@ API = "https://api.example.test"
 
 
 def body(namespace, name, created, archive, phase, generation=1, verified=True):
-    status = {"phase": phase, "observedGeneration": generation}
+    """An ImageUnlock as this node ("n") reported on it."""
+    entry = {"name": "n", "phase": phase, "observedGeneration": generation}
     if verified:
-        status["images"] = [{"name": "azaion/x:1.0", "id": "sha256:" + "a" * 64, "present": True}]
+        entry["images"] = [{"name": "azaion/x:1.0", "id": "sha256:" + "a" * 64}]
     return {
         "metadata": {
             "namespace": namespace,
@@ -30,13 +32,16 @@ def body(namespace, name, created, archive, phase, generation=1, verified=True):
             "images": ["azaion/x"],
             "resourceApi": {"credentialsSecretRef": {"name": "creds"}},
         },
-        "status": status,
+        "status": {"nodes": [entry]},
     }
 
 
 def reconciler(*others):
     config = AgentConfig(archive_roots=("/var/lib/imageunlock",), default_api_url=API)
-    return Reconciler(config, SimpleNamespace(name="docker"), SimpleNamespace(), others=lambda: list(others))
+    kube = SimpleNamespace()
+    return Reconciler(
+        config, SimpleNamespace(name="docker"), kube, NodeAgent(kube, "n", "docker"), lambda: list(others)
+    )
 
 
 def conflict_for(mine, *others):
@@ -60,7 +65,7 @@ def test_a_ready_owner_with_verified_ids_holds_its_refs():
 
 def test_ready_at_an_older_generation_is_no_claim():
     stale = body("team-a", "owner", "2026-01-01T00:00:00Z", "/var/lib/imageunlock/one.enc", "Ready", generation=2)
-    stale["status"]["observedGeneration"] = 1
+    stale["status"]["nodes"][0]["observedGeneration"] = 1
     assert conflict_for(MINE, stale) is None
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from imageunlock.agent import handlers
 from imageunlock.agent.node import NodeAgent
+from imageunlock.engine.models import Phase
 from imageunlock.errors import KubernetesUnavailableError
 from imageunlock.workqueue import WorkQueue
 
@@ -74,12 +75,14 @@ def memo_with(labels: dict[str, str] | None = None) -> SimpleNamespace:
     )
 
 
-def test_a_selecting_object_goes_to_resync_as_this_node_sees_it():
+def test_a_selecting_object_goes_to_resync_and_this_nodes_entry_says_where_it_stands():
     memo = memo_with()
-    handlers._step(memo, KEY, raw("Ready", selector={"matchLabels": {"role": "edge"}}))
+    body = raw("Ready", selector={"matchLabels": {"role": "edge"}})
+    handlers._step(memo, KEY, body)
     [(key, seen)] = memo.resync.steps
-    assert key == KEY and seen["status"]["phase"] == "Ready" and seen["status"]["observedGeneration"] == 1
-    assert "nodes" not in seen["status"]  # the view: this node's entry, not the list
+    assert key == KEY and seen is body
+    entry = memo.agent.entry(seen)
+    assert (entry.name, entry.phase, entry.observed_generation) == (NODE, Phase.READY, 1)
 
 
 def test_an_object_that_stops_selecting_the_node_loses_its_entry_and_nothing_else_happens():

@@ -22,18 +22,17 @@ def condition(namespace: str, name: str, type_: str, status: str) -> float | Non
     )
 
 
-def test_condition_gauge_follows_the_status():
-    status = {"conditions": [{"type": "Ready", "status": "True"}, {"type": "Stalled", "status": "False"}]}
-    metrics.observe_status("ns", "iu", status)
+def test_condition_gauge_follows_the_conditions():
+    metrics.observe_conditions("ns", "iu", {"Ready": "True", "Stalled": "False"})
     assert condition("ns", "iu", "Ready", "True") == 1 and condition("ns", "iu", "Ready", "False") == 0
     assert condition("ns", "iu", "Stalled", "False") == 1
     assert condition("ns", "iu", "Reconciling", "Unknown") == 1  # no such condition yet
-    metrics.observe_status("ns", "iu", {"conditions": [{"type": "Ready", "status": "False"}]})
+    metrics.observe_conditions("ns", "iu", {"Ready": "False"})
     assert condition("ns", "iu", "Ready", "True") == 0 and condition("ns", "iu", "Ready", "False") == 1
 
 
 def test_a_deleted_imageunlock_leaves_no_series():
-    metrics.observe_status("ns", "gone", None)
+    metrics.observe_conditions("ns", "gone", {})
     assert condition("ns", "gone", "Ready", "Unknown") == 1
     metrics.forget("ns", "gone")
     assert condition("ns", "gone", "Ready", "Unknown") is None

@@ -6,17 +6,17 @@ import pytest
 
 from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError
-from imageunlock.kube.conditions import ready, retrying, stalled, working
+from imageunlock.kube.models import Image, NodeEntry
 from imageunlock.kube.nodes import (
     DETAILED_NODES,
     NodeInfo,
     Placement,
-    compact,
+    compacted,
+    find_entry,
     images_digest,
-    merge_entry,
+    large_fleet,
     parse_selector,
     runtime_of,
-    view,
 )
 
 LABELS = {"role": "edge", "zone": "north", "kubernetes.io/arch": "arm64"}
@@ -98,75 +98,49 @@ def test_agents_run_where_the_daemonsets_selector_and_tolerations_allow():
     assert by_key.runs_agent(NodeInfo("e", {}, (control_plane,))) and not by_key.runs_agent(NodeInfo("f", {}, (edge,)))
 
 
-def test_an_entry_folds_the_reconcilers_status_updates_and_stays_small():
-    entry = merge_entry(None, "edge-1", "docker", working(Phase.LOADING, "decrypting", 3, None, 50, 100))
-    assert entry == {
-        "name": "edge-1",
-        "runtime": "docker",
-        "phase": "Loading",
-        "reason": "Loading",
-        "message": "decrypting",
-        "progress": {"bytesDone": 50, "bytesTotal": 100, "percent": 50},
+def test_find_entry_reads_this_nodes_entry_typed():
+    status = {
+        "phase": "Pending",
+        "nodes": [
+            {"name": "other", "phase": "Failed", "observedGeneration": 2},
+            {
+                "name": "edge-1",
+                "phase": "Failed",
+                "reason": "AuthenticationFailed",
+                "observedGeneration": 2,
+                "images": [{"name": "a/b:1", "id": "sha256:1"}],
+            },
+        ],
     }
-    done = merge_entry(
-        entry, "edge-1", "docker", {**ready({"a/b:1": "sha256:1"}, False, 3, None, 100), "lastVerifiedTime": "T"}
+    entry = find_entry(status, "edge-1")
+    assert entry == NodeEntry(
+        name="edge-1",
+        phase=Phase.FAILED,
+        reason="AuthenticationFailed",
+        observed_generation=2,
+        images=[Image(name="a/b:1", id="sha256:1")],
     )
-    assert done["phase"] == "Ready" and done["reason"] == "Unlocked" and done["observedGeneration"] == 3
-    assert done["images"] == [{"name": "a/b:1", "id": "sha256:1"}] and "progress" not in done
-    assert "conditions" not in done and done["lastVerifiedTime"] == "T"
-    failed = merge_entry(done, "edge-1", "docker", stalled("ArchiveNotFound", "no archive", 4, None))
-    assert failed["phase"] == "Failed" and failed["reason"] == "ArchiveNotFound" and "images" not in failed
-    again = merge_entry(failed, "edge-1", "docker", retrying("RuntimeUnavailable", "down", 1, 5, 4, None))
-    assert again["reason"] == "RuntimeUnavailable" and again["observedGeneration"] == 4
-
-
-def test_the_view_shows_this_nodes_entry_as_the_reconciler_reads_a_status():
-    body = {
-        "metadata": {"name": "iu", "generation": 2},
-        "status": {
-            "phase": "Pending",
-            "nodes": [
-                {"name": "other", "phase": "Failed", "observedGeneration": 2},
-                {
-                    "name": "edge-1",
-                    "phase": "Failed",
-                    "reason": "AuthenticationFailed",
-                    "observedGeneration": 2,
-                    "images": [{"name": "a/b:1", "id": "sha256:1"}],
-                },
-            ],
-        },
-    }
-    status = view(body, "edge-1")["status"]
-    assert status["phase"] == "Failed" and status["observedGeneration"] == 2
-    assert status["images"] == [{"name": "a/b:1", "id": "sha256:1", "present": True}]
-    stalled_condition = next(c for c in status["conditions"] if c["type"] == "Stalled")
-    assert stalled_condition == {"type": "Stalled", "status": "True", "reason": "AuthenticationFailed"}
-    assert view(body, "new-node")["status"] == {}  # nothing reported yet: a new generation for this node
+    assert find_entry(status, "new-node") is None and find_entry(None, "edge-1") is None
 
 
 def test_on_a_large_fleet_a_ready_entry_keeps_the_digest_and_trusts_only_a_list_with_that_digest():
-    images = [{"name": "a/b:1", "id": "sha256:1"}]
-    done = ready({"a/b:1": "sha256:1"}, False, 3, None)
-    small = merge_entry(None, "n", "docker", done, compact=True)
-    assert small["imagesDigest"] == images_digest(images) and "images" not in small
-    failed = merge_entry(small, "n", "docker", stalled("ArchiveInvalid", "bad", 3, None), compact=True)
-    assert "imagesDigest" not in failed and "images" not in failed
-    top = {"observedGeneration": 3, "images": [{**images[0], "present": True}], "nodes": [small]}
-    assert view({"status": top}, "n")["status"]["images"] == [{**images[0], "present": True}]
+    images = [Image(name="a/b:1", id="sha256:1")]
+    done = NodeEntry(name="n", phase=Phase.READY, observed_generation=3, images=images)
+    small = compacted(done)
+    assert small.images is None and small.images_digest == images_digest(images)
+    failed = NodeEntry(name="n", phase=Phase.FAILED, images=images)
+    assert compacted(failed) == failed  # only a Ready entry's list is vouched for by its digest
+    listed = [{"name": "a/b:1", "id": "sha256:1", "present": True}]
+    assert find_entry({"images": listed, "nodes": [small.dump()]}, "n") == done
     # Review finding 2: a summary listing another node's IDs is not taken for this node's
-    other = {**top, "images": [{"name": "a/b:1", "id": "sha256:arm", "present": True}]}
-    assert "images" not in view({"status": other}, "n")["status"]
-    # Review finding 1: with the summary's list gone, the agent's own memory still counts
-    assert view({"status": {**top, "images": None}}, "n", remembered=images)["status"]["images"][0]["id"] == "sha256:1"
-    assert (
-        "images" not in view({"status": {**top, "images": None}}, "n", remembered=[{"name": "x", "id": "y"}])["status"]
-    )
+    other = [{"name": "a/b:1", "id": "sha256:arm", "present": True}]
+    assert find_entry({"images": other, "nodes": [small.dump()]}, "n") == small
+    assert find_entry({"nodes": [small.dump()]}, "n") == small
 
 
 def test_only_a_large_fleet_compacts():
-    assert compact({"nodesDesired": DETAILED_NODES + 1}) and not compact({"nodesDesired": DETAILED_NODES})
-    assert not compact(None)
+    assert large_fleet({"nodesDesired": DETAILED_NODES + 1}) and not large_fleet({"nodesDesired": DETAILED_NODES})
+    assert not large_fleet(None)
 
 
 def test_the_daemonsets_own_tolerations_count_for_the_placement():

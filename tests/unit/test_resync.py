@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from imageunlock.agent.reconciler import Inputs, Outcome, Verdict
 from imageunlock.agent.resync import Resync
 from imageunlock.errors import RuntimeUnavailableError
+from imageunlock.kube.models import NodeEntry
 
 KEY = ("ns", "iu")
 
@@ -22,6 +23,10 @@ class FakeReconciler:
         self.ready = True
         self.current_inputs = Inputs(1, None, "secret-v1", "archive-v1")
         self.verifications = 0
+
+    def entry(self, body):
+        """This node's entry: the bodies below hold its fields as their status."""
+        return NodeEntry.model_validate({"name": "n", **body["status"]})
 
     def reconcile(self, body, attempt=0):
         self.calls.append(attempt)
@@ -146,12 +151,12 @@ def test_rejected_credentials_are_not_retried_because_the_archive_was_touched():
     resync, fake, clock = make(Outcome(Verdict.STALLED))
     resync.record(KEY, Outcome(Verdict.STALLED), 0, fake.current_inputs, 1)
     stalled = body("Failed")
-    stalled["status"]["conditions"] = [{"type": "Stalled", "status": "True", "reason": "AuthenticationFailed"}]
+    stalled["status"]["reason"] = "AuthenticationFailed"
     fake.current_inputs = Inputs(1, None, "secret-v1", "archive-touched")
     clock.now += 300
     resync.step(KEY, stalled)
     assert fake.calls == []  # no login with the same, known-bad credentials
-    stalled["status"]["conditions"][0]["reason"] = "ArchiveNotFound"
+    stalled["status"]["reason"] = "ArchiveNotFound"
     clock.now += 300
     resync.step(KEY, stalled)
     assert fake.calls == [0]  # for an archive problem, a new archive is worth a look

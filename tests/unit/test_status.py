@@ -1,50 +1,103 @@
-"""Building kstatus-compliant status (pure): conditions through a lifecycle, retry messages,
-backoff and the progress throttle."""
+"""kstatus (pure): the three marks on the controller's summary (conditions) and on a node's
+entry (phase and reason), backoff and the progress throttle."""
 
 from __future__ import annotations
 
 from imageunlock.engine.models import Phase
 from imageunlock.kube import conditions as st
+from imageunlock.kube.models import Image, ImageUnlockStatus, NodeEntry, SummaryProgress
 
 
-def _cond(status, type_):
-    return next(c for c in status["conditions"] if c["type"] == type_)
+def _cond(status: ImageUnlockStatus, type_: str) -> dict[str, object]:
+    return next(c.dump() for c in status.conditions if c.type == type_)
 
 
 def test_kstatus_conditions_through_a_lifecycle():
-    working = st.working(Phase.LOADING, "decrypting", 3, None, 50, 200, now="t1")
-    assert working["phase"] == "Loading" and working["progress"]["text"] == "25%"
+    working = st.mark_reconciling(ImageUnlockStatus(), Phase.LOADING, "Loading", "decrypting", 3, now="t1")
+    assert working.phase is Phase.LOADING and working.message == "decrypting" and working.observed_generation == 3
     assert _cond(working, "Reconciling")["status"] == "True"
     assert _cond(working, "Ready")["status"] == "False"
     assert _cond(working, "Stalled")["status"] == "False"
-    assert "observedGeneration" not in working  # only a finished reconcile claims the generation
 
-    done = st.ready({"a:1": "sha256:x"}, False, 3, working["conditions"], 200, now="t2", unlocked_at="t2")
-    assert done["observedGeneration"] == 3 and done["phase"] == "Ready" and done["lastUnlockTime"] == "t2"
+    done = st.mark_ready(working, "Unlocked", "7 image(s) ready", 3, now="t2")
+    assert done.observed_generation == 3 and done.phase is Phase.READY and done.message == "7 image(s) ready"
     assert (_cond(done, "Ready")["status"], _cond(done, "Ready")["lastTransitionTime"]) == ("True", "t2")
-    assert _cond(done, "Reconciling")["status"] == "False"
+    assert _cond(done, "Reconciling") == {
+        "type": "Reconciling",
+        "status": "False",
+        "reason": "Succeeded",
+        "message": "",
+        "observedGeneration": 3,
+        "lastTransitionTime": "t2",
+    }
     assert _cond(done, "Stalled")["lastTransitionTime"] == "t1"  # unchanged status keeps its time
-    assert done["images"] == [{"name": "a:1", "id": "sha256:x", "present": True}]
 
-    failed = st.stalled("AuthenticationFailed", "bad password", 4, done["conditions"], now="t3")
-    assert failed["phase"] == "Failed" and failed["observedGeneration"] == 4
+    shown = done.model_copy(update={"images": [], "progress": SummaryProgress(percent=100, text="100%")})
+    failed = st.mark_stalled(shown, "AuthenticationFailed", "bad password", 4, now="t3")
+    assert failed.phase is Phase.FAILED and failed.observed_generation == 4
     assert _cond(failed, "Stalled") == {
         "type": "Stalled",
         "status": "True",
         "reason": "AuthenticationFailed",
         "message": "bad password",
-        "observedGeneration": 4,
+        "observedGeneration": 4,  # every condition says which generation it was set for
         "lastTransitionTime": "t3",
     }
     assert _cond(failed, "Ready")["reason"] == "AuthenticationFailed"
-    # merge-patched over `done`, the images of generation 3 must not survive as "present"
-    assert failed["images"] is None and failed["progress"] is None
+    # what generation 3 verified does not hold for generation 4: cleared (a merge patch removes it)
+    assert failed.images is None and failed.progress is None
 
 
-def test_retrying_message_names_attempt_and_delay():
-    retry = st.retrying("ResourceApiUnavailable", "HTTP 503", 2, 10, 1, None, now="t")
-    assert retry["message"] == "attempt 2 failed: HTTP 503; retrying in 10s"
-    assert _cond(retry, "Reconciling")["status"] == "True" and _cond(retry, "Stalled")["status"] == "False"
+def test_a_stalled_summary_may_still_be_reconciling_elsewhere():
+    stalled = st.mark_stalled(ImageUnlockStatus(), "ArchiveNotFound", "node b: missing", 1, "t", "still working on a")
+    assert _cond(stalled, "Stalled")["status"] == "True" and stalled.message == "node b: missing"
+    assert _cond(stalled, "Reconciling") == {
+        "type": "Reconciling",
+        "status": "True",
+        "reason": "NodesWorking",
+        "message": "still working on a",
+        "observedGeneration": 1,
+        "lastTransitionTime": "t",
+    }
+
+
+def test_an_entry_keeps_the_state_as_phase_and_reason_and_claims_only_a_finished_generation():
+    start = NodeEntry(name="n", runtime="docker", observed_generation=2, last_unlock_time="T0")
+    working = st.mark_reconciling(start, Phase.FETCHING_KEY, "ResourceApiUnavailable", "attempt 1 failed", 3)
+    assert working.dump() == {
+        "name": "n",
+        "runtime": "docker",
+        "phase": "FetchingKey",
+        "reason": "ResourceApiUnavailable",
+        "message": "attempt 1 failed",
+        "observedGeneration": 2,  # generation 3 is not finished
+        "lastUnlockTime": "T0",
+    }
+    ready = st.mark_ready(working, "AlreadyPresent", "7 image(s) already present and verified", 3)
+    assert (ready.phase, ready.reason, ready.observed_generation) == (Phase.READY, "AlreadyPresent", 3)
+    verified = ready.model_copy(update={"images": [Image(name="a:1", id="sha256:1")], "images_digest": "sha256:d"})
+    failed = st.mark_stalled(verified, "ArchiveInvalid", "wrong key", 4)
+    assert (failed.phase, failed.reason, failed.message, failed.observed_generation) == (
+        Phase.FAILED,
+        "ArchiveInvalid",
+        "wrong key",
+        4,
+    )
+    assert failed.images is None and failed.images_digest is None and "conditions" not in failed.dump()
+
+
+def test_an_entry_stands_for_the_conditions_its_phase_says():
+    assert st.condition_states(NodeEntry(name="n")) == {
+        "Ready": "Unknown",
+        "Reconciling": "Unknown",
+        "Stalled": "Unknown",
+    }
+    ready = st.condition_states(NodeEntry(name="n", phase=Phase.READY))
+    assert ready == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    stalled = st.condition_states(NodeEntry(name="n", phase=Phase.FAILED))
+    assert stalled == {"Ready": "False", "Reconciling": "False", "Stalled": "True"}
+    loading = st.condition_states(NodeEntry(name="n", phase=Phase.LOADING))
+    assert loading == {"Ready": "False", "Reconciling": "True", "Stalled": "False"}
 
 
 def test_backoff_doubles_and_caps():

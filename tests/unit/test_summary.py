@@ -7,11 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from imageunlock.controller.summary import summarize
+from imageunlock.kube.models import Image
 from imageunlock.kube.nodes import MAX_NODES, NodeInfo, Placement, images_digest
 
 EVERYWHERE = Placement()
 NODES = [NodeInfo("a", {"role": "edge"}), NodeInfo("b", {"role": "edge"}), NodeInfo("c", {"role": "cloud"})]
 IMAGES = [{"name": "azaion/x:1", "id": "sha256:1"}]
+
+
+def digest_of(images: list[dict[str, str]]) -> str:
+    return images_digest([Image.model_validate(i) for i in images])
 
 
 def entry(name: str, phase: str = "Ready", generation: int = 1, **extra: Any) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def test_more_nodes_than_one_imageunlock_serves_stalls_it_with_advice():
 
 
 def test_digest_entries_keep_the_summarys_list_only_while_it_is_theirs():
-    digest = images_digest(IMAGES)
+    digest = digest_of(IMAGES)
     small = {"name": "a", "phase": "Ready", "observedGeneration": 1, "imagesDigest": digest}
     previous = body({**small}, {**small, "name": "b"}, selector=EDGE)
     previous["status"].update(observedGeneration=1, images=[{**IMAGES[0], "present": True}])
@@ -203,8 +208,8 @@ def test_nodes_that_verified_different_ids_are_named_not_one_taken_as_the_truth(
 
 
 def test_digest_entries_that_differ_are_named_too():
-    a = entry("a", images=None, imagesDigest=images_digest(IMAGES))
-    b = entry("b", images=None, imagesDigest=images_digest([{"name": "azaion/x:1", "id": "sha256:2"}]))
+    a = entry("a", images=None, imagesDigest=digest_of(IMAGES))
+    b = entry("b", images=None, imagesDigest=digest_of([{"name": "azaion/x:1", "id": "sha256:2"}]))
     ready = condition(summarize(body(a, b, selector=EDGE), NODES, EVERYWHERE).status, "Ready")
     assert ready["status"] == "True" and ready["reason"] == "ImagesDiffer"
     assert "different image lists" in ready["message"] and "a" in ready["message"]

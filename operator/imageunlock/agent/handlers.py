@@ -33,6 +33,7 @@ from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine.runtimes import make_runtime
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
+from imageunlock.kube.conditions import condition_states
 from imageunlock.kube.nodes import NodeInfo
 from imageunlock.workqueue import WorkQueue
 
@@ -90,12 +91,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.node_watch.start()
     memo.reconciler = Reconciler(
-        config,
-        memo.runtime,
-        memo.kube,
-        others=lambda: [memo.agent.view(b) for b in list(memo.objects.values())],
-        write_status=memo.agent.write,
-        node=node,
+        config, memo.runtime, memo.kube, memo.agent, others=lambda: list(memo.objects.values())
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
@@ -175,7 +171,7 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         memo.objects.pop(key, None)
     else:
         memo.objects[key] = _snapshot(body)
-        metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
+        metrics.observe_conditions(*key, condition_states(memo.agent.entry(memo.objects[key])))
     memo.queue.add(key)
 
 
@@ -241,9 +237,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
             agent.leave(*key)
             resync.forget(key)
         return None
-    agent.seed(key, body)
-    seen = agent.view(body)
-    new = (seen.get("status") or {}).get("observedGeneration") != (body.get("metadata") or {}).get("generation")
+    new = agent.entry(body).observed_generation != (body.get("metadata") or {}).get("generation")
     if new and not counted(body):
         return None  # the controller has not counted this generation's nodes yet (at most MAX_NODES)
-    return resync.step(key, seen)
+    return resync.step(key, body)

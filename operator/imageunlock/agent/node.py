@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import KubernetesApi
-from imageunlock.kube.nodes import MAX_NODES, NodeInfo, compact, find_entry, merge_entry, parse_selector, view
+from imageunlock.kube.models import NodeEntry
+from imageunlock.kube.nodes import MAX_NODES, NodeInfo, compacted, find_entry, large_fleet, parse_selector
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ def resolve_runtime(setting: str, node: NodeInfo | None, node_name: str) -> str:
 
 def _uid(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("uid") or "")
+
+
+def _key(body: Mapping[str, Any]) -> ObjectKey:
+    meta = body.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
 def _generation(body: Mapping[str, Any]) -> int:
@@ -78,9 +83,8 @@ class NodeAgent:
         self.known = info is not None  # the Node has been read at least once (or found deleted)
         self.watched = False  # a watch reports the Node: no reads
         self._read_at = clock() if info is not None else float("-inf")
-        self._entries: dict[ObjectKey, tuple[str, dict[str, Any]]] = {}  # uid, what this agent last applied
-        self._verified: dict[ObjectKey, tuple[str, int, list[dict[str, Any]]]] = {}  # uid, generation, images
-        self._compact: dict[ObjectKey, bool] = {}
+        # uid, and the entry this agent last applied to that object (its images in full)
+        self._entries: dict[ObjectKey, tuple[str, NodeEntry]] = {}
         self._lock = threading.Lock()
 
     def observe(self, raw: Mapping[str, Any] | None) -> None:
@@ -122,48 +126,37 @@ class NodeAgent:
             return False
         return selector.matches(info.labels)
 
-    def view(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        meta = body.get("metadata") or {}
+    def entry(self, body: Mapping[str, Any]) -> NodeEntry:
+        """This node's entry of ``body``: the one this agent last applied to that very object
+        (its uid: one created anew under the same name starts afresh), else the one the object
+        holds (e.g. after a restart: see find_entry), else a new one. Every entry the
+        reconciler writes starts from it, and what it holds decides what is due."""
         with self._lock:
-            uid, generation, images = self._verified.get(
-                (str(meta.get("namespace")), str(meta.get("name"))), ("", 0, [])
+            uid, applied = self._entries.get(_key(body), ("", None))
+        if applied is not None and uid == _uid(body):
+            return applied
+        held = find_entry(body.get("status"), self.node)
+        return (
+            NodeEntry(name=self.node, runtime=self.runtime)
+            if held is None
+            else held.model_copy(
+                update={"runtime": self.runtime}  # the runtime this agent loads into now
             )
-        remembered = images if (uid, generation) == (_uid(body), _generation(body)) else None
-        return view(body, self.node, remembered)
+        )
 
     def has_entry(self, key: ObjectKey, body: Mapping[str, Any]) -> bool:
         with self._lock:
-            return bool(self._entries.get(key, ("", {}))[1]) or find_entry(body.get("status"), self.node) is not None
+            return key in self._entries or find_entry(body.get("status"), self.node) is not None
 
-    def seed(self, key: ObjectKey, body: Mapping[str, Any]) -> None:
-        """Before a step: start from the entry the object holds (e.g. after a restart) unless
-        this agent applied one for this very object; drop what belonged to an earlier object
-        of the same name; note whether Ready entries keep only a digest (a large fleet)."""
-        uid = _uid(body)
+    def apply(self, body: Mapping[str, Any], entry: NodeEntry) -> None:
+        """Apply ``entry`` as this node's, whole (server-side apply drops a field left out),
+        and keep it as the start of the next one. On a large fleet a Ready entry goes with the
+        digest of its images; the list stays here, for this node's fast path."""
+        key = _key(body)
+        sent = compacted(entry) if large_fleet(body.get("status")) else entry
+        self.kube.apply_node_entry(*key, self.node, sent.dump())
         with self._lock:
-            if key in self._entries and self._entries[key][0] != uid:
-                self._entries.pop(key, None)
-                self._verified.pop(key, None)
-            if key not in self._entries and (entry := find_entry(body.get("status"), self.node)) is not None:
-                self._entries[key] = (uid, entry)
-            self._entries.setdefault(key, (uid, {}))
-            self._compact[key] = compact(body.get("status"))
-
-    def write(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        """The reconciler's status sink: fold ``status`` into this node's entry and apply it;
-        remember the images a Ready verdict verified (for the fast path of a compact entry)."""
-        key = (namespace, name)
-        with self._lock:
-            uid, previous = self._entries.get(key, ("", {}))
-            full = merge_entry(previous, self.node, self.runtime, status)
-            entry = merge_entry(previous, self.node, self.runtime, status, self._compact.get(key, False))
-        self.kube.apply_node_entry(namespace, name, self.node, entry)
-        with self._lock:
-            self._entries[key] = (uid, entry)
-            if "images" in status and full.get("phase") == Phase.READY.value and full.get("images"):
-                self._verified[key] = (uid, int(full.get("observedGeneration") or 0), full["images"])
-            elif "images" in status:
-                self._verified.pop(key, None)
+            self._entries[key] = (_uid(body), entry)
 
     def leave(self, namespace: str, name: str) -> None:
         """Remove this node's entry: the ImageUnlock no longer selects it (or it is gone)."""
@@ -173,5 +166,3 @@ class NodeAgent:
     def forget(self, key: ObjectKey) -> None:
         with self._lock:
             self._entries.pop(key, None)
-            self._verified.pop(key, None)
-            self._compact.pop(key, None)

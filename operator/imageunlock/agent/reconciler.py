@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
@@ -24,9 +24,10 @@ from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiCli
 from imageunlock.engine.models import Credentials, KeyClient, Phase
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
-from imageunlock.errors import ConfigurationError, ImagesNotVerifiedError, InternalError, RefConflictError, UnlockError
+from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
+from imageunlock.kube.models import Image, NodeEntry, Progress
 from imageunlock.kube.spec import UnlockSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,23 @@ log = logging.getLogger(__name__)
 REQUESTED_AT = "loader.azaion.com/requested-at"
 
 
-def known_ids(status: Mapping[str, Any], generation: int) -> dict[str, str]:
-    """Image IDs a finished reconcile of this generation verified (``status.images``); the
-    fast path insists on them, so a retagged impostor is not taken for the real image."""
-    if status.get("observedGeneration") != generation:
+def known_ids(entry: NodeEntry, generation: int) -> dict[str, str]:
+    """Image IDs a finished reconcile of this generation verified on this node (the entry's
+    images); the fast path insists on them, so a retagged impostor is not taken for the real
+    image."""
+    if entry.observed_generation != generation:
         return {}
-    return {
-        i["name"]: i["id"]
-        for i in status.get("images") or []
-        if isinstance(i, Mapping) and i.get("name") and i.get("id")
-    }
+    return {i.name: i.id for i in entry.images or () if i.name and i.id}
+
+
+class Entries(Protocol):
+    """This node's entries (agent/node.py NodeAgent): the one an object holds, and applying one."""
+
+    node: str
+
+    def entry(self, body: Mapping[str, Any]) -> NodeEntry: ...
+
+    def apply(self, body: Mapping[str, Any], entry: NodeEntry) -> None: ...
 
 
 class Verdict(Enum):
@@ -106,17 +114,14 @@ class Reconciler:
         settings: AgentConfig,
         runtime: Any,
         kube: KubernetesApi,
+        entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
-        write_status: Callable[[str, str, dict[str, Any]], None] | None = None,
-        node: str = "",
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.kube = kube
+        self.entries = entries  # where status goes: this node's entry, never the summary
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
-        # where status goes: an agent writes its node's entry (node.py), never the summary
-        self._write_status = write_status
-        self.node = node  # named in events: many nodes post on one ImageUnlock
         self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
@@ -127,8 +132,9 @@ class Reconciler:
             deadline=settings.api_deadline,
         )
 
-    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        (self._write_status or self.kube.patch_status)(namespace, name, status)
+    def entry(self, body: Mapping[str, Any]) -> NodeEntry:
+        """This node's entry of ``body``: what it last reported on the object."""
+        return self.entries.entry(body)
 
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
         settings = self.settings
@@ -177,13 +183,14 @@ class Reconciler:
         return find_conflict(_claim(body, spec), claims, own.refs if own is not None else frozenset())
 
     def _held_claim(self, body: Mapping[str, Any]) -> Claim | None:
-        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        meta = body.get("metadata") or {}
         key = (meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
         if key[2] is not None and key in self._claims:  # parsed once per version of each object
             return self._claims[key]
         claim = None
-        verified = known_ids(status, int(meta.get("generation") or 0))
-        if status.get("phase") == Phase.READY.value and verified:
+        entry = self.entry(body)
+        verified = known_ids(entry, int(meta.get("generation") or 0))
+        if entry.phase is Phase.READY and verified:
             try:
                 spec = self.parse(body)
             except UnlockError:
@@ -228,21 +235,20 @@ class Reconciler:
             return False  # the names are no longer this namespace's: reconcile says why
         if self.conflict(body, spec) is not None:
             return False
-        known = known_ids(body.get("status") or {}, int(meta.get("generation") or 0))
+        known = known_ids(self.entry(body), int(meta.get("generation") or 0))
         return self.service(spec, str(meta.get("namespace") or "")).present(spec.to_request(known)) is not None
 
     def verified(self, body: Mapping[str, Any]) -> None:
         """Record a re-verification that found everything in place (no reconcile needed)."""
-        meta = body.get("metadata") or {}
-        self.write_status(meta.get("namespace", ""), meta.get("name", ""), _handled(body))
+        self.entries.apply(body, _handled(self.entry(body), body))
 
     def reconcile(self, body: Mapping[str, Any], attempt: int = 0) -> Outcome:
         started = time.monotonic()
         meta = body.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         generation = int(meta.get("generation") or 0)
-        status = dict(body.get("status") or {})
-        run = _Reconciliation(self, body, namespace, name, generation, status.get("conditions"))
+        entry = self.entry(body)
+        run = _Reconciliation(self, body, entry, namespace, name, generation)
         try:
             spec = self.parse(body)
             self.check_owner(namespace, spec)
@@ -250,7 +256,7 @@ class Reconciler:
             # unlock's first step writes its phase anyway.
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
-            known = known_ids(status, generation)
+            known = known_ids(entry, generation)
             result = self.service(spec, namespace).unlock(
                 spec.to_request(known),
                 lambda: self.kube.read_credentials(namespace, spec.secret_name),
@@ -266,14 +272,25 @@ class Reconciler:
             runtime = getattr(self.runtime, "name", "unknown")
             metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
             metrics.BYTES_LOADED.labels(runtime).inc(result.archive_bytes)
-        ready = st.ready(
-            result.images, result.fast_path, generation, run.conditions, result.archive_bytes, unlocked_at=unlocked_at
+        how = "already present" if result.fast_path else "loaded"
+        ready = st.mark_ready(
+            run.entry,
+            "AlreadyPresent" if result.fast_path else "Unlocked",
+            f"{len(result.images)} image(s) {how} and verified",
+            generation,
+        ).model_copy(
+            update={
+                "images": [Image(name=ref, id=image_id) for ref, image_id in result.images.items()],
+                "images_digest": None,
+                "progress": None,  # done: the summary says 100%
+                **({"last_unlock_time": unlocked_at} if unlocked_at else {}),
+            }
         )
         try:
-            run.write({**ready, **_handled(body)})
+            run.write(_handled(ready, body))
         except UnlockError as exc:  # the images are fine; the record of it is not yet
             return run.failed(exc, attempt)
-        if not result.fast_path or status.get("phase") not in (None, Phase.READY.value):
+        if not result.fast_path or entry.phase not in (None, Phase.READY):
             how = "loaded and verified" if not result.fast_path else "already present"
             run.event(
                 "Normal",
@@ -284,14 +301,13 @@ class Reconciler:
 
 
 class _Reconciliation:
-    """State of one reconciliation: the conditions as last written, and a throttle."""
+    """State of one reconciliation: this node's entry as last written, and a throttle."""
 
     def __init__(
-        self, owner: Reconciler, body: Mapping[str, Any], namespace: str, name: str, generation: int, conditions: Any
+        self, owner: Reconciler, body: Mapping[str, Any], entry: NodeEntry, namespace: str, name: str, generation: int
     ) -> None:
-        self.owner, self.body = owner, body
+        self.owner, self.body, self.entry = owner, body, entry
         self.namespace, self.name, self.generation = namespace, name, generation
-        self.conditions = conditions if isinstance(conditions, list) else []
         self.throttle = st.Throttle(owner.settings.progress_interval)
         self.phase: Phase | None = None
         self.started = False  # the Unlocking event is posted
@@ -300,21 +316,20 @@ class _Reconciliation:
         # event) until the resource API has accepted the credentials: a re-check that fails
         # the same way again costs one write (lastHandledRequestedAt) and no event on each
         # node, whatever the number of nodes and requests.
-        status = body.get("status") or {}
         self.stalled = (
-            (status.get("phase"), status.get("observedGeneration")) == (Phase.FAILED.value, generation),
-            condition_reason(self.conditions, "Stalled"),
-            status.get("message"),
+            (entry.phase, entry.observed_generation) == (Phase.FAILED, generation),
+            entry.reason,
+            entry.message,
         )
         self.quiet = self.stalled[0]
 
-    def write(self, status: dict[str, Any]) -> None:
-        self.owner.write_status(self.namespace, self.name, status)
-        self.conditions = status.get("conditions", self.conditions)
+    def write(self, entry: NodeEntry) -> None:
+        self.owner.entries.apply(self.body, entry)
+        self.entry = entry
 
     def event(self, type_: str, reason: str, message: str) -> None:
         """A state change: an Event on the object and one log line (WARNING for a failure)."""
-        where = f"node {self.owner.node}: " if self.owner.node else ""
+        where = f"node {self.owner.entries.node}: " if self.owner.entries.node else ""
         self.owner.kube.post_event(self.body, type_, reason, where + message)
         level = logging.WARNING if type_ == "Warning" else logging.INFO
         log.log(
@@ -335,57 +350,57 @@ class _Reconciliation:
             metrics.BYTES_DECRYPTED.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
             self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
-            self.write(st.working(phase, message, self.generation, self.conditions, done, total))
+            working = st.mark_reconciling(self.entry, phase, phase.value, message, self.generation)
+            percent = min(100, done * 100 // total) if total else 0
+            self.write(
+                working.model_copy(update={"progress": Progress(bytes_done=done, bytes_total=total, percent=percent)})
+            )
 
     def failed(self, exc: UnlockError, attempt: int) -> Outcome:
         metrics.FAILURES.labels(exc.reason).inc()
         if exc.transient:
             delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
-            phase = (self.phase or Phase.PENDING).value
+            text = f"attempt {attempt + 1} failed: {exc.message}; retrying in {delay:.0f}s"
             self.write_or_log(
-                st.retrying(exc.reason, exc.message, attempt + 1, delay, self.generation, self.conditions, phase)
+                st.mark_reconciling(self.entry, self.phase or Phase.PENDING, exc.reason, text, self.generation)
             )
             self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         if self.quiet and self.stalled[1:] == (exc.reason, exc.message):
             # The same Stalled outcome again: record only the request it answered, if any.
-            handled = _handled(self.body)
-            if "lastHandledRequestedAt" in handled and self.write_or_log(
-                {"lastHandledRequestedAt": handled["lastHandledRequestedAt"]}
+            requested = _requested_at(self.body)
+            if requested is not None and self.write_or_log(
+                self.entry.model_copy(update={"last_handled_requested_at": requested})
             ):
                 log.debug("%s/%s re-checked: unchanged (%s)", self.namespace, self.name, exc.reason)
             return Outcome(Verdict.STALLED, exc.message, exc.reason)
-        images = None
-        if isinstance(exc, ImagesNotVerifiedError):
-            images = {ref: None for ref in exc.missing}
-        stalled = st.stalled(exc.reason, exc.message, self.generation, self.conditions, images)
-        if not self.write_or_log({**stalled, **_handled(self.body)}):
+        stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation)
+        if not self.write_or_log(_handled(stalled, self.body)):
             # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
             delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         self.event("Warning", exc.reason, exc.message)
         return Outcome(Verdict.STALLED, exc.message, exc.reason)
 
-    def write_or_log(self, status: dict[str, Any]) -> bool:
-        """Write a failure's status; if the API server refuses that too, log it and go on (the
-        verdict still reaches kopf or the resync loop, which retry with backoff)."""
+    def write_or_log(self, entry: NodeEntry) -> bool:
+        """Write a failure's entry; if the API server refuses that too, log it and go on (the
+        verdict still reaches the resync loop, which retries with backoff)."""
         try:
-            self.write(status)
+            self.write(entry)
         except UnlockError as exc:
             log.warning("status of %s/%s not written: %s", self.namespace, self.name, exc.message)
             return False
         return True
 
 
-def condition_reason(conditions: Sequence[Any], kind: str) -> Any:
-    """The reason of the condition of type ``kind``, if there is one."""
-    return next((c.get("reason") for c in conditions if isinstance(c, Mapping) and c.get("type") == kind), None)
-
-
-def _handled(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The status fields of a finished check: when, and which re-check request it answered."""
+def _requested_at(body: Mapping[str, Any]) -> str | None:
     requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
-    handled = {"lastVerifiedTime": st.now_rfc3339()}
-    if requested is not None:
-        handled["lastHandledRequestedAt"] = requested
-    return handled
+    return None if requested is None else str(requested)
+
+
+def _handled(entry: NodeEntry, body: Mapping[str, Any]) -> NodeEntry:
+    """``entry`` after a finished check: when, and which re-check request it answered."""
+    handled: dict[str, Any] = {"last_verified_time": st.now_rfc3339()}
+    if (requested := _requested_at(body)) is not None:
+        handled["last_handled_requested_at"] = requested
+    return entry.model_copy(update=handled)

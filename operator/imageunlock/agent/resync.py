@@ -1,6 +1,6 @@
 """When an agent reconciles an ImageUnlock on its node (framework-free; the agent's workers
-call ``step`` from worker threads when the object changed or its next look is due, with the
-object as this node sees it: its status is the node's entry, see nodes.view; ``step``
+call ``step`` from worker threads when the object changed or its next look is due; what this
+node last reported on it, its entry, says where it stands: Reconciler.entry; ``step``
 answers when to look next).
 
 Level-triggered, like a controller's work queue: a generation this node has not finished
@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from imageunlock.agent.reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict, condition_reason
+from imageunlock.agent.reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict
 from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
+from imageunlock.kube.models import NodeEntry
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ class Resync:
         due = self.due.get(key, Due())
         if due.uid is not None and due.uid != uid:
             due = Due()  # another object of the same name: nothing of the old one applies
-        request = _requested(body)
+        entry = self.reconciler.entry(body)
+        request = _requested(body, entry)
         now = self.clock()
-        if (body.get("status") or {}).get("observedGeneration") != generation and due.generation != generation:
+        if entry.observed_generation != generation and due.generation != generation:
             if now < (started := self._started.get(key, float("-inf"))) + GENERATION_INTERVAL:
                 return started + GENERATION_INTERVAL - now  # edits in quick succession: the latest then
             due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
@@ -101,18 +103,17 @@ class Resync:
             if now < due.asked + REQUEST_INTERVAL:
                 # a request too soon after the last one: deferred to the interval's end
                 return min(due.at, due.asked + REQUEST_INTERVAL) - now
-        self._step(key, body, due)
+        self._step(key, body, entry, due)
         asked = now if request is not None and request != due.requested else due.asked
         self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
         return self.due[key].at - self.clock()
 
-    def _step(self, key: ObjectKey, body: Mapping[str, Any], due: Due) -> None:
-        status = body.get("status") or {}
+    def _step(self, key: ObjectKey, body: Mapping[str, Any], entry: NodeEntry, due: Due) -> None:
         generation = (body.get("metadata") or {}).get("generation")
-        phase = status.get("phase") if status.get("observedGeneration") == generation else None
+        phase = entry.phase if entry.observed_generation == generation else None
         try:
-            if phase == Phase.READY.value and self.reconciler.still_ready(body):
-                if _requested(body) is not None or _older_than(status.get("lastVerifiedTime"), RECORD_VERIFIED):
+            if phase is Phase.READY and self.reconciler.still_ready(body):
+                if _requested(body, entry) is not None or _older_than(entry.last_verified_time, RECORD_VERIFIED):
                     self.reconciler.verified(body)  # lastVerifiedTime, and the request it answered
                 self.due[key] = Due(self.clock() + self.interval, 0, None, generation)
                 return
@@ -121,10 +122,10 @@ class Resync:
             log.info("re-verification of %s/%s postponed: %s", *key, exc.message)
             self.due[key] = Due(self.clock() + min(self.interval, 30.0), due.attempt, due.inputs, due.generation)
             return
-        if phase == Phase.FAILED.value and not inputs.changed(due.inputs, _stalled_reason(status)):
+        if phase is Phase.FAILED and not inputs.changed(due.inputs, entry.reason):
             self.due[key] = Due(self.clock() + self.interval, 0, due.inputs, generation)
             return  # nothing it depends on changed: a re-check would fail the same way
-        if phase == Phase.READY.value:
+        if phase is Phase.READY:
             log.info("images of %s/%s changed, went missing or are contested: unlocking again", *key)
         # A new generation, Ready but no longer true, Stalled with changed inputs, or a retry fell due.
         self._started[key] = self.clock()
@@ -141,14 +142,9 @@ def _older_than(timestamp: Any, seconds: float) -> bool:
     return (datetime.now(UTC) - then).total_seconds() > seconds
 
 
-def _requested(body: Mapping[str, Any]) -> str | None:
+def _requested(body: Mapping[str, Any], entry: NodeEntry) -> str | None:
     """The requested-at value of a re-check asked for and not yet recorded as handled."""
     requested = ((body.get("metadata") or {}).get("annotations") or {}).get(REQUESTED_AT)
-    if requested is None or requested == (body.get("status") or {}).get("lastHandledRequestedAt"):
+    if requested is None or requested == entry.last_handled_requested_at:
         return None
     return str(requested)
-
-
-def _stalled_reason(status: Mapping[str, Any]) -> str | None:
-    reason = condition_reason(status.get("conditions") or [], "Stalled")
-    return str(reason) if reason is not None else None

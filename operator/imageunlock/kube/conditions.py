@@ -1,9 +1,13 @@
-"""Building ImageUnlock ``status`` (pure): kstatus-compliant conditions plus a phase.
+"""kstatus (pure): the three states an ImageUnlock, or one node of it, can be in, set on the
+controller's summary and on a node's entry by the same three helpers.
 
 kstatus (sigs.k8s.io/cli-utils) reads ``observedGeneration`` and the abnormal-true
 conditions ``Reconciling`` and ``Stalled``; ``kubectl wait --for=condition=Ready`` and Argo
-CD / Flux read ``Ready``. Every status written carries all three conditions, and a
-condition's ``lastTransitionTime`` only moves when its ``status`` changes.
+CD / Flux read ``Ready``. On the summary every mark writes all three conditions, each with
+the generation it was set for, and a condition's ``lastTransitionTime`` only moves when its
+``status`` changes. A node's entry keeps no conditions (object size: README, "Scale"): its
+phase says which one holds and its ``reason`` why; it claims a generation (observedGeneration)
+only once it finished it, Ready or Stalled.
 """
 
 from __future__ import annotations
@@ -12,38 +16,113 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Literal, TypeVar
 
 from imageunlock.engine.models import Phase
+from imageunlock.kube.models import Condition, ImageUnlockStatus, NodeEntry
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
+State = tuple[bool, str, str]  # a condition: holds, reason, message
+Status = TypeVar("Status", NodeEntry, ImageUnlockStatus)
 
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def conditions(
-    previous: Sequence[Mapping[str, Any]] | None,
-    states: Mapping[str, tuple[bool, str, str]],
+def mark_ready(status: Status, reason: str, message: str, generation: int, now: str | None = None) -> Status:
+    """Done: everything holds for ``generation``."""
+    return _mark(
+        status,
+        Phase.READY,
+        generation,
+        now,
+        ready=(True, reason, message),
+        reconciling=(False, "Succeeded", ""),
+        stalled=(False, "Succeeded", ""),
+    )
+
+
+def mark_stalled(
+    status: Status, reason: str, message: str, generation: int, now: str | None = None, still_working: str = ""
+) -> Status:
+    """A mistake to fix: nothing changes until the spec, a Secret or an archive does. What was
+    verified no longer holds for this generation: images and progress are cleared.
+    ``still_working`` (the summary only: other nodes still work) keeps Reconciling true with
+    that message, as kstatus allows."""
+    reconciling = (True, "NodesWorking", still_working) if still_working else (False, reason, "")
+    marked = _mark(
+        status,
+        Phase.FAILED,
+        generation,
+        now,
+        ready=(False, reason, message),
+        reconciling=reconciling,
+        stalled=(True, reason, message),
+    )
+    if isinstance(marked, NodeEntry):
+        return marked.model_copy(update={"images": None, "images_digest": None, "progress": None})
+    return marked.model_copy(update={"images": None, "progress": None})
+
+
+def mark_reconciling(
+    status: Status, phase: Phase, reason: str, message: str, generation: int, now: str | None = None
+) -> Status:
+    """At work (``phase``), or waiting to retry a transient fault (``reason``, ``message``)."""
+    return _mark(
+        status,
+        phase,
+        generation,
+        now,
+        ready=(False, reason, message),
+        reconciling=(True, reason, message),
+        stalled=(False, reason, ""),
+    )
+
+
+def _mark(
+    status: Status,
+    phase: Phase,
     generation: int,
-    now: str,
-) -> list[dict[str, Any]]:
-    before = {c.get("type"): c for c in previous or () if isinstance(c, Mapping)}
+    now: str | None,
+    *,
+    ready: State,
+    reconciling: State,
+    stalled: State,
+) -> Status:
+    states = {READY: ready, RECONCILING: reconciling, STALLED: stalled}
+    holding = next(state for type_ in (STALLED, READY, RECONCILING) if (state := states[type_])[0])
+    if isinstance(status, NodeEntry):
+        finished = {"observed_generation": generation} if phase in (Phase.READY, Phase.FAILED) else {}
+        return status.model_copy(update={"phase": phase, "reason": holding[1], "message": holding[2], **finished})
+    return status.model_copy(
+        update={
+            "phase": phase,
+            "message": holding[2],
+            "observed_generation": generation,
+            "conditions": _conditions(status.conditions, states, generation, now or now_rfc3339()),
+        }
+    )
+
+
+def _conditions(
+    previous: Sequence[Condition], states: Mapping[str, State], generation: int, now: str
+) -> list[Condition]:
+    before = {c.type: c for c in previous}
     result = []
-    for type_, (state, reason, message) in states.items():
-        status = "True" if state else "False"
+    for type_, (holds, reason, message) in states.items():
+        status: Literal["True", "False"] = "True" if holds else "False"
         old = before.get(type_)
-        since = now if old is None or old.get("status") != status else old.get("lastTransitionTime", now)
+        since = now if old is None or old.status != status else old.last_transition_time or now
         result.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": since,
-            }
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                observed_generation=generation,
+                last_transition_time=since,
+            )
         )
     return result
 
@@ -59,128 +138,14 @@ def holding_reason(conditions: object) -> str | None:
     return None
 
 
-def progress(done: int, total: int) -> dict[str, int | str]:
-    percent = min(100, done * 100 // total) if total else 0
-    return {"bytesDone": done, "bytesTotal": total, "percent": percent, "text": f"{percent}%"}
-
-
-def working(
-    phase: Phase,
-    message: str,
-    generation: int,
-    previous: Sequence[Mapping[str, Any]] | None,
-    done: int = 0,
-    total: int = 0,
-    now: str | None = None,
-) -> dict[str, Any]:
-    """An unlock is under way: Reconciling=True, Ready=False."""
-    now = now or now_rfc3339()
-    return {
-        "phase": phase.value,
-        "message": message,
-        "progress": progress(done, total),
-        "conditions": conditions(
-            previous,
-            {
-                READY: (False, "Reconciling", message),
-                RECONCILING: (True, phase.value, message),
-                STALLED: (False, "Reconciling", ""),
-            },
-            generation,
-            now,
-        ),
-    }
-
-
-def ready(
-    images: Mapping[str, str],
-    fast_path: bool,
-    generation: int,
-    previous: Sequence[Mapping[str, Any]] | None,
-    bytes_total: int = 0,
-    now: str | None = None,
-    unlocked_at: str | None = None,
-) -> dict[str, Any]:
-    now = now or now_rfc3339()
-    how = "already present" if fast_path else "loaded"
-    message = f"{len(images)} image(s) {how} and verified"
-    status: dict[str, Any] = {
-        "phase": Phase.READY.value,
-        "message": message,
-        "observedGeneration": generation,
-        "images": [{"name": ref, "id": image_id, "present": True} for ref, image_id in images.items()],
-        "progress": progress(bytes_total, bytes_total) if bytes_total else progress(1, 1),
-        "conditions": conditions(
-            previous,
-            {
-                READY: (True, "AlreadyPresent" if fast_path else "Unlocked", message),
-                RECONCILING: (False, "Succeeded", ""),
-                STALLED: (False, "Succeeded", ""),
-            },
-            generation,
-            now,
-        ),
-    }
-    if unlocked_at:
-        status["lastUnlockTime"] = unlocked_at
-    return status
-
-
-def stalled(
-    reason: str,
-    message: str,
-    generation: int,
-    previous: Sequence[Mapping[str, Any]] | None,
-    images: Mapping[str, str | None] | None = None,
-    now: str | None = None,
-) -> dict[str, Any]:
-    """A user error: nothing will change until the spec, Secret or archive does."""
-    now = now or now_rfc3339()
-    status: dict[str, Any] = {
-        "phase": Phase.FAILED.value,
-        "message": message,
-        "observedGeneration": generation,
-        "conditions": conditions(
-            previous,
-            {READY: (False, reason, message), RECONCILING: (False, reason, ""), STALLED: (True, reason, message)},
-            generation,
-            now,
-        ),
-    }
-    # Status is merge-patched: a key left out would keep the last generation's value (its
-    # images listed as present), so what does not hold for this generation is nulled.
-    status["progress"] = None
-    status["images"] = (
-        None
-        if images is None
-        else [{"name": ref, "id": image_id or "", "present": image_id is not None} for ref, image_id in images.items()]
-    )
-    return status
-
-
-def retrying(
-    reason: str,
-    message: str,
-    attempt: int,
-    delay: float,
-    generation: int,
-    previous: Sequence[Mapping[str, Any]] | None,
-    phase: str = Phase.PENDING.value,
-    now: str | None = None,
-) -> dict[str, Any]:
-    """A transient fault: still Reconciling, with the attempt and the next try in the message."""
-    now = now or now_rfc3339()
-    text = f"attempt {attempt} failed: {message}; retrying in {delay:.0f}s"
-    return {
-        "phase": phase,
-        "message": text,
-        "conditions": conditions(
-            previous,
-            {READY: (False, reason, text), RECONCILING: (True, reason, text), STALLED: (False, reason, "")},
-            generation,
-            now,
-        ),
-    }
+def condition_states(entry: NodeEntry) -> dict[str, str]:
+    """The conditions a node's entry stands for (``True``/``False``; ``Unknown`` before the
+    node reported a phase)."""
+    if entry.phase is None:
+        return dict.fromkeys((READY, RECONCILING, STALLED), "Unknown")
+    finished = entry.phase in (Phase.READY, Phase.FAILED)
+    holds = {READY: entry.phase is Phase.READY, STALLED: entry.phase is Phase.FAILED, RECONCILING: not finished}
+    return {type_: str(value) for type_, value in holds.items()}
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:

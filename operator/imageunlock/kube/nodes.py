@@ -1,11 +1,12 @@
 """Nodes (pure): which nodes an ImageUnlock selects, which run an agent, and what runtime a
-Node reports; the per-node status entry (``status.nodes[]``) and the view of it an agent
-reconciles against.
+Node reports; finding a node's entry (``status.nodes[]``, kube/models.py NodeEntry) and
+keeping it small on a large fleet.
 
 Every agent owns one entry per ImageUnlock, keyed by its node name, and writes it with
 server-side apply under its own field manager (see kube/client.py), so concurrent agents never
-overwrite each other. An entry is kept small (no conditions): a cluster of 1000 nodes must
-stay far below the ~1.5 MiB object limit (README, "Scale").
+overwrite each other. An entry is kept small (no conditions; on a large fleet a digest for
+its images): a cluster of 1000 nodes must stay far below the ~1.5 MiB object limit (README,
+"Scale").
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from imageunlock.engine.models import Phase
 from imageunlock.errors import ConfigurationError
+from imageunlock.kube.models import Image, NodeEntry
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 # A label key: optional DNS-subdomain prefix, then a name (Kubernetes' qualified name).
@@ -186,118 +188,36 @@ class Placement:
 DETAILED_NODES = 200
 MAX_NODES = 1000
 
-ENTRY_FIELDS = (
-    "name",
-    "runtime",
-    "phase",
-    "reason",
-    "message",
-    "observedGeneration",
-    "images",
-    "progress",
-    "lastUnlockTime",
-    "lastVerifiedTime",
-    "lastHandledRequestedAt",
-    "imagesDigest",
-)
 
-
-def find_entry(status: Mapping[str, Any] | None, node: str) -> dict[str, Any] | None:
-    for entry in (status or {}).get("nodes") or ():
-        if isinstance(entry, Mapping) and entry.get("name") == node:
-            return dict(entry)
-    return None
-
-
-def _reason(conditions: Any) -> str | None:
-    """The reason of the condition that holds: Stalled, then Ready, then Reconciling."""
-    by_type = {c.get("type"): c for c in conditions or () if isinstance(c, Mapping)}
-    for type_ in ("Stalled", "Ready", "Reconciling"):
-        c = by_type.get(type_)
-        if c and c.get("status") == "True":
-            return str(c.get("reason") or "")
-    return None
-
-
-def images_digest(images: Sequence[Mapping[str, Any]]) -> str:
+def images_digest(images: Sequence[Image]) -> str:
     """sha256 over the sorted ``name=id`` lines of an image list."""
-    lines = sorted(f"{i.get('name')}={i.get('id')}" for i in images)
+    lines = sorted(f"{i.name}={i.id}" for i in images)
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def merge_entry(
-    entry: Mapping[str, Any] | None, node: str, runtime: str, status: Mapping[str, Any], compact: bool = False
-) -> dict[str, Any]:
-    """Fold a status update as the reconciler writes it (see conditions.py: phase, message,
-    conditions, images, progress, …; a None value removes a field) into this node's entry.
-    ``compact`` (more than DETAILED_NODES selected nodes): a Ready entry keeps only the
-    digest of its verified images."""
-    merged: dict[str, Any] = {k: v for k, v in (entry or {}).items() if k in ENTRY_FIELDS}
-    for key, value in status.items():
-        if key == "conditions":
-            if (reason := _reason(value)) is not None:
-                merged["reason"] = reason
-        elif key == "images":
-            merged["imagesDigest"] = None  # a new verdict on the images
-            merged["images"] = (
-                None
-                if value is None
-                else [{"name": i["name"], "id": i["id"]} for i in value if i.get("present") and i.get("id")]
-            )
-        elif key == "progress":
-            merged["progress"] = (
-                None if not value else {k: value[k] for k in ("bytesDone", "bytesTotal", "percent") if k in value}
-            )
-        elif key in ENTRY_FIELDS:
-            merged[key] = value
-    if merged.get("phase") == Phase.READY.value:
-        merged["progress"] = None  # done: the summary says 100%
-        if compact and merged.get("images"):
-            merged.update(imagesDigest=images_digest(merged["images"]), images=None)
-    merged.update(name=node, runtime=runtime)
-    return {k: v for k, v in merged.items() if v is not None}
-
-
-def compact(status: Mapping[str, Any] | None) -> bool:
+def large_fleet(status: Mapping[str, Any] | None) -> bool:
     """Whether Ready entries keep only a digest: the ImageUnlock selects many nodes."""
     return int((status or {}).get("nodesDesired") or 0) > DETAILED_NODES
 
 
-def view(body: Mapping[str, Any], node: str, remembered: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """``body`` as an agent reconciles it: its status is this node's entry, shown the way the
-    reconciler and the re-verification loop read a status (conditions, images with present).
-    An entry with only a digest gets the list whose digest it is: ``remembered`` (what this
-    agent verified) or else the summary's, never a list this node did not verify."""
-    entry = find_entry(body.get("status"), node) or {}
-    phase = entry.get("phase")
-    reason = entry.get("reason", "")
-    status: dict[str, Any] = {
-        k: entry[k]
-        for k in (
-            "phase",
-            "message",
-            "observedGeneration",
-            "lastUnlockTime",
-            "lastVerifiedTime",
-            "lastHandledRequestedAt",
-        )
-        if k in entry
-    }
-    images = entry.get("images")
-    if not images and (digest := entry.get("imagesDigest")):
-        summary = (body.get("status") or {}).get("images") or []
-        candidates = [remembered or [], [{"name": i.get("name"), "id": i.get("id")} for i in summary]]
-        images = next((c for c in candidates if c and images_digest(c) == digest), None)
-    if images:
-        status["images"] = [{**i, "present": True} for i in images]
-    if entry:
-        status["conditions"] = [
-            {"type": "Ready", "status": str(phase == Phase.READY.value), "reason": reason},
-            {"type": "Stalled", "status": str(phase == Phase.FAILED.value), "reason": reason},
-            {
-                "type": "Reconciling",
-                "status": str(phase not in (Phase.READY.value, Phase.FAILED.value)),
-                "reason": reason,
-            },
-        ]
-    return {**body, "status": status}
+def compacted(entry: NodeEntry) -> NodeEntry:
+    """``entry`` as a large fleet writes it: Ready, it holds the digest of its images, not the list."""
+    if entry.phase is not Phase.READY or not entry.images:
+        return entry
+    return entry.model_copy(update={"images": None, "images_digest": images_digest(entry.images)})
+
+
+def find_entry(status: Mapping[str, Any] | None, node: str) -> NodeEntry | None:
+    """This node's entry of ``status.nodes``. One that holds only the digest of its images
+    gets the summary's list (``status.images``) when that is the list it digests, and else
+    none: never a list this node did not verify."""
+    raw = next((e for e in (status or {}).get("nodes") or () if isinstance(e, Mapping) and e.get("name") == node), None)
+    if raw is None:
+        return None
+    entry = NodeEntry.model_validate(dict(raw))
+    if entry.images or not entry.images_digest:
+        return entry
+    summary = [Image.model_validate(dict(i)) for i in (status or {}).get("images") or () if isinstance(i, Mapping)]
+    if summary and images_digest(summary) == entry.images_digest:
+        return entry.model_copy(update={"images": summary, "images_digest": None})
+    return entry

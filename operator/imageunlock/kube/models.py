@@ -1,0 +1,146 @@
+"""The ImageUnlock resource as typed models (pure: pydantic only, no I/O).
+
+One model per shape the API server stores: the spec, one node's entry of ``status.nodes``
+(written by that node's agent) and the summary (the rest of ``status``, written by the
+controller). The CRD (crds/loader.azaion.com_imageunlocks.yaml) declares the very same fields:
+tests/unit/test_schema.py holds the two equal both ways, so the API server never prunes a field
+the operator writes and the operator never drops one the server holds.
+
+Fields are snake_case here and camelCase on the wire (the aliases). A field that is None is
+not written (:meth:`Model.dump`); fields the CRD may hold and a model does not know (a newer
+CRD) are ignored when reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from imageunlock.engine.models import Phase
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    def dump(self) -> dict[str, Any]:
+        """The wire form: camelCase, every field that holds a value (None: left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --- spec ---------------------------------------------------------------------------------
+# The shape only: kube/spec.py checks the values (and names every problem at once).
+
+
+class SecretRef(Model):
+    name: str
+
+
+class ResourceApi(Model):
+    url: str | None = None  # default: the operator's RESOURCE_API_URL
+    credentials_secret_ref: SecretRef
+
+
+class SelectorRequirement(Model):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] | None = None
+
+
+class NodeSelector(Model):
+    match_labels: dict[str, str] | None = None
+    match_expressions: list[SelectorRequirement] | None = None
+
+
+class ImageUnlockSpec(Model):
+    archive_path: str
+    version: str
+    images: list[str] | None = None  # the CRD's default: the seven Azaion services
+    resource_api: ResourceApi
+    runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
+    node_selector: NodeSelector | None = None
+    archive_sha256: str | None = None
+
+
+# --- status: one node's entry -------------------------------------------------------------
+
+
+class Image(Model):
+    """An image reference (NAME:VERSION) and the image ID the runtime verified for it."""
+
+    name: str = ""
+    id: str = ""
+
+
+class Progress(Model):
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    percent: int | None = None
+
+
+class NodeEntry(Model):
+    """One node's entry of ``status.nodes``, keyed by ``name`` and written whole by that node's
+    agent (server-side apply under its own field manager).
+
+    Kept small, for a 1000-node object stays far below the ~1.5 MiB limit (README, "Scale"):
+    no conditions (the phase says which one holds, ``reason`` why: kube/conditions.py), and on
+    a large fleet a Ready entry holds the digest of its images instead of the list
+    (kube/nodes.py, DETAILED_NODES).
+
+    A new per-node field: declare it here and under ``status.nodes.items`` in the CRD (and its
+    chart copy), then set it where the reconciler makes the entry; the agent applies the
+    entry as it is and the controller reads it typed (tests/unit/test_schema.py holds this
+    model and the CRD equal)."""
+
+    name: str
+    runtime: str | None = None
+    phase: Phase | None = None
+    reason: str | None = None
+    message: str | None = None
+    observed_generation: int | None = None  # the generation this node finished (Ready or Stalled)
+    images: list[Image] | None = None
+    images_digest: str | None = None
+    progress: Progress | None = None  # while the node works
+    last_unlock_time: str | None = None
+    last_verified_time: str | None = None
+    last_handled_requested_at: str | None = None
+
+
+# --- status: the summary ------------------------------------------------------------------
+
+
+class Condition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class StatusImage(Image):
+    present: bool = False
+
+
+class SummaryProgress(Progress):
+    text: str | None = None  # the PROGRESS column
+
+
+class ImageUnlockStatus(Model):
+    """``status``: the controller's summary over the nodes, and the nodes' own entries (which
+    only the agents write: the summary never sets ``nodes``)."""
+
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    ready_nodes: str | None = None  # the NODES column: "ready/desired"
+    nodes_ready: int | None = None
+    nodes_desired: int | None = None
+    nodes: list[NodeEntry] = Field(default_factory=list)
+    message: str | None = None
+    last_unlock_time: str | None = None
+    last_verified_time: str | None = None
+    last_handled_requested_at: str | None = None
+    progress: SummaryProgress | None = None
+    images: list[StatusImage] | None = None
+    conditions: list[Condition] = Field(default_factory=list)
