@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from imageunlock.engine import runtimes
 from imageunlock.engine.keys.apiurl import allowed, parse_api_url
 from imageunlock.engine.models import DEFAULT_IMAGES, UnlockRequest
 from imageunlock.errors import ConfigurationError
@@ -21,8 +22,6 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-# spec.runtime: a runtime by name, or "auto" for the node's own.
-RUNTIMES = ("docker", "containerd", "auto")
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,10 @@ def parse_spec(
         " (a Secret name in the same namespace)",
     )
 
-    wanted = spec.get("runtime") or "auto"
-    if wanted not in RUNTIMES:
-        problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(RUNTIMES)}")
-    elif wanted not in ("auto", runtime):
+    wanted = spec.get("runtime") or runtimes.AUTO
+    if wanted not in (known := (*runtimes.names(), runtimes.AUTO)):  # spec.runtime: a name, or the node's own
+        problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(known)}")
+    elif wanted not in (runtimes.AUTO, runtime):
         problems.append(
             f"spec.runtime {wanted!r} is not this node's runtime ({runtime}: the Node's "
             f"containerRuntimeVersion, or the agent setting IMAGEUNLOCK_RUNTIME): use auto, or select "
