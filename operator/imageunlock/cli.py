@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from imageunlock import __version__
 from imageunlock.engine import runtimes
-from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
+from imageunlock.engine.keys.resource_api import ResourceApiKeySource
 from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ConfigurationError, UnlockError
@@ -245,11 +245,8 @@ def _unlock(args: argparse.Namespace) -> int:
     runtime = runtimes.make_runtime(
         args.runtime, **{s.key: getattr(args, s.key) for s in runtimes.runtime_kind(args.runtime).settings}
     )
-    service = UnlockService(
-        runtime,
-        lambda creds: ResourceApiClient(args.api_url, creds, ApiClientConfig()),
-        lock_timeout=args.lock_timeout,
-    )
+    # The account comes from the environment; the URL is the user's own choice (no allow-list).
+    service = UnlockService(runtime, ResourceApiKeySource(args.api_url, _credentials), lock_timeout=args.lock_timeout)
     request = UnlockRequest(
         archive_path=os.path.abspath(args.archive),
         version=args.version,
@@ -259,7 +256,7 @@ def _unlock(args: argparse.Namespace) -> int:
     )
     try:
         with _renderer(sys.stderr) as report:
-            result = service.unlock(request, _credentials, report)
+            result = service.unlock(request, report)
     finally:
         runtime.close()
     if not result.fast_path:
