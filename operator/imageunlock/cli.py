@@ -31,10 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from imageunlock import __version__
-from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
+from imageunlock.engine import runtimes
+from imageunlock.engine.keys.resource_api import ResourceApiKeySource
 from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
-from imageunlock.engine.runtimes import RUNTIMES, make_runtime
-from imageunlock.engine.runtimes.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ConfigurationError, UnlockError
 
@@ -84,30 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         help="image name to verify, repeatable (default: the 7 Azaion services)",
     )
     unlock.add_argument(
-        "--docker-host",
-        default=os.environ.get("DOCKER_HOST"),
-        help="Docker Engine URL (default: $DOCKER_HOST or unix:///var/run/docker.sock)",
-    )
-    unlock.add_argument(
         "--runtime",
-        choices=RUNTIMES,
-        default="docker",
+        choices=runtimes.names(),
+        default=runtimes.DOCKER.name,
         help="container runtime to load into; kubelet on a containerd node runs pods from "
         "containerd, not Docker (default: %(default)s)",
     )
-    unlock.add_argument(
-        "--containerd-address",
-        metavar="PATH",
-        default=DEFAULT_ADDRESS,
-        help="containerd's socket, with --runtime containerd (k3s: /run/k3s/containerd/containerd.sock; "
-        "default: %(default)s)",
-    )
-    unlock.add_argument(
-        "--containerd-namespace",
-        metavar="NS",
-        default=DEFAULT_NAMESPACE,
-        help="containerd namespace, with --runtime containerd; kubelet uses k8s.io (default: %(default)s)",
-    )
+    for setting in (s for kind in runtimes.kinds() for s in kind.settings):  # --docker-host, --containerd-...
+        default = (os.environ.get(setting.cli_env) if setting.cli_env else None) or setting.default
+        unlock.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, default=default, help=setting.help)
     unlock.add_argument("--sha256", help="expected SHA-256 of the encrypted archive")
     unlock.add_argument(
         "--state-file",
@@ -258,17 +242,11 @@ def _credentials() -> Credentials:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    runtime = make_runtime(
-        args.runtime,
-        docker_host=args.docker_host,
-        containerd_address=args.containerd_address,
-        containerd_namespace=args.containerd_namespace,
+    runtime = runtimes.make_runtime(
+        args.runtime, **{s.key: getattr(args, s.key) for s in runtimes.runtime_kind(args.runtime).settings}
     )
-    service = UnlockService(
-        runtime,
-        lambda creds: ResourceApiClient(args.api_url, creds, ApiClientConfig()),
-        lock_timeout=args.lock_timeout,
-    )
+    # The account comes from the environment; the URL is the user's own choice (no allow-list).
+    service = UnlockService(runtime, ResourceApiKeySource(args.api_url, _credentials), lock_timeout=args.lock_timeout)
     request = UnlockRequest(
         archive_path=os.path.abspath(args.archive),
         version=args.version,
@@ -278,7 +256,7 @@ def _unlock(args: argparse.Namespace) -> int:
     )
     try:
         with _renderer(sys.stderr) as report:
-            result = service.unlock(request, _credentials, report)
+            result = service.unlock(request, report)
     finally:
         runtime.close()
     if not result.fast_path:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.engine.keys.resource_api import ResourceApiClient
-from imageunlock.engine.models import Credentials, Phase, UnlockRequest
+from imageunlock.engine.crypto import derive_key
+from imageunlock.engine.keys.resource_api import ResourceApiKeySource
+from imageunlock.engine.models import Credentials, Phase, Say, UnlockRequest
 from imageunlock.engine.runtimes.docker import DockerRuntime
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ImagesNotVerifiedError
@@ -29,7 +30,7 @@ class RacingRuntime(DockerRuntime):
 
 
 def _service(runtime, api):
-    return UnlockService(runtime, lambda creds: ResourceApiClient(api.url, creds))
+    return UnlockService(runtime, ResourceApiKeySource(api.url, _creds))
 
 
 def _creds():
@@ -41,7 +42,7 @@ def test_image_missing_after_load_is_named(clean_docker, archives, resource_api)
     runtime.victim = archives.refs[3]
     request = UnlockRequest(str(archives.openssl_archive), archives.version, tuple(archives.names))
     with pytest.raises(ImagesNotVerifiedError) as info:
-        _service(runtime, resource_api).unlock(request, _creds)
+        _service(runtime, resource_api).unlock(request)
     assert info.value.missing == [archives.refs[3]]
     assert archives.refs[3] in info.value.message
 
@@ -50,7 +51,7 @@ def test_phases_are_reported_in_order(clean_docker, archives, resource_api):
     phases: list[Phase] = []
     request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
     result = _service(DockerRuntime(clean_docker.url), resource_api).unlock(
-        request, _creds, lambda phase, msg, done, total: phases.append(phase) if phase not in phases else None
+        request, lambda phase, msg, done, total: phases.append(phase) if phase not in phases else None
     )
     assert phases == [Phase.PENDING, Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING]
     assert result.images == archives.ids and not result.fast_path
@@ -59,14 +60,14 @@ def test_phases_are_reported_in_order(clean_docker, archives, resource_api):
 def test_fast_path_insists_on_known_ids(clean_docker, archives, resource_api):
     service = _service(DockerRuntime(clean_docker.url), resource_api)
     request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
-    service.unlock(request, _creds)
+    service.unlock(request)
     resource_api.reset()
     same = UnlockRequest(request.archive_path, request.version, request.images, known_ids=archives.ids)
-    assert service.unlock(same, _creds).fast_path
+    assert service.unlock(same).fast_path
     assert resource_api.calls[KEY] == 0
     # a retagged impostor under one of the names is not "present"
     clean_docker.docker("tag", archives.refs[0], archives.refs[1])
-    again = service.unlock(same, _creds)
+    again = service.unlock(same)
     assert not again.fast_path and resource_api.calls[KEY] == 1
     assert loaded(clean_docker) == archives.ids
 
@@ -82,25 +83,29 @@ def test_first_run_does_not_vouch_for_whatever_holds_the_tag(clean_docker, archi
     clean_docker.docker("tag", archives.refs[1], impostor)  # another image's ID under the name
     service = _service(DockerRuntime(clean_docker.url), resource_api)
     request = UnlockRequest(str(archives.own_archive), archives.version, tuple(archives.names))
-    result = service.unlock(request, _creds)
+    result = service.unlock(request)
     assert not result.fast_path and resource_api.calls[KEY] == 1
     assert result.images == archives.ids and loaded(clean_docker) == archives.ids  # impostor replaced
     # images that are all genuine still cost one unlock when nothing vouches for them yet
     resource_api.reset()
-    assert not service.unlock(request, _creds).fast_path and resource_api.calls[KEY] == 1
+    assert not service.unlock(request).fast_path and resource_api.calls[KEY] == 1
 
 
 class _KeyHolder:
-    """A key client that serves a known fragment (the attacker holds the key here)."""
+    """A key source (and its session) that serves a known fragment's key (the attacker holds
+    the key here)."""
 
     def __init__(self, fragment: bytes) -> None:
         self.fragment = fragment
 
-    def login(self) -> None:
+    def open(self) -> _KeyHolder:
+        return self
+
+    def authenticate(self, say: Say) -> None:
         return None
 
-    def key_fragment(self) -> bytes:
-        return self.fragment
+    def get_key(self, say: Say) -> bytes:
+        return derive_key(self.fragment)
 
     def close(self) -> None:
         return None
@@ -118,21 +123,21 @@ def test_a_plaintext_the_engine_would_decompress_loads_nothing(clean_docker, tmp
     fragment = b"fragment-known-to-the-key-holder"
     archive = tmp_path / "polyglot.enc"
     archive.write_bytes(b"".join(encrypt_stream([polyglot], fragment)))
-    service = UnlockService(DockerRuntime(clean_docker.url), lambda creds: _KeyHolder(fragment))
+    service = UnlockService(DockerRuntime(clean_docker.url), _KeyHolder(fragment))
     with pytest.raises(ArchiveError):
-        service.unlock(UnlockRequest(str(archive), "1.0", ("azaion/a",)), _creds)
+        service.unlock(UnlockRequest(str(archive), "1.0", ("azaion/a",)))
     assert loaded(clean_docker) == {}
 
 
 class _RewritingKeyHolder(_KeyHolder):
-    """Serves the key, and rewrites the archive in place while the unlock logs in: after the
+    """Serves the key, and rewrites the archive in place while the unlock authenticates: after the
     digest check, before the decrypting pass."""
 
     def __init__(self, fragment: bytes, path, replacement: bytes) -> None:
         super().__init__(fragment)
         self.path, self.replacement = path, replacement
 
-    def login(self) -> None:
+    def authenticate(self, say: Say) -> None:
         with open(self.path, "r+b") as f:
             f.write(self.replacement)
             f.truncate()
@@ -152,11 +157,11 @@ def test_archive_rewritten_after_the_digest_check_loads_nothing(clean_docker, ar
     path = tmp_path / "images.enc"
     path.write_bytes(trusted)
     service = UnlockService(
-        DockerRuntime(clean_docker.url), lambda creds: _RewritingKeyHolder(archives.fragment, path, other.read_bytes())
+        DockerRuntime(clean_docker.url), _RewritingKeyHolder(archives.fragment, path, other.read_bytes())
     )
     request = UnlockRequest(
         str(path), archives.version, tuple(archives.names), archive_sha256=hashlib.sha256(trusted).hexdigest()
     )
     with pytest.raises(DigestMismatchError):
-        service.unlock(request, _creds)
+        service.unlock(request)
     assert loaded(clean_docker) == {}

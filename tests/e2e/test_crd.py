@@ -18,10 +18,11 @@ def test_crd_is_served_and_explained(cluster, crd):
     resources = cluster.kubectl("api-resources", "--api-group", GROUP).stdout
     assert "imageunlocks" in resources and "iu" in resources
     spec = cluster.kubectl("explain", "imageunlock.spec").stdout
-    for field in ("archivePath", "version", "images", "resourceApi", "runtime", "archiveSha256"):
+    for field in ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256"):
         assert field in spec, field
-    ref = cluster.kubectl("explain", "imageunlock.spec.resourceApi.credentialsSecretRef").stdout
-    assert "name" in ref and "email" in ref
+    for where in ("resourceApi", "keySource.resourceApi"):
+        ref = cluster.kubectl("explain", f"imageunlock.spec.{where}.credentialsSecretRef").stdout
+        assert "name" in ref and "email" in ref, where
 
 
 BAD_SPECS = {
@@ -31,6 +32,12 @@ BAD_SPECS = {
     "bad digest": ({"archiveSha256": "xyz"}, "spec.archiveSha256"),
     "unknown runtime": ({"runtime": "podman"}, "spec.runtime"),
     "no secret": ({"resourceApi": {"url": "http://x"}}, "spec.resourceApi.credentialsSecretRef"),
+    "both key sources": (
+        {"keySource": {"resourceApi": {"credentialsSecretRef": {"name": "c"}}}},
+        "give exactly one of spec.keySource and spec.resourceApi",
+    ),
+    "no key source": ({"resourceApi": None}, "give exactly one of spec.keySource and spec.resourceApi"),
+    "empty key source": ({"resourceApi": None, "keySource": {}}, "spec.keySource"),
 }
 
 
@@ -38,7 +45,16 @@ BAD_SPECS = {
 def test_invalid_specs_are_refused_by_the_api_server(cluster, namespace, case):
     change, field = BAD_SPECS[case]
     spec = {**spec_for("/var/lib/imageunlock/images.enc", "1.0", "creds"), **change}
+    spec = {name: value for name, value in spec.items() if value is not None}  # None: left out
     manifest = json.dumps(unlock_object(namespace, "bad", spec))
     result = cluster.kubectl("apply", "-f", "-", input=manifest, check=False)
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
+
+
+def test_a_key_source_member_is_accepted_in_place_of_resource_api(cluster, namespace):
+    spec = spec_for("/var/lib/imageunlock/images.enc", "1.0", "creds")
+    spec["keySource"] = {"resourceApi": spec.pop("resourceApi")}
+    manifest = json.dumps(unlock_object(namespace, "member", spec))
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert result.returncode == 0, result.stderr

@@ -162,7 +162,7 @@ def test_docker_enabled_matches_the_manifests_commented_docker_lines():
     assert volumes["docker-socket"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
     assert mounts["docker-socket"]["mountPath"] == "/var/run/docker.sock"
     config = _agent_config(daemonset)
-    assert config.docker_host == "unix:///var/run/docker.sock" and config.runtime == "auto"
+    assert config.runtime_settings["docker_host"] == "unix:///var/run/docker.sock" and config.runtime == "auto"
 
 
 def test_non_default_values_reach_the_workloads():
@@ -352,8 +352,8 @@ def test_k3s_containerd_socket_is_mounted_where_the_agent_looks():
     assert pod["securityContext"]["supplementalGroups"] == [0]
     config = _agent_config(daemonset)
     assert config.runtime == "containerd"
-    assert config.containerd_address == socket
-    assert config.containerd_namespace == "k8s.io"
+    assert config.runtime_settings["containerd_address"] == socket
+    assert config.runtime_settings["containerd_namespace"] == "k8s.io"
 
 
 def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
@@ -376,7 +376,7 @@ def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "containerd"]
     assert mount == {"name": "containerd", "mountPath": socket, "readOnly": True}
     assert not any(v.get("hostPath", {}).get("path") == "/run/containerd" for v in pod["volumes"])
-    assert _agent_config(daemonset).containerd_address == socket
+    assert _agent_config(daemonset).runtime_settings["containerd_address"] == socket
     assert pod["securityContext"]["supplementalGroups"] == [0]
     assert pod["securityContext"]["runAsNonRoot"] is True  # why the group: the agent is not root
     # A socket whose group the agent does not need (or gets otherwise): no group at all.

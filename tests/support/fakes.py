@@ -8,8 +8,9 @@ what was done to it so a test can assert on the effect:
   chunk iterator to the end before it stores anything — so the service's in-stream archive
   verification runs and, when it raises, nothing is loaded (the Engine's all-or-nothing) —
   and reads the image IDs from the archive with :mod:`tarfile` (an independent reader);
-* :class:`FakeKeyClient` implements :class:`imageunlock.engine.models.KeyClient`, with scripted
-  errors and call counts; its :meth:`~FakeKeyClient.open` is the factory the service takes;
+* :class:`FakeKeyClient` implements :class:`imageunlock.engine.keys.resource_api.KeyClient`, with
+  scripted errors and call counts; :meth:`~FakeKeyClient.source` is the resource API key source
+  (the real one) talking to it;
 * :class:`FakeKubernetesApi` has the methods the reconciler uses from
   :class:`imageunlock.kube.client.KubernetesApi`; every status write is recorded and applied to a
   stored status as the API server does: a merge patch (RFC 7386) or one node's server-side apply,
@@ -19,10 +20,12 @@ what was done to it so a test can assert on the effect:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from imageunlock.engine.keys import ApiClientConfig
+from imageunlock.engine.keys.resource_api import ResourceApiKeySource
 from imageunlock.engine.models import Credentials, OwnershipRecord
 from imageunlock.engine.refs import normalize_ref
 from imageunlock.errors import ConfigurationError, RuntimeUnavailableError
@@ -142,14 +145,24 @@ class FakeKeyClient:
         self._login_errors = _script(login_error)
         self._key_errors = _script(key_error)
         self.opened: list[Credentials] = []
+        self.urls: list[str] = []  # the resource API each session was opened for
         self.logins = 0
         self.fragments = 0
         self.closes = 0
 
     def open(self, credentials: Credentials) -> FakeKeyClient:
-        """The ``open_key_client`` factory :class:`~imageunlock.engine.service.UnlockService` takes."""
+        """A session with these ``credentials`` (recorded)."""
         self.opened.append(credentials)
         return self
+
+    def client(self, url: str, credentials: Credentials, _settings: ApiClientConfig) -> FakeKeyClient:
+        """Stands in for ``ResourceApiClient(url, credentials, settings)``."""
+        self.urls.append(url)
+        return self.open(credentials)
+
+    def source(self, credentials: Callable[[], Credentials], url: str = "https://api.test") -> ResourceApiKeySource:
+        """The resource API key source (the real one), with this fake as its HTTP client."""
+        return ResourceApiKeySource(url, credentials, client=self.client)
 
     def login(self) -> None:
         self.logins += 1
@@ -274,7 +287,8 @@ class FakeKubernetesApi:
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from imageunlock.engine.models import KeyClient, Runtime
+    from imageunlock.engine.keys.resource_api import KeyClient
+    from imageunlock.engine.models import Runtime
     from imageunlock.kube.client import KubernetesApi
 
     class _KubernetesUsed(Protocol):

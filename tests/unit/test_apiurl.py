@@ -12,9 +12,9 @@ import yaml
 from urllib3.util import parse_url
 
 from imageunlock.app.config import AgentConfig
-from imageunlock.engine.keys.apiurl import URL_PATTERN, parse_api_url
+from imageunlock.engine.keys.apiurl import URL_PATTERN, parse_api_url, url_allowed
 from imageunlock.errors import ConfigurationError
-from imageunlock.kube.spec import parse_spec, url_allowed
+from imageunlock.kube.spec import parse_spec
 
 SEMANTIC = {"https://api.azaion.com:99999"}
 ALLOWED = ["https://api.azaion.com"]
@@ -152,13 +152,16 @@ def test_parse_spec_hands_on_only_the_canonical_url():
         "version": "1.0",
         "resourceApi": {"url": "https://API.azaion.com:443/", "credentialsSecretRef": {"name": "c"}},
     }
-    assert parse_spec(spec, None, ALLOWED).api_url == "https://api.azaion.com"
+    assert parse_spec(spec, None, ALLOWED).key_source.url == "https://api.azaion.com"
 
 
 def test_crd_pattern_is_the_operators_pattern():
     crd = yaml.safe_load(CRD.read_text())
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert props["resourceApi"]["properties"]["url"]["pattern"] == URL_PATTERN
+    assert props["keySource"]["properties"]["resourceApi"] == props["resourceApi"] | {
+        "description": props["keySource"]["properties"]["resourceApi"]["description"]
+    }  # the member and the top-level field it grew from: one schema
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,11 @@ def test_make_runtime_builds_by_name_and_refuses_others():
 
 def test_operator_settings_for_the_runtime():
     default = AgentConfig.from_env({"RESOURCE_API_URL": "https://api.test"})
-    assert (default.runtime, default.containerd_address, default.containerd_namespace) == (
+    assert (
+        default.runtime,
+        default.runtime_settings["containerd_address"],
+        default.runtime_settings["containerd_namespace"],
+    ) == (
         "auto",
         "/run/containerd/containerd.sock",
         "k8s.io",
@@ -137,7 +141,10 @@ def test_operator_settings_for_the_runtime():
             "IMAGEUNLOCK_CONTAINERD_ADDRESS": "/run/k3s/containerd/containerd.sock",
         }
     )
-    assert k3s.runtime == "containerd" and k3s.containerd_address == "/run/k3s/containerd/containerd.sock"
+    assert (
+        k3s.runtime == "containerd"
+        and k3s.runtime_settings["containerd_address"] == "/run/k3s/containerd/containerd.sock"
+    )
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME='podman'"):
         AgentConfig.from_env({"RESOURCE_API_URL": "https://api.test", "IMAGEUNLOCK_RUNTIME": "podman"})
 

@@ -2,8 +2,9 @@
 Kubernetes API: the entry of this node each outcome leaves behind (applied by a NodeAgent as
 the agent does), the verdict, backoff, events, claims.
 
-The seam for the key client: ``Reconciler.open_key_client`` (``ResourceApiClient`` by default)
-is replaced with a factory that hands out a FakeKeyClient.
+The seam for the key client: the resource API key source's ``ResourceApiClient`` is replaced
+with a factory that hands out the world's FakeKeyClient (the key source itself is the real one,
+built from the spec through the key-source registry).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from imageunlock.agent.node import NodeAgent
 from imageunlock.agent.reconciler import REQUESTED_AT, Reconciler, Verdict
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine.crypto import encrypt_stream
+from imageunlock.engine.keys import resource_api
 from imageunlock.engine.models import Credentials
 from imageunlock.errors import ApiUnavailableError, AuthenticationError, KubernetesUnavailableError
 
@@ -57,7 +59,6 @@ class World:
         )
         agent = NodeAgent(self.kube, NODE, "docker")
         self.reconciler = Reconciler(config, self.runtime, self.kube, agent, others=lambda: list(self.others))
-        self.reconciler.open_key_client = self.open_key_client
 
     def open_key_client(self, url: str, credentials: Credentials, _settings: object) -> FakeKeyClient:
         """Stands in for ``ResourceApiClient(url, credentials, settings)``."""
@@ -123,6 +124,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     kube = FakeKubernetesApi()
     kube.add_secret(NS, "creds", CREDS)
     w = World(tmp_path, FakeRuntime(), kube, FakeKeyClient(FRAGMENT), archive, config_ids(plain))
+    monkeypatch.setattr(resource_api, "ResourceApiClient", w.open_key_client)
     return w
 
 

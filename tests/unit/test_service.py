@@ -4,6 +4,7 @@ small archives: fast path, first unlock, phases, and each way it refuses or fail
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,10 @@ def key() -> FakeKeyClient:
     return FakeKeyClient(FRAGMENT)
 
 
-def service(runtime: FakeRuntime, key: FakeKeyClient, root: Path) -> UnlockService:
-    return UnlockService(runtime, key.open, archive_roots=(str(root),), chunk_size=1024)
+def service(
+    runtime: FakeRuntime, key: FakeKeyClient, root: Path, credentials: Callable[[], Credentials] = lambda: CREDS
+) -> UnlockService:
+    return UnlockService(runtime, key.source(credentials), archive_roots=(str(root),), chunk_size=1024)
 
 
 def request(path: Path, **kw) -> UnlockRequest:
@@ -85,7 +88,7 @@ def test_fast_path_takes_present_images_with_their_verified_ids_and_opens_no_key
     ids = {ref: f"sha256:{n:064x}" for n, ref in enumerate(REFS, 1)}
     runtime = FakeRuntime(ids)
     # no archive on disk at all: the fast path needs none
-    result = service(runtime, key, tmp_path).unlock(request(tmp_path / "gone.enc", known_ids=ids), lambda: CREDS)
+    result = service(runtime, key, tmp_path).unlock(request(tmp_path / "gone.enc", known_ids=ids))
     assert result.fast_path and result.images == ids
     assert key.opened == [] and runtime.loads == []
 
@@ -93,7 +96,7 @@ def test_fast_path_takes_present_images_with_their_verified_ids_and_opens_no_key
 def test_present_images_without_verified_ids_are_unlocked_again(archive, plain, tmp_path, key):
     impostors = {ref: "sha256:" + "f" * 64 for ref in REFS}
     runtime = FakeRuntime(impostors)
-    result = service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+    result = service(runtime, key, tmp_path).unlock(request(archive))
     assert not result.fast_path and result.images == config_ids(plain)
     assert runtime.image_ids(REFS) == config_ids(plain)  # the impostors were replaced
 
@@ -101,12 +104,12 @@ def test_present_images_without_verified_ids_are_unlocked_again(archive, plain, 
 def test_an_image_whose_id_changed_since_verification_is_unlocked_again(archive, plain, tmp_path, key):
     verified = config_ids(plain)
     runtime = FakeRuntime({**verified, REFS[0]: "sha256:" + "e" * 64})
-    result = service(runtime, key, tmp_path).unlock(request(archive, known_ids=verified), lambda: CREDS)
+    result = service(runtime, key, tmp_path).unlock(request(archive, known_ids=verified))
     assert not result.fast_path and result.images == verified and len(runtime.loads) == 1
 
 
 def test_first_run_unlocks_loads_once_and_compares_with_the_archive(archive, plain, tmp_path, runtime, key):
-    result = service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+    result = service(runtime, key, tmp_path).unlock(request(archive))
     assert result.fast_path is False
     assert result.images == config_ids(plain)
     assert result.archive_bytes == archive.stat().st_size
@@ -116,7 +119,7 @@ def test_first_run_unlocks_loads_once_and_compares_with_the_archive(archive, pla
 
 def test_phases_are_reported_in_order_with_loading_progress_up_to_the_archive_size(archive, tmp_path, runtime, key):
     phases = Phases()
-    service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS, phases)
+    service(runtime, key, tmp_path).unlock(request(archive), phases)
     assert phases.order == [Phase.PENDING, Phase.AUTHENTICATING, Phase.FETCHING_KEY, Phase.LOADING, Phase.VERIFYING]
     loading = [done for phase, done, _ in phases.calls if phase is Phase.LOADING]
     size = archive.stat().st_size
@@ -129,7 +132,7 @@ def test_the_digest_is_checked_after_the_login_and_before_the_key_request(archiv
     credentials the resource API accepts; the key is requested only for a matching file."""
     phases = Phases()
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    result = service(runtime, key, tmp_path).unlock(request(archive, archive_sha256=digest), lambda: CREDS, phases)
+    result = service(runtime, key, tmp_path).unlock(request(archive, archive_sha256=digest), phases)
     assert not result.fast_path
     seen = [phase for phase, _, _ in phases.calls]
     first_login, key_request = seen.index(Phase.AUTHENTICATING), seen.index(Phase.FETCHING_KEY)
@@ -140,7 +143,7 @@ def test_the_digest_is_checked_after_the_login_and_before_the_key_request(archiv
 
 def test_digest_mismatch_fails_after_the_login_and_before_any_key_request(archive, tmp_path, runtime, key):
     with pytest.raises(DigestMismatchError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64))
     assert not caught.value.transient and "0" * 64 in caught.value.message
     assert key.logins == 1 and key.fragments == 0 and key.closes == 1
     assert runtime.loads == [] and runtime.images == {}
@@ -152,7 +155,7 @@ def test_without_accepted_credentials_nothing_about_the_archive_is_read_or_shown
     phases = Phases()
     key = FakeKeyClient(FRAGMENT, login_error=AuthenticationError("the resource API refused the credentials"))
     with pytest.raises(AuthenticationError):
-        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), lambda: CREDS, phases)
+        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), phases)
     assert all(total == 0 for _, _, total in phases.calls)
     assert key.fragments == 0 and runtime.loads == []
 
@@ -166,14 +169,14 @@ def test_a_missing_secret_costs_no_file_read(archive, tmp_path, runtime, key, mo
         raise ConfigurationError("Secret ns/creds not found")
 
     with pytest.raises(ConfigurationError):
-        service(runtime, key, tmp_path).unlock(request(archive, archive_sha256="0" * 64), no_secret)
+        service(runtime, key, tmp_path, no_secret).unlock(request(archive, archive_sha256="0" * 64))
     assert key.opened == []
 
 
 def test_a_wrong_key_is_the_uniform_archive_error_and_loads_nothing(archive, tmp_path, runtime):
     key = FakeKeyClient(b"some-other-fragment")
     with pytest.raises(ArchiveError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert caught.value.message == ARCHIVE_ERROR_MESSAGE and not caught.value.transient
     assert runtime.loads == [] and runtime.images == {}
     assert key.closes == 1  # the session is closed before the archive is read
@@ -183,7 +186,7 @@ def test_an_archive_without_every_requested_image_loads_nothing(tmp_path, runtim
     path = tmp_path / "partial.enc"
     path.write_bytes(b"".join(encrypt_stream([build(REFS[:1])], FRAGMENT)))
     with pytest.raises(ImagesNotInArchiveError) as caught:
-        service(runtime, key, tmp_path).unlock(request(path), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(path))
     assert caught.value.missing == [REFS[1]]
     assert runtime.loads == [] and runtime.images == {}
 
@@ -191,7 +194,7 @@ def test_an_archive_without_every_requested_image_loads_nothing(tmp_path, runtim
 def test_an_image_missing_after_the_load_is_not_verified(archive, tmp_path, runtime, key):
     runtime.drop_after_load = {REFS[1]}
     with pytest.raises(ImagesNotVerifiedError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert caught.value.missing == [REFS[1]] and caught.value.wrong == []
     assert not caught.value.transient and REFS[1] in caught.value.message
 
@@ -199,14 +202,14 @@ def test_an_image_missing_after_the_load_is_not_verified(archive, tmp_path, runt
 def test_an_image_with_another_id_after_the_load_is_not_verified(archive, tmp_path, runtime, key):
     runtime.alter_after_load = {REFS[0]: "sha256:" + "a" * 64}
     with pytest.raises(ImagesNotVerifiedError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert caught.value.missing == [] and caught.value.wrong == [REFS[0]]
 
 
 def test_a_runtime_that_is_down_is_a_transient_failure(archive, tmp_path, runtime, key):
     runtime.unreachable = True
     with pytest.raises(RuntimeUnavailableError) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert caught.value.transient
 
 
@@ -214,7 +217,7 @@ def test_a_runtime_that_is_down_during_the_fast_path_check_is_transient(tmp_path
     runtime.unreachable = True
     known = dict.fromkeys(REFS, "sha256:" + "1" * 64)
     with pytest.raises(RuntimeUnavailableError):
-        service(runtime, key, tmp_path).unlock(request(tmp_path / "x.enc", known_ids=known), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(tmp_path / "x.enc", known_ids=known))
     assert key.opened == []
 
 
@@ -224,7 +227,7 @@ def test_a_runtime_that_is_down_during_the_fast_path_check_is_transient(tmp_path
 def test_a_login_failure_passes_through_without_a_key_request(archive, tmp_path, runtime, error, transient):
     key = FakeKeyClient(FRAGMENT, login_error=error)
     with pytest.raises(type(error)) as caught:
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert caught.value.transient is transient
     assert key.fragments == 0 and key.closes == 1 and runtime.loads == []
 
@@ -232,7 +235,7 @@ def test_a_login_failure_passes_through_without_a_key_request(archive, tmp_path,
 def test_a_missing_archive_stalls_before_any_login_and_says_what_to_do(tmp_path, runtime, key):
     missing = tmp_path / "missing.enc"
     with pytest.raises(ArchiveNotFoundError) as caught:
-        service(runtime, key, tmp_path).unlock(request(missing), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(missing))
     message = caught.value.message
     assert str(missing) in message and "put the archive on the node" in message
     assert not caught.value.transient and key.opened == []
@@ -246,15 +249,15 @@ def test_a_missing_archive_does_not_tell_which_images_a_node_holds(tmp_path, key
     messages = []
     for runtime in (holds, empty):
         with pytest.raises(ArchiveNotFoundError) as caught:
-            service(runtime, key, tmp_path).unlock(request(tmp_path / "missing.enc"), lambda: CREDS)
+            service(runtime, key, tmp_path).unlock(request(tmp_path / "missing.enc"))
         messages.append(caught.value.message)
     assert messages[0] == messages[1] and not any(ref in messages[0] for ref in REFS)
 
 
 def test_the_command_line_run_by_the_archives_owner_is_told_which_images_are_absent(tmp_path, runtime, key):
-    cli = UnlockService(runtime, key.open)  # no archive roots: the CLI
+    cli = UnlockService(runtime, key.source(lambda: CREDS))  # no archive roots: the CLI
     with pytest.raises(ArchiveNotFoundError) as caught:
-        cli.unlock(request(tmp_path / "missing.enc"), lambda: CREDS)
+        cli.unlock(request(tmp_path / "missing.enc"))
     assert "not loaded" in caught.value.message and all(ref in caught.value.message for ref in REFS)
 
 
@@ -263,5 +266,5 @@ def test_a_runtime_that_is_down_costs_no_login_and_no_key(archive, tmp_path, run
     touched the runtime."""
     runtime.unreachable = True
     with pytest.raises(RuntimeUnavailableError):
-        service(runtime, key, tmp_path).unlock(request(archive), lambda: CREDS)
+        service(runtime, key, tmp_path).unlock(request(archive))
     assert key.logins == 0 and key.fragments == 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from imageunlock.engine.keys.apiurl import url_allowed
 from imageunlock.engine.models import DEFAULT_IMAGES
 from imageunlock.errors import ConfigurationError
-from imageunlock.kube.spec import parse_spec, url_allowed
+from imageunlock.kube.spec import parse_spec
 
 GOOD = {
     "archivePath": "/var/lib/imageunlock/images.enc",
@@ -24,7 +25,7 @@ def test_minimal_spec_gets_defaults():
 
 def test_api_url_falls_back_to_operator_default():
     spec = parse_spec({**GOOD, "resourceApi": {"credentialsSecretRef": {"name": "c"}}}, "http://127.0.0.1:9")
-    assert spec.api_url == "http://127.0.0.1:9"
+    assert spec.key_source.url == "http://127.0.0.1:9"
 
 
 def test_all_problems_are_reported_at_once_with_field_paths():
@@ -99,4 +100,4 @@ def test_spec_url_outside_the_allowlist_is_refused():
     spec = {**GOOD, "resourceApi": {"url": "https://collector.evil.test", "credentialsSecretRef": {"name": "c"}}}
     with pytest.raises(ConfigurationError, match="not an allowed resource API"):
         parse_spec(spec, "https://api.example.test", ["https://api.example.test"])
-    assert parse_spec(spec, None).api_url == "https://collector.evil.test"  # the CLI: the user's own call
+    assert parse_spec(spec, None).key_source.url == "https://collector.evil.test"  # the CLI: the user's own call

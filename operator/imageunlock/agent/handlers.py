@@ -30,7 +30,7 @@ from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
-from imageunlock.engine.runtimes import make_runtime
+from imageunlock.engine import runtimes
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.conditions import condition_states
@@ -65,13 +65,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         raise kopf.TemporaryError(exc.message, delay=5) from None
     config = config.model_copy(update={"runtime": runtime})
     memo.settings = config
-    memo.runtime = make_runtime(
-        runtime,
-        docker_host=config.docker_host,
-        containerd_address=config.containerd_address,
-        containerd_namespace=config.containerd_namespace,
-        timeout=config.runtime_timeout,
-    )
+    memo.runtime = runtimes.make_runtime(runtime, timeout=config.runtime_timeout, **config.runtime_settings)
     memo.agent = NodeAgent(memo.kube, node, runtime, NodeInfo.from_object(raw) if raw else None)
     memo.objects = {}
     # list() of a dict's values runs without releasing the GIL: a consistent snapshot even
@@ -100,13 +94,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
     )
-    where = (
-        config.docker_host
-        if runtime == "docker"
-        else f"{config.containerd_address}, namespace {config.containerd_namespace}"
-    )
+    where = ", ".join(f"{s.key} {config.runtime_settings[s.key]}" for s in runtimes.runtime_kind(runtime).settings)
     log.info(
-        "agent on node %s: archive roots %s, runtime %s at %s, verify every %ss",
+        "agent on node %s: archive roots %s, runtime %s (%s), verify every %ss",
         config.node_name,
         ":".join(config.archive_roots),
         runtime,

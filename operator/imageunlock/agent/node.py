@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from imageunlock.engine import runtimes
 from imageunlock.errors import ConfigurationError, UnlockError
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import NodeEntry
@@ -31,18 +32,20 @@ ObjectKey = tuple[str, str]
 
 def resolve_runtime(setting: str, node: NodeInfo | None, node_name: str) -> str:
     """The runtime to load into: the setting, or for ``auto`` the one the Node reports."""
-    if setting != "auto":
+    if setting != runtimes.AUTO:
         return setting
+    named = runtimes.listed(runtimes.names())
     if node is None:
         raise ConfigurationError(
             f"Node {node_name!r} not found, so its runtime is unknown: check NODE_NAME, or set "
-            "IMAGEUNLOCK_RUNTIME to docker or containerd"
+            f"IMAGEUNLOCK_RUNTIME to {named}"
         )
     if node.runtime is None:
+        schemes = runtimes.listed(tuple(f"{k.cri_scheme}://" for k in runtimes.kinds()), "nor")
         raise ConfigurationError(
             f"Node {node_name!r} reports no runtime this agent loads into "
-            "(status.nodeInfo.containerRuntimeVersion is neither docker:// nor containerd://): "
-            "set IMAGEUNLOCK_RUNTIME to docker or containerd"
+            f"(status.nodeInfo.containerRuntimeVersion is neither {schemes}): "
+            f"set IMAGEUNLOCK_RUNTIME to {named}"
         )
     return node.runtime
 

@@ -20,8 +20,8 @@ from imageunlock.agent.claims import Claim, find_conflict
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
-from imageunlock.engine.keys.resource_api import ApiClientConfig, ResourceApiClient
-from imageunlock.engine.models import Credentials, KeyClient, Phase
+from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
+from imageunlock.engine.models import Phase
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
@@ -122,14 +122,17 @@ class Reconciler:
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
-        self.open_key_client: Callable[[str, Credentials, ApiClientConfig], KeyClient] = ResourceApiClient
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
-        self.api_settings = ApiClientConfig(
-            connect_timeout=settings.api_connect_timeout,
-            read_timeout=settings.api_read_timeout,
-            retries=settings.api_retries,
-            deadline=settings.api_deadline,
+        self.key_settings = KeySettings(
+            settings.default_api_url,
+            tuple(settings.api_url_allowlist),
+            ApiClientConfig(
+                connect_timeout=settings.api_connect_timeout,
+                read_timeout=settings.api_read_timeout,
+                retries=settings.api_retries,
+                deadline=settings.api_deadline,
+            ),
         )
 
     def entry(self, body: Mapping[str, Any]) -> NodeEntry:
@@ -142,9 +145,13 @@ class Reconciler:
         return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
 
     def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
+        # Credentials only ever come from a Secret of the ImageUnlock's own namespace.
+        keys = build_key_source(
+            spec.key_source, self.key_settings, lambda secret: self.kube.read_credentials(namespace, secret)
+        )
         return UnlockService(
             self.runtime,
-            lambda creds: self.open_key_client(spec.api_url, creds, self.api_settings),
+            keys,
             archive_roots=self.roots(namespace),
             # Another unlock of the same archive is waited for, not failed and retried: it
             # is one import, and this one then finds its images verified (node_verified).
@@ -216,7 +223,9 @@ class Reconciler:
         return Inputs(
             meta.get("generation"),
             requested,
-            self.kube.secret_version(meta.get("namespace", ""), spec.secret_name),
+            self.kube.secret_version(meta.get("namespace", ""), spec.key_source.secret_name)
+            if spec.key_source.secret_name
+            else None,
             archive.signature(spec.archive_path, self.roots(str(meta.get("namespace") or ""))),
             conflict.message if conflict else None,
         )
@@ -257,11 +266,7 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
-            result = self.service(spec, namespace).unlock(
-                spec.to_request(known),
-                lambda: self.kube.read_credentials(namespace, spec.secret_name),
-                run.report,
-            )
+            result = self.service(spec, namespace).unlock(spec.to_request(known), run.report)
         except UnlockError as exc:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little

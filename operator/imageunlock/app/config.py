@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from imageunlock.engine import runtimes
 from imageunlock.engine.keys.apiurl import parse_api_url
 from imageunlock.errors import ConfigurationError
 
@@ -66,6 +67,11 @@ class _Settings(BaseSettings):
         return value
 
     @classmethod
+    def _derived(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """Fields read from variables that no field names (a registry's)."""
+        return {}
+
+    @classmethod
     def _more_problems(cls, values: Mapping[str, str], problems: list[str]) -> list[str]:
         """Cross-field problems to report even when a field's error skipped the check."""
         return []
@@ -78,9 +84,10 @@ class _Settings(BaseSettings):
         names = {alias for field in cls.model_fields.values() for alias in _aliases(field.validation_alias)}
         # An empty variable means "not set", except where empty is a value of its own.
         keep_empty = {"IMAGEUNLOCK_LIVENESS", "IMAGEUNLOCK_METRICS_ADDRESS"}
-        values = {name: value for name, value in env.items() if name in names and (value != "" or name in keep_empty)}
-        if "IMAGEUNLOCK_DOCKER_HOST" in values:
-            values.pop("DOCKER_HOST", None)  # ours wins over the Docker CLI's variable
+        values: dict[str, Any] = {
+            name: value for name, value in env.items() if name in names and (value != "" or name in keep_empty)
+        }
+        values.update(cls._derived(env))
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
@@ -111,15 +118,11 @@ class AgentConfig(_Settings):
         default_factory=dict, validation_alias=_env("IMAGEUNLOCK_IMAGE_OWNERS")
     )
     # The runtime kubelet runs pods from on this node, and what spec.runtime "auto" means;
-    # auto: the one the Node reports (status.nodeInfo.containerRuntimeVersion).
-    runtime: Literal["docker", "containerd", "auto"] = Field("auto", validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
-    docker_host: str = Field(
-        "unix:///var/run/docker.sock", validation_alias=_env("IMAGEUNLOCK_DOCKER_HOST", "DOCKER_HOST")
-    )
-    containerd_address: str = Field(
-        "/run/containerd/containerd.sock", validation_alias=_env("IMAGEUNLOCK_CONTAINERD_ADDRESS")
-    )
-    containerd_namespace: str = Field("k8s.io", validation_alias=_env("IMAGEUNLOCK_CONTAINERD_NAMESPACE"))
+    # auto: the one the Node reports (status.nodeInfo.containerRuntimeVersion). A registered
+    # runtime's name (engine.runtimes), as are the settings below: each runtime's own
+    # variables (IMAGEUNLOCK_DOCKER_HOST, IMAGEUNLOCK_CONTAINERD_ADDRESS, ...), by key.
+    runtime: str = Field(runtimes.AUTO, validation_alias=_env("IMAGEUNLOCK_RUNTIME"))
+    runtime_settings: dict[str, str | None] = Field(default_factory=runtimes.default_settings)
     default_api_url: str | None = Field(None, validation_alias=_env("RESOURCE_API_URL"))
     # Resource APIs the credentials may be sent to: IMAGEUNLOCK_API_URL_ALLOWLIST plus RESOURCE_API_URL.
     api_url_allowlist: Listed = Field((), validation_alias=_env("IMAGEUNLOCK_API_URL_ALLOWLIST"))
@@ -175,10 +178,27 @@ class AgentConfig(_Settings):
     def _commas(cls, value: object) -> object:
         return _split_commas(value)
 
+    @classmethod
+    def _derived(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """Each registered runtime's settings: the first of its variables that is set."""
+        settings = {
+            s.key: next((env[name] for name in s.env if env.get(name)), s.default)
+            for kind in runtimes.kinds()
+            for s in kind.settings
+        }
+        return {"runtime_settings": settings}
+
     @field_validator("runtime", mode="before")
     @classmethod
     def _runtime_lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_known(cls, value: str) -> str:
+        if value not in (known := (*runtimes.names(), runtimes.AUTO)):
+            raise ValueError(f"must be one of {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _trusted_apis(self) -> AgentConfig:

@@ -1,5 +1,5 @@
 """Shared data of every layer (pure): phases, the unlock request and result, credentials,
-and the two interfaces the unlock service is written against (a runtime, a key client)."""
+and the two ports the unlock service is written against (a runtime, a key source)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Phase(StrEnum):
 
 
 Report = Callable[[Phase, str, int, int], None]
+Say = Callable[[Phase, str], None]  # a key source's report: the phase it is in, and what it does
 
 # An ImageUnlock as an owner: "<namespace>/<name>" (a DNS label, a DNS subdomain). Neither
 # part can hold "/", "=" or ",", so the text is safe as a containerd label value.
@@ -101,12 +102,32 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
-class KeyClient(Protocol):
-    """A logged-in session with the resource API (resource_api.ResourceApiClient)."""
+class KeySession(Protocol):
+    """One unlock's use of a key source, in two steps around the archive lock: ``authenticate``
+    before it (proving access costs no lock, and a refused account learns nothing of the
+    archive), ``get_key`` under it; the service closes the session right after the key. Each
+    step reports its own phase through ``say`` (Authenticating, FetchingKey). Nothing secret
+    (key, token, password) may appear in a repr, a message, an exception or a log."""
 
-    def login(self) -> None: ...
-    def key_fragment(self) -> bytes: ...
-    def close(self) -> None: ...
+    def authenticate(self, say: Say) -> None: ...
+
+    def get_key(self, say: Say) -> bytes:
+        """The 32-byte AES-256 key of the archive."""
+        ...
+
+    def close(self) -> None:
+        """Called right after the key request, and again on the way out: idempotent."""
+        ...
+
+
+class KeySource(Protocol):
+    """Where an unlock's key comes from (engine/keys/: the registry and its adapters)."""
+
+    def open(self) -> KeySession:
+        """Read what the session needs locally (the credentials Secret): no network yet. The
+        service opens it after the path check and before the archive, so a missing Secret
+        stalls at once."""
+        ...
 
 
 @dataclass(frozen=True)

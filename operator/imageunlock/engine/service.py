@@ -1,7 +1,8 @@
 """The unlock workflow: fast path, authenticate, fetch key, stream-decrypt into the runtime, verify.
 
-Framework-free: the CLI and the agent's reconciler both drive :meth:`UnlockService.unlock`, and
-learn what happens through a ``report(phase, message, done, total)`` callback.
+Framework-free: the CLI and the kopf handlers both drive :meth:`UnlockService.unlock`, and
+learn what happens through a ``report(phase, message, done, total)`` callback. The service
+knows two ports only: a runtime and a key source (engine/models.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import posixpath
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -23,9 +24,9 @@ from imageunlock.engine.archive import (
     open_archive,
     signature,
 )
-from imageunlock.engine.crypto import CHUNK_SIZE, decrypt_stream
+from imageunlock.engine.crypto import CHUNK_SIZE, decrypt_with_key
 from imageunlock.engine.dockersave import ImageTarVerifier, verified_stream
-from imageunlock.engine.models import Credentials, KeyClient, Phase, Report, Runtime, UnlockRequest, UnlockResult
+from imageunlock.engine.models import KeySession, KeySource, Phase, Report, Runtime, UnlockRequest, UnlockResult
 from imageunlock.errors import ArchiveNotFoundError, ImagesNotVerifiedError, InsufficientStorageError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class UnlockService:
     def __init__(
         self,
         runtime: Runtime,
-        open_key_client: Callable[[Credentials], KeyClient],
+        keys: KeySource,
         *,
         archive_roots: Sequence[str] = (),
         lock_timeout: float = 0.0,
@@ -85,7 +86,7 @@ class UnlockService:
         scope: str = "",
     ) -> None:
         self.runtime = runtime
-        self.open_key_client = open_key_client
+        self.keys = keys
         self.archive_roots = tuple(archive_roots)
         self.lock_timeout = lock_timeout
         self.chunk_size = chunk_size
@@ -113,18 +114,14 @@ class UnlockService:
             return None
         return {ref: request.known_ids[ref] for ref in request.refs}
 
-    def unlock(
-        self,
-        request: UnlockRequest,
-        credentials: Callable[[], Credentials],
-        report: Report = _noop,
-    ) -> UnlockResult:
-        """The order is the point. Nothing costly happens before the Secret has been read
-        (a missing Secret stalls at once); of the archive, only whether the path names a
-        regular file under the roots is learnt before the resource API accepted the
-        credentials — not its size, not a progress figure, not a digest verdict, not which
-        images a node holds; the archive's SHA-256 is checked without a lock (other unlocks
-        go on); the archive lock is held from the key request to the end of the load."""
+    def unlock(self, request: UnlockRequest, report: Report = _noop) -> UnlockResult:
+        """The order is the point. Nothing costly happens before the key source is opened
+        (its Secret read: a missing Secret stalls at once); of the archive, only whether the
+        path names a regular file under the roots is learnt before the key source accepted
+        the credentials (authenticate) — not its size, not a progress figure, not a digest
+        verdict, not which images a node holds; the archive's SHA-256 is checked without a
+        lock (other unlocks go on); the archive lock is held from the key request to the end
+        of the load, and the key source's session is closed right after the key request."""
         report(Phase.PENDING, "checking for images already loaded", 0, 0)
         if (ids := self.present(request)) is not None:
             return UnlockResult(images=ids, fast_path=True)
@@ -133,10 +130,10 @@ class UnlockService:
             here = signature(request.archive_path, self.archive_roots)
             if (trusted := self._node_known(request, here)) is not None and (ids := self.present(trusted)):
                 return UnlockResult(images=ids, fast_path=True)
-        creds = credentials()
+        session = self.keys.open()
         try:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):
-                return self._unlock_open(request, creds, report, handle, size)
+                return self._unlock_open(request, session, report, handle, size)
         except ArchiveNotFoundError:
             # The operator (roots set) does not say which images a node holds: anyone with a
             # Secret could ask. The command line, run by the archive's owner, says which.
@@ -155,47 +152,34 @@ class UnlockService:
                 f"archive {request.archive_path!r} does not exist and {what}; "
                 "put the archive on the node or correct spec.archivePath"
             ) from None
+        finally:
+            session.close()
 
     def _unlock_open(
-        self, request: UnlockRequest, creds: Credentials, report: Report, handle: BinaryIO, size: int
+        self, request: UnlockRequest, session: KeySession, report: Report, handle: BinaryIO, size: int
     ) -> UnlockResult:
         opened = identity(handle)  # before a byte is read: what this unlock verifies
         self.runtime.ping()  # a runtime that is down costs no login and no key request
-        report(Phase.AUTHENTICATING, "logging in to the resource API", 0, 0)
-        client = self.open_key_client(creds)
-        closed: list[bool] = []
+        session.authenticate(lambda phase, message: report(phase, message, 0, 0))
+        if request.archive_sha256:
 
-        def close() -> None:  # once: after the key request (before the archive is read), or on the way out
-            if not closed:
-                closed.append(True)
-                client.close()
+            def hashed(done: int) -> None:
+                report(Phase.PENDING, "checking the archive's SHA-256", done, size)
 
-        try:
-            client.login()
-            if request.archive_sha256:
-
-                def hashed(done: int) -> None:
-                    report(Phase.PENDING, "checking the archive's SHA-256", done, size)
-
-                hashed(0)
-                check_sha256(handle, request.archive_sha256, hashed)
-            with lock_archive(handle, request.archive_path, self.lock_timeout):
-                # Someone may have loaded the images while we logged in or waited for the
-                # lock: another unlock of this very file on this node, say.
-                trusted = self._node_known(request, opened) or request
-                if (ids := self.present(trusted)) is not None:
-                    return UnlockResult(images=ids, fast_path=True)
-                report(Phase.FETCHING_KEY, "fetching the key fragment", 0, size)
-                fragment = client.key_fragment()
-                close()
-                result = self._load(request, report, handle, size, fragment)
-                if self.verified is not None:
-                    self.verified.remember(
-                        self.scope, request.archive_path, opened, request.archive_sha256, result.images
-                    )
-                return result
-        finally:
-            close()
+            hashed(0)
+            check_sha256(handle, request.archive_sha256, hashed)
+        with lock_archive(handle, request.archive_path, self.lock_timeout):
+            # Someone may have loaded the images while we logged in or waited for the
+            # lock: another unlock of this very file on this node, say.
+            trusted = self._node_known(request, opened) or request
+            if (ids := self.present(trusted)) is not None:
+                return UnlockResult(images=ids, fast_path=True)
+            key = session.get_key(lambda phase, message: report(phase, message, 0, size))
+            session.close()  # right after the key request, before the archive is read
+            result = self._load(request, report, handle, size, key)
+            if self.verified is not None:
+                self.verified.remember(self.scope, request.archive_path, opened, request.archive_sha256, result.images)
+            return result
 
     def _load(
         self,
@@ -203,7 +187,7 @@ class UnlockService:
         report: Report,
         handle: BinaryIO,
         size: int,
-        fragment: bytes,
+        key: bytes,
     ) -> UnlockResult:
         def decrypted(done: int) -> None:
             report(Phase.LOADING, "decrypting into the container runtime", done, size)
@@ -214,8 +198,8 @@ class UnlockService:
         # released only if that matches: the file may have been rewritten since the check above.
         digest = request.archive_sha256
         source = HashingReader(handle) if digest else handle
-        plaintext = decrypt_stream(source, fragment, chunk_size=self.chunk_size, on_progress=decrypted)
-        del fragment
+        plaintext = decrypt_with_key(source, key, chunk_size=self.chunk_size, on_progress=decrypted)
+        del key
         final_check = (lambda: source.check(digest)) if isinstance(source, HashingReader) and digest else None
         try:
             loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check), request.refs)

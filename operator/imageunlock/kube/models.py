@@ -42,6 +42,13 @@ class ResourceApi(Model):
     credentials_secret_ref: SecretRef
 
 
+class KeySource(Model):
+    """A union: exactly one member is set (kube/spec.py checks that, and the member's values
+    through the key-source registry, engine/keys)."""
+
+    resource_api: ResourceApi | None = None
+
+
 class SelectorRequirement(Model):
     key: str
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
@@ -57,7 +64,8 @@ class ImageUnlockSpec(Model):
     archive_path: str
     version: str
     images: list[str] | None = None  # the CRD's default: the seven Azaion services
-    resource_api: ResourceApi
+    key_source: KeySource | None = None  # or the top-level resource_api: exactly one of the two
+    resource_api: ResourceApi | None = None
     runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
     node_selector: NodeSelector | None = None
     archive_sha256: str | None = None

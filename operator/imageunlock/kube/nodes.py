@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageunlock.engine.models import Phase
+from imageunlock.engine.runtimes import runtime_of
 from imageunlock.errors import ConfigurationError
 from imageunlock.kube.models import Image, NodeEntry
 
@@ -114,7 +115,9 @@ class NodeInfo:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Mapping[str, Any], ...] = ()
-    runtime: str | None = None  # docker / containerd, from status.nodeInfo.containerRuntimeVersion
+    runtime: str | None = (
+        None  # a registered runtime's name (engine.runtimes), from status.nodeInfo.containerRuntimeVersion
+    )
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
@@ -125,13 +128,6 @@ class NodeInfo:
             taints=tuple(t for t in spec.get("taints") or () if isinstance(t, Mapping)),
             runtime=runtime_of(((status.get("nodeInfo") or {}).get("containerRuntimeVersion")) or ""),
         )
-
-
-def runtime_of(container_runtime_version: str) -> str | None:
-    """``containerd://1.7.3`` → ``containerd``, ``docker://24.0.7`` → ``docker``; kubelet's
-    value for anything else (``cri-o://…``) → None (not a runtime the agent loads into)."""
-    scheme = container_runtime_version.partition("://")[0].lower()
-    return scheme if scheme in ("docker", "containerd") else None
 
 
 def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:

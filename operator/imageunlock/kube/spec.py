@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from imageunlock.engine.keys.apiurl import allowed, parse_api_url
+from imageunlock.engine import keys, runtimes
 from imageunlock.engine.models import DEFAULT_IMAGES, UnlockRequest
 from imageunlock.errors import ConfigurationError
 
@@ -20,9 +20,6 @@ TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
-SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-# spec.runtime: a runtime by name, or "auto" for the node's own.
-RUNTIMES = ("docker", "containerd", "auto")
 
 
 @dataclass(frozen=True)
@@ -30,8 +27,7 @@ class UnlockSpec:
     archive_path: str
     version: str
     images: tuple[str, ...]
-    api_url: str
-    secret_name: str
+    key_source: keys.KeySourceSpec
     runtime: str = "docker"  # resolved: never "auto"
     archive_sha256: str | None = None
 
@@ -43,22 +39,6 @@ class UnlockSpec:
             archive_sha256=self.archive_sha256,
             known_ids=dict(known_ids or {}),
         )
-
-
-def url_allowed(url: str, allowed_urls: Sequence[str]) -> bool:
-    """Whether ``url`` parses strictly and lies under one of the ``allowed_urls`` bases
-    (same scheme, host and port; a path at or below on a segment boundary)."""
-    try:
-        target = parse_api_url(url)
-    except ConfigurationError:
-        return False
-    bases = []
-    for base in allowed_urls:
-        try:
-            bases.append(parse_api_url(base))
-        except ConfigurationError:
-            continue
-    return allowed(target, bases)
 
 
 def parse_spec(
@@ -95,38 +75,12 @@ def parse_spec(
         if len(set(images)) != len(images):
             problems.append("spec.images lists an image twice")
 
-    api = spec.get("resourceApi") or {}
-    if not isinstance(api, Mapping):
-        problems.append("spec.resourceApi must be an object")
-        api = {}
-    api_url = api.get("url") or default_api_url
-    if not api_url:
-        problems.append("spec.resourceApi.url is required (the operator has no RESOURCE_API_URL default)")
-    else:
-        try:
-            parsed = parse_api_url(api_url, "spec.resourceApi.url")
-        except ConfigurationError as exc:
-            problems.append(exc.message)
-        else:
-            api_url = parsed.url  # requests are only ever built from the canonical form
-            if allowed_api_urls and not url_allowed(api_url, allowed_api_urls):
-                problems.append(
-                    f"spec.resourceApi.url {api_url!r} is not an allowed resource API "
-                    f"({', '.join(allowed_api_urls)}; operator setting IMAGEUNLOCK_API_URL_ALLOWLIST): "
-                    "the credentials are only ever sent to allowed APIs"
-                )
-    ref = api.get("credentialsSecretRef") or {}
-    secret_name = text(
-        "resourceApi.credentialsSecretRef.name",
-        ref.get("name") if isinstance(ref, Mapping) else None,
-        SECRET_NAME_PATTERN,
-        " (a Secret name in the same namespace)",
-    )
+    key_source = _key_source(spec, keys.KeySettings(default_api_url, tuple(allowed_api_urls)), problems)
 
-    wanted = spec.get("runtime") or "auto"
-    if wanted not in RUNTIMES:
-        problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(RUNTIMES)}")
-    elif wanted not in ("auto", runtime):
+    wanted = spec.get("runtime") or runtimes.AUTO
+    if wanted not in (known := (*runtimes.names(), runtimes.AUTO)):  # spec.runtime: a name, or the node's own
+        problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(known)}")
+    elif wanted not in (runtimes.AUTO, runtime):
         problems.append(
             f"spec.runtime {wanted!r} is not this node's runtime ({runtime}: the Node's "
             f"containerRuntimeVersion, or the agent setting IMAGEUNLOCK_RUNTIME): use auto, or select "
@@ -143,8 +97,33 @@ def parse_spec(
         archive_path=archive_path,
         version=version,
         images=tuple(images),
-        api_url=str(api_url),
-        secret_name=secret_name,
+        key_source=key_source,
         runtime=runtime,
         archive_sha256=str(digest).lower() if digest else None,
     )
+
+
+def _key_source(spec: Mapping[str, object], settings: keys.KeySettings, problems: list[str]) -> keys.KeySourceSpec:
+    """``spec.keySource`` (a union: exactly one registered member), or the top-level
+    ``spec.resourceApi`` it grew from; exactly one of the two."""
+    union, legacy = spec.get("keySource"), spec.get("resourceApi")
+    members = ", ".join(keys.members())
+    if (union is None) == (legacy is None):
+        problems.append(
+            f"give exactly one of spec.keySource and spec.resourceApi ({'both are' if union else 'neither is'} set; "
+            "spec.resourceApi is the same as spec.keySource.resourceApi)"
+        )
+        return keys.KeySourceSpec("")
+    if union is None:
+        kind, where, raw = keys.RESOURCE_API, "spec.resourceApi", legacy
+    else:
+        only = next(iter(union.items())) if isinstance(union, Mapping) and len(union) == 1 else None
+        found = keys.key_source_kind(str(only[0])) if only else None
+        if only is None or found is None:
+            problems.append(f"spec.keySource must name exactly one key source: one of {members}")
+            return keys.KeySourceSpec("")
+        kind, where, raw = found, f"spec.keySource.{found.member}", only[1]
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where} must be an object")
+        raw = {}
+    return kind.parse(raw, where, settings, problems)

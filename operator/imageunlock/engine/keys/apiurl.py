@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from imageunlock.errors import ConfigurationError
@@ -93,6 +93,22 @@ def parse_api_url(raw: object, what: str = "resource API URL") -> ApiUrl:
 
 def allowed(url: ApiUrl, allow_list: Iterable[ApiUrl]) -> bool:
     return any(url.under(base) for base in allow_list)
+
+
+def url_allowed(url: str, allowed_urls: Sequence[str]) -> bool:
+    """Whether ``url`` parses strictly and lies under one of the ``allowed_urls`` bases
+    (same scheme, host and port; a path at or below on a segment boundary)."""
+    try:
+        target = parse_api_url(url)
+    except ConfigurationError:
+        return False
+    bases = []
+    for base in allowed_urls:
+        try:
+            bases.append(parse_api_url(base))
+        except ConfigurationError:
+            continue
+    return allowed(target, bases)
 
 
 def _shown(raw: str) -> str:

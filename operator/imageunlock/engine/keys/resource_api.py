@@ -1,4 +1,8 @@
-"""Adapter: the resource API that serves the key fragment.
+"""Adapter: the resource API that serves the key fragment, and the key source built on it.
+
+:class:`ResourceApiKeySource` is the :class:`~imageunlock.engine.models.KeySource` of
+``spec.keySource.resourceApi`` (or the top-level ``spec.resourceApi``): it reads the account
+from a Secret, logs in, fetches the key fragment and derives the key, SHA-256(fragment).
 
 The contract (the seeds document only the key-fragment call; the login call is our
 assumption, kept here and in the README so it can change in one place):
@@ -41,9 +45,8 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -54,12 +57,16 @@ from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, LocationParse
 from urllib3.util import Url, parse_url
 from urllib3.util.retry import Retry
 
-from imageunlock.engine.models import Credentials
+from imageunlock.engine.crypto import derive_key
+from imageunlock.engine.keys import ApiClientConfig, KeySettings, KeySourceSpec, ReadCredentials, ResourceApiSpec
+from imageunlock.engine.keys.apiurl import url_allowed
+from imageunlock.engine.models import Credentials, Phase, Say
 from imageunlock.errors import (
     ApiRejectedError,
     ApiUnavailableError,
     AuthenticationError,
     ConfigurationError,
+    InternalError,
     UnlockError,
 )
 from imageunlock.metrics import API_REQUESTS
@@ -72,21 +79,6 @@ MAX_FRAGMENT_BYTES = 64 * 1024
 MAX_LOGIN_ANSWER_BYTES = 64 * 1024
 MAX_TOKEN_BYTES = 16 * 1024
 _READ_CHUNK = 16 * 1024
-
-
-@dataclass(frozen=True)
-class ApiClientConfig:
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    retries: int = 3
-    backoff_factor: float = 0.5
-    backoff_max: float = 10.0
-    deadline: float = 60.0  # seconds for one whole call (login or key fetch), retries included
-    max_retry_after: float = 10.0  # a server's Retry-After is obeyed up to this many seconds
-
-    def __post_init__(self) -> None:
-        if not (0 < self.deadline < math.inf and 0 <= self.max_retry_after < math.inf):
-            raise ConfigurationError("resource API deadline must be > 0 and max Retry-After >= 0 (finite) seconds")
 
 
 class _Watch:
@@ -459,3 +451,84 @@ class ResourceApiClient:
         if code >= 500 or code == 429:
             raise ApiUnavailableError(f"{where} failed (HTTP {code})")
         raise ApiRejectedError(f"{where} answered HTTP {code}; check the resource API URL")
+
+
+class KeyClient(Protocol):
+    """A session with the resource API (:class:`ResourceApiClient`; tests put a fake in)."""
+
+    def login(self) -> None: ...
+    def key_fragment(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class ResourceApiKeySource:
+    """The key from the resource API at ``url``, with the account ``credentials`` returns.
+
+    The credentials go to ``url`` only, and only when it lies under one of ``allowed``
+    (IMAGEUNLOCK_API_URL_ALLOWLIST; empty: any, for the CLI alone): checked here again, not
+    only when the spec was parsed. Its repr shows the URL, never the account."""
+
+    def __init__(
+        self,
+        url: str,
+        credentials: Callable[[], Credentials],
+        settings: ApiClientConfig | None = None,
+        *,
+        allowed: Sequence[str] = (),
+        client: Callable[[str, Credentials, ApiClientConfig], KeyClient] | None = None,
+    ) -> None:
+        self.url = url
+        self._credentials = credentials
+        self._settings = settings or ApiClientConfig()
+        self._allowed = tuple(allowed)
+        self._client = client  # None: ResourceApiClient (a test puts a fake in)
+
+    def __repr__(self) -> str:
+        return f"ResourceApiKeySource({self.url!r})"
+
+    def open(self) -> _ResourceApiSession:
+        if self._allowed and not url_allowed(self.url, self._allowed):
+            raise ConfigurationError(
+                f"resource API {self.url!r} is not an allowed resource API ({', '.join(self._allowed)}; "
+                "operator setting IMAGEUNLOCK_API_URL_ALLOWLIST): the credentials are only ever sent to allowed APIs"
+            )
+        return _ResourceApiSession(self.url, self._credentials(), self._settings, self._client or ResourceApiClient)
+
+
+class _ResourceApiSession:
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials,
+        settings: ApiClientConfig,
+        client: Callable[[str, Credentials, ApiClientConfig], KeyClient],
+    ) -> None:
+        self.url, self._credentials, self._settings, self._new_client = url, credentials, settings, client
+        self._client: KeyClient | None = None
+
+    def __repr__(self) -> str:
+        return f"<resource API session at {self.url}>"
+
+    def authenticate(self, say: Say) -> None:
+        say(Phase.AUTHENTICATING, "logging in to the resource API")
+        self._client = self._new_client(self.url, self._credentials, self._settings)
+        self._client.login()
+
+    def get_key(self, say: Say) -> bytes:
+        if self._client is None:
+            raise InternalError("the resource API key was requested before logging in")
+        say(Phase.FETCHING_KEY, "fetching the key fragment")
+        return derive_key(self._client.key_fragment())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def build(spec: KeySourceSpec, settings: KeySettings, credentials: ReadCredentials) -> ResourceApiKeySource:
+    """The key-source registry's factory (keys/__init__.py)."""
+    if not isinstance(spec, ResourceApiSpec) or spec.secret_name is None:
+        raise InternalError(f"not a resource API key source: {spec.member}")
+    secret = spec.secret_name
+    return ResourceApiKeySource(spec.url, lambda: credentials(secret), settings.api, allowed=settings.allowed_api_urls)

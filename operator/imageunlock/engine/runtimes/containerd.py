@@ -70,11 +70,12 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from imageunlock.engine.models import OwnershipRecord, check_owner
 from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.runtimes import CONTAINERD
 from imageunlock.engine.runtimes.importlock import exclusive_import
 from imageunlock.errors import (
     ArchiveRejectedError,
@@ -87,8 +88,9 @@ from imageunlock.errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "k8s.io"  # the CRI's namespace: the only one kubelet runs pods from
+_DEFAULTS = {s.key: str(s.default) for s in CONTAINERD.settings}
+DEFAULT_ADDRESS = _DEFAULTS["containerd_address"]
+DEFAULT_NAMESPACE = _DEFAULTS["containerd_namespace"]  # the CRI's: the only one kubelet runs pods from
 DEFAULT_TIMEOUT = 900.0
 PINNED_LABEL = "io.cri-containerd.pinned=pinned"
 PINNED_KEY = PINNED_LABEL.partition("=")[0]
@@ -107,36 +109,6 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _IMPORTED = re.compile(r"^unpacking (\S+) \((sha256:[0-9a-f]{64})\)")
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386"}
-
-# Words in ctr's messages that say containerd cannot be reached (a transient fault) ...
-_UNREACHABLE = (
-    "cannot access socket",
-    "failed to dial",
-    "error while dialing",
-    "connection refused",
-    "code = unavailable",
-    "transport is closing",
-    "connection reset",
-)
-# ... or that the disk is full: a state of its own (InsufficientStorage) ...
-_NO_SPACE = ("no space left", "disk quota exceeded")
-# ... or that the node, not the archive, is in trouble: worth a retry.
-_NODE_TROUBLE = (
-    "read-only file system",
-    "too many open files",
-    "cannot allocate memory",
-    "input-output error",
-    "i-o timeout",
-    "context canceled",
-    "code = resourceexhausted",
-)
-
-
-def _words(text: str) -> str:
-    """ctr's message without anything path-like: its messages quote member names from the
-    archive (``open .../no space left/x``), and only words outside any path may classify it."""
-    text = text.lower().replace("input/output", "input-output").replace("i/o", "i-o")
-    return " ".join(re.sub(r"\S*/\S*", " ", text).split())
 
 
 def _version(text: str | None) -> tuple[int, int, int] | None:
@@ -280,7 +252,7 @@ class _Import:
 
 
 class ContainerdRuntime:
-    name = "containerd"
+    name = CONTAINERD.name
 
     def __init__(
         self,
@@ -340,12 +312,12 @@ class ContainerdRuntime:
         """Classify what ctr said (``fed``: the bytes the import was given). Our stream checks
         passed, so a refused import is the archive's own content and permanent; only trouble
         reaching containerd or on the node is transient, and a full disk says so."""
-        words = _words(message)
-        if any(marker in words for marker in _UNREACHABLE):
+        verdict = CONTAINERD.classifier.verdict(message)
+        if verdict == "unreachable":
             return self._unreachable(message)
-        if load and any(marker in words for marker in _NO_SPACE):
+        if load and verdict == "no-space":
             return InsufficientStorageError("containerd", message, fed)
-        if any(marker in words for marker in _NODE_TROUBLE):
+        if verdict in ("node", "no-space"):
             return LoadError(f"containerd could not import the archive: {message}")
         if not load:
             return self._unreachable(message)  # a listing or label call: containerd is the problem
@@ -658,3 +630,12 @@ def _close(stream: Iterator[bytes]) -> None:
     close = getattr(stream, "close", None)
     if callable(close):
         close()
+
+
+def build(settings: Mapping[str, str | None], timeout: float | None) -> ContainerdRuntime:
+    """The runtime registry's factory (runtimes/__init__.py)."""
+    return ContainerdRuntime(
+        settings.get("containerd_address") or DEFAULT_ADDRESS,
+        settings.get("containerd_namespace") or DEFAULT_NAMESPACE,
+        timeout or DEFAULT_TIMEOUT,
+    )

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import docker
 import docker.errors
 import requests
 
 from imageunlock.engine.models import OwnershipRecord, check_owner
+from imageunlock.engine.runtimes import DOCKER
 from imageunlock.engine.runtimes.importlock import exclusive_import
 from imageunlock.engine.runtimes.owned import OwnedFile, state_dir
 from imageunlock.errors import (
@@ -39,21 +39,12 @@ from imageunlock.errors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0  # one load of a multi-GiB archive easily passes the SDK's 60 s
+DEFAULT_HOST = next(str(s.default) for s in DOCKER.settings if s.key == "docker_host")
 
 
-# Engine errors that say the disk is full: a state of its own (InsufficientStorage).
-_NO_SPACE = ("no space left", "disk quota exceeded")
-# Engine errors that say the node, not the archive, is the problem: worth a retry.
-_NODE_TROUBLE = (
-    "read-only file system",
-    "too many open files",
-    "cannot allocate memory",
-    "connection reset",
-    "broken pipe",
-    "i-o timeout",  # i/o, input/output: spelt without "/" (path-like words are dropped)
-    "context canceled",
-    "input-output error",
-)
+def build(settings: Mapping[str, str | None], timeout: float | None) -> DockerRuntime:
+    """The runtime registry's factory (runtimes/__init__.py)."""
+    return DockerRuntime(base_url=settings.get("docker_host"), timeout=timeout or DEFAULT_TIMEOUT)
 
 
 def _refusal(text: str, fed: int = 0) -> UnlockError:
@@ -62,13 +53,10 @@ def _refusal(text: str, fed: int = 0) -> UnlockError:
     tar, ...) fails the same way every time and is permanent; only trouble on the node is
     transient, and a full disk says so."""
     text = text.strip()[:500]
-    # The Engine's messages quote paths taken from the archive ("open .../no space left/x"):
-    # only the words outside any path may say that the node is in trouble.
-    words = text.lower().replace("input/output", "input-output").replace("i/o", "i-o")
-    words = " ".join(re.sub(r"\S*/\S*", " ", words).split())
-    if any(marker in words for marker in _NO_SPACE):
+    verdict = DOCKER.classifier.verdict(text)
+    if verdict == "no-space":
         return InsufficientStorageError("the Docker Engine", text, fed)
-    if any(marker in words for marker in _NODE_TROUBLE):
+    if verdict == "node":
         return LoadError(f"Docker Engine could not load the archive: {text}")
     return ArchiveRejectedError(
         f"Docker Engine refused the archive's content: {text}; it passed the stream checks, so the "
@@ -77,12 +65,12 @@ def _refusal(text: str, fed: int = 0) -> UnlockError:
 
 
 class DockerRuntime:
-    name = "docker"
+    name = DOCKER.name
 
     def __init__(
         self, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT, state_dir: str | None = None
     ) -> None:
-        self.base_url = base_url or "unix:///var/run/docker.sock"
+        self.base_url = base_url or DEFAULT_HOST
         self.timeout = timeout
         self.state_dir = state_dir  # None: IMAGEUNLOCK_STATE_DIR, read when first needed
         self._owned: OwnedFile | None = None
