@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 import pytest
+from prometheus_client import REGISTRY
 
 from imageunlock.agent import handlers
 from imageunlock.agent.node import NodeAgent
@@ -166,10 +167,13 @@ def test_liveness_fails_once_the_runtime_stayed_unreachable_so_kubelet_remounts_
             if not self.up:
                 raise RuntimeUnavailableError("containerd at /run/containerd/containerd.sock is not reachable")
 
-    memo = SimpleNamespace(runtime=Runtime())
+    memo = SimpleNamespace(runtime=Runtime(), agent=SimpleNamespace(node="edge-1"))
+    reachable = {"node": "edge-1", "runtime": "containerd"}
     assert handlers.runtime_probe(memo) == "reachable"
+    assert REGISTRY.get_sample_value("imageunlock_runtime_reachable", reachable) == 1
     memo.runtime.up = False
     assert handlers.runtime_probe(memo).startswith("unreachable")
+    assert REGISTRY.get_sample_value("imageunlock_runtime_reachable", reachable) == 0
     now[0] += RUNTIME_DOWN_RESTART - 1
     assert handlers.runtime_probe(memo).startswith("unreachable")  # not yet: a short outage is no reason
     now[0] += 1

@@ -29,7 +29,7 @@ from imageunlock.agent.resync import Resync
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine.runtimes import make_runtime
-from imageunlock.errors import ConfigurationError, UnlockError
+from imageunlock.errors import ConfigurationError, UnlockError, reasons
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.nodes import NodeInfo
 
@@ -97,6 +97,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.loop_task = asyncio.create_task(_work_loop(memo))
+    metrics.prepare_agent(node, runtime, reasons())
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
     )
@@ -152,11 +153,11 @@ def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
     try:
         memo.runtime.ping()
     except UnlockError as exc:
-        metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(0)
+        metrics.RUNTIME_REACHABLE.labels(memo.agent.node, memo.runtime.name).set(0)
         if getattr(memo, "runtime_down_since", None) is None:
             memo.runtime_down_since = time.monotonic()
         return exc
-    metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(1)
+    metrics.RUNTIME_REACHABLE.labels(memo.agent.node, memo.runtime.name).set(1)
     memo.runtime_down_since = None
     return None
 
@@ -172,11 +173,11 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         memo.objects.pop(key, None)
         memo.resync.forget(key)
         memo.agent.forget(key)
-        metrics.forget(*key)
+        metrics.forget_node(*key, memo.agent.node)
     else:
         memo.objects[key] = _snapshot(body)
         memo.changed.add(key)
-        metrics.observe_status(*key, memo.agent.view(memo.objects[key]).get("status"))
+        metrics.observe_node(*key, memo.agent.node, memo.agent.view(memo.objects[key]).get("status"))
     memo.wake.set()
 
 

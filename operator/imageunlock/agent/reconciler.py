@@ -265,7 +265,7 @@ class Reconciler:
         if not result.fast_path:
             runtime = getattr(self.runtime, "name", "unknown")
             metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
-            metrics.BYTES_LOADED.labels(runtime).inc(result.archive_bytes)
+            metrics.LOADED_BYTES.labels(runtime).inc(result.archive_bytes)
         ready = st.ready(
             result.images, result.fast_path, generation, run.conditions, result.archive_bytes, unlocked_at=unlocked_at
         )
@@ -332,7 +332,7 @@ class _Reconciliation:
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
         if phase == Phase.LOADING and done > self.decrypted:
-            metrics.BYTES_DECRYPTED.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            metrics.DECRYPTED_BYTES.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
             self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
             self.write(st.working(phase, message, self.generation, self.conditions, done, total))
