@@ -181,7 +181,9 @@ def up() -> int:
     say("starting the controller and one agent per node (logs: .demo/controller.log, .demo/agent-*.log)")
     base = {k: v for k, v in os.environ.items() if k != "DEMO_API_PASSWORD"}
     base.update(KUBECONFIG=str(DEMO / "kubeconfig"), IMAGEUNLOCK_METRICS_ADDRESS="")
-    _spawn("controller", [str(VENV_BIN / "imageunlock"), "controller"], _role(base))
+    controller_port = free_port()  # its /metrics: the cluster summary (nodes ready/desired)
+    env = _role(base, IMAGEUNLOCK_METRICS_ADDRESS=f"127.0.0.1:{controller_port}")
+    _spawn("controller", [str(VENV_BIN / "imageunlock"), "controller"], env)
     metrics_ports = {}
     for node in NODES:
         metrics_ports[node] = free_port()
@@ -209,6 +211,7 @@ def up() -> int:
     print(_entries() + "\n")
     first = next(iter(NODES))
     print(f"metrics: http://127.0.0.1:{metrics_ports[first]}/metrics")
+    print(f"controller metrics: http://127.0.0.1:{controller_port}/metrics")
     say(f"Ready in {time.monotonic() - started:.0f}s. Try:")
     for line in (
         "kubectl --kubeconfig .demo/kubeconfig get iu -A",
@@ -218,6 +221,7 @@ def up() -> int:
         f"docker -H {engine.url} images",
         f"{build.ctr} -a {containerd.socket} -n k8s.io images ls",
         f"curl -s http://127.0.0.1:{metrics_ports[first]}/metrics | grep ^imageunlock_",
+        f"curl -s http://127.0.0.1:{controller_port}/metrics | grep ^imageunlock_nodes_",
         "make demo-down",
     ):
         print(f"  {line}", file=sys.stderr)

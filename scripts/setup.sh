@@ -6,6 +6,8 @@
 #  - the binfmt_misc handler that hands arm64 binaries to QEMU (the kernel's, machine-wide)
 #  - .venv with the pinned requirements.lock, this package and tools/controlplane (editable)
 #  - the local Kubernetes control plane (built once, cached under ~/.cache)
+#  - Debian's prometheus package (prometheus, promtool) unpacked into the cache, not installed:
+#    the rules tests and the alert e2e start it themselves (tests/support/prometheus.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,20 @@ if [ "$native_arch" != arm64 ] && [ ! -e "$handler" ] && [ -f /usr/lib/binfmt.d/
   else
     echo "setup: warning: could not register the arm64 binfmt_misc handler; the arm64 image test cannot run" >&2
   fi
+fi
+
+# Prometheus for the tests: `apt-get download` + `dpkg-deb -x` (as tools/controlplane unpacks its
+# packages), so no system service is installed or started. tests/support/prometheus.py looks here.
+prom_cache="${XDG_CACHE_HOME:-$HOME/.cache}/imageunlock/prometheus"
+if [ ! -x "$prom_cache/usr/bin/prometheus" ] || [ ! -x "$prom_cache/usr/bin/promtool" ]; then
+  echo "setup: fetching Debian's prometheus package into $prom_cache" >&2
+  debs=$(mktemp -d)
+  download() { (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root prometheus >/dev/null 2>&1); }
+  download || { $SUDO apt-get update -qq && download; }
+  rm -rf "$prom_cache.partial"; mkdir -p "$(dirname "$prom_cache")"
+  dpkg-deb -x "$debs"/prometheus_*.deb "$prom_cache.partial"
+  rm -rf "$debs" "$prom_cache"
+  mv "$prom_cache.partial" "$prom_cache"
 fi
 
 PY=${PYTHON:-python3}

@@ -174,3 +174,13 @@ class InternalError(UnlockError):
 
     reason = "InternalError"
     transient = True
+
+
+def reasons() -> list[str]:
+    """Every condition reason an error here can carry, sorted (the failure counter's labels)."""
+    found, todo = set(), [UnlockError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.reason)
+        todo += cls.__subclasses__()
+    return sorted(found)

@@ -11,7 +11,7 @@ import pytest
 
 from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH
 
-from ..support.cluster import is_ready, is_stalled, spec_for
+from ..support.cluster import NODE, is_ready, is_stalled, spec_for
 from ..support.net import free_port
 from ..support.operator_process import place
 from ..support.resource_api import TEST_EMAIL
@@ -20,27 +20,46 @@ from ..support.wait import wait_for
 pytestmark = pytest.mark.e2e
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+def scrape(address: int | str) -> str:
+    address = address if isinstance(address, str) else f"127.0.0.1:{address}"
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
         return response.read().decode()
 
 
-def test_metrics_show_conditions_and_the_unlock(cluster, namespace, secret, start_operator, archives, archive_root):
+def test_metrics_show_conditions_and_the_unlock(
+    cluster, namespace, secret, start_operator, start_controller, archives, archive_root
+):
+    """The agent's series name its node; the controller's are the summary (issue 21, item 2)."""
     port = free_port()
     start_operator(IMAGEUNLOCK_METRICS_ADDRESS=f"127.0.0.1:{port}")
+    controller = start_controller().env["IMAGEUNLOCK_METRICS_ADDRESS"]
     cluster.create_unlock(
         namespace, "metered", spec_for(place(archives.openssl_archive, archive_root), archives.version, secret)
     )
     wait_for(lambda: is_ready(cluster, namespace, "metered"), 60, "Ready")
     ready = (
-        f'imageunlock_status_condition{{condition="Ready",name="metered",namespace="{namespace}",status="True"}} 1.0'
+        f'imageunlock_status_condition{{condition="Ready",name="metered",namespace="{namespace}",node="{NODE}",'
+        'status="True"} 1.0'
     )
     text = wait_for(
         lambda: next((t for t in [scrape(port)] if ready in t), None), 30, "the Ready condition in /metrics"
     )
     assert re.search(r'^imageunlock_unlock_duration_seconds_count\{runtime="docker"\} 1\.0$', text, re.M)
+    assert re.search(r'^imageunlock_loaded_bytes_total\{runtime="docker"\} [1-9]', text, re.M)
     assert 'imageunlock_resource_api_requests_total{call="key_fragment",outcome="ok"} 1.0' in text
-    assert re.search(r'^imageunlock_runtime_reachable\{runtime="docker"\} 1\.0$', text, re.M)
+    assert f'imageunlock_runtime_reachable{{node="{NODE}",runtime="docker"}} 1.0' in text
+    assert "imageunlock_nodes_ready" not in text  # the controller's
+    summary = f'{{name="metered",namespace="{namespace}"}}'
+    text = wait_for(
+        lambda: next((t for t in [scrape(controller)] if f"imageunlock_nodes_ready{summary} 1.0" in t), None),
+        30,
+        "NODES 1/1 in the controller's /metrics",
+    )
+    assert f"imageunlock_nodes_desired{summary} 1.0" in text
+    assert (
+        f'imageunlock_status_condition{{condition="Ready",name="metered",namespace="{namespace}",status="True"}} 1.0'
+        in text
+    )
 
 
 def test_each_log_line_once_with_time_and_level(cluster, namespace, secret, start_operator, archives, archive_root):

@@ -325,6 +325,8 @@ METRICS_ALL: dict[str, Any] = {
         "port": 9102,
         "service": {"annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}},
         "serviceMonitor": {"enabled": True, "interval": "1m30s", "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "stalledFor": "5m"},
+        "dashboard": {"enabled": True, "labels": {"grafana_dashboard": "imageunlock"}, "namespace": "monitoring"},
         "networkPolicy": {
             "enabled": True,
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},

@@ -89,11 +89,11 @@ def test_renders(values):
     kinds = sorted(o["kind"] for o in rendered_objects(values))
     # Two roles, each with its ServiceAccount, ClusterRole and ClusterRoleBinding, plus the
     # agents' Secret-reading ClusterRole: no binding of it by default; non-default: one
-    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: its Service;
-    # so is metrics.networkPolicy: one NetworkPolicy per role; and crds.enabled: the CRD.
+    # RoleBinding per rbac.secretNamespaces. metrics.enabled is on by default: one Service per
+    # role; so is metrics.networkPolicy: one NetworkPolicy per role; and crds.enabled: the CRD.
     expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
     expected += ["CustomResourceDefinition"]
-    expected += ["DaemonSet", "Deployment", "Service", "NetworkPolicy", "NetworkPolicy"]
+    expected += ["DaemonSet", "Deployment", "Service", "Service", "NetworkPolicy", "NetworkPolicy"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
@@ -221,7 +221,10 @@ def test_non_default_values_reach_the_workloads():
     assert cpod["securityContext"]["runAsUser"] == 20001
     assert cpod["imagePullSecrets"] == [{"name": "regcred"}]
     assert (cenv["IMAGEUNLOCK_LOG_LEVEL"], cenv["IMAGEUNLOCK_LIVENESS"]) == ("debug", "http://0.0.0.0:9090/healthz")
-    assert ccontainer["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
+    assert ccontainer["ports"] == [
+        {"name": "health", "containerPort": 9090, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     (namespace,) = find(objects, "Namespace")
     assert namespace["metadata"]["name"] == "imageunlock-system"
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
@@ -515,6 +518,11 @@ def test_controller_pod_meets_pod_security_restricted(values):
         {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
         {"metrics": {"networkPolicy": {"namespaceSelector": {"matchNames": ["monitoring"]}}}},
         {"metrics": {"service": {"type": "NodePort"}}},  # ClusterIP only
+        {"metrics": {"prometheusRule": {"stalledFor": "10 minutes"}}},
+        {"metrics": {"prometheusRule": {"stalledFor": ""}}},
+        {"metrics": {"prometheusRule": {"severity": "page me"}}},
+        {"metrics": {"prometheusRule": {"for": "5m"}}},  # one per alert
+        {"metrics": {"dashboard": {"labels": {"grafana_dashboard": 1}}}},
     ],
     ids=lambda v: _value_path(v),
 )
@@ -749,13 +757,15 @@ def _agent_config(daemonset: dict[str, Any], node: str = "edge-1") -> Any:
     return config.AgentConfig.from_env(env_of(container, node=node))
 
 
-def _metrics_wiring(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The agent DaemonSet and the metrics Service, after checking the Service reaches the
-    agent pods' "metrics" port: its selector picks the agent pod template (and the
-    DaemonSet's selector) but not the controller's pods, and its targetPort names the
-    container port the agent listens on."""
+def _metrics_wiring(objects: list[dict[str, Any]], role: str = "agent") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A role's workload (the agent DaemonSet, the controller Deployment) and its metrics
+    Service, after checking the Service reaches that role's "metrics" port: its selector
+    picks the role's pod template (and the workload's selector) but not the other role's
+    pods, and its targetPort names the container port the role listens on."""
     daemonset, deployment = (find(objects, kind)[0] for kind in ("DaemonSet", "Deployment"))
-    (service,) = find(objects, "Service")
+    if role == "controller":
+        daemonset, deployment = deployment, daemonset
+    (service,) = [s for s in find(objects, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == role]
     pod = daemonset["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert service["spec"]["type"] == "ClusterIP"
@@ -779,6 +789,9 @@ def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
     daemonset, service = _metrics_wiring(objects)
     assert service["metadata"]["name"] == "imageunlock-agent-metrics"
     assert service["spec"]["ports"][0]["port"] == 8081
+    deployment, controller = _metrics_wiring(objects, "controller")  # the cluster summary (issue 21)
+    assert controller["metadata"]["name"] == "imageunlock-controller-metrics"
+    assert env_of(pod_of(deployment)["containers"][0])["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"
     # Opt-in extras stay off: no ServiceMonitor (needs the Prometheus Operator CRDs) and no
     # prometheus.io/* annotations (a sample-config convention that would have any
     # annotation-driven Prometheus scrape the endpoint unasked). The NetworkPolicies are on.
@@ -789,6 +802,7 @@ def test_metrics_are_on_by_default_behind_a_cluster_ip_service():
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:8081", "text", 60)
     notes = render_chart()[NOTES]
     assert "http://imageunlock-agent-metrics.imageunlock-system.svc:8081/metrics" in notes
+    assert "http://imageunlock-controller-metrics.imageunlock-system.svc:8081/metrics" in notes
     assert "Only pods that metrics.networkPolicy selects may scrape it" in notes
     assert '{"kubernetes.io/metadata.name":"monitoring"}' in notes
 
@@ -802,10 +816,12 @@ def test_metrics_values_reach_the_agents_and_service():
     assert (config.metrics_address, config.log_format, config.api_deadline) == ("0.0.0.0:9102", "json", 90)
 
 
-def test_service_monitor_selects_the_metrics_service():
+@pytest.mark.parametrize("role", ["agent", "controller"])
+def test_service_monitor_selects_the_metrics_service(role):
     objects = rendered_objects(METRICS_ALL)
-    _daemonset, service = _metrics_wiring(objects)
-    (monitor,) = find(objects, "ServiceMonitor")
+    _workload, service = _metrics_wiring(objects, role)
+    assert len(find(objects, "ServiceMonitor")) == 2  # one per role
+    (monitor,) = find(objects, "ServiceMonitor", f"imageunlock-{role}")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -827,9 +843,9 @@ def test_service_monitor_selects_the_metrics_service():
     }
     # An empty interval leaves it to Prometheus.
     values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": ""}}}
-    (monitor,) = find(rendered_objects(values), "ServiceMonitor")
+    (monitor,) = find(rendered_objects(values), "ServiceMonitor", f"imageunlock-{role}")
     assert "interval" not in monitor["spec"]["endpoints"][0]
-    assert "ServiceMonitor imageunlock-agent" in render_chart(values)[NOTES]
+    assert "ServiceMonitor imageunlock-agent and imageunlock-controller" in render_chart(values)[NOTES]
 
 
 def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
@@ -848,15 +864,15 @@ def test_network_policy_admits_only_the_selected_scrapers_to_the_metrics_port():
         )
     ]
     assert policies["agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert admitted(policies["controller"]) == []
+    assert admitted(policies["controller"]) == admitted(policies["agent"])
 
 
 def test_network_policies_isolate_both_roles_by_default(helm):
     """Issue 18: on by default, one NetworkPolicy per role. The agent pods admit only their
     "metrics" port, only from every pod of the namespace named "monitoring"; their "health"
     port is admitted to no pod (the kubelet's probes come from the node, which Kubernetes
-    always allows). The controller pod admits nothing. With metrics off the agents admit
-    nothing either; off (metrics.networkPolicy.enabled=false) no policy, and the notes warn."""
+    always allows). The controller pod the same (its /metrics: issue 21). With metrics off
+    neither admits anything; off (metrics.networkPolicy.enabled=false) no policy, and the notes warn."""
     with helm.Chart.load(str(CHART)) as chart:
         assert chart.values["metrics"]["networkPolicy"]["enabled"] is True
     objects = rendered_objects()
@@ -865,7 +881,7 @@ def test_network_policies_isolate_both_roles_by_default(helm):
     assert policies["agent"]["metadata"]["name"] == "imageunlock-agent"
     assert policies["controller"]["metadata"]["name"] == "imageunlock-controller"
     assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
-    assert admitted(policies["controller"]) == []
+    assert admitted(policies["controller"]) == [("metrics", DEFAULT_SCRAPERS)]
     daemonset, _ = _workloads(objects)
     ports = {p["name"]: p for p in pod_of(daemonset)["containers"][0]["ports"]}
     assert not {"health", ports["health"]["containerPort"]} & {port for port, _ in admitted(policies["agent"])}
@@ -903,11 +919,12 @@ def test_chart_network_policies_equal_the_manifests():
 
 def test_metrics_off_leaves_no_endpoint():
     objects = rendered_objects(METRICS_OFF)
+    for workload in _workloads(objects):
+        (container,) = pod_of(workload)["containers"]
+        env = env_of(container)
+        assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # set and empty: the role serves no /metrics
+        assert [p["name"] for p in container["ports"]] == ["health"]
     (daemonset,) = find(objects, "DaemonSet")
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    env = env_of(container)
-    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # set and empty: the operator serves no /metrics
-    assert [p["name"] for p in container["ports"]] == ["health"]
     assert not find(objects, "Service") and not find(objects, "ServiceMonitor")
     assert _agent_config(daemonset).metrics_address == ""
     # The NetworkPolicies stay (the health ports are closed too), with no ingress rule.
@@ -922,11 +939,12 @@ def test_metrics_port_must_differ_from_the_health_port(helm):
     render_chart({"healthPort": 8081, "metrics": {"enabled": False}})  # no clash when off
 
 
-def test_chart_metrics_service_equals_the_manifests():
-    """manifests/service.yaml is the chart's default metrics Service (same name, namespace,
-    ports), each selecting its own agent pods."""
-    chart = _metrics_wiring(rendered_objects())[1]
-    plain = _metrics_wiring(manifest_objects())[1]
+@pytest.mark.parametrize("role", ["agent", "controller"])
+def test_chart_metrics_service_equals_the_manifests(role):
+    """manifests/service.yaml is the chart's default metrics Services (same name, namespace,
+    ports), each selecting its own role's pods."""
+    chart = _metrics_wiring(rendered_objects(), role)[1]
+    plain = _metrics_wiring(manifest_objects(), role)[1]
     for service in (chart, plain):
         service["spec"].pop("selector")  # the chart's also has app.kubernetes.io/instance
     assert (chart["metadata"]["name"], chart["metadata"]["namespace"], chart["spec"]) == (
@@ -954,8 +972,8 @@ def test_multi_tenant_example_values(helm):
     """examples/multi-tenant-values.yaml (linted strictly, rendered with helm-python-sdk):
     per-namespace archives on the agents, Secrets readable only in the tenants' namespaces
     (no cluster-wide binding), credentials only to the one resource API, and the
-    NetworkPolicies on: only Prometheus in "monitoring" reaches the agents' metrics port,
-    nothing reaches the controller. The chart README points to it."""
+    NetworkPolicies on: only Prometheus in "monitoring" reaches either role's metrics port.
+    The chart README points to it."""
     values = yaml.safe_load(MULTI_TENANT.read_text())
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
     assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= WARNING], report
@@ -983,7 +1001,7 @@ def test_multi_tenant_example_values(helm):
             ],
         )
     ]
-    assert admitted(policies["controller"]) == []
+    assert admitted(policies["controller"]) == admitted(policies["agent"])
     secrets = _secrets_bindings(objects)
     assert secrets["ClusterRoleBinding"] == []
     assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == ["tenant-a", "tenant-b"]

@@ -56,7 +56,7 @@ from .conftest import (
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas.
 K8S_VERSIONS = ["1.25", "latest"]
-CUSTOM_KINDS = {"ImageUnlock"}
+CUSTOM_KINDS = {"ImageUnlock", "PrometheusRule"}  # the rules: promtool checks them (test_prometheus.py)
 # monitoring.coreos.com/v1 Duration (prometheus-operator's kubebuilder pattern), non-empty.
 PROMETHEUS_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -163,7 +163,11 @@ def test_manifests_validate(version):
 )
 def test_rendered_chart_validates(values, version):
     objects = rendered_objects(values)
-    expected = {"Service", "ServiceMonitor", "NetworkPolicy"} if values is METRICS_ALL else set()
+    expected = (
+        {"Service", "ServiceMonitor", "NetworkPolicy", "PrometheusRule", "ConfigMap"}
+        if values is METRICS_ALL
+        else set()
+    )
     assert expected <= {o["kind"] for o in objects}
     _validate(objects, version)
 
@@ -179,7 +183,7 @@ def test_rendered_chart_validates(values, version):
 )
 def test_service_monitor_shape_rejects(bad):
     """The ServiceMonitor check is not a formality: a broken endpoint fails it."""
-    (monitor,) = find(rendered_objects(METRICS_ALL), "ServiceMonitor")
+    (monitor,) = find(rendered_objects(METRICS_ALL), "ServiceMonitor", "imageunlock-agent")
     monitor["spec"]["endpoints"][0].update(bad)
     with pytest.raises(AssertionError, match=r"ServiceMonitor/imageunlock-agent: spec\.endpoints\.0"):
         _validate([monitor], "latest")
@@ -409,12 +413,12 @@ def test_controller_keeps_its_promises():
     assert container["image"] == pod_of(_workloads()[0])["containers"][0]["image"]
     _common_promises(pod, container)
     assert pod["serviceAccountName"] == CONTROLLER_SA
-    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert [p["name"] for p in container["ports"]] == ["health", "metrics"]
     env = env_of(container)
-    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""  # no metrics of its own
     config = pytest.importorskip("imageunlock.app.config")
     controller = config.ControllerConfig.from_env(env)
-    assert controller.metrics_address == "" and controller.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    assert controller.metrics_address == "0.0.0.0:8081"  # the cluster summary (issue 21)
+    assert controller.liveness_endpoint == "http://0.0.0.0:8080/healthz"
 
 
 def test_controller_pod_meets_pod_security_restricted():
@@ -449,37 +453,40 @@ def test_namespace_admits_the_agents_and_audits_restricted():
     assert "hostPath" in header and "restricted" in header
 
 
-def test_metrics_service_reaches_the_metrics_port_and_warns():
-    """manifests/service.yaml selects the agent pods (not the controller) on the container
-    port named "metrics", ClusterIP only, and its header says the endpoint is open and how to
-    close it."""
+@pytest.mark.parametrize("role", ["agent", "controller"])
+def test_metrics_service_reaches_the_metrics_port_and_warns(role):
+    """manifests/service.yaml has one Service per role, each selecting that role's pods (not
+    the other's) on the container port named "metrics", ClusterIP only, and its header says
+    the endpoints are open and how to close them."""
     objects = manifest_objects()
-    daemonset, deployment = _workloads()
-    (service,) = find(objects, "Service")
+    daemonset, deployment = _workloads() if role == "agent" else reversed(_workloads())
+    (service,) = find(objects, "Service", f"imageunlock-{role}-metrics")
+    assert len(find(objects, "Service")) == 2
     pod = daemonset["spec"]["template"]
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert not service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == role
     (port,) = service["spec"]["ports"]
     (container,) = pod["spec"]["containers"]
     (metrics,) = [p for p in container["ports"] if p["name"] == port["targetPort"] == "metrics"]
     assert metrics["containerPort"] == port["port"]
     header = (MANIFESTS / "service.yaml").read_text().split("\napiVersion:", 1)[0]
     assert "unauthenticated" in header and "kind: NetworkPolicy" in header
-    assert "app.kubernetes.io/component: agent" in header  # the sample policy selects the agents
+    assert "one per role" in header
 
 
 def test_network_policies_isolate_both_roles():
     """Issue 18: the installation isolates the operator's pods for ingress
     (networkpolicy.yaml, in the kustomization): the agent pods admit only their "metrics"
     port, from every pod of the "monitoring" namespace, and not their "health" port (the
-    kubelet's probes come from the node, always allowed); the controller pod admits nothing."""
+    kubelet's probes come from the node, always allowed); the controller pod the same (its
+    /metrics, issue 21)."""
     objects = manifest_objects()
     policies = isolating_policies(objects)
     assert sorted(policies) == ["agent", "controller"]
     assert admitted(policies["agent"]) == [("metrics", DEFAULT_SCRAPERS)]
-    assert admitted(policies["controller"]) == []
+    assert admitted(policies["controller"]) == [("metrics", DEFAULT_SCRAPERS)]
     daemonset, _ = _workloads()
     (container,) = pod_of(daemonset)["containers"]
     assert {p["name"] for p in container["ports"]} == {"health", "metrics"}  # the named port exists

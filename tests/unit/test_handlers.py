@@ -12,6 +12,7 @@ from typing import Any
 
 import kopf
 import pytest
+from prometheus_client import REGISTRY
 
 from imageunlock.agent import handlers
 from imageunlock.agent.node import NodeAgent
@@ -138,6 +139,22 @@ def test_a_deleted_object_is_dropped_and_its_step_forgets_its_schedule():
     assert memo.resync.forgotten == [KEY] and memo.resync.steps == []
 
 
+def test_the_condition_gauge_follows_this_nodes_entry_and_has_none_without_one():
+    """Defect: an unselected node exported Ready=Unknown 1 for every ImageUnlock."""
+    memo = memo_with()
+
+    def ready(status: str) -> float | None:
+        labels = {"namespace": KEY[0], "name": KEY[1], "node": NODE, "condition": "Ready", "status": status}
+        return REGISTRY.get_sample_value("imageunlock_status_condition", labels)
+
+    track(memo, "ADDED", raw())  # no entry of this node (yet)
+    assert ready("Unknown") is None and ready("False") is None
+    track(memo, "MODIFIED", raw("Ready"))
+    assert ready("True") == 1 and ready("Unknown") == 0
+    track(memo, "MODIFIED", raw())  # the entry went (deselected)
+    assert ready("True") is None
+
+
 def test_track_objects_drops_an_object_that_is_being_deleted():
     memo = memo_with()
     track(memo, "ADDED", raw("Ready"))
@@ -169,10 +186,13 @@ def test_liveness_fails_once_the_runtime_stayed_unreachable_so_kubelet_remounts_
             if not self.up:
                 raise RuntimeUnavailableError("containerd at /run/containerd/containerd.sock is not reachable")
 
-    memo = SimpleNamespace(runtime=Runtime())
+    memo = SimpleNamespace(runtime=Runtime(), agent=SimpleNamespace(node="edge-1"))
+    reachable = {"node": "edge-1", "runtime": "containerd"}
     assert handlers.runtime_probe(memo) == "reachable"
+    assert REGISTRY.get_sample_value("imageunlock_runtime_reachable", reachable) == 1
     memo.runtime.up = False
     assert handlers.runtime_probe(memo).startswith("unreachable")
+    assert REGISTRY.get_sample_value("imageunlock_runtime_reachable", reachable) == 0
     now[0] += RUNTIME_DOWN_RESTART - 1
     assert handlers.runtime_probe(memo).startswith("unreachable")  # not yet: a short outage is no reason
     now[0] += 1

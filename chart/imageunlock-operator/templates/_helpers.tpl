@@ -33,9 +33,9 @@ app.kubernetes.io/part-of: imageunlock
 {{/* Name prefix of the two roles' objects: the release's full name without the chart's
 "-operator" suffix, so the default release "imageunlock-operator" names them
 imageunlock-agent and imageunlock-controller, as manifests/ does. Short enough for the
-longest suffix ("-agent-metrics") to keep a Service name within 63 characters. */}}
+longest suffix ("-controller-metrics") to keep a Service name within 63 characters. */}}
 {{- define "imageunlock.prefix" -}}
-{{- include "imageunlock.fullname" . | trimSuffix "-operator" | trunc 48 | trimSuffix "-" }}
+{{- include "imageunlock.fullname" . | trimSuffix "-operator" | trunc 44 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "imageunlock.agentName" -}}

@@ -31,7 +31,7 @@ from imageunlock.agent.resync import Resync
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine import runtimes
-from imageunlock.errors import ConfigurationError, UnlockError
+from imageunlock.errors import ConfigurationError, UnlockError, reasons
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.conditions import condition_states
 from imageunlock.kube.nodes import NodeInfo
@@ -91,6 +91,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
+    metrics.prepare_agent(node, runtime, reasons())
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
     )
@@ -141,11 +142,11 @@ def _check_runtime(memo: kopf.Memo) -> UnlockError | None:
     try:
         memo.runtime.ping()
     except UnlockError as exc:
-        metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(0)
+        metrics.RUNTIME_REACHABLE.labels(memo.agent.node, memo.runtime.name).set(0)
         if getattr(memo, "runtime_down_since", None) is None:
             memo.runtime_down_since = time.monotonic()
         return exc
-    metrics.RUNTIME_REACHABLE.labels(memo.runtime.name).set(1)
+    metrics.RUNTIME_REACHABLE.labels(memo.agent.node, memo.runtime.name).set(1)
     memo.runtime_down_since = None
     return None
 
@@ -161,7 +162,8 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         memo.objects.pop(key, None)
     else:
         memo.objects[key] = _snapshot(body)
-        metrics.observe_conditions(*key, condition_states(memo.agent.entry(memo.objects[key])))
+        entry = memo.agent.entry(memo.objects[key])
+        metrics.observe_node(*key, memo.agent.node, None if entry.phase is None else condition_states(entry))
     memo.queue.add(key)
 
 
@@ -216,7 +218,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     if body is None:
         resync.forget(key)
         agent.forget(key)
-        metrics.forget(*key)
+        metrics.forget_node(*key, agent.node)
         return None
     selected = agent.selected(body)
     if selected is None:

@@ -276,7 +276,7 @@ class Reconciler:
         if not result.fast_path:
             runtime = getattr(self.runtime, "name", "unknown")
             metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
-            metrics.BYTES_LOADED.labels(runtime).inc(result.archive_bytes)
+            metrics.LOADED_BYTES.labels(runtime).inc(result.archive_bytes)
         how = "already present" if result.fast_path else "loaded"
         ready = st.mark_ready(
             run.entry,
@@ -352,7 +352,7 @@ class _Reconciliation:
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
         if phase == Phase.LOADING and done > self.decrypted:
-            metrics.BYTES_DECRYPTED.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            metrics.DECRYPTED_BYTES.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
             self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
             working = st.mark_reconciling(self.entry, phase, phase.value, message, self.generation)

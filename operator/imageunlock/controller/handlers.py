@@ -17,6 +17,7 @@ from typing import Any
 
 import kopf
 
+from imageunlock import metrics
 from imageunlock.app import logs
 from imageunlock.app.config import ControllerConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
@@ -87,6 +88,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.queue = WorkQueue(base=1.0, cap=60.0)  # keys (namespace, name) whose summary is due
     memo.writer = SummaryWriter(memo.kube, Placement(config.agent_node_selector, config.agent_tolerations))
     memo.loop_task = asyncio.create_task(_summary_loop(memo))
+    memo.metrics_server = (
+        await asyncio.to_thread(metrics.serve, config.metrics_address, metrics.CONTROLLER_REGISTRY)
+        if config.metrics_address
+        else None
+    )
     log.info(
         "controller: %d node(s); agents run on nodes matching %s", len(memo.nodes), config.agent_node_selector or "all"
     )
@@ -98,6 +104,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         memo.loop_task.cancel()
     if getattr(memo, "kube", None) is not None:
         await asyncio.to_thread(memo.kube.close)
+    if getattr(memo, "metrics_server", None) is not None:
+        await asyncio.to_thread(memo.metrics_server.shutdown)
 
 
 @kopf.on.event("", "v1", "nodes", registry=registry)
@@ -121,8 +129,10 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
+        metrics.forget_summary(*key)
         return
     memo.objects[key] = {k: body.get(k) for k in ("metadata", "spec", "status")}
+    metrics.observe_summary(*key, body.get("status"))  # the summary as stored: the cluster truth
     memo.queue.add_after(key, COALESCE)
 
 
