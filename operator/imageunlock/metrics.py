@@ -66,3 +66,10 @@ def serve(address: str, registry: CollectorRegistry = REGISTRY) -> Any:
     host, _, port = address.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
     return server
+
+
+# -- The controller's leader election (issue 21, item 4); a block of its own. ---------------
+CONTROLLER_LEADER = Gauge(
+    "imageunlock_controller_leader",
+    "1 while this controller replica holds the leader Lease and writes summaries, else 0 (a standby).",
+)
