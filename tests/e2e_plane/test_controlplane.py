@@ -372,7 +372,9 @@ def test_leases_python_client_optimistic_concurrency_and_kubectl(plane):
     """What a Lease-based leader elector needs: create, read, replace guarded by
     resourceVersion (a stale one is a 409 Conflict, so two candidates never both win)."""
     kubernetes = pytest.importorskip("kubernetes")
-    api = kubernetes.client.CoordinationV1Api(kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig)))
+    api = kubernetes.client.CoordinationV1Api(
+        kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+    )
     try:
         created = api.create_namespaced_lease("default", lease("elect", "a"))
         with pytest.raises(kubernetes.client.ApiException) as exists:

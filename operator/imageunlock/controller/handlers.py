@@ -109,8 +109,11 @@ def _elect(memo: kopf.Memo, config: ControllerConfig, loop: asyncio.AbstractEven
     namespace = config.lease_namespace or _own_namespace()
     timing = Timing(config.lease_duration, config.renew_deadline, config.retry_period)
 
+    me = identity()
+    # Each replica's writes carry its name (audit logs tell which replica wrote what).
+    memo.kube.api_client.user_agent = f"imageunlock-controller/{me}"
     leases = KubeLeases(memo.kube.api_client, namespace, config.lease_name)
-    memo.elector = LeaseElector(leases, identity(), timing, on_change=functools.partial(_on_leadership, memo, loop))
+    memo.elector = LeaseElector(leases, me, timing, on_change=functools.partial(_on_leadership, memo, loop))
     memo.elector_stop = threading.Event()
     memo.elector_thread = threading.Thread(
         target=memo.elector.run, args=(memo.elector_stop,), name="leader-election", daemon=True
@@ -145,8 +148,8 @@ def _queue_all(memo: kopf.Memo) -> None:
 
 @kopf.on.probe(id="leader", registry=registry)
 def leader_probe(memo: kopf.Memo, **_: Any) -> bool:
-    """In the liveness answer (``{"leader": true}``), which is 200 for a standby too: a
-    standby is healthy, and ready to take over."""
+    """In the liveness answer (``{"leader": true}``; kopf caches it up to 10 s), which is 200
+    for a standby too: a standby is healthy, and ready to take over."""
     return _leading(memo)
 
 
