@@ -199,7 +199,10 @@ class Fleet:
         locks.mkdir()
         base = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG", "NODE_NAME"))}
         base.update(IMAGEUNLOCK_NAMESPACES="", IMAGEUNLOCK_LOG_LEVEL="info", **{LOCK_DIR_ENV: str(locks)})
-        starts = [("controller", CONTROLLER_USER, plane.add_user(CONTROLLER_USER), {})]
+        # The controller's Lease lives in the operator's namespace (manifests/rbac.yaml's Role).
+        self.core.create_namespace({"metadata": {"name": "imageunlock-system"}})
+        lease = {"POD_NAMESPACE": "imageunlock-system"}
+        starts = [("controller", CONTROLLER_USER, plane.add_user(CONTROLLER_USER), lease)]
         for node in self.nodes:
             user = agent_user(node)
             settings = {

@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     encrypt.add_argument("--fragment-file", required=True, help="file holding the key fragment")
 
     sub.add_parser("agent", help="run the node agent (kopf; one per node), settings from the environment")
-    sub.add_parser("controller", help="run the controller (kopf; one replica): cluster summaries")
+    sub.add_parser("controller", help="run the controller (kopf; the Lease holder writes): cluster summaries")
     return parser
 
 

@@ -87,6 +87,11 @@ NODES_DESIRED = Gauge(
     ["namespace", "name"],
     registry=CONTROLLER_REGISTRY,
 )
+CONTROLLER_LEADER = Gauge(
+    "imageunlock_controller_leader",
+    "1 while this controller replica holds the leader Lease and writes summaries, else 0 (a standby).",
+    registry=CONTROLLER_REGISTRY,
+)
 
 
 def prepare_agent(node: str, runtime: str, reasons: Iterable[str]) -> None:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import kubernetes
 import pytest
 
 import controlplane
@@ -30,6 +31,7 @@ from ..support.cluster import (
     CRD_FILE,
     CRD_NAME,
     NODE,
+    OPERATOR_NAMESPACE,
     RBAC_FILE,
     Cluster,
 )
@@ -118,7 +120,7 @@ def archive_root(tmp_path: Path) -> Path:
 
 
 def _role_env(kubeconfig: str, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG", "NODE_NAME"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "KUBECONFIG", "NODE_NAME", "POD_"))}
     env.update(
         {
             "KUBECONFIG": kubeconfig,
@@ -146,15 +148,25 @@ def _stopped_at_exit() -> Iterator[list[OperatorProcess]]:
             proc.stop()
 
 
+def ensure_operator_namespace(cluster: Cluster) -> str:
+    """The namespace the controller's Lease lives in, as deployed (manifests/rbac.yaml's Role)."""
+    with contextlib.suppress(kubernetes.client.ApiException):  # 409: it exists
+        cluster.core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
+    return OPERATOR_NAMESPACE
+
+
 @contextlib.contextmanager
 def controller_starter(cluster: Cluster, workdir: Path) -> Iterator[Callable[..., OperatorProcess]]:
-    """``start(**settings)``: the controller (cluster summaries), started on first use."""
+    """``start(replica=False, **settings)``: the controller (cluster summaries), started on first
+    use; ``replica=True`` starts one more (a second replica of the Deployment: the Lease elects
+    the writer)."""
+    operator_namespace = ensure_operator_namespace(cluster)
     with _stopped_at_exit() as started:
 
-        def start(**overrides: str) -> OperatorProcess:
-            if started and started[-1].proc is not None:
+        def start(replica: bool = False, **overrides: str) -> OperatorProcess:
+            if started and started[-1].proc is not None and not replica:
                 return started[-1]
-            env = _role_env(cluster.controller_kubeconfig, **overrides)
+            env = _role_env(cluster.controller_kubeconfig, POD_NAMESPACE=operator_namespace, **overrides)
             proc = OperatorProcess(workdir / f"controller-{len(started)}", env, role="controller").start()
             started.append(proc)
             return proc

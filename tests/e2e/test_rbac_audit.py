@@ -84,6 +84,9 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
             Request("list", "", "nodes", False),
             Request("watch", "", "nodes", False),
             Request("watch", "loader.azaion.com", "imageunlocks", False),
+            # leader election: the Lease, read and renewed (created by the session's first)
+            Request("get", "coordination.k8s.io", "leases", True),
+            Request("update", "coordination.k8s.io", "leases", True),
         ],
     }
     for user, load_bearing in needed.items():

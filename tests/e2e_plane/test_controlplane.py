@@ -78,6 +78,20 @@ POLICY = textwrap.dedent("""\
     roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cm-reader}
     subjects:
     - {kind: User, name: e2e-reader, apiGroup: rbac.authorization.k8s.io}
+    ---
+    apiVersion: rbac.authorization.k8s.io/v1
+    kind: Role
+    metadata: {name: elector, namespace: default}
+    rules:
+    - {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, update], resourceNames: [mine]}
+    - {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}
+    ---
+    apiVersion: rbac.authorization.k8s.io/v1
+    kind: RoleBinding
+    metadata: {name: elector, namespace: default}
+    roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: elector}
+    subjects:
+    - {kind: User, name: e2e-elector, apiGroup: rbac.authorization.k8s.io}
     """)
 
 
@@ -123,6 +137,7 @@ def test_api_resources(plane):
         "events",
         "configmaps",
         "nodes",
+        "leases.coordination.k8s.io",
         "customresourcedefinitions.apiextensions.k8s.io",
     ):
         assert name in out
@@ -345,3 +360,66 @@ def test_nodes_python_client_read_list_watch(plane):
         assert events == [("MODIFIED", "py-1"), ("DELETED", "py-1")]
     finally:
         api.api_client.close()
+
+
+def lease(name, holder, resource_version=None):
+    meta = {"name": name, "namespace": "default", "resourceVersion": resource_version}
+    spec = {"holderIdentity": holder, "leaseDurationSeconds": 10, "leaseTransitions": 0}
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
+
+
+def test_leases_python_client_optimistic_concurrency_and_kubectl(plane):
+    """What a Lease-based leader elector needs: create, read, replace guarded by
+    resourceVersion (a stale one is a 409 Conflict, so two candidates never both win)."""
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.CoordinationV1Api(
+        kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+    )
+    try:
+        created = api.create_namespaced_lease("default", lease("elect", "a"))
+        with pytest.raises(kubernetes.client.ApiException) as exists:
+            api.create_namespaced_lease("default", lease("elect", "b"))
+        assert exists.value.status == 409
+        stale = created.metadata.resource_version
+        won = api.replace_namespaced_lease("elect", "default", lease("elect", "b", stale))
+        assert won.spec.holder_identity == "b" and won.metadata.resource_version != stale
+        with pytest.raises(kubernetes.client.ApiException) as conflict:
+            api.replace_namespaced_lease("elect", "default", lease("elect", "c", stale))
+        assert conflict.value.status == 409
+        assert api.read_namespaced_lease("elect", "default").spec.holder_identity == "b"
+
+        table = kubectl(plane, "get", "leases", "-n", "default").stdout.splitlines()
+        assert table[0].split() == ["NAME", "HOLDER", "AGE"]
+        assert table[1].split()[:2] == ["elect", "b"]
+    finally:
+        api.delete_namespaced_lease("elect", "default")
+        api.api_client.close()
+
+
+def test_lease_rbac_resource_names(plane):
+    """RBAC as kube-apiserver applies it: resourceNames narrow get and update to one Lease,
+    but never create (the name is in the body, not the URL)."""
+    kubernetes = pytest.importorskip("kubernetes")
+    elector = plane.add_user("e2e-elector")
+    api = kubernetes.client.CoordinationV1Api(kubernetes.config.new_client_from_config(config_file=str(elector)))
+
+    def status(call, *args):
+        try:
+            call(*args)
+        except kubernetes.client.ApiException as exc:
+            return exc.status
+        return 200
+
+    try:
+        assert status(api.create_namespaced_lease, "default", lease("mine", "me")) == 200
+        mine = api.read_namespaced_lease("mine", "default")
+        assert status(api.replace_namespaced_lease, "mine", "default", mine) == 200
+        assert status(api.read_namespaced_lease, "theirs", "default") == 403
+        assert status(api.list_namespaced_lease, "default") == 403
+        assert status(api.create_namespaced_lease, "kube-system", lease("mine", "me")) == 403
+        assert status(api.create_namespaced_lease, "default", lease("theirs", "me")) == 200  # by name: not narrowed
+        assert status(api.replace_namespaced_lease, "theirs", "default", lease("theirs", "me")) == 403
+    finally:
+        api.api_client.close()
+        for name in ("mine", "theirs"):
+            kubectl(plane, "delete", "lease", name, "-n", "default", "--ignore-not-found")

@@ -378,15 +378,17 @@ def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
     return workload["spec"]["template"]["spec"]
 
 
-def env_of(container: dict[str, Any], node: str | None = None) -> dict[str, Any]:
+def env_of(container: dict[str, Any], node: str | None = None, pod: str | None = None) -> dict[str, Any]:
     """A container's environment: {name: value}; a downward-API variable as its valueFrom,
-    or as ``node`` when given (what the kubelet would set for spec.nodeName)."""
+    or as ``node`` when given (what the kubelet would set for spec.nodeName), or with ``pod``
+    as the pod's name in OPERATOR_NAMESPACE (metadata.name, metadata.namespace)."""
+    fields = {"spec.nodeName": node} | ({"metadata.name": pod, "metadata.namespace": OPERATOR_NAMESPACE} if pod else {})
     env: dict[str, Any] = {}
     for e in container.get("env") or ():
         if "value" in e:
             env[e["name"]] = e["value"]
-        elif node is not None and e["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}:
-            env[e["name"]] = node
+        elif fields.get(e["valueFrom"].get("fieldRef", {}).get("fieldPath")) is not None:
+            env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             env[e["name"]] = e["valueFrom"]
     return env

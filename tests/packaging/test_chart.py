@@ -94,6 +94,8 @@ def test_renders(values):
     expected = ["ClusterRole"] * 3 + ["ClusterRoleBinding"] * 2 + ["ServiceAccount"] * 2
     expected += ["CustomResourceDefinition"]
     expected += ["DaemonSet", "Deployment", "Service", "Service", "NetworkPolicy", "NetworkPolicy"]
+    # The controller's replicas: a PodDisruptionBudget, and a Role for their Lease.
+    expected += ["PodDisruptionBudget", "Role", "RoleBinding"]
     if values:  # and namespace.create
         expected += ["Namespace", "RoleBinding", "RoleBinding"]
     assert kinds == sorted(expected)
@@ -110,11 +112,14 @@ def test_notes_show_both_roles_and_how_to_follow_nodes():
 
 def _comparable(workload: dict[str, Any]) -> dict[str, Any]:
     """A workload without what the chart adds on purpose (Helm's labels, the release's
-    instance label in the selector)."""
+    instance label in the selector and the controller's anti-affinity)."""
     workload = copy.deepcopy(workload)
     spec = workload["spec"]
     spec.pop("selector")
     spec["template"].pop("metadata")
+    anti = spec["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {})
+    for term in anti.get("preferredDuringSchedulingIgnoredDuringExecution", []):
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"].pop("app.kubernetes.io/instance", None)
     return {"name": workload["metadata"]["name"], "namespace": workload["metadata"]["namespace"], "spec": spec}
 
 
@@ -233,7 +238,7 @@ def test_non_default_values_reach_the_workloads():
     accounts = {sa["metadata"]["name"]: sa for sa in find(objects, "ServiceAccount")}
     assert sorted(accounts) == ["iu-agent-sa", "iu-controller-sa"]
     assert all(sa["metadata"]["annotations"] == {"example.com/owner": "edge"} for sa in accounts.values())
-    bindings = find(objects, "RoleBinding")
+    bindings = [b for b in find(objects, "RoleBinding") if b["roleRef"]["name"] == "iu-agent-secrets"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["edge-a", "edge-b"]
     for binding in bindings:
         assert binding["roleRef"]["name"] == "iu-agent-secrets"
@@ -275,9 +280,17 @@ def test_per_role_pod_values(helm):
     # Defaults: the updateStrategy of before, no affinity, the top-level labels alone.
     daemonset, deployment = _workloads(rendered_objects({"podLabels": {"example.com/team": "edge"}}))
     assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The controller: a new replica before an old one stops (the Lease keeps one writer).
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert "affinity" not in pod_of(daemonset)
+    # The controller's replicas: spread across nodes when they can be (preferred, not required).
+    spread = pod_of(deployment)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert [t["podAffinityTerm"]["topologyKey"] for t in spread] == ["kubernetes.io/hostname"]
+    assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     for workload in (daemonset, deployment):
-        assert "affinity" not in pod_of(workload)
         assert workload["spec"]["template"]["metadata"]["labels"]["example.com/team"] == "edge"
     daemonset, _ = _workloads(rendered_objects({"agent": {"updateStrategy": {"type": "OnDelete"}}}))
     assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
@@ -299,7 +312,7 @@ def test_agent_required_node_affinity_warns_that_the_controller_does_not_follow_
     values = {"agent": {"affinity": required}}
     daemonset, deployment = _workloads(rendered_objects(values))
     assert pod_of(daemonset)["affinity"] == required
-    assert "affinity" not in pod_of(deployment)
+    assert "nodeAffinity" not in pod_of(deployment)["affinity"]
     assert "WARNING: agent.affinity has a required nodeAffinity" in render_chart(values)[NOTES]
     assert "agent.affinity" not in render_chart(PER_ROLE)[NOTES]
 
@@ -314,6 +327,7 @@ def test_optional_parts_can_be_switched_off():
         "metrics": {"enabled": False, "networkPolicy": {"enabled": False}},
         "crds": {"enabled": False},
     }
+    values["controller"] = {"podDisruptionBudget": {"enabled": False}}
     objects = rendered_objects(values)
     assert sorted(o["kind"] for o in objects) == ["DaemonSet", "Deployment"]
     daemonset, deployment = _workloads(objects)
@@ -421,7 +435,7 @@ def test_controller_is_told_where_the_agents_run(values):
     own nodeSelector and tolerations, read back by the controller's settings parser."""
     daemonset, deployment = _workloads(rendered_objects(values))
     agent_pod = pod_of(daemonset)
-    env = env_of(pod_of(deployment)["containers"][0])
+    env = env_of(pod_of(deployment)["containers"][0], pod="imageunlock-controller-abc12")
     selector, tolerations = agent_pod.get("nodeSelector", {}), agent_pod.get("tolerations", [])
     assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == selector
     assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == tolerations
@@ -488,7 +502,10 @@ def test_controller_pod_meets_pod_security_restricted(values):
         {"crds": {"keep": "false"}},
         {"crds": {"install": True}},
         {"controller": {"enabled": "yes"}},
-        {"controller": {"replicas": 2}},  # not a value: one replica only
+        {"controller": {"replicas": 0}},  # no controller at all: controller.enabled=false
+        {"controller": {"podDisruptionBudget": {"enabled": "true"}}},
+        {"controller": {"podDisruptionBudget": {"minAvailable": "half"}}},
+        {"controller": {"podDisruptionBudget": {"maxUnavailable": 1}}},  # minAvailable only
         {"nodeSelector": {"kubernetes.io/hostname": "edge-1"}},  # gone: agent.nodeSelector
         {"runtime": {"name": "docker", "socketPath": "/var/run/docker.sock"}},  # gone: agent.*
         {"serviceAccount": {"name": "operator"}},  # gone: agentName, controllerName
@@ -640,7 +657,8 @@ def test_chart_bindings_equal_the_manifests():
     rbac.clusterWideSecrets as manifests/ plus its opt-in manifests/cluster-wide-secrets/."""
     namespaced = _bindings(manifest_objects())
     assert _bindings(rendered_objects({"rbac": {"secretNamespaces": ["edge"]}})) == namespaced
-    cluster_wide = _bindings(find(manifest_objects(), "ClusterRoleBinding") + cluster_wide_objects())
+    lease = [b for b in find(manifest_objects(), "RoleBinding") if b["roleRef"]["kind"] == "Role"]
+    cluster_wide = _bindings(find(manifest_objects(), "ClusterRoleBinding") + lease + cluster_wide_objects())
     assert _bindings(rendered_objects({"rbac": {"clusterWideSecrets": True}})) == cluster_wide
 
 
@@ -660,17 +678,20 @@ def test_chart_bindings_point_at_the_roles(values):
         "controller": pod_of(deployment)["serviceAccountName"],
     }
     assert set(runs_as.values()) == set(accounts)
-    roles = {r["metadata"]["name"]: r for r in find(objects, "ClusterRole")}
+    roles = {(r["kind"], r["metadata"]["name"]): r for r in find(objects, "ClusterRole") + find(objects, "Role")}
     bindings = find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")
-    assert len(bindings) >= 2
+    assert len(bindings) >= 3
     for binding in bindings:
-        assert binding["roleRef"]["kind"] == "ClusterRole" and binding["roleRef"]["name"] in roles
-        component = roles[binding["roleRef"]["name"]]["metadata"]["labels"]["app.kubernetes.io/component"]
+        role = roles[binding["roleRef"]["kind"], binding["roleRef"]["name"]]
+        if role["kind"] == "Role":  # the controller's Lease: in its own namespace
+            assert role["metadata"]["namespace"] == binding["metadata"]["namespace"]
+        component = role["metadata"]["labels"]["app.kubernetes.io/component"]
         sa = accounts[runs_as[component]]
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
         ]
-        assert binding["roleRef"]["name"].endswith("-controller") == (component == "controller")
+        own = ("-controller", "-controller-leader-election")
+        assert binding["roleRef"]["name"].endswith(own) == (component == "controller")
 
 
 def _secrets_bindings(objects: list[dict[str, Any]], role: str = SECRETS_ROLE) -> dict[str, list[dict[str, Any]]]:
@@ -703,7 +724,7 @@ def test_secret_namespaces_get_one_role_binding_each(namespaces):
     secrets = _secrets_bindings(objects)
     assert secrets["ClusterRoleBinding"] == []
     assert sorted(b["metadata"]["namespace"] for b in secrets["RoleBinding"]) == sorted(namespaces)
-    assert len(find(objects, "RoleBinding")) == len(namespaces)
+    assert len(find(objects, "RoleBinding")) == len(namespaces) + 1  # and the controller's Lease
     for binding in secrets["RoleBinding"]:
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -1027,3 +1048,51 @@ def test_the_import_lock_directory_is_the_hosts_and_can_be_turned_off():
 def test_image_owners_reach_the_agents_only_when_set():
     daemonset, _ = _workloads(rendered_objects())
     assert "IMAGEUNLOCK_IMAGE_OWNERS" not in env_of(pod_of(daemonset)["containers"][0])
+
+
+@pytest.mark.parametrize("values", [None, {"fullnameOverride": "iu"}], ids=["default", "renamed"])
+def test_controller_runs_two_replicas_guarded_by_its_lease(values):
+    """Issue 21, item 4: two controller pods by default, RollingUpdate (the Lease keeps two
+    from writing), spread across nodes, kept through drains by a PodDisruptionBudget; the
+    Lease they share is the one the Role lets them update, with the same rules as
+    manifests/rbac.yaml."""
+    objects = rendered_objects(values)
+    _, deployment = _workloads(objects)
+    spec, pod = deployment["spec"], pod_of(deployment)
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    pod_labels = spec["template"]["metadata"]["labels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+    (budget,) = find(objects, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    daemonset_labels = _workloads(objects)[0]["spec"]["template"]["metadata"]["labels"]
+    assert not budget["spec"]["selector"]["matchLabels"].items() <= daemonset_labels.items()
+
+    env = env_of(pod["containers"][0], pod="ctl-0")
+    lease = env["IMAGEUNLOCK_LEASE_NAME"]
+    assert lease == deployment["metadata"]["name"] and env["POD_NAMESPACE"] == deployment["metadata"]["namespace"]
+    (role,) = find(objects, "Role")
+    (binding,) = [b for b in find(objects, "RoleBinding") if b["roleRef"]["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert role["rules"][0]["resourceNames"] == [lease] and "create" in role["rules"][1]["verbs"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    (written,) = find(manifest_objects(), "Role")
+    renamed = [{**r, "resourceNames": ["imageunlock-controller"]} if "resourceNames" in r else r for r in role["rules"]]
+    assert renamed == written["rules"]
+
+
+def test_controller_high_availability_values():
+    objects = rendered_objects(
+        {"controller": {"replicas": 3, "podDisruptionBudget": {"minAvailable": "50%"}, "affinity": {"x": {}}}}
+    )
+    _, deployment = _workloads(objects)
+    assert deployment["spec"]["replicas"] == 3 and pod_of(deployment)["affinity"] == {"x": {}}
+    assert find(objects, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == "50%"
+    assert (
+        find(rendered_objects({"controller": {"podDisruptionBudget": {"enabled": False}}}), "PodDisruptionBudget") == []
+    )
+    off = rendered_objects({"controller": {"enabled": False}})
+    assert find(off, "PodDisruptionBudget") == [] and find(off, "Role") == []

@@ -243,16 +243,17 @@ def controller_container(engine: Dockerd, image: str, plane) -> Iterator[Operato
     (host network: the control plane listens on 127.0.0.1)."""
     plane.ensure_crd()
     (deployment,) = find(manifest_objects(), "Deployment")
-    written = env_of(pod_of(deployment)["containers"][0])
-    port = free_port()
+    written = env_of(pod_of(deployment)["containers"][0], pod="imageunlock-controller-pack")
+    port, metrics_port = free_port(), free_port()
+    assert written["IMAGEUNLOCK_METRICS_ADDRESS"] == "0.0.0.0:8081"  # moved to loopback: host network
+    plane.kubectl("create", "namespace", written["POD_NAMESPACE"], check=False)  # the Lease's
     env = {
-        **{k: v for k, v in written.items() if k.startswith("IMAGEUNLOCK_AGENT_")},
+        **{k: v for k, v in written.items() if k.startswith("IMAGEUNLOCK_AGENT_") or k.startswith("POD_")},
         "KUBECONFIG": "/etc/imageunlock/kubeconfig",
         "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{port}/healthz",
-        "IMAGEUNLOCK_METRICS_ADDRESS": written["IMAGEUNLOCK_METRICS_ADDRESS"],
+        "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
         "IMAGEUNLOCK_LOG_LEVEL": "debug",
     }
-    assert env["IMAGEUNLOCK_METRICS_ADDRESS"] == ""
     with shared_dir() as config_dir:
         kubeconfig = config_dir / "kubeconfig"
         shutil.copyfile(plane.kubeconfig_for(CONTROLLER_USER), kubeconfig)
@@ -261,7 +262,7 @@ def controller_container(engine: Dockerd, image: str, plane) -> Iterator[Operato
         options = hardened()
         options += ["-v", f"{config_dir}:/etc/imageunlock:ro"]
         with running_container(engine, options, env, image, "controller") as container:
-            yield Operator(engine, container, port, config_dir)
+            yield Operator(engine, container, port, config_dir, metrics_port)
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +292,12 @@ def test_controller_answers_liveness_without_host_access(controller):
     assert inspect["HostConfig"]["ReadonlyRootfs"] is True and inspect["HostConfig"]["CapDrop"] == ["ALL"]
     assert not inspect["HostConfig"].get("GroupAdd")
     assert not any(m["Source"].endswith(".sock") for m in inspect["Mounts"])
+    # The only replica takes the Lease in the operator's namespace (manifests/rbac.yaml's Role)
+    # and says so on its metrics endpoint.
+    deadline = time.monotonic() + 60
+    while "imageunlock_controller_leader 1.0" not in (text := controller.metrics()):
+        assert time.monotonic() < deadline, f"{text}\n{controller.logs()}"
+        time.sleep(0.5)
     assert "Traceback" not in controller.logs()
 
 

@@ -216,7 +216,9 @@ def test_manifests_bind_secrets_per_namespace():
     assert binding["metadata"]["namespace"] == readme_namespace == "edge"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
     assert binding["subjects"] == [AGENT_SUBJECT]
-    assert len(find(objects, "RoleBinding")) == 1
+    assert [b["metadata"]["name"] for b in find(objects, "RoleBinding") if b not in secrets["RoleBinding"]] == [
+        "imageunlock-controller-leader-election"  # the controller's Lease (rbac.yaml)
+    ]
     # Each role's own ClusterRole (ImageUnlocks, status, Nodes, CRDs; Events for the agents)
     # stays cluster-wide: kopf watches ImageUnlocks in every namespace.
     assert sorted(
@@ -407,18 +409,21 @@ def test_controller_keeps_its_promises():
     spec = deployment["spec"]
     pod = pod_of(deployment)
     (container,) = pod["containers"]
-    # kopf standalone: one replica, never two at once.
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one writing (the Lease); a rollout starts the new pod before it stops one.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert container["args"] == ["controller"]
     assert container["image"] == pod_of(_workloads()[0])["containers"][0]["image"]
     _common_promises(pod, container)
     assert pod["serviceAccountName"] == CONTROLLER_SA
     assert [p["name"] for p in container["ports"]] == ["health", "metrics"]
-    env = env_of(container)
+    env = env_of(container, pod="imageunlock-controller-abc12")
     config = pytest.importorskip("imageunlock.app.config")
     controller = config.ControllerConfig.from_env(env)
     assert controller.metrics_address == "0.0.0.0:8081"  # the cluster summary (issue 21)
     assert controller.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    assert (controller.leader_election, controller.lease_namespace) == (True, OPERATOR_NAMESPACE)
+    assert env["POD_NAME"] == "imageunlock-controller-abc12"  # the Lease's holderIdentity
 
 
 def test_controller_pod_meets_pod_security_restricted():
@@ -435,7 +440,7 @@ def test_controller_knows_where_the_agents_run():
     """IMAGEUNLOCK_AGENT_NODE_SELECTOR/_TOLERATIONS are the DaemonSet's own placement."""
     daemonset, deployment = _workloads()
     agent_pod = pod_of(daemonset)
-    env = env_of(pod_of(deployment)["containers"][0])
+    env = env_of(pod_of(deployment)["containers"][0], pod="imageunlock-controller-abc12")
     assert json.loads(env["IMAGEUNLOCK_AGENT_NODE_SELECTOR"]) == agent_pod.get("nodeSelector", {})
     assert json.loads(env["IMAGEUNLOCK_AGENT_TOLERATIONS"]) == agent_pod.get("tolerations", [])
     config = pytest.importorskip("imageunlock.app.config")
@@ -524,7 +529,7 @@ REFERS_BACK = re.compile(r"\bas for the (agents?|controller)\b")
 )
 def test_every_rbac_rule_is_justified(path: Path):
     rules = _rule_comments(path.read_text())
-    parsed = sum(len(o["rules"]) for o in manifest_objects() if o["kind"] == "ClusterRole")
+    parsed = sum(len(o["rules"]) for o in manifest_objects() if o["kind"] in ("ClusterRole", "Role"))
     assert len(rules) == parsed, "every rule must start with '- apiGroups:'"
     length = {rule: max(sum(len(c) for c in comments) for r, comments in rules if r == rule) for rule, _ in rules}
     for rule, comments in rules:

@@ -28,6 +28,8 @@ CLUSTER_WIDE_SECRETS_FILE = ROOT / "manifests" / "cluster-wide-secrets" / "clust
 # The identities the DaemonSet and the controller Deployment run as (manifests/rbac.yaml).
 AGENT_USER = "system:serviceaccount:imageunlock-system:imageunlock-agent"
 CONTROLLER_USER = "system:serviceaccount:imageunlock-system:imageunlock-controller"
+# The namespace the operator is deployed in (manifests/): the controller's Lease is there.
+OPERATOR_NAMESPACE = "imageunlock-system"
 # The node the single-agent tests run their agent for (a Node object: there is no kubelet).
 NODE = "node-1"
 
@@ -65,6 +67,7 @@ class Cluster:
         )
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.coordination = kubernetes.client.CoordinationV1Api(self.api)
 
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120

@@ -170,8 +170,17 @@ leftovers = [p for p in ("/wheels", "/src", "/opt/build", "/opt/imageunlock/bin/
 class Operator:
     """A running operator container."""
 
-    def __init__(self, engine: Dockerd, container: str, port: int, archive_root: Path) -> None:
+    def __init__(
+        self, engine: Dockerd, container: str, port: int, archive_root: Path, metrics_port: int | None = None
+    ) -> None:
         self.engine, self.container, self.port, self.archive_root = engine, container, port, archive_root
+        self.metrics_port = metrics_port
+
+    def metrics(self) -> str:
+        """The exposition text of the container's metrics endpoint (a loopback port)."""
+        assert self.metrics_port is not None, "started without a known metrics port"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as rsp:
+            return str(rsp.read().decode())
 
     def logs(self) -> str:
         return logs(self.engine, self.container)

@@ -232,9 +232,9 @@ class AgentConfig(_Settings):
 
 
 class ControllerConfig(_Settings):
-    """The controller's settings: one replica computes every ImageUnlock's cluster summary.
-    It must know where the agent DaemonSet runs (the chart passes the DaemonSet's
-    nodeSelector and tolerations) to tell which nodes an ImageUnlock waits for."""
+    """The controller's settings: the replica holding the Lease computes every ImageUnlock's
+    cluster summary. It must know where the agent DaemonSet runs (the chart passes the
+    DaemonSet's nodeSelector and tolerations) to tell which nodes an ImageUnlock waits for."""
 
     _what: ClassVar[str] = "controller"
     agent_node_selector: Annotated[dict[str, str], NoDecode] = Field(
@@ -243,6 +243,24 @@ class ControllerConfig(_Settings):
     agent_tolerations: Annotated[tuple[dict[str, Any], ...], NoDecode] = Field(
         (), validation_alias=_env("IMAGEUNLOCK_AGENT_TOLERATIONS")
     )
+    # Leader election (kube/lease.py): only the holder of this Lease writes summaries. Off:
+    # every replica writes (run exactly one). The namespace is the pod's (downward API), else
+    # the ServiceAccount's, else "default" (a controller run outside the cluster).
+    leader_election: bool = Field(True, validation_alias=_env("IMAGEUNLOCK_LEADER_ELECTION"))
+    lease_name: str = Field("imageunlock-controller", min_length=1, validation_alias=_env("IMAGEUNLOCK_LEASE_NAME"))
+    lease_namespace: str = Field("", validation_alias=_env("IMAGEUNLOCK_LEASE_NAMESPACE", "POD_NAMESPACE"))
+    lease_duration: Seconds = Field(10.0, ge=1, validation_alias=_env("IMAGEUNLOCK_LEASE_DURATION"))
+    renew_deadline: Seconds = Field(7.0, gt=0, validation_alias=_env("IMAGEUNLOCK_LEASE_RENEW_DEADLINE"))
+    retry_period: Seconds = Field(2.0, gt=0, validation_alias=_env("IMAGEUNLOCK_LEASE_RETRY_PERIOD"))
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> ControllerConfig:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError(
+                "IMAGEUNLOCK_LEASE_RETRY_PERIOD < IMAGEUNLOCK_LEASE_RENEW_DEADLINE < IMAGEUNLOCK_LEASE_DURATION "
+                "is needed: the leader must stop before its Lease may be taken over"
+            )
+        return self
 
     @field_validator("agent_node_selector", "agent_tolerations", mode="before")
     @classmethod

@@ -3,7 +3,7 @@ settings from the environment.
 
 * the **agent** (a DaemonSet: one per node) unlocks the images on its node and writes its
   node's entry of every selecting ImageUnlock's status (agent/handlers.py);
-* the **controller** (one replica) writes each ImageUnlock's cluster summary: conditions,
+* the **controller** (the replica holding the Lease) writes each ImageUnlock's cluster summary: conditions,
   phase, NODES (controller/handlers.py).
 
 What both roles share lives here; each role's module has its own ``run()``.
@@ -66,8 +66,9 @@ def _run(registry: kopf.OperatorRegistry, namespaces: tuple[str, ...], liveness:
     kopf.run(
         registry=registry,
         # No kopf peering: agents keep no kopf state in objects (every agent watches every
-        # ImageUnlock and writes only its own entry), and the controller is one replica
-        # (Deployment strategy Recreate).
+        # ImageUnlock and writes only its own entry), and the controller's replicas elect
+        # their writer with a Lease (kube/lease.py): kopf peering pauses every same-priority
+        # peer, which is no leader election.
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,

@@ -1,4 +1,4 @@
-"""The controller: one replica writes every ImageUnlock's cluster summary.
+"""The controller: one replica at a time writes every ImageUnlock's cluster summary.
 
 Agents write only their own node's entry of ``status.nodes``; this role turns the entries and
 the Nodes an ImageUnlock selects into the top-level kstatus conditions, phase and ``NODES``
@@ -6,13 +6,20 @@ the Nodes an ImageUnlock selects into the top-level kstatus conditions, phase an
 agent on a deleted node is gone with it). One writer for the summary, so no agent ever
 races another over it, and no heartbeat writes: it acts on watch events of ImageUnlocks and
 Nodes. Needs no host access: it runs as a "restricted" pod with read-only Node access.
+
+Two replicas by default: both watch (their caches stay warm), only the holder of the Lease
+(kube/lease.py, on a thread of its own) writes. A replica that gains the Lease queues every
+object it knows; one that may have lost it writes nothing more, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -26,6 +33,7 @@ from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.conditions import holding_reason
+from imageunlock.kube.lease import KubeLeases, LeaseElector, Timing, identity
 from imageunlock.kube.nodes import NodeInfo, Placement
 from imageunlock.workqueue import WorkQueue
 
@@ -34,6 +42,7 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 MANAGER = "imageunlock-controller"
 COALESCE = 0.2  # seconds a changed object waits, so a burst of entry writes is one summary
 registry = new_registry()
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def run() -> int:
@@ -45,22 +54,25 @@ def run() -> int:
 class SummaryWriter:
     """Blocking: computes and writes one summary (run on a worker thread)."""
 
-    def __init__(self, kube: KubernetesApi, placement: Placement) -> None:
-        self.kube, self.placement = kube, placement
+    def __init__(self, kube: KubernetesApi, placement: Placement, may_write: Callable[[], bool] = lambda: True) -> None:
+        self.kube, self.placement, self.may_write = kube, placement, may_write
 
     def sync(self, body: Mapping[str, Any], nodes: list[NodeInfo]) -> bool:
-        """Write what changed; True when something was written."""
+        """Write what changed; True when something was written. Nothing more is written once
+        ``may_write`` says no (leadership lost): the new leader summarises it anew."""
         meta, status = body.get("metadata") or {}, body.get("status") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         result = summarize(body, nodes, self.placement)
         for node in result.prune:
+            if not self.may_write():
+                return False
             log.info("%s/%s: removing the entry of node %s (not selected, or deleted)", namespace, name, node)
             self.kube.apply_node_entry(namespace, name, node, None)
         changed = {k: v for k, v in result.status.items() if status.get(k) != v}
-        if changed:
+        if changed and self.may_write():
             self.kube.patch_status(namespace, name, result.status, manager=MANAGER)
             _log_change(namespace, name, status, result.status)
-        return bool(changed or result.prune)
+        return bool(changed or result.prune) and self.may_write()
 
 
 def _log_change(namespace: str, name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
@@ -86,13 +98,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.nodes = {n.name: n for n in map(NodeInfo.from_object, await asyncio.to_thread(memo.kube.list_nodes))}
     memo.objects = {}
     memo.queue = WorkQueue(base=1.0, cap=60.0)  # keys (namespace, name) whose summary is due
-    memo.writer = SummaryWriter(memo.kube, Placement(config.agent_node_selector, config.agent_tolerations))
+    placement = Placement(config.agent_node_selector, config.agent_tolerations)
+    memo.writer = SummaryWriter(memo.kube, placement, may_write=lambda: _leading(memo))
     memo.loop_task = asyncio.create_task(_summary_loop(memo))
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address, metrics.CONTROLLER_REGISTRY)
         if config.metrics_address
         else None
     )
+    memo.elector = None
+    metrics.CONTROLLER_LEADER.set(0 if config.leader_election else 1)
+    if config.leader_election:
+        _elect(memo, config, asyncio.get_running_loop())
     log.info(
         "controller: %d node(s); agents run on nodes matching %s", len(memo.nodes), config.agent_node_selector or "all"
     )
@@ -102,10 +119,63 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "loop_task", None) is not None:
         memo.loop_task.cancel()
+    if getattr(memo, "elector", None) is not None:  # it stops leading, then hands the Lease back
+        memo.elector_stop.set()
+        await asyncio.to_thread(memo.elector_thread.join, 15)
     if getattr(memo, "kube", None) is not None:
         await asyncio.to_thread(memo.kube.close)
     if getattr(memo, "metrics_server", None) is not None:
         await asyncio.to_thread(memo.metrics_server.shutdown)
+
+
+def _elect(memo: kopf.Memo, config: ControllerConfig, loop: asyncio.AbstractEventLoop) -> None:
+    """Campaign for the Lease on a thread of its own; on gaining it, summarise every object
+    known (a standby's watch events were dropped while another replica led)."""
+    namespace = config.lease_namespace or _own_namespace()
+    timing = Timing(config.lease_duration, config.renew_deadline, config.retry_period)
+
+    me = identity()
+    # Each replica's writes carry its name (audit logs tell which replica wrote what).
+    memo.kube.api_client.user_agent = f"imageunlock-controller/{me}"
+    leases = KubeLeases(memo.kube.api_client, namespace, config.lease_name)
+    memo.elector = LeaseElector(leases, me, timing, on_change=functools.partial(_on_leadership, memo, loop))
+    memo.elector_stop = threading.Event()
+    memo.elector_thread = threading.Thread(
+        target=memo.elector.run, args=(memo.elector_stop,), name="leader-election", daemon=True
+    )
+    memo.elector_thread.start()
+    log.info("controller %s: leader election on Lease %s/%s", memo.elector.identity, namespace, config.lease_name)
+
+
+def _on_leadership(memo: kopf.Memo, loop: asyncio.AbstractEventLoop, leading: bool) -> None:
+    """On the elector's thread: the gauge, and every known object queued when leading."""
+    metrics.CONTROLLER_LEADER.set(1 if leading else 0)
+    if leading:
+        loop.call_soon_threadsafe(_queue_all, memo)
+
+
+def _own_namespace() -> str:
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"  # outside a cluster
+
+
+def _leading(memo: kopf.Memo) -> bool:
+    elector = getattr(memo, "elector", None)
+    return elector is None or bool(elector.is_leader())
+
+
+def _queue_all(memo: kopf.Memo) -> None:
+    for key in list(memo.objects):
+        memo.queue.add(key)
+
+
+@kopf.on.probe(id="leader", registry=registry)
+def leader_probe(memo: kopf.Memo, **_: Any) -> bool:
+    """In the liveness answer (``{"leader": true}``; kopf caches it up to 10 s), which is 200
+    for a standby too: a standby is healthy, and ready to take over."""
+    return _leading(memo)
 
 
 @kopf.on.event("", "v1", "nodes", registry=registry)
@@ -146,7 +216,7 @@ async def _summary_loop(memo: kopf.Memo) -> None:
         key = await queue.get()
         try:
             body = memo.objects.get(key)
-            if body is None:  # deleted meanwhile
+            if body is None or not _leading(memo):  # deleted meanwhile, or a standby (queued anew when it leads)
                 queue.forget(key)
                 continue
             try:

@@ -9,6 +9,8 @@ package main
 // whole deploy manifest can be given) decide, with RBAC's matching rules. Subjects match
 // the client certificate: User = CN, Group = O, ServiceAccount = a CN of
 // "system:serviceaccount:<namespace>:<name>". Aggregated ClusterRoles are not expanded.
+// resourceNames match the request's name, so, as in RBAC, they can never allow a create
+// (a create names no object in its URL).
 // As in kube-apiserver's default policy, discovery (GET /api, /apis, /openapi, /version)
 // is allowed to every authenticated user.
 // The file is re-read when its modification time changes.

@@ -109,17 +109,7 @@ func newCoreAPIGroupInfo(etcd *genericoptions.EtcdOptions, transformers storagev
 	getter := etcd.CreateRESTOptionsGetter(&genericoptions.SimpleStorageFactory{StorageConfig: storageConfig}, transformers)
 
 	info := genericapiserver.NewDefaultAPIGroupInfo("", coreScheme, metav1.ParameterCodec, coreCodecs)
-	resources := []struct {
-		plural, singular string
-		shortNames       []string
-		namespaced       bool
-		newObj, newList  func() runtime.Object
-		prepare          func(runtime.Object)
-		attrs            storage.AttrFunc
-		nameFn           apivalidation.ValidateNameFunc
-		columns          []string // kubectl get columns: "Name:type:jsonpath"; Age is appended
-		wide             []string // the same, shown only with -o wide
-	}{
+	resources := []resourceDef{
 		{"namespaces", "namespace", []string{"ns"}, false,
 			func() runtime.Object { return &corev1.Namespace{} }, func() runtime.Object { return &corev1.NamespaceList{} },
 			prepareNamespace, nil, apivalidation.ValidateNamespaceName, []string{"Status:string:.status.phase"}, nil},
@@ -147,42 +137,64 @@ func newCoreAPIGroupInfo(etcd *genericoptions.EtcdOptions, transformers storagev
 	}
 	v1storage := map[string]rest.Storage{}
 	for _, r := range resources {
-		// Printer columns the same way as a CRD's additionalPrinterColumns.
-		var columns []apiextensionsv1.CustomResourceColumnDefinition
-		for i, c := range append(append(r.columns, "Age:date:.metadata.creationTimestamp"), r.wide...) {
-			parts := strings.SplitN(c, ":", 3)
-			column := apiextensionsv1.CustomResourceColumnDefinition{Name: parts[0], Type: parts[1], JSONPath: parts[2]}
-			if i > len(r.columns) { // r.wide
-				column.Priority = 1
-			}
-			columns = append(columns, column)
-		}
-		table, err := tableconvertor.New(columns)
+		store, err := newStore(corev1.GroupName, r, getter)
 		if err != nil {
 			return nil, err
-		}
-		strategy := coreStrategy{ObjectTyper: coreScheme, NameGenerator: names.SimpleNameGenerator, namespaced: r.namespaced, nameFn: r.nameFn, prepare: r.prepare}
-		store := &genericregistry.Store{
-			NewFunc:                   r.newObj,
-			NewListFunc:               r.newList,
-			DefaultQualifiedResource:  corev1.Resource(r.plural),
-			SingularQualifiedResource: corev1.Resource(r.singular),
-			CreateStrategy:            strategy,
-			UpdateStrategy:            strategy,
-			DeleteStrategy:            strategy,
-			TableConvertor:            table,
 		}
 		if r.plural == "events" {
 			// Like kube-apiserver's default --event-ttl.
 			store.TTLFunc = func(runtime.Object, uint64, bool) (uint64, error) { return 3600, nil }
 		}
-		if err := store.CompleteWithOptions(&generic.StoreOptions{RESTOptions: getter, AttrFunc: r.attrs}); err != nil {
-			return nil, err
-		}
-		v1storage[r.plural] = &coreREST{Store: store, shortNames: r.shortNames}
+		v1storage[r.plural] = store
 	}
 	info.VersionedResourcesStorageMap["v1"] = v1storage
 	return &info, nil
+}
+
+// resourceDef describes one resource served from etcd by the generic registry store.
+type resourceDef struct {
+	plural, singular string
+	shortNames       []string
+	namespaced       bool
+	newObj, newList  func() runtime.Object
+	prepare          func(runtime.Object)
+	attrs            storage.AttrFunc
+	nameFn           apivalidation.ValidateNameFunc
+	columns          []string // kubectl get columns: "Name:type:jsonpath"; Age is appended
+	wide             []string // the same, shown only with -o wide
+}
+
+// newStore builds the generic registry store of one resource of the API group named group.
+func newStore(group string, r resourceDef, getter generic.RESTOptionsGetter) (*coreREST, error) {
+	// Printer columns the same way as a CRD's additionalPrinterColumns.
+	var columns []apiextensionsv1.CustomResourceColumnDefinition
+	for i, c := range append(append(r.columns, "Age:date:.metadata.creationTimestamp"), r.wide...) {
+		parts := strings.SplitN(c, ":", 3)
+		column := apiextensionsv1.CustomResourceColumnDefinition{Name: parts[0], Type: parts[1], JSONPath: parts[2]}
+		if i > len(r.columns) { // r.wide
+			column.Priority = 1
+		}
+		columns = append(columns, column)
+	}
+	table, err := tableconvertor.New(columns)
+	if err != nil {
+		return nil, err
+	}
+	strategy := coreStrategy{ObjectTyper: coreScheme, NameGenerator: names.SimpleNameGenerator, namespaced: r.namespaced, nameFn: r.nameFn, prepare: r.prepare}
+	store := &genericregistry.Store{
+		NewFunc:                   r.newObj,
+		NewListFunc:               r.newList,
+		DefaultQualifiedResource:  schema.GroupResource{Group: group, Resource: r.plural},
+		SingularQualifiedResource: schema.GroupResource{Group: group, Resource: r.singular},
+		CreateStrategy:            strategy,
+		UpdateStrategy:            strategy,
+		DeleteStrategy:            strategy,
+		TableConvertor:            table,
+	}
+	if err := store.CompleteWithOptions(&generic.StoreOptions{RESTOptions: getter, AttrFunc: r.attrs}); err != nil {
+		return nil, err
+	}
+	return &coreREST{Store: store, shortNames: r.shortNames}, nil
 }
 
 // coreREST adds short names (kubectl get ns / cm / ev) to the generic store.
@@ -286,17 +298,18 @@ func nodeAttrs(obj runtime.Object) (labels.Set, fields.Set, error) {
 	}, nil
 }
 
-// addCoreOpenAPIDefinitions derives OpenAPI schemas for coreTypes from their Go structs
+// addCoreOpenAPIDefinitions derives OpenAPI schemas for coreTypes and leaseTypes from their Go structs
 // (json tags, SwaggerDoc descriptions). Server-side apply needs a definition per served
 // kind; the keys must be the model names ("io.k8s.api.core.v1.Secret") or the server
 // fails with "cannot find model definition". Nested core structs are inlined; meta/v1
 // types refer to the definitions generated in apiextensions-apiserver.
 func addCoreOpenAPIDefinitions(defs openapiDefs, ref openapiRef) {
+	served := append(append([]runtime.Object{}, coreTypes...), leaseTypes...) // lease.go
 	topLevel := map[string]bool{}
-	for _, t := range coreTypes {
+	for _, t := range served {
 		topLevel[modelName(reflect.TypeOf(t).Elem())] = true
 	}
-	for _, t := range coreTypes {
+	for _, t := range served {
 		var deps []string
 		s := schemaFor(reflect.TypeOf(t).Elem(), defs, topLevel, ref, &deps, true)
 		defs[modelName(reflect.TypeOf(t).Elem())] = common.OpenAPIDefinition{Schema: s, Dependencies: deps}

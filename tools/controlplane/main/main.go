@@ -1,7 +1,8 @@
 // Command controlplane-apiserver is a small, real Kubernetes API server for local
 // end-to-end tests. It runs k8s.io/apiextensions-apiserver standalone (CRDs, custom
 // resources, status subresources, server-side apply, watch) and adds a minimal core/v1
-// (namespaces, events, secrets, configmaps, nodes) stored in etcd; see core.go.
+// (namespaces, events, secrets, configmaps, nodes; core.go) and coordination.k8s.io/v1
+// leases (lease.go), stored in etcd.
 //
 // The stock apiextensions-apiserver main expects to sit behind a full kube-apiserver.
 // Each workaround below is marked "Workaround:" with the reason.
@@ -141,6 +142,15 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	if err := s.InstallLegacyAPIGroup(genericapiserver.DefaultLegacyAPIPrefix, coreGroup); err != nil {
+		return err
+	}
+
+	// Leases (lease.go), for leader election.
+	leaseGroup, err := newLeaseAPIGroupInfo(ro.Etcd, serverConfig.ResourceTransformers)
+	if err != nil {
+		return err
+	}
+	if err := s.InstallAPIGroup(leaseGroup); err != nil {
 		return err
 	}
 
