@@ -2,7 +2,9 @@
 # Install everything `make test` / `make demo` need on a fresh machine; fast when already done.
 #  - Debian packages: docker.io (dockerd, docker CLI, containerd), openssl, debootstrap,
 #    qemu-user-static (the arm64 image test runs arm64 binaries under QEMU user emulation),
-#    shellcheck (make lint: actionlint runs it on the workflows' run: scripts)
+#    shellcheck (make lint: actionlint runs it on the workflows' run: scripts),
+#    tpm2-tools (the TPM adapter's tools: engine/keys/tpm.py) and swtpm (the software TPM 2.0
+#    that tests/tpm starts); both pull in the libtss2 libraries and their TCTI modules
 #  - the binfmt_misc handler that hands arm64 binaries to QEMU (the kernel's, machine-wide)
 #  - .venv with the pinned requirements.lock, this package and tools/controlplane (editable)
 #  - the local Kubernetes control plane (built once, cached under ~/.cache)
@@ -17,6 +19,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v ctr >/dev/null 2>&1 || need_apt+=(containerd)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # the image test's local base image
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)  # make lint: actionlint checks the workflows' scripts with it
+command -v tpm2_unseal >/dev/null 2>&1 || need_apt+=(tpm2-tools)  # keys sealed to the TPM (engine/keys/tpm.py)
+command -v swtpm >/dev/null 2>&1 || need_apt+=(swtpm)  # tests/tpm: a software TPM 2.0 (tests/support/tpm.py)
 native_arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 if [ "$native_arch" != arm64 ]; then  # the arm64 image test, emulated
   [ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)

@@ -1,6 +1,6 @@
 """Shared fixtures: real parts (dockerd, containerd, resource API, archives) brought up once per
-session. A part that cannot be brought up skips the test, or fails it under CI (support/ci.py).
-Helpers that are not fixtures live in tests/support.
+session, a software TPM once per test. A part that cannot be brought up skips the test, or
+fails it under CI (support/ci.py). Helpers that are not fixtures live in tests/support.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from .support.containerd import Containerd, ContainerdError, bookworm_build, sid
 from .support.dockerd import Dockerd, remove_images, running
 from .support.images import TEST_VERSION, ArchiveSet, build_archive_set
 from .support.resource_api import TEST_EMAIL, TEST_PASSWORD, FakeResourceApi
+from .support.tpm import Swtpm
+from .support.tpm import running as swtpm_running
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -80,6 +82,18 @@ def clean_containerd(containerd: Containerd) -> Containerd:
     """The private containerd with no image, lease or blob in it."""
     containerd.reset()
     return containerd
+
+
+@pytest.fixture
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A new software TPM 2.0 (Debian's swtpm) of its own for each test: its own seeds and PCRs."""
+    yield from swtpm_running(tmp_path_factory.mktemp("swtpm"))
+
+
+@pytest.fixture
+def other_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A second, unrelated software TPM: another device."""
+    yield from swtpm_running(tmp_path_factory.mktemp("swtpm-other"))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ password, token or key fragment: they are shown in statuses, events and logs.
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class UnlockError(Exception):
     reason = "UnlockFailed"
@@ -163,6 +165,40 @@ class ImagesNotInArchiveError(UnlockError):
             "archive does not contain " + ", ".join(missing) + "; nothing was loaded "
             "(check spec.version and spec.images against the archive)"
         )
+
+
+class KeySealError(UnlockError):
+    """Sealing a key to the node's TPM, or unsealing it, failed for a reason other than the two
+    below (the owner hierarchy has an auth value, the SHA-256 PCR bank is not allocated, an
+    unforeseen TPM answer). The caller gets the key from the resource API instead. Messages
+    carry the TPM's own response code and words, never key bytes."""
+
+    reason = "KeySealFailed"
+
+
+class TpmUnavailableError(KeySealError):
+    """The TPM could not be reached (no device, the software TPM is down, the tools are not
+    installed) or answered "busy, try again" (out of object slots, lockout, retry): retried."""
+
+    reason = "TpmUnavailable"
+    transient = True
+
+
+UnsealCause = Literal["OtherArchive", "OtherTpm", "PcrChanged", "BlobInvalid"]
+
+
+class UnsealRefusedError(KeySealError):
+    """The TPM, or the blob's own header, refuses to give the key back: the blob was sealed for
+    another archive (``OtherArchive``), by another TPM or before this one was cleared
+    (``OtherTpm``), under PCR values that have changed since (``PcrChanged``), or is not a
+    sealed blob at all (``BlobInvalid``). Retrying the same blob cannot help; the caller gets
+    the key from the resource API and seals it again. ``cause`` is one of those stable words."""
+
+    reason = "UnsealRefused"
+
+    def __init__(self, cause: UnsealCause, message: str) -> None:
+        self.cause: UnsealCause = cause
+        super().__init__(message)
 
 
 class KubernetesUnavailableError(TransientError):

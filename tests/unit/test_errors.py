@@ -22,6 +22,7 @@ TRANSIENT = {
     "LoadError",
     "InsufficientStorageError",  # a node fixes it by freeing space: retried with backoff
     "KubernetesUnavailableError",
+    "TpmUnavailableError",  # the TPM answers again (swtpm restarted, a busy TPM): retried
     "InternalError",
 }
 
