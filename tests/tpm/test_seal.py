@@ -188,11 +188,11 @@ def test_no_key_bytes_on_disk_or_command_lines(
         assert not any(form in line for form in spellings(key)), step["args"]
         # the auth value (derived from the identity: no secret) is inline only where tpm2-tools
         # takes nothing else: a policy session's auth
-        inline_ok = step["args"][0] == "tpm2_unseal" and pcrs
+        inline_ok = Path(step["args"][0]).name == "tpm2_unseal" and pcrs
         assert inline_ok or not any(form in line for form in spellings(auth)), step["args"]
     seen = {name for step in tool_steps for name in step["files"]}
     assert {"primary.ctx", "sealed.pub", "sealed.priv", "sealed.ctx"} <= seen  # the scan saw the parts
-    (create,) = [step["args"] for step in tool_steps if step["args"][0] == "tpm2_create"]
+    (create,) = [step["args"] for step in tool_steps if Path(step["args"][0]).name == "tpm2_create"]
     assert create[create.index("-i") + 1] == "-"  # the key went in on its standard input
     assert list(temp_root.iterdir()) == []  # every temp directory removed
     assert files_holding(swtpm.workdir, key) == []

@@ -180,3 +180,17 @@ def test_what_ctr_has_read_never_ends_on_a_tar_block_until_the_stream_passed(tmp
     finally:
         os.close(fd)
     assert sink.read_bytes() == bytes(fed)  # and, once passed, every byte went through
+
+
+def test_ctr_inherits_no_credentials_from_our_environment(tmp_path, monkeypatch):
+    """The CLI reads the resource API password from IMAGEUNLOCK_PASSWORD; ctr (a child of the
+    agent or the CLI) must not get it in its /proc/PID/environ, nor anything else of ours."""
+    monkeypatch.setenv("IMAGEUNLOCK_PASSWORD", "canary-password")
+    monkeypatch.setenv("IMAGEUNLOCK_EMAIL", "canary@example.com")
+    ctr = tmp_path / "ctr"
+    ctr.write_text(f"#!/bin/sh\nenv > {tmp_path / 'env'}\n")
+    ctr.chmod(0o755)
+    runtime = ContainerdRuntime(address=str(tmp_path / "no.sock"), ctr=str(ctr))
+    runtime._run("version", check=False)
+    seen = (tmp_path / "env").read_text()
+    assert "canary" not in seen and "PATH=" in seen

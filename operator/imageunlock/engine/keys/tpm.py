@@ -50,6 +50,14 @@ be probed (against a passive probe: the salt key's public part is read over the 
 The temp directory (mode 0700, removed afterwards) holds only the public and private
 (TPM-encrypted) parts, the TPM's saved contexts and a policy digest.
 
+The tools are run by absolute path from /usr/bin or /bin (never found on PATH, where a device
+user's directory could hold a fake ``tpm2_create`` reading the key), with an environment of
+our choosing only: no credential of ours in their ``/proc/PID/environ``, and tpm2-tss logging
+off (``TSS2_LOG`` at debug or trace would write each command parameter, the key included,
+before encrypting it). The TCTI must name a TPM device or a software TPM on loopback
+(:func:`check_tcti`): libtss2's ``cmd:`` TCTI runs a shell command, and a name with a slash
+is loaded as a library. PCRs 16 and 23 are refused: any program may reset them.
+
 Without a resource manager (a software TPM, ``/dev/tpm0``) transient objects stay loaded
 between the tools' processes: each step is followed by ``tpm2_flushcontext -t`` and each
 session flushed by its context, and one process seals or unseals on one TPM at a time (a lock
@@ -95,12 +103,28 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 MAX_KEY_BYTES = 128  # MAX_SYM_DATA: the most a sealed data object holds
 PCR_BANK = "sha256"
 MAX_PCR = 23  # PC Client TPMs have PCRs 0..23
+# PCR 16 (debug) and 23 (application) may be reset by any program at locality 0
+# (TPM2_PCR_Reset): sealed to them, a "changed" state is undone by `tpm2_pcrreset`.
+RESETTABLE_PCRS = frozenset({16, 23})
 MAX_IDENTITY_BYTES = 4096
 COMMAND_TIMEOUT = 60.0  # seconds for one tool; a real TPM answers these in well under one
 
 MAGIC = b"IUTPMSEAL"
 VERSION = 1
 _MAX_PART = 64 * 1024
+_MAX_HEADER = 8 * 1024
+# The tools run from here only, never from PATH: a directory on a device user's PATH must not
+# get the key on a fake tool's standard input.
+TOOL_DIRS = ("/usr/bin", "/bin")
+# ... and with this environment only: nothing of ours (a password in the environment), and
+# tpm2-tss logging off — TSS2_LOG at debug/trace writes each parameter before encrypting it.
+_TOOL_ENV = {"PATH": ":".join(TOOL_DIRS), "TSS2_LOG": "all+none", "LC_ALL": "C"}
+# The TCTIs we accept: the kernel's TPM devices, and a software TPM on this host's loopback
+# (swtpm, mssim). Never another: libtss2's `cmd:` runs a shell command, and a name with a
+# slash is dlopen()ed as a library.
+_TCTI_ALLOWED = re.compile(
+    r"^(?:device:/dev/tpm(?:rm)?[0-9]+|(?:swtpm|mssim):host=(?:127\.0\.0\.1|localhost|::1),port=[0-9]{1,5})$"
+)
 _PRIMARY = ["-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb", "-a"]
 _PRIMARY_ATTRIBUTES = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
 _SEALED_ATTRIBUTES = "fixedtpm|fixedparent|noda"
@@ -185,7 +209,8 @@ def unseal(blob: bytes, *, tcti: str, identity: str) -> bytes:
     info, public, private = _unpack(blob)
     if info.identity != identity:
         raise UnsealRefusedError(
-            "OtherArchive", f"the sealed key is for another archive ({info.identity!r}, not {identity!r})"
+            "OtherArchive",
+            f"the sealed key is for another archive ({_printable(info.identity)[:120]!r}, not {identity[:120]!r})",
         )
     with _Tpm(tcti) as tpm:
         tpm.create_primary()
@@ -287,14 +312,18 @@ def _unpack(blob: bytes) -> tuple[BlobInfo, bytes, bytes]:
         offset += size
     if offset != len(view):
         raise invalid("trailing bytes")
+    if len(parts[0]) > _MAX_HEADER:
+        raise invalid("oversized header")
     try:
         header = json.loads(parts[0])
         identity, pcrs, bank = header["identity"], header["pcrs"], header["bank"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         raise invalid("unreadable header") from None
     valid_pcrs = isinstance(pcrs, list) and all(type(p) is int and 0 <= p <= MAX_PCR for p in pcrs)
     if not isinstance(identity, str) or not identity or bank != PCR_BANK or not valid_pcrs:
         raise invalid("unexpected header")
+    if len(identity.encode("utf-8", "replace")) > MAX_IDENTITY_BYTES:
+        raise invalid("oversized identity")
     if pcrs != sorted(set(pcrs)):
         raise invalid("unexpected header")
     return BlobInfo(identity, tuple(pcrs)), parts[1], parts[2]
@@ -315,7 +344,33 @@ def _auth_value(identity: str) -> bytes:
 def _pcr_list(pcrs: Sequence[int]) -> tuple[int, ...]:
     if isinstance(pcrs, str | bytes) or not all(type(p) is int and 0 <= p <= MAX_PCR for p in pcrs):
         raise ConfigurationError(f"PCRs to seal to must be numbers 0 to {MAX_PCR} (got {list(pcrs)!r})")
+    if resettable := sorted(RESETTABLE_PCRS.intersection(pcrs)):
+        raise ConfigurationError(
+            f"PCR(s) {resettable} bind nothing: any program may reset them; seal to PCRs that "
+            "record the boot (e.g. 0,2,4,7)"
+        )
     return tuple(sorted(set(pcrs)))
+
+
+def check_tcti(tcti: str) -> str:
+    """``tcti`` if it names a TPM device or a software TPM on loopback; ConfigurationError
+    otherwise (whoever chose the TCTI would choose code that the key is handed to)."""
+    if not isinstance(tcti, str) or not _TCTI_ALLOWED.match(tcti):
+        shown = tcti[:80] if isinstance(tcti, str) else type(tcti).__name__
+        raise ConfigurationError(
+            f"not an accepted TCTI: {shown!r}; use device:/dev/tpmrm0 (or device:/dev/tpm0), or a "
+            "software TPM on loopback: swtpm:host=127.0.0.1,port=PORT"
+        )
+    return tcti
+
+
+def _tool(name: str) -> str:
+    """The absolute path of a tpm2-tools program in TOOL_DIRS, or TpmUnavailableError."""
+    for directory in TOOL_DIRS:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise TpmUnavailableError(f"the TPM tools are not installed ({name} not in {', '.join(TOOL_DIRS)}: tpm2-tools)")
 
 
 def _pcr_arg(pcrs: Sequence[int]) -> str:
@@ -375,9 +430,7 @@ class _Tpm:
     and the tools run against that TCTI, each step's transient objects flushed."""
 
     def __init__(self, tcti: str, secret: bytes = b"") -> None:
-        if not isinstance(tcti, str) or not tcti or any(ch in tcti for ch in "\0\n"):
-            raise ConfigurationError(f"not a TCTI string: {tcti!r}")
-        self.tcti = tcti
+        self.tcti = check_tcti(tcti)
         self.secret = secret
         self.sessions: list[str] = []
         with _locks_guard:
@@ -385,8 +438,7 @@ class _Tpm:
         self.dir = ""
 
     def __enter__(self) -> _Tpm:
-        if shutil.which("tpm2_createprimary") is None:
-            raise TpmUnavailableError("the TPM tools are not installed (Debian's tpm2-tools)")
+        _tool("tpm2_createprimary")
         self.lock.acquire()
         try:
             self.dir = tempfile.mkdtemp(prefix="imageunlock-tpm-")  # mode 0700
@@ -440,12 +492,13 @@ class _Tpm:
         fds = (int(pass_fd.rsplit("/", 1)[1]),) if pass_fd else ()
         try:
             return subprocess.run(
-                [tool, *args, f"--tcti={self.tcti}"],
+                [_tool(tool), *args, f"--tcti={self.tcti}"],
                 input=stdin,
                 capture_output=True,
                 timeout=COMMAND_TIMEOUT,
                 pass_fds=fds,
                 cwd=self.dir,
+                env={**_TOOL_ENV, "TMPDIR": self.dir},
             )
         except FileNotFoundError:
             raise TpmUnavailableError(f"the TPM tools are not installed ({tool} not found)") from None

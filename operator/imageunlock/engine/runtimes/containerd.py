@@ -203,11 +203,19 @@ class _Pipe:
         return True
 
 
+def child_env() -> dict[str, str]:
+    """What ``ctr`` inherits: where programs and temporary files are, nothing else (the CLI's
+    IMAGEUNLOCK_PASSWORD, or anything else of ours in the environment, is none of its business)."""
+    return {name: os.environ[name] for name in ("PATH", "TMPDIR") if name in os.environ} | {"LC_ALL": "C"}
+
+
 class _Import:
     """One running ``ctr images import``: the process, its output readers and a watchdog."""
 
     def __init__(self, args: list[str], timeout: float) -> None:
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env()
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
         self.stdin = self.proc.stdin
         self.out, self.err = _Collector(self.proc.stdout), _Collector(self.proc.stderr)
@@ -301,7 +309,9 @@ class ContainerdRuntime:
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [self._binary(), "-a", self.address, "-n", self.namespace, *args]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=COMMAND_TIMEOUT)
+            done = subprocess.run(
+                command, capture_output=True, text=True, errors="replace", timeout=COMMAND_TIMEOUT, env=child_env()
+            )
         except subprocess.TimeoutExpired:
             raise self._unreachable(f"ctr {args[0]} did not answer within {COMMAND_TIMEOUT:.0f}s") from None
         if check and done.returncode != 0:
