@@ -21,7 +21,7 @@ from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
-from imageunlock.engine.models import Phase
+from imageunlock.engine.models import Phase, Runtime
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
@@ -112,7 +112,7 @@ class Reconciler:
     def __init__(
         self,
         settings: AgentConfig,
-        runtime: Any,
+        runtime: Runtime,
         kube: KubernetesApi,
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
@@ -141,7 +141,7 @@ class Reconciler:
 
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
         settings = self.settings
-        runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
+        runtime = settings.runtime if settings.runtime != "auto" else self.runtime.name
         return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
 
     def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
@@ -274,7 +274,7 @@ class Reconciler:
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         if not result.fast_path:
-            runtime = getattr(self.runtime, "name", "unknown")
+            runtime = self.runtime.name
             metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
             metrics.LOADED_BYTES.labels(runtime).inc(result.archive_bytes)
         how = "already present" if result.fast_path else "loaded"
@@ -352,7 +352,7 @@ class _Reconciliation:
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
         if phase == Phase.LOADING and done > self.decrypted:
-            metrics.DECRYPTED_BYTES.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            metrics.DECRYPTED_BYTES.labels(self.owner.runtime.name).inc(done - self.decrypted)
             self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
             working = st.mark_reconciling(self.entry, phase, phase.value, message, self.generation)
