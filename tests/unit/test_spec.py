@@ -3,10 +3,13 @@ the runtime choice and the allow-listed resource API URL."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine.keys.apiurl import url_allowed
-from imageunlock.engine.models import DEFAULT_IMAGES
 from imageunlock.errors import ConfigurationError
 from imageunlock.kube.spec import parse_spec
 
@@ -21,6 +24,16 @@ def test_minimal_spec_gets_defaults():
     spec = parse_spec(GOOD, None)
     assert spec.images == DEFAULT_IMAGES and spec.runtime == "docker" and spec.archive_sha256 is None
     assert spec.to_request().refs[0] == "azaion/annotations:1.4.2"
+
+
+def test_the_crds_default_images_are_the_product_defaults():
+    """The CRD defaults spec.images at the API server; the parser, for an older CRD, and the
+    CLI use imageunlock.defaults: the one list in Python, and YAML held equal to it."""
+    crd = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "crds" / "loader.azaion.com_imageunlocks.yaml").read_text()
+    )
+    images = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["images"]
+    assert tuple(images["default"]) == DEFAULT_IMAGES
 
 
 def test_api_url_falls_back_to_operator_default():

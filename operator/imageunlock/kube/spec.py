@@ -11,8 +11,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import keys, runtimes
-from imageunlock.engine.models import DEFAULT_IMAGES, UnlockRequest
+from imageunlock.engine.models import UnlockRequest
 from imageunlock.errors import ConfigurationError
 
 # Docker's grammar for a tag and for a repository name (with an optional registry host).
