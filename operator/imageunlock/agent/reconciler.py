@@ -28,7 +28,7 @@ from imageunlock.errors import ConfigurationError, InternalError, RefConflictErr
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import Image, NodeEntry, Progress
-from imageunlock.kube.spec import UnlockSpec, parse_spec
+from imageunlock.kube.spec import UnlockSpec, check_runtime, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class Reconciler:
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
         settings = self.settings
         runtime = settings.runtime if settings.runtime != "auto" else self.runtime.name
-        return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
+        spec = parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist)
+        return check_runtime(spec, runtime)
 
     def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
         # Credentials only ever come from a Secret of the ImageUnlock's own namespace.
