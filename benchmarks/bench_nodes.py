@@ -46,7 +46,7 @@ import kubernetes  # noqa: E402
 
 import controlplane  # noqa: E402
 from benchmarks.measure import proc_cpu  # noqa: E402
-from imageunlock.engine.models import DEFAULT_IMAGES  # noqa: E402
+from imageunlock.defaults import DEFAULT_IMAGES  # noqa: E402
 from imageunlock.errors import KubernetesUnavailableError  # noqa: E402
 from imageunlock.kube.client import GROUP, KIND, PLURAL, VERSION, KubernetesApi  # noqa: E402
 from imageunlock.kube.nodes import DETAILED_NODES  # noqa: E402

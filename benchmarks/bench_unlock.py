@@ -249,7 +249,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from imageunlock.engine.models import DEFAULT_IMAGES
+    from imageunlock.defaults import DEFAULT_IMAGES
 
     # Rough peak on disk: plaintext + body + archive + the seeds' plaintext, and unless on
     # tmpfs the Engine's copy of the tar while it loads and its layers (vfs).

@@ -36,7 +36,7 @@ import yaml
 
 import controlplane
 from benchmarks.measure import proc_cpu
-from imageunlock.engine.models import DEFAULT_IMAGES
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine.runtimes.importlock import LOCK_DIR_ENV
 from imageunlock.kube.client import GROUP, PLURAL, VERSION
 from tests.support import audit

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     if shutil.which("time") is None and not Path("/usr/bin/time").exists():
         print("breakdown: /usr/bin/time is needed (Debian's time package)", file=sys.stderr)
         return 2
-    from imageunlock.engine.models import DEFAULT_IMAGES
+    from imageunlock.defaults import DEFAULT_IMAGES
     from tests.support.resource_api import FakeResourceApi
 
     workdir = Path(tempfile.mkdtemp(prefix="iu-breakdown-", dir=args.workdir))

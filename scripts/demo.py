@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT)]  # tests.support
 import yaml  # noqa: E402
 
 import controlplane  # noqa: E402
-from imageunlock.engine.models import DEFAULT_IMAGES  # noqa: E402
+from imageunlock.defaults import DEFAULT_IMAGES  # noqa: E402
 from tests.support.cluster import node_object  # noqa: E402
 from tests.support.containerd import Containerd, ContainerdError, bookworm_build, sid_build  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402

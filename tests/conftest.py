@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imageunlock.engine.models import DEFAULT_IMAGES
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine.runtimes.importlock import LOCK_DIR_ENV
 
 from .support.ci import unavailable

@@ -31,9 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from imageunlock import __version__
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import runtimes
 from imageunlock.engine.keys.resource_api import ResourceApiKeySource
-from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
+from imageunlock.engine.models import Credentials, Phase, UnlockRequest
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ConfigurationError, UnlockError
 

@@ -5,7 +5,8 @@ A runtime is a :class:`~imageunlock.engine.runtimes.RuntimeKind` (name, the sche
 reports for it, its settings, its adapter module, its error classifier) passed to
 :func:`~imageunlock.engine.runtimes.register`, and an adapter module with a ``build``
 function; here both are this module. A product runtime's kind goes in
-``engine/runtimes/__init__.py`` and its name into the CRD's two runtime enums.
+``engine/runtimes/__init__.py`` and its name into the CRD's two runtime enums and the chart's
+``agent.runtime`` enum.
 """
 
 from __future__ import annotations

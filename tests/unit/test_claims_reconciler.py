@@ -8,7 +8,6 @@ from types import SimpleNamespace
 from imageunlock.agent.node import NodeAgent
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.app.config import AgentConfig
-from imageunlock.kube.spec import parse_spec
 
 API = "https://api.example.test"
 
@@ -46,7 +45,7 @@ def reconciler(*others):
 
 def conflict_for(mine, *others):
     r = reconciler(*others)
-    return r.conflict(mine, parse_spec(mine["spec"], API, [API]))
+    return r.conflict(mine, r.parse(mine))  # the spec as this node reads it: its runtime resolved
 
 
 MINE = body("team-b", "mine", "2026-01-02T00:00:00Z", "/var/lib/imageunlock/two.enc", "Pending", verified=False)

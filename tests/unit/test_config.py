@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.app.config import AgentConfig
+from imageunlock.app.config import AgentConfig, ControllerConfig
 from imageunlock.errors import ConfigurationError
 
 
@@ -44,3 +44,11 @@ def test_image_owners_are_json_from_the_environment_and_checked():
     for bad in ('["azaion/"]', '{"team-a": "azaion/"}', "{not json"):
         with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_IMAGE_OWNERS"):
             AgentConfig.from_env({**base, "IMAGEUNLOCK_IMAGE_OWNERS": bad})
+
+
+def test_words_are_read_in_any_case():
+    agent = AgentConfig.from_env(
+        {"RESOURCE_API_URL": "https://a.test", "IMAGEUNLOCK_RUNTIME": "ContainerD", "IMAGEUNLOCK_LOG_LEVEL": "DEBUG"}
+    )
+    assert (agent.runtime, agent.log_level) == ("containerd", "debug")
+    assert ControllerConfig.from_env({"IMAGEUNLOCK_LOG_FORMAT": "JSON"}).log_format == "json"

@@ -1,5 +1,6 @@
 """The layering contract (pyproject.toml, [tool.importlinter]) holds, and it bites: a core
-module that imports an adapter, or the service that imports a runtime, breaks it."""
+module that imports an adapter, the service that imports a runtime, or the agent or the
+controller that imports an adapter instead of going through a registry, breaks it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def test_the_contract_holds_for_the_package():
         ("engine/crypto.py", "from imageunlock.engine import archive", "the engine"),
         ("engine/service.py", "from imageunlock.engine.runtimes import docker", "the unlock service knows no"),
         ("engine/runtimes/containerd.py", "import kopf", "adapters know no framework"),
+        ("agent/handlers.py", "from imageunlock.engine.runtimes import docker", "orchestration knows ports"),
+        ("controller/summary.py", "from imageunlock.engine.keys import resource_api", "orchestration knows ports"),
     ],
 )
 def test_the_contract_fails_when_a_layer_is_crossed(copy, module, line, contract):

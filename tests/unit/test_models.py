@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from imageunlock.engine.models import DEFAULT_IMAGES, Credentials, Phase, UnlockRequest
+from imageunlock.defaults import DEFAULT_IMAGES
+from imageunlock.engine.models import Credentials, Phase, UnlockRequest
 from imageunlock.errors import ConfigurationError
 
 
 def test_a_request_names_every_image_at_its_version():
-    request = UnlockRequest("/a.enc", "1.4.2")
+    request = UnlockRequest("/a.enc", "1.4.2", DEFAULT_IMAGES)
     assert request.refs == [f"{name}:1.4.2" for name in DEFAULT_IMAGES] and len(request.refs) == 7
     assert UnlockRequest("/a.enc", "2", ("x/y",)).refs == ["x/y:2"]
 

@@ -25,7 +25,7 @@ from imageunlock.engine.crypto import encrypt_with_key
 from imageunlock.engine.models import Credentials
 from imageunlock.errors import ConfigurationError
 from imageunlock.kube.nodes import NodeInfo
-from imageunlock.kube.spec import parse_spec
+from imageunlock.kube.spec import check_runtime, parse_spec
 
 from ..support import fake_key_source, fake_runtime
 from ..support.fakes import FakeKubernetesApi, FakeRuntime
@@ -77,7 +77,7 @@ def test_the_agent_settings_take_a_registered_runtime_and_its_variables(fake):
 
 
 def test_the_spec_and_the_node_detection_take_a_registered_runtime(fake):
-    assert parse_spec({**SPEC, "runtime": "fake"}, None, (API,), runtime="fake").runtime == "fake"
+    assert check_runtime(parse_spec({**SPEC, "runtime": "fake"}, None, (API,)), "fake").runtime == "fake"
     node = NodeInfo.from_object(
         {"metadata": {"name": "n"}, "status": {"nodeInfo": {"containerRuntimeVersion": "fake://1"}}}
     )

@@ -326,7 +326,7 @@ def test_the_deadline_covers_retries():
     assert 1 <= len(api.requests) <= 4
 
 
-# -- the base URL: parsed once, strictly, with the parser requests uses -----------------------
+# -- the base URL: parsed once by the one strict parser (apiurl.py), checked as requests reads it --
 @pytest.mark.parametrize(
     "url",
     [
@@ -355,6 +355,7 @@ def test_the_deadline_covers_retries():
         "http://",
         "http:///login",
         "http://127.0.0.1:99999",
+        "HTTPS://127.0.0.1:1",  # the one grammar (apiurl.py) the spec and the CRD hold too
     ],
 )
 def test_ambiguous_or_unusable_base_urls_are_refused(url):
@@ -367,7 +368,7 @@ def test_ambiguous_or_unusable_base_urls_are_refused(url):
     "url, normalized",
     [
         ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
-        ("HTTPS://API.Example.test/v1/", "https://api.example.test/v1"),
+        ("https://API.Example.test/v1/", "https://api.example.test/v1"),
         ("http://[::1]:8080", "http://[::1]:8080"),
     ],
 )

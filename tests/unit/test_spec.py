@@ -3,12 +3,15 @@ the runtime choice and the allow-listed resource API URL."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine.keys.apiurl import url_allowed
-from imageunlock.engine.models import DEFAULT_IMAGES
 from imageunlock.errors import ConfigurationError
-from imageunlock.kube.spec import parse_spec
+from imageunlock.kube.spec import check_runtime, parse_spec
 
 GOOD = {
     "archivePath": "/var/lib/imageunlock/images.enc",
@@ -19,8 +22,18 @@ GOOD = {
 
 def test_minimal_spec_gets_defaults():
     spec = parse_spec(GOOD, None)
-    assert spec.images == DEFAULT_IMAGES and spec.runtime == "docker" and spec.archive_sha256 is None
+    assert spec.images == DEFAULT_IMAGES and spec.runtime == "auto" and spec.archive_sha256 is None
     assert spec.to_request().refs[0] == "azaion/annotations:1.4.2"
+
+
+def test_the_crds_default_images_are_the_product_defaults():
+    """The CRD defaults spec.images at the API server; the parser, for an older CRD, and the
+    CLI use imageunlock.defaults: the one list in Python, and YAML held equal to it."""
+    crd = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "crds" / "loader.azaion.com_imageunlocks.yaml").read_text()
+    )
+    images = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["images"]
+    assert tuple(images["default"]) == DEFAULT_IMAGES
 
 
 def test_api_url_falls_back_to_operator_default():
@@ -56,15 +69,15 @@ def test_all_problems_are_reported_at_once_with_field_paths():
 @pytest.mark.parametrize("operator_runtime", ["docker", "containerd"])
 def test_runtime_auto_and_absent_mean_the_operators_own(operator_runtime):
     for spec in (GOOD, {**GOOD, "runtime": "auto"}, {**GOOD, "runtime": operator_runtime}):
-        assert parse_spec(spec, None, runtime=operator_runtime).runtime == operator_runtime
+        assert check_runtime(parse_spec(spec, None), operator_runtime).runtime == operator_runtime
 
 
 def test_a_runtime_the_operator_does_not_load_into_is_refused_not_silently_swapped():
     with pytest.raises(ConfigurationError, match="IMAGEUNLOCK_RUNTIME") as info:
-        parse_spec({**GOOD, "runtime": "containerd"}, None, runtime="docker")
+        check_runtime(parse_spec({**GOOD, "runtime": "containerd"}, None), "docker")
     assert "use auto" in info.value.message
     with pytest.raises(ConfigurationError, match=r"is not this node's runtime"):
-        parse_spec({**GOOD, "runtime": "docker"}, None, runtime="containerd")
+        check_runtime(parse_spec({**GOOD, "runtime": "docker"}, None), "containerd")
 
 
 def test_missing_api_url_everywhere_is_explained():

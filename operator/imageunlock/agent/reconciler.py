@@ -21,14 +21,14 @@ from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
-from imageunlock.engine.models import Phase
+from imageunlock.engine.models import Phase, Runtime
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import Image, NodeEntry, Progress
-from imageunlock.kube.spec import UnlockSpec, parse_spec
+from imageunlock.kube.spec import UnlockSpec, check_runtime, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Reconciler:
     def __init__(
         self,
         settings: AgentConfig,
-        runtime: Any,
+        runtime: Runtime,
         kube: KubernetesApi,
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
@@ -141,8 +141,9 @@ class Reconciler:
 
     def parse(self, body: Mapping[str, Any]) -> UnlockSpec:
         settings = self.settings
-        runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
-        return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
+        runtime = settings.runtime if settings.runtime != "auto" else self.runtime.name
+        spec = parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist)
+        return check_runtime(spec, runtime)
 
     def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
         # Credentials only ever come from a Secret of the ImageUnlock's own namespace.
@@ -274,7 +275,7 @@ class Reconciler:
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         if not result.fast_path:
-            runtime = getattr(self.runtime, "name", "unknown")
+            runtime = self.runtime.name
             metrics.UNLOCK_DURATION.labels(runtime).observe(time.monotonic() - started)
             metrics.LOADED_BYTES.labels(runtime).inc(result.archive_bytes)
         how = "already present" if result.fast_path else "loaded"
@@ -352,7 +353,7 @@ class _Reconciliation:
             self.started = True
             self.event("Normal", "Unlocking", "images not present: unlocking the archive")
         if phase == Phase.LOADING and done > self.decrypted:
-            metrics.DECRYPTED_BYTES.labels(getattr(self.owner.runtime, "name", "unknown")).inc(done - self.decrypted)
+            metrics.DECRYPTED_BYTES.labels(self.owner.runtime.name).inc(done - self.decrypted)
             self.decrypted = done
         if self.throttle.ready(phase, final=bool(total) and done >= total):
             working = st.mark_reconciling(self.entry, phase, phase.value, message, self.generation)

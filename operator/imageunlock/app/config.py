@@ -53,7 +53,8 @@ class _Settings(BaseSettings):
     def _namespaces(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("log_level", "log_format", mode="before")
+    # runtime: the agent's (check_fields=False: a field of a subclass, lower-cased the same way)
+    @field_validator("log_level", "log_format", "runtime", mode="before", check_fields=False)
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -187,11 +188,6 @@ class AgentConfig(_Settings):
             for s in kind.settings
         }
         return {"runtime_settings": settings}
-
-    @field_validator("runtime", mode="before")
-    @classmethod
-    def _runtime_lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
 
     @field_validator("runtime")
     @classmethod

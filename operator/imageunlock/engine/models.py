@@ -11,17 +11,6 @@ from typing import Protocol
 
 from imageunlock.errors import ConfigurationError
 
-# The seeds' API_SERVICES: what an archive holds unless a request says otherwise.
-DEFAULT_IMAGES: tuple[str, ...] = (
-    "azaion/annotations",
-    "azaion/flights",
-    "azaion/detections",
-    "azaion/gps-denied-onboard",
-    "azaion/gps-denied-desktop",
-    "azaion/autopilot",
-    "azaion/ai-training",
-)
-
 
 class Phase(StrEnum):
     PENDING = "Pending"
@@ -134,7 +123,7 @@ class KeySource(Protocol):
 class UnlockRequest:
     archive_path: str
     version: str
-    images: tuple[str, ...] = DEFAULT_IMAGES
+    images: tuple[str, ...]  # names without a tag; the defaults are product data (imageunlock.defaults)
     archive_sha256: str | None = None
     # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
     known_ids: Mapping[str, str] = field(default_factory=dict)

@@ -3,16 +3,21 @@
 The CRD's OpenAPI schema already refuses most bad input at ``kubectl apply`` time; this
 module re-checks everything the operator relies on (a cluster may run an older CRD, and
 the same rules serve the CLI), and reports *all* problems at once with the field path.
+
+Two steps: :func:`parse_spec` reads the spec alone (the same answer on every node), and
+:func:`check_runtime` holds the result to the runtime of the node it is to be unlocked on
+(what ``auto`` means there, and whether a named runtime is that one).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import keys, runtimes
-from imageunlock.engine.models import DEFAULT_IMAGES, UnlockRequest
+from imageunlock.engine.models import UnlockRequest
 from imageunlock.errors import ConfigurationError
 
 # Docker's grammar for a tag and for a repository name (with an optional registry host).
@@ -28,7 +33,7 @@ class UnlockSpec:
     version: str
     images: tuple[str, ...]
     key_source: keys.KeySourceSpec
-    runtime: str = "docker"  # resolved: never "auto"
+    runtime: str = runtimes.AUTO  # as asked (a registered name or auto); check_runtime resolves it
     archive_sha256: str | None = None
 
     def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
@@ -45,11 +50,11 @@ def parse_spec(
     spec: Mapping[str, object],
     default_api_url: str | None,
     allowed_api_urls: Sequence[str] = (),
-    runtime: str = "docker",
 ) -> UnlockSpec:
     """``allowed_api_urls`` empty means any URL (the CLI); the operator always passes a list,
-    since the credentials Secret is sent to whatever URL the spec names. ``runtime`` is the
-    one the operator loads into: what ``auto`` means, and the only one it serves."""
+    since the credentials Secret is sent to whatever URL the spec names. ``spec.runtime`` is
+    only checked to be a registered name or ``auto`` here: :func:`check_runtime` is the node's
+    part."""
     problems: list[str] = []
 
     def text(path: str, value: object, pattern: str | None = None, hint: str = "") -> str:
@@ -80,12 +85,6 @@ def parse_spec(
     wanted = spec.get("runtime") or runtimes.AUTO
     if wanted not in (known := (*runtimes.names(), runtimes.AUTO)):  # spec.runtime: a name, or the node's own
         problems.append(f"spec.runtime {wanted!r} is not one of {', '.join(known)}")
-    elif wanted not in (runtimes.AUTO, runtime):
-        problems.append(
-            f"spec.runtime {wanted!r} is not this node's runtime ({runtime}: the Node's "
-            f"containerRuntimeVersion, or the agent setting IMAGEUNLOCK_RUNTIME): use auto, or select "
-            f"{wanted} nodes with spec.nodeSelector"
-        )
 
     digest = spec.get("archiveSha256")
     if digest is not None:
@@ -98,9 +97,22 @@ def parse_spec(
         version=version,
         images=tuple(images),
         key_source=key_source,
-        runtime=runtime,
+        runtime=str(wanted),
         archive_sha256=str(digest).lower() if digest else None,
     )
+
+
+def check_runtime(spec: UnlockSpec, runtime: str) -> UnlockSpec:
+    """``spec`` on a node whose agent loads into ``runtime`` (the Node's containerRuntimeVersion,
+    or IMAGEUNLOCK_RUNTIME): ``auto`` becomes that runtime; another one is refused, never
+    silently swapped."""
+    if spec.runtime not in (runtimes.AUTO, runtime):
+        raise ConfigurationError(
+            f"spec.runtime {spec.runtime!r} is not this node's runtime ({runtime}: the Node's "
+            f"containerRuntimeVersion, or the agent setting IMAGEUNLOCK_RUNTIME): use auto, or select "
+            f"{spec.runtime} nodes with spec.nodeSelector"
+        )
+    return replace(spec, runtime=runtime)
 
 
 def _key_source(spec: Mapping[str, object], settings: keys.KeySettings, problems: list[str]) -> keys.KeySourceSpec:

@@ -9,8 +9,8 @@ built. The agent and the CLI build one with :func:`build_key_source`.
 
 A new key source: an adapter module here with a ``build(spec, settings, credentials) ->
 KeySource`` function, one ``register(KeySourceKind(...))`` below, and its member under
-``spec.keySource`` in the CRD (docs/architecture.md; tests/support/fake_key_source.py is the
-recipe, run by a unit test).
+``spec.keySource`` in the CRD and in kube/models.py's ``KeySource`` (held equal by a test)
+(docs/architecture.md; tests/support/fake_key_source.py is the recipe, run by a unit test).
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ an exception message.
 
 The server is not trusted to be well-behaved:
 
-* The base URL is parsed once, with the parser requests itself uses (``urllib3``'s
-  ``parse_url``); anything ambiguous (userinfo, query, fragment, backslash, whitespace,
-  percent-encoding, non-ASCII) is refused, every request URL is built from the parsed
-  scheme/host/port plus a fixed path, and each prepared request is checked against them.
+* The base URL is parsed once, by the one strict parser the spec and the settings use too
+  (:func:`~imageunlock.engine.keys.apiurl.parse_api_url`): anything ambiguous (userinfo,
+  query, fragment, backslash, whitespace, percent-encoding, non-ASCII) is refused, every
+  request URL is built from its canonical form plus a fixed path, and each prepared request
+  is checked against that origin as the parser requests itself uses (``urllib3``'s
+  ``parse_url``) reads it.
 * Redirects are never followed (neither by requests nor by urllib3): following one would
   re-send the password or the token wherever ``Location`` points. A 3xx is a permanent error.
 * Answers are streamed and read up to a byte limit, never whole.
@@ -53,13 +55,13 @@ from requests.adapters import HTTPAdapter
 from urllib3 import ProxyManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, LocationParseError
-from urllib3.util import Url, parse_url
+from urllib3.exceptions import ConnectTimeoutError, InvalidHeader
+from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
 from imageunlock.engine.crypto import derive_key
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, KeySourceSpec, ReadCredentials, ResourceApiSpec
-from imageunlock.engine.keys.apiurl import url_allowed
+from imageunlock.engine.keys.apiurl import parse_api_url, url_allowed
 from imageunlock.engine.models import Credentials, Phase, Say
 from imageunlock.errors import (
     ApiRejectedError,
@@ -256,32 +258,6 @@ class _Session(requests.Session):
         return None
 
 
-def _parse_base_url(raw: str) -> Url:
-    def refused(why: str) -> ConfigurationError:
-        # The URL itself is not echoed: a userinfo part may hold a password.
-        return ConfigurationError(f"resource API URL {why}; expected http(s)://host[:port][/path]")
-
-    if not isinstance(raw, str) or not raw:
-        raise refused("is empty")
-    if any(not "!" <= ch <= "~" for ch in raw):
-        raise refused("contains whitespace, a control character or a non-ASCII character")
-    if "\\" in raw or "%" in raw:
-        raise refused("contains a backslash or percent-encoding")
-    try:
-        url = parse_url(raw)
-    except LocationParseError:
-        raise refused("cannot be parsed") from None
-    if url.scheme not in ("http", "https"):
-        raise refused("must start with http:// or https://")
-    if url.auth is not None or "@" in raw:  # parse_url drops an empty userinfo ("http://@host")
-        raise refused("must not contain a user name or password (userinfo)")
-    if url.query is not None or url.fragment is not None or "?" in raw or "#" in raw:
-        raise refused("must not contain a query or fragment")
-    if not url.host:
-        raise refused("has no host")
-    return url
-
-
 def _token_from(body: bytes) -> str | None:
     try:
         token = json.loads(body).get("token")
@@ -309,10 +285,11 @@ class ResourceApiClient:
     """One HTTP session per client; one call at a time."""
 
     def __init__(self, base_url: str, credentials: Credentials, settings: ApiClientConfig | None = None):
-        url = _parse_base_url(base_url)
+        # The one strict parser (apiurl): requests are built from its canonical form only, and
+        # each is checked against that form as urllib3, the parser requests uses, reads it.
+        self.base_url = parse_api_url(base_url).url
+        url = parse_url(self.base_url)
         self._target = (url.scheme, None, url.host, url.port)
-        port = f":{url.port}" if url.port is not None else ""
-        self.base_url = f"{url.scheme}://{url.host}{port}{(url.path or '').rstrip('/')}"
         self._credentials = credentials
         self._settings = settings or ApiClientConfig()
         self._token: str | None = None

@@ -12,8 +12,9 @@ runtime is built, so choosing containerd never imports the docker SDK, and the p
 (kube.spec, kube.nodes) read names and schemes without any adapter.
 
 A new runtime: an adapter module here with a ``build(settings, timeout) -> Runtime`` function,
-one ``register(RuntimeKind(...))`` below, and its name in the CRD's two runtime enums
-(docs/architecture.md; tests/support/fake_runtime.py is the recipe, run by a unit test).
+one ``register(RuntimeKind(...))`` below, and its name in the CRD's two runtime enums and the
+chart's ``agent.runtime`` enum (values.schema.json) (docs/architecture.md;
+tests/support/fake_runtime.py is the recipe, run by a unit test).
 """
 
 from __future__ import annotations
