@@ -8,10 +8,11 @@ import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import kubernetes
 import pytest
 
 from imageunlock.errors import KubernetesUnavailableError
-from imageunlock.kube.lease import LeaseConflict, LeaseElector, LeaseRecord, Timing
+from imageunlock.kube.lease import KubeLeases, LeaseConflict, LeaseElector, LeaseRecord, Timing
 
 TIMING = Timing(lease=10, renew_deadline=7, retry=2)
 
@@ -200,3 +201,33 @@ def test_timing_must_leave_the_leader_time_to_stop_before_the_lease_expires():
         Timing(lease=10, renew_deadline=10, retry=2)
     with pytest.raises(ValueError):
         Timing(lease=10, renew_deadline=2, retry=2)
+
+
+def test_every_lease_call_is_bounded_in_time():
+    """A half-open connection must not hang the elector thread in a Lease call for ever: it
+    would stop leading on its own clock, but never campaign again (its liveness still 200)."""
+    calls: list[tuple[str, dict]] = []
+    answer = kubernetes.client.V1Lease(
+        metadata=kubernetes.client.V1ObjectMeta(resource_version="1"),
+        spec=kubernetes.client.V1LeaseSpec(holder_identity="x", lease_duration_seconds=10),
+    )
+
+    class Api:
+        def __getattr__(self, name):
+            def call(*args, **kw):
+                calls.append((name, kw))
+                return answer
+
+            return call
+
+    leases = KubeLeases(kubernetes.client.ApiClient(), "ns", "lease", timeout=2.5)
+    leases.api = Api()
+    leases.get()
+    leases.create(LeaseRecord("me", 10, None, None, 0, None))
+    leases.update(LeaseRecord("me", 10, None, None, 0, "1"))
+    assert [name for name, _ in calls] == [
+        "read_namespaced_lease",
+        "create_namespaced_lease",
+        "replace_namespaced_lease",
+    ]
+    assert all(kw.get("_request_timeout") == 2.5 for _, kw in calls), calls

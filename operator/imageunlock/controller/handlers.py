@@ -137,7 +137,10 @@ def _elect(memo: kopf.Memo, config: ControllerConfig, loop: asyncio.AbstractEven
     me = identity()
     # Each replica's writes carry its name (audit logs tell which replica wrote what).
     memo.kube.api_client.user_agent = f"imageunlock-controller/{me}"
-    leases = KubeLeases(memo.kube.api_client, namespace, config.lease_name)
+    # A call may take what is left of the Lease after the renew deadline, no more.
+    leases = KubeLeases(
+        memo.kube.api_client, namespace, config.lease_name, config.lease_duration - config.renew_deadline
+    )
     memo.elector = LeaseElector(leases, me, timing, on_change=functools.partial(_on_leadership, memo, loop))
     memo.elector_stop = threading.Event()
     memo.elector_thread = threading.Thread(

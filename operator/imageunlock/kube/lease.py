@@ -187,18 +187,31 @@ class LeaseElector:
 class KubeLeases:
     """:class:`Leases` on the API server: the Lease ``namespace/name``."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, name: str) -> None:
+    def __init__(
+        self, api_client: kubernetes.client.ApiClient, namespace: str, name: str, timeout: float = 3.0
+    ) -> None:
         self.api = kubernetes.client.CoordinationV1Api(api_client)
         self.namespace, self.name = namespace, name
+        # Every call bounded: a half-open connection must not hang the elector for ever (it
+        # would stop leading on its own clock, but never campaign again).
+        self.timeout = timeout
         self.what = f"Lease {namespace}/{name}"
 
     def get(self) -> LeaseRecord | None:
-        lease = _call(f"reading {self.what}", lambda: self.api.read_namespaced_lease(self.name, self.namespace), (404,))
+        lease = _call(
+            f"reading {self.what}",
+            lambda: self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self.timeout),
+            (404,),
+        )
         return None if isinstance(lease, Refused) else _record(lease)
 
     def create(self, record: LeaseRecord) -> LeaseRecord:
         body = self._body(record)
-        lease = _call(f"creating {self.what}", lambda: self.api.create_namespaced_lease(self.namespace, body), (409,))
+        lease = _call(
+            f"creating {self.what}",
+            lambda: self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self.timeout),
+            (409,),
+        )
         if isinstance(lease, Refused):
             raise LeaseConflict
         return _record(lease)
@@ -207,7 +220,7 @@ class KubeLeases:
         body = self._body(record)
         lease = _call(
             f"updating {self.what}",
-            lambda: self.api.replace_namespaced_lease(self.name, self.namespace, body),
+            lambda: self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=self.timeout),
             (409,),
         )
         if isinstance(lease, Refused):
