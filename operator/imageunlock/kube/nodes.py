@@ -20,13 +20,10 @@ from typing import Any
 from imageunlock.engine.models import Phase
 from imageunlock.engine.runtimes import runtime_of
 from imageunlock.errors import ConfigurationError
+from imageunlock.kube.labels import LABEL_KEY, LABEL_VALUE
 from imageunlock.kube.models import Image, NodeEntry
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
-# A label key: optional DNS-subdomain prefix, then a name (Kubernetes' qualified name).
-_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_KEY = rf"^(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$"
-LABEL_VALUE = rf"^(?:{_NAME})?$"
 
 
 @dataclass(frozen=True)
