@@ -115,6 +115,7 @@ class NodeInfo:
     runtime: str | None = (
         None  # a registered runtime's name (engine.runtimes), from status.nodeInfo.containerRuntimeVersion
     )
+    disk_pressure: bool = False  # kubelet's DiskPressure condition is True: no import starts (agent)
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
@@ -124,6 +125,10 @@ class NodeInfo:
             labels=dict(meta.get("labels") or {}),
             taints=tuple(t for t in spec.get("taints") or () if isinstance(t, Mapping)),
             runtime=runtime_of(((status.get("nodeInfo") or {}).get("containerRuntimeVersion")) or ""),
+            disk_pressure=any(
+                isinstance(c, Mapping) and c.get("type") == "DiskPressure" and c.get("status") == "True"
+                for c in status.get("conditions") or ()
+            ),
         )
 
 
