@@ -146,8 +146,12 @@ class Cluster:
     def set_node_condition(self, name: str, type_: str, status: str) -> None:
         """Set one of a Node's conditions as kubelet would report it (the plane has no kubelet;
         conditions are a whole list in a merge patch, so the others are kept as read)."""
-        node = self.api.sanitize_for_serialization(self.core.read_node(name))
-        kept = [c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") != type_]
+        status_ = self.core.read_node(name).status
+        kept = [
+            {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+            for c in (status_ and status_.conditions) or []
+            if c.type != type_
+        ]
         condition = {"type": type_, "status": status, "reason": f"Kubelet{type_}{status}", "message": "set by a test"}
         patch = {"status": {"conditions": [*kept, condition]}}
         self.core.patch_node(name, patch, _content_type="application/merge-patch+json")
