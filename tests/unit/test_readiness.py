@@ -94,6 +94,14 @@ def test_patches_set_what_is_due_and_remove_the_rest_with_the_managed_keys():
     }
 
 
+def test_a_label_the_operator_did_not_set_is_neither_overwritten_nor_removed():
+    """Whoever may create an ImageUnlock names the key: it must not strip or rewrite the labels
+    other workloads select nodes by (a node with such a label just gets no readiness label)."""
+    nodes = [node("a", **{KEY: "theirs"}), node("b", role="cloud", **{KEY: "theirs"}), node("c")]
+    patches = label_patches([unlock(entry("a"), entry("c"))], nodes, EVERYWHERE, {})
+    assert patches == {"c": {"metadata": {"labels": {KEY: "1.0.0"}, "annotations": {MANAGED: KEY}}}}
+
+
 def test_nothing_to_patch_when_every_node_is_as_due():
     nodes = [node("a", **{KEY: "1.0.0"}), node("b")]
     assert label_patches([unlock(entry("a"))], nodes, EVERYWHERE, {"a": frozenset({KEY})}) == {}

@@ -7,11 +7,12 @@ therefore never fight over it (one removing what the other set), and the label m
 ImageUnlock behind it is usable here". Any other node does not carry it: not Ready, not
 selected (or an invalid selector, or more than MAX_NODES), the ImageUnlock deleted.
 
-The controller owns the key, not just the value: it removes the key wherever it is not due,
-whoever set it. Keys it set are listed on the Node in the annotation MANAGED, so a key whose
+Keys the controller set are listed on the Node in the annotation MANAGED, so a key whose
 ImageUnlock was deleted while no controller ran (there is no finalizer: deletion stays
-instant) is still found and removed at start-up; a key the controller never set and no
-ImageUnlock names is never touched.
+instant) is still found and removed at start-up. A label the controller did not set is never
+overwritten nor removed (whoever may create an ImageUnlock names the key: it must not be able
+to strip or rewrite the labels other workloads select nodes by); such a node just does not
+get the readiness label until that label is gone.
 """
 
 from __future__ import annotations
@@ -95,14 +96,16 @@ def label_patches(
     managed: Mapping[str, frozenset[str]],
 ) -> dict[str, dict[str, Any]]:
     """Per node that needs one, the merge patch of its labels and of MANAGED: every key an
-    ImageUnlock names or this operator set on the node goes to its due value (None: removed)."""
+    ImageUnlock names or this operator set on the node goes to its due value (None: removed),
+    except a label of that key the operator did not set."""
     keys, desired = desired_labels(objects, nodes, placement)
     patches: dict[str, dict[str, Any]] = {}
     for node in nodes:
         due = desired.get(node.name, {})
         mine = managed.get(node.name, frozenset())
-        labels = {k: due.get(k) for k in sorted(keys | mine) if node.labels.get(k) != due.get(k)}
-        now_managed = ",".join(sorted(due)) or None
+        ours = {k for k in keys | mine if k in mine or k not in node.labels}  # never someone else's label
+        labels = {k: due.get(k) for k in sorted(ours) if node.labels.get(k) != due.get(k)}
+        now_managed = ",".join(sorted(k for k in due if k in ours)) or None
         meta: dict[str, Any] = {}
         if labels:
             meta["labels"] = labels
