@@ -169,3 +169,44 @@ def test_the_writer_patches_each_node_once_as_the_controller_and_stops_when_no_l
     kube.patches.clear()
     assert follower.sync([unlock(entry("a"), entry("b"))], [node("a"), node("b")], {}) == 1
     assert [n for n, _, _ in kube.patches] == ["a"]
+
+
+def test_the_first_pass_waits_for_the_objects_listed_at_start_up_then_retries_failures():
+    """A controller restart must not remove a due label because the watch has not delivered
+    its ImageUnlock yet: the first pass waits until every object listed at start-up was seen.
+    A failed pass (API server away) is tried again."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from imageunlock.controller import handlers as controller
+    from imageunlock.errors import KubernetesUnavailableError
+
+    passes: list[list[Any]] = []
+    failures = [KubernetesUnavailableError("HTTP 503")]
+
+    class Labeller:
+        def sync(self, objects, nodes, managed):
+            passes.append(list(objects))
+            if failures:
+                raise failures.pop()
+            return 0
+
+    async def run() -> None:
+        memo = SimpleNamespace(
+            objects={}, nodes={}, managed={}, awaited={("ns", "iu")}, labels_due=asyncio.Event(), labeller=Labeller()
+        )
+        memo.labels_due.set()
+        task = asyncio.create_task(controller._label_loop(memo))
+        await asyncio.sleep(0.5)
+        assert passes == []  # ns/iu not delivered yet: no pass that would remove its label
+        memo.objects[("ns", "iu")] = unlock(entry("a"))
+        memo.awaited.discard(("ns", "iu"))
+        memo.labels_due.set()
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if len(passes) >= 2:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(passes) == 2 and all(p == [unlock(entry("a"))] for p in passes)  # 503, then again
