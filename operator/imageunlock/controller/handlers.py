@@ -5,7 +5,8 @@ the Nodes an ImageUnlock selects into the top-level kstatus conditions, phase an
 (summary.py), and removes the entries of nodes that left the selection or were deleted (an
 agent on a deleted node is gone with it). One writer for the summary, so no agent ever
 races another over it, and no heartbeat writes: it acts on watch events of ImageUnlocks and
-Nodes. Needs no host access: it runs as a "restricted" pod with read-only Node access.
+Nodes. Needs no host access: it runs as a "restricted" pod that reads Nodes and patches them
+only for the readiness label (below).
 
 Two replicas by default: both watch (their caches stay warm), only the holder of the Lease
 (kube/lease.py, on a thread of its own) writes. A replica that gains the Lease queues every
