@@ -6,9 +6,10 @@ and a demo resource API (all on 127.0.0.1), registers two Node objects (there is
 ``edge-docker`` reports docker, ``edge-containerd`` containerd), makes a demo archive (7 small
 images, encrypted with ``openssl``), applies the CRD and the samples from ``manifests/``
 (namespace, Secret, ImageUnlock), starts the controller and one agent per node in the
-background, waits for Ready and prints ``kubectl get imageunlocks`` (NODES 2/2) and each
-node's entry. Everything stays running; state lives in ``.demo/`` (kubeconfig at
-``.demo/kubeconfig``, logs at ``.demo/*.log``). ``down`` stops everything it started, by
+background, waits for Ready and prints ``kubectl get imageunlocks`` (NODES 2/2), each
+node's entry and each node's readiness label (``node <name>: <key>=<version>``). Everything
+stays running; state lives in ``.demo/`` (kubeconfig at ``.demo/kubeconfig``, logs at
+``.demo/*.log``). ``down`` stops everything it started, by
 PID, and removes ``.demo/``.
 """
 
@@ -209,6 +210,9 @@ def up() -> int:
         say(f"not Ready: {wait.stderr.strip()}; see .demo/controller.log and .demo/agent-*.log")
         return 1
     print(_entries() + "\n")
+    labels = _readiness_labels()
+    if labels:
+        print("\n".join(labels) + "\n")
     first = next(iter(NODES))
     print(f"metrics: http://127.0.0.1:{metrics_ports[first]}/metrics")
     print(f"controller metrics: http://127.0.0.1:{controller_port}/metrics")
@@ -242,6 +246,28 @@ def _own_disk(node: str, archive: Path, archives: Path) -> list[str]:
 
 def _role(base: dict[str, str], **settings: str) -> dict[str, str]:
     return {**base, "IMAGEUNLOCK_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz", **settings}
+
+
+def _readiness_labels(timeout: float = 30.0) -> list[str]:
+    """``node <name>: <key>=<version>`` per node and ImageUnlock with spec.readinessLabel, once
+    the controller has labelled every node (it does so right after Ready); what is there after
+    ``timeout`` otherwise, ``<key> not set`` where it is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items = yaml.safe_load(_kubectl("get", "imageunlocks", "-n", NAMESPACE, "-o", "yaml").stdout)["items"]
+        keys = [(i["spec"]["readinessLabel"], i["spec"]["version"]) for i in items if i["spec"].get("readinessLabel")]
+        nodes = yaml.safe_load(_kubectl("get", "nodes", "-o", "yaml").stdout)["items"]
+        labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
+        done = all(labels.get(node, {}).get(key) == version for node in NODES for key, version in keys)
+        if done or time.monotonic() >= deadline:
+            return [
+                f"node {node}: {key}={labels[node][key]}"
+                if labels.get(node, {}).get(key)
+                else f"node {node}: {key} not set"
+                for key, _version in keys
+                for node in NODES
+            ]
+        time.sleep(0.5)
 
 
 def _entries() -> str:

@@ -120,6 +120,14 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
+class NodeDiskPressureError(TransientError):
+    """The node reports kubelet's ``DiskPressure`` condition: no import starts (it would fill
+    the disk further, and kubelet may be evicting pods to free it). Images already loaded stay
+    usable; the import starts once the condition clears (the agent watches its Node)."""
+
+    reason = "NodeDiskPressure"
+
+
 class ForeignTagsError(UnlockError):
     """The archive would create or move image tags other than the requested ``NAME:VERSION``
     refs (e.g. ``nginx:latest``): refused before its tail is released, nothing loaded."""

@@ -110,3 +110,35 @@ def test_valid_selectors_are_accepted(cluster, namespace, case):
     assert result.returncode == 0, result.stderr
     stored = json.loads(cluster.kubectl("get", "iu", "good", "-n", namespace, "-o", "json").stdout)
     assert stored["spec"].get("nodeSelector", {}) == ACCEPTED[case]
+
+
+# spec.readinessLabel (issue 20, item 4): case -> (spec fields, what the API server says)
+READINESS_REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "not a label key": ({"readinessLabel": "not a key"}, "spec.readinessLabel: Invalid value"),
+    "a reserved prefix": (
+        {"readinessLabel": "node.kubernetes.io/images"},
+        "must not use a prefix Kubernetes reserves",
+    ),
+    "a version that is no label value": (
+        {"readinessLabel": "unlock.loader.azaion.com/images", "version": "_1.0"},
+        "spec.version must be a valid label value",
+    ),
+    "a key of its own selector": (
+        {"readinessLabel": "role", "nodeSelector": {"matchLabels": {"role": "edge"}}},
+        "must not be a key of spec.nodeSelector",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(READINESS_REFUSED))
+def test_bad_readiness_labels_are_refused_by_the_api_server(cluster, namespace, case):
+    fields, message = READINESS_REFUSED[case]
+    spec = {**spec_for("/var/lib/imageunlock/images.enc", "1.0", "creds"), **fields}
+    result = cluster.kubectl("apply", "-f", "-", input=json.dumps(unlock_object(namespace, "bad", spec)), check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_a_qualified_readiness_label_is_accepted(cluster, namespace):
+    spec = spec_for("/var/lib/imageunlock/images.enc", "1.0.0", "creds", readinessLabel="unlock.loader.azaion.com/x")
+    result = cluster.kubectl("apply", "-f", "-", input=json.dumps(unlock_object(namespace, "good", spec)), check=False)
+    assert result.returncode == 0, result.stderr

@@ -62,7 +62,8 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
         pytest.skip("a cluster given by IMAGEUNLOCK_TEST_KUBECONFIG has no audit log here")
     start_operator()  # cluster-wide, as the Deployment runs it
     path = place(archives.own_archive, archive_root)
-    cluster.create_unlock(namespace, "audited", spec_for(path, archives.version, secret))
+    key = f"unlock.loader.azaion.com/{namespace}"  # the controller's one Node write: the readiness label
+    cluster.create_unlock(namespace, "audited", spec_for(path, archives.version, secret, readinessLabel=key))
     cluster.create_unlock(namespace, "nosecret", spec_for(path, archives.version, "missing", images=["azaion/none"]))
     wait_for(lambda: is_ready(cluster, namespace, "audited"), 60, "Ready")
     wait_for(lambda: is_stalled(cluster, namespace, "nosecret"), 60, "Stalled")
@@ -83,6 +84,7 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
             Request("patch", "loader.azaion.com", "imageunlocks/status", True),
             Request("list", "", "nodes", False),
             Request("watch", "", "nodes", False),
+            Request("patch", "", "nodes", False),  # spec.readinessLabel
             Request("watch", "loader.azaion.com", "imageunlocks", False),
             # leader election: the Lease, read and renewed (created by the session's first)
             Request("get", "coordination.k8s.io", "leases", True),

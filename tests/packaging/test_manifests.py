@@ -554,7 +554,8 @@ STATUS_PATCH = {("loader.azaion.com", "imageunlocks/status", "patch")}
 
 def test_rbac_is_least_privilege():
     """Exactly these grants, per role: nobody patches ImageUnlocks themselves (no kopf state,
-    no finalizers), nobody writes Nodes, only the agents post Events and read Secrets (get
+    no finalizers), only the controller writes Nodes (patch, for the readiness label), only
+    the agents post Events and read Secrets (get
     by name, bound per namespace), the agents get and watch their one Node (RBAC cannot narrow
     that to one Node), the controller lists and watches Nodes."""
     roles = {o["metadata"]["name"]: o["rules"] for o in manifest_objects() if o["kind"] == "ClusterRole"}
@@ -572,7 +573,7 @@ def test_rbac_is_least_privilege():
         "imageunlock-controller": IMAGEUNLOCKS_READ
         | STATUS_PATCH
         | CRDS_READ
-        | {("", "nodes", "list"), ("", "nodes", "watch")},
+        | {("", "nodes", "list"), ("", "nodes", "watch"), ("", "nodes", "patch")},  # patch: spec.readinessLabel
         SECRETS_ROLE: {("", "secrets", "get")},
     }
     rules = [r for rs in roles.values() for r in rs]
@@ -665,10 +666,25 @@ def test_plane_enforces_namespaced_secret_access(plane):
     assert "(Forbidden)" in get_secret("iu-elsewhere")
 
 
+def _patch_node_as(kubeconfig: str, name: str, patch: dict[str, Any]) -> int:
+    """The HTTP status of a merge patch of Node ``name`` as ``kubeconfig``'s user."""
+    import kubernetes
+
+    api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+    try:
+        kubernetes.client.CoreV1Api(api).patch_node(name, patch, _content_type="application/merge-patch+json")
+    except kubernetes.client.ApiException as exc:
+        return int(exc.status)
+    finally:
+        api.close()
+    return 200
+
+
 @pytest.mark.e2e
 def test_plane_enforces_each_roles_node_access(plane):
     """Enforced, as installed: an agent gets, lists and watches Nodes (its own, by a field
-    selector) but cannot change them; the controller lists them but cannot change them either."""
+    selector) but cannot change them; the controller lists them and patches them (the readiness
+    label) but cannot read one by name, update or delete them."""
     agent, controller = plane.sa_kubeconfig, plane.kubeconfig_for(CONTROLLER_USER)
     name = "iu-rbac-node"
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"role": "edge"}}}
@@ -682,6 +698,11 @@ def test_plane_enforces_each_roles_node_access(plane):
         assert as_(agent, "get", "nodes", "--field-selector", f"metadata.name={name}", "-o", "name").returncode == 0
         assert as_(controller, "get", "nodes", "-o", "name").returncode == 0
         assert "(Forbidden)" in as_(controller, "get", "node", name).stderr  # list/watch, no get
+        # the controller patches Nodes (spec.readinessLabel; a bare PATCH, as the operator
+        # sends it: kubectl patch would GET first), the agent cannot
+        label = {"metadata": {"labels": {"unlock.example.com/images": "1.0.0"}}}
+        assert _patch_node_as(controller, name, label) == 200
+        assert _patch_node_as(agent, name, label) == 403
         for kubeconfig in (agent, controller):
             assert "(Forbidden)" in as_(kubeconfig, "label", "node", name, "role=core", "--overwrite").stderr
             assert "(Forbidden)" in as_(kubeconfig, "delete", "node", name).stderr

@@ -138,6 +138,24 @@ class Cluster:
     def label_node(self, name: str, labels: dict[str, str | None]) -> None:
         self.core.patch_node(name, {"metadata": {"labels": labels}})
 
+    def node_metadata(self, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        """A Node's labels and annotations."""
+        meta = self.core.read_node(name).metadata
+        return dict((meta and meta.labels) or {}), dict((meta and meta.annotations) or {})
+
+    def set_node_condition(self, name: str, type_: str, status: str) -> None:
+        """Set one of a Node's conditions as kubelet would report it (the plane has no kubelet;
+        conditions are a whole list in a merge patch, so the others are kept as read)."""
+        status_ = self.core.read_node(name).status
+        kept = [
+            {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+            for c in (status_ and status_.conditions) or []
+            if c.type != type_
+        ]
+        condition = {"type": type_, "status": status, "reason": f"Kubelet{type_}{status}", "message": "set by a test"}
+        patch = {"status": {"conditions": [*kept, condition]}}
+        self.core.patch_node(name, patch, _content_type="application/merge-patch+json")
+
     def events(self, namespace: str, name: str) -> builtins.list[kubernetes.client.CoreV1Event]:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
 

@@ -177,3 +177,23 @@ def test_a_watched_node_is_never_read_again_and_follows_what_the_watch_reports()
     assert agent.selected({"spec": {"nodeSelector": {"matchLabels": {"role": "edge"}}}}) is False
     agent.observe(None)  # deleted
     assert agent.node_info() is None and agent.selected({"spec": {}}) is False
+
+
+def test_only_a_change_the_agent_acts_on_queues_its_objects_and_disk_pressure_is_one():
+    """Issue 20, item 2: the DiskPressure condition's transitions are reported (a held import
+    starts when it clears); a heartbeat that changes nothing the agent reads is not."""
+    agent = NodeAgent(FakeKubernetesApi(), "n", "docker")
+
+    def node(pressure: str, heartbeat: str = "T0") -> dict:
+        conditions = [
+            {"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat},
+            {"type": "DiskPressure", "status": pressure, "lastHeartbeatTime": heartbeat},
+        ]
+        return {"metadata": {"name": "n", "labels": {"role": "edge"}}, "status": {"conditions": conditions}}
+
+    assert agent.observe(node("False")) is True  # the first report
+    assert agent.observe(node("False", heartbeat="T1")) is False and not agent.disk_pressure()
+    assert agent.observe(node("True")) is True and agent.disk_pressure()
+    assert agent.observe(node("True", heartbeat="T2")) is False
+    assert agent.observe(node("False")) is True and not agent.disk_pressure()
+    assert agent.observe(None) is True and not agent.disk_pressure()  # deleted

@@ -21,6 +21,7 @@ TRANSIENT = {
     "RuntimeBusyError",
     "LoadError",
     "InsufficientStorageError",  # a node fixes it by freeing space: retried with backoff
+    "NodeDiskPressureError",  # kubelet (or the admin) frees space: retried, at once when it clears
     "KubernetesUnavailableError",
     "TpmUnavailableError",  # the TPM answers again (swtpm restarted, a busy TPM): retried
     "InternalError",

@@ -48,6 +48,7 @@ class World:
     ids: dict[str, str]
     urls: list[str] = field(default_factory=list)  # resource API each key client was opened for
     others: list[dict[str, Any]] = field(default_factory=list)  # other ImageUnlocks, for claims
+    pressure: bool = False  # the Node's DiskPressure condition
     reconciler: Reconciler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +59,14 @@ class World:
             archive_roots=(str(self.root),), api_url_allowlist=(API,), progress_interval=0.0, **settings
         )
         agent = NodeAgent(self.kube, NODE, "docker")
-        self.reconciler = Reconciler(config, self.runtime, self.kube, agent, others=lambda: list(self.others))
+        self.reconciler = Reconciler(
+            config,
+            self.runtime,
+            self.kube,
+            agent,
+            others=lambda: list(self.others),
+            disk_pressure=lambda: self.pressure,
+        )
 
     def open_key_client(self, url: str, credentials: Credentials, _settings: object) -> FakeKeyClient:
         """Stands in for ``ResourceApiClient(url, credentials, settings)``."""
@@ -332,6 +340,29 @@ def test_a_transient_failure_is_retried_with_attempt_and_delay_in_the_status(wor
     assert state(entry) == ("Pending", "RuntimeUnavailable")  # a working phase: Reconciling
     assert world.events[-1] == ("Warning", "RuntimeUnavailable")
     assert world.kube.events[-1].message == f"node {NODE}: fake runtime is not reachable"  # repeats aggregate
+
+
+def test_under_disk_pressure_no_import_starts_and_the_node_waits_reconciling(world):
+    """Issue 20, item 2: the Node's DiskPressure condition holds the import before any login
+    or key request (NodeDiskPressure, a working phase: Reconciling, not Stalled)."""
+    world.configure(retry_base=5.0, retry_max=300.0)
+    world.pressure = True
+    outcome = world.reconcile()
+    assert (outcome.verdict, outcome.reason, outcome.delay) == (Verdict.RETRY, "NodeDiskPressure", 5.0)
+    assert state(world.entry) == ("Pending", "NodeDiskPressure") and "observedGeneration" not in world.entry
+    assert f"node {NODE} reports DiskPressure" in world.entry["message"]
+    assert world.key.opened == [] and world.kube.credential_reads == [] and world.runtime.loads == []
+    assert world.events == [("Warning", "NodeDiskPressure")]
+    world.pressure = False  # cleared: the import goes ahead
+    assert world.reconcile(attempt=1).verdict is Verdict.READY and len(world.runtime.loads) == 1
+
+
+def test_under_disk_pressure_images_already_there_stay_ready(world):
+    """The fast path needs no import: a Ready node stays Ready while the disk is under pressure."""
+    world.reconcile()
+    world.pressure = True
+    assert world.reconcile().verdict is Verdict.READY
+    assert state(world.entry) == ("Ready", "AlreadyPresent") and len(world.runtime.loads) == 1
 
 
 def test_a_transient_failure_of_a_new_generation_leaves_the_last_observed_generation(world):

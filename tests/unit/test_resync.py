@@ -249,3 +249,28 @@ def test_spec_edits_in_a_loop_cost_one_reconcile_per_interval_and_the_latest_cou
     clock.now += 1
     resync.step(KEY, body("Failed", observed=10, generation=10))
     assert len(fake.calls) == 2  # and only once
+
+
+def test_an_import_held_by_disk_pressure_starts_as_soon_as_the_condition_clears():
+    """Issue 20, item 2: a retry for NodeDiskPressure waits for its backoff while the node is
+    under pressure, and is due at once when the condition clears (the agent's Node watch
+    queues the object then), not at the end of the backoff."""
+    resync, fake, clock = make(Outcome(Verdict.RETRY, reason="NodeDiskPressure", delay=60), Outcome(Verdict.READY))
+    fake.disk_pressure = lambda: pressure
+    pressure = True
+    resync.step(KEY, body("Pending", observed=0))
+    assert fake.calls == [0] and resync.due[KEY].reason == "NodeDiskPressure"
+    clock.now += 1
+    assert resync.step(KEY, body("Pending", observed=0)) == 59  # still under pressure: the backoff holds
+    assert fake.calls == [0]
+    pressure = False
+    resync.step(KEY, body("Pending", observed=0))
+    assert fake.calls == [0, 1]
+
+
+def test_another_retry_is_not_hurried_by_a_node_without_disk_pressure():
+    resync, fake, clock = make(Outcome(Verdict.RETRY, reason="RuntimeUnavailable", delay=60))
+    fake.disk_pressure = lambda: False
+    resync.step(KEY, body("Pending", observed=0))
+    clock.now += 1
+    assert resync.step(KEY, body("Pending", observed=0)) == 59 and fake.calls == [0]

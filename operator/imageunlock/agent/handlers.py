@@ -77,15 +77,21 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     loop = asyncio.get_running_loop()
 
     def node_changed(raw: dict[str, Any] | None) -> None:
-        memo.agent.observe(raw)
-        loop.call_soon_threadsafe(_all_changed, memo)  # labels decide every selection
+        # labels decide every selection; a DiskPressure that cleared lets a held import start now
+        if memo.agent.observe(raw):
+            loop.call_soon_threadsafe(_all_changed, memo)
 
     memo.node_watch = threading.Thread(
         target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
     )
     memo.node_watch.start()
     memo.reconciler = Reconciler(
-        config, memo.runtime, memo.kube, memo.agent, others=lambda: list(memo.objects.values())
+        config,
+        memo.runtime,
+        memo.kube,
+        memo.agent,
+        others=lambda: list(memo.objects.values()),
+        disk_pressure=memo.agent.disk_pressure,
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")

@@ -90,12 +90,22 @@ class NodeAgent:
         self._entries: dict[ObjectKey, tuple[str, NodeEntry]] = {}
         self._lock = threading.Lock()
 
-    def observe(self, raw: Mapping[str, Any] | None) -> None:
+    def observe(self, raw: Mapping[str, Any] | None) -> bool:
         """This node as a watch (KubernetesApi.follow_node) reports it; None: deleted. From the
-        first report on, the node is never read again: the watch keeps it current."""
+        first report on, the node is never read again: the watch keeps it current. True when
+        something the agent acts on changed (labels, taints, runtime, the DiskPressure
+        condition; the first report): a heartbeat changes none of them."""
+        info = NodeInfo.from_object(dict(raw)) if raw is not None else None
         with self._lock:
-            self._info = NodeInfo.from_object(dict(raw)) if raw is not None else None
+            changed = not self.watched or info != self._info
+            self._info = info
             self.known = self.watched = True
+        return changed
+
+    def disk_pressure(self) -> bool:
+        """Whether the Node reports DiskPressure (no import starts then)."""
+        info = self.node_info()
+        return info is not None and info.disk_pressure
 
     def node_info(self) -> NodeInfo | None:
         """This node as last seen: as the watch reports it, or else as last read (at most

@@ -24,7 +24,7 @@ from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_sour
 from imageunlock.engine.models import Phase, Runtime
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
-from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
+from imageunlock.errors import ConfigurationError, InternalError, NodeDiskPressureError, RefConflictError, UnlockError
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import Image, NodeEntry, Progress
@@ -116,8 +116,10 @@ class Reconciler:
         kube: KubernetesApi,
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+        disk_pressure: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
+        self.disk_pressure = disk_pressure  # the Node's DiskPressure condition is True (agent/node.py)
         self.runtime = runtime
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
@@ -159,7 +161,18 @@ class Reconciler:
             lock_timeout=self.settings.runtime_timeout,
             verified=self.node_verified,
             scope=namespace,
+            may_start=self.check_disk,
         )
+
+    def check_disk(self) -> None:
+        """No import starts on a node under DiskPressure (issue 20, item 2): retried with
+        backoff, and at once when the condition clears (resync.py)."""
+        if self.disk_pressure():
+            node = getattr(self.entries, "node", "") or "this node"
+            raise NodeDiskPressureError(
+                f"node {node} reports DiskPressure: the import waits until the condition clears "
+                "(free disk space on the node); images already loaded are not affected"
+            )
 
     def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
         """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to

@@ -27,7 +27,7 @@ from typing import Any
 
 from imageunlock.agent.reconciler import REQUESTED_AT, Inputs, Outcome, Reconciler, Verdict
 from imageunlock.engine.models import Phase
-from imageunlock.errors import UnlockError
+from imageunlock.errors import NodeDiskPressureError, UnlockError
 from imageunlock.kube.models import NodeEntry
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Due:
     uid: Any = None  # of the object it was for: one created anew under the same name starts afresh
     requested: Any = None  # the requested-at value already acted on (acted on once, not every tick)
     asked: float = float("-inf")  # monotonic time a requested re-check was last acted on
+    reason: str | None = None  # why a retry is scheduled (NodeDiskPressure: due as soon as it clears)
 
 
 class Resync:
@@ -77,7 +78,7 @@ class Resync:
         """Schedule the next look after a reconcile."""
         now = self.clock()
         if outcome.verdict is Verdict.RETRY:
-            self.due[key] = Due(now + outcome.delay, attempt + 1, None, generation)
+            self.due[key] = Due(now + outcome.delay, attempt + 1, None, generation, reason=outcome.reason)
         elif outcome.verdict is Verdict.STALLED:
             self.due[key] = Due(now + self.interval, 0, inputs, generation)
         else:
@@ -97,7 +98,7 @@ class Resync:
             if now < (started := self._started.get(key, float("-inf"))) + GENERATION_INTERVAL:
                 return started + GENERATION_INTERVAL - now  # edits in quick succession: the latest then
             due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
-        elif now < due.at:
+        elif now < due.at and not self._pressure_cleared(due):
             if request is None or request == due.requested:
                 return due.at - now  # not due; a pending request is acted on once, then the schedule holds
             if now < due.asked + REQUEST_INTERVAL:
@@ -107,6 +108,11 @@ class Resync:
         asked = now if request is not None and request != due.requested else due.asked
         self.due[key] = replace(self.due[key], uid=uid, requested=request or due.requested, asked=asked)
         return self.due[key].at - self.clock()
+
+    def _pressure_cleared(self, due: Due) -> bool:
+        """A retry held back by DiskPressure is due the moment the condition clears (the
+        agent's Node watch queues every object when the Node changes), not at its backoff."""
+        return due.reason == NodeDiskPressureError.reason and not self.reconciler.disk_pressure()
 
     def _step(self, key: ObjectKey, body: Mapping[str, Any], entry: NodeEntry, due: Due) -> None:
         generation = (body.get("metadata") or {}).get("generation")

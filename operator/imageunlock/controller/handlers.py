@@ -5,11 +5,16 @@ the Nodes an ImageUnlock selects into the top-level kstatus conditions, phase an
 (summary.py), and removes the entries of nodes that left the selection or were deleted (an
 agent on a deleted node is gone with it). One writer for the summary, so no agent ever
 races another over it, and no heartbeat writes: it acts on watch events of ImageUnlocks and
-Nodes. Needs no host access: it runs as a "restricted" pod with read-only Node access.
+Nodes. Needs no host access: it runs as a "restricted" pod that reads Nodes and patches them
+only for the readiness label (below).
 
 Two replicas by default: both watch (their caches stay warm), only the holder of the Lease
 (kube/lease.py, on a thread of its own) writes. A replica that gains the Lease queues every
 object it knows; one that may have lost it writes nothing more, at once.
+
+The leader also keeps every ImageUnlock's ``spec.readinessLabel`` on the Nodes
+(controller/readiness.py): the only Node write of the operator (``patch`` on nodes), made
+off the event loop like every other request.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from imageunlock import metrics
 from imageunlock.app import logs
 from imageunlock.app.config import ControllerConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
+from imageunlock.controller.readiness import label_patches, managed_keys
 from imageunlock.controller.summary import summarize
 from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
@@ -41,6 +47,9 @@ log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 MANAGER = "imageunlock-controller"
 COALESCE = 0.2  # seconds a changed object waits, so a burst of entry writes is one summary
+# At start-up the readiness labels wait (at most this long) until the watch has delivered
+# every ImageUnlock listed before it: a label is never removed for an object not seen yet.
+SYNC_WAIT = 30.0
 registry = new_registry()
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -75,6 +84,31 @@ class SummaryWriter:
         return bool(changed or result.prune) and self.may_write()
 
 
+class LabelWriter:
+    """Blocking: brings the readiness labels of every Node where the ImageUnlocks want them
+    (run on a worker thread)."""
+
+    def __init__(self, kube: KubernetesApi, placement: Placement, may_write: Callable[[], bool] = lambda: True) -> None:
+        self.kube, self.placement, self.may_write = kube, placement, may_write
+
+    def sync(
+        self, objects: list[Mapping[str, Any]], nodes: list[NodeInfo], managed: Mapping[str, frozenset[str]]
+    ) -> int:
+        """Patch the Nodes whose labels are not as due; how many were patched. Nothing more
+        is written once ``may_write`` says no."""
+        written = 0
+        for node, patch in label_patches(objects, nodes, self.placement, managed).items():
+            if not self.may_write():
+                break
+            labels = patch["metadata"].get("labels") or {}
+            if labels:
+                shown = ", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in labels.items())
+                log.info("node %s: readiness label %s", node, shown)
+            if self.kube.patch_node_metadata(node, patch, manager=MANAGER):
+                written += 1
+        return written
+
+
 def _log_change(namespace: str, name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
     """One line per change of the cluster verdict (phase or reason), never per write: Ready at
     INFO, Stalled at WARNING, the rest (working) at INFO."""
@@ -95,12 +129,22 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     tune(settings)
     memo.kube = await asyncio.to_thread(KubernetesApi)
     # Every Node before the first summary: an entry is never pruned for a Node not seen yet.
-    memo.nodes = {n.name: n for n in map(NodeInfo.from_object, await asyncio.to_thread(memo.kube.list_nodes))}
+    raw_nodes = await asyncio.to_thread(memo.kube.list_nodes)
+    memo.nodes = {n.name: n for n in map(NodeInfo.from_object, raw_nodes)}
+    memo.managed = {str((n.get("metadata") or {}).get("name")): managed_keys(n) for n in raw_nodes}
+    # Listed once, so the first readiness-label pass knows which objects the watch must
+    # deliver before it may remove a label (nothing stale stays, nothing due is flapped).
+    listed = await asyncio.to_thread(memo.kube.list_unlocks, config.namespaces)
+    memo.awaited = {((o.get("metadata") or {}).get("namespace"), (o.get("metadata") or {}).get("name")) for o in listed}
     memo.objects = {}
     memo.queue = WorkQueue(base=1.0, cap=60.0)  # keys (namespace, name) whose summary is due
     placement = Placement(config.agent_node_selector, config.agent_tolerations)
     memo.writer = SummaryWriter(memo.kube, placement, may_write=lambda: _leading(memo))
     memo.loop_task = asyncio.create_task(_summary_loop(memo))
+    memo.labeller = LabelWriter(memo.kube, placement, may_write=lambda: _leading(memo))
+    memo.labels_due = asyncio.Event()
+    memo.labels_due.set()  # at start-up: labels of objects deleted meanwhile go
+    memo.label_task = asyncio.create_task(_label_loop(memo))
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address, metrics.CONTROLLER_REGISTRY)
         if config.metrics_address
@@ -117,8 +161,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup(registry=registry)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    if getattr(memo, "loop_task", None) is not None:
-        memo.loop_task.cancel()
+    for task in ("loop_task", "label_task"):
+        if getattr(memo, task, None) is not None:
+            getattr(memo, task).cancel()
     if getattr(memo, "elector", None) is not None:  # it stops leading, then hands the Lease back
         memo.elector_stop.set()
         await asyncio.to_thread(memo.elector_thread.join, 15)
@@ -172,6 +217,7 @@ def _leading(memo: kopf.Memo) -> bool:
 def _queue_all(memo: kopf.Memo) -> None:
     for key in list(memo.objects):
         memo.queue.add(key)
+    memo.labels_due.set()
 
 
 @kopf.on.probe(id="leader", registry=registry)
@@ -187,9 +233,14 @@ async def track_nodes(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
     name = body.get("metadata", {}).get("name")
     if event.get("type") == "DELETED":
         memo.nodes.pop(name, None)
+        memo.managed.pop(name, None)
     else:
         info = NodeInfo.from_object(dict(body))
-        if memo.nodes.get(name) == info:
+        managed, known = managed_keys(dict(body)), memo.nodes.get(name)
+        if known is None or known.labels != info.labels or memo.managed.get(name) != managed:
+            memo.labels_due.set()
+        memo.managed[name] = managed
+        if known == info:
             return  # a heartbeat or condition update: nothing the summaries depend on
         memo.nodes[name] = info
     for key in list(memo.objects):
@@ -200,6 +251,8 @@ async def track_nodes(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
 async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body.get("metadata", {})
     key = (meta.get("namespace"), meta.get("name"))
+    memo.awaited.discard(key)
+    memo.labels_due.set()  # an entry turned Ready or not, the version or selection changed, or it is gone
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
         metrics.forget_summary(*key)
@@ -234,3 +287,34 @@ async def _summary_loop(memo: kopf.Memo) -> None:
                 queue.forget(key)
         finally:
             queue.done(key)
+
+
+async def _label_loop(memo: kopf.Memo) -> None:
+    """Keep the readiness labels (controller/readiness.py) as due: after any change of an
+    ImageUnlock or a Node's labels, coalesced, on a worker thread; a failed pass is tried
+    again after a backoff. Only the leader writes (a standby's pass is skipped: it runs one
+    when it gains the Lease)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SYNC_WAIT
+    while memo.awaited and loop.time() < deadline:
+        await asyncio.sleep(COALESCE)
+    failures = 0
+    while True:
+        await memo.labels_due.wait()
+        await asyncio.sleep(COALESCE)
+        memo.labels_due.clear()
+        if not _leading(memo):
+            continue
+        try:
+            objects, nodes = list(memo.objects.values()), list(memo.nodes.values())
+            await asyncio.to_thread(memo.labeller.sync, objects, nodes, dict(memo.managed))
+        except Exception as exc:  # the API server is away, or a bug: again after a backoff
+            failures += 1
+            delay = min(60.0, 2.0**failures)
+            if isinstance(exc, UnlockError):
+                log.warning("readiness labels not written: %s; again in %.0fs", exc.message, delay)
+            else:
+                log.exception("readiness labels failed; again in %.0fs", delay)
+            loop.call_later(delay, memo.labels_due.set)
+        else:
+            failures = 0

@@ -11,7 +11,7 @@ import logging
 import posixpath
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -84,6 +84,7 @@ class UnlockService:
         chunk_size: int = CHUNK_SIZE,
         verified: VerifiedArchives | None = None,
         scope: str = "",
+        may_start: Callable[[], None] = lambda: None,
     ) -> None:
         self.runtime = runtime
         self.keys = keys
@@ -92,6 +93,9 @@ class UnlockService:
         self.chunk_size = chunk_size
         self.verified = verified
         self.scope = scope  # whose verifications count (the operator's: the namespace)
+        # Raises when this node must not start an import now (the agent: DiskPressure);
+        # asked after the fast paths, before any login: images already there stay Ready.
+        self.may_start = may_start
 
     def _node_known(self, request: UnlockRequest, identity: tuple[object, ...]) -> UnlockRequest | None:
         """``request`` with the IDs this node verified from the file of that identity added,
@@ -130,6 +134,7 @@ class UnlockService:
             here = signature(request.archive_path, self.archive_roots)
             if (trusted := self._node_known(request, here)) is not None and (ids := self.present(trusted)):
                 return UnlockResult(images=ids, fast_path=True)
+        self.may_start()
         session = self.keys.open()
         try:
             with open_archive(request.archive_path, self.archive_roots) as (handle, size):

@@ -207,6 +207,35 @@ class KubernetesApi:
                 stop.wait(delay)
                 delay = min(delay * 2, 60.0)
 
+    def patch_node_metadata(self, name: str, patch: Mapping[str, Any], manager: str | None = None) -> bool:
+        """Merge-patch a Node's labels and annotations (the controller's readiness label);
+        False when the Node is gone."""
+        extra: dict[str, Any] = {"field_manager": manager} if manager else {}
+
+        def patch_node() -> object:
+            return self.core.patch_node(name, dict(patch), _content_type="application/merge-patch+json", **extra)
+
+        return not isinstance(_call(f"labelling Node {name}", patch_node, (404,)), Refused)
+
+    def list_unlocks(self, namespaces: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Every ImageUnlock (of ``namespaces``; none given: of all namespaces)."""
+
+        def items(answer: object) -> list[dict[str, Any]]:
+            return list(answer.get("items") or []) if isinstance(answer, dict) else []
+
+        if not namespaces:
+            return items(
+                _call("listing ImageUnlocks", lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
+            )
+        found: list[dict[str, Any]] = []
+        for namespace in namespaces:
+
+            def listed(ns: str = namespace) -> object:
+                return self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+
+            found += items(_call(f"listing ImageUnlocks of {namespace}", listed))
+        return found
+
     def list_nodes(self) -> list[dict[str, Any]]:
         nodes = _call("listing Nodes", self.core.list_node)
         return [self.api_client.sanitize_for_serialization(n) for n in nodes.items]

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from imageunlock.engine.models import Phase
+from imageunlock.kube.labels import readiness_key_problem
 
 
 class Model(BaseModel):
@@ -69,6 +70,16 @@ class ImageUnlockSpec(Model):
     runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
     node_selector: NodeSelector | None = None
     archive_sha256: str | None = None
+    # A Node label key: the controller sets <key>=<version> on every selected node that is
+    # Ready for this generation and removes it from every other node (controller/readiness.py).
+    readiness_label: str | None = None
+
+    @field_validator("readiness_label")
+    @classmethod
+    def _readiness_label(cls, value: str | None) -> str | None:
+        if value is not None and (problem := readiness_key_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 # --- status: one node's entry -------------------------------------------------------------

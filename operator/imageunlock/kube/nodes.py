@@ -20,13 +20,10 @@ from typing import Any
 from imageunlock.engine.models import Phase
 from imageunlock.engine.runtimes import runtime_of
 from imageunlock.errors import ConfigurationError
+from imageunlock.kube.labels import LABEL_KEY, LABEL_VALUE
 from imageunlock.kube.models import Image, NodeEntry
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
-# A label key: optional DNS-subdomain prefix, then a name (Kubernetes' qualified name).
-_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_KEY = rf"^(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$"
-LABEL_VALUE = rf"^(?:{_NAME})?$"
 
 
 @dataclass(frozen=True)
@@ -118,6 +115,7 @@ class NodeInfo:
     runtime: str | None = (
         None  # a registered runtime's name (engine.runtimes), from status.nodeInfo.containerRuntimeVersion
     )
+    disk_pressure: bool = False  # kubelet's DiskPressure condition is True: no import starts (agent)
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
@@ -127,6 +125,10 @@ class NodeInfo:
             labels=dict(meta.get("labels") or {}),
             taints=tuple(t for t in spec.get("taints") or () if isinstance(t, Mapping)),
             runtime=runtime_of(((status.get("nodeInfo") or {}).get("containerRuntimeVersion")) or ""),
+            disk_pressure=any(
+                isinstance(c, Mapping) and c.get("type") == "DiskPressure" and c.get("status") == "True"
+                for c in status.get("conditions") or ()
+            ),
         )
 
 

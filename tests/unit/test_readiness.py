@@ -1,0 +1,212 @@
+"""The readiness label (issue 20, item 4): ``<spec.readinessLabel>=<spec.version>`` on every
+selected node that is Ready for the current generation, on no other node; the patches that
+get every Node there, and the keys the operator set remembered on the Node (MANAGED)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from imageunlock.controller.handlers import MANAGER, LabelWriter
+from imageunlock.controller.readiness import MANAGED, desired_labels, label_patches, managed_keys
+from imageunlock.kube.labels import readiness_problems
+from imageunlock.kube.models import ImageUnlockSpec
+from imageunlock.kube.nodes import NodeInfo, Placement
+
+KEY = "unlock.loader.azaion.com/azaion-images"
+EVERYWHERE = Placement()
+EDGE = {"matchLabels": {"role": "edge"}}
+
+
+def node(name: str, role: str = "edge", **labels: str) -> NodeInfo:
+    return NodeInfo(name, {"role": role, **labels})
+
+
+def entry(name: str, phase: str = "Ready", generation: int = 1) -> dict[str, Any]:
+    return {"name": name, "phase": phase, "observedGeneration": generation, "reason": "Unlocked"}
+
+
+def unlock(
+    *entries: dict[str, Any],
+    name: str = "iu",
+    version: str = "1.0.0",
+    key: str | None = KEY,
+    generation: int = 1,
+    selector: Any = EDGE,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"version": version, "nodeSelector": selector}
+    if key is not None:
+        spec["readinessLabel"] = key
+    meta = {"name": name, "namespace": "ns", "generation": generation}
+    return {"metadata": meta, "spec": spec, "status": {"nodes": list(entries)}}
+
+
+NODES = [node("a"), node("b"), node("c", role="cloud")]
+
+
+def labels_of(*objects: dict[str, Any], nodes: list[NodeInfo] = NODES) -> dict[str, dict[str, str]]:
+    return desired_labels(objects, nodes, EVERYWHERE)[1]
+
+
+def test_only_selected_nodes_ready_for_this_generation_carry_the_version():
+    iu = unlock(entry("a"), entry("b", phase="Loading"), entry("c"))  # c is not selected
+    assert labels_of(iu) == {"a": {KEY: "1.0.0"}}
+
+
+def test_a_ready_entry_of_an_older_generation_carries_nothing():
+    """A new version (generation 2) is not ready where the node still holds generation 1."""
+    iu = unlock(entry("a", generation=1), entry("b", generation=2), version="1.5.0", generation=2)
+    assert labels_of(iu) == {"b": {KEY: "1.5.0"}}
+
+
+def test_stalled_deselected_or_no_label_key_carries_nothing():
+    assert labels_of(unlock(entry("a", phase="Failed"))) == {}
+    assert labels_of(unlock(entry("a"), selector={"matchLabels": {"role": "none"}})) == {}
+    assert labels_of(unlock(entry("a"), key=None)) == {}
+    assert labels_of(unlock(entry("a"), selector={"matchLabels": {"role": "not valid!"}})) == {}  # invalid selector
+
+
+def test_a_version_that_is_no_label_value_sets_nothing():
+    """The CRD refuses it; on an older CRD the label stays off (and is removed), never mangled."""
+    assert labels_of(unlock(entry("a"), version="_1.0")) == {}
+    assert labels_of(unlock(entry("a"), version="x" * 64)) == {}
+    assert labels_of(unlock(entry("a"), version="1.0.0-rc_1")) == {"a": {KEY: "1.0.0-rc_1"}}
+
+
+def test_two_imageunlocks_sharing_a_key_set_it_only_where_both_agree():
+    one = unlock(entry("a"), entry("b"), name="one")
+    other = unlock(entry("a"), entry("b", phase="Loading"), name="other")
+    assert labels_of(one, other) == {"a": {KEY: "1.0.0"}}
+    newer = unlock(entry("a"), entry("b"), name="newer", version="2.0.0")
+    assert labels_of(one, newer) == {}  # two versions behind one key: no one answer
+
+
+def test_patches_set_what_is_due_and_remove_the_rest_with_the_managed_keys():
+    nodes = [node("a"), node("b", **{KEY: "0.9.0"}), node("c", role="cloud", **{KEY: "1.0.0"})]
+    managed = {"b": frozenset({KEY}), "c": frozenset({KEY})}
+    patches = label_patches([unlock(entry("a"), entry("b", phase="Loading"))], nodes, EVERYWHERE, managed)
+    assert patches == {
+        "a": {"metadata": {"labels": {KEY: "1.0.0"}, "annotations": {MANAGED: KEY}}},
+        "b": {"metadata": {"labels": {KEY: None}, "annotations": {MANAGED: None}}},
+        "c": {"metadata": {"labels": {KEY: None}, "annotations": {MANAGED: None}}},  # deselected
+    }
+
+
+def test_a_label_the_operator_did_not_set_is_neither_overwritten_nor_removed():
+    """Whoever may create an ImageUnlock names the key: it must not strip or rewrite the labels
+    other workloads select nodes by (a node with such a label just gets no readiness label)."""
+    nodes = [node("a", **{KEY: "theirs"}), node("b", role="cloud", **{KEY: "theirs"}), node("c")]
+    patches = label_patches([unlock(entry("a"), entry("c"))], nodes, EVERYWHERE, {})
+    assert patches == {"c": {"metadata": {"labels": {KEY: "1.0.0"}, "annotations": {MANAGED: KEY}}}}
+
+
+def test_nothing_to_patch_when_every_node_is_as_due():
+    nodes = [node("a", **{KEY: "1.0.0"}), node("b")]
+    assert label_patches([unlock(entry("a"))], nodes, EVERYWHERE, {"a": frozenset({KEY})}) == {}
+
+
+def test_a_deleted_imageunlock_leaves_its_key_only_in_the_annotation_which_removes_it():
+    """No finalizer: at start-up (or on the DELETED event) no object names the key any more;
+    the Node's annotation says the operator set it, so it goes."""
+    nodes = [node("a", **{KEY: "1.0.0", "mine": "x"}), node("b", **{"other/key": "1"})]
+    patches = label_patches([], nodes, EVERYWHERE, {"a": frozenset({KEY})})
+    assert patches == {"a": {"metadata": {"labels": {KEY: None}, "annotations": {MANAGED: None}}}}
+
+
+def test_a_changed_key_moves_the_label():
+    nodes = [node("a", **{"old/key": "1.0.0"})]
+    patches = label_patches([unlock(entry("a"), key="new/key")], nodes, EVERYWHERE, {"a": frozenset({"old/key"})})
+    assert patches == {
+        "a": {"metadata": {"labels": {"new/key": "1.0.0", "old/key": None}, "annotations": {MANAGED: "new/key"}}}
+    }
+
+
+def test_managed_keys_read_from_the_annotation():
+    assert managed_keys({"metadata": {"annotations": {MANAGED: "a/b,c"}}}) == {"a/b", "c"}
+    assert managed_keys({"metadata": {}}) == frozenset()
+
+
+@pytest.mark.parametrize(
+    "key", ["not a key", "UPPER.example.com/x", "a/b/c", "-x", "x" * 64, "kubernetes.io/hostname", "node.k8s.io/x"]
+)
+def test_the_model_refuses_a_key_that_is_no_label_key_or_is_reserved(key):
+    with pytest.raises(ValidationError):
+        ImageUnlockSpec.model_validate({"archivePath": "/a", "version": "1", "readinessLabel": key})
+    assert labels_of(unlock(entry("a"), key=key)) == {}  # and the controller writes nothing for it
+
+
+def test_the_model_takes_a_qualified_key():
+    spec = ImageUnlockSpec.model_validate({"archivePath": "/a", "version": "1", "readinessLabel": KEY})
+    assert spec.readiness_label == KEY and spec.dump()["readinessLabel"] == KEY
+
+
+def test_problems_name_a_version_and_a_key_the_selector_uses():
+    assert readiness_problems(KEY, "1.0.0") == []
+    problems = readiness_problems("role", "_bad", {"role"})
+    assert len(problems) == 2 and "label value" in problems[0] and "nodeSelector" in problems[1]
+    assert labels_of(unlock(entry("a"), key="role")) == {}
+
+
+class NodeKube:
+    def __init__(self, gone: set[str] = frozenset()) -> None:
+        self.patches: list[tuple[str, dict[str, Any], str | None]] = []
+        self.gone = gone
+
+    def patch_node_metadata(self, name: str, patch: dict[str, Any], manager: str | None = None) -> bool:
+        self.patches.append((name, patch, manager))
+        return name not in self.gone
+
+
+def test_the_writer_patches_each_node_once_as_the_controller_and_stops_when_no_longer_leading():
+    kube = NodeKube(gone={"b"})
+    writer = LabelWriter(kube, EVERYWHERE)  # type: ignore[arg-type]
+    assert writer.sync([unlock(entry("a"), entry("b"))], [node("a"), node("b")], {}) == 1  # b was deleted meanwhile
+    assert [(n, m) for n, _, m in kube.patches] == [("a", MANAGER), ("b", MANAGER)]
+    leading = iter([True, False])
+    follower = LabelWriter(kube, EVERYWHERE, may_write=lambda: next(leading))  # type: ignore[arg-type]
+    kube.patches.clear()
+    assert follower.sync([unlock(entry("a"), entry("b"))], [node("a"), node("b")], {}) == 1
+    assert [n for n, _, _ in kube.patches] == ["a"]
+
+
+def test_the_first_pass_waits_for_the_objects_listed_at_start_up_then_retries_failures():
+    """A controller restart must not remove a due label because the watch has not delivered
+    its ImageUnlock yet: the first pass waits until every object listed at start-up was seen.
+    A failed pass (API server away) is tried again."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from imageunlock.controller import handlers as controller
+    from imageunlock.errors import KubernetesUnavailableError
+
+    passes: list[list[Any]] = []
+    failures = [KubernetesUnavailableError("HTTP 503")]
+
+    class Labeller:
+        def sync(self, objects, nodes, managed):
+            passes.append(list(objects))
+            if failures:
+                raise failures.pop()
+            return 0
+
+    async def run() -> None:
+        memo = SimpleNamespace(
+            objects={}, nodes={}, managed={}, awaited={("ns", "iu")}, labels_due=asyncio.Event(), labeller=Labeller()
+        )
+        memo.labels_due.set()
+        task = asyncio.create_task(controller._label_loop(memo))
+        await asyncio.sleep(0.5)
+        assert passes == []  # ns/iu not delivered yet: no pass that would remove its label
+        memo.objects[("ns", "iu")] = unlock(entry("a"))
+        memo.awaited.discard(("ns", "iu"))
+        memo.labels_due.set()
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if len(passes) >= 2:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(passes) == 2 and all(p == [unlock(entry("a"))] for p in passes)  # 503, then again
