@@ -138,6 +138,9 @@ class UnlockRequest:
     archive_sha256: str | None = None
     # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
     known_ids: Mapping[str, str] = field(default_factory=dict)
+    # The ImageUnlock ("<namespace>/<name>") a load is recorded for (Runtime.owned_refs): the
+    # only images a later reclaim may give back. None (the CLI): nothing recorded.
+    owner: str | None = None
 
     @property
     def refs(self) -> list[str]:

@@ -69,6 +69,8 @@ class ImageUnlockSpec(Model):
     runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
     node_selector: NodeSelector | None = None
     archive_sha256: str | None = None
+    # What happens on a node to images this ImageUnlock no longer wants (engine/reclaim.py).
+    reclaim_policy: Literal["Retain", "Unpin", "Delete"] | None = None  # the CRD's default: Unpin
 
 
 # --- status: one node's entry -------------------------------------------------------------
@@ -85,6 +87,16 @@ class Progress(Model):
     bytes_done: int | None = None
     bytes_total: int | None = None
     percent: int | None = None
+
+
+class Reclaimed(Model):
+    """What the node's agent last gave back of this ImageUnlock's earlier versions."""
+
+    policy: Literal["Unpin", "Delete"]
+    version: str  # the tags of the refs (e.g. "1.0.0")
+    refs: list[str]  # unpinned or removed
+    kept: list[str] | None = None  # Delete: left because a container uses them
+    time: str
 
 
 class NodeEntry(Model):
@@ -113,6 +125,7 @@ class NodeEntry(Model):
     last_unlock_time: str | None = None
     last_verified_time: str | None = None
     last_handled_requested_at: str | None = None
+    reclaimed: Reclaimed | None = None  # the last reclaim of superseded refs on this node
 
 
 # --- status: the summary ------------------------------------------------------------------
