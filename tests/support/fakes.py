@@ -230,6 +230,8 @@ class FakeKubernetesApi:
         self.patch_error: Exception | None = None
         self.nodes: dict[str, dict[str, Any]] = {}  # Node objects by name
         self.entry_writes: list[tuple[ObjectKey, str, dict[str, Any] | None]] = []
+        self.objects: list[dict[str, Any]] = []  # what list_imageunlocks answers
+        self.list_error: Exception | None = None
 
     def add_secret(self, namespace: str, name: str, value: Credentials | Exception, version: str = "1") -> None:
         self.secrets[(namespace, name)] = value
@@ -273,6 +275,11 @@ class FakeKubernetesApi:
     def read_node(self, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.nodes.get(name))
 
+    def list_imageunlocks(self) -> list[dict[str, Any]]:
+        if self.list_error is not None:
+            raise self.list_error
+        return [dict(o) for o in self.objects]
+
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}
         self.events.append(Event((meta.get("namespace", ""), meta.get("name", "")), type_, reason, message))
@@ -303,6 +310,7 @@ if TYPE_CHECKING:
         ) -> None: ...
         def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None: ...
         def read_node(self, name: str) -> dict[str, Any] | None: ...
+        def list_imageunlocks(self) -> list[dict[str, Any]]: ...
         def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
         def close(self) -> None: ...
 

@@ -17,11 +17,12 @@ from typing import Any, Protocol
 
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
+from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
-from imageunlock.engine.models import Phase
+from imageunlock.engine.models import Phase, owner_of
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
@@ -116,8 +117,10 @@ class Reconciler:
         kube: KubernetesApi,
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+        reclaimer: Reclaimer | None = None,
     ) -> None:
         self.settings = settings
+        self.reclaimer = reclaimer  # gives back earlier versions' images once Ready (agent/reclaim.py)
         self.runtime = runtime
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
@@ -266,7 +269,8 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
-            result = self.service(spec, namespace).unlock(spec.to_request(known), run.report)
+            request = spec.to_request(known, owner=owner_of(namespace, name))  # loads are recorded as ours
+            result = self.service(spec, namespace).unlock(request, run.report)
         except UnlockError as exc:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
@@ -302,7 +306,19 @@ class Reconciler:
                 "Unlocked" if not result.fast_path else "AlreadyPresent",
                 f"{len(result.images)} image(s) {how} at version {spec.version}",
             )
+        self.reclaim(run, body)
         return Outcome(Verdict.READY, "ready")
+
+    def reclaim(self, run: _Reconciliation, body: Mapping[str, Any]) -> None:
+        """Now that this version is Ready here (never before): earlier versions' images get
+        the spec's reclaimPolicy. A failure leaves them for the next sweep (agent/reclaim.py)."""
+        if self.reclaimer is None:
+            return
+        try:
+            if (entry := self.reclaimer.after_ready(body, run.entry)) is not None:
+                run.write(entry)
+        except UnlockError as exc:
+            log.info("reclaim for %s/%s postponed to the next sweep: %s", run.namespace, run.name, exc.message)
 
 
 class _Reconciliation:

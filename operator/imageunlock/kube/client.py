@@ -207,6 +207,13 @@ class KubernetesApi:
                 stop.wait(delay)
                 delay = min(delay * 2, 60.0)
 
+    def list_imageunlocks(self) -> list[dict[str, Any]]:
+        """Every ImageUnlock of the cluster, as the API server holds it now (a transient
+        KubernetesUnavailableError when it does not answer)."""
+        found = _call("listing ImageUnlocks", lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
+        items = found.get("items") if isinstance(found, dict) else None
+        return [dict(item) for item in items or [] if isinstance(item, dict)]
+
     def list_nodes(self) -> list[dict[str, Any]]:
         nodes = _call("listing Nodes", self.core.list_node)
         return [self.api_client.sanitize_for_serialization(n) for n in nodes.items]
