@@ -104,6 +104,12 @@ class FakeRuntime:
         self.pinned -= {normalize_ref(ref) for ref in done}
         return done
 
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        self._check()
+        done = [ref for ref in refs if normalize_ref(ref) in self._images and normalize_ref(ref) not in self.pinned]
+        self.pinned |= {normalize_ref(ref) for ref in done}
+        return done
+
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
         self._check()
         removed, kept = [], []

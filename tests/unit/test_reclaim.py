@@ -240,3 +240,42 @@ def test_an_upgrade_reclaims_the_earlier_version_only_once_the_new_one_is_ready(
     entry = next(e for e in kube.status("ns", "iu")["nodes"] if e["name"] == "edge-1")
     assert entry["phase"] == "Ready" and sorted(entry["reclaimed"]["refs"]) == OLD
     assert ("Reclaimed", "node edge-1: unpinned 2 image(s) of 1.0") in [(e.reason, e.message) for e in kube.events]
+
+
+def test_a_rollback_that_finds_the_old_version_present_pins_it_again(tmp_path, monkeypatch):
+    """Version 1 was unpinned by the upgrade to 2 but is still on the node: setting 1 back
+    finds it (the node verified that very archive: no key request) and pins it again."""
+    refs = ["azaion/flights:1.0"]
+    plain = build(refs)
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(b"".join(encrypt_stream([plain], FRAGMENT)))
+    runtime, kube = FakeRuntime(), FakeKubernetesApi()
+    kube.add_secret("ns", "creds", Credentials("edge@example.test", "pw"))
+    monkeypatch.setattr(
+        resource_api, "ResourceApiClient", lambda url, credentials, settings: FakeKeyClient(FRAGMENT).open(credentials)
+    )
+    agent = NodeAgent(kube, "edge-1", "docker")
+    config = AgentConfig(archive_roots=(str(tmp_path),), api_url_allowlist=(API,), progress_interval=0.0)
+    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, agent.apply, directory=str(tmp_path / "state"))
+    reconciler = Reconciler(config, runtime, kube, agent, reclaimer=reclaimer)
+
+    def at(generation: int) -> dict[str, Any]:
+        obj = {
+            "metadata": {"namespace": "ns", "name": "iu", "uid": "u", "generation": generation},
+            "spec": {
+                "archivePath": str(archive),
+                "version": "1.0",
+                "images": ["azaion/flights"],
+                "resourceApi": {"url": API, "credentialsSecretRef": {"name": "creds"}},
+            },
+            "status": kube.status("ns", "iu"),
+        }
+        kube.objects = [obj]
+        return obj
+
+    assert reconciler.reconcile(at(1)).verdict is Verdict.READY
+    runtime.unpin(["docker.io/azaion/flights:1.0"])  # what the upgrade to 2 did
+    loads = len(runtime.loads)
+    assert reconciler.reconcile(at(3)).verdict is Verdict.READY  # the rollback: a new generation
+    assert len(runtime.loads) == loads  # found, not loaded again
+    assert runtime.pinned == {"docker.io/azaion/flights:1.0"}

@@ -306,15 +306,19 @@ class Reconciler:
                 "Unlocked" if not result.fast_path else "AlreadyPresent",
                 f"{len(result.images)} image(s) {how} at version {spec.version}",
             )
-        self.reclaim(run, body)
+        self.reclaim(run, body, list(result.images) if result.fast_path else [])
         return Outcome(Verdict.READY, "ready")
 
-    def reclaim(self, run: _Reconciliation, body: Mapping[str, Any]) -> None:
-        """Now that this version is Ready here (never before): earlier versions' images get
-        the spec's reclaimPolicy. A failure leaves them for the next sweep (agent/reclaim.py)."""
+    def reclaim(self, run: _Reconciliation, body: Mapping[str, Any], found: list[str]) -> None:
+        """Now that this version is Ready here (never before): images ``found`` already there
+        are pinned again (a rollback to a version an earlier reclaim unpinned), and earlier
+        versions' images get the spec's reclaimPolicy. A failure leaves them for the next
+        sweep (agent/reclaim.py)."""
         if self.reclaimer is None:
             return
         try:
+            if found and (pinned := self.runtime.pin(found)):
+                log.info("%s/%s: pinned %d image(s) found unpinned", run.namespace, run.name, len(pinned))
             if (entry := self.reclaimer.after_ready(body, run.entry)) is not None:
                 run.write(entry)
         except UnlockError as exc:

@@ -91,6 +91,12 @@ class Runtime(Protocol):
         that were pinned and no longer are); a runtime without pinning does nothing."""
         ...
 
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        """Pin ``refs`` again (a rollback to a version found still present after an unpin):
+        the runtime's names of those that were not pinned and now are; a runtime without
+        pinning does nothing."""
+        ...
+
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
         """Remove ``refs`` unless a container (running or stopped) uses the image:
         ``(removed or already absent, kept because in use)``. Removes the names, never an
