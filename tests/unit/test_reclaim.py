@@ -23,6 +23,7 @@ from imageunlock.engine.reclaim import (
     orphaned,
     parse_policy,
     reclaimable,
+    superseded,
     versions,
     wanted,
 )
@@ -57,6 +58,13 @@ def test_what_specs_want_is_read_from_raw_specs_with_the_default_images():
     assert wanted([{"version": "2.0", "images": ["azaion/flights"]}]) == {"docker.io/azaion/flights:2.0"}
     assert "docker.io/azaion/annotations:3" in wanted([{"version": "3"}])  # the CRD's default images
     assert wanted([{"images": ["azaion/flights"]}, {}]) == set()  # no version: nothing named
+
+
+def test_without_ownership_records_only_refs_still_holding_the_verified_image_are_superseded():
+    previous = {OLD[0]: "sha256:a", OLD[1]: "sha256:b", NEW[0]: "sha256:c"}
+    present = {OLD[0]: "sha256:a", OLD[1]: "sha256:retagged", NEW[0]: "sha256:c"}
+    assert superseded(previous, present, NEW) == [OLD[0]]
+    assert superseded(previous, {OLD[0]: None}, []) == []  # gone already
 
 
 def test_refs_of_deleted_imageunlocks_are_orphaned_per_owner():

@@ -65,6 +65,19 @@ def reclaimable(records: Iterable[OwnershipRecord], owner: str, keep: Iterable[s
     return sorted({r.ref for r in records if r.owner == owner and normalize_ref(r.ref) not in wanted})
 
 
+def superseded(previous: Mapping[str, str], present: Mapping[str, str | None], keep: Iterable[str]) -> list[str]:
+    """For a run without ownership records (the CLI): the refs an earlier run verified
+    (``previous``: ref -> the image ID it verified) that the current one does not want
+    (``keep``) and that still hold that very image (``present``: ref -> image ID now). A ref
+    someone re-tagged or loaded anew since is not the earlier run's to give back."""
+    wanted = {normalize_ref(ref) for ref in keep}
+    return sorted(
+        ref
+        for ref, image_id in previous.items()
+        if normalize_ref(ref) not in wanted and image_id and present.get(ref) == image_id
+    )
+
+
 def orphaned(records: Iterable[OwnershipRecord], existing: Iterable[str]) -> dict[str, list[str]]:
     """``{owner: refs}`` recorded for ImageUnlocks that no longer exist (``existing``: the
     owners ``<namespace>/<name>`` of every ImageUnlock there is)."""
