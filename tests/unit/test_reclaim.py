@@ -107,7 +107,7 @@ def node(tmp_path: Path):
             runtime.owners[normalize_ref(ref)] = (owner, image_id)
             runtime.pinned.add(normalize_ref(ref))
 
-    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, agent.apply, directory=str(tmp_path))
+    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, directory=str(tmp_path))
     return runtime, kube, reclaimer, load
 
 
@@ -171,7 +171,7 @@ def test_the_sweep_catches_a_missed_delete_and_keeps_a_retained_ones_images(node
     reclaimer.seen(body(name="kept", version="1.0", reclaimPolicy="Retain"))
     kube.objects = []  # both deleted while no event reached the agent
     # a restarted agent: the policies it saw are on disk
-    again = Reclaimer(runtime, kube, "edge-1", reclaimer.entry, reclaimer.apply, directory=str(tmp_path))
+    again = Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path))
     [done] = again.sweep()
     assert (done.policy, sorted(done.done)) == (ReclaimPolicy.UNPIN, NEW)
     assert runtime.pinned == set(OLD)  # Retain: still pinned
@@ -187,8 +187,8 @@ def test_the_sweep_reclaims_a_live_ones_earlier_version_only_once_it_is_ready(no
     kube.objects = [body()]
     [done] = reclaimer.sweep()
     assert sorted(done.done) == OLD and runtime.pinned == set(NEW)
-    written = [entry for _key, _node, entry in kube.entry_writes]
-    assert written[-1] is not None and written[-1]["reclaimed"]["refs"] == sorted(OLD)
+    assert kube.entry_writes == []  # the entry is the reconciler's: the Event says it
+    assert [e.message for e in kube.events] == ["node edge-1: unpinned 2 image(s) of 1.0"]
 
 
 def test_no_list_no_reclaim(node):
@@ -217,7 +217,7 @@ def test_an_upgrade_reclaims_the_earlier_version_only_once_the_new_one_is_ready(
     monkeypatch.setattr(resource_api, "ResourceApiClient", lambda url, credentials, settings: keys[0].open(credentials))
     agent = NodeAgent(kube, "edge-1", "docker")
     config = AgentConfig(archive_roots=(str(tmp_path),), api_url_allowlist=(API,), progress_interval=0.0)
-    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, agent.apply, directory=str(tmp_path / "state"))
+    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, directory=str(tmp_path / "state"))
     reconciler = Reconciler(config, runtime, kube, agent, reclaimer=reclaimer)
     for ref in OLD:  # version 1, loaded earlier for this ImageUnlock
         runtime.add({ref: "sha256:old-" + ref})
@@ -264,7 +264,7 @@ def test_a_rollback_that_finds_the_old_version_present_pins_it_again(tmp_path, m
     )
     agent = NodeAgent(kube, "edge-1", "docker")
     config = AgentConfig(archive_roots=(str(tmp_path),), api_url_allowlist=(API,), progress_interval=0.0)
-    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, agent.apply, directory=str(tmp_path / "state"))
+    reclaimer = Reclaimer(runtime, kube, "edge-1", agent.entry, directory=str(tmp_path / "state"))
     reconciler = Reconciler(config, runtime, kube, agent, reclaimer=reclaimer)
 
     def at(generation: int) -> dict[str, Any]:

@@ -119,6 +119,7 @@ def test_a_full_entry_and_summary_survive_pruning_whole():
         reclaimed={
             "policy": "Delete",
             "version": "1.4.1",
+            "count": 1,
             "refs": ["docker.io/azaion/flights:1.4.1"],
             "kept": ["docker.io/azaion/annotations:1.4.1"],
             "time": "2026-01-01T00:00:02Z",

@@ -42,7 +42,6 @@ from imageunlock.engine.reclaim import (
     wanted,
 )
 from imageunlock.engine.runtimes.owned import state_dir
-from imageunlock.errors import UnlockError
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import NodeEntry
@@ -65,17 +64,17 @@ class Reclaimer:
         kube: KubernetesApi,
         node: str,
         entry: Callable[[Mapping[str, Any]], NodeEntry],
-        apply: Callable[[Mapping[str, Any], NodeEntry], None],
         directory: str | None = None,
     ) -> None:
+        """Reads the recorded policies (file I/O: build it off the event loop)."""
         self.runtime = runtime
         self.kube = kube
         self.node = node
         self.entry = entry  # this node's entry of an object (NodeAgent.entry)
-        self.apply = apply  # write it (NodeAgent.apply)
         self.path = os.path.join(directory or state_dir(), "reclaim-policies.json")
         self.policies: dict[str, ReclaimPolicy] = self._read()  # owner -> policy of every object seen
         self._lock = threading.Lock()  # one reclaim at a time on this node
+        self._policy_lock = threading.Lock()  # workers record policies concurrently
 
     def seen(self, body: Mapping[str, Any]) -> None:
         """Remember an object's policy: it is gone with the object when it is deleted."""
@@ -84,7 +83,11 @@ class Reclaimer:
     def _remember(self, owner: str, policy: ReclaimPolicy) -> None:
         if self.policies.get(owner) is policy:
             return
-        self.policies[owner] = policy
+        with self._policy_lock:
+            self.policies[owner] = policy
+            self._write()
+
+    def _write(self) -> None:
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".reclaim-", suffix=".tmp", dir=os.path.dirname(self.path))
@@ -176,13 +179,11 @@ class Reclaimer:
                     generation,
                 ):
                     continue  # only after the current version is Ready here
+                # The Event says what it did; the entry is the reconciler's (a reconcile of the
+                # object may be writing it right now), so the sweep leaves it alone.
                 refs = reclaimable(records, owner, keep)
                 if refs and (result := self._reclaim(body, owner, policy, refs)) is not None:
                     done.append(result)
-                    try:
-                        self.apply(body, entry.model_copy(update={"reclaimed": _status(result)}))
-                    except UnlockError as exc:
-                        log.info("status of %s not written: %s", owner, exc.message)
         return done
 
     def _list(self) -> list[dict[str, Any]]:
@@ -218,6 +219,7 @@ def _status(result: Reclaimed) -> ReclaimedStatus:
     return ReclaimedStatus(
         policy="Delete" if result.policy is ReclaimPolicy.DELETE else "Unpin",
         version=result.version,
+        count=len(result.done),
         refs=list(result.done),
         kept=list(result.kept) or None,
         time=st.now_rfc3339(),

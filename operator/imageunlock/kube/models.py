@@ -94,7 +94,8 @@ class Reclaimed(Model):
 
     policy: Literal["Unpin", "Delete"]
     version: str  # the tags of the refs (e.g. "1.0.0")
-    refs: list[str]  # unpinned or removed
+    count: int  # how many were unpinned or removed
+    refs: list[str] | None = None  # which (a large fleet leaves the lists out: kube/nodes.py)
     kept: list[str] | None = None  # Delete: left because a container uses them
     time: str
 
