@@ -238,6 +238,7 @@ class FakeKubernetesApi:
         self.entry_writes: list[tuple[ObjectKey, str, dict[str, Any] | None]] = []
         self.objects: list[dict[str, Any]] = []  # what list_imageunlocks answers
         self.list_error: Exception | None = None
+        self.lists = 0  # list_imageunlocks calls
 
     def add_secret(self, namespace: str, name: str, value: Credentials | Exception, version: str = "1") -> None:
         self.secrets[(namespace, name)] = value
@@ -282,6 +283,7 @@ class FakeKubernetesApi:
         return copy.deepcopy(self.nodes.get(name))
 
     def list_imageunlocks(self) -> list[dict[str, Any]]:
+        self.lists += 1
         if self.list_error is not None:
             raise self.list_error
         return [dict(o) for o in self.objects]

@@ -191,6 +191,31 @@ def test_the_sweep_reclaims_a_live_ones_earlier_version_only_once_it_is_ready(no
     assert [e.message for e in kube.events] == ["node edge-1: unpinned 2 image(s) of 1.0"]
 
 
+def test_a_sweep_lists_the_api_only_when_the_watched_objects_suggest_a_reclaim(node, tmp_path):
+    runtime, kube, _, load = node
+    load(OWNER, NEW)
+    load("ns/kept", OLD)
+    kube.objects = [body(), body(name="kept", version="1.0", reclaimPolicy="Retain")]
+    watched = list(kube.objects)
+    reclaimer = Reclaimer(
+        runtime,
+        kube,
+        "edge-1",
+        lambda b: NodeAgent(kube, "edge-1", "fake").entry(b),
+        directory=str(tmp_path),
+        known=lambda: watched,
+    )
+    assert reclaimer.sweep() == [] and kube.lists == 0  # every record wanted by its owner: no request
+    watched.pop()  # "kept" deleted (Retain): one LIST confirms, nothing is touched, and that is settled
+    kube.objects = [body()]
+    reclaimer.seen(body(name="kept", version="1.0", reclaimPolicy="Retain"))
+    assert reclaimer.sweep() == [] and kube.lists == 1 and runtime.pinned == set(OLD + NEW)
+    assert reclaimer.sweep() == [] and kube.lists == 1
+    watched[0] = body(version="3.0", generation=3)  # an upgrade seen, not yet Ready here: listed, kept
+    kube.objects = [body(version="3.0", generation=3, ready=False)]
+    assert reclaimer.sweep() == [] and kube.lists == 2 and runtime.pinned == set(OLD + NEW)
+
+
 def test_no_list_no_reclaim(node):
     runtime, kube, reclaimer, load = node
     load(OWNER, OLD)

@@ -87,7 +87,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
     )
     memo.node_watch.start()
-    memo.reclaimer = await asyncio.to_thread(Reclaimer, memo.runtime, memo.kube, node, memo.agent.entry)
+    memo.reclaimer = await asyncio.to_thread(
+        Reclaimer, memo.runtime, memo.kube, node, memo.agent.entry, known=lambda: list(memo.objects.values())
+    )
     memo.deleted = {}  # (namespace, name) -> the reclaimPolicy of a deleted object, until its step
     memo.reconciler = Reconciler(
         config,

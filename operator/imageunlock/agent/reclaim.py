@@ -41,6 +41,7 @@ from imageunlock.engine.reclaim import (
     reclaimable,
     wanted,
 )
+from imageunlock.engine.refs import normalize_ref
 from imageunlock.engine.runtimes.owned import state_dir
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
@@ -65,12 +66,19 @@ class Reclaimer:
         node: str,
         entry: Callable[[Mapping[str, Any]], NodeEntry],
         directory: str | None = None,
+        known: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
     ) -> None:
         """Reads the recorded policies (file I/O: build it off the event loop)."""
         self.runtime = runtime
         self.kube = kube
         self.node = node
         self.entry = entry  # this node's entry of an object (NodeAgent.entry)
+        # The objects the agent watches: when they show nothing to do, a sweep asks the API
+        # server nothing (a fleet's nodes each listing every ImageUnlock every interval would
+        # load it for nothing). A LIST confirms whatever they suggest.
+        self.known = known
+        # (owner, ref) a reclaim dealt with (or Retain keeps): not a reason to list again
+        self._settled: set[tuple[str, str]] = set()
         self.path = os.path.join(directory or state_dir(), "reclaim-policies.json")
         self.policies: dict[str, ReclaimPolicy] = self._read()  # owner -> policy of every object seen
         self._lock = threading.Lock()  # one reclaim at a time on this node
@@ -123,6 +131,7 @@ class Reclaimer:
         meta = body.get("metadata") or {}
         owner = owner_of(str(meta.get("namespace")), str(meta.get("name")))
         with self._lock:
+            self._settled = {settled for settled in self._settled if settled[0] != owner}
             records = self.runtime.owned_refs()
             if not reclaimable(records, owner, wanted([body.get("spec") or {}])):
                 return None  # the common case: no API request
@@ -156,7 +165,7 @@ class Reclaimer:
         done: list[Reclaimed] = []
         with self._lock:
             records = self.runtime.owned_refs()
-            if not records:
+            if not records or (self.known is not None and not self._pending(records, list(self.known()))):
                 return done
             bodies = self._list()
             keep = wanted(b.get("spec") or {} for b in bodies)
@@ -165,9 +174,9 @@ class Reclaimer:
                 policy = self.policies.get(owner, DEFAULT_POLICY)
                 namespace, _, name = owner.partition("/")
                 body = {"metadata": {"namespace": namespace, "name": name}}
-                if policy is not ReclaimPolicy.RETAIN and (
-                    result := self._reclaim(body, owner, policy, reclaimable(_only(records, refs), owner, keep))
-                ):
+                if policy is ReclaimPolicy.RETAIN:
+                    self._settled.update((owner, ref) for ref in refs)
+                elif result := self._reclaim(body, owner, policy, reclaimable(_only(records, refs), owner, keep)):
                     done.append(result)
             for owner, body in alive.items():
                 policy = parse_policy((body.get("spec") or {}).get("reclaimPolicy"))
@@ -186,6 +195,22 @@ class Reclaimer:
                     done.append(result)
         return done
 
+    def _pending(self, records: Iterable[OwnershipRecord], bodies: list[Mapping[str, Any]]) -> bool:
+        """Whether the watched objects suggest a reclaim: a record not yet dealt with whose
+        owner is not among them, or whose owner no longer names it and does not retain."""
+        keep = wanted(b.get("spec") or {} for b in bodies)
+        alive = {_owner(b): b for b in bodies}
+        for record in records:
+            if (record.owner, record.ref) in self._settled:
+                continue
+            body = alive.get(record.owner)
+            if body is None:
+                return True
+            policy = parse_policy((body.get("spec") or {}).get("reclaimPolicy"))
+            if policy is not ReclaimPolicy.RETAIN and normalize_ref(record.ref) not in keep:
+                return True
+        return False
+
     def _list(self) -> list[dict[str, Any]]:
         return self.kube.list_imageunlocks()
 
@@ -199,6 +224,8 @@ class Reclaimer:
             result = Reclaimed(policy, tuple(removed), tuple(kept))
         else:
             result = Reclaimed(policy, tuple(self.runtime.unpin(refs)))
+        # Dealt with, but what a container keeps: the sweep tries that again each interval.
+        self._settled.update((owner, ref) for ref in refs if ref not in result.kept)
         if not result.done:
             if result.kept:
                 log.info("%s: %s", owner, result.message())
