@@ -337,8 +337,10 @@ def _reclaim(
     """The refs of the version the previous run verified (``previous``), now that this one is
     verified: only those still holding the very image that run verified (``verified``: the
     state file's IDs), none this run wants. None when the runtime failed (the next run tries
-    again)."""
+    again). Images this run found rather than loaded are pinned again first."""
     try:
+        if result.fast_path:  # a rollback to a version an earlier run unpinned: pinned again
+            runtime.pin(list(result.images))
         refs = superseded({ref: verified.get(ref, "") for ref in previous}, runtime.image_ids(previous), result.images)
         if not refs or policy is ReclaimPolicy.RETAIN:
             return Reclaimed(policy, ())

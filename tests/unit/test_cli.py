@@ -238,7 +238,8 @@ def test_unpin_touches_no_image_the_previous_run_did_not_verify(
     engine.pinned |= {"docker.io/" + ref for ref in OLD_REFS}
     _upgrade_state(tmp_path)
     assert cli.main(unlock_args(tmp_path)) == 0
-    assert engine.pinned == {"docker.io/" + OLD_REFS[0]}
+    # the re-tagged one stays pinned; this run's, found already there, are pinned (again)
+    assert engine.pinned == {"docker.io/" + ref for ref in [OLD_REFS[0], *REFS]}
     assert "imageunlock: Reclaimed: unpinned 1 image(s) of 1.4.1" in capsys.readouterr().err
 
 
