@@ -176,6 +176,11 @@ def test_the_sweep_catches_a_missed_delete_and_keeps_a_retained_ones_images(node
     assert (done.policy, sorted(done.done)) == (ReclaimPolicy.UNPIN, NEW)
     assert runtime.pinned == set(OLD)  # Retain: still pinned
     assert again.sweep() == []
+    # the policy of an ImageUnlock that is gone and left nothing here is not kept for ever
+    assert set(again.policies) == {"ns/kept"}
+    runtime.remove(OLD)
+    assert again.sweep() == [] and again.policies == {}
+    assert Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path)).policies == {}
 
 
 def test_the_sweep_reclaims_a_live_ones_earlier_version_only_once_it_is_ready(node):

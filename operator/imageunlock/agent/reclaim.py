@@ -193,7 +193,16 @@ class Reclaimer:
                 refs = reclaimable(records, owner, keep)
                 if refs and (result := self._reclaim(body, owner, policy, refs)) is not None:
                     done.append(result)
+            self._forget(set(self.policies) - set(alive) - {r.owner for r in records})
         return done
+
+    def _forget(self, owners: set[str]) -> None:
+        """Drop the recorded policies of ImageUnlocks that are gone and left nothing here."""
+        if owners:
+            with self._policy_lock:
+                for owner in owners:
+                    self.policies.pop(owner, None)
+                self._write()
 
     def _pending(self, records: Iterable[OwnershipRecord], bodies: list[Mapping[str, Any]]) -> bool:
         """Whether the watched objects suggest a reclaim: a record not yet dealt with whose
