@@ -34,7 +34,8 @@ from imageunlock import __version__
 from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import runtimes
 from imageunlock.engine.keys.resource_api import ResourceApiKeySource
-from imageunlock.engine.models import Credentials, Phase, UnlockRequest
+from imageunlock.engine.models import Credentials, Phase, Runtime, UnlockRequest, UnlockResult
+from imageunlock.engine.reclaim import DEFAULT_POLICY, Reclaimed, ReclaimPolicy, superseded
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ConfigurationError, UnlockError
 
@@ -99,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
         default=_default_state_file(),
         help="where the image IDs of verified unlocks are kept; only images holding those IDs "
         "are taken as already present (default: %(default)s)",
+    )
+    unlock.add_argument(
+        "--reclaim-policy",
+        choices=[p.value for p in ReclaimPolicy],
+        default=DEFAULT_POLICY.value,
+        help="what happens to the images of the version the previous unlock into this runtime verified "
+        "(recorded in the state file), once this one is verified: Unpin lets kubelet's image garbage "
+        "collection take them (containerd; nothing on Docker), Delete removes them unless a container "
+        "uses them, Retain keeps them (default: %(default)s)",
     )
     unlock.add_argument(
         "--lock-timeout", type=float, default=600.0, help="seconds to wait for another unlock of the same archive"
@@ -191,20 +201,38 @@ def _default_state_file() -> str:
     return os.path.join(base, "imageunlock", "verified-images.json")
 
 
+def _read_document(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
 def _read_state(path: str) -> dict[str, str]:
     """``{ref: image ID}`` verified by earlier unlocks; anything unreadable counts as none
     (the next unlock is then a full one, which is always safe)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            images = json.load(f).get("images")
-    except (OSError, ValueError, AttributeError):
-        return {}
+    images = _read_document(path).get("images")
     if not isinstance(images, dict):
         return {}
     return {k: v for k, v in images.items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def _write_state(path: str, verified: Mapping[str, str]) -> None:
+def _read_current(path: str, runtime: str) -> list[str]:
+    """The refs the last unlock into ``runtime`` verified (the state file's ``current``)."""
+    current = _read_document(path).get("current")
+    entry = current.get(runtime) if isinstance(current, dict) else None
+    refs = entry.get("refs") if isinstance(entry, dict) else None
+    return [ref for ref in refs if isinstance(ref, str)] if isinstance(refs, list) else []
+
+
+def _write_state(
+    path: str,
+    verified: Mapping[str, str],
+    current: tuple[str, str, Sequence[str]] | None = None,
+    forget: Sequence[str] = (),
+) -> None:
     """Record verified IDs. The directory must be the user's own and writable by no one else
     (a shared one would let another user plant IDs the fast path then trusts); the file is
     written through a fresh private temporary file, never through a name someone could
@@ -214,8 +242,15 @@ def _write_state(path: str, verified: Mapping[str, str]) -> None:
     info = os.stat(directory)
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise OSError(errno.EPERM, "directory is not the user's own or is writable by others", directory)
-    images = {**_read_state(path), **verified}
-    _write_atomically(path, json.dumps({"images": images}, indent=1, sort_keys=True).encode(), 0o600)
+    document = _read_document(path)
+    images = {ref: image_id for ref, image_id in {**_read_state(path), **verified}.items() if ref not in forget}
+    known = document.get("current")
+    currents: dict[str, Any] = dict(known) if isinstance(known, dict) else {}
+    if current is not None:  # (runtime, version, refs): where the next run's reclaim starts
+        runtime, version, refs = current
+        currents[runtime] = {"version": version, "refs": list(refs)}
+    body = {"images": images, **({"current": currents} if currents else {})}
+    _write_atomically(path, json.dumps(body, indent=1, sort_keys=True).encode(), 0o600)
 
 
 def _write_atomically(path: str, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
@@ -255,33 +290,68 @@ def _unlock(args: argparse.Namespace) -> int:
         archive_sha256=args.sha256,
         known_ids=_read_state(args.state_file),
     )
+    previous = _read_current(args.state_file, args.runtime)
     try:
         with _renderer(sys.stderr) as report:
             result = service.unlock(request, report)
+        # Only now, with this version verified: a failed unlock keeps the old one runnable.
+        reclaimed = _reclaim(runtime, ReclaimPolicy(args.reclaim_policy), previous, request.known_ids, result)
     finally:
         runtime.close()
-    if not result.fast_path:
-        try:
-            _write_state(args.state_file, result.images)
-        except OSError as exc:  # the images are fine; only the next run's fast path is lost
-            print(
-                f"imageunlock: warning: could not record verified image IDs in {args.state_file}: "
-                f"{exc.strerror or exc}",
-                file=sys.stderr,
-            )
     how = "already present" if result.fast_path else "loaded and verified"
     print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
-    _emit_json(
-        args,
-        {
-            "ready": True,
-            "fastPath": result.fast_path,
-            "version": args.version,
-            "images": [{"name": ref, "id": image_id} for ref, image_id in result.images.items()],
-            "archiveBytes": result.archive_bytes,
-        },
-    )
+    if reclaimed is not None and (reclaimed.done or reclaimed.kept):
+        print(f"imageunlock: Reclaimed: {reclaimed.message()}", file=sys.stderr)
+    try:
+        _write_state(
+            args.state_file,
+            {} if result.fast_path else result.images,
+            # after a failed reclaim the old refs stay current: the next run tries again
+            None if reclaimed is None else (args.runtime, args.version, list(result.images)),
+            forget=reclaimed.done if reclaimed is not None and reclaimed.policy is ReclaimPolicy.DELETE else (),
+        )
+    except OSError as exc:  # the images are fine; only the next run's fast path is lost
+        print(
+            f"imageunlock: warning: could not record verified image IDs in {args.state_file}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+    outcome: dict[str, Any] = {
+        "ready": True,
+        "fastPath": result.fast_path,
+        "version": args.version,
+        "images": [{"name": ref, "id": image_id} for ref, image_id in result.images.items()],
+        "archiveBytes": result.archive_bytes,
+    }
+    if reclaimed is not None and (reclaimed.done or reclaimed.kept):
+        outcome["reclaimed"] = {
+            "policy": reclaimed.policy.value,
+            "refs": list(reclaimed.done),
+            "kept": list(reclaimed.kept),
+        }
+    _emit_json(args, outcome)
     return EXIT_OK
+
+
+def _reclaim(
+    runtime: Runtime, policy: ReclaimPolicy, previous: Sequence[str], verified: Mapping[str, str], result: UnlockResult
+) -> Reclaimed | None:
+    """The refs of the version the previous run verified (``previous``), now that this one is
+    verified: only those still holding the very image that run verified (``verified``: the
+    state file's IDs), none this run wants. None when the runtime failed (the next run tries
+    again). Images this run found rather than loaded are pinned again first."""
+    try:
+        if result.fast_path:  # a rollback to a version an earlier run unpinned: pinned again
+            runtime.pin(list(result.images))
+        refs = superseded({ref: verified.get(ref, "") for ref in previous}, runtime.image_ids(previous), result.images)
+        if not refs or policy is ReclaimPolicy.RETAIN:
+            return Reclaimed(policy, ())
+        if policy is ReclaimPolicy.DELETE:
+            removed, kept = runtime.remove(refs)
+            return Reclaimed(policy, tuple(removed), tuple(kept))
+        return Reclaimed(policy, tuple(runtime.unpin(refs)))
+    except UnlockError as exc:
+        print(f"imageunlock: warning: could not reclaim the previous version: {exc.message}", file=sys.stderr)
+        return None
 
 
 def _encrypt(args: argparse.Namespace) -> int:

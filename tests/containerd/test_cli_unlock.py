@@ -124,3 +124,45 @@ def test_unreachable_containerd_is_a_transient_failure(archives, resource_api, c
     assert result.returncode == 75
     [line] = error_lines(result.stderr)
     assert "containerd at" in line and "not reachable" in line
+
+
+@pytest.fixture(scope="module")
+def archives_v2(dockerd, archives: ArchiveSet, tmp_path_factory) -> ArchiveSet:
+    """The same services at 1.5.0, under the same key: an upgrade."""
+    from ..support.images import build_archive_set
+
+    return build_archive_set(
+        dockerd, tmp_path_factory.mktemp("cli-v2"), archives.names, "1.5.0", archives.fragment, 16 * 1024
+    )
+
+
+def test_reclaim_policy_upgrade_unpins_rollback_pins_again_and_delete_keeps_what_a_container_uses(
+    clean_containerd, cri, archives, archives_v2, resource_api, tmp_path
+):
+    """Issue 20, item 5: the previous version's images get the policy once this one is verified."""
+    state = {"XDG_STATE_HOME": str(tmp_path)}
+    old = {normalize_ref(ref) for ref in archives.refs}
+    new = {normalize_ref(ref) for ref in archives_v2.refs}
+
+    def pinned() -> dict[str, bool]:
+        return {tag: is_pinned for tag, (_id, is_pinned) in seen_by_kubelet(cri).items()}
+
+    assert unlock(archives.openssl_archive, archives, resource_api, clean_containerd, env=state).returncode == 0
+    upgrade = unlock(archives_v2.openssl_archive, archives_v2, resource_api, clean_containerd, env=state)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert f"imageunlock: Reclaimed: unpinned {len(old)} image(s) of {archives.version}" in upgrade.stderr
+    assert pinned() == {**dict.fromkeys(old, False), **dict.fromkeys(new, True)}
+
+    # rollback: 1.4.2 is still there with the IDs this state file verified: found, pinned again
+    used, *unused = sorted(new)
+    clean_containerd.ctr("containers", "create", used, "stopped-user", "/bin/true")
+    try:
+        back = unlock(
+            archives.openssl_archive, archives, resource_api, clean_containerd, "--reclaim-policy", "Delete", env=state
+        )
+        assert back.returncode == 0, back.stderr
+        assert "already present" in back.stderr
+        assert f"removed {len(unused)} image(s) of 1.5.0; kept 1" in back.stderr
+        assert pinned() == {**dict.fromkeys(old, True), used: True}  # 1.5.0: only what the container uses
+    finally:
+        clean_containerd.ctr("containers", "rm", "stopped-user")

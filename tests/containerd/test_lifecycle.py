@@ -79,6 +79,10 @@ def test_unpin_lets_kubelet_collect_and_keeps_the_owner(daemon, cri, archives):
     assert all(cri.image_status(ref).pinned is (daemon.build.version >= (1, 7, 3)) for ref in rest)
     assert runtime.unpin([first]) == []  # nothing left to unpin
     assert first in [r.ref.removeprefix("docker.io/") for r in runtime.owned_refs()]
+    # a rollback that finds it still there pins it again
+    assert runtime.pin([first]) == [normalize_ref(first)]
+    assert PINNED_LABEL in daemon.images()[normalize_ref(first)]["labels"]
+    assert runtime.pin([first]) == []
 
 
 def test_remove_keeps_what_a_container_uses_and_what_another_name_holds(daemon, cri, archives):

@@ -47,6 +47,7 @@ def test_unpin_does_nothing_on_docker(clean_docker, archives, tmp_path):
     runtime = DockerRuntime(clean_docker.url, state_dir=str(tmp_path))
     _load(runtime, archives)
     assert runtime.unpin(archives.refs) == []
+    assert runtime.pin(archives.refs) == []
     assert loaded(clean_docker) == archives.ids
 
 

@@ -195,6 +195,9 @@ def agent_starter(
                 IMAGEUNLOCK_RETRY_BASE="0.5",
                 IMAGEUNLOCK_RETRY_MAX="2",
                 IMAGEUNLOCK_API_RETRIES="0",  # agent-level retries are what these tests watch
+                # the node's own state (ownership records, reclaim policies): kept across a
+                # restart of the node's agent, never shared with another test's
+                IMAGEUNLOCK_STATE_DIR=str(workdir / f"state-{node}"),
             )
             env.update(overrides)
             own = (disk, archive_root) if disk is not None else None

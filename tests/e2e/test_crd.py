@@ -18,8 +18,13 @@ def test_crd_is_served_and_explained(cluster, crd):
     resources = cluster.kubectl("api-resources", "--api-group", GROUP).stdout
     assert "imageunlocks" in resources and "iu" in resources
     spec = cluster.kubectl("explain", "imageunlock.spec").stdout
-    for field in ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256"):
+    fields = ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256")
+    for field in (*fields, "reclaimPolicy"):
         assert field in spec, field
+    policy = cluster.kubectl("explain", "imageunlock.spec.reclaimPolicy").stdout
+    assert "Unpin" in policy and "Delete" in policy and "Retain" in policy and "Ready" in policy
+    reclaimed = cluster.kubectl("explain", "imageunlock.status.nodes.reclaimed").stdout
+    assert "refs" in reclaimed and "policy" in reclaimed and "kept" in reclaimed
     for where in ("resourceApi", "keySource.resourceApi"):
         ref = cluster.kubectl("explain", f"imageunlock.spec.{where}.credentialsSecretRef").stdout
         assert "name" in ref and "email" in ref, where
@@ -31,6 +36,7 @@ BAD_SPECS = {
     "bad image": ({"images": ["Azaion/Flights"]}, "spec.images[0]"),
     "bad digest": ({"archiveSha256": "xyz"}, "spec.archiveSha256"),
     "unknown runtime": ({"runtime": "podman"}, "spec.runtime"),
+    "unknown reclaim policy": ({"reclaimPolicy": "Shred"}, "spec.reclaimPolicy"),
     "no secret": ({"resourceApi": {"url": "http://x"}}, "spec.resourceApi.credentialsSecretRef"),
     "both key sources": (
         {"keySource": {"resourceApi": {"credentialsSecretRef": {"name": "c"}}}},

@@ -404,7 +404,7 @@ def test_agent_mounts_containerd_socket_itself_and_adds_only_its_group(helm):
     # Docker only: containerd's socket is neither required on the nodes nor reachable.
     daemonset, _ = _workloads(rendered_objects({"agent": {"runtime": "docker", "docker": {"enabled": True}}}))
     pod = pod_of(daemonset)
-    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket", "locks"]
+    assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == ["archives", "docker-socket", "locks", "state"]
     assert pod["securityContext"]["supplementalGroups"] == [999]
     assert "IMAGEUNLOCK_CONTAINERD_ADDRESS" not in env_of(pod["containers"][0])
 

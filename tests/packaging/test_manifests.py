@@ -356,9 +356,12 @@ def test_daemonset_keeps_its_promises():
     socket = "/run/containerd/containerd.sock"
     assert volumes["containerd"]["hostPath"] == {"path": socket, "type": "Socket"}
     assert mounts["containerd"] == {"name": "containerd", "mountPath": socket, "readOnly": True}
-    assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp", "locks"}  # Docker's socket: commented out
+    assert set(volumes) == set(mounts) == {"archives", "containerd", "tmp", "locks", "state"}  # no Docker socket
     assert volumes["locks"]["hostPath"] == {"path": "/run/imageunlock", "type": "DirectoryOrCreate"}
     assert mounts["locks"]["mountPath"] == env_of(container)["IMAGEUNLOCK_LOCK_DIR"] == "/run/imageunlock"
+    # issue 20: ownership records and reclaim policies survive a restart of the agent
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/imageunlock-state", "type": "DirectoryOrCreate"}
+    assert mounts["state"]["mountPath"] == env_of(container)["IMAGEUNLOCK_STATE_DIR"] == "/var/lib/imageunlock-state"
     assert pod["serviceAccountName"] == AGENT_SA
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "auto"
@@ -401,6 +404,7 @@ def test_agent_falls_short_of_restricted_only_by_its_host_paths():
         "volume archives: hostPath",
         "volume containerd: hostPath",
         "volume locks: hostPath",
+        "volume state: hostPath",
     ]
 
 

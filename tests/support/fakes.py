@@ -20,7 +20,7 @@ what was done to it so a test can assert on the effect:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,6 +102,12 @@ class FakeRuntime:
         self._check()
         done = [ref for ref in refs if normalize_ref(ref) in self.pinned]
         self.pinned -= {normalize_ref(ref) for ref in done}
+        return done
+
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        self._check()
+        done = [ref for ref in refs if normalize_ref(ref) in self._images and normalize_ref(ref) not in self.pinned]
+        self.pinned |= {normalize_ref(ref) for ref in done}
         return done
 
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -230,6 +236,9 @@ class FakeKubernetesApi:
         self.patch_error: Exception | None = None
         self.nodes: dict[str, dict[str, Any]] = {}  # Node objects by name
         self.entry_writes: list[tuple[ObjectKey, str, dict[str, Any] | None]] = []
+        self.objects: list[dict[str, Any]] = []  # what list_unlocks answers
+        self.list_error: Exception | None = None
+        self.lists = 0  # list_unlocks calls
 
     def add_secret(self, namespace: str, name: str, value: Credentials | Exception, version: str = "1") -> None:
         self.secrets[(namespace, name)] = value
@@ -273,6 +282,12 @@ class FakeKubernetesApi:
     def read_node(self, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.nodes.get(name))
 
+    def list_unlocks(self, namespaces: Collection[str] = ()) -> list[dict[str, Any]]:
+        self.lists += 1
+        if self.list_error is not None:
+            raise self.list_error
+        return [dict(o) for o in self.objects]
+
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}
         self.events.append(Event((meta.get("namespace", ""), meta.get("name", "")), type_, reason, message))
@@ -303,6 +318,7 @@ if TYPE_CHECKING:
         ) -> None: ...
         def apply_node_entry(self, namespace: str, name: str, node: str, entry: Mapping[str, Any] | None) -> None: ...
         def read_node(self, name: str) -> dict[str, Any] | None: ...
+        def list_unlocks(self, namespaces: Collection[str] = ()) -> list[dict[str, Any]]: ...
         def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
         def close(self) -> None: ...
 

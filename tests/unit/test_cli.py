@@ -195,3 +195,59 @@ def test_state_in_a_directory_others_may_write_is_refused(tmp_path):
     shared.chmod(0o777)
     with pytest.raises(OSError, match="writable by others"):
         _write_state(str(shared / "verified-images.json"), {"azaion/a:1.0": "sha256:abc"})
+
+
+# -- --reclaim-policy (issue 20, item 5) ------------------------------------------------------
+
+OLD_REFS = ["azaion/one:1.4.1", "azaion/two:1.4.1"]
+OLD_IDS = {ref: "sha256:" + f"{n}" * 64 for n, ref in enumerate(OLD_REFS, 7)}
+
+
+def _upgrade_state(tmp_path: Path) -> None:
+    """The state a 1.4.1 run left behind, and 1.4.2 already verified once (fast path)."""
+    state = {"images": {**OLD_IDS, **IDS}, "current": {"docker": {"version": "1.4.1", "refs": OLD_REFS}}}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+
+
+def test_reclaim_policy_flag_defaults_to_unpin() -> None:
+    assert cli._parser().parse_args(["unlock"]).reclaim_policy == "Unpin"
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["unlock", "--reclaim-policy", "Shred"])
+
+
+def test_delete_removes_the_previous_version_after_this_one_is_verified(
+    engine: FakeRuntime, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine.add({**IDS, **OLD_IDS})
+    engine.in_use.add(OLD_IDS[OLD_REFS[1]])  # a container still runs the old two
+    _upgrade_state(tmp_path)
+    assert cli.main(unlock_args(tmp_path, "--output", "json", "--reclaim-policy", "Delete")) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["reclaimed"] == {"policy": "Delete", "refs": [OLD_REFS[0]], "kept": [OLD_REFS[1]]}
+    assert "imageunlock: Reclaimed: removed 1 image(s) of 1.4.1" in err
+    assert engine.image_ids([*REFS, *OLD_REFS]) == {**IDS, OLD_REFS[0]: None, OLD_REFS[1]: OLD_IDS[OLD_REFS[1]]}
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["current"]["docker"] == {"version": VERSION, "refs": REFS}
+    assert OLD_REFS[0] not in state["images"]
+
+
+def test_unpin_touches_no_image_the_previous_run_did_not_verify(
+    engine: FakeRuntime, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine.add({**IDS, **OLD_IDS, OLD_REFS[0]: "sha256:" + "f" * 64})  # re-tagged by someone since
+    engine.pinned |= {"docker.io/" + ref for ref in OLD_REFS}
+    _upgrade_state(tmp_path)
+    assert cli.main(unlock_args(tmp_path)) == 0
+    # the re-tagged one stays pinned; this run's, found already there, are pinned (again)
+    assert engine.pinned == {"docker.io/" + ref for ref in [OLD_REFS[0], *REFS]}
+    assert "imageunlock: Reclaimed: unpinned 1 image(s) of 1.4.1" in capsys.readouterr().err
+
+
+def test_retain_and_a_failed_unlock_reclaim_nothing(engine: FakeRuntime, tmp_path: Path) -> None:
+    engine.add({**OLD_IDS})  # 1.4.2 is not there and there are no credentials: the unlock fails
+    _upgrade_state(tmp_path)
+    assert cli.main(unlock_args(tmp_path, "--reclaim-policy", "Delete")) == 1
+    assert engine.image_ids(OLD_REFS) == OLD_IDS
+    engine.add(IDS)
+    assert cli.main(unlock_args(tmp_path, "--reclaim-policy", "Retain")) == 0
+    assert engine.image_ids(OLD_REFS) == OLD_IDS

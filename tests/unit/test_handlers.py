@@ -278,3 +278,24 @@ def test_the_workers_step_each_key_as_it_is_queued():
         return sorted(key for key, _ in memo.resync.steps)
 
     assert asyncio.run(asyncio.wait_for(run(), 10)) == [KEY, ("ns", "other")]
+
+
+def test_a_deleted_object_gives_its_images_its_own_reclaim_policy(tmp_path):
+    """Issue 20: the deleted event's last state carries the policy (no finalizer is needed)."""
+    from imageunlock.agent.reclaim import Reclaimer
+
+    from ..support.fakes import FakeRuntime
+
+    memo = memo_with()
+    memo.runtime = FakeRuntime({"azaion/x:2.0": "sha256:x"})
+    memo.runtime.owners["docker.io/azaion/x:2.0"] = ("ns/iu", "sha256:x")
+    memo.reclaimer = Reclaimer(memo.runtime, memo.kube, NODE, memo.agent.entry, directory=str(tmp_path))
+    memo.deleted = {}
+    body = raw("Ready")
+    body["spec"]["reclaimPolicy"] = "Delete"
+    track(memo, "ADDED", body)
+    handle(memo)
+    track(memo, "DELETED", body)
+    handle(memo)
+    assert memo.runtime.images == {} and memo.deleted == {}
+    assert [e.message for e in memo.kube.events] == [f"node {NODE}: removed 1 image(s) of 2.0"]

@@ -138,6 +138,14 @@ def test_on_a_large_fleet_a_ready_entry_keeps_the_digest_and_trusts_only_a_list_
     assert find_entry({"nodes": [small.dump()]}, "n") == small
 
 
+def test_on_a_large_fleet_what_was_reclaimed_keeps_its_count_not_its_lists():
+    """Issue 20: 1000 entries each listing 7 refs would near the object's size limit."""
+    reclaimed = {"policy": "Delete", "version": "1", "count": 2, "refs": ["a/b:1", "a/c:1"], "kept": ["a/d:1"]}
+    entry = NodeEntry(name="n", phase=Phase.FAILED, reclaimed={**reclaimed, "time": "2026-01-01T00:00:00Z"})
+    small = compacted(entry).reclaimed
+    assert small is not None and (small.count, small.refs, small.kept, small.policy) == (2, None, None, "Delete")
+
+
 def test_only_a_large_fleet_compacts():
     assert large_fleet({"nodesDesired": DETAILED_NODES + 1}) and not large_fleet({"nodesDesired": DETAILED_NODES})
     assert not large_fleet(None)

@@ -506,10 +506,10 @@ def test_waiting_for_another_unlock_of_the_same_archive_is_no_failure(world):
     loading, release = threading.Event(), threading.Event()
     original = world.runtime.load
 
-    def slow_load(chunks, refs=()):
+    def slow_load(chunks, refs=(), owner=None):
         loading.set()
         assert release.wait(10)
-        return original(chunks, refs)
+        return original(chunks, refs, owner)
 
     world.runtime.load = slow_load
     first = threading.Thread(target=world.reconcile)

@@ -116,6 +116,14 @@ def test_a_full_entry_and_summary_survive_pruning_whole():
         last_unlock_time="2026-01-01T00:00:00Z",
         last_verified_time="2026-01-01T00:00:01Z",
         last_handled_requested_at="now",
+        reclaimed={
+            "policy": "Delete",
+            "version": "1.4.1",
+            "count": 1,
+            "refs": ["docker.io/azaion/flights:1.4.1"],
+            "kept": ["docker.io/azaion/annotations:1.4.1"],
+            "time": "2026-01-01T00:00:02Z",
+        },
     )
     assert set(entry.dump()) == set(NodeEntry.model_json_schema(by_alias=True)["properties"])  # every field
     status = ImageUnlockStatus(

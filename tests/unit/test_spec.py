@@ -114,3 +114,12 @@ def test_spec_url_outside_the_allowlist_is_refused():
     with pytest.raises(ConfigurationError, match="not an allowed resource API"):
         parse_spec(spec, "https://api.example.test", ["https://api.example.test"])
     assert parse_spec(spec, None).key_source.url == "https://collector.evil.test"  # the CLI: the user's own call
+
+
+def test_reclaim_policy_defaults_to_unpin_and_is_checked():
+    from imageunlock.engine.reclaim import ReclaimPolicy
+
+    assert parse_spec(GOOD, None).reclaim_policy is ReclaimPolicy.UNPIN
+    assert parse_spec({**GOOD, "reclaimPolicy": "Delete"}, None).reclaim_policy is ReclaimPolicy.DELETE
+    with pytest.raises(ConfigurationError, match=r"spec\.reclaimPolicy 'Shred' is not one of Retain, Unpin, Delete"):
+        parse_spec({**GOOD, "reclaimPolicy": "Shred"}, None)

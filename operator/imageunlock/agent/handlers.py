@@ -9,7 +9,8 @@ fails is tried again after the queue's per-key backoff with jitter.
 
 Level-triggered on purpose: no kopf change handlers, so kopf keeps no per-handler state in
 the object's annotations (hundreds of agents would overwrite each other's) and adds no
-finalizer (deleting an ImageUnlock never waits for an agent; loaded images stay). A liveness
+finalizer (deleting an ImageUnlock never waits for an agent: its images get its
+reclaimPolicy when the agent sees the deletion, or at the next sweep, agent/reclaim.py). A liveness
 probe reports whether the container runtime answers.
 """
 
@@ -26,11 +27,13 @@ import kopf
 
 from imageunlock import metrics
 from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
+from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine import runtimes
+from imageunlock.engine.reclaim import parse_policy
 from imageunlock.errors import ConfigurationError, UnlockError, reasons
 from imageunlock.kube.client import GROUP, PLURAL, VERSION, KubernetesApi
 from imageunlock.kube.conditions import condition_states
@@ -85,6 +88,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
     )
     memo.node_watch.start()
+    memo.reclaimer = await asyncio.to_thread(
+        Reclaimer, memo.runtime, memo.kube, node, memo.agent.entry, known=lambda: list(memo.objects.values())
+    )
+    memo.deleted = {}  # (namespace, name) -> the reclaimPolicy of a deleted object, until its step
     memo.reconciler = Reconciler(
         config,
         memo.runtime,
@@ -92,11 +99,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         memo.agent,
         others=lambda: list(memo.objects.values()),
         disk_pressure=memo.agent.disk_pressure,
+        reclaimer=memo.reclaimer,
     )
     memo.resync = Resync(memo.reconciler)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
+    memo.tasks.append(asyncio.create_task(_sweep_loop(memo)))
     metrics.prepare_agent(node, runtime, reasons())
     memo.metrics_server = (
         await asyncio.to_thread(metrics.serve, config.metrics_address) if config.metrics_address else None
@@ -166,6 +175,8 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
+        if getattr(memo, "reclaimer", None) is not None:
+            memo.deleted[key] = parse_policy((body.get("spec") or {}).get("reclaimPolicy"))
     else:
         memo.objects[key] = _snapshot(body)
         entry = memo.agent.entry(memo.objects[key])
@@ -188,6 +199,20 @@ async def _ping_loop(memo: kopf.Memo) -> None:
     while True:
         await asyncio.to_thread(_check_runtime, memo)
         await asyncio.sleep(min(30.0, memo.settings.verify_interval))
+
+
+async def _sweep_loop(memo: kopf.Memo) -> None:
+    """At start-up and every verify interval: images of deleted ImageUnlocks (a delete this
+    agent missed, or one while it was down) and superseded ones a reclaim left (Reclaimer.sweep)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(memo.workers, memo.reclaimer.sweep)
+        except UnlockError as exc:
+            log.info("reclaim sweep postponed: %s", exc.message)
+        except Exception:  # a bug: logged, and tried again next interval
+            log.exception("reclaim sweep failed")
+        await asyncio.sleep(memo.settings.verify_interval)
 
 
 async def _worker(memo: kopf.Memo) -> None:
@@ -221,11 +246,17 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     kept for it, here, where no step of it can run at the same time."""
     agent: NodeAgent = memo.agent
     resync: Resync = memo.resync
+    reclaimer: Reclaimer | None = getattr(memo, "reclaimer", None)
     if body is None:
+        if reclaimer is not None and key in memo.deleted:  # its images here (no finalizer: deletion is instant)
+            reclaimer.deleted(*key, memo.deleted[key])
+            memo.deleted.pop(key, None)
         resync.forget(key)
         agent.forget(key)
         metrics.forget_node(*key, agent.node)
         return None
+    if reclaimer is not None:
+        reclaimer.seen(body)  # its policy outlives it (a delete while the agent is down)
     selected = agent.selected(body)
     if selected is None:
         return None  # this node was never read: nothing is known, nothing is removed

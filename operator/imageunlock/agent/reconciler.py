@@ -17,11 +17,12 @@ from typing import Any, Protocol
 
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
+from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
-from imageunlock.engine.models import Phase, Runtime
+from imageunlock.engine.models import Phase, Runtime, owner_of
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, NodeDiskPressureError, RefConflictError, UnlockError
@@ -117,9 +118,11 @@ class Reconciler:
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
         disk_pressure: Callable[[], bool] = lambda: False,
+        reclaimer: Reclaimer | None = None,
     ) -> None:
         self.settings = settings
         self.disk_pressure = disk_pressure  # the Node's DiskPressure condition is True (agent/node.py)
+        self.reclaimer = reclaimer  # gives back earlier versions' images once Ready (agent/reclaim.py)
         self.runtime = runtime
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
@@ -280,7 +283,8 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
-            result = self.service(spec, namespace).unlock(spec.to_request(known), run.report)
+            request = spec.to_request(known, owner=owner_of(namespace, name))  # loads are recorded as ours
+            result = self.service(spec, namespace).unlock(request, run.report)
         except UnlockError as exc:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
@@ -316,7 +320,23 @@ class Reconciler:
                 "Unlocked" if not result.fast_path else "AlreadyPresent",
                 f"{len(result.images)} image(s) {how} at version {spec.version}",
             )
+        self.reclaim(run, body, list(result.images) if result.fast_path else [])
         return Outcome(Verdict.READY, "ready")
+
+    def reclaim(self, run: _Reconciliation, body: Mapping[str, Any], found: list[str]) -> None:
+        """Now that this version is Ready here (never before): images ``found`` already there
+        are pinned again (a rollback to a version an earlier reclaim unpinned), and earlier
+        versions' images get the spec's reclaimPolicy. A failure leaves them for the next
+        sweep (agent/reclaim.py)."""
+        if self.reclaimer is None:
+            return
+        try:
+            if found and (pinned := self.runtime.pin(found)):
+                log.info("%s/%s: pinned %d image(s) found unpinned", run.namespace, run.name, len(pinned))
+            if (entry := self.reclaimer.after_ready(body, run.entry)) is not None:
+                run.write(entry)
+        except UnlockError as exc:
+            log.info("reclaim for %s/%s postponed to the next sweep: %s", run.namespace, run.name, exc.message)
 
 
 class _Reconciliation:

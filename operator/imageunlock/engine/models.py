@@ -80,6 +80,12 @@ class Runtime(Protocol):
         that were pinned and no longer are); a runtime without pinning does nothing."""
         ...
 
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        """Pin ``refs`` again (a rollback to a version found still present after an unpin):
+        the runtime's names of those that were not pinned and now are; a runtime without
+        pinning does nothing."""
+        ...
+
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
         """Remove ``refs`` unless a container (running or stopped) uses the image:
         ``(removed or already absent, kept because in use)``. Removes the names, never an
@@ -127,6 +133,9 @@ class UnlockRequest:
     archive_sha256: str | None = None
     # Image IDs verified by an earlier unlock: the only ones the fast path accepts.
     known_ids: Mapping[str, str] = field(default_factory=dict)
+    # The ImageUnlock ("<namespace>/<name>") a load is recorded for (Runtime.owned_refs): the
+    # only images a later reclaim may give back. None (the CLI): nothing recorded.
+    owner: str | None = None
 
     @property
     def refs(self) -> list[str]:

@@ -207,7 +207,9 @@ class UnlockService:
         del key
         final_check = (lambda: source.check(digest)) if isinstance(source, HashingReader) and digest else None
         try:
-            loaded = self.runtime.load(verified_stream(plaintext, verifier, request.refs, final_check), request.refs)
+            loaded = self.runtime.load(
+                verified_stream(plaintext, verifier, request.refs, final_check), request.refs, request.owner
+            )
         except InsufficientStorageError as exc:  # the runtime counted only what it took before failing
             raise exc.for_archive(size) from None
         log.info("runtime loaded %d image(s) from %s", len(loaded), request.archive_path)

@@ -81,6 +81,9 @@ class ImageUnlockSpec(Model):
             raise ValueError(problem)
         return value
 
+    # What happens on a node to images this ImageUnlock no longer wants (engine/reclaim.py).
+    reclaim_policy: Literal["Retain", "Unpin", "Delete"] | None = None  # the CRD's default: Unpin
+
 
 # --- status: one node's entry -------------------------------------------------------------
 
@@ -96,6 +99,17 @@ class Progress(Model):
     bytes_done: int | None = None
     bytes_total: int | None = None
     percent: int | None = None
+
+
+class Reclaimed(Model):
+    """What the node's agent last gave back of this ImageUnlock's earlier versions."""
+
+    policy: Literal["Unpin", "Delete"]
+    version: str  # the tags of the refs (e.g. "1.0.0")
+    count: int  # how many were unpinned or removed
+    refs: list[str] | None = None  # which (a large fleet leaves the lists out: kube/nodes.py)
+    kept: list[str] | None = None  # Delete: left because a container uses them
+    time: str
 
 
 class NodeEntry(Model):
@@ -124,6 +138,7 @@ class NodeEntry(Model):
     last_unlock_time: str | None = None
     last_verified_time: str | None = None
     last_handled_requested_at: str | None = None
+    reclaimed: Reclaimed | None = None  # the last reclaim of superseded refs on this node
 
 
 # --- status: the summary ------------------------------------------------------------------

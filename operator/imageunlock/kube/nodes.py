@@ -199,7 +199,10 @@ def large_fleet(status: Mapping[str, Any] | None) -> bool:
 
 
 def compacted(entry: NodeEntry) -> NodeEntry:
-    """``entry`` as a large fleet writes it: Ready, it holds the digest of its images, not the list."""
+    """``entry`` as a large fleet writes it: Ready, it holds the digest of its images, not the
+    list; what it reclaimed last, without the lists of refs (their count stays)."""
+    if entry.reclaimed is not None and (entry.reclaimed.refs or entry.reclaimed.kept):
+        entry = entry.model_copy(update={"reclaimed": entry.reclaimed.model_copy(update={"refs": None, "kept": None})})
     if entry.phase is not Phase.READY or not entry.images:
         return entry
     return entry.model_copy(update={"images": None, "images_digest": images_digest(entry.images)})

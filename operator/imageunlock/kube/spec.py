@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import keys, runtimes
 from imageunlock.engine.models import UnlockRequest
+from imageunlock.engine.reclaim import DEFAULT_POLICY, ReclaimPolicy
 from imageunlock.errors import ConfigurationError
 
 # Docker's grammar for a tag and for a repository name (with an optional registry host).
@@ -35,14 +36,20 @@ class UnlockSpec:
     key_source: keys.KeySourceSpec
     runtime: str = runtimes.AUTO  # as asked (a registered name or auto); check_runtime resolves it
     archive_sha256: str | None = None
+    reclaim_policy: ReclaimPolicy = DEFAULT_POLICY
 
-    def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
+    @property
+    def refs(self) -> list[str]:
+        return [f"{name}:{self.version}" for name in self.images]
+
+    def to_request(self, known_ids: Mapping[str, str] | None = None, owner: str | None = None) -> UnlockRequest:
         return UnlockRequest(
             archive_path=self.archive_path,
             version=self.version,
             images=self.images,
             archive_sha256=self.archive_sha256,
             known_ids=dict(known_ids or {}),
+            owner=owner,
         )
 
 
@@ -90,6 +97,10 @@ def parse_spec(
     if digest is not None:
         text("archiveSha256", digest, SHA256_PATTERN, " (64 hexadecimal digits)")
 
+    policy = spec.get("reclaimPolicy") or DEFAULT_POLICY.value
+    if policy not in (known := tuple(p.value for p in ReclaimPolicy)):
+        problems.append(f"spec.reclaimPolicy {policy!r} is not one of {', '.join(known)}")
+
     if problems:
         raise ConfigurationError("; ".join(problems))
     return UnlockSpec(
@@ -99,6 +110,7 @@ def parse_spec(
         key_source=key_source,
         runtime=str(wanted),
         archive_sha256=str(digest).lower() if digest else None,
+        reclaim_policy=ReclaimPolicy(policy) if policy in known else DEFAULT_POLICY,
     )
 
 

@@ -20,6 +20,7 @@ tests/support/fake_runtime.py is the recipe, run by a unit test).
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from typing import Literal
 
 from imageunlock.engine.models import Runtime
 from imageunlock.errors import ConfigurationError
+
+# The node-local state directory (a hostPath the DaemonSet mounts): what the node loaded for
+# whom (owned.py), the reclaim policies and sealed keys the agent remembers across restarts.
+STATE_DIR_ENV = "IMAGEUNLOCK_STATE_DIR"
+DEFAULT_STATE_DIR = "/var/lib/imageunlock"
+
+
+def state_dir() -> str:
+    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+
 
 AUTO = "auto"  # spec.runtime and IMAGEUNLOCK_RUNTIME: the node's own runtime
 

@@ -459,6 +459,19 @@ class ContainerdRuntime:
                 unpinned.append(name)
         return unpinned
 
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        """Label these refs' image records ``io.cri-containerd.pinned=pinned`` again where an
+        :meth:`unpin` took it off (a rollback that found the images still there). Returns the
+        names that were not pinned and now are."""
+        self._check_socket()
+        records = self._records()
+        pinned = []
+        for name in dict.fromkeys(normalize_ref(ref) for ref in refs):
+            if name in records and PINNED_KEY not in _labels(records[name][2]):
+                self._run("images", "label", name, PINNED_LABEL)
+                pinned.append(name)
+        return pinned
+
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
         """Delete these refs' image records unless a container in the namespace, running or
         stopped (the CRI's too), was made from the image: ``(removed or already absent, kept

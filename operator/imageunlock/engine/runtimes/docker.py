@@ -181,6 +181,10 @@ class DockerRuntime:
         (only kubelet's, through cri-dockerd, which pins nothing). Returns ``[]``."""
         return []
 
+    def pin(self, refs: Sequence[str]) -> list[str]:
+        """Nothing, as :meth:`unpin`. Returns ``[]``."""
+        return []
+
     def remove(self, refs: Sequence[str]) -> tuple[list[str], list[str]]:
         """``docker rmi REF`` (no force) for each ref whose image no container — running or
         stopped, ``docker ps -a`` — was created from (compared by image ID). By ref, never by

@@ -24,15 +24,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 
+from imageunlock.engine.runtimes import DEFAULT_STATE_DIR, STATE_DIR_ENV, state_dir
+
 log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_STATE_DIR", "STATE_DIR_ENV", "OwnedFile", "state_dir"]
 
-STATE_DIR_ENV = "IMAGEUNLOCK_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/imageunlock"
 VERSION = 1
-
-
-def state_dir() -> str:
-    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
 
 
 class OwnedFile:
