@@ -8,7 +8,9 @@ input changes) or Retry (a transient fault: looked at again after ``delay``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -116,8 +118,12 @@ class Reconciler:
         kube: KubernetesApi,
         entries: Entries,
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
+        jitter: Callable[[int, float, float], float] | None = None,
     ) -> None:
         self.settings = settings
+        # A transient fault's retry delay for (attempt, base, cap): full jitter, so nodes that
+        # failed together do not retry in lock-step (a test may pass a fixed one).
+        self.jitter = jitter or functools.partial(st.full_jitter, rng=random.Random())
         self.runtime = runtime
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
@@ -364,7 +370,7 @@ class _Reconciliation:
     def failed(self, exc: UnlockError, attempt: int) -> Outcome:
         metrics.FAILURES.labels(exc.reason).inc()
         if exc.transient:
-            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            delay = self.owner.jitter(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             text = f"attempt {attempt + 1} failed: {exc.message}; retrying in {delay:.0f}s"
             self.write_or_log(
                 st.mark_reconciling(self.entry, self.phase or Phase.PENDING, exc.reason, text, self.generation)
@@ -382,7 +388,7 @@ class _Reconciliation:
         stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation)
         if not self.write_or_log(_handled(stalled, self.body)):
             # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
-            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            delay = self.owner.jitter(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         self.event("Warning", exc.reason, exc.message)
         return Outcome(Verdict.STALLED, exc.message, exc.reason)
