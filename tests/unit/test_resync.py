@@ -249,3 +249,30 @@ def test_spec_edits_in_a_loop_cost_one_reconcile_per_interval_and_the_latest_cou
     clock.now += 1
     resync.step(KEY, body("Failed", observed=10, generation=10))
     assert len(fake.calls) == 2  # and only once
+
+
+def test_a_changed_secret_rechecks_a_stalled_object_at_once_not_at_the_interval():
+    """Issue 21, item 5: the agent's Secret watch pokes the objects naming the Secret."""
+    resync, fake, clock = make(Outcome(Verdict.STALLED, "no Secret", "InvalidConfiguration"), Outcome(Verdict.READY))
+    fake.current_inputs = Inputs(1, None, None, "archive-v1")  # the Secret does not exist
+    resync.step(KEY, body("Pending", observed=0))
+    assert fake.calls == [0]
+    clock.now += 5
+    resync.step(KEY, body("Failed"))  # not poked: the schedule holds
+    assert fake.calls == [0]
+    fake.current_inputs = Inputs(1, None, "secret-v1", "archive-v1")  # created
+    resync.poke(KEY)
+    resync.step(KEY, body("Failed"))
+    assert fake.calls == [0, 0]
+    # a poke is taken once: the next step follows the schedule again
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [0, 0]
+
+
+def test_a_changed_secret_does_not_touch_a_ready_object():
+    resync, fake, clock = make()
+    resync.step(KEY, body("Ready"))
+    resync.poke(KEY)
+    clock.now += 1
+    assert resync.step(KEY, body("Ready")) == 299
+    assert fake.calls == [] and fake.verifications == 1

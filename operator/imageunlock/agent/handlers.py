@@ -28,6 +28,7 @@ from imageunlock import metrics
 from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
+from imageunlock.agent.secrets import SecretKey, SecretWatches
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine import runtimes
@@ -88,6 +89,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         config, memo.runtime, memo.kube, memo.agent, others=lambda: list(memo.objects.values())
     )
     memo.resync = Resync(memo.reconciler)
+    # The credentials Secret each known ImageUnlock names, and a metadata-only watch on each
+    # one this node serves: a created or changed Secret re-checks its ImageUnlocks at once.
+    memo.secret_of = {}
+
+    def secret_changed(secret: SecretKey) -> None:
+        loop.call_soon_threadsafe(_secret_changed, memo, secret)
+
+    memo.secrets = SecretWatches(memo.kube.follow_secret, secret_changed)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
@@ -110,6 +119,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "stop", None) is not None:
         memo.stop.set()
+    if getattr(memo, "secrets", None) is not None:
+        memo.secrets.stop()
     for task in getattr(memo, "tasks", []):
         task.cancel()
     if getattr(memo, "workers", None) is not None:
@@ -160,16 +171,53 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     key = (meta.get("namespace"), meta.get("name"))
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
+        memo.secret_of.pop(key, None)
     else:
         memo.objects[key] = _snapshot(body)
+        memo.secret_of[key] = _secret_of(memo, memo.objects[key])
         entry = memo.agent.entry(memo.objects[key])
         metrics.observe_node(*key, memo.agent.node, None if entry.phase is None else condition_states(entry))
     memo.queue.add(key)
+    _follow_secrets(memo)
 
 
 def _all_changed(memo: Any) -> None:
     for key in memo.objects:
         memo.queue.add(key)
+    _follow_secrets(memo)
+
+
+def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
+    """The credentials Secret an ImageUnlock names: in its own namespace, the only one its
+    credentials may come from (None: none, or a spec that does not parse)."""
+    try:
+        name = memo.reconciler.parse(body).key_source.secret_name
+    except UnlockError:
+        return None
+    return (str(body["metadata"].get("namespace") or ""), name) if name else None
+
+
+def _follow_secrets(memo: Any) -> None:
+    """Watch the Secrets of the ImageUnlocks this node serves (all of them until the Node's
+    watch has reported it: selection is then unknown, and reading the Node here would block
+    the event loop)."""
+    agent: NodeAgent = memo.agent
+    wanted = {
+        secret
+        for key, secret in memo.secret_of.items()
+        if secret is not None
+        and (key in memo.objects)
+        and (not agent.watched or agent.selected(memo.objects[key]) is not False)
+    }
+    memo.secrets.sync(wanted)
+
+
+def _secret_changed(memo: Any, secret: SecretKey) -> None:
+    """A followed Secret was created, changed or deleted: its ImageUnlocks are looked at now."""
+    for key, named in list(memo.secret_of.items()):
+        if named == secret:
+            memo.resync.poke(key)
+            memo.queue.add(key)
 
 
 def _snapshot(body: Any) -> dict[str, Any]:
