@@ -116,6 +116,7 @@ def test_a_full_entry_and_summary_survive_pruning_whole():
         last_unlock_time="2026-01-01T00:00:00Z",
         last_verified_time="2026-01-01T00:00:01Z",
         last_handled_requested_at="now",
+        login_refused_version="42",
     )
     assert set(entry.dump()) == set(NodeEntry.model_json_schema(by_alias=True)["properties"])  # every field
     status = ImageUnlockStatus(

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
+from imageunlock.agent.verdicts import LoginVerdicts
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
@@ -129,6 +130,7 @@ class Reconciler:
         self.entries = entries  # where status goes: this node's entry, never the summary
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
+        self.verdicts = LoginVerdicts()  # the fleet's login verdicts, per Secret resourceVersion
         self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
         self.key_settings = KeySettings(
             settings.default_api_url,
@@ -150,11 +152,29 @@ class Reconciler:
         runtime = settings.runtime if settings.runtime != "auto" else str(getattr(self.runtime, "name", "docker"))
         return parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist, runtime)
 
-    def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
+    def service(
+        self,
+        spec: UnlockSpec,
+        namespace: str,
+        body: Mapping[str, Any] | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> UnlockService:
+        """The unlock service for ``spec``. With ``body``, the key source's login goes through
+        the fleet's verdict (agent/verdicts.py); ``refused`` is told the Secret's
+        resourceVersion a login was refused for."""
         # Credentials only ever come from a Secret of the ImageUnlock's own namespace.
         keys = build_key_source(
             spec.key_source, self.key_settings, lambda secret: self.kube.read_credentials(namespace, secret)
         )
+        if body is not None and (secret := spec.key_source.secret_name):
+            keys = self.verdicts.wrap(
+                keys,
+                node=self.entries.node,
+                body=body,
+                secret=secret,
+                version=lambda: self.kube.secret_version(namespace, secret),
+                refused=refused or (lambda _version: None),
+            )
         return UnlockService(
             self.runtime,
             keys,
@@ -272,7 +292,8 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
-            result = self.service(spec, namespace).unlock(spec.to_request(known), run.report)
+            service = self.service(spec, namespace, body, run.refused.append)
+            result = service.unlock(spec.to_request(known), run.report)
         except UnlockError as exc:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
@@ -333,8 +354,13 @@ class _Reconciliation:
             entry.message,
         )
         self.quiet = self.stalled[0]
+        # The Secret resourceVersion whose login was refused in this run (its own, or the
+        # verdict of another node it adopted): recorded in the Stalled entry, for the others.
+        self.refused: list[str] = []
 
     def write(self, entry: NodeEntry) -> None:
+        if not self.refused:  # a verdict holds only while the entry says the login was refused
+            entry = entry.model_copy(update={"login_refused_version": None})
         self.owner.entries.apply(self.body, entry)
         self.entry = entry
 
@@ -377,7 +403,8 @@ class _Reconciliation:
             )
             self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
-        if self.quiet and self.stalled[1:] == (exc.reason, exc.message):
+        refused = self.refused[-1] if self.refused else None
+        if self.quiet and self.stalled[1:] == (exc.reason, exc.message) and self.entry.login_refused_version == refused:
             # The same Stalled outcome again: record only the request it answered, if any.
             requested = _requested_at(self.body)
             if requested is not None and self.write_or_log(
@@ -385,7 +412,9 @@ class _Reconciliation:
             ):
                 log.debug("%s/%s re-checked: unchanged (%s)", self.namespace, self.name, exc.reason)
             return Outcome(Verdict.STALLED, exc.message, exc.reason)
-        stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation)
+        stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation).model_copy(
+            update={"login_refused_version": refused}
+        )
         if not self.write_or_log(_handled(stalled, self.body)):
             # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
             delay = self.owner.jitter(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)

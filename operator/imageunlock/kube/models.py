@@ -113,6 +113,9 @@ class NodeEntry(Model):
     last_unlock_time: str | None = None
     last_verified_time: str | None = None
     last_handled_requested_at: str | None = None
+    # The credentials Secret's resourceVersion the resource API refused the login for (this
+    # generation): other nodes adopt the verdict for that resourceVersion (agent/verdicts.py).
+    login_refused_version: str | None = None
 
 
 # --- status: the summary ------------------------------------------------------------------
