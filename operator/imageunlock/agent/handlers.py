@@ -29,6 +29,7 @@ from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
 from imageunlock.agent.secrets import SecretKey, SecretWatches
+from imageunlock.app import hardening
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine import runtimes
@@ -49,7 +50,12 @@ registry = new_registry()
 def run() -> int:
     """``imageunlock agent``: the settings (a bad one: exit 1), then the agent's operator."""
     config = read_config(AgentConfig.from_env)
-    return 1 if config is None else serve(config, registry)
+    if config is None:
+        return 1
+    # Keys may be kept in this process's memory (spec.keyCacheSeconds): no core dumps, no
+    # ptrace or /proc/<pid>/mem by other processes of its user.
+    hardening.non_dumpable()
+    return serve(config, registry)
 
 
 @kopf.on.startup(registry=registry)
@@ -228,6 +234,7 @@ async def _ping_loop(memo: kopf.Memo) -> None:
     """Keeps imageunlock_runtime_reachable current; not on the workers, so a long unlock on
     each of them does not hold it up."""
     while True:
+        memo.reconciler.key_cache.purge()  # kept keys whose window closed go, even unasked
         await asyncio.to_thread(_check_runtime, memo)
         await asyncio.sleep(min(30.0, memo.settings.verify_interval))
 

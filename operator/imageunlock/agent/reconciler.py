@@ -24,6 +24,7 @@ from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
+from imageunlock.engine.keys.cache import CachingKeySource, KeyCache
 from imageunlock.engine.models import Phase
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
@@ -131,6 +132,8 @@ class Reconciler:
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
         self.verdicts = LoginVerdicts()  # the fleet's login verdicts, per Secret resourceVersion
+        # Keys kept in memory for spec.keyCacheSeconds (none unless an ImageUnlock asks).
+        self.key_cache = KeyCache()
         self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
         self.key_settings = KeySettings(
             settings.default_api_url,
@@ -175,6 +178,10 @@ class Reconciler:
                 version=lambda: self.kube.secret_version(namespace, secret),
                 refused=refused or (lambda _version: None),
             )
+            if spec.key_cache_seconds > 0:
+                keys = CachingKeySource(
+                    keys, self.key_cache, self._cache_binding(spec, namespace, secret), spec.key_cache_seconds
+                )
         return UnlockService(
             self.runtime,
             keys,
@@ -185,6 +192,20 @@ class Reconciler:
             verified=self.node_verified,
             scope=namespace,
         )
+
+    def _cache_binding(self, spec: UnlockSpec, namespace: str, secret: str) -> Callable[[], tuple[Any, ...] | None]:
+        """What a kept key is good for: this key source and Secret at its current
+        resourceVersion (None while there is no Secret: deleting it revokes the key), and
+        this very archive file (device, inode, size, mtimes: a new file is a new key)."""
+
+        def binding() -> tuple[Any, ...] | None:
+            version = self.kube.secret_version(namespace, secret)
+            if version is None:
+                return None
+            where = archive.signature(spec.archive_path, self.roots(namespace))
+            return (namespace, secret, version, spec.key_source, spec.archive_path, where)
+
+        return binding
 
     def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
         """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
@@ -284,6 +305,7 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         entry = self.entry(body)
         run = _Reconciliation(self, body, entry, namespace, name, generation)
+        cached: CachingKeySource | None = None
         try:
             spec = self.parse(body)
             self.check_owner(namespace, spec)
@@ -293,12 +315,19 @@ class Reconciler:
                 raise conflict
             known = known_ids(entry, generation)
             service = self.service(spec, namespace, body, run.refused.append)
+            cached = service.keys if isinstance(service.keys, CachingKeySource) else None
             result = service.unlock(spec.to_request(known), run.report)
         except UnlockError as exc:
+            if cached is not None:
+                cached.failed()
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
+            if cached is not None:
+                cached.failed()
             log.exception("unexpected error reconciling %s/%s", namespace, name)
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
+        if cached is not None:
+            cached.succeeded()  # the key loaded verified images: kept from now (if one was used)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         if not result.fast_path:
             runtime = getattr(self.runtime, "name", "unknown")

@@ -69,6 +69,7 @@ class ImageUnlockSpec(Model):
     runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
     node_selector: NodeSelector | None = None
     archive_sha256: str | None = None
+    key_cache_seconds: int | None = None  # 0 / absent: the key is fetched per unlock
 
 
 # --- status: one node's entry -------------------------------------------------------------

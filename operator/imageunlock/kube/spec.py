@@ -20,6 +20,7 @@ TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+MAX_KEY_CACHE = 30 * 24 * 3600  # spec.keyCacheSeconds: at most 30 days (the CRD's maximum)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class UnlockSpec:
     key_source: keys.KeySourceSpec
     runtime: str = "docker"  # resolved: never "auto"
     archive_sha256: str | None = None
+    key_cache_seconds: int = 0  # 0: the key is fetched per unlock (agent/reconciler.py)
 
     def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
         return UnlockRequest(
@@ -91,6 +93,11 @@ def parse_spec(
     if digest is not None:
         text("archiveSha256", digest, SHA256_PATTERN, " (64 hexadecimal digits)")
 
+    cache = spec.get("keyCacheSeconds")
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= MAX_KEY_CACHE):
+        problems.append(f"spec.keyCacheSeconds {cache!r} must be a whole number of seconds from 0 to {MAX_KEY_CACHE}")
+        cache = 0
+
     if problems:
         raise ConfigurationError("; ".join(problems))
     return UnlockSpec(
@@ -100,6 +107,7 @@ def parse_spec(
         key_source=key_source,
         runtime=runtime,
         archive_sha256=str(digest).lower() if digest else None,
+        key_cache_seconds=int(cache or 0),
     )
 
 
