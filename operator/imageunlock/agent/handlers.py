@@ -175,6 +175,7 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     it on the event loop keeps every mutation of both on the thread that reads them."""
     meta = body.get("metadata", {})
     key = (meta.get("namespace"), meta.get("name"))
+    before = memo.secret_of.get(key)
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
         memo.secret_of.pop(key, None)
@@ -184,18 +185,26 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
         entry = memo.agent.entry(memo.objects[key])
         metrics.observe_node(*key, memo.agent.node, None if entry.phase is None else condition_states(entry))
     memo.queue.add(key)
-    _follow_secrets(memo)
+    if memo.secret_of.get(key) != before:  # only then can the set of followed Secrets change
+        _follow_secrets(memo)
 
 
 def _all_changed(memo: Any) -> None:
     for key in memo.objects:
         memo.queue.add(key)
+        memo.secret_of[key] = _secret_of(memo, memo.objects[key])  # the Node's labels: selection
     _follow_secrets(memo)
 
 
 def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
-    """The credentials Secret an ImageUnlock names: in its own namespace, the only one its
-    credentials may come from (None: none, or a spec that does not parse)."""
+    """The credentials Secret an ImageUnlock names, in its own namespace (the only one its
+    credentials may come from), if this node serves it (None: it names none, its spec does
+    not parse, or it does not select this node). Before the Node's watch has reported,
+    selection is unknown and every object counts (reading the Node here would block the
+    event loop); that report recomputes every object's (_all_changed)."""
+    agent: NodeAgent = memo.agent
+    if agent.watched and agent.selected(body) is False:
+        return None
     try:
         name = memo.reconciler.parse(body).key_source.secret_name
     except UnlockError:
@@ -204,18 +213,8 @@ def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
 
 
 def _follow_secrets(memo: Any) -> None:
-    """Watch the Secrets of the ImageUnlocks this node serves (all of them until the Node's
-    watch has reported it: selection is then unknown, and reading the Node here would block
-    the event loop)."""
-    agent: NodeAgent = memo.agent
-    wanted = {
-        secret
-        for key, secret in memo.secret_of.items()
-        if secret is not None
-        and (key in memo.objects)
-        and (not agent.watched or agent.selected(memo.objects[key]) is not False)
-    }
-    memo.secrets.sync(wanted)
+    """Watch exactly the Secrets of the ImageUnlocks this node serves."""
+    memo.secrets.sync({secret for secret in memo.secret_of.values() if secret is not None})
 
 
 def _secret_changed(memo: Any, secret: SecretKey) -> None:
