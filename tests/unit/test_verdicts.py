@@ -100,6 +100,9 @@ def test_a_changed_secret_is_tried_by_one_node_while_the_others_wait_for_its_ver
     waiting = [fleet.reconcile(node) for node in reversed(NODES[1:])]
     assert {(o.verdict, o.reason) for o in waiting} == {(Verdict.RETRY, "AwaitingLoginVerdict")}
     assert fleet.api.calls[LOGIN_PATH] == 1  # none of them sent the password
+    # their retries come before edge-0's verdict (their entries now say they wait): still waiting
+    again = [fleet.reconcile(node) for node in NODES[1:]]
+    assert {o.reason for o in again} == {"AwaitingLoginVerdict"} and fleet.api.calls[LOGIN_PATH] == 1
     assert fleet.reconcile("edge-0").verdict is Verdict.STALLED  # the first by name tries it
     assert fleet.api.calls[LOGIN_PATH] == 2
     again = [fleet.reconcile(node) for node in NODES[1:]]

@@ -86,11 +86,11 @@ class LoginVerdicts:
         which they adopt, or not, and they go) or for WAIT_FOR_LEADER seconds."""
         generation = key[1]
         pending = untried(entries, generation, version)
-        if me not in pending:
-            return None
-        if key in self._waiting:
+        if key in self._waiting:  # waiting already (this node's own entry now says so, not refused)
             since, first = self._waiting[key]
             return first if first in pending and self.clock() - since < WAIT_FOR_LEADER else None
+        if me not in pending:
+            return None
         first = min(pending)
         if first == me:
             return None
