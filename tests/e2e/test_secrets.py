@@ -50,3 +50,49 @@ def test_a_fixed_password_makes_the_unlock_ready_within_seconds(
     cluster.core.patch_namespaced_secret("loader-creds", namespace, {"stringData": {"password": TEST_PASSWORD}})
     wait_for(lambda: is_ready(cluster, namespace, "fixed"), 30, "Ready after the password was fixed")
     assert resource_api.calls[LOGIN_PATH] == logins + 1  # one login for the fix, no retry loop before it
+
+
+def test_a_fleet_with_a_wrong_password_costs_one_refused_login_per_secret_version(
+    cluster, namespace, start_agent, archives, archive_root, clean_docker, resource_api
+):
+    """Three agents (three Nodes on one dockerd): the Secret changes, still wrong, and the
+    resource API sees one refused login for the fleet, not three; then fixed, all are Ready."""
+    nodes = [f"verdict-{i}" for i in range(3)]
+    labels = {"imageunlock-test": namespace}
+    for node in nodes:
+        cluster.ensure_node(node, "docker://24.0.9", labels)
+    try:
+        for node in nodes:
+            start_agent(node, archive_root, IMAGEUNLOCK_DOCKER_HOST=clean_docker.url, IMAGEUNLOCK_VERIFY_INTERVAL=LONG)
+        cluster.core.create_namespaced_secret(
+            namespace, {"metadata": {"name": "loader-creds"}, "stringData": {"email": TEST_EMAIL, "password": "no"}}
+        )
+        path = place(archives.openssl_archive, archive_root)
+        spec = spec_for(path, archives.version, "loader-creds", nodeSelector={"matchLabels": labels})
+        cluster.create_unlock(namespace, "shared", spec)
+
+        def refused_on_all(version: str | None = None) -> bool:
+            entries = cluster.entries(namespace, "shared")
+            return len(entries) == 3 and all(
+                e.get("reason") == "AuthenticationFailed"
+                and (version is None or e.get("loginRefusedVersion") == version)
+                for e in entries.values()
+            )
+
+        wait_for(refused_on_all, 60, "every node Stalled on the wrong password")
+        first = resource_api.calls[LOGIN_PATH]
+        assert 1 <= first <= 3  # a new object's first logins are not shared (no entries yet)
+        changed = cluster.core.patch_namespaced_secret(
+            "loader-creds", namespace, {"stringData": {"password": "still-not-it"}}
+        )
+        wait_for(lambda: refused_on_all(changed.metadata.resource_version), 60, "the new verdict on every node")
+        assert resource_api.calls[LOGIN_PATH] == first + 1  # one refused login for three nodes
+        cluster.core.patch_namespaced_secret("loader-creds", namespace, {"stringData": {"password": TEST_PASSWORD}})
+        wait_for(
+            lambda: {e.get("phase") for e in cluster.entries(namespace, "shared").values()} == {"Ready"},
+            60,
+            "every node Ready once the password is right",
+        )
+    finally:
+        for node in nodes:
+            cluster.delete_node(node)
