@@ -10,7 +10,7 @@ import sys
 from imageunlock.agent.reconciler import Verdict
 from imageunlock.engine.keys.cache import CachingKeySource, KeyCache
 from imageunlock.engine.models import Phase
-from imageunlock.errors import ApiUnavailableError
+from imageunlock.errors import ApiUnavailableError, RuntimeUnavailableError
 
 from ..support.fakes import FakeKeyClient
 from . import test_reconciler
@@ -112,6 +112,21 @@ def test_with_key_cache_seconds_a_removed_image_is_restored_while_the_resource_a
     assert outcome.verdict is Verdict.READY and len(world.runtime.loads) == 2
     assert world.key.logins == 0 and world.key.fragments == 0  # no request at all
     assert "k" * 8 not in str(world.kube.status(NS, "iu"))
+
+
+def test_a_kept_key_survives_a_transient_failure_and_goes_with_a_permanent_one(world):
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    world.key = FakeKeyClient(FRAGMENT, login_error=ApiUnavailableError("resource API unreachable"))
+    world.runtime._images.clear()
+    world.runtime.load_error = RuntimeUnavailableError("dockerd restarted mid-load")
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.RETRY
+    assert len(world.reconciler.key_cache) == 1  # still there for the retry
+    world.runtime.load_error = None
+    cache = world.reconciler.key_cache
+    cache.used(next(iter(cache._entries)), b"Z" * 32, 3600)  # a kept key the archive does not decrypt with
+    outcome = world.reconcile(keyCacheSeconds=3600)
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "ArchiveInvalid")
+    assert len(cache) == 0  # worthless: gone
 
 
 def test_without_key_cache_seconds_the_repair_waits_for_the_resource_api(world):

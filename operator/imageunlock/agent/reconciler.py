@@ -319,11 +319,11 @@ class Reconciler:
             result = service.unlock(spec.to_request(known), run.report)
         except UnlockError as exc:
             if cached is not None:
-                cached.failed()
+                cached.failed(permanent=not exc.transient)
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
             if cached is not None:
-                cached.failed()
+                cached.failed(permanent=False)
             log.exception("unexpected error reconciling %s/%s", namespace, name)
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
         if cached is not None:

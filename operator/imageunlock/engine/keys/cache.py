@@ -115,10 +115,11 @@ class CachingKeySource:
             self.cache.used(self._bound, self._key, self.ttl)
         self._key = None
 
-    def failed(self) -> None:
-        """The unlock failed: forget the key this unlock used, and a cached one that did not
-        serve (a key kept for an archive that no longer decrypts with it is worthless)."""
-        if self.hit and self._bound is not None:
+    def failed(self, permanent: bool = True) -> None:
+        """The unlock failed: nothing is kept from it. A kept key it used is dropped when the
+        failure is permanent (an archive that does not decrypt with it: the key is worthless),
+        and stays for a transient one (a runtime restart mid-load: the next try needs it)."""
+        if permanent and self.hit and self._bound is not None:
             self.cache.discard(self._bound)
         self._key = None
 
