@@ -49,6 +49,19 @@ class AuthenticationError(UnlockError):
     reason = "AuthenticationFailed"
 
 
+class LoginRefusedError(AuthenticationError):
+    """The resource API refused the login itself (401/403): the credentials are wrong. Same
+    reason as any authentication failure; other nodes may take this verdict for the same
+    version of the Secret instead of trying the same password (agent/verdicts.py)."""
+
+
+class AwaitingLoginVerdictError(TransientError):
+    """Another node tries this version of the credentials first; this one waits for its
+    verdict rather than sending the same, possibly wrong, password too."""
+
+    reason = "AwaitingLoginVerdict"
+
+
 class ApiRejectedError(UnlockError):
     reason = "ResourceApiRejected"
 

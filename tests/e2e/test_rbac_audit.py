@@ -74,6 +74,9 @@ def test_cluster_wide_run_then_every_request_is_allowed_by_the_manifests(
         AGENT_USER: [
             Request("patch", "loader.azaion.com", "imageunlocks/status", True),
             Request("get", "", "secrets", True),
+            # each named Secret, field-selected and metadata-only, so a fixed one re-checks at once
+            Request("list", "", "secrets", True),
+            Request("watch", "", "secrets", True),
             Request("create", "", "events", True),
             Request("get", "", "nodes", False),
             Request("list", "", "nodes", False),  # its own Node, field-selected, then watched

@@ -245,7 +245,8 @@ def test_cluster_wide_secrets_is_a_documented_opt_in():
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SECRETS_ROLE}
     assert binding["subjects"] == [AGENT_SUBJECT]  # the agents read Secrets, never the controller
     (role,) = find(manifest_objects(), "ClusterRole", SECRETS_ROLE)  # binds the installed role
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    # list and watch: the metadata-only, name-selected Secret watch (issue 21; SECURITY.md)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]
     for path in sorted(CLUSTER_WIDE_SECRETS.glob("*.yaml")):
         header = path.read_text().split("apiVersion:", 1)[0]
         assert "OPT-IN" in header and "kubectl apply -k manifests/cluster-wide-secrets/" in header, path
@@ -578,7 +579,9 @@ def test_rbac_is_least_privilege():
         | STATUS_PATCH
         | CRDS_READ
         | {("", "nodes", "list"), ("", "nodes", "watch"), ("", "nodes", "patch")},  # patch: spec.readinessLabel
-        SECRETS_ROLE: {("", "secrets", "get")},
+        # get by name; list and watch for the metadata-only, name-selected watch that re-checks
+        # an ImageUnlock when its Secret changes (issue 21; SECURITY.md, "Secret watch")
+        SECRETS_ROLE: {("", "secrets", "get"), ("", "secrets", "list"), ("", "secrets", "watch")},
     }
     rules = [r for rs in roles.values() for r in rs]
     assert not any("resourceNames" in r or "nonResourceURLs" in r for r in rules)
@@ -642,9 +645,9 @@ def test_server_rejects_an_invalid_sample(plane):
 
 @pytest.mark.e2e
 def test_plane_enforces_namespaced_secret_access(plane):
-    """Enforced, as installed: the agents' ServiceAccount may get a Secret in the bound
-    namespace only (never list), elsewhere only once the cluster-wide opt-in is applied; the
-    controller's may read no Secret at all."""
+    """Enforced, as installed: the agents' ServiceAccount may get (and list, for its Secret
+    watch) Secrets in the bound namespace only, elsewhere only once the cluster-wide opt-in is
+    applied; the controller's may read no Secret at all."""
     for namespace in ("edge", "iu-elsewhere"):
         plane.kubectl("create", "namespace", namespace, check=False)
 
@@ -658,12 +661,13 @@ def test_plane_enforces_namespaced_secret_access(plane):
 
     assert "(NotFound)" in get_secret("edge"), "allowed there: only the Secret is missing"
     assert "(Forbidden)" in get_secret("iu-elsewhere")
-    assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "edge")  # no list
+    listed = plane.kubectl("get", "secrets", "-n", "edge", kubeconfig=plane.sa_kubeconfig, check=False)
+    assert listed.returncode == 0, listed.stderr  # the Secret watch's list, where bound
+    assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "iu-elsewhere")  # not bound: no list
     controller = plane.kubeconfig_for(CONTROLLER_USER)
     assert "(Forbidden)" in kubectl_as_operator("get", "secret", "no-such-secret", "-n", "edge", kubeconfig=controller)
     with plane.policy_added((CLUSTER_WIDE_SECRETS / "clusterrolebinding.yaml").read_text()):
         assert "(NotFound)" in get_secret("iu-elsewhere")
-        assert "(Forbidden)" in kubectl_as_operator("get", "secrets", "-n", "iu-elsewhere")
         assert "(Forbidden)" in kubectl_as_operator(
             "get", "secret", "no-such-secret", "-n", "iu-elsewhere", kubeconfig=controller
         )

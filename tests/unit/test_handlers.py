@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from imageunlock.agent import handlers
 from imageunlock.agent.node import NodeAgent
 from imageunlock.engine.models import Phase
-from imageunlock.errors import KubernetesUnavailableError
+from imageunlock.errors import ConfigurationError, KubernetesUnavailableError
 from imageunlock.workqueue import WorkQueue
 
 from ..support.fakes import FakeKubernetesApi
@@ -32,6 +32,7 @@ class FakeResync:
         self.forgotten: list[tuple[str, str]] = []
         self.error: Exception | None = None
         self.next_look = 300.0
+        self.poked: list[tuple[str, str]] = []
 
     def step(self, key: tuple[str, str], body: dict[str, Any]) -> float:
         if self.error is not None:
@@ -41,6 +42,27 @@ class FakeResync:
 
     def forget(self, key: tuple[str, str]) -> None:
         self.forgotten.append(key)
+
+    def poke(self, key: tuple[str, str]) -> None:
+        self.poked.append(key)
+
+
+class FakeSecrets:
+    """SecretWatches without threads: what the agent asked to follow."""
+
+    def __init__(self) -> None:
+        self.wanted: set[tuple[str, str]] = set()
+
+    def sync(self, wanted: set[tuple[str, str]]) -> None:
+        self.wanted = set(wanted)
+
+
+def parse(body: dict[str, Any]) -> SimpleNamespace:
+    """Reconciler.parse, as far as the Secret goes: the name under spec.resourceApi."""
+    ref = ((body.get("spec") or {}).get("resourceApi") or {}).get("credentialsSecretRef") or {}
+    if not ref:
+        raise ConfigurationError("no key source")
+    return SimpleNamespace(key_source=SimpleNamespace(secret_name=ref["name"]))
 
 
 class Clock:
@@ -70,6 +92,9 @@ def memo_with(labels: dict[str, str] | None = None) -> SimpleNamespace:
         kube=kube,
         agent=NodeAgent(kube, NODE, "docker"),
         resync=FakeResync(),
+        reconciler=SimpleNamespace(parse=parse),
+        secrets=FakeSecrets(),
+        secret_of={},
         objects={},
         clock=clock,
         queue=WorkQueue(clock=clock),
@@ -160,6 +185,33 @@ def test_track_objects_drops_an_object_that_is_being_deleted():
     track(memo, "ADDED", raw("Ready"))
     track(memo, "MODIFIED", raw("Ready", deletionTimestamp="2026-01-01T00:00:00Z"))
     assert KEY not in memo.objects
+
+
+def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queues_them():
+    """Issue 21, item 5: a created or changed Secret re-checks the ImageUnlocks naming it."""
+    memo = memo_with()
+    memo.agent.observe(memo.kube.nodes[NODE])  # the Node's watch reported: selection is known
+
+    def naming(secret: str, namespace: str = KEY[0], name: str = KEY[1], **spec: Any) -> dict[str, Any]:
+        body = raw("Failed", **spec)
+        body["metadata"].update(namespace=namespace, name=name)
+        body["spec"]["resourceApi"] = {"credentialsSecretRef": {"name": secret}}
+        return body
+
+    named = naming("creds")
+    other = naming("creds", namespace="other", name="x")
+    elsewhere = naming("spare-creds", name="elsewhere", selector={"matchLabels": {"role": "spare"}})
+    track(memo, "ADDED", named)
+    track(memo, "ADDED", other)
+    track(memo, "ADDED", elsewhere)
+    # each Secret in its ImageUnlock's own namespace; none for an object this node does not serve
+    assert memo.secrets.wanted == {("ns", "creds"), ("other", "creds")}
+    while (drained := memo.queue.ready()) is not None:
+        memo.queue.done(drained)
+    handlers._secret_changed(memo, ("ns", "creds"))
+    assert memo.resync.poked == [KEY] and memo.queue.ready() == KEY
+    track(memo, "DELETED", named)
+    assert memo.secrets.wanted == {("other", "creds")}
 
 
 def test_deleting_an_unknown_object_is_harmless():

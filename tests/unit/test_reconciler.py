@@ -24,6 +24,7 @@ from imageunlock.engine.crypto import encrypt_stream
 from imageunlock.engine.keys import resource_api
 from imageunlock.engine.models import Credentials
 from imageunlock.errors import ApiUnavailableError, AuthenticationError, KubernetesUnavailableError
+from imageunlock.kube import conditions as st
 
 from ..support.fakes import FakeKeyClient, FakeKubernetesApi, FakeRuntime
 from ..support.savetar import build, config_ids
@@ -59,6 +60,7 @@ class World:
             archive_roots=(str(self.root),), api_url_allowlist=(API,), progress_interval=0.0, **settings
         )
         agent = NodeAgent(self.kube, NODE, "docker")
+        # the retry delay's ceiling, without its jitter (tests/unit/test_status.py covers that)
         self.reconciler = Reconciler(
             config,
             self.runtime,
@@ -66,6 +68,7 @@ class World:
             agent,
             others=lambda: list(self.others),
             disk_pressure=lambda: self.pressure,
+            jitter=st.backoff,
         )
 
     def open_key_client(self, url: str, credentials: Credentials, _settings: object) -> FakeKeyClient:
@@ -387,6 +390,17 @@ def test_backoff_doubles_from_retry_base_up_to_retry_max(world):
     assert delays == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
     assert world.entry["message"].startswith("attempt 6 failed: ")
     assert world.entry["message"].endswith("retrying in 10s")
+
+
+def test_by_default_a_retry_waits_a_jittered_delay_within_the_backoff(world):
+    """Issue 21: the agent's own retry delays are drawn (full jitter), not the bare backoff."""
+    agent = NodeAgent(world.kube, NODE, "docker")
+    config = AgentConfig(archive_roots=(str(world.root),), api_url_allowlist=(API,), retry_base=8.0, retry_max=60.0)
+    world.reconciler = Reconciler(config, world.runtime, world.kube, agent)
+    world.runtime.unreachable = True
+    delays = [world.reconcile(attempt=2).delay for _ in range(20)]
+    assert all(0.0 <= d <= 32.0 for d in delays) and len(set(delays)) > 1
+    assert world.entry["message"].endswith(f"retrying in {delays[-1]:.0f}s")
 
 
 def test_an_unexpected_exception_is_an_internal_error_that_says_little(world):

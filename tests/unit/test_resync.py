@@ -274,3 +274,30 @@ def test_another_retry_is_not_hurried_by_a_node_without_disk_pressure():
     resync.step(KEY, body("Pending", observed=0))
     clock.now += 1
     assert resync.step(KEY, body("Pending", observed=0)) == 59 and fake.calls == [0]
+
+
+def test_a_changed_secret_rechecks_a_stalled_object_at_once_not_at_the_interval():
+    """Issue 21, item 5: the agent's Secret watch pokes the objects naming the Secret."""
+    resync, fake, clock = make(Outcome(Verdict.STALLED, "no Secret", "InvalidConfiguration"), Outcome(Verdict.READY))
+    fake.current_inputs = Inputs(1, None, None, "archive-v1")  # the Secret does not exist
+    resync.step(KEY, body("Pending", observed=0))
+    assert fake.calls == [0]
+    clock.now += 5
+    resync.step(KEY, body("Failed"))  # not poked: the schedule holds
+    assert fake.calls == [0]
+    fake.current_inputs = Inputs(1, None, "secret-v1", "archive-v1")  # created
+    resync.poke(KEY)
+    resync.step(KEY, body("Failed"))
+    assert fake.calls == [0, 0]
+    # a poke is taken once: the next step follows the schedule again
+    resync.step(KEY, body("Ready"))
+    assert fake.calls == [0, 0]
+
+
+def test_a_changed_secret_does_not_touch_a_ready_object():
+    resync, fake, clock = make()
+    resync.step(KEY, body("Ready"))
+    resync.poke(KEY)
+    clock.now += 1
+    assert resync.step(KEY, body("Ready")) == 299
+    assert fake.calls == [] and fake.verifications == 1

@@ -124,6 +124,7 @@ def test_a_full_entry_and_summary_survive_pruning_whole():
             "kept": ["docker.io/azaion/annotations:1.4.1"],
             "time": "2026-01-01T00:00:02Z",
         },
+        login_refused_version="42",
     )
     assert set(entry.dump()) == set(NodeEntry.model_json_schema(by_alias=True)["properties"])  # every field
     status = ImageUnlockStatus(

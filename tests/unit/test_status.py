@@ -3,6 +3,9 @@ entry (phase and reason), backoff and the progress throttle."""
 
 from __future__ import annotations
 
+import random
+import statistics
+
 from imageunlock.engine.models import Phase
 from imageunlock.kube import conditions as st
 from imageunlock.kube.models import Image, ImageUnlockStatus, NodeEntry, SummaryProgress
@@ -102,6 +105,22 @@ def test_an_entry_stands_for_the_conditions_its_phase_says():
 
 def test_backoff_doubles_and_caps():
     assert [st.backoff(a, 5, 60) for a in range(6)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_retries_are_spread_over_the_whole_backoff_window_never_past_its_ceiling():
+    """Issue 21: nodes that failed together (an outage) must not retry in lock-step. Full
+    jitter: each delay is uniform over [0, backoff]; no clock, only the drawn delays."""
+    rng = random.Random(21)
+    for attempt, ceiling in enumerate([5, 10, 20, 40, 60, 60]):
+        delays = [st.full_jitter(attempt, 5, 60, rng) for _ in range(500)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        # spread over the window: both ends reached, no value repeated (no lock-step)
+        assert min(delays) < 0.1 * ceiling and max(delays) > 0.9 * ceiling
+        assert len(set(delays)) == len(delays)
+        assert 0.4 * ceiling < statistics.mean(delays) < 0.6 * ceiling
+    # two nodes drawing on their own: their retries do not coincide
+    a, b = random.Random(1), random.Random(2)
+    assert [st.full_jitter(3, 5, 60, a) for _ in range(5)] != [st.full_jitter(3, 5, 60, b) for _ in range(5)]
 
 
 def test_throttle_lets_phase_changes_and_intervals_through():

@@ -30,6 +30,8 @@ from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
 from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
+from imageunlock.agent.secrets import SecretKey, SecretWatches
+from imageunlock.app import hardening
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
 from imageunlock.engine import runtimes
@@ -51,7 +53,12 @@ registry = new_registry()
 def run() -> int:
     """``imageunlock agent``: the settings (a bad one: exit 1), then the agent's operator."""
     config = read_config(AgentConfig.from_env)
-    return 1 if config is None else serve(config, registry)
+    if config is None:
+        return 1
+    # Keys may be kept in this process's memory (spec.keyCacheSeconds): no core dumps, no
+    # ptrace or /proc/<pid>/mem by other processes of its user.
+    hardening.non_dumpable()
+    return serve(config, registry)
 
 
 @kopf.on.startup(registry=registry)
@@ -102,6 +109,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         reclaimer=memo.reclaimer,
     )
     memo.resync = Resync(memo.reconciler)
+    # The credentials Secret each known ImageUnlock names, and a metadata-only watch on each
+    # one this node serves: a created or changed Secret re-checks its ImageUnlocks at once.
+    memo.secret_of = {}
+
+    def secret_changed(secret: SecretKey) -> None:
+        loop.call_soon_threadsafe(_secret_changed, memo, secret)
+
+    memo.secrets = SecretWatches(memo.kube.follow_secret, secret_changed)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
@@ -125,6 +140,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "stop", None) is not None:
         memo.stop.set()
+    if getattr(memo, "secrets", None) is not None:
+        memo.secrets.stop()
     for task in getattr(memo, "tasks", []):
         task.cancel()
     if getattr(memo, "workers", None) is not None:
@@ -173,20 +190,56 @@ async def track_objects(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     it on the event loop keeps every mutation of both on the thread that reads them."""
     meta = body.get("metadata", {})
     key = (meta.get("namespace"), meta.get("name"))
+    before = memo.secret_of.get(key)
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
         memo.objects.pop(key, None)
         if getattr(memo, "reclaimer", None) is not None:
             memo.deleted[key] = parse_policy((body.get("spec") or {}).get("reclaimPolicy"))
+        memo.secret_of.pop(key, None)
     else:
         memo.objects[key] = _snapshot(body)
+        memo.secret_of[key] = _secret_of(memo, memo.objects[key])
         entry = memo.agent.entry(memo.objects[key])
         metrics.observe_node(*key, memo.agent.node, None if entry.phase is None else condition_states(entry))
     memo.queue.add(key)
+    if memo.secret_of.get(key) != before:  # only then can the set of followed Secrets change
+        _follow_secrets(memo)
 
 
 def _all_changed(memo: Any) -> None:
     for key in memo.objects:
         memo.queue.add(key)
+        memo.secret_of[key] = _secret_of(memo, memo.objects[key])  # the Node's labels: selection
+    _follow_secrets(memo)
+
+
+def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
+    """The credentials Secret an ImageUnlock names, in its own namespace (the only one its
+    credentials may come from), if this node serves it (None: it names none, its spec does
+    not parse, or it does not select this node). Before the Node's watch has reported,
+    selection is unknown and every object counts (reading the Node here would block the
+    event loop); that report recomputes every object's (_all_changed)."""
+    agent: NodeAgent = memo.agent
+    if agent.watched and agent.selected(body) is False:
+        return None
+    try:
+        name = memo.reconciler.parse(body).key_source.secret_name
+    except UnlockError:
+        return None
+    return (str(body["metadata"].get("namespace") or ""), name) if name else None
+
+
+def _follow_secrets(memo: Any) -> None:
+    """Watch exactly the Secrets of the ImageUnlocks this node serves."""
+    memo.secrets.sync({secret for secret in memo.secret_of.values() if secret is not None})
+
+
+def _secret_changed(memo: Any, secret: SecretKey) -> None:
+    """A followed Secret was created, changed or deleted: its ImageUnlocks are looked at now."""
+    for key, named in list(memo.secret_of.items()):
+        if named == secret:
+            memo.resync.poke(key)
+            memo.queue.add(key)
 
 
 def _snapshot(body: Any) -> dict[str, Any]:
@@ -197,6 +250,7 @@ async def _ping_loop(memo: kopf.Memo) -> None:
     """Keeps imageunlock_runtime_reachable current; not on the workers, so a long unlock on
     each of them does not hold it up."""
     while True:
+        memo.reconciler.key_cache.purge()  # kept keys whose window closed go, even unasked
         await asyncio.to_thread(_check_runtime, memo)
         await asyncio.sleep(min(30.0, memo.settings.verify_interval))
 

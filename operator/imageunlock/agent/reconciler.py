@@ -8,7 +8,9 @@ input changes) or Retry (a transient fault: looked at again after ``delay``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -18,10 +20,12 @@ from typing import Any, Protocol
 from imageunlock import metrics
 from imageunlock.agent.claims import Claim, find_conflict
 from imageunlock.agent.reclaim import Reclaimer
+from imageunlock.agent.verdicts import LoginVerdicts
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
+from imageunlock.engine.keys.cache import CachingKeySource, KeyCache
 from imageunlock.engine.models import Phase, Runtime, owner_of
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
@@ -119,15 +123,22 @@ class Reconciler:
         others: Callable[[], Iterable[Mapping[str, Any]]] = tuple,
         disk_pressure: Callable[[], bool] = lambda: False,
         reclaimer: Reclaimer | None = None,
+        jitter: Callable[[int, float, float], float] | None = None,
     ) -> None:
         self.settings = settings
         self.disk_pressure = disk_pressure  # the Node's DiskPressure condition is True (agent/node.py)
         self.reclaimer = reclaimer  # gives back earlier versions' images once Ready (agent/reclaim.py)
+        # A transient fault's retry delay for (attempt, base, cap): full jitter, so nodes that
+        # failed together do not retry in lock-step (a test may pass a fixed one).
+        self.jitter = jitter or functools.partial(st.full_jitter, rng=random.Random())
         self.runtime = runtime
         self.kube = kube
         self.entries = entries  # where status goes: this node's entry, never the summary
         self.others = others  # every other ImageUnlock the operator knows of (for claims)
         self._claims: dict[tuple[Any, Any, Any], Claim | None] = {}
+        self.verdicts = LoginVerdicts()  # the fleet's login verdicts, per Secret resourceVersion
+        # Keys kept in memory for spec.keyCacheSeconds (none unless an ImageUnlock asks).
+        self.key_cache = KeyCache()
         self.node_verified = VerifiedArchives()  # what this node verified, for every ImageUnlock
         self.key_settings = KeySettings(
             settings.default_api_url,
@@ -150,11 +161,33 @@ class Reconciler:
         spec = parse_spec(body.get("spec") or {}, settings.default_api_url, settings.api_url_allowlist)
         return check_runtime(spec, runtime)
 
-    def service(self, spec: UnlockSpec, namespace: str) -> UnlockService:
+    def service(
+        self,
+        spec: UnlockSpec,
+        namespace: str,
+        body: Mapping[str, Any] | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> UnlockService:
+        """The unlock service for ``spec``. With ``body``, the key source's login goes through
+        the fleet's verdict (agent/verdicts.py); ``refused`` is told the Secret's
+        resourceVersion a login was refused for."""
         # Credentials only ever come from a Secret of the ImageUnlock's own namespace.
         keys = build_key_source(
             spec.key_source, self.key_settings, lambda secret: self.kube.read_credentials(namespace, secret)
         )
+        if body is not None and (secret := spec.key_source.secret_name):
+            keys = self.verdicts.wrap(
+                keys,
+                node=self.entries.node,
+                body=body,
+                secret=secret,
+                version=lambda: self.kube.secret_version(namespace, secret),
+                refused=refused or (lambda _version: None),
+            )
+            if spec.key_cache_seconds > 0:
+                keys = CachingKeySource(
+                    keys, self.key_cache, self._cache_binding(spec, namespace, secret), spec.key_cache_seconds
+                )
         return UnlockService(
             self.runtime,
             keys,
@@ -176,6 +209,20 @@ class Reconciler:
                 f"node {node} reports DiskPressure: the import waits until the condition clears "
                 "(free disk space on the node); images already loaded are not affected"
             )
+
+    def _cache_binding(self, spec: UnlockSpec, namespace: str, secret: str) -> Callable[[], tuple[Any, ...] | None]:
+        """What a kept key is good for: this key source and Secret at its current
+        resourceVersion (None while there is no Secret: deleting it revokes the key), and
+        this very archive file (device, inode, size, mtimes: a new file is a new key)."""
+
+        def binding() -> tuple[Any, ...] | None:
+            version = self.kube.secret_version(namespace, secret)
+            if version is None:
+                return None
+            where = archive.signature(spec.archive_path, self.roots(namespace))
+            return (namespace, secret, version, spec.key_source, spec.archive_path, where)
+
+        return binding
 
     def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
         """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
@@ -275,6 +322,7 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         entry = self.entry(body)
         run = _Reconciliation(self, body, entry, namespace, name, generation)
+        cached: CachingKeySource | None = None
         try:
             spec = self.parse(body)
             self.check_owner(namespace, spec)
@@ -283,13 +331,21 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
+            service = self.service(spec, namespace, body, run.refused.append)
+            cached = service.keys if isinstance(service.keys, CachingKeySource) else None
             request = spec.to_request(known, owner=owner_of(namespace, name))  # loads are recorded as ours
-            result = self.service(spec, namespace).unlock(request, run.report)
+            result = service.unlock(request, run.report)
         except UnlockError as exc:
+            if cached is not None:
+                cached.failed(permanent=not exc.transient)
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
+            if cached is not None:
+                cached.failed(permanent=False)
             log.exception("unexpected error reconciling %s/%s", namespace, name)
             return run.failed(InternalError(f"unexpected {type(exc).__name__}; see the operator log"), attempt)
+        if cached is not None:
+            cached.succeeded()  # the key loaded verified images: kept from now (if one was used)
         unlocked_at = None if result.fast_path else st.now_rfc3339()
         if not result.fast_path:
             runtime = self.runtime.name
@@ -361,8 +417,13 @@ class _Reconciliation:
             entry.message,
         )
         self.quiet = self.stalled[0]
+        # The Secret resourceVersion whose login was refused in this run (its own, or the
+        # verdict of another node it adopted): recorded in the Stalled entry, for the others.
+        self.refused: list[str] = []
 
     def write(self, entry: NodeEntry) -> None:
+        if not self.refused:  # a verdict holds only while the entry says the login was refused
+            entry = entry.model_copy(update={"login_refused_version": None})
         self.owner.entries.apply(self.body, entry)
         self.entry = entry
 
@@ -398,14 +459,15 @@ class _Reconciliation:
     def failed(self, exc: UnlockError, attempt: int) -> Outcome:
         metrics.FAILURES.labels(exc.reason).inc()
         if exc.transient:
-            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            delay = self.owner.jitter(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             text = f"attempt {attempt + 1} failed: {exc.message}; retrying in {delay:.0f}s"
             self.write_or_log(
                 st.mark_reconciling(self.entry, self.phase or Phase.PENDING, exc.reason, text, self.generation)
             )
             self.event("Warning", exc.reason, exc.message)  # repeats aggregate: the attempt is in status
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
-        if self.quiet and self.stalled[1:] == (exc.reason, exc.message):
+        refused = self.refused[-1] if self.refused else None
+        if self.quiet and self.stalled[1:] == (exc.reason, exc.message) and self.entry.login_refused_version == refused:
             # The same Stalled outcome again: record only the request it answered, if any.
             requested = _requested_at(self.body)
             if requested is not None and self.write_or_log(
@@ -413,10 +475,12 @@ class _Reconciliation:
             ):
                 log.debug("%s/%s re-checked: unchanged (%s)", self.namespace, self.name, exc.reason)
             return Outcome(Verdict.STALLED, exc.message, exc.reason)
-        stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation)
+        stalled = st.mark_stalled(self.entry, exc.reason, exc.message, self.generation).model_copy(
+            update={"login_refused_version": refused}
+        )
         if not self.write_or_log(_handled(stalled, self.body)):
             # Unrecorded, a Stalled verdict would never be seen: retry until it can be written.
-            delay = st.backoff(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
+            delay = self.owner.jitter(attempt, self.owner.settings.retry_base, self.owner.settings.retry_max)
             return Outcome(Verdict.RETRY, exc.message, exc.reason, delay)
         self.event("Warning", exc.reason, exc.message)
         return Outcome(Verdict.STALLED, exc.message, exc.reason)

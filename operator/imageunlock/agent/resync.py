@@ -19,6 +19,7 @@ of a key is only touched by the one step (or ``forget``) running for it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -65,6 +66,24 @@ class Resync:
         self.clock = clock
         self.due: dict[ObjectKey, Due] = {}
         self._started: dict[ObjectKey, float] = {}  # when a reconcile of the object last began
+        # Objects whose credentials Secret changed since their last step (set from the event
+        # loop, taken by the step: the one place with a lock).
+        self._poked: set[ObjectKey] = set()
+        self._poke_lock = threading.Lock()
+
+    def poke(self, key: ObjectKey) -> None:
+        """The credentials Secret ``key`` names changed: a Stalled (or retrying) object is
+        re-checked at its next step instead of at the interval (a Ready one is not: nothing
+        needs the Secret while the images are in place)."""
+        with self._poke_lock:
+            self._poked.add(key)
+
+    def _take_poke(self, key: ObjectKey) -> bool:
+        with self._poke_lock:
+            if key in self._poked:
+                self._poked.discard(key)
+                return True
+            return False
 
     @property
     def interval(self) -> float:
@@ -73,6 +92,7 @@ class Resync:
     def forget(self, key: ObjectKey) -> None:
         self.due.pop(key, None)
         self._started.pop(key, None)
+        self._take_poke(key)
 
     def record(self, key: ObjectKey, outcome: Outcome, attempt: int, inputs: Inputs | None, generation: Any) -> None:
         """Schedule the next look after a reconcile."""
@@ -94,11 +114,12 @@ class Resync:
         entry = self.reconciler.entry(body)
         request = _requested(body, entry)
         now = self.clock()
+        poked = self._take_poke(key) and (due.inputs is not None or due.attempt > 0)  # Stalled or retrying
         if entry.observed_generation != generation and due.generation != generation:
             if now < (started := self._started.get(key, float("-inf"))) + GENERATION_INTERVAL:
                 return started + GENERATION_INTERVAL - now  # edits in quick succession: the latest then
             due = Due(generation=generation, asked=due.asked)  # a new generation: now, whatever was scheduled
-        elif now < due.at and not self._pressure_cleared(due):
+        elif now < due.at and not poked and not self._pressure_cleared(due):
             if request is None or request == due.requested:
                 return due.at - now  # not due; a pending request is acted on once, then the schedule holds
             if now < due.asked + REQUEST_INTERVAL:

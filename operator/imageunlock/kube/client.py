@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -36,6 +37,11 @@ MAX_PASSWORD_BYTES = 4096
 COMPONENT = "imageunlock-operator"
 MAX_REMEMBERED_EVENTS = 4096
 WATCH_SECONDS = 300  # the server ends a watch after this; it is resumed from the last version
+# Secrets are only ever listed and watched as metadata (PartialObjectMetadata): the API server
+# leaves out their data, so a watch never brings a password into this process.
+_METADATA_LIST = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
+_METADATA = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+FORBIDDEN_RETRY = 300.0  # seconds before a watch RBAC refused is tried again (a binding may follow)
 
 
 T = TypeVar("T")
@@ -235,6 +241,76 @@ class KubernetesApi:
 
             found += items(_call(f"listing ImageUnlocks of {namespace}", listed))
         return found
+
+    def follow_secret(
+        self, namespace: str, name: str, on_change: Callable[[str | None], None], stop: threading.Event
+    ) -> None:
+        """Follow one Secret's resourceVersion until ``stop`` is set, as :meth:`follow_node`
+        follows a Node: a list and a watch with the field selector ``metadata.name=<name>`` in
+        its namespace, both metadata-only (PartialObjectMetadata: the API server sends no
+        ``data``, so no credential reaches this process this way). ``on_change`` gets the
+        resourceVersion, or None while there is no such Secret. Refused by RBAC (the agents'
+        Secret role bound without list/watch there), it logs one warning and tries again every
+        FORBIDDEN_RETRY seconds; a fixed Secret is then noticed at the verify interval."""
+        selector = f"metadata.name={name}"
+        where = f"Secret {namespace}/{name}"
+        version: str | None = None
+        delay, warned = 1.0, False
+        while not stop.is_set():
+            try:
+                if version is None:
+                    answer = self.core.list_namespaced_secret(
+                        namespace, field_selector=selector, _headers=_METADATA_LIST, _preload_content=False
+                    )
+                    listed = json.loads(answer.data)  # type: ignore[attr-defined]  # the raw answer
+                    items = listed.get("items") or []
+                    on_change(((items[0].get("metadata") or {}).get("resourceVersion")) if items else None)
+                    version = (listed.get("metadata") or {}).get("resourceVersion") or "0"
+                watch = kubernetes.watch.Watch()
+                for event in watch.stream(
+                    self.core.list_namespaced_secret,
+                    namespace,
+                    field_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=WATCH_SECONDS,
+                    allow_watch_bookmarks=True,
+                    _headers=_METADATA,
+                    deserialize=False,
+                ):
+                    if stop.is_set():
+                        watch.stop()
+                        break
+                    raw = event.get("raw_object") or event.get("object") or {}  # undecoded: a dict
+                    if event.get("type") == "ERROR":
+                        version = None  # e.g. 410 Gone: list again
+                        break
+                    version = (raw.get("metadata") or {}).get("resourceVersion") or version
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        on_change((raw.get("metadata") or {}).get("resourceVersion"))
+                    elif event.get("type") == "DELETED":
+                        on_change(None)
+                delay, warned = 1.0, False
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                if exc.status == 403:
+                    if not warned:
+                        log.warning(
+                            "not allowed to watch %s (RBAC: the agents' Secret role needs list and watch "
+                            "there): a fixed Secret is re-checked at the verify interval, not at once",
+                            where,
+                        )
+                        warned = True
+                    stop.wait(FORBIDDEN_RETRY)
+                    continue
+                log.info("watching %s failed (HTTP %s); again in %.0fs", where, exc.status, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+            except (HTTPError, OSError, ValueError) as exc:
+                log.info("watching %s failed (%s); again in %.0fs", where, type(exc).__name__, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         nodes = _call("listing Nodes", self.core.list_node)

@@ -12,6 +12,7 @@ only once it finished it, Ready or Stalled.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,17 @@ def condition_states(entry: NodeEntry) -> dict[str, str]:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff for transient faults: base, 2·base, 4·base, … up to cap."""
     return min(cap, base * 2.0 ** max(0, attempt))
+
+
+def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """The delay of a retry: uniform over [0, backoff(attempt, base, cap)] ("full jitter").
+    Nodes that failed together (a resource API outage, a runtime restart on a fleet) then
+    come back spread over the whole window instead of in lock-step, while the ceiling still
+    doubles per attempt and never passes ``cap``."""
+    return (rng or _RNG).uniform(0.0, backoff(attempt, base, cap))
+
+
+_RNG = random.Random()
 
 
 @dataclass

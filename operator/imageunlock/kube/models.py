@@ -83,6 +83,7 @@ class ImageUnlockSpec(Model):
 
     # What happens on a node to images this ImageUnlock no longer wants (engine/reclaim.py).
     reclaim_policy: Literal["Retain", "Unpin", "Delete"] | None = None  # the CRD's default: Unpin
+    key_cache_seconds: int | None = None  # 0 / absent: the key is fetched per unlock
 
 
 # --- status: one node's entry -------------------------------------------------------------
@@ -139,6 +140,9 @@ class NodeEntry(Model):
     last_verified_time: str | None = None
     last_handled_requested_at: str | None = None
     reclaimed: Reclaimed | None = None  # the last reclaim of superseded refs on this node
+    # The credentials Secret's resourceVersion the resource API refused the login for (this
+    # generation): other nodes adopt the verdict for that resourceVersion (agent/verdicts.py).
+    login_refused_version: str | None = None
 
 
 # --- status: the summary ------------------------------------------------------------------

@@ -26,6 +26,7 @@ TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+MAX_KEY_CACHE = 30 * 24 * 3600  # spec.keyCacheSeconds: at most 30 days (the CRD's maximum)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class UnlockSpec:
     runtime: str = runtimes.AUTO  # as asked (a registered name or auto); check_runtime resolves it
     archive_sha256: str | None = None
     reclaim_policy: ReclaimPolicy = DEFAULT_POLICY
+    key_cache_seconds: int = 0  # 0: the key is fetched per unlock (agent/reconciler.py)
 
     @property
     def refs(self) -> list[str]:
@@ -100,6 +102,10 @@ def parse_spec(
     policy = spec.get("reclaimPolicy") or DEFAULT_POLICY.value
     if policy not in (known := tuple(p.value for p in ReclaimPolicy)):
         problems.append(f"spec.reclaimPolicy {policy!r} is not one of {', '.join(known)}")
+    cache = spec.get("keyCacheSeconds")
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= MAX_KEY_CACHE):
+        problems.append(f"spec.keyCacheSeconds {cache!r} must be a whole number of seconds from 0 to {MAX_KEY_CACHE}")
+        cache = 0
 
     if problems:
         raise ConfigurationError("; ".join(problems))
@@ -111,6 +117,7 @@ def parse_spec(
         runtime=str(wanted),
         archive_sha256=str(digest).lower() if digest else None,
         reclaim_policy=ReclaimPolicy(policy) if policy in known else DEFAULT_POLICY,
+        key_cache_seconds=int(cache or 0),
     )
 
 

@@ -69,6 +69,7 @@ from imageunlock.errors import (
     AuthenticationError,
     ConfigurationError,
     InternalError,
+    LoginRefusedError,
     UnlockError,
 )
 from imageunlock.metrics import API_REQUESTS
@@ -414,7 +415,7 @@ class ResourceApiClient:
                 f"URL: set spec.resourceApi.url to the API's final address"
             )
         if code in (401, 403) and path == LOGIN_PATH:
-            raise AuthenticationError(
+            raise LoginRefusedError(
                 f"{where} rejected the credentials (HTTP {code}); check the email and "
                 f"password in the credentials Secret"
             )
