@@ -101,3 +101,24 @@ def test_spec_url_outside_the_allowlist_is_refused():
     with pytest.raises(ConfigurationError, match="not an allowed resource API"):
         parse_spec(spec, "https://api.example.test", ["https://api.example.test"])
     assert parse_spec(spec, None).key_source.url == "https://collector.evil.test"  # the CLI: the user's own call
+
+
+def test_key_sealing_defaults_to_none_and_takes_tpm_with_pcrs():
+    assert parse_spec(GOOD, None).key_sealing == "None"
+    sealed = parse_spec({**GOOD, "keySealing": "TPM", "keySealingPCRs": [7, 0, 7]}, None)
+    assert (sealed.key_sealing, sealed.key_sealing_pcrs) == ("TPM", (0, 7))
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"keySealing": "tpm"}, "spec.keySealing 'tpm' is not one of None, TPM"),
+        ({"keySealing": "TPM", "keySealingPCRs": [24]}, "spec.keySealingPCRs must be a list of PCR numbers 0 to 23"),
+        ({"keySealing": "TPM", "keySealingPCRs": [True]}, "spec.keySealingPCRs must be a list"),
+        ({"keySealingPCRs": [7]}, "spec.keySealingPCRs needs spec.keySealing TPM"),
+    ],
+)
+def test_key_sealing_problems_are_named(extra, problem):
+    with pytest.raises(ConfigurationError) as caught:
+        parse_spec({**GOOD, **extra}, None)
+    assert problem in caught.value.message

@@ -9,6 +9,7 @@ input changes) or Retry (a transient fault: looked at again after ``delay``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -21,8 +22,11 @@ from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
 from imageunlock.engine import archive
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
-from imageunlock.engine.models import Phase
+from imageunlock.engine.keys import sealed as sealed_keys
+from imageunlock.engine.keys.sealed import SealedKeySource
+from imageunlock.engine.models import KeySource, Phase
 from imageunlock.engine.refs import describe, normalize_ref, owned
+from imageunlock.engine.runtimes import owned as owned_file
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, RefConflictError, UnlockError
 from imageunlock.kube import conditions as st
@@ -149,6 +153,8 @@ class Reconciler:
         keys = build_key_source(
             spec.key_source, self.key_settings, lambda secret: self.kube.read_credentials(namespace, secret)
         )
+        if spec.key_sealing == "TPM":
+            keys = self.sealed(keys, spec, namespace)
         return UnlockService(
             self.runtime,
             keys,
@@ -159,6 +165,21 @@ class Reconciler:
             verified=self.node_verified,
             scope=namespace,
         )
+
+    def sealed(self, keys: KeySource, spec: UnlockSpec, namespace: str) -> SealedKeySource:
+        """``keys`` behind the key sealed to this node's TPM (spec.keySealing TPM), its blobs
+        in the agent's state directory (IMAGEUNLOCK_STATE_DIR)."""
+        source = spec.key_source
+        identity = sealed_keys.archive_identity(
+            namespace,
+            " ".join((source.member, getattr(source, "url", ""), source.secret_name or "")),
+            spec.archive_path,
+            self.roots(namespace),
+            spec.archive_sha256,
+        )
+        store = sealed_keys.SealedKeyStore(os.path.join(owned_file.state_dir(), sealed_keys.SEALED_DIR))
+        sealing = sealed_keys.Sealing(tcti=self.settings.tpm_tcti, pcrs=spec.key_sealing_pcrs)
+        return sealed_keys.SealedKeySource(keys, store, identity, sealing)
 
     def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
         """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
@@ -266,7 +287,10 @@ class Reconciler:
             if (conflict := self.conflict(body, spec)) is not None:
                 raise conflict
             known = known_ids(entry, generation)
-            result = self.service(spec, namespace).unlock(spec.to_request(known), run.report)
+            service = self.service(spec, namespace)
+            result = service.unlock(spec.to_request(known), run.report)
+            if isinstance(service.keys, SealedKeySource) and not result.fast_path:
+                service.keys.keep()  # verified: only now is its sealed key worth keeping
         except UnlockError as exc:
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little

@@ -69,6 +69,9 @@ class ImageUnlockSpec(Model):
     runtime: str | None = None  # a runtime's name, or "auto" (the CRD's enum)
     node_selector: NodeSelector | None = None
     archive_sha256: str | None = None
+    key_sealing: Literal["None", "TPM"] | None = None  # the CRD's default: None
+    # with TPM only: SHA-256 bank PCRs (0-23); "PCRs", not to_camel's "Pcrs"
+    key_sealing_pcrs: list[int] | None = Field(None, alias="keySealingPCRs")
 
 
 # --- status: one node's entry -------------------------------------------------------------

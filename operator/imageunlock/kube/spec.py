@@ -20,6 +20,8 @@ TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+KEY_SEALING = ("None", "TPM")
+MAX_PCR = 23
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class UnlockSpec:
     key_source: keys.KeySourceSpec
     runtime: str = "docker"  # resolved: never "auto"
     archive_sha256: str | None = None
+    key_sealing: str = "None"  # or "TPM": the key sealed to the node's TPM (engine/keys/sealed.py)
+    key_sealing_pcrs: tuple[int, ...] = ()
 
     def to_request(self, known_ids: Mapping[str, str] | None = None) -> UnlockRequest:
         return UnlockRequest(
@@ -91,6 +95,8 @@ def parse_spec(
     if digest is not None:
         text("archiveSha256", digest, SHA256_PATTERN, " (64 hexadecimal digits)")
 
+    sealing, pcrs = _key_sealing(spec, problems)
+
     if problems:
         raise ConfigurationError("; ".join(problems))
     return UnlockSpec(
@@ -100,7 +106,24 @@ def parse_spec(
         key_source=key_source,
         runtime=runtime,
         archive_sha256=str(digest).lower() if digest else None,
+        key_sealing=sealing,
+        key_sealing_pcrs=pcrs,
     )
+
+
+def _key_sealing(spec: Mapping[str, object], problems: list[str]) -> tuple[str, tuple[int, ...]]:
+    """``spec.keySealing`` (None or TPM) and ``spec.keySealingPCRs`` (SHA-256 PCRs 0-23, TPM only)."""
+    sealing = spec.get("keySealing") or "None"
+    if sealing not in KEY_SEALING:
+        problems.append(f"spec.keySealing {sealing!r} is not one of {', '.join(KEY_SEALING)}")
+        sealing = "None"
+    raw = spec.get("keySealingPCRs") or []
+    if not isinstance(raw, list) or not all(type(p) is int and 0 <= p <= MAX_PCR for p in raw):
+        problems.append(f"spec.keySealingPCRs must be a list of PCR numbers 0 to {MAX_PCR}")
+        return str(sealing), ()
+    if raw and sealing != "TPM":
+        problems.append("spec.keySealingPCRs needs spec.keySealing TPM")
+    return str(sealing), tuple(sorted(set(raw)))
 
 
 def _key_source(spec: Mapping[str, object], settings: keys.KeySettings, problems: list[str]) -> keys.KeySourceSpec:

@@ -133,14 +133,15 @@ class SealedKeySource:
         identity: str | None,
         sealing: Sealing,
         *,
-        seal: Seal = tpm.seal,
-        unseal: Unseal = tpm.unseal,
+        seal: Seal | None = None,
+        unseal: Unseal | None = None,
     ) -> None:
         self.inner = inner
         self.store = store
         self.identity = identity
         self.sealing = sealing
-        self._seal, self._unseal = seal, unseal
+        self._seal: Seal = seal or tpm.seal
+        self._unseal: Unseal = unseal or tpm.unseal
         self._pending: bytes | None = None  # a blob of a key the wrapped source gave
         self.unsealed = False  # the last session's key came from the TPM
 
