@@ -18,8 +18,13 @@ def test_crd_is_served_and_explained(cluster, crd):
     resources = cluster.kubectl("api-resources", "--api-group", GROUP).stdout
     assert "imageunlocks" in resources and "iu" in resources
     spec = cluster.kubectl("explain", "imageunlock.spec").stdout
-    for field in ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256"):
+    fields = ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256")
+    for field in (*fields, "keySealing", "keySealingPCRs"):
         assert field in spec, field
+    sealing = cluster.kubectl("explain", "imageunlock.spec.keySealing").stdout
+    assert "TPM" in sealing and "sealed blob" in sealing
+    pcrs = cluster.kubectl("explain", "imageunlock.spec.keySealingPCRs").stdout
+    assert "secure-boot" in pcrs
     for where in ("resourceApi", "keySource.resourceApi"):
         ref = cluster.kubectl("explain", f"imageunlock.spec.{where}.credentialsSecretRef").stdout
         assert "name" in ref and "email" in ref, where
@@ -38,6 +43,9 @@ BAD_SPECS = {
     ),
     "no key source": ({"resourceApi": None}, "give exactly one of spec.keySource and spec.resourceApi"),
     "empty key source": ({"resourceApi": None, "keySource": {}}, "spec.keySource"),
+    "unknown key sealing": ({"keySealing": "HSM"}, "spec.keySealing"),
+    "PCR out of range": ({"keySealing": "TPM", "keySealingPCRs": [24]}, "spec.keySealingPCRs[0]"),
+    "PCRs without TPM": ({"keySealingPCRs": [7]}, "spec.keySealingPCRs needs spec.keySealing TPM"),
 }
 
 

@@ -221,6 +221,7 @@ class _SealedSession:
                 self.refused = exc
             else:
                 self.owner.unsealed = True
+                log.info("the archive's key was unsealed from this node's TPM (no resource API)")
                 return key
             self.blob = None
         if not self.authenticated:
