@@ -5,19 +5,26 @@ resource API (issue 23).
 What must hold: after an unlock with the API up, the node's state directory holds one sealed
 blob; with the API stopped, an image removed and the agent restarted (a reboot's effect on
 memory), the repair loads it from the sealed key; a changed PCR or another TPM refuses the blob
-and the node waits for the API with a reason that says so, then reseals once it answers."""
+and the node waits for the API with a reason that says so, then reseals once it answers; and
+(the canary) no key bytes on disk, in logs, status, events or metrics."""
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from imageunlock.engine.crypto import derive_key
 from imageunlock.engine.keys.resource_api import KEY_FRAGMENT_PATH, LOGIN_PATH
 from imageunlock.engine.keys.sealed import SEALED_DIR
 
 from ..support.cluster import NODE, is_ready, spec_for
 from ..support.dockerd import loaded
+from ..support.net import free_port
 from ..support.operator_process import place
 from ..support.tpm import Swtpm
 from ..support.wait import wait_for
@@ -120,3 +127,55 @@ def test_a_refused_sealed_key_waits_for_the_api_with_a_clear_reason_then_reseals
     assert resource_api.calls[KEY_FRAGMENT_PATH] == 2
     [resealed] = blobs(state)
     assert resealed.read_bytes() != first  # sealed again, to this TPM and PCR state
+
+
+def spellings(secret: bytes) -> list[bytes]:
+    return [secret, secret.hex().encode(), secret.hex().upper().encode(), base64.b64encode(secret)]
+
+
+def test_canary_no_key_bytes_on_disk_in_logs_status_events_or_metrics(
+    cluster, namespace, secret, start_operator, archives, archive_root, clean_docker, resource_api, swtpm, tmp_path
+):
+    """After a sealing unlock and a repair from the sealed key: the node's state directory
+    holds the sealed blob (and the Docker ownership record: names and IDs) and nothing else;
+    neither they, the TPM's own state and log, the agents' debug logs, the objects' status,
+    the events nor /metrics hold the key or the fragment in any usual spelling."""
+    port = free_port()
+    state = tmp_path / "node-state"
+    env = {
+        "IMAGEUNLOCK_STATE_DIR": str(state),
+        "IMAGEUNLOCK_TPM_TCTI": swtpm.tcti,
+        "IMAGEUNLOCK_METRICS_ADDRESS": f"127.0.0.1:{port}",
+        "IMAGEUNLOCK_LOG_LEVEL": "debug",
+    }
+    first = unlocked_with_a_sealed_key(cluster, namespace, secret, start_operator, archives, archive_root, env, "c")
+    resource_api.fail_until_stopped(LOGIN_PATH, 503)
+    first.stop()
+    clean_docker.docker("rmi", archives.refs[0])
+    second = start_operator(**env)
+    wait_for(lambda: loaded(clean_docker) == archives.ids, 90, "the repair from the sealed key")
+    wait_for(lambda: is_ready(cluster, namespace, "c"), 30, "Ready again")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        metrics = answer.read()
+
+    key = derive_key(archives.fragment)
+    needles = spellings(key) + spellings(archives.fragment)
+    files = sorted(p for p in state.rglob("*") if p.is_file())
+    names = [str(p.relative_to(state)) for p in files]
+    assert [n for n in names if n.startswith(SEALED_DIR)] == [f"{SEALED_DIR}/{blobs(state)[0].name}"]
+    assert all(n.startswith(SEALED_DIR + "/") or re.fullmatch(r"owned-docker-\w+\.json", n) for n in names), names
+    haystacks = {str(p): p.read_bytes() for p in files}
+    haystacks |= {f"swtpm {p.name}": p.read_bytes() for p in swtpm.workdir.rglob("*") if p.is_file()}
+    haystacks |= {
+        "objects (status)": json.dumps(cluster.list(namespace)).encode(),
+        "events": json.dumps(
+            [e.to_dict() for e in cluster.core.list_namespaced_event(namespace).items], default=str
+        ).encode(),
+        "first agent's log": first.log().encode(),
+        "second agent's log": second.log().encode(),
+        "/metrics": metrics,
+    }
+    assert b"unsealed from this node's TPM" in haystacks["second agent's log"]
+    for where, data in haystacks.items():
+        for needle in needles:
+            assert needle not in data, f"key material in {where}"
