@@ -283,6 +283,10 @@ def _unlock(args: argparse.Namespace) -> int:
     try:
         with _renderer(sys.stderr) as report:
             result = service.unlock(request, report)
+    except UnlockError as exc:
+        if sealed is not None:
+            sealed.failed(exc)  # a sealed key that did not unlock is not kept
+        raise
     finally:
         runtime.close()
     if sealed is not None and not result.fast_path:

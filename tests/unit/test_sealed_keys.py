@@ -185,3 +185,22 @@ def test_identity_binds_scope_source_path_file_and_digest(tmp_path, archive) -> 
     assert base != archive_identity("ns", "s", str(archive), sha256="ab" * 32)
     store = SealedKeyStore(str(tmp_path))
     assert store.path_for(base) != store.path_for(archive_identity("other", "s", str(archive)))
+
+
+def test_a_sealed_key_that_did_not_unlock_is_dropped(tmp_path, archive) -> None:
+    """An archive rewritten in place (inode, size and mtime kept): the unsealed key does not
+    decrypt it; the blob goes, so the next attempt asks the API instead of failing forever."""
+    from imageunlock.errors import ArchiveError, RuntimeUnavailableError
+
+    fake, inner = FakeTpm(), FakeSource()
+    key_of(first := source(tmp_path, archive, fake, inner))
+    first.keep()
+    again = source(tmp_path, archive, fake, inner)
+    key_of(again)
+    assert again.failed(RuntimeUnavailableError("the runtime is down")) is False  # transient: kept
+    assert len(list((tmp_path / "state" / "sealed-keys").iterdir())) == 1
+    assert again.failed(ArchiveError()) is True
+    assert list((tmp_path / "state" / "sealed-keys").iterdir()) == []
+    third = source(tmp_path, archive, fake, inner)
+    assert key_of(third) == KEY and not third.unsealed and inner.keys == 2
+    assert first.failed(ArchiveError()) is False  # a key from the API: no blob to blame

@@ -279,6 +279,7 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         entry = self.entry(body)
         run = _Reconciliation(self, body, entry, namespace, name, generation)
+        service = None
         try:
             spec = self.parse(body)
             self.check_owner(namespace, spec)
@@ -292,6 +293,8 @@ class Reconciler:
             if isinstance(service.keys, SealedKeySource) and not result.fast_path:
                 service.keys.keep()  # verified: only now is its sealed key worth keeping
         except UnlockError as exc:
+            if service is not None and isinstance(service.keys, SealedKeySource):
+                service.keys.failed(exc)  # a sealed key that did not unlock is not kept
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
             log.exception("unexpected error reconciling %s/%s", namespace, name)

@@ -167,6 +167,19 @@ class SealedKeySource:
         log.info("the archive's key is sealed to this node's TPM (%s)", self.store.directory)
         return True
 
+    def failed(self, error: UnlockError) -> bool:
+        """The unlock failed: if its key came from the TPM and the failure is not transient
+        (the archive did not decrypt or verify with it: a file rewritten in place with its
+        inode, size and mtime kept), drop the blob so the next attempt asks the key source.
+        True when one was dropped."""
+        self._pending = None
+        if not self.unsealed or error.transient or self.identity is None:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.store.path_for(self.identity))
+        log.warning("the key sealed to this node's TPM did not unlock the archive (%s): dropped", error.reason)
+        return True
+
     def sealed_blob(self, key: bytes) -> None:
         if self.identity is None:
             return
