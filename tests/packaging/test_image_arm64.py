@@ -10,7 +10,8 @@ Each is loaded with scripts/rootfs-image.py, whose image config records its arch
 (`docker import` would record the daemon's own), and the image is built the way
 `make image-arm64` builds it: BASE_IMAGE the arm64 base, BUILD_IMAGE the native one, so the
 build stage fetches arm64 wheels from PyPI and installs them natively; only the target stage's
-one python3 call, the runtime stage's useradd and its start check run emulated.
+one python3 call, the runtime stage's apt-get install of tpm2-tools and useradd, and its start
+checks run emulated.
 
 Speed: like test_image.py, the bases, the stages and the image are saved (docker save) under
 ${XDG_CACHE_HOME:-~/.cache}/imageunlock/image-test-arm64/ after a build and loaded by the next
