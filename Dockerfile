@@ -35,6 +35,8 @@
 #     the node's containerd socket (the socket file alone) mounted at
 #     /run/containerd/containerd.sock (IMAGEUNLOCK_CONTAINERD_ADDRESS), reached through its
 #     group like Docker's (containerd's: usually 0).
+#   * the TPM path (spec.keySealing TPM): Debian's tpm2-tools and libtss2 TCTI modules, run
+#     against the node's /dev/tpmrm0 (IMAGEUNLOCK_TPM_TCTI; the chart's agent.tpm.enabled).
 #   * no shell and no setuid/setgid file: the operator runs Python and `ctr` directly (no
 #     shell=True, no os.system/popen), so the runtime stage removes sh/dash/bash once its
 #     own RUN steps are done and clears every setuid/setgid bit (su, passwd, mount, ...).
@@ -148,13 +150,21 @@ FROM ${BASE_IMAGE}
 ARG UID=10001
 ARG GID=10001
 
+# Debian's tpm2-tools (spec.keySealing TPM, `unlock --key-sealing tpm`: engine/keys/tpm.py runs
+# them) with the libtss2 TCTI modules (device, swtpm, ...), the base release's packages for the
+# target architecture: apt-get installs them in this stage (emulated for a foreign one) while
+# there still is a shell for their maintainer scripts. No tpm2-pytss: PyPI has no wheel of it,
+# and the build stage takes binary wheels only.
 # A named account for the numeric IDs (tools that look the user up find it); no home,
 # no login shell, no password. Then the hardening, last of the steps that need a shell:
 # no file keeps a setuid or setgid bit (nothing in the image may gain privileges: su,
 # passwd, chfn, mount, unix_chkpwd, ...), and the shells go (the product needs none, and a
 # shell is what an attacker who gets code execution reaches for first). The RUN steps
 # after this one use the exec form. -xdev: the image's own filesystem, not /proc or /sys.
-RUN groupadd --system --gid "${GID}" imageunlock \
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -qq -y --no-install-recommends tpm2-tools > /dev/null \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+ && groupadd --system --gid "${GID}" imageunlock \
  && useradd --system --uid "${UID}" --gid "${GID}" --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin imageunlock \
  && find / -xdev -perm /6000 -exec chmod ug-s {} + \
@@ -187,3 +197,4 @@ COPY --from=build /opt/ctr/ctr /usr/local/bin/ctr
 COPY --from=build /opt/imageunlock /opt/imageunlock
 RUN ["imageunlock", "--version"]
 RUN ["ctr", "--version"]
+RUN ["tpm2_unseal", "--version"]

@@ -12,6 +12,10 @@ otherwise it is plain ``imageunlock: <Phase>: <message>`` lines that scripts can
 ``--output json`` adds one JSON object on stdout at the end (the schema is in README.md);
 without it stdout stays empty. ``imageunlock --version`` prints the program's version.
 
+``--key-sealing tpm [--tpm-tcti TCTI]`` keeps the archive's key sealed to the device's TPM 2.0
+(only the sealed blob, beside the state file): a later unlock of the same archive unseals it
+with no resource API; a new archive, a changed PCR or another TPM falls back to the API.
+
 ``imageunlock encrypt`` makes an archive in the same format (the publishing side);
 ``imageunlock agent`` runs the node agent (the DaemonSet) and ``imageunlock controller`` the
 controller that writes each ImageUnlock's cluster summary.
@@ -33,8 +37,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 from imageunlock import __version__
 from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine import runtimes
+from imageunlock.engine.keys import DEFAULT_TCTI
 from imageunlock.engine.keys.resource_api import ResourceApiKeySource
-from imageunlock.engine.models import Credentials, Phase, Runtime, UnlockRequest, UnlockResult
+from imageunlock.engine.models import Credentials, KeySource, Phase, Runtime, UnlockRequest, UnlockResult
 from imageunlock.engine.reclaim import DEFAULT_POLICY, Reclaimed, ReclaimPolicy, superseded
 from imageunlock.engine.service import UnlockService
 from imageunlock.errors import ConfigurationError, UnlockError
@@ -42,6 +47,8 @@ from imageunlock.errors import ConfigurationError, UnlockError
 if TYPE_CHECKING:  # rich itself is imported only when a terminal is there to draw on
     from rich.console import Console
     from rich.progress import TaskID
+
+    from imageunlock.engine.keys.sealed import SealedKeySource
 
 EXIT_OK, EXIT_FAILED, EXIT_TEMPFAIL = 0, 1, 75  # usage errors: argparse's own 2
 
@@ -109,6 +116,21 @@ def _parser() -> argparse.ArgumentParser:
         "(recorded in the state file), once this one is verified: Unpin lets kubelet's image garbage "
         "collection take them (containerd; nothing on Docker), Delete removes them unless a container "
         "uses them, Retain keeps them (default: %(default)s)",
+    )
+    unlock.add_argument(
+        "--key-sealing",
+        choices=("none", "tpm"),
+        default="none",
+        help="tpm: after a verified unlock, seal the archive's key to this device's TPM 2.0 and keep "
+        "only the sealed blob beside the state file; later unlocks of the same archive then need "
+        "no resource API (default: %(default)s)",
+    )
+    unlock.add_argument(
+        "--tpm-tcti",
+        default=None,
+        metavar="TCTI",
+        help="how to reach the TPM, as a TPM software stack TCTI string "
+        f"(default: $IMAGEUNLOCK_TPM_TCTI or {DEFAULT_TCTI})",
     )
     unlock.add_argument(
         "--lock-timeout", type=float, default=600.0, help="seconds to wait for another unlock of the same archive"
@@ -282,7 +304,11 @@ def _unlock(args: argparse.Namespace) -> int:
         args.runtime, **{s.key: getattr(args, s.key) for s in runtimes.runtime_kind(args.runtime).settings}
     )
     # The account comes from the environment; the URL is the user's own choice (no allow-list).
-    service = UnlockService(runtime, ResourceApiKeySource(args.api_url, _credentials), lock_timeout=args.lock_timeout)
+    keys: KeySource = ResourceApiKeySource(args.api_url, _credentials)
+    sealed = None
+    if args.key_sealing == "tpm":
+        keys = sealed = _sealed(args, keys)
+    service = UnlockService(runtime, keys, lock_timeout=args.lock_timeout)
     request = UnlockRequest(
         archive_path=os.path.abspath(args.archive),
         version=args.version,
@@ -296,8 +322,16 @@ def _unlock(args: argparse.Namespace) -> int:
             result = service.unlock(request, report)
         # Only now, with this version verified: a failed unlock keeps the old one runnable.
         reclaimed = _reclaim(runtime, ReclaimPolicy(args.reclaim_policy), previous, request.known_ids, result)
+    except UnlockError as exc:
+        if sealed is not None:
+            sealed.failed(exc)  # a sealed key that did not unlock is not kept
+        raise
     finally:
         runtime.close()
+    if sealed is not None and not result.fast_path:
+        if sealed.unsealed:
+            print("imageunlock: the key came from this device's TPM (no resource API)", file=sys.stderr)
+        sealed.keep()
     how = "already present" if result.fast_path else "loaded and verified"
     print(f"imageunlock: Ready: {len(result.images)} image(s) {how} at {args.version}", file=sys.stderr)
     if reclaimed is not None and (reclaimed.done or reclaimed.kept):
@@ -352,6 +386,16 @@ def _reclaim(
     except UnlockError as exc:
         print(f"imageunlock: warning: could not reclaim the previous version: {exc.message}", file=sys.stderr)
         return None
+
+
+def _sealed(args: argparse.Namespace, keys: KeySource) -> SealedKeySource:
+    """``keys`` behind the key sealed to this device's TPM, its blobs beside the state file."""
+    from imageunlock.engine.keys.sealed import SEALED_DIR, SealedKeySource, SealedKeyStore, Sealing, archive_identity
+
+    tcti = args.tpm_tcti or os.environ.get("IMAGEUNLOCK_TPM_TCTI") or DEFAULT_TCTI
+    store = SealedKeyStore(os.path.join(os.path.dirname(os.path.abspath(args.state_file)), SEALED_DIR))
+    identity = archive_identity("cli", f"resourceApi {args.api_url}", os.path.abspath(args.archive), sha256=args.sha256)
+    return SealedKeySource(keys, store, identity, Sealing(tcti=tcti))
 
 
 def _encrypt(args: argparse.Namespace) -> int:

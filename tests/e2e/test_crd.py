@@ -19,12 +19,16 @@ def test_crd_is_served_and_explained(cluster, crd):
     assert "imageunlocks" in resources and "iu" in resources
     spec = cluster.kubectl("explain", "imageunlock.spec").stdout
     fields = ("archivePath", "version", "images", "keySource", "resourceApi", "runtime", "archiveSha256")
-    for field in (*fields, "reclaimPolicy"):
+    for field in (*fields, "reclaimPolicy", "keySealing", "keySealingPCRs"):
         assert field in spec, field
     policy = cluster.kubectl("explain", "imageunlock.spec.reclaimPolicy").stdout
     assert "Unpin" in policy and "Delete" in policy and "Retain" in policy and "Ready" in policy
     reclaimed = cluster.kubectl("explain", "imageunlock.status.nodes.reclaimed").stdout
     assert "refs" in reclaimed and "policy" in reclaimed and "kept" in reclaimed
+    sealing = cluster.kubectl("explain", "imageunlock.spec.keySealing").stdout
+    assert "TPM" in sealing and "sealed blob" in sealing
+    pcrs = cluster.kubectl("explain", "imageunlock.spec.keySealingPCRs").stdout
+    assert "secure-boot" in pcrs
     for where in ("resourceApi", "keySource.resourceApi"):
         ref = cluster.kubectl("explain", f"imageunlock.spec.{where}.credentialsSecretRef").stdout
         assert "name" in ref and "email" in ref, where
@@ -44,6 +48,13 @@ BAD_SPECS = {
     ),
     "no key source": ({"resourceApi": None}, "give exactly one of spec.keySource and spec.resourceApi"),
     "empty key source": ({"resourceApi": None, "keySource": {}}, "spec.keySource"),
+    "unknown key sealing": ({"keySealing": "HSM"}, "spec.keySealing"),
+    "PCR out of range": ({"keySealing": "TPM", "keySealingPCRs": [24]}, "spec.keySealingPCRs[0]"),
+    "PCRs without TPM": ({"keySealingPCRs": [7]}, "spec.keySealingPCRs needs spec.keySealing TPM"),
+    "a resettable PCR": (
+        {"keySealing": "TPM", "keySealingPCRs": [7, 16]},
+        "spec.keySealingPCRs 16 and 23 bind nothing",
+    ),
 }
 
 

@@ -72,8 +72,16 @@ def _workloads(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
 
 @pytest.mark.parametrize(
     "values",
-    [None, NON_DEFAULT_VALUES, {"rbac": {"clusterWideSecrets": True}}, METRICS_ALL, METRICS_OFF, K3S_EDGE],
-    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off", "k3s-edge"],
+    [
+        None,
+        NON_DEFAULT_VALUES,
+        {"rbac": {"clusterWideSecrets": True}},
+        METRICS_ALL,
+        METRICS_OFF,
+        K3S_EDGE,
+        {"agent": {"tpm": {"enabled": True}}},
+    ],
+    ids=["default", "non-default", "cluster-wide-secrets", "metrics-all", "metrics-off", "k3s-edge", "tpm"],
 )
 def test_lint_strict(helm, values):
     report = helm.lint(str(CHART), values, strict=True, namespace="imageunlock-system", kube_version="v1.30.0")
@@ -480,6 +488,11 @@ def test_controller_pod_meets_pod_security_restricted(values):
         {"agent": {"docker": {"enabled": "true"}}},
         {"agent": {"docker": {"socketPath": "docker.sock"}}},
         {"agent": {"supplementalGroups": [-1]}},
+        {"agent": {"tpm": {"enabled": "true"}}},
+        {"agent": {"tpm": {"devicePath": "tpmrm0"}}},
+        {"agent": {"tpm": {"deviceGroupId": -1}}},
+        {"agent": {"tpm": {"stateDir": "/var/lib/imageunlock-state"}}},  # gone: agent.stateDir
+        {"agent": {"tpm": {"tcti": "device:/dev/tpmrm0"}}},  # not a value: device:<devicePath>
         {"agent": {"archivePerNamespace": "true"}},  # a boolean, rendered as "true"/"false"
         {"agent": {"nodeSelector": {"azaion.com/edge": True}}},
         {"agent": {"tolerations": [{"key": "edge", "operator": "Maybe"}]}},
@@ -768,6 +781,40 @@ def test_values_file_is_fully_described_by_the_schema(helm):
 
 
 # ------------------------------------------------------------------ metrics
+
+
+def test_tpm_enabled_mounts_the_device_and_the_sealed_key_directory():
+    """agent.tpm.enabled: the TPM (hostPath CharDevice) at its own path, the agent told to
+    reach it there (IMAGEUNLOCK_TPM_TCTI), a persistent host directory for the sealed blobs
+    (IMAGEUNLOCK_STATE_DIR) and the device's group; off by default, none of it."""
+    default = pod_of(_workloads(rendered_objects(None))[0])
+    assert "tpm" not in {v["name"] for v in default["volumes"]}
+    assert "IMAGEUNLOCK_TPM_TCTI" not in env_of(default["containers"][0])
+
+    daemonset, _ = _workloads(rendered_objects({"agent": {"tpm": {"enabled": True, "deviceGroupId": 59}}}))
+    pod = pod_of(daemonset)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["tpm"]["hostPath"] == {"path": "/dev/tpmrm0", "type": "CharDevice"}
+    assert mounts["tpm"]["mountPath"] == "/dev/tpmrm0"
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/imageunlock-state", "type": "DirectoryOrCreate"}
+    assert mounts["state"]["mountPath"] == "/var/lib/imageunlock-state" and not mounts["state"].get("readOnly")
+    assert 59 in pod["securityContext"]["supplementalGroups"]
+    env = env_of(pod["containers"][0])
+    assert env["IMAGEUNLOCK_TPM_TCTI"] == "device:/dev/tpmrm0"
+    assert env["IMAGEUNLOCK_STATE_DIR"] == "/var/lib/imageunlock-state"
+    assert _agent_config(daemonset).tpm_tcti == "device:/dev/tpmrm0"
+
+    other = {"tpm": {"enabled": True, "devicePath": "/dev/tpm0"}, "stateDir": "/data/iu"}
+    pod = pod_of(_workloads(rendered_objects({"agent": other}))[0])
+    assert env_of(pod["containers"][0])["IMAGEUNLOCK_TPM_TCTI"] == "device:/dev/tpm0"
+    assert env_of(pod["containers"][0])["IMAGEUNLOCK_STATE_DIR"] == "/data/iu"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tpm"]["hostPath"]["path"] == "/dev/tpm0" and volumes["state"]["hostPath"]["path"] == "/data/iu"
+    assert [v["name"] for v in pod["volumes"]].count("state") == 1  # one state directory for everything
+    # The sealed keys need a state directory: without one the chart says so.
+    with pytest.raises(Exception, match=r"agent\.tpm\.enabled keeps the sealed keys in agent\.stateDir"):
+        rendered_objects({"agent": {"tpm": {"enabled": True}, "stateDir": ""}})
 
 
 def _agent_config(daemonset: dict[str, Any], node: str = "edge-1") -> Any:

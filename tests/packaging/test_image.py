@@ -44,6 +44,7 @@ from ..support.packaged_image import (
     ANY_USER_LOCKED_DOWN,
     CACHE_ROOT,
     DEFAULT_UID,
+    TPM_ROUND_TRIP,
     WRITE_PROBE,
     Operator,
     base_tarball,
@@ -167,6 +168,20 @@ def test_image_has_no_shell_and_no_setuid_or_setgid_file(dockerd, image):
     assert shells(files) == []
     res = run(dockerd, "--network", "none", "--entrypoint", "sh", image, "-c", "true")
     assert res.returncode != 0 and "not found" in res.stderr, (res.returncode, res.stderr)
+
+
+@pytest.mark.tpm
+def test_the_images_tpm_tools_seal_and_unseal_on_a_real_tpm(dockerd, image, swtpm):
+    """Issue 23: the image carries Debian's tpm2-tools and the TCTI modules the product uses;
+    as the locked-down non-root user, a seal and an unseal round trip on a real TPM 2.0
+    (swtpm on the host's loopback: --network host)."""
+    files = image_files(dockerd, image)
+    assert "usr/bin/tpm2_unseal" in files and "usr/bin/tpm2_create" in files
+    res = run(
+        dockerd, "--network", "host", *ANY_USER_LOCKED_DOWN[2:], "--entrypoint", "python", image,
+        "-c", TPM_ROUND_TRIP, swtpm.tcti,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
 READ_ONLY_CHECK = (

@@ -10,7 +10,8 @@ Each is loaded with scripts/rootfs-image.py, whose image config records its arch
 (`docker import` would record the daemon's own), and the image is built the way
 `make image-arm64` builds it: BASE_IMAGE the arm64 base, BUILD_IMAGE the native one, so the
 build stage fetches arm64 wheels from PyPI and installs them natively; only the target stage's
-one python3 call, the runtime stage's useradd and its start check run emulated.
+one python3 call, the runtime stage's apt-get install of tpm2-tools and useradd, and its start
+checks run emulated.
 
 Speed: like test_image.py, the bases, the stages and the image are saved (docker save) under
 ${XDG_CACHE_HOME:-~/.cache}/imageunlock/image-test-arm64/ after a build and loaded by the next
@@ -51,6 +52,7 @@ from ..support.packaged_image import (
     ANY_USER_LOCKED_DOWN,
     CACHE_ROOT,
     DEFAULT_UID,
+    TPM_ROUND_TRIP,
     WRITE_PROBE,
     Operator,
     base_tarball,
@@ -311,6 +313,19 @@ def test_arm64_image_ships_an_arm64_ctr(dockerd, arm64_image):
     res = run(dockerd, "--network", "none", "--entrypoint", "ctr", arm64_image, "--version", timeout=EMULATED)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ctr ")
+
+
+@pytest.mark.tpm
+def test_arm64_image_seals_and_unseals_on_a_real_tpm(dockerd, arm64_image, swtpm):
+    """Issue 23: the arm64 image's tpm2-tools (Debian's arm64 build, under emulation) seal and
+    unseal through the TCTI modules, against a real TPM 2.0 on the host's loopback."""
+    files = image_files(dockerd, arm64_image)
+    assert "usr/bin/tpm2_unseal" in files and "usr/bin/tpm2_create" in files
+    res = run(
+        dockerd, "--network", "host", *ANY_USER_LOCKED_DOWN[2:], "--entrypoint", "python", arm64_image,
+        "-c", TPM_ROUND_TRIP, swtpm.tcti, timeout=EMULATED,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout.strip()) == (0, "ok"), res.stderr
 
 
 ARM64_NODE = "iu-arm64-node"

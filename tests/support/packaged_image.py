@@ -152,6 +152,17 @@ ANY_USER_LOCKED_DOWN = (
     "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "4242:4242",
     "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
 )  # fmt: skip
+# A seal and an unseal on the TPM named by argv[1] (a TCTI string), in the image (issue 23).
+TPM_ROUND_TRIP = """
+import sys
+from imageunlock.engine.keys import tpm
+key, tcti = bytes(range(32)), sys.argv[1]
+blob = tpm.seal(key, tcti=tcti, pcrs=[7], identity="image-test")
+assert tpm.unseal(blob, tcti=tcti, identity="image-test") == key
+print("ok")
+"""
+
+
 WRITE_PROBE = """
 with tempfile.NamedTemporaryFile() as f:  # TMPDIR=/tmp is writable
     f.write(b"x"); f.flush()

@@ -69,6 +69,20 @@ def test_seal_then_unseal_returns_the_key(swtpm: Swtpm, key: bytes, pcrs: tuple[
     assert tpm.unseal(blob, tcti=swtpm.tcti, identity=IDENTITY) == key
 
 
+def test_unseals_with_pcrs_for_identities_whose_digest_holds_a_zero_byte(swtpm: Swtpm, key: bytes) -> None:
+    """A regression: the auth value was the raw SHA-256 of the identity, and tpm2-tools cut a
+    policy session's inline auth at its first 0x00 (about one identity in eight): BAD_AUTH."""
+    zeroed = [
+        identity
+        for n in range(200)
+        if b"\0" in hashlib.sha256(tpm._AUTH_CONTEXT + (identity := f"{IDENTITY}#{n}").encode()).digest()
+    ][:3]
+    assert len(zeroed) == 3
+    for identity in zeroed:
+        blob = tpm.seal(key, tcti=swtpm.tcti, pcrs=[7], identity=identity)
+        assert tpm.unseal(blob, tcti=swtpm.tcti, identity=identity) == key
+
+
 def test_unseals_after_the_tpm_restarts(swtpm: Swtpm, key: bytes) -> None:
     """A reboot: nothing of ours stayed loaded or persisted in the TPM; same seed, same primary."""
     blob = tpm.seal(key, tcti=swtpm.tcti, pcrs=[7], identity=IDENTITY)

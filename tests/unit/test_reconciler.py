@@ -567,3 +567,65 @@ def test_with_image_owners_a_namespace_unlocks_only_its_own_names(world):
     assert "IMAGEUNLOCK_IMAGE_OWNERS" in outcome.message and "azaion/flights" in outcome.message
     assert world.kube.credential_reads == [] and world.runtime.loads == []
     assert world.reconcile().verdict is Verdict.READY  # the owner's own names
+
+
+# -- spec.keySealing TPM (issue 23; the real TPM: tests/tpm, tests/e2e/test_sealed_key.py) --
+
+
+class _FakeTpm:
+    def __init__(self) -> None:
+        self.vault: dict[bytes, bytes] = {}
+        self.tctis: list[str] = []
+        self.wrong = False
+
+    def seal(self, key: bytes, *, tcti: str, pcrs: Any, identity: str) -> bytes:
+        from imageunlock.engine.keys import tpm
+
+        self.tctis.append(tcti)
+        blob = tpm._pack(tpm.BlobInfo(identity, tuple(pcrs)), hashlib.sha256(key).digest(), b"priv")
+        self.vault[blob] = key
+        return blob
+
+    def unseal(self, blob: bytes, *, tcti: str, identity: str) -> bytes:
+        self.tctis.append(tcti)
+        return b"\0" * 32 if self.wrong else self.vault[blob]
+
+
+@pytest.fixture
+def sealing(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _FakeTpm:
+    from imageunlock.engine.keys import tpm
+
+    fake = _FakeTpm()
+    monkeypatch.setattr(tpm, "seal", fake.seal)
+    monkeypatch.setattr(tpm, "unseal", fake.unseal)
+    monkeypatch.setenv("IMAGEUNLOCK_STATE_DIR", str(tmp_path / "state"))
+    world.configure(tpm_tcti="swtpm:host=127.0.0.1,port=2321")
+    return fake
+
+
+def test_key_sealing_tpm_repairs_from_the_sealed_key_with_the_api_down(world, sealing, tmp_path):
+    assert world.reconcile(keySealing="TPM", keySealingPCRs=[7]).verdict is Verdict.READY
+    [blob] = (tmp_path / "state" / "sealed-keys").iterdir()
+    assert sealing.tctis == ["swtpm:host=127.0.0.1,port=2321"]
+    world.runtime._images.clear()  # the images are gone
+    world.key = FakeKeyClient(FRAGMENT, login_error=ApiUnavailableError("resource API unreachable"))
+    assert world.reconcile(keySealing="TPM", keySealingPCRs=[7]).verdict is Verdict.READY
+    assert world.key.logins == 0 and world.key.fragments == 0 and len(sealing.tctis) == 2
+    assert list((tmp_path / "state" / "sealed-keys").iterdir()) == [blob]
+
+
+def test_key_sealing_none_seals_nothing(world, sealing, tmp_path):
+    assert world.reconcile().verdict is Verdict.READY
+    assert sealing.tctis == [] and not (tmp_path / "state").exists()
+
+
+def test_a_sealed_key_that_does_not_decrypt_stalls_once_and_is_dropped(world, sealing, tmp_path):
+    world.reconcile(keySealing="TPM")
+    world.runtime._images.clear()
+    sealing.wrong = True
+    outcome = world.reconcile(keySealing="TPM")
+    assert (outcome.verdict, outcome.reason) == (Verdict.STALLED, "ArchiveInvalid")
+    assert list((tmp_path / "state" / "sealed-keys").iterdir()) == []
+    sealing.wrong = False
+    assert world.reconcile(keySealing="TPM").verdict is Verdict.READY  # from the API, sealed again
+    assert world.key.fragments == 2 and len(list((tmp_path / "state" / "sealed-keys").iterdir())) == 1

@@ -123,3 +123,25 @@ def test_reclaim_policy_defaults_to_unpin_and_is_checked():
     assert parse_spec({**GOOD, "reclaimPolicy": "Delete"}, None).reclaim_policy is ReclaimPolicy.DELETE
     with pytest.raises(ConfigurationError, match=r"spec\.reclaimPolicy 'Shred' is not one of Retain, Unpin, Delete"):
         parse_spec({**GOOD, "reclaimPolicy": "Shred"}, None)
+
+
+def test_key_sealing_defaults_to_none_and_takes_tpm_with_pcrs():
+    assert parse_spec(GOOD, None).key_sealing == "None"
+    sealed = parse_spec({**GOOD, "keySealing": "TPM", "keySealingPCRs": [7, 0, 7]}, None)
+    assert (sealed.key_sealing, sealed.key_sealing_pcrs) == ("TPM", (0, 7))
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"keySealing": "tpm"}, "spec.keySealing 'tpm' is not one of None, TPM"),
+        ({"keySealing": "TPM", "keySealingPCRs": [24]}, "spec.keySealingPCRs must be a list of PCR numbers 0 to 23"),
+        ({"keySealing": "TPM", "keySealingPCRs": [True]}, "spec.keySealingPCRs must be a list"),
+        ({"keySealingPCRs": [7]}, "spec.keySealingPCRs needs spec.keySealing TPM"),
+        ({"keySealing": "TPM", "keySealingPCRs": [7, 23]}, "spec.keySealingPCRs [23] bind nothing"),
+    ],
+)
+def test_key_sealing_problems_are_named(extra, problem):
+    with pytest.raises(ConfigurationError) as caught:
+        parse_spec({**GOOD, **extra}, None)
+    assert problem in caught.value.message

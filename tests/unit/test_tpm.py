@@ -83,6 +83,13 @@ def test_the_auth_value_is_the_identitys_and_nothing_else() -> None:
     assert len(tpm._auth_value("a")) == 32  # a SHA-256 name algorithm's digest size, the most it may be
 
 
+def test_the_auth_value_never_holds_a_zero_byte() -> None:
+    """tpm2-tools reads a policy session's inline hex auth as a C string: a 0x00 cut it short."""
+    for n in range(2000):
+        auth = tpm._auth_value(f"/var/lib/imageunlock/images-{n}.enc")
+        assert b"\0" not in auth and len(auth) == 32
+
+
 def test_response_codes_lose_their_handle_session_parameter_number() -> None:
     assert tpm._base(0x99D) == tpm._RC_POLICY_FAIL  # session 1
     assert tpm._base(0x9A2) == tpm._RC_BAD_AUTH

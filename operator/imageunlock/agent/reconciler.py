@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,10 +24,12 @@ from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.agent.verdicts import LoginVerdicts
 from imageunlock.app import logs
 from imageunlock.app.config import AgentConfig
-from imageunlock.engine import archive
+from imageunlock.engine import archive, runtimes
 from imageunlock.engine.keys import ApiClientConfig, KeySettings, build_key_source
+from imageunlock.engine.keys import sealed as sealed_keys
 from imageunlock.engine.keys.cache import CachingKeySource, KeyCache
-from imageunlock.engine.models import Phase, Runtime, owner_of
+from imageunlock.engine.keys.sealed import SealedKeySource
+from imageunlock.engine.models import KeySource, Phase, Runtime, owner_of
 from imageunlock.engine.refs import describe, normalize_ref, owned
 from imageunlock.engine.service import UnlockService, VerifiedArchives
 from imageunlock.errors import ConfigurationError, InternalError, NodeDiskPressureError, RefConflictError, UnlockError
@@ -188,6 +191,9 @@ class Reconciler:
                 keys = CachingKeySource(
                     keys, self.key_cache, self._cache_binding(spec, namespace, secret), spec.key_cache_seconds
                 )
+        # Outermost: the key sealed to this node's TPM, unsealed before any other source is asked.
+        if spec.key_sealing == "TPM":
+            keys = self.sealed(keys, spec, namespace)
         return UnlockService(
             self.runtime,
             keys,
@@ -223,6 +229,21 @@ class Reconciler:
             return (namespace, secret, version, spec.key_source, spec.archive_path, where)
 
         return binding
+
+    def sealed(self, keys: KeySource, spec: UnlockSpec, namespace: str) -> SealedKeySource:
+        """``keys`` behind the key sealed to this node's TPM (spec.keySealing TPM), its blobs
+        in the agent's state directory (IMAGEUNLOCK_STATE_DIR)."""
+        source = spec.key_source
+        identity = sealed_keys.archive_identity(
+            namespace,
+            " ".join((source.member, getattr(source, "url", ""), source.secret_name or "")),
+            spec.archive_path,
+            self.roots(namespace),
+            spec.archive_sha256,
+        )
+        store = sealed_keys.SealedKeyStore(os.path.join(runtimes.state_dir(), sealed_keys.SEALED_DIR))
+        sealing = sealed_keys.Sealing(tcti=self.settings.tpm_tcti, pcrs=spec.key_sealing_pcrs)
+        return sealed_keys.SealedKeySource(keys, store, identity, sealing)
 
     def check_owner(self, namespace: str, spec: UnlockSpec) -> None:
         """With IMAGEUNLOCK_IMAGE_OWNERS, a namespace may unlock only the image names given to
@@ -323,6 +344,7 @@ class Reconciler:
         entry = self.entry(body)
         run = _Reconciliation(self, body, entry, namespace, name, generation)
         cached: CachingKeySource | None = None
+        sealed: SealedKeySource | None = None
         try:
             spec = self.parse(body)
             self.check_owner(namespace, spec)
@@ -332,12 +354,18 @@ class Reconciler:
                 raise conflict
             known = known_ids(entry, generation)
             service = self.service(spec, namespace, body, run.refused.append)
-            cached = service.keys if isinstance(service.keys, CachingKeySource) else None
+            sealed = service.keys if isinstance(service.keys, SealedKeySource) else None
+            inner = sealed.inner if sealed is not None else service.keys
+            cached = inner if isinstance(inner, CachingKeySource) else None
             request = spec.to_request(known, owner=owner_of(namespace, name))  # loads are recorded as ours
             result = service.unlock(request, run.report)
+            if sealed is not None and not result.fast_path:
+                sealed.keep()  # verified: only now is its sealed key worth keeping
         except UnlockError as exc:
             if cached is not None:
                 cached.failed(permanent=not exc.transient)
+            if sealed is not None:
+                sealed.failed(exc)  # a sealed key that did not unlock is not kept
             return run.failed(exc, attempt)
         except Exception as exc:  # a bug or an unforeseen library error: retry, say little
             if cached is not None:

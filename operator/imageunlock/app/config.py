@@ -138,6 +138,9 @@ class AgentConfig(_Settings):
     api_deadline: Seconds = Field(60.0, ge=1, validation_alias=_env("IMAGEUNLOCK_API_DEADLINE"))
     runtime_timeout: Seconds = Field(900.0, ge=1, validation_alias=_env("IMAGEUNLOCK_RUNTIME_TIMEOUT"))
     workers: int = Field(4, ge=1, validation_alias=_env("IMAGEUNLOCK_WORKERS"))
+    # How an ImageUnlock with keySealing TPM reaches this node's TPM (a TPM software stack
+    # TCTI string; the chart mounts /dev/tpmrm0 with agent.tpm.enabled).
+    tpm_tcti: str = Field("device:/dev/tpmrm0", min_length=1, validation_alias=_env("IMAGEUNLOCK_TPM_TCTI"))
 
     @field_validator("image_owners", mode="before")
     @classmethod

@@ -84,6 +84,9 @@ class ImageUnlockSpec(Model):
     # What happens on a node to images this ImageUnlock no longer wants (engine/reclaim.py).
     reclaim_policy: Literal["Retain", "Unpin", "Delete"] | None = None  # the CRD's default: Unpin
     key_cache_seconds: int | None = None  # 0 / absent: the key is fetched per unlock
+    key_sealing: Literal["None", "TPM"] | None = None  # the CRD's default: None
+    # with TPM only: SHA-256 bank PCRs (0-23); "PCRs", not to_camel's "Pcrs"
+    key_sealing_pcrs: list[int] | None = Field(None, alias="keySealingPCRs")
 
 
 # --- status: one node's entry -------------------------------------------------------------

@@ -27,6 +27,8 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 MAX_KEY_CACHE = 30 * 24 * 3600  # spec.keyCacheSeconds: at most 30 days (the CRD's maximum)
+KEY_SEALING = ("None", "TPM")
+MAX_PCR = 23
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class UnlockSpec:
     @property
     def refs(self) -> list[str]:
         return [f"{name}:{self.version}" for name in self.images]
+
+    key_sealing: str = "None"  # or "TPM": the key sealed to the node's TPM (engine/keys/sealed.py)
+    key_sealing_pcrs: tuple[int, ...] = ()
 
     def to_request(self, known_ids: Mapping[str, str] | None = None, owner: str | None = None) -> UnlockRequest:
         return UnlockRequest(
@@ -106,6 +111,7 @@ def parse_spec(
     if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= MAX_KEY_CACHE):
         problems.append(f"spec.keyCacheSeconds {cache!r} must be a whole number of seconds from 0 to {MAX_KEY_CACHE}")
         cache = 0
+    sealing, pcrs = _key_sealing(spec, problems)
 
     if problems:
         raise ConfigurationError("; ".join(problems))
@@ -118,6 +124,8 @@ def parse_spec(
         archive_sha256=str(digest).lower() if digest else None,
         reclaim_policy=ReclaimPolicy(policy) if policy in known else DEFAULT_POLICY,
         key_cache_seconds=int(cache or 0),
+        key_sealing=sealing,
+        key_sealing_pcrs=pcrs,
     )
 
 
@@ -132,6 +140,26 @@ def check_runtime(spec: UnlockSpec, runtime: str) -> UnlockSpec:
             f"{spec.runtime} nodes with spec.nodeSelector"
         )
     return replace(spec, runtime=runtime)
+
+
+def _key_sealing(spec: Mapping[str, object], problems: list[str]) -> tuple[str, tuple[int, ...]]:
+    """``spec.keySealing`` (None or TPM) and ``spec.keySealingPCRs`` (SHA-256 PCRs 0-23, TPM only)."""
+    sealing = spec.get("keySealing") or "None"
+    if sealing not in KEY_SEALING:
+        problems.append(f"spec.keySealing {sealing!r} is not one of {', '.join(KEY_SEALING)}")
+        sealing = "None"
+    raw = spec.get("keySealingPCRs") or []
+    if not isinstance(raw, list) or not all(type(p) is int and 0 <= p <= MAX_PCR for p in raw):
+        problems.append(f"spec.keySealingPCRs must be a list of PCR numbers 0 to {MAX_PCR}")
+        return str(sealing), ()
+    if resettable := sorted({16, 23}.intersection(raw)):
+        problems.append(
+            f"spec.keySealingPCRs {resettable} bind nothing (any program may reset PCR 16 and 23): "
+            "use PCRs that record the boot, e.g. [0, 2, 4, 7]"
+        )
+    if raw and sealing != "TPM":
+        problems.append("spec.keySealingPCRs needs spec.keySealing TPM")
+    return str(sealing), tuple(sorted(set(raw)))
 
 
 def _key_source(spec: Mapping[str, object], settings: keys.KeySettings, problems: list[str]) -> keys.KeySourceSpec:

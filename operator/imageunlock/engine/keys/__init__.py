@@ -25,6 +25,10 @@ from imageunlock.engine.keys.apiurl import parse_api_url, url_allowed
 from imageunlock.engine.models import Credentials, KeySource
 from imageunlock.errors import ConfigurationError
 
+# How a key sealed to the TPM reaches the TPM when nothing else is said (tpm.py, sealed.py, the CLI).
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 

@@ -27,7 +27,11 @@ What the TPM holds:
   128 bytes. Without PCRs its auth value is required (userWithAuth). With PCRs, userWithAuth
   is off and its policy is ``PolicyPCR(sha256: pcrs) + PolicyAuthValue``: the PCR values at
   sealing AND the auth value.
-* Its auth value is ``SHA-256("imageunlock tpm seal v1" NUL identity)``. The identity is
+* Its auth value is ``base64(SHA-256("imageunlock tpm seal v1" NUL identity)[:24])``: 32
+  printable bytes (the most a SHA-256 object's auth value may hold), never a zero byte —
+  tpm2-tools 5.4 reads a policy session's inline ``hex:`` auth value as a C string, so a raw
+  digest with a 0x00 in it (about one identity in eight) was cut short there and refused
+  (TPM_RC_BAD_AUTH), and the TPM drops trailing zeros of an auth value anyway. The identity is
   ALSO written in the blob's header. Both, because they do different jobs: the header lets
   :func:`unseal` refuse a blob for another archive before touching the TPM, with a clear
   message, and lets a caller tell which archive a blob is for (:func:`blob_info`); the auth
@@ -99,7 +103,6 @@ from imageunlock.errors import (
     UnsealRefusedError,
 )
 
-DEFAULT_TCTI = "device:/dev/tpmrm0"
 MAX_KEY_BYTES = 128  # MAX_SYM_DATA: the most a sealed data object holds
 PCR_BANK = "sha256"
 MAX_PCR = 23  # PC Client TPMs have PCRs 0..23
@@ -338,7 +341,8 @@ def _auth_value(identity: str) -> bytes:
         raise ConfigurationError("the archive identity to seal a key for must be valid text") from None
     if len(encoded) > MAX_IDENTITY_BYTES:
         raise ConfigurationError(f"the archive identity to seal a key for is longer than {MAX_IDENTITY_BYTES} bytes")
-    return hashlib.sha256(_AUTH_CONTEXT + encoded).digest()
+    # printable: no zero byte for tpm2-tools' C strings to stop at (module docstring)
+    return base64.b64encode(hashlib.sha256(_AUTH_CONTEXT + encoded).digest()[:24])
 
 
 def _pcr_list(pcrs: Sequence[int]) -> tuple[int, ...]:
