@@ -4,6 +4,9 @@ ImageUnlock, nothing any current spec names, and only after the new version is R
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -317,3 +320,36 @@ def test_a_rollback_that_finds_the_old_version_present_pins_it_again(tmp_path, m
     assert reconciler.reconcile(at(3)).verdict is Verdict.READY  # the rollback: a new generation
     assert len(runtime.loads) == loads  # found, not loaded again
     assert runtime.pinned == {"docker.io/azaion/flights:1.0"}
+
+
+# -- the recorded policies: what is read back from the state dir -------------------------------
+
+
+def test_a_fifo_as_the_policies_file_does_not_hang_the_agent_at_start(node, tmp_path):
+    runtime, kube, reclaimer, _ = node
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "reclaim-policies.json")
+    built: list[Reclaimer] = []
+    thread = threading.Thread(
+        target=lambda: built.append(Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(fifo))),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(3)
+    if thread.is_alive():  # let the thread go
+        os.close(os.open(fifo / "reclaim-policies.json", os.O_WRONLY | os.O_NONBLOCK))
+    assert built and built[0].policies == {}
+
+
+def test_recorded_policies_of_a_malformed_owner_or_policy_are_dropped(node, tmp_path):
+    runtime, kube, reclaimer, _ = node
+    reclaimer.seen(body(name="kept", reclaimPolicy="Retain"))
+    path = tmp_path / "reclaim-policies.json"
+    recorded = json.loads(path.read_text())
+    recorded.update({"a/b/c/../kube-system": "Delete", "kube-system/x/y": "Delete", "ns/odd": ["Delete"]})
+    path.write_text(json.dumps(recorded))
+    again = Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path))
+    assert again.policies == {"ns/kept": ReclaimPolicy.RETAIN}
+    path.chmod(0o666)  # anyone may write it: not read at all
+    assert Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path)).policies == {}

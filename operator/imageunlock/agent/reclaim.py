@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from imageunlock.app import logs
-from imageunlock.engine.models import OwnershipRecord, Phase, owner_of
+from imageunlock.engine.models import OwnershipRecord, Phase, is_owner, owner_of
 from imageunlock.engine.reclaim import (
     DEFAULT_POLICY,
     Reclaimed,
@@ -42,7 +42,7 @@ from imageunlock.engine.reclaim import (
     wanted,
 )
 from imageunlock.engine.refs import normalize_ref
-from imageunlock.engine.runtimes import state_dir
+from imageunlock.engine.runtimes import read_state_file, state_dir
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import NodeEntry
@@ -51,6 +51,7 @@ from imageunlock.kube.models import Reclaimed as ReclaimedStatus
 log = logging.getLogger(__name__)
 
 REASON = "Reclaimed"
+POLICY_NAMES = frozenset(p.value for p in ReclaimPolicy)
 
 
 def _owner(body: Mapping[str, Any]) -> str:
@@ -111,15 +112,24 @@ class Reclaimer:
             log.warning("could not record reclaim policies in %s (%s)", self.path, exc.strerror or exc)
 
     def _read(self) -> dict[str, ReclaimPolicy]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
+        """The recorded policies: only from a plain file of the agent's own (read_state_file),
+        only entries an ImageUnlock could have (``<namespace>/<name>``, a policy name)."""
+        data = read_state_file(self.path, "reclaim policies")
+        if data is None:
             return {}
-        except (OSError, ValueError) as exc:
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
             log.warning("reclaim policies %s unreadable (%s): the default applies", self.path, exc)
             return {}
-        return {str(k): parse_policy(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        if not isinstance(raw, dict):
+            return {}
+        policies = {
+            k: ReclaimPolicy(v) for k, v in raw.items() if is_owner(k) and isinstance(v, str) and v in POLICY_NAMES
+        }
+        if dropped := len(raw) - len(policies):
+            log.warning("reclaim policies %s: %d malformed entr(ies) ignored", self.path, dropped)
+        return policies
 
     def after_ready(self, body: Mapping[str, Any], entry: NodeEntry) -> NodeEntry | None:
         """``entry`` (Ready for the current generation, written) with what this reclaim gave

@@ -73,8 +73,8 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
-from imageunlock.engine.models import OwnershipRecord, check_owner
-from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.models import OwnershipRecord, check_owner, is_owner
+from imageunlock.engine.refs import is_tagged_ref, normalize_ref
 from imageunlock.engine.runtimes import CONTAINERD
 from imageunlock.engine.runtimes.importlock import exclusive_import
 from imageunlock.errors import (
@@ -442,8 +442,13 @@ class ContainerdRuntime:
         owned = []
         for name, (_kind, _digest, text) in sorted(self._records().items()):
             labels = _labels(text)
-            if (owner := labels.get(OWNER_KEY)) and labels.get(REF_KEY) == name:
+            owner = labels.get(OWNER_KEY)
+            if owner is None or labels.get(REF_KEY) != name:
+                continue
+            if is_owner(owner) and is_tagged_ref(name):  # as load() labels it: never a forged owner
                 owned.append(OwnershipRecord(name, owner))
+            else:
+                log.warning("image %s: malformed ownership label %s=%r ignored", name, OWNER_KEY, owner)
         return owned
 
     def unpin(self, refs: Sequence[str]) -> list[str]:
