@@ -18,6 +18,7 @@ from imageunlock.engine.refs import is_tagged_ref
 from imageunlock.engine.runtimes import STATE_FILE_MAX, read_state_file
 from imageunlock.engine.runtimes.containerd import (
     CRI_METADATA,
+    DIGEST_KEY,
     OWNER_KEY,
     REF_KEY,
     ContainerdRuntime,
@@ -217,17 +218,19 @@ def test_what_counts_as_a_recorded_ref(ref, ok):
     assert is_tagged_ref(ref) is ok
 
 
-def test_containerd_records_with_a_malformed_owner_or_ref_label_are_not_ours(monkeypatch):
+def test_containerd_records_with_a_malformed_label_or_other_content_are_not_ours(monkeypatch):
     runtime = ContainerdRuntime()
     good = "docker.io/a/app:1"
 
     def labelled(name: str, owner: str) -> tuple[str, str, str]:
-        return ("manifest", ID, f"{OWNER_KEY}={owner},{REF_KEY}={name}")
+        return ("manifest", ID, f"{OWNER_KEY}={owner},{REF_KEY}={name},{DIGEST_KEY}={ID}")
 
     records = {
         good: labelled(good, "ns/iu"),
         "docker.io/a/app:2": labelled("docker.io/a/app:2", "kube-system/x/y"),
         "sha256:" + "b" * 64: labelled("sha256:" + "b" * 64, "ns/iu"),
+        # imported again since (ctr import, a CRI pull): new content, our labels kept
+        "docker.io/a/app:3": ("manifest", "sha256:" + "c" * 64, labelled("docker.io/a/app:3", "ns/iu")[2]),
     }
     monkeypatch.setattr(runtime, "_check_socket", lambda: None)
     monkeypatch.setattr(runtime, "_records", lambda: records)
