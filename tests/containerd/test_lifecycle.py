@@ -67,6 +67,21 @@ def test_an_image_loaded_by_someone_else_is_not_owned(daemon, archives):
     assert _runtime(daemon).owned_refs() == []
 
 
+def test_a_name_imported_again_since_is_no_longer_owned(daemon, tmp_path):
+    """A later ``ctr import`` (or CRI pull) of the same name points the record at other
+    content; containerd 1.6 keeps our labels on it (2.x replaces them): the digest label no
+    longer matches the record's target, so it is not ours."""
+    ref = "azaion/reimported:1.0"
+    ours = savetar.build([ref], seed=1)
+    runtime = _runtime(daemon)
+    runtime.load((ours[i : i + 65536] for i in range(0, len(ours), 65536)), [ref], owner=OWNER)
+    assert runtime.owned_refs() == [OwnershipRecord(normalize_ref(ref), OWNER)]
+    theirs = tmp_path / "theirs.tar"
+    theirs.write_bytes(savetar.build([ref], seed=2))
+    daemon.ctr("images", "import", "--all-platforms", str(theirs))
+    assert runtime.owned_refs() == []
+
+
 def test_unpin_lets_kubelet_collect_and_keeps_the_owner(daemon, cri, archives):
     runtime = _runtime(daemon)
     _load(runtime, archives)

@@ -163,7 +163,9 @@ def test_canary_no_key_bytes_on_disk_in_logs_status_events_or_metrics(
     files = sorted(p for p in state.rglob("*") if p.is_file())
     names = [str(p.relative_to(state)) for p in files]
     assert [n for n in names if n.startswith(SEALED_DIR)] == [f"{SEALED_DIR}/{blobs(state)[0].name}"]
-    assert all(n.startswith(SEALED_DIR + "/") or re.fullmatch(r"owned-docker-\w+\.json", n) for n in names), names
+    # beside the blob only names: what this node loaded for whom, each ImageUnlock's reclaim policy
+    records = r"owned-docker-\w+\.json|reclaim-policies\.json"
+    assert all(n.startswith(SEALED_DIR + "/") or re.fullmatch(records, n) for n in names), names
     haystacks = {str(p): p.read_bytes() for p in files}
     haystacks |= {f"swtpm {p.name}": p.read_bytes() for p in swtpm.workdir.rglob("*") if p.is_file()}
     haystacks |= {

@@ -1001,6 +1001,15 @@ def test_metrics_off_leaves_no_endpoint():
     assert "Metrics are off" in notes and "/metrics\n" not in notes
 
 
+def test_the_state_dir_must_not_be_the_archive_dir(helm):
+    """Whoever writes the state dir (ownership records, reclaim policies) decides which images
+    the agents take for their own: it is never the archive directory, nor under it."""
+    for state in ("/var/lib/imageunlock", "/var/lib/imageunlock/", "/var/lib/imageunlock/state"):
+        with pytest.raises(helm.HelmError, match=r"agent\.stateDir must not be archiveDir"):
+            render_chart({"agent": {"stateDir": state}})
+    render_chart({"agent": {"stateDir": "/var/lib/imageunlock-state"}})
+
+
 def test_metrics_port_must_differ_from_the_health_port(helm):
     with pytest.raises(helm.HelmError, match=r"metrics\.port and healthPort must differ"):
         render_chart({"healthPort": 8081})

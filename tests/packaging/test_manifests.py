@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from imageunlock.engine.runtimes import DEFAULT_STATE_DIR
+
 from ..support.ci import unavailable
 from .conftest import (
     AGENT_SA,
@@ -363,6 +365,9 @@ def test_daemonset_keeps_its_promises():
     # issue 20: ownership records and reclaim policies survive a restart of the agent
     assert volumes["state"]["hostPath"] == {"path": "/var/lib/imageunlock-state", "type": "DirectoryOrCreate"}
     assert mounts["state"]["mountPath"] == env_of(container)["IMAGEUNLOCK_STATE_DIR"] == "/var/lib/imageunlock-state"
+    # the agent's own default is the same, never the archive directory (whoever writes the state
+    # dir decides which images the agent takes for its own)
+    assert DEFAULT_STATE_DIR == "/var/lib/imageunlock-state" != volumes["archives"]["hostPath"]["path"]
     assert pod["serviceAccountName"] == AGENT_SA
     env = env_of(container)
     assert env["IMAGEUNLOCK_RUNTIME"] == "auto"

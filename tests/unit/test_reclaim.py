@@ -4,6 +4,9 @@ ImageUnlock, nothing any current spec names, and only after the new version is R
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from imageunlock.engine.reclaim import (
     superseded,
     versions,
     wanted,
+    wanted_by,
 )
 from imageunlock.engine.refs import normalize_ref
 from imageunlock.errors import AuthenticationError, KubernetesUnavailableError
@@ -58,6 +62,51 @@ def test_what_specs_want_is_read_from_raw_specs_with_the_default_images():
     assert wanted([{"version": "2.0", "images": ["azaion/flights"]}]) == {"docker.io/azaion/flights:2.0"}
     assert "docker.io/azaion/annotations:3" in wanted([{"version": "3"}])  # the CRD's default images
     assert wanted([{"images": ["azaion/flights"]}, {}]) == set()  # no version: nothing named
+
+
+def unlock(namespace: str, version: str, *images: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": namespace, "name": "iu"},
+        "spec": {"version": version, "images": list(images), **spec},
+    }
+
+
+def test_with_image_owners_a_spec_keeps_only_names_its_namespace_may_unlock():
+    """Tenant B naming team A's image at A's old version — refused by B's own unlock, even with
+    a nodeSelector matching no node — must not stop A's Unpin/Delete on every node."""
+    records = [OwnershipRecord("docker.io/team-a/app:1.0", "team-a/iu")]
+    team_a = unlock("team-a", "2.0", "docker.io/team-a/app")
+    squatter = unlock("team-b", "1.0", "team-a/app", nodeSelector={"matchLabels": {"x": "none"}})
+    owners = {"team-a": ("team-a/",), "team-b": ("team-b/",)}
+    assert reclaimable(records, "team-a/iu", wanted_by([team_a, squatter], owners)) == ["docker.io/team-a/app:1.0"]
+    # a namespace the setting does not name may unlock nothing, so keeps nothing
+    assert wanted_by([unlock("team-c", "1.0", "team-a/app")], owners) == set()
+    # team A's own spec (and one of its namespace naming it at the old version) still keeps it
+    assert wanted_by([team_a, unlock("team-a", "1.0", "team-a/app")], owners) == {
+        "docker.io/team-a/app:2.0",
+        "docker.io/team-a/app:1.0",
+    }
+
+
+def test_without_image_owners_any_spec_keeps_any_name_it_names():
+    """One tenant (IMAGEUNLOCK_IMAGE_OWNERS unset): whatever any ImageUnlock names is kept."""
+    records = [OwnershipRecord("docker.io/team-a/app:1.0", "team-a/iu")]
+    objects = [unlock("team-a", "2.0", "team-a/app"), unlock("team-b", "1.0", "team-a/app")]
+    assert wanted_by(objects) == wanted_by(objects, {}) == wanted(o["spec"] for o in objects)
+    assert reclaimable(records, "team-a/iu", wanted_by(objects)) == []
+
+
+def test_the_agent_reclaims_past_a_foreign_spec_when_image_owners_are_set(node, tmp_path):
+    runtime, kube, reclaimer, load = node
+    load(OWNER, OLD + NEW)
+    # another namespace names this one's old version: with owners set it may not unlock azaion/
+    kube.objects = [body(), {**body(name="squat", version="1.0"), "metadata": {"namespace": "other", "name": "squat"}}]
+    entry = NodeAgent(kube, "edge-1", "fake").entry(body())
+    assert reclaimer.after_ready(body(), entry) is None  # no owners configured: it keeps them
+    owners = {"ns": ("azaion/",), "other": ("other/",)}
+    strict = Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path), owners=owners)
+    done = strict.after_ready(body(), entry)
+    assert done is not None and done.reclaimed is not None and sorted(done.reclaimed.refs) == OLD
 
 
 def test_without_ownership_records_only_refs_still_holding_the_verified_image_are_superseded():
@@ -317,3 +366,36 @@ def test_a_rollback_that_finds_the_old_version_present_pins_it_again(tmp_path, m
     assert reconciler.reconcile(at(3)).verdict is Verdict.READY  # the rollback: a new generation
     assert len(runtime.loads) == loads  # found, not loaded again
     assert runtime.pinned == {"docker.io/azaion/flights:1.0"}
+
+
+# -- the recorded policies: what is read back from the state dir -------------------------------
+
+
+def test_a_fifo_as_the_policies_file_does_not_hang_the_agent_at_start(node, tmp_path):
+    runtime, kube, reclaimer, _ = node
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "reclaim-policies.json")
+    built: list[Reclaimer] = []
+    thread = threading.Thread(
+        target=lambda: built.append(Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(fifo))),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(3)
+    if thread.is_alive():  # let the thread go
+        os.close(os.open(fifo / "reclaim-policies.json", os.O_WRONLY | os.O_NONBLOCK))
+    assert built and built[0].policies == {}
+
+
+def test_recorded_policies_of_a_malformed_owner_or_policy_are_dropped(node, tmp_path):
+    runtime, kube, reclaimer, _ = node
+    reclaimer.seen(body(name="kept", reclaimPolicy="Retain"))
+    path = tmp_path / "reclaim-policies.json"
+    recorded = json.loads(path.read_text())
+    recorded.update({"a/b/c/../kube-system": "Delete", "kube-system/x/y": "Delete", "ns/odd": ["Delete"]})
+    path.write_text(json.dumps(recorded))
+    again = Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path))
+    assert again.policies == {"ns/kept": ReclaimPolicy.RETAIN}
+    path.chmod(0o666)  # anyone may write it: not read at all
+    assert Reclaimer(runtime, kube, "edge-1", reclaimer.entry, directory=str(tmp_path)).policies == {}

@@ -96,7 +96,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.node_watch.start()
     memo.reclaimer = await asyncio.to_thread(
-        Reclaimer, memo.runtime, memo.kube, node, memo.agent.entry, known=lambda: list(memo.objects.values())
+        Reclaimer,
+        memo.runtime,
+        memo.kube,
+        node,
+        memo.agent.entry,
+        known=lambda: list(memo.objects.values()),
+        owners=config.image_owners,
     )
     memo.deleted = {}  # (namespace, name) -> the reclaimPolicy of a deleted object, until its step
     memo.reconciler = Reconciler(

@@ -27,11 +27,11 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from imageunlock.app import logs
-from imageunlock.engine.models import OwnershipRecord, Phase, owner_of
+from imageunlock.engine.models import OwnershipRecord, Phase, is_owner, owner_of
 from imageunlock.engine.reclaim import (
     DEFAULT_POLICY,
     Reclaimed,
@@ -39,10 +39,10 @@ from imageunlock.engine.reclaim import (
     orphaned,
     parse_policy,
     reclaimable,
-    wanted,
+    wanted_by,
 )
 from imageunlock.engine.refs import normalize_ref
-from imageunlock.engine.runtimes import state_dir
+from imageunlock.engine.runtimes import read_state_file, state_dir
 from imageunlock.kube import conditions as st
 from imageunlock.kube.client import KubernetesApi
 from imageunlock.kube.models import NodeEntry
@@ -51,6 +51,7 @@ from imageunlock.kube.models import Reclaimed as ReclaimedStatus
 log = logging.getLogger(__name__)
 
 REASON = "Reclaimed"
+POLICY_NAMES = frozenset(p.value for p in ReclaimPolicy)
 
 
 def _owner(body: Mapping[str, Any]) -> str:
@@ -67,6 +68,7 @@ class Reclaimer:
         entry: Callable[[Mapping[str, Any]], NodeEntry],
         directory: str | None = None,
         known: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        owners: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """Reads the recorded policies (file I/O: build it off the event loop)."""
         self.runtime = runtime
@@ -77,6 +79,9 @@ class Reclaimer:
         # server nothing (a fleet's nodes each listing every ImageUnlock every interval would
         # load it for nothing). A LIST confirms whatever they suggest.
         self.known = known
+        # IMAGEUNLOCK_IMAGE_OWNERS: an object keeps from a reclaim only names its namespace may
+        # unlock (engine.reclaim.wanted_by); empty, any name it names.
+        self.owners = owners or {}
         # (owner, ref) a reclaim dealt with (or Retain keeps): not a reason to list again
         self._settled: set[tuple[str, str]] = set()
         self.path = os.path.join(directory or state_dir(), "reclaim-policies.json")
@@ -111,15 +116,24 @@ class Reclaimer:
             log.warning("could not record reclaim policies in %s (%s)", self.path, exc.strerror or exc)
 
     def _read(self) -> dict[str, ReclaimPolicy]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
+        """The recorded policies: only from a plain file of the agent's own (read_state_file),
+        only entries an ImageUnlock could have (``<namespace>/<name>``, a policy name)."""
+        data = read_state_file(self.path, "reclaim policies")
+        if data is None:
             return {}
-        except (OSError, ValueError) as exc:
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
             log.warning("reclaim policies %s unreadable (%s): the default applies", self.path, exc)
             return {}
-        return {str(k): parse_policy(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        if not isinstance(raw, dict):
+            return {}
+        policies = {
+            k: ReclaimPolicy(v) for k, v in raw.items() if is_owner(k) and isinstance(v, str) and v in POLICY_NAMES
+        }
+        if dropped := len(raw) - len(policies):
+            log.warning("reclaim policies %s: %d malformed entr(ies) ignored", self.path, dropped)
+        return policies
 
     def after_ready(self, body: Mapping[str, Any], entry: NodeEntry) -> NodeEntry | None:
         """``entry`` (Ready for the current generation, written) with what this reclaim gave
@@ -133,14 +147,9 @@ class Reclaimer:
         with self._lock:
             self._settled = {settled for settled in self._settled if settled[0] != owner}
             records = self.runtime.owned_refs()
-            if not reclaimable(records, owner, wanted([body.get("spec") or {}])):
+            if not reclaimable(records, owner, self._wanted([body])):
                 return None  # the common case: no API request
-            done = self._reclaim(
-                body,
-                owner,
-                policy,
-                reclaimable(records, owner, wanted([b.get("spec") or {} for b in [body, *self._list()]])),
-            )
+            done = self._reclaim(body, owner, policy, reclaimable(records, owner, self._wanted([body, *self._list()])))
         return None if done is None else entry.model_copy(update={"reclaimed": _status(done)})
 
     def deleted(self, namespace: str, name: str, policy: ReclaimPolicy | None = None) -> Reclaimed | None:
@@ -156,7 +165,7 @@ class Reclaimer:
             bodies = self._list()
             if any(_owner(b) == owner for b in bodies):
                 return None  # created anew under the same name: it wants them again
-            refs = reclaimable(records, owner, wanted(b.get("spec") or {} for b in bodies))
+            refs = reclaimable(records, owner, self._wanted(bodies))
             return self._reclaim({"metadata": {"namespace": namespace, "name": name}}, owner, policy, refs)
 
     def sweep(self) -> list[Reclaimed]:
@@ -168,7 +177,7 @@ class Reclaimer:
             if not records or (self.known is not None and not self._pending(records, list(self.known()))):
                 return done
             bodies = self._list()
-            keep = wanted(b.get("spec") or {} for b in bodies)
+            keep = self._wanted(bodies)
             alive = {_owner(b): b for b in bodies}
             for owner, refs in orphaned(records, alive).items():
                 policy = self.policies.get(owner, DEFAULT_POLICY)
@@ -207,7 +216,7 @@ class Reclaimer:
     def _pending(self, records: Iterable[OwnershipRecord], bodies: list[Mapping[str, Any]]) -> bool:
         """Whether the watched objects suggest a reclaim: a record not yet dealt with whose
         owner is not among them, or whose owner no longer names it and does not retain."""
-        keep = wanted(b.get("spec") or {} for b in bodies)
+        keep = self._wanted(bodies)
         alive = {_owner(b): b for b in bodies}
         for record in records:
             if (record.owner, record.ref) in self._settled:
@@ -219,6 +228,11 @@ class Reclaimer:
             if policy is not ReclaimPolicy.RETAIN and normalize_ref(record.ref) not in keep:
                 return True
         return False
+
+    def _wanted(self, bodies: Iterable[Mapping[str, Any]]) -> set[str]:
+        """What ``bodies`` keep from a reclaim (with image owners, only names their namespace
+        may unlock)."""
+        return wanted_by(bodies, self.owners)
 
     def _list(self) -> list[dict[str, Any]]:
         return self.kube.list_unlocks()

@@ -36,9 +36,15 @@ def owner_of(namespace: str, name: str) -> str:
 
 
 def check_owner(owner: str) -> str:
-    if not _OWNER.match(owner):
+    if not is_owner(owner):
         raise ConfigurationError(f"owner {owner!r} is not <namespace>/<name> of an ImageUnlock")
     return owner
+
+
+def is_owner(owner: object) -> bool:
+    """Whether ``owner`` is ``<namespace>/<name>`` of an ImageUnlock: what is recorded on load,
+    and all a record read back from the node (a state file, a runtime's label) may hold."""
+    return isinstance(owner, str) and _OWNER.fullmatch(owner) is not None
 
 
 @dataclass(frozen=True)

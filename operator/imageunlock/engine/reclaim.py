@@ -13,18 +13,21 @@ version is Ready on the node, and all of them once it is deleted:
 The rule, :func:`reclaimable`, only ever hands out refs this node's agent loaded for that
 very ImageUnlock (its ownership records), never one that any ImageUnlock's current spec names
 (``keep``): an image someone else loaded, or that another ImageUnlock still wants, is never
-touched. The adapters (the runtime's ``unpin``/``remove``) do the I/O.
+touched. With image owners configured (IMAGEUNLOCK_IMAGE_OWNERS), a spec keeps only names its
+namespace may unlock (:func:`wanted_by`): another tenant cannot hold a name's old versions
+back from its owner's reclaim. Without them (one tenant), any spec keeps any name it names.
+The adapters (the runtime's ``unpin``/``remove``) do the I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from imageunlock.defaults import DEFAULT_IMAGES
 from imageunlock.engine.models import OwnershipRecord
-from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.refs import normalize_ref, owned
 
 
 class ReclaimPolicy(StrEnum):
@@ -48,14 +51,48 @@ def parse_policy(value: object) -> ReclaimPolicy:
 def wanted(specs: Iterable[Mapping[str, object]]) -> set[str]:
     """Every ref the ImageUnlock ``specs`` (raw, as the API server holds them) name, in the
     normal form: whatever an object's state, runtime or validity, what it names is not
-    reclaimed."""
+    reclaimed. Without image owners (one tenant) this is the whole rule; with them,
+    :func:`wanted_by`."""
     refs: set[str] = set()
     for spec in specs:
-        version, images = spec.get("version"), spec.get("images")
-        names = images if isinstance(images, list) and images else DEFAULT_IMAGES
-        if isinstance(version, str) and version:
-            refs.update(normalize_ref(f"{name}:{version}") for name in names if isinstance(name, str))
+        refs.update(_named(spec))
     return refs
+
+
+def wanted_by(objects: Iterable[Mapping[str, object]], owners: Mapping[str, Sequence[str]] | None = None) -> set[str]:
+    """What the ImageUnlock ``objects`` (raw, with metadata) keep from a reclaim. Without
+    ``owners`` (IMAGEUNLOCK_IMAGE_OWNERS unset: one tenant), :func:`wanted` of their specs:
+    any object keeps any ref it names. With them, an object keeps only the names its
+    namespace may unlock (``owners[namespace]``, as the reconciler's check): another tenant
+    naming ``team-a/app`` at team A's old versions, which its own unlock would refuse, does
+    not keep them from team A's Unpin/Delete on every node (a disk filled that way would hold
+    every tenant's imports back behind the DiskPressure gate)."""
+    refs: set[str] = set()
+    for obj in objects:
+        spec = obj.get("spec")
+        if not isinstance(spec, Mapping):
+            continue
+        if not owners:
+            refs.update(_named(spec))
+            continue
+        meta = obj.get("metadata")
+        namespace = meta.get("namespace") if isinstance(meta, Mapping) else None
+        prefixes = owners.get(namespace, ()) if isinstance(namespace, str) else ()
+        refs.update(_named(spec, prefixes))
+    return refs
+
+
+def _named(spec: Mapping[str, object], prefixes: Sequence[str] | None = None) -> set[str]:
+    """The refs (normal form) ``spec`` names; with ``prefixes``, only names under them."""
+    version, images = spec.get("version"), spec.get("images")
+    names = images if isinstance(images, list) and images else DEFAULT_IMAGES
+    if not (isinstance(version, str) and version):
+        return set()
+    return {
+        normalize_ref(f"{name}:{version}")
+        for name in names
+        if isinstance(name, str) and (prefixes is None or owned(name, prefixes))
+    }
 
 
 def reclaimable(records: Iterable[OwnershipRecord], owner: str, keep: Iterable[str]) -> list[str]:

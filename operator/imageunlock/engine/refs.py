@@ -8,11 +8,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 DEFAULT_DOMAIN = "docker.io"
 LEGACY_DOMAIN = "index.docker.io"
 OFFICIAL_PREFIX = "library/"
+
+# distribution/reference's grammar, a tag required and no digest: what a load records.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_TAGGED = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*:[\w][\w.-]{{0,127}}")
+# Names the runtimes read as an image ID (``sha256:<hex>``, a bare hex ID), not as a ref.
+_ID_LIKE = re.compile(r"(?:sha256|sha384|sha512|[0-9a-f]{12,64})(?::.*)?")
 
 
 def normalize_ref(ref: str) -> str:
@@ -39,6 +47,19 @@ def normalize_ref(ref: str) -> str:
     if domain == DEFAULT_DOMAIN and "/" not in path:
         path = OFFICIAL_PREFIX + path
     return f"{domain}/{path}{tag}{at}{digest}"
+
+
+def is_tagged_ref(ref: object) -> bool:
+    """Whether ``ref`` read back from a node's records (a state file, a runtime's label) is an
+    image name with a tag, as a load records one: not an image ID (``sha256:<hex>``, which
+    ``docker rmi`` would take for one), not a digest, not an option (``-f``), at most 255
+    characters. A record failing it is dropped: it names nothing this node loaded."""
+    return (
+        isinstance(ref, str)
+        and len(ref) <= 255
+        and _TAGGED.fullmatch(ref) is not None
+        and _ID_LIKE.fullmatch(ref) is None
+    )
 
 
 def unrequested(tags: Iterable[str], requested: Iterable[str]) -> list[str]:

@@ -43,7 +43,11 @@ with ctr >= 2, right after it with ctr 1.x), and ``unlock.loader.azaion.com/ref=
 name>`` right after: the image record itself says which ImageUnlock this node loaded it for,
 so a restarted agent finds it (``owned_refs``) and never takes an image it did not load for
 its own — not even a copy someone made with ``ctr images tag``, which copies every label but
-cannot make the ref label name the copy. ``unpin`` removes the pin label (the owner label stays):
+cannot make the ref label name the copy, nor the name imported or pulled again since
+(containerd 1.6 keeps the labels on it): ``unlock.loader.azaion.com/digest`` holds the target
+digest this node loaded. Labels read back are checked as on write (an owner
+``<namespace>/<name>``, a tagged name); a record that fails is not ours.
+``unpin`` removes the pin label (the owner label stays):
 kubelet's image garbage collection may then remove the image under disk pressure.
 ``remove`` deletes image records by name (``ctr images rm``: a record is one name; another
 name of the same image is another record, left alone) unless a container in the namespace —
@@ -73,8 +77,8 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
-from imageunlock.engine.models import OwnershipRecord, check_owner
-from imageunlock.engine.refs import normalize_ref
+from imageunlock.engine.models import OwnershipRecord, check_owner, is_owner
+from imageunlock.engine.refs import is_tagged_ref, normalize_ref
 from imageunlock.engine.runtimes import CONTAINERD
 from imageunlock.engine.runtimes.importlock import exclusive_import
 from imageunlock.errors import (
@@ -98,6 +102,9 @@ OWNER_KEY = "unlock.loader.azaion.com/owner"  # value: <namespace>/<name> of the
 # value: the record's own name. ``ctr images tag`` copies every label to the new name: a
 # record whose name is not this one is someone's copy, not an image this node loaded.
 REF_KEY = "unlock.loader.azaion.com/ref"
+# value: the target digest this node loaded. A later ``ctr import`` or CRI pull of the same
+# name points the record at other content but keeps every label: no longer ours.
+DIGEST_KEY = "unlock.loader.azaion.com/digest"
 CRI_METADATA = "io.cri-containerd.container.metadata"  # the CRI's record of a container (JSON)
 PINNING_FROM = (1, 7, 3)  # the first containerd whose CRI honours the pinned label
 COMMAND_TIMEOUT = 60.0  # ctr calls other than the import
@@ -440,10 +447,15 @@ class ContainerdRuntime:
         and for which ImageUnlock."""
         self._check_socket()
         owned = []
-        for name, (_kind, _digest, text) in sorted(self._records().items()):
+        for name, (_kind, digest, text) in sorted(self._records().items()):
             labels = _labels(text)
-            if (owner := labels.get(OWNER_KEY)) and labels.get(REF_KEY) == name:
+            owner = labels.get(OWNER_KEY)
+            if owner is None or labels.get(REF_KEY) != name or labels.get(DIGEST_KEY) != digest:
+                continue  # someone's copy (ctr images tag), or content imported since
+            if is_owner(owner) and is_tagged_ref(name):  # as load() labels it: never a forged owner
                 owned.append(OwnershipRecord(name, owner))
+            else:
+                log.warning("image %s: malformed ownership label %s=%r ignored", name, OWNER_KEY, owner)
         return owned
 
     def unpin(self, refs: Sequence[str]) -> list[str]:
@@ -541,8 +553,10 @@ class ContainerdRuntime:
     def _pin(self, names: Iterable[str], labels: Sequence[str] = (PINNED_LABEL,)) -> None:
         """Label each imported record: the pin, and with an owner also its own name (REF_KEY)."""
         owned = any(label.startswith(OWNER_KEY + "=") for label in labels)
+        records = self._records() if owned else {}
         for name in names:
-            self._run("images", "label", name, *labels, *([f"{REF_KEY}={name}"] if owned else []))
+            mine = [f"{REF_KEY}={name}", f"{DIGEST_KEY}={records[name][1]}"] if name in records else []
+            self._run("images", "label", name, *labels, *mine)
         server = self._server
         if server is not None and server < PINNING_FROM and not self._warned:
             self._warned = True
