@@ -204,3 +204,21 @@ def test_a_sealed_key_that_did_not_unlock_is_dropped(tmp_path, archive) -> None:
     third = source(tmp_path, archive, fake, inner)
     assert key_of(third) == KEY and not third.unsealed and inner.keys == 2
     assert first.failed(ArchiveError()) is False  # a key from the API: no blob to blame
+
+
+def test_a_blob_slot_that_is_a_fifo_or_a_symlink_is_not_read(tmp_path, archive) -> None:
+    """The state directory is node-local input: a FIFO in a blob's place must not hang the
+    agent, and a symlink must not be followed; either counts as no blob (the key source is
+    asked) and stays as it is."""
+    import os
+
+    store = SealedKeyStore(str(tmp_path / "sealed-keys"))
+    os.makedirs(store.directory, mode=0o700, exist_ok=True)
+    fifo_id, link_id, ok_id = (archive_identity(ns, "s", str(archive)) for ns in ("a", "b", "c"))
+    os.mkfifo(store.path_for(fifo_id), 0o600)
+    (tmp_path / "elsewhere").write_bytes(b"IUTPMSEAL" + b"\x01" * 40)
+    os.symlink(tmp_path / "elsewhere", store.path_for(link_id))
+    assert store.load(fifo_id) is None and store.load(link_id) is None
+    assert os.path.exists(store.path_for(fifo_id)) and os.path.islink(store.path_for(link_id))
+    store.save(ok_id, b"blob")
+    assert store.load(ok_id) == b"blob"

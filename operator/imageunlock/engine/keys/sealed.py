@@ -41,6 +41,7 @@ from typing import Any
 from imageunlock.engine import archive
 from imageunlock.engine.keys import DEFAULT_TCTI
 from imageunlock.engine.models import KeySession, KeySource, Phase, Say
+from imageunlock.engine.runtimes import read_state_file
 from imageunlock.errors import KeySealError, UnlockError, UnsealRefusedError
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,9 @@ class SealedKeyStore:
         return os.path.join(self.directory, hashlib.sha256(slot.encode()).hexdigest()[:40] + SUFFIX)
 
     def load(self, identity: str) -> bytes | None:
-        try:
-            with open(self.path_for(identity), "rb") as f:
-                blob = f.read(MAX_BLOB_BYTES + 1)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("sealed key %s is unreadable (%s): asking the key source", self.path_for(identity), exc)
-            return None
-        return blob if len(blob) <= MAX_BLOB_BYTES else None
+        # Not followed through a symlink, never blocked on a FIFO, only a 0600 file of ours.
+        blob = read_state_file(self.path_for(identity), "sealed key")
+        return blob if blob is not None and len(blob) <= MAX_BLOB_BYTES else None
 
     def save(self, identity: str, blob: bytes) -> None:
         """Atomically: a fresh 0600 file in the 0700 directory, fsync, rename."""
