@@ -10,7 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from imageunlock.controller.handlers import MANAGER, LabelWriter
-from imageunlock.controller.readiness import MANAGED, desired_labels, label_patches, managed_keys
+from imageunlock.controller.readiness import (
+    MANAGED,
+    desired_labels,
+    foreign_claims,
+    key_owners,
+    label_patches,
+    managed_keys,
+)
 from imageunlock.kube.labels import readiness_problems
 from imageunlock.kube.models import ImageUnlockSpec
 from imageunlock.kube.nodes import NodeInfo, Placement
@@ -35,11 +42,13 @@ def unlock(
     key: str | None = KEY,
     generation: int = 1,
     selector: Any = EDGE,
+    namespace: str = "ns",
+    created: str = "2026-01-01T00:00:00Z",
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"version": version, "nodeSelector": selector}
     if key is not None:
         spec["readinessLabel"] = key
-    meta = {"name": name, "namespace": "ns", "generation": generation}
+    meta = {"name": name, "namespace": namespace, "generation": generation, "creationTimestamp": created}
     return {"metadata": meta, "spec": spec, "status": {"nodes": list(entries)}}
 
 
@@ -121,6 +130,80 @@ def test_a_changed_key_moves_the_label():
     assert patches == {
         "a": {"metadata": {"labels": {"new/key": "1.0.0", "old/key": None}, "annotations": {MANAGED: "new/key"}}}
     }
+
+
+# A key belongs to one namespace: that of its oldest ImageUnlock.
+TEAM_A = "team-a.example.com/images-ready"
+
+
+def test_another_namespace_naming_a_key_cannot_strip_its_label():
+    """Team A's label, set by the controller, stays when team B creates (later) an ImageUnlock
+    in its own namespace naming A's key that is never Ready: B's object is ignored for it."""
+    nodes = [node("a", **{TEAM_A: "1.0.0"})]
+    managed = {"a": frozenset({TEAM_A})}
+    team_a = unlock(entry("a"), key=TEAM_A, namespace="team-a", name="app")
+    squatter = unlock(entry("a", phase="Failed"), key=TEAM_A, namespace="team-b", created="2026-02-01T00:00:00Z")
+    assert label_patches([team_a], nodes, EVERYWHERE, managed) == {}
+    assert label_patches([team_a, squatter], nodes, EVERYWHERE, managed) == {}
+    assert label_patches([squatter, team_a], nodes, EVERYWHERE, managed) == {}  # whatever the order
+
+
+def test_another_namespace_cannot_set_a_key_where_the_owners_images_are_not():
+    """Team B, Ready on b only (its own archive), must not put A's key with A's version on b,
+    where A's ImageUnlock does not run: A's pods would be sent to a node without A's images."""
+    team_a = unlock(entry("a"), key=TEAM_A, namespace="team-a", selector={"matchLabels": {"host": "a"}})
+    squatter = unlock(entry("b"), key=TEAM_A, namespace="team-b", created="2026-02-01T00:00:00Z")
+    nodes = [node("a", host="a"), node("b", host="b")]
+    assert labels_of(team_a, squatter, nodes=nodes) == {"a": {TEAM_A: "1.0.0"}}
+
+
+def test_a_key_belongs_to_its_oldest_imageunlocks_namespace_ties_by_namespace_name():
+    first = unlock(key=TEAM_A, namespace="team-z", created="2026-01-01T00:00:00Z")
+    later = unlock(key=TEAM_A, namespace="team-a", created="2026-03-01T00:00:00Z")
+    tied = unlock(key=TEAM_A, namespace="team-y", created="2026-01-01T00:00:00Z")
+    other = unlock(key=KEY, namespace="team-a", created="2026-03-01T00:00:00Z")
+    assert key_owners([later, first, other]) == {TEAM_A: "team-z", KEY: "team-a"}
+    assert key_owners([first, tied]) == key_owners([tied, first]) == {TEAM_A: "team-y"}
+    assert foreign_claims([later, first, tied]) == [
+        ("team-a", "iu", TEAM_A, "team-y"),
+        ("team-z", "iu", TEAM_A, "team-y"),
+    ]
+    assert key_owners([unlock(key="kubernetes.io/x", namespace="a")]) == {}  # no usable key: no claim
+
+
+def test_within_the_owning_namespace_every_imageunlock_must_still_agree():
+    one = unlock(entry("a"), entry("b"), key=TEAM_A, namespace="team-a", name="one")
+    other = unlock(entry("a"), key=TEAM_A, namespace="team-a", name="other", created="2026-05-01T00:00:00Z")
+    assert labels_of(one, other) == {"a": {TEAM_A: "1.0.0"}}
+
+
+def test_the_writer_warns_once_about_an_imageunlock_naming_another_namespaces_key(caplog):
+    kube = NodeKube()
+    writer = LabelWriter(kube, EVERYWHERE)  # type: ignore[arg-type]
+    team_a = unlock(entry("a"), key=TEAM_A, namespace="team-a")
+    squatter = unlock(entry("a"), key=TEAM_A, namespace="team-b", name="x", created="2026-02-01T00:00:00Z")
+    with caplog.at_level("WARNING", logger="imageunlock.controller.handlers"):
+        for _ in range(3):
+            writer.sync([team_a, squatter], [node("a")], {})
+    warnings = [r for r in caplog.records if "belongs to namespace team-a" in r.getMessage()]
+    assert len(warnings) == 1 and "team-b/x" in warnings[0].getMessage()
+    writer.sync([team_a], [node("a")], {})  # gone: warned again if it comes back
+    caplog.clear()
+    writer.sync([team_a, squatter], [node("a")], {})
+    assert len([r for r in caplog.records if "belongs to namespace team-a" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(
+    "key", ["node-restriction.kubernetes.io/pool", "node-role.kubernetes.io/control-plane", "not a key", "k8s.io/x"]
+)
+def test_a_reserved_or_invalid_key_listed_in_the_annotation_is_never_removed(key):
+    """The keys the controller removes come from the Node's own annotation, which the node's
+    kubelet (root on the node) or another controller may write: a reserved key listed there
+    must not get the controller to remove a label its writer may not touch itself."""
+    nodes = [node("a", **{key: "x"})]
+    assert label_patches([], nodes, EVERYWHERE, {"a": frozenset({key})}) == {}
+    raw = {"metadata": {"annotations": {MANAGED: f"{key},{KEY}"}}}
+    assert managed_keys(raw) == {KEY}
 
 
 def test_managed_keys_read_from_the_annotation():

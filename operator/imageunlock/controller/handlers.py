@@ -33,7 +33,7 @@ from imageunlock import metrics
 from imageunlock.app import logs
 from imageunlock.app.config import ControllerConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
-from imageunlock.controller.readiness import label_patches, managed_keys
+from imageunlock.controller.readiness import foreign_claims, label_patches, managed_keys
 from imageunlock.controller.summary import summarize
 from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
@@ -90,12 +90,14 @@ class LabelWriter:
 
     def __init__(self, kube: KubernetesApi, placement: Placement, may_write: Callable[[], bool] = lambda: True) -> None:
         self.kube, self.placement, self.may_write = kube, placement, may_write
+        self.ignored: set[tuple[str, str, str, str]] = set()  # foreign claims already logged
 
     def sync(
         self, objects: list[Mapping[str, Any]], nodes: list[NodeInfo], managed: Mapping[str, frozenset[str]]
     ) -> int:
         """Patch the Nodes whose labels are not as due; how many were patched. Nothing more
         is written once ``may_write`` says no."""
+        self._warn_foreign(objects)
         written = 0
         for node, patch in label_patches(objects, nodes, self.placement, managed).items():
             if not self.may_write():
@@ -107,6 +109,22 @@ class LabelWriter:
             if self.kube.patch_node_metadata(node, patch, manager=MANAGER):
                 written += 1
         return written
+
+    def _warn_foreign(self, objects: list[Mapping[str, Any]]) -> None:
+        """One WARNING per ImageUnlock that names a key another namespace owns, when it starts
+        to (the controller posts no Events: its RBAC has none)."""
+        claims = set(foreign_claims(objects))
+        for namespace, name, key, owner in sorted(claims - self.ignored):
+            log.warning(
+                "%s/%s: spec.readinessLabel %s is ignored: the key belongs to namespace %s (its oldest "
+                "ImageUnlock naming it); choose a key under a prefix your team owns",
+                namespace,
+                name,
+                key,
+                owner,
+                extra=logs.fields(namespace, name, "ReadinessLabelTaken"),
+            )
+        self.ignored = claims
 
 
 def _log_change(namespace: str, name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
