@@ -115,6 +115,18 @@ def test_valid_selectors_are_accepted(cluster, namespace, case):
 # spec.readinessLabel (issue 20, item 4): case -> (spec fields, what the API server says)
 READINESS_REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "not a label key": ({"readinessLabel": "not a key"}, "spec.readinessLabel: Invalid value"),
+    "an empty DNS label in the prefix": (
+        {"readinessLabel": "team-b..example.com/ready"},
+        "spec.readinessLabel: Invalid value",
+    ),
+    "a DNS label starting with '-'": (
+        {"readinessLabel": "team-b.-x.example.com/ready"},
+        "spec.readinessLabel: Invalid value",
+    ),
+    "a prefix of 254 characters": (
+        {"readinessLabel": f"{'a' * 250}.com/x"},
+        "prefix of spec.readinessLabel (before '/') must be at most 253",
+    ),
     "a reserved prefix": (
         {"readinessLabel": "node.kubernetes.io/images"},
         "must not use a prefix Kubernetes reserves",

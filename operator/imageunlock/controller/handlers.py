@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from imageunlock import metrics
 from imageunlock.app import logs
 from imageunlock.app.config import ControllerConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
-from imageunlock.controller.readiness import label_patches, managed_keys
+from imageunlock.controller.readiness import foreign_claims, label_patches, managed_keys
 from imageunlock.controller.summary import summarize
 from imageunlock.engine.models import Phase
 from imageunlock.errors import UnlockError
@@ -50,6 +51,7 @@ COALESCE = 0.2  # seconds a changed object waits, so a burst of entry writes is 
 # At start-up the readiness labels wait (at most this long) until the watch has delivered
 # every ImageUnlock listed before it: a label is never removed for an object not seen yet.
 SYNC_WAIT = 30.0
+LABEL_BACKOFF_CAP = 60.0  # seconds at most between two patches of a Node whose patch fails
 registry = new_registry()
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -86,27 +88,75 @@ class SummaryWriter:
 
 class LabelWriter:
     """Blocking: brings the readiness labels of every Node where the ImageUnlocks want them
-    (run on a worker thread)."""
+    (run on a worker thread). Each Node on its own: one whose patch fails (the API server
+    refuses it, or is away) is logged and waits out a backoff of its own (``retry_in``), and
+    never holds up the others."""
 
-    def __init__(self, kube: KubernetesApi, placement: Placement, may_write: Callable[[], bool] = lambda: True) -> None:
-        self.kube, self.placement, self.may_write = kube, placement, may_write
+    def __init__(
+        self,
+        kube: KubernetesApi,
+        placement: Placement,
+        may_write: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube, self.placement, self.may_write, self.clock = kube, placement, may_write, clock
+        self.ignored: set[tuple[str, str, str, str]] = set()  # foreign claims already logged
+        self.backoff: dict[str, tuple[int, float]] = {}  # node -> (failures in a row, not before)
 
     def sync(
         self, objects: list[Mapping[str, Any]], nodes: list[NodeInfo], managed: Mapping[str, frozenset[str]]
     ) -> int:
-        """Patch the Nodes whose labels are not as due; how many were patched. Nothing more
-        is written once ``may_write`` says no."""
+        """Patch the Nodes whose labels are not as due (but those still in their backoff); how
+        many were patched. Nothing more is written once ``may_write`` says no."""
+        self._warn_foreign(objects)
+        patches = label_patches(objects, nodes, self.placement, managed)
+        self.backoff = {n: b for n, b in self.backoff.items() if n in patches}  # as due now, or gone
         written = 0
-        for node, patch in label_patches(objects, nodes, self.placement, managed).items():
+        for node, patch in patches.items():
             if not self.may_write():
                 break
+            failures, not_before = self.backoff.get(node, (0, 0.0))
+            if self.clock() < not_before:
+                continue
             labels = patch["metadata"].get("labels") or {}
+            shown = ", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in labels.items())
             if labels:
-                shown = ", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in labels.items())
                 log.info("node %s: readiness label %s", node, shown)
-            if self.kube.patch_node_metadata(node, patch, manager=MANAGER):
-                written += 1
+            try:
+                if self.kube.patch_node_metadata(node, patch, manager=MANAGER):
+                    written += 1
+            except Exception as exc:  # refused (a key the API server rejects), away, or a bug
+                delay = min(LABEL_BACKOFF_CAP, 2.0 ** (failures + 1))
+                self.backoff[node] = (failures + 1, self.clock() + delay)
+                if isinstance(exc, UnlockError):
+                    log.warning("node %s: readiness labels not written: %s; again in %.0fs", node, exc.message, delay)
+                else:
+                    log.exception("node %s: readiness labels failed; again in %.0fs", node, delay)
+            else:
+                self.backoff.pop(node, None)
         return written
+
+    def retry_in(self) -> float | None:
+        """Seconds until the first Node in backoff may be patched again; None: none waits."""
+        if not self.backoff:
+            return None
+        return max(0.0, min(not_before for _, not_before in self.backoff.values()) - self.clock())
+
+    def _warn_foreign(self, objects: list[Mapping[str, Any]]) -> None:
+        """One WARNING per ImageUnlock that names a key another namespace owns, when it starts
+        to (the controller posts no Events: its RBAC has none)."""
+        claims = set(foreign_claims(objects))
+        for namespace, name, key, owner in sorted(claims - self.ignored):
+            log.warning(
+                "%s/%s: spec.readinessLabel %s is ignored: the key belongs to namespace %s (its oldest "
+                "ImageUnlock naming it); choose a key under a prefix your team owns",
+                namespace,
+                name,
+                key,
+                owner,
+                extra=logs.fields(namespace, name, "ReadinessLabelTaken"),
+            )
+        self.ignored = claims
 
 
 def _log_change(namespace: str, name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
@@ -291,9 +341,9 @@ async def _summary_loop(memo: kopf.Memo) -> None:
 
 async def _label_loop(memo: kopf.Memo) -> None:
     """Keep the readiness labels (controller/readiness.py) as due: after any change of an
-    ImageUnlock or a Node's labels, coalesced, on a worker thread; a failed pass is tried
-    again after a backoff. Only the leader writes (a standby's pass is skipped: it runs one
-    when it gains the Lease)."""
+    ImageUnlock or a Node's labels, coalesced, on a worker thread; a Node whose patch failed
+    is tried again after its own backoff (LabelWriter), a failed pass after one. Only the
+    leader writes (a standby's pass is skipped: it runs one when it gains the Lease)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SYNC_WAIT
     while memo.awaited and loop.time() < deadline:
@@ -308,7 +358,9 @@ async def _label_loop(memo: kopf.Memo) -> None:
         try:
             objects, nodes = list(memo.objects.values()), list(memo.nodes.values())
             await asyncio.to_thread(memo.labeller.sync, objects, nodes, dict(memo.managed))
-        except Exception as exc:  # the API server is away, or a bug: again after a backoff
+            if (wait := memo.labeller.retry_in()) is not None:  # nodes whose patch failed
+                loop.call_later(wait, memo.labels_due.set)
+        except Exception as exc:  # a bug: again after a backoff (a Node's failure is its own)
             failures += 1
             delay = min(60.0, 2.0**failures)
             if isinstance(exc, UnlockError):

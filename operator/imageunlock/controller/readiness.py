@@ -7,12 +7,20 @@ therefore never fight over it (one removing what the other set), and the label m
 ImageUnlock behind it is usable here". Any other node does not carry it: not Ready, not
 selected (or an invalid selector, or more than MAX_NODES), the ImageUnlock deleted.
 
+A key belongs to one namespace: that of the oldest ImageUnlock naming it (creationTimestamp,
+ties by namespace name; no state kept, every replica finds the same owner). The ImageUnlocks
+of any other namespace naming it are ignored for the label (``foreign_claims`` names them, the
+controller logs them): otherwise a tenant could strip another tenant's label from every node
+with an object that is never Ready, or set it where the owner's images are not.
+
 Keys the controller set are listed on the Node in the annotation MANAGED, so a key whose
 ImageUnlock was deleted while no controller ran (there is no finalizer: deletion stays
 instant) is still found and removed at start-up. A label the controller did not set is never
 overwritten nor removed (whoever may create an ImageUnlock names the key: it must not be able
 to strip or rewrite the labels other workloads select nodes by); such a node just does not
-get the readiness label until that label is gone.
+get the readiness label until that label is gone. Nor does a key in MANAGED that is no valid
+readiness key (reserved, say): whoever can write the annotation (a node's kubelet, another
+controller) must not get the controller to remove a label it may not touch itself.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageunlock.controller.summary import fleet
-from imageunlock.kube.labels import readiness_problems
+from imageunlock.kube.labels import readiness_key_problem, readiness_problems
 from imageunlock.kube.nodes import NodeInfo, Placement
 
 MANAGED = "loader.azaion.com/readiness-labels"  # the keys this operator set on the Node, comma-separated
@@ -46,17 +54,57 @@ def selector_keys(spec: Mapping[str, Any]) -> set[str]:
     return keys
 
 
+def usable_key(body: Mapping[str, Any]) -> str | None:
+    """The readiness key an ImageUnlock names, if this operator may write it; else None."""
+    spec = body.get("spec") or {}
+    key = spec.get("readinessLabel")
+    if not key:
+        return None
+    problems = readiness_problems(key, spec.get("version"), selector_keys(spec))
+    if any("readinessLabel" in p for p in problems):
+        return None  # not a key this operator may write: nothing to set or remove for it
+    return str(key)
+
+
+def _meta(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = body.get("metadata") or {}
+    return str(meta.get("creationTimestamp") or ""), str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def key_owners(objects: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Per key, the namespace it belongs to: that of the oldest ImageUnlock naming it
+    (creationTimestamp, RFC 3339 in UTC as the API server writes it, so it sorts as text;
+    ties by namespace name)."""
+    oldest: dict[str, tuple[str, str]] = {}
+    for body in objects:
+        if (key := usable_key(body)) is not None:
+            created, namespace, _ = _meta(body)
+            oldest[key] = min(oldest.get(key, (created, namespace)), (created, namespace))
+    return {key: namespace for key, (_, namespace) in oldest.items()}
+
+
+def foreign_claims(objects: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """The ImageUnlocks ignored for the label, as (namespace, name, key, owning namespace):
+    they name a key that belongs to another namespace."""
+    objects = list(objects)
+    owners = key_owners(objects)
+    found = []
+    for body in objects:
+        if (key := usable_key(body)) is not None and (owner := owners[key]) != (namespace := _meta(body)[1]):
+            found.append((namespace, _meta(body)[2], key, owner))
+    return sorted(found)
+
+
 def readiness(body: Mapping[str, Any], nodes: Sequence[NodeInfo], placement: Placement) -> Readiness | None:
     """What one ImageUnlock wants of its readiness label; None without one. An unusable key
     sets nothing; a version that is no valid label value (which the CRD refuses) leaves the
     key off every node it selects."""
-    spec = body.get("spec") or {}
-    key, version = spec.get("readinessLabel"), spec.get("version")
-    if not key:
+    key = usable_key(body)
+    if key is None:
         return None
+    spec = body.get("spec") or {}
+    version = spec.get("version")
     problems = readiness_problems(key, version, selector_keys(spec))
-    if problems and any("readinessLabel" in p for p in problems):
-        return None  # not a key this operator may write: nothing to set or remove for it
     f = fleet(body, nodes, placement, now="")
     value = None if problems else str(version)
     ready = set(f.ready)
@@ -66,12 +114,15 @@ def readiness(body: Mapping[str, Any], nodes: Sequence[NodeInfo], placement: Pla
 def desired_labels(
     objects: Iterable[Mapping[str, Any]], nodes: Sequence[NodeInfo], placement: Placement
 ) -> tuple[set[str], dict[str, dict[str, str]]]:
-    """The keys the ImageUnlocks name, and per node the readiness labels it should carry."""
+    """The keys the ImageUnlocks name, and per node the readiness labels it should carry. Only
+    the ImageUnlocks of the namespace a key belongs to (``key_owners``) decide its label."""
+    objects = list(objects)
+    owners = key_owners(objects)
     keys: set[str] = set()
     wants: dict[tuple[str, str], set[str | None]] = {}
     for body in objects:
         found = readiness(body, nodes, placement)
-        if found is None:
+        if found is None or owners[found.key] != _meta(body)[1]:
             continue
         keys.add(found.key)
         for node, value in found.wants.items():
@@ -84,9 +135,17 @@ def desired_labels(
 
 
 def managed_keys(raw: Mapping[str, Any]) -> frozenset[str]:
-    """The keys the annotation MANAGED of a Node object lists."""
+    """The keys the annotation MANAGED of a Node object lists, but only those a readiness label
+    may have (``trusted_keys``)."""
     annotations = (raw.get("metadata") or {}).get("annotations") or {}
-    return frozenset(k for k in str(annotations.get(MANAGED) or "").split(",") if k)
+    return trusted_keys(str(annotations.get(MANAGED) or "").split(","))
+
+
+def trusted_keys(keys: Iterable[str]) -> frozenset[str]:
+    """The keys of MANAGED the controller may touch: never an invalid or reserved one. The
+    annotation is on the Node, so whoever can write it (the node's kubelet, another controller)
+    could otherwise list ``node-role.kubernetes.io/...`` and have the controller remove it."""
+    return frozenset(k for k in keys if k and readiness_key_problem(k) is None)
 
 
 def label_patches(
@@ -102,7 +161,7 @@ def label_patches(
     patches: dict[str, dict[str, Any]] = {}
     for node in nodes:
         due = desired.get(node.name, {})
-        mine = managed.get(node.name, frozenset())
+        mine = trusted_keys(managed.get(node.name, frozenset()))
         ours = {k for k in keys | mine if k in mine or k not in node.labels}  # never someone else's label
         labels = {k: due.get(k) for k in sorted(ours) if node.labels.get(k) != due.get(k)}
         now_managed = ",".join(sorted(k for k in due if k in ours)) or None

@@ -11,17 +11,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# A label key: optional DNS-subdomain prefix, then a name (Kubernetes' qualified name).
-_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_KEY = rf"^(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$"
-LABEL_VALUE = rf"^(?:{_NAME})?$"
+# A label key: optional DNS-1123 subdomain prefix (labels of [a-z0-9-], neither starting nor
+# ending with '-', joined by single dots; at most MAX_PREFIX characters, checked apart), then
+# a name (Kubernetes' qualified name). Anything looser is refused by the API server (HTTP 422)
+# when the controller patches a Node. Plain groups: the CRD's pattern for spec.readinessLabel
+# is this very string (tests hold them equal).
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+LABEL_KEY = rf"^({_DNS_LABEL}([.]{_DNS_LABEL})*/)?{_NAME}$"
+LABEL_VALUE = rf"^({_NAME})?$"
+MAX_PREFIX = 253
+MAX_KEY = MAX_PREFIX + 1 + 63
 # Prefixes Kubernetes reserves for its own components (kubelet's hostname, topology, roles):
 # a readiness label there would remove a label the cluster depends on from every node.
 RESERVED = re.compile(r"^(?:[^/]*\.)?(?:kubernetes\.io|k8s\.io)/")
 
 
 def is_label_key(key: object) -> bool:
-    return isinstance(key, str) and re.fullmatch(LABEL_KEY, key) is not None
+    return (
+        isinstance(key, str)
+        and len(key) <= MAX_KEY
+        and len(key.rpartition("/")[0]) <= MAX_PREFIX
+        and re.fullmatch(LABEL_KEY, key) is not None
+    )
 
 
 def is_label_value(value: object) -> bool:

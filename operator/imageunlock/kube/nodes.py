@@ -20,7 +20,7 @@ from typing import Any
 from imageunlock.engine.models import Phase
 from imageunlock.engine.runtimes import runtime_of
 from imageunlock.errors import ConfigurationError
-from imageunlock.kube.labels import LABEL_KEY, LABEL_VALUE
+from imageunlock.kube.labels import LABEL_VALUE, is_label_key
 from imageunlock.kube.models import Image, NodeEntry
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -62,7 +62,7 @@ def parse_selector(raw: object, path: str = "spec.nodeSelector") -> LabelSelecto
     requirements: list[Requirement] = []
 
     def key_ok(where: str, key: object) -> bool:
-        if isinstance(key, str) and re.fullmatch(LABEL_KEY, key):
+        if is_label_key(key):
             return True
         problems.append(f"{where} {key!r} is not a valid label key")
         return False
