@@ -68,6 +68,8 @@ def test_an_upgrade_unpins_the_old_version_after_the_new_is_ready_and_a_delete_r
     assert messages(cluster, namespace, "images") == [
         f"node node-1: unpinned {len(archives.refs)} image(s) of {archives.version}"
     ]
+    # the Event is posted before the entry is written: wait for the entry too
+    wait_for(lambda: "reclaimed" in cluster.status(namespace, "images")["nodes"][0], 30, "status.nodes[].reclaimed")
     [entry] = cluster.status(namespace, "images")["nodes"]
     reclaimed = entry["reclaimed"]
     assert (reclaimed["policy"], reclaimed["version"]) == ("Unpin", archives.version)
@@ -101,6 +103,7 @@ def test_delete_removes_the_old_version_but_an_image_a_container_uses_and_a_miss
         assert {normalize_ref(ref) for ref in archives_v2.refs} <= set(held)
         [message] = messages(cluster, namespace, "images")
         assert message.startswith(f"node node-1: removed {len(unused)} image(s) of {archives.version}; kept 1")
+        wait_for(lambda: "reclaimed" in cluster.status(namespace, "images")["nodes"][0], 30, "the entry's reclaimed")
         [entry] = cluster.status(namespace, "images")["nodes"]
         assert entry["reclaimed"]["kept"] == [normalize_ref(used)]
     finally:
