@@ -57,6 +57,23 @@ class FakeSecrets:
         self.wanted = set(wanted)
 
 
+class FakeReconciler:
+    """The Reconciler as far as the handlers go: parse, and the kept keys each revocation drops."""
+
+    def __init__(self) -> None:
+        self.released: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.secrets_changed: list[tuple[str, str]] = []
+
+    def parse(self, body: dict[str, Any]) -> SimpleNamespace:
+        return parse(body)
+
+    def release_keys(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
+        self.released.append((namespace, name, body))
+
+    def secret_changed(self, namespace: str, secret: str) -> None:
+        self.secrets_changed.append((namespace, secret))
+
+
 def parse(body: dict[str, Any]) -> SimpleNamespace:
     """Reconciler.parse, as far as the Secret goes: the name under spec.resourceApi."""
     ref = ((body.get("spec") or {}).get("resourceApi") or {}).get("credentialsSecretRef") or {}
@@ -92,7 +109,7 @@ def memo_with(labels: dict[str, str] | None = None) -> SimpleNamespace:
         kube=kube,
         agent=NodeAgent(kube, NODE, "docker"),
         resync=FakeResync(),
-        reconciler=SimpleNamespace(parse=parse),
+        reconciler=FakeReconciler(),
         secrets=FakeSecrets(),
         secret_of={},
         objects={},
@@ -162,6 +179,13 @@ def test_a_deleted_object_is_dropped_and_its_step_forgets_its_schedule():
     assert KEY not in memo.objects and memo.resync.forgotten == []  # not while a step of it may run
     handle(memo)
     assert memo.resync.forgotten == [KEY] and memo.resync.steps == []
+    assert memo.reconciler.released == [(*KEY, None)]  # its kept keys went with it
+
+
+def test_an_object_that_no_longer_selects_this_node_releases_its_kept_keys():
+    memo = memo_with({"role": "spare"})
+    handlers._step(memo, KEY, raw("Ready", selector={"matchLabels": {"role": "edge"}}))
+    assert memo.reconciler.released == [(*KEY, None)]
 
 
 def test_the_condition_gauge_follows_this_nodes_entry_and_has_none_without_one():
@@ -210,6 +234,7 @@ def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queue
         memo.queue.done(drained)
     handlers._secret_changed(memo, ("ns", "creds"))
     assert memo.resync.poked == [KEY] and memo.queue.ready() == KEY
+    assert memo.reconciler.secrets_changed == [("ns", "creds")]  # the keys fetched with it: revoked
     track(memo, "DELETED", named)
     assert memo.secrets.wanted == {("other", "creds")}
 

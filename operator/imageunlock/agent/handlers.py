@@ -235,7 +235,9 @@ def _follow_secrets(memo: Any) -> None:
 
 
 def _secret_changed(memo: Any, secret: SecretKey) -> None:
-    """A followed Secret was created, changed or deleted: its ImageUnlocks are looked at now."""
+    """A followed Secret was created, changed or deleted: the keys fetched with it are dropped
+    (a rotation revokes them now) and its ImageUnlocks are looked at now."""
+    memo.reconciler.secret_changed(*secret)
     for key, named in list(memo.secret_of.items()):
         if named == secret:
             memo.resync.poke(key)
@@ -302,6 +304,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     resync: Resync = memo.resync
     reclaimer: Reclaimer | None = getattr(memo, "reclaimer", None)
     if body is None:
+        memo.reconciler.release_keys(*key, None)  # its kept keys go with it, now
         if reclaimer is not None and key in memo.deleted:  # its images here (no finalizer: deletion is instant)
             reclaimer.deleted(*key, memo.deleted[key])
             memo.deleted.pop(key, None)
@@ -315,6 +318,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     if selected is None:
         return None  # this node was never read: nothing is known, nothing is removed
     if not selected:
+        memo.reconciler.release_keys(*key, None)  # not this node's any more: nor are its keys
         if agent.has_entry(key, body):
             log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
             agent.leave(*key)
