@@ -63,6 +63,7 @@ class FakeReconciler:
     def __init__(self) -> None:
         self.released: list[tuple[str, str, dict[str, Any] | None]] = []
         self.secrets_changed: list[tuple[str, str]] = []
+        self.kept: set[tuple[str, str]] = set()  # Secrets a kept key was fetched with
 
     def parse(self, body: dict[str, Any]) -> SimpleNamespace:
         return parse(body)
@@ -72,6 +73,9 @@ class FakeReconciler:
 
     def secret_changed(self, namespace: str, secret: str) -> None:
         self.secrets_changed.append((namespace, secret))
+
+    def keeps_keys(self, namespace: str, secret: str) -> bool:
+        return (namespace, secret) in self.kept
 
 
 def parse(body: dict[str, Any]) -> SimpleNamespace:
@@ -90,8 +94,11 @@ class Clock:
         return self.now
 
 
-def raw(phase: str | None = None, selector: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
-    status = {"nodes": [{"name": NODE, "phase": phase, "observedGeneration": 1}]} if phase else {}
+def raw(
+    phase: str | None = None, selector: dict[str, Any] | None = None, reason: str | None = None, **meta: Any
+) -> dict[str, Any]:
+    entry = {"name": NODE, "phase": phase, "observedGeneration": 1, **({"reason": reason} if reason else {})}
+    status = {"nodes": [entry]} if phase else {}
     return {
         "apiVersion": "loader.azaion.com/v1alpha1",
         "kind": "ImageUnlock",
@@ -217,7 +224,7 @@ def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queue
     memo.agent.observe(memo.kube.nodes[NODE])  # the Node's watch reported: selection is known
 
     def naming(secret: str, namespace: str = KEY[0], name: str = KEY[1], **spec: Any) -> dict[str, Any]:
-        body = raw("Failed", **spec)
+        body = raw("Failed", reason="AuthenticationFailed", **spec)
         body["metadata"].update(namespace=namespace, name=name)
         body["spec"]["resourceApi"] = {"credentialsSecretRef": {"name": secret}}
         return body
@@ -237,6 +244,33 @@ def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queue
     assert memo.reconciler.secrets_changed == [("ns", "creds")]  # the keys fetched with it: revoked
     track(memo, "DELETED", named)
     assert memo.secrets.wanted == {("other", "creds")}
+
+
+def test_only_secrets_an_object_waits_for_or_a_kept_key_came_from_are_followed():
+    """A watch (a thread, and a watch on the API server) per Secret named by any object was
+    unbounded; a Ready object needs none, nor one not yet tried (its first step reads the
+    Secret). Stalled or retrying on credentials or a missing Secret: followed. Ready with a key
+    kept from its Secret: followed, so a rotation revokes the key at once."""
+    memo = memo_with()
+    memo.agent.observe(memo.kube.nodes[NODE])
+
+    def body(name: str, phase: str | None, reason: str | None = None) -> dict[str, Any]:
+        b = raw(phase, reason=reason, name=name)
+        b["spec"]["resourceApi"] = {"credentialsSecretRef": {"name": f"creds-{name}"}}
+        return b
+
+    track(memo, "ADDED", body("ready", "Ready"))
+    track(memo, "ADDED", body("new", None))
+    track(memo, "ADDED", body("busy", "Failed", "ArchiveBusy"))  # retrying on something else
+    assert memo.secrets.wanted == set()
+    track(memo, "ADDED", body("missing", "Failed", "InvalidConfiguration"))  # e.g. the Secret is missing
+    track(memo, "ADDED", body("refused", "Failed", "AuthenticationFailed"))
+    assert memo.secrets.wanted == {("ns", "creds-missing"), ("ns", "creds-refused")}
+    track(memo, "MODIFIED", body("missing", "Ready"))  # fixed: no longer followed
+    assert memo.secrets.wanted == {("ns", "creds-refused")}
+    memo.reconciler.kept.add(("ns", "creds-ready"))
+    handlers._refresh_secrets(memo)
+    assert memo.secrets.wanted == {("ns", "creds-refused"), ("ns", "creds-ready")}
 
 
 def test_deleting_an_unknown_object_is_harmless():

@@ -244,6 +244,11 @@ class Reconciler:
         if dropped := self.key_cache.drop(secret_tag(namespace, secret)):
             log.info("Secret %s/%s changed: %d kept key(s) dropped", namespace, secret, dropped)
 
+    def keeps_keys(self, namespace: str, secret: str) -> bool:
+        """Whether a key fetched with Secret ``namespace/secret`` is kept (its watch then
+        revokes it at once when the Secret changes)."""
+        return self.key_cache.holds(secret_tag(namespace, secret))
+
     def _cache_binding(self, spec: UnlockSpec, namespace: str, secret: str) -> Callable[[], tuple[Any, ...] | None]:
         """What a kept key is good for: this key source and Secret at its current
         resourceVersion (None while there is no Secret: deleting it revokes the key), and
