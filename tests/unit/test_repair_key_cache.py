@@ -4,6 +4,7 @@ repair while the resource API is down then needs no request. Injected clock, no 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -219,3 +220,24 @@ def test_a_spec_that_still_caches_keeps_its_key(world):
     assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
     world.reconciler.release_keys(NS, NAME, world.body(keyCacheSeconds=3600))
     assert len(world.reconciler.key_cache) == 1
+
+
+def test_a_dumpable_agent_keeps_no_key_and_says_why_once(world, caplog):
+    """Where the process could not be made non-dumpable (app/hardening.py), a kept key would be
+    readable from a core dump or by any process of the agent's user: keyCacheSeconds is then
+    refused — the key is fetched per unlock — and that is said once at WARNING."""
+    world.reconciler.may_cache_keys = False
+    with caplog.at_level(logging.WARNING, logger="imageunlock.agent.reconciler"):
+        assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+        world.runtime._images.clear()
+        assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    assert len(world.reconciler.key_cache) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "non-dumpable" in warnings[0]
+
+
+def test_the_agent_caches_keys_only_when_hardening_succeeded(monkeypatch):
+    from imageunlock.app import hardening
+
+    monkeypatch.setattr(hardening.sys, "platform", "darwin")
+    assert hardening.non_dumpable() is False and hardening.protected() is False

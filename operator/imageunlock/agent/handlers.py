@@ -107,6 +107,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         others=lambda: list(memo.objects.values()),
         disk_pressure=memo.agent.disk_pressure,
         reclaimer=memo.reclaimer,
+        may_cache_keys=hardening.protected(),  # a dumpable process keeps no key (run() tried)
     )
     memo.resync = Resync(memo.reconciler)
     # The credentials Secret each known ImageUnlock waits for (or holds a kept key of), and a

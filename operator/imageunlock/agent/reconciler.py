@@ -134,8 +134,13 @@ class Reconciler:
         disk_pressure: Callable[[], bool] = lambda: False,
         reclaimer: Reclaimer | None = None,
         jitter: Callable[[int, float, float], float] | None = None,
+        may_cache_keys: bool = True,
     ) -> None:
         self.settings = settings
+        # False when the process could not be made non-dumpable (app/hardening.py): no key is
+        # kept in memory then, whatever spec.keyCacheSeconds says (the node fetches per unlock).
+        self.may_cache_keys = may_cache_keys
+        self._said_no_cache = False
         self.disk_pressure = disk_pressure  # the Node's DiskPressure condition is True (agent/node.py)
         self.reclaimer = reclaimer  # gives back earlier versions' images once Ready (agent/reclaim.py)
         # A transient fault's retry delay for (attempt, base, cap): full jitter, so nodes that
@@ -194,7 +199,14 @@ class Reconciler:
                 version=lambda: self.kube.secret_version(namespace, secret),
                 refused=refused or (lambda _version: None),
             )
-            if spec.key_cache_seconds > 0:
+            if spec.key_cache_seconds > 0 and not self.may_cache_keys:
+                if not self._said_no_cache:
+                    self._said_no_cache = True
+                    log.warning(
+                        "spec.keyCacheSeconds is not honoured on this node: the agent process could not be "
+                        "made non-dumpable, so no key is kept in memory; keys are fetched for every unlock"
+                    )
+            elif spec.key_cache_seconds > 0:
                 name = str((body.get("metadata") or {}).get("name") or "")
                 keys = CachingKeySource(
                     keys,
