@@ -1152,3 +1152,17 @@ def test_controller_high_availability_values():
     )
     off = rendered_objects({"controller": {"enabled": False}})
     assert find(off, "PodDisruptionBudget") == [] and find(off, "Role") == []
+
+
+def test_secret_watch_can_be_turned_off_to_grant_get_only():
+    """list/watch on Secrets return their data to a client that does not ask for metadata
+    only: where bound, a compromised agent could stream every Secret there. rbac.secretWatch
+    false keeps the role to get (a fixed Secret is then re-checked at the verify interval)."""
+
+    def verbs(values: dict[str, Any] | None) -> list[str]:
+        [role] = [r for r in find(rendered_objects(values), "ClusterRole") if r["metadata"]["name"] == SECRETS_ROLE]
+        [rule] = [r for r in role["rules"] if "secrets" in r["resources"]]
+        return list(rule["verbs"])
+
+    assert verbs(None) == ["get", "list", "watch"]
+    assert verbs({"rbac": {"secretWatch": False}}) == ["get"]

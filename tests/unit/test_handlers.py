@@ -57,6 +57,27 @@ class FakeSecrets:
         self.wanted = set(wanted)
 
 
+class FakeReconciler:
+    """The Reconciler as far as the handlers go: parse, and the kept keys each revocation drops."""
+
+    def __init__(self) -> None:
+        self.released: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.secrets_changed: list[tuple[str, str]] = []
+        self.kept: set[tuple[str, str]] = set()  # Secrets a kept key was fetched with
+
+    def parse(self, body: dict[str, Any]) -> SimpleNamespace:
+        return parse(body)
+
+    def release_keys(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
+        self.released.append((namespace, name, body))
+
+    def secret_changed(self, namespace: str, secret: str) -> None:
+        self.secrets_changed.append((namespace, secret))
+
+    def keeps_keys(self, namespace: str, secret: str) -> bool:
+        return (namespace, secret) in self.kept
+
+
 def parse(body: dict[str, Any]) -> SimpleNamespace:
     """Reconciler.parse, as far as the Secret goes: the name under spec.resourceApi."""
     ref = ((body.get("spec") or {}).get("resourceApi") or {}).get("credentialsSecretRef") or {}
@@ -73,8 +94,11 @@ class Clock:
         return self.now
 
 
-def raw(phase: str | None = None, selector: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
-    status = {"nodes": [{"name": NODE, "phase": phase, "observedGeneration": 1}]} if phase else {}
+def raw(
+    phase: str | None = None, selector: dict[str, Any] | None = None, reason: str | None = None, **meta: Any
+) -> dict[str, Any]:
+    entry = {"name": NODE, "phase": phase, "observedGeneration": 1, **({"reason": reason} if reason else {})}
+    status = {"nodes": [entry]} if phase else {}
     return {
         "apiVersion": "loader.azaion.com/v1alpha1",
         "kind": "ImageUnlock",
@@ -92,7 +116,7 @@ def memo_with(labels: dict[str, str] | None = None) -> SimpleNamespace:
         kube=kube,
         agent=NodeAgent(kube, NODE, "docker"),
         resync=FakeResync(),
-        reconciler=SimpleNamespace(parse=parse),
+        reconciler=FakeReconciler(),
         secrets=FakeSecrets(),
         secret_of={},
         objects={},
@@ -162,6 +186,13 @@ def test_a_deleted_object_is_dropped_and_its_step_forgets_its_schedule():
     assert KEY not in memo.objects and memo.resync.forgotten == []  # not while a step of it may run
     handle(memo)
     assert memo.resync.forgotten == [KEY] and memo.resync.steps == []
+    assert memo.reconciler.released == [(*KEY, None)]  # its kept keys went with it
+
+
+def test_an_object_that_no_longer_selects_this_node_releases_its_kept_keys():
+    memo = memo_with({"role": "spare"})
+    handlers._step(memo, KEY, raw("Ready", selector={"matchLabels": {"role": "edge"}}))
+    assert memo.reconciler.released == [(*KEY, None)]
 
 
 def test_the_condition_gauge_follows_this_nodes_entry_and_has_none_without_one():
@@ -193,7 +224,7 @@ def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queue
     memo.agent.observe(memo.kube.nodes[NODE])  # the Node's watch reported: selection is known
 
     def naming(secret: str, namespace: str = KEY[0], name: str = KEY[1], **spec: Any) -> dict[str, Any]:
-        body = raw("Failed", **spec)
+        body = raw("Failed", reason="AuthenticationFailed", **spec)
         body["metadata"].update(namespace=namespace, name=name)
         body["spec"]["resourceApi"] = {"credentialsSecretRef": {"name": secret}}
         return body
@@ -210,8 +241,36 @@ def test_the_secrets_of_objects_this_node_serves_are_followed_and_a_change_queue
         memo.queue.done(drained)
     handlers._secret_changed(memo, ("ns", "creds"))
     assert memo.resync.poked == [KEY] and memo.queue.ready() == KEY
+    assert memo.reconciler.secrets_changed == [("ns", "creds")]  # the keys fetched with it: revoked
     track(memo, "DELETED", named)
     assert memo.secrets.wanted == {("other", "creds")}
+
+
+def test_only_secrets_an_object_waits_for_or_a_kept_key_came_from_are_followed():
+    """A watch (a thread, and a watch on the API server) per Secret named by any object was
+    unbounded; a Ready object needs none, nor one not yet tried (its first step reads the
+    Secret). Stalled or retrying on credentials or a missing Secret: followed. Ready with a key
+    kept from its Secret: followed, so a rotation revokes the key at once."""
+    memo = memo_with()
+    memo.agent.observe(memo.kube.nodes[NODE])
+
+    def body(name: str, phase: str | None, reason: str | None = None) -> dict[str, Any]:
+        b = raw(phase, reason=reason, name=name)
+        b["spec"]["resourceApi"] = {"credentialsSecretRef": {"name": f"creds-{name}"}}
+        return b
+
+    track(memo, "ADDED", body("ready", "Ready"))
+    track(memo, "ADDED", body("new", None))
+    track(memo, "ADDED", body("busy", "Failed", "ArchiveBusy"))  # retrying on something else
+    assert memo.secrets.wanted == set()
+    track(memo, "ADDED", body("missing", "Failed", "InvalidConfiguration"))  # e.g. the Secret is missing
+    track(memo, "ADDED", body("refused", "Failed", "AuthenticationFailed"))
+    assert memo.secrets.wanted == {("ns", "creds-missing"), ("ns", "creds-refused")}
+    track(memo, "MODIFIED", body("missing", "Ready"))  # fixed: no longer followed
+    assert memo.secrets.wanted == {("ns", "creds-refused")}
+    memo.reconciler.kept.add(("ns", "creds-ready"))
+    handlers._refresh_secrets(memo)
+    assert memo.secrets.wanted == {("ns", "creds-refused"), ("ns", "creds-ready")}
 
 
 def test_deleting_an_unknown_object_is_harmless():

@@ -4,6 +4,7 @@ repair while the resource API is down then needs no request. Injected clock, no 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from imageunlock.errors import ApiUnavailableError, RuntimeUnavailableError
 
 from ..support.fakes import FakeKeyClient
 from . import test_reconciler
-from .test_reconciler import FRAGMENT, NS
+from .test_reconciler import FRAGMENT, NAME, NS
 
 KEY = b"Z" * 32
 world = test_reconciler.world  # the reconciler tests' fixture: an archive, fakes, a Reconciler
@@ -156,3 +157,87 @@ def test_the_agent_process_is_made_non_dumpable():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "0"
+
+
+# -- revocation: a kept key goes when what it was kept for goes, not at the end of its window --
+
+
+def test_dropping_a_tag_overwrites_every_key_it_tags_and_only_those():
+    cache = KeyCache(Clock())
+    cache.used("a", KEY, ttl=3600, tags=("owner-1", "secret-x"))
+    cache.used("b", KEY, ttl=3600, tags=("owner-2", "secret-x"))
+    cache.used("c", KEY, ttl=3600, tags=("owner-3", "secret-y"))
+    kept = {b: e.key for b, e in cache._entries.items()}
+    assert cache.holds("secret-x") and cache.drop("secret-x") == 2
+    assert kept["a"] == bytearray(32) and kept["b"] == bytearray(32)  # overwritten, as expiry does
+    assert cache.get("c") == KEY and not cache.holds("secret-x")
+    assert cache.drop("owner-3") == 1 and len(cache) == 0
+
+
+def _kept_bytes(world) -> bytearray:
+    [entry] = world.reconciler.key_cache._entries.values()
+    return entry.key
+
+
+def test_a_spec_edited_to_key_cache_seconds_0_drops_the_kept_key_at_once(world):
+    """Not at the end of the old window (up to 30 days): the next step of the object."""
+    assert world.reconcile(keyCacheSeconds=30 * 24 * 3600).verdict is Verdict.READY
+    kept = _kept_bytes(world)
+    world.reconcile(keyCacheSeconds=0)
+    assert len(world.reconciler.key_cache) == 0 and kept == bytearray(len(kept))
+
+
+def test_a_spec_that_no_longer_names_key_cache_seconds_drops_the_kept_key(world):
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    world.kube.secret_versions[(NS, "creds")] = "rotated"  # and the credentials were rotated
+    world.key = FakeKeyClient(FRAGMENT)
+    world.runtime._images.clear()
+    assert world.reconcile().verdict is Verdict.READY
+    assert len(world.reconciler.key_cache) == 0
+
+
+def test_a_rotated_or_deleted_secret_drops_the_keys_fetched_with_it(world):
+    """The Secret watch's report (agent/handlers.py _secret_changed) revokes at once; a key
+    fetched with another Secret stays."""
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    kept = _kept_bytes(world)
+    world.reconciler.key_cache.used("elsewhere", KEY, ttl=3600, tags=(("secret", NS, "other-creds"),))
+    world.reconciler.secret_changed(NS, "creds")
+    assert len(world.reconciler.key_cache) == 1 and kept == bytearray(len(kept))
+    assert world.reconciler.key_cache.get("elsewhere") == KEY
+
+
+def test_deleting_the_imageunlock_drops_its_kept_keys(world):
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    kept = _kept_bytes(world)
+    world.reconciler.release_keys(NS, "another-object", None)  # someone else's deletion: no effect
+    assert len(world.reconciler.key_cache) == 1
+    world.reconciler.release_keys(NS, NAME, None)
+    assert len(world.reconciler.key_cache) == 0 and kept == bytearray(len(kept))
+
+
+def test_a_spec_that_still_caches_keeps_its_key(world):
+    assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    world.reconciler.release_keys(NS, NAME, world.body(keyCacheSeconds=3600))
+    assert len(world.reconciler.key_cache) == 1
+
+
+def test_a_dumpable_agent_keeps_no_key_and_says_why_once(world, caplog):
+    """Where the process could not be made non-dumpable (app/hardening.py), a kept key would be
+    readable from a core dump or by any process of the agent's user: keyCacheSeconds is then
+    refused — the key is fetched per unlock — and that is said once at WARNING."""
+    world.reconciler.may_cache_keys = False
+    with caplog.at_level(logging.WARNING, logger="imageunlock.agent.reconciler"):
+        assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+        world.runtime._images.clear()
+        assert world.reconcile(keyCacheSeconds=3600).verdict is Verdict.READY
+    assert len(world.reconciler.key_cache) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "non-dumpable" in warnings[0]
+
+
+def test_the_agent_caches_keys_only_when_hardening_succeeded(monkeypatch):
+    from imageunlock.app import hardening
+
+    monkeypatch.setattr(hardening.sys, "platform", "darwin")
+    assert hardening.non_dumpable() is False and hardening.protected() is False

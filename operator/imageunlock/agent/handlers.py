@@ -30,7 +30,7 @@ from imageunlock.agent.node import NodeAgent, counted, resolve_runtime
 from imageunlock.agent.reclaim import Reclaimer
 from imageunlock.agent.reconciler import Reconciler
 from imageunlock.agent.resync import Resync
-from imageunlock.agent.secrets import SecretKey, SecretWatches
+from imageunlock.agent.secrets import SecretKey, SecretWatches, waits_for_secret
 from imageunlock.app import hardening
 from imageunlock.app.config import AgentConfig
 from imageunlock.app.kopfrun import new_registry, read_config, serve, tune
@@ -113,16 +113,21 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         others=lambda: list(memo.objects.values()),
         disk_pressure=memo.agent.disk_pressure,
         reclaimer=memo.reclaimer,
+        may_cache_keys=hardening.protected(),  # a dumpable process keeps no key (run() tried)
     )
     memo.resync = Resync(memo.reconciler)
-    # The credentials Secret each known ImageUnlock names, and a metadata-only watch on each
-    # one this node serves: a created or changed Secret re-checks its ImageUnlocks at once.
+    # The credentials Secret each known ImageUnlock waits for (or holds a kept key of), and a
+    # metadata-only watch on each (at most MAX_WATCHES): a created or changed Secret re-checks
+    # its ImageUnlocks at once, and revokes the keys kept from it.
     memo.secret_of = {}
 
     def secret_changed(secret: SecretKey) -> None:
         loop.call_soon_threadsafe(_secret_changed, memo, secret)
 
-    memo.secrets = SecretWatches(memo.kube.follow_secret, secret_changed)
+    def secret_began(secret: SecretKey) -> None:
+        loop.call_soon_threadsafe(_look_at, memo, secret)
+
+    memo.secrets = SecretWatches(memo.kube.follow_secret, secret_changed, began=secret_began)
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
@@ -220,11 +225,15 @@ def _all_changed(memo: Any) -> None:
 
 
 def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
-    """The credentials Secret an ImageUnlock names, in its own namespace (the only one its
-    credentials may come from), if this node serves it (None: it names none, its spec does
-    not parse, or it does not select this node). Before the Node's watch has reported,
-    selection is unknown and every object counts (reading the Node here would block the
-    event loop); that report recomputes every object's (_all_changed)."""
+    """The credentials Secret to follow for an ImageUnlock, in its own namespace (the only one
+    its credentials may come from): only if this node serves it and either its entry here
+    waits for the Secret (Stalled or retrying on credentials or a missing Secret) or a key
+    fetched with it is kept (its change must revoke the key at once). None otherwise: it names
+    none, its spec does not parse, it does not select this node, or it is Ready (or not yet
+    tried: its first step reads the Secret, and a failure there is reported in its status,
+    whose event recomputes this). Before the Node's watch has reported, selection is unknown
+    and every object counts (reading the Node here would block the event loop); that report
+    recomputes every object's (_all_changed)."""
     agent: NodeAgent = memo.agent
     if agent.watched and agent.selected(body) is False:
         return None
@@ -232,7 +241,19 @@ def _secret_of(memo: Any, body: dict[str, Any]) -> SecretKey | None:
         name = memo.reconciler.parse(body).key_source.secret_name
     except UnlockError:
         return None
-    return (str(body["metadata"].get("namespace") or ""), name) if name else None
+    if not name:
+        return None
+    namespace = str(body["metadata"].get("namespace") or "")
+    if waits_for_secret(agent.entry(body)) or memo.reconciler.keeps_keys(namespace, name):
+        return (namespace, name)
+    return None
+
+
+def _refresh_secrets(memo: Any) -> None:
+    """Recompute which Secrets are followed (a kept key expired, say), queueing nothing."""
+    for key, body in list(memo.objects.items()):
+        memo.secret_of[key] = _secret_of(memo, body)
+    _follow_secrets(memo)
 
 
 def _follow_secrets(memo: Any) -> None:
@@ -241,7 +262,14 @@ def _follow_secrets(memo: Any) -> None:
 
 
 def _secret_changed(memo: Any, secret: SecretKey) -> None:
-    """A followed Secret was created, changed or deleted: its ImageUnlocks are looked at now."""
+    """A followed Secret was created, changed or deleted: the keys fetched with it are dropped
+    (a rotation revokes them now) and its ImageUnlocks are looked at now."""
+    memo.reconciler.secret_changed(*secret)
+    _look_at(memo, secret)
+
+
+def _look_at(memo: Any, secret: SecretKey) -> None:
+    """The ImageUnlocks waiting for ``secret`` are re-checked at their next step, queued now."""
     for key, named in list(memo.secret_of.items()):
         if named == secret:
             memo.resync.poke(key)
@@ -257,6 +285,7 @@ async def _ping_loop(memo: kopf.Memo) -> None:
     each of them does not hold it up."""
     while True:
         memo.reconciler.key_cache.purge()  # kept keys whose window closed go, even unasked
+        _refresh_secrets(memo)  # and the watches that only revoked them
         await asyncio.to_thread(_check_runtime, memo)
         await asyncio.sleep(min(30.0, memo.settings.verify_interval))
 
@@ -308,6 +337,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     resync: Resync = memo.resync
     reclaimer: Reclaimer | None = getattr(memo, "reclaimer", None)
     if body is None:
+        memo.reconciler.release_keys(*key, None)  # its kept keys go with it, now
         if reclaimer is not None and key in memo.deleted:  # its images here (no finalizer: deletion is instant)
             reclaimer.deleted(*key, memo.deleted[key])
             memo.deleted.pop(key, None)
@@ -321,6 +351,7 @@ def _step(memo: Any, key: tuple[str, str], body: dict[str, Any] | None) -> float
     if selected is None:
         return None  # this node was never read: nothing is known, nothing is removed
     if not selected:
+        memo.reconciler.release_keys(*key, None)  # not this node's any more: nor are its keys
         if agent.has_entry(key, body):
             log.info("%s/%s no longer selects node %s: removing its entry", *key, agent.node)
             agent.leave(*key)

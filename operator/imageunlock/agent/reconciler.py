@@ -64,6 +64,16 @@ class Entries(Protocol):
     def apply(self, body: Mapping[str, Any], entry: NodeEntry) -> None: ...
 
 
+def owner_tag(namespace: str, name: str) -> tuple[str, str, str]:
+    """The KeyCache tag of the keys kept for one ImageUnlock."""
+    return ("owner", namespace, name)
+
+
+def secret_tag(namespace: str, secret: str) -> tuple[str, str, str]:
+    """The KeyCache tag of the keys fetched with one Secret's credentials."""
+    return ("secret", namespace, secret)
+
+
 class Verdict(Enum):
     """How a reconcile ended, for the scheduler that drives it (resync.py)."""
 
@@ -127,8 +137,13 @@ class Reconciler:
         disk_pressure: Callable[[], bool] = lambda: False,
         reclaimer: Reclaimer | None = None,
         jitter: Callable[[int, float, float], float] | None = None,
+        may_cache_keys: bool = True,
     ) -> None:
         self.settings = settings
+        # False when the process could not be made non-dumpable (app/hardening.py): no key is
+        # kept in memory then, whatever spec.keyCacheSeconds says (the node fetches per unlock).
+        self.may_cache_keys = may_cache_keys
+        self._said_no_cache = False
         self.disk_pressure = disk_pressure  # the Node's DiskPressure condition is True (agent/node.py)
         self.reclaimer = reclaimer  # gives back earlier versions' images once Ready (agent/reclaim.py)
         # A transient fault's retry delay for (attempt, base, cap): full jitter, so nodes that
@@ -187,9 +202,21 @@ class Reconciler:
                 version=lambda: self.kube.secret_version(namespace, secret),
                 refused=refused or (lambda _version: None),
             )
-            if spec.key_cache_seconds > 0:
+            if spec.key_cache_seconds > 0 and not self.may_cache_keys:
+                if not self._said_no_cache:
+                    self._said_no_cache = True
+                    log.warning(
+                        "spec.keyCacheSeconds is not honoured on this node: the agent process could not be "
+                        "made non-dumpable, so no key is kept in memory; keys are fetched for every unlock"
+                    )
+            elif spec.key_cache_seconds > 0:
+                name = str((body.get("metadata") or {}).get("name") or "")
                 keys = CachingKeySource(
-                    keys, self.key_cache, self._cache_binding(spec, namespace, secret), spec.key_cache_seconds
+                    keys,
+                    self.key_cache,
+                    self._cache_binding(spec, namespace, secret),
+                    spec.key_cache_seconds,
+                    tags=(owner_tag(namespace, name), secret_tag(namespace, secret)),
                 )
         # Outermost: the key sealed to this node's TPM, unsealed before any other source is asked.
         if spec.key_sealing == "TPM":
@@ -215,6 +242,30 @@ class Reconciler:
                 f"node {node} reports DiskPressure: the import waits until the condition clears "
                 "(free disk space on the node); images already loaded are not affected"
             )
+
+    def release_keys(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        """Revoke the keys kept for ImageUnlock ``namespace/name`` unless ``body`` (None: it is
+        deleted) still asks for a cache: a spec edited to keyCacheSeconds 0 (or absent, or no
+        longer valid) drops them now, not at the end of the old window."""
+        if body is not None:
+            try:
+                if self.parse(body).key_cache_seconds > 0:
+                    return
+            except UnlockError:
+                pass
+        if dropped := self.key_cache.drop(owner_tag(namespace, name)):
+            log.info("%s/%s: %d kept key(s) dropped (no longer cached for it)", namespace, name, dropped)
+
+    def secret_changed(self, namespace: str, secret: str) -> None:
+        """Secret ``namespace/secret`` got a new resourceVersion or was deleted: the keys fetched
+        with its credentials are revoked now (their bindings would no longer match anyway)."""
+        if dropped := self.key_cache.drop(secret_tag(namespace, secret)):
+            log.info("Secret %s/%s changed: %d kept key(s) dropped", namespace, secret, dropped)
+
+    def keeps_keys(self, namespace: str, secret: str) -> bool:
+        """Whether a key fetched with Secret ``namespace/secret`` is kept (its watch then
+        revokes it at once when the Secret changes)."""
+        return self.key_cache.holds(secret_tag(namespace, secret))
 
     def _cache_binding(self, spec: UnlockSpec, namespace: str, secret: str) -> Callable[[], tuple[Any, ...] | None]:
         """What a kept key is good for: this key source and Secret at its current
@@ -346,7 +397,10 @@ class Reconciler:
         cached: CachingKeySource | None = None
         sealed: SealedKeySource | None = None
         try:
-            spec = self.parse(body)
+            try:
+                spec = self.parse(body)
+            finally:
+                self.release_keys(namespace, name, body)  # no longer cached for it: dropped now
             self.check_owner(namespace, spec)
             # No "reconciling" write of its own: a fast path ends in one write (Ready), and an
             # unlock's first step writes its phase anyway.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +43,55 @@ WATCH_SECONDS = 300  # the server ends a watch after this; it is resumed from th
 _METADATA_LIST = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
 _METADATA = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
 FORBIDDEN_RETRY = 300.0  # seconds before a watch RBAC refused is tried again (a binding may follow)
+# A Secret watch is short: an agent follows many (one per Secret it waits for) and a stopped
+# one must not linger (its response is also cut when its StopEvent is set).
+SECRET_WATCH_SECONDS = 60
+
+
+class StopEvent(threading.Event):
+    """A stop flag that also runs hooks when set: a watch registers one that cuts its blocked
+    response, so the watch thread ends now, not when the server ends the watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+        self._hooks_lock = threading.Lock()
+
+    def on_set(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run ``hook`` when this is set (now, if it already is); returns its remover."""
+        with self._hooks_lock:
+            self._hooks.append(hook)
+        if self.is_set():
+            _quietly(hook)
+
+        def remove() -> None:
+            with self._hooks_lock:
+                if hook in self._hooks:
+                    self._hooks.remove(hook)
+
+        return remove
+
+    def set(self) -> None:
+        super().set()
+        with self._hooks_lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            _quietly(hook)
+
+
+def _quietly(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except Exception:  # a socket already closed, say: the watch ends either way
+        log.debug("a stop hook failed", exc_info=True)
+
+
+def _cut(responses: list[Any]) -> None:
+    """Unblock a watch's read from another thread (urllib3's HTTPResponse.shutdown)."""
+    for response in list(responses):
+        shutdown = getattr(response, "shutdown", None) or getattr(response, "close", None)
+        if shutdown is not None:
+            shutdown()
 
 
 T = TypeVar("T")
@@ -248,12 +298,45 @@ class KubernetesApi:
         """Follow one Secret's resourceVersion until ``stop`` is set, as :meth:`follow_node`
         follows a Node: a list and a watch with the field selector ``metadata.name=<name>`` in
         its namespace, both metadata-only (PartialObjectMetadata: the API server sends no
-        ``data``, so no credential reaches this process this way). ``on_change`` gets the
-        resourceVersion, or None while there is no such Secret. Refused by RBAC (the agents'
+        ``data``; but it does send the annotations, and a Secret made with ``kubectl apply``
+        carries its data in ``kubectl.kubernetes.io/last-applied-configuration``: only the
+        resourceVersion is read, the rest is discarded unlogged). ``on_change`` gets the
+        resourceVersion, or None while there is no such Secret. The watch lasts
+        SECRET_WATCH_SECONDS and is resumed; with a :class:`StopEvent` as ``stop``, setting it
+        cuts the open response, so the thread ends at once. Refused by RBAC (the agents'
         Secret role bound without list/watch there), it logs one warning and tries again every
         FORBIDDEN_RETRY seconds; a fixed Secret is then noticed at the verify interval."""
         selector = f"metadata.name={name}"
         where = f"Secret {namespace}/{name}"
+        responses: list[Any] = []  # the watch's open response, cut when stop is set
+        lister = self.core.list_namespaced_secret
+
+        @functools.wraps(lister)  # Watch.stream reads the docstring for the watch parameter
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if stop.is_set():
+                raise ConnectionAbortedError("the watch was stopped")
+            response = lister(*args, **kwargs)
+            responses[:] = [response]
+            if stop.is_set():
+                _cut(responses)
+            return response
+
+        remove = stop.on_set(lambda: _cut(responses)) if isinstance(stop, StopEvent) else None
+        try:
+            self._follow_secret(namespace, selector, where, on_change, stop, watched)
+        finally:
+            if remove is not None:
+                remove()
+
+    def _follow_secret(
+        self,
+        namespace: str,
+        selector: str,
+        where: str,
+        on_change: Callable[[str | None], None],
+        stop: threading.Event,
+        watched: Callable[..., Any],
+    ) -> None:
         version: str | None = None
         delay, warned = 1.0, False
         while not stop.is_set():
@@ -268,11 +351,11 @@ class KubernetesApi:
                     version = (listed.get("metadata") or {}).get("resourceVersion") or "0"
                 watch = kubernetes.watch.Watch()
                 for event in watch.stream(
-                    self.core.list_namespaced_secret,
+                    watched,
                     namespace,
                     field_selector=selector,
                     resource_version=version,
-                    timeout_seconds=WATCH_SECONDS,
+                    timeout_seconds=SECRET_WATCH_SECONDS,
                     allow_watch_bookmarks=True,
                     _headers=_METADATA,
                     deserialize=False,
@@ -307,7 +390,9 @@ class KubernetesApi:
                 log.info("watching %s failed (HTTP %s); again in %.0fs", where, exc.status, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 60.0)
-            except (HTTPError, OSError, ValueError) as exc:
+            except (HTTPError, OSError, ValueError, AttributeError) as exc:
+                if stop.is_set():
+                    return  # the response was cut on purpose
                 log.info("watching %s failed (%s); again in %.0fs", where, type(exc).__name__, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 60.0)

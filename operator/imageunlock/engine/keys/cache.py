@@ -10,14 +10,19 @@ Secret's resourceVersion, so a new archive file or a changed Secret never gets a
 It is dropped ``ttl`` seconds after its last successful use (:meth:`KeyCache.used`), at the
 next access or :meth:`KeyCache.purge`; its bytes are overwritten when it is dropped (best
 effort: copies handed to a decryption are Python ``bytes``, freed when it ends).
+
+Each entry also carries *tags*: the ImageUnlocks (owners) it served and the Secret its
+credentials came from. A revocation drops every entry of a tag at once (:meth:`KeyCache.drop`),
+not at the end of the window: the owner deleted or no longer asking for a cache, the Secret
+rotated or deleted.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 
 from imageunlock.engine.models import KeySession, KeySource, Phase, Say
 
@@ -29,6 +34,7 @@ class _Entry:
     key: bytearray
     last_used: float
     ttl: float
+    tags: set[Hashable] = field(default_factory=set)
 
 
 class KeyCache:
@@ -51,8 +57,9 @@ class KeyCache:
             entry = self._entries.get(binding)
             return bytes(entry.key) if entry is not None else None
 
-    def used(self, binding: Binding, key: bytes, ttl: float) -> None:
-        """``key`` just served ``binding`` successfully: keep it ``ttl`` seconds from now."""
+    def used(self, binding: Binding, key: bytes, ttl: float, tags: Iterable[Hashable] = ()) -> None:
+        """``key`` just served ``binding`` successfully: keep it ``ttl`` seconds from now,
+        droppable by any of ``tags`` (added to those it already has)."""
         if ttl <= 0:
             self.discard(binding)
             return
@@ -60,10 +67,25 @@ class KeyCache:
             old = self._entries.get(binding)
             if old is not None and bytes(old.key) == key:
                 old.last_used, old.ttl = self.clock(), ttl
+                old.tags.update(tags)
                 return
             if old is not None:
                 _wipe(old.key)
-            self._entries[binding] = _Entry(bytearray(key), self.clock(), ttl)
+            self._entries[binding] = _Entry(bytearray(key), self.clock(), ttl, set(tags))
+
+    def drop(self, tag: Hashable) -> int:
+        """Revoke: drop (and overwrite) every key tagged ``tag``; how many went."""
+        with self._lock:
+            gone = [b for b, e in self._entries.items() if tag in e.tags]
+            entries = [self._entries.pop(b) for b in gone]
+        for entry in entries:
+            _wipe(entry.key)
+        return len(entries)
+
+    def holds(self, tag: Hashable) -> bool:
+        """Whether a key tagged ``tag`` is kept (never the key itself)."""
+        with self._lock:
+            return any(tag in e.tags for e in self._entries.values())
 
     def discard(self, binding: Binding) -> None:
         with self._lock:
@@ -92,8 +114,16 @@ class CachingKeySource:
     is computed once per unlock, when the session opens; None means "cannot bind" (say, the
     Secret is gone): no cache then, either way."""
 
-    def __init__(self, inner: KeySource, cache: KeyCache, binding: Callable[[], Binding | None], ttl: float) -> None:
+    def __init__(
+        self,
+        inner: KeySource,
+        cache: KeyCache,
+        binding: Callable[[], Binding | None],
+        ttl: float,
+        tags: Iterable[Hashable] = (),
+    ) -> None:
         self.inner, self.cache, self._binding, self.ttl = inner, cache, binding, ttl
+        self.tags = tuple(tags)  # what revokes the key it keeps (KeyCache.drop)
         self._bound: Binding | None = None
         self._key: bytes | None = None  # the key this unlock used, until succeeded/failed
         self.hit = False
@@ -112,7 +142,7 @@ class CachingKeySource:
     def succeeded(self) -> None:
         """The unlock with this key loaded and verified its images: keep (or refresh) it."""
         if self._bound is not None and self._key is not None:
-            self.cache.used(self._bound, self._key, self.ttl)
+            self.cache.used(self._bound, self._key, self.ttl, self.tags)
         self._key = None
 
     def failed(self, permanent: bool = True) -> None:
