@@ -41,7 +41,7 @@ from typing import Any
 from imageunlock.engine import archive
 from imageunlock.engine.keys import DEFAULT_TCTI
 from imageunlock.engine.models import KeySession, KeySource, Phase, Say
-from imageunlock.engine.runtimes import read_state_file
+from imageunlock.engine.statefiles import read_state_file
 from imageunlock.errors import KeySealError, UnlockError, UnsealRefusedError
 
 log = logging.getLogger(__name__)

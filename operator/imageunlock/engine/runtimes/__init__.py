@@ -20,18 +20,18 @@ tests/support/fake_runtime.py is the recipe, run by a unit test).
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from imageunlock.engine.models import Runtime
-from imageunlock.errors import ConfigurationError
 
-log = logging.getLogger(__name__)
+# re-exported: the state directory's files are read by engine.statefiles
+from imageunlock.engine.statefiles import STATE_FILE_MAX as STATE_FILE_MAX
+from imageunlock.engine.statefiles import read_state_file as read_state_file
+from imageunlock.errors import ConfigurationError
 
 # The node-local state directory (a hostPath the DaemonSet mounts): what the node loaded for
 # whom (owned.py), the reclaim policies and sealed keys the agent remembers across restarts.
@@ -39,58 +39,10 @@ log = logging.getLogger(__name__)
 # in the state directory decides which images the agent takes for its own.
 STATE_DIR_ENV = "IMAGEUNLOCK_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/imageunlock-state"
-STATE_FILE_MAX = 4 * 1024 * 1024  # a state file holds names and policies: far below this
 
 
 def state_dir() -> str:
     return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
-
-
-def read_state_file(path: str, what: str) -> bytes | None:
-    """The bytes of the state file ``path`` (``what`` names it in the log); None when it does
-    not exist, or when it is not a plain file this process wrote: a symlink (not followed), a
-    FIFO or device (never blocked on), a file of another user or one others may write, or one
-    over 4 MiB. Such a file counts as absent — the node then touches nothing, the safe
-    direction — with one warning; it is left as it is."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:  # ELOOP: a symlink
-        log.warning("%s %s not opened (%s): treating it as empty", what, path, exc.strerror or exc)
-        return None
-    try:
-        problem = _unsafe(os.fstat(fd))
-        if problem is None:
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := os.read(fd, STATE_FILE_MAX + 1 - size):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > STATE_FILE_MAX:  # grown since the fstat
-                    problem = f"larger than {STATE_FILE_MAX} bytes"
-                    break
-            else:
-                return b"".join(chunks)
-    except OSError as exc:
-        problem = str(exc.strerror or exc)
-    finally:
-        os.close(fd)
-    log.warning("%s %s is ignored (%s): treating it as empty", what, path, problem)
-    return None
-
-
-def _unsafe(info: os.stat_result) -> str | None:
-    """Why a state file with this ``fstat`` is not to be read; None when it may be."""
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    if info.st_uid != os.geteuid():
-        return f"owned by uid {info.st_uid}, not {os.geteuid()}"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return "writable by group or others"
-    if info.st_size > STATE_FILE_MAX:
-        return f"larger than {STATE_FILE_MAX} bytes"
-    return None
 
 
 AUTO = "auto"  # spec.runtime and IMAGEUNLOCK_RUNTIME: the node's own runtime
