@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
 import statistics
 import sys
@@ -34,7 +35,9 @@ from benchmarks.workload import ContainerdEngine, Engine, build_archive, human  
 
 VERSION = "9.9.9-bench"
 EMAIL = "bench@example.test"
-WRAPPER = '#!/bin/sh\nexec /usr/bin/time -a -o "$IU_CTR_LOG" -f "%e %U %S $1 $2 $3 $4 $5 $6 $7" "$IU_REAL_CTR" "$@"\n'
+# ctr gets no environment of ours (engine/runtimes/containerd.py child_env): the wrapper has
+# its log and the real ctr written into it.
+WRAPPER = '#!/bin/sh\nexec /usr/bin/time -a -o {log} -f "%e %U %S $1 $2 $3 $4 $5 $6 $7" {ctr} "$@"\n'
 
 
 def main(argv: list[str]) -> int:
@@ -65,12 +68,12 @@ def main(argv: list[str]) -> int:
         api = FakeResourceApi(EMAIL, password, fragment).start()
         wrap = workdir / "wrap"
         wrap.mkdir()
-        (wrap / "ctr").write_text(WRAPPER)
-        (wrap / "ctr").chmod(0o755)
         log = workdir / "ctr.log"
+        (wrap / "ctr").write_text(WRAPPER.format(log=shlex.quote(str(log)), ctr=shlex.quote(containerd.ctr)))
+        (wrap / "ctr").chmod(0o755)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEUNLOCK_", "DOCKER_", "IU_"))}
         env.update(IMAGEUNLOCK_EMAIL=EMAIL, IMAGEUNLOCK_PASSWORD=password, XDG_STATE_HOME=str(workdir / "state"))
-        env.update(IU_CTR_LOG=str(log), IU_REAL_CTR=containerd.ctr, PATH=f"{wrap}:{env.get('PATH', '/usr/bin:/bin')}")
+        env.update(PATH=f"{wrap}:{env.get('PATH', '/usr/bin:/bin')}")
         cli = str(Path(sys.executable).with_name("imageunlock"))
         argv_unlock = [
             cli, "unlock", "--runtime", "containerd", "--archive", str(archive.archive), "--version", VERSION,

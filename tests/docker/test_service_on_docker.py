@@ -23,8 +23,8 @@ class RacingRuntime(DockerRuntime):
 
     victim = ""
 
-    def load(self, chunks, refs=()):
-        names = super().load(chunks, refs)
+    def load(self, chunks, refs=(), owner=None):
+        names = super().load(chunks, refs, owner)
         self.remove_image(self.victim)
         return names
 
