@@ -66,8 +66,17 @@ def test_a_real_prometheus_fires_and_resolves_the_stalled_alert(
         wait_for(lambda: _value(prometheus, f"imageunlock_nodes_ready{summary}") == 2, 20, "nodes ready 2")
         assert _value(prometheus, f"imageunlock_nodes_desired{summary}") == 2
         wait_for(lambda: not prometheus.alerts("ImageUnlockNodesNotReady"), 10, "ImageUnlockNodesNotReady resolved")
-        ready = prometheus.query('imageunlock_status_condition{condition="Ready", status="True", name="watched"} == 1')
-        assert sorted(r["metric"].get("node", "summary") for r in ready) == sorted([NODE, SECOND, "summary"])
+        # Each agent's own series follows its entry's watch event, then a scrape: waited for.
+        ready_query = 'imageunlock_status_condition{condition="Ready", status="True", name="watched"} == 1'
+
+        def ready_series() -> list[str]:
+            return sorted(r["metric"].get("node", "summary") for r in prometheus.query(ready_query))
+
+        wait_for(
+            lambda: ready_series() == sorted([NODE, SECOND, "summary"]),
+            20,
+            "Ready series of both nodes and the summary",
+        )
 
         # Every dashboard query is valid PromQL for this Prometheus, over series it has.
         for panel in json.loads(DASHBOARD.read_text())["panels"]:

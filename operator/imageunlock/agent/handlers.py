@@ -91,10 +91,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         if memo.agent.observe(raw):
             loop.call_soon_threadsafe(_all_changed, memo)
 
-    memo.node_watch = threading.Thread(
-        target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
-    )
-    memo.node_watch.start()
     memo.reclaimer = await asyncio.to_thread(
         Reclaimer,
         memo.runtime,
@@ -128,6 +124,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         loop.call_soon_threadsafe(_look_at, memo, secret)
 
     memo.secrets = SecretWatches(memo.kube.follow_secret, secret_changed, began=secret_began)
+    # Only now, with everything its reports touch in place: a Node report during the awaits
+    # above found no memo.secrets (seen in CI: AttributeError in _all_changed).
+    memo.node_watch = threading.Thread(
+        target=memo.kube.follow_node, args=(node, node_changed, memo.stop), name="node-watch", daemon=True
+    )
+    memo.node_watch.start()
     memo.workers = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.tasks.append(asyncio.create_task(_ping_loop(memo)))
